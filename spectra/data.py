@@ -1,0 +1,275 @@
+"""Text in, packed token sequences out: the one data path for pretraining, eval and Hessian batches.
+
+Sources: the real C4 `en` stream from the hub (`allenai/c4`, what GaLore trains on) when no
+`--data` is given, or local files (json/jsonl(.gz) with a "text" field, txt, parquet; globs and
+folders) loaded as a memory-mapped Arrow table by `datasets`. Local data is shuffled by a seeded
+permutation per epoch, so the exact data position (epoch, index, leftover tokens) can be saved and
+resumed bit-for-bit; the hub stream is read in order (C4 shards are already shuffled) and resumes
+through `IterableDataset.state_dict()`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spectra.errors import SpectraError
+
+HUB_C4 = ("allenai/c4", "en")
+DEFAULT_TOKENIZER = "t5-base"
+_SUFFIX_BUILDER = {".json": "json", ".jsonl": "json", ".gz": "json", ".txt": "text", ".parquet": "parquet"}
+
+
+# --------------------------------------------------------------------------- tokenizer
+def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER):
+    """A tokenizer by hub name (`t5-base`) or local folder (e.g. ../shared/data/tokenizers/t5).
+
+    Local sentencepiece-only folders (spiece.model / tokenizer.model) load through the T5/LLaMA
+    classes directly, since AutoTokenizer cannot always infer them without the hub.
+    """
+    from transformers import AutoTokenizer
+
+    p = Path(name_or_path)
+    tok = _load_tokenizer(name_or_path, p, AutoTokenizer)
+    tok.model_max_length = 1 << 40  # we pack documents ourselves; silence the "sequence too long" warning
+    return tok
+
+
+def _load_tokenizer(name_or_path: str, p: Path, AutoTokenizer):
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as first:  # noqa: BLE001
+        if p.is_dir():
+            from transformers import LlamaTokenizer, T5Tokenizer
+
+            for fname, cls in (("spiece.model", T5Tokenizer), ("tokenizer.model", LlamaTokenizer)):
+                if (p / fname).is_file():
+                    return cls.from_pretrained(str(p))
+            if (p / "converted_tokenizer_json").is_dir():
+                return AutoTokenizer.from_pretrained(str(p / "converted_tokenizer_json"))
+        where = "local folder" if p.exists() else "hub name (is the hub reachable?)"
+        raise SpectraError(f"cannot load tokenizer {name_or_path!r} as a {where}: {str(first).splitlines()[0]}; "
+                           "pass --tokenizer PATH to a local tokenizer folder") from None
+
+
+# --------------------------------------------------------------------------- documents
+def expand_files(spec: str | list[str]) -> list[str]:
+    """Files named by paths, globs or folders (recursively), sorted for determinism."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    files: list[str] = []
+    for s in specs:
+        for part in str(s).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if os.path.isdir(part):
+                # folder: every data file below it, minus metadata files (MANIFEST.jsonl, README)
+                hits = [str(f) for f in Path(part).rglob("*")
+                        if f.is_file() and _builder(str(f)) and not f.name.upper().startswith(("MANIFEST", "README"))]
+            else:
+                hits = glob.glob(part, recursive=True)
+            if not hits:
+                raise SpectraError(f"--data {part!r} matches no files")
+            files += hits
+    files = sorted(set(files))
+    builders = {_builder(f) for f in files}
+    if None in builders:
+        bad = [f for f in files if _builder(f) is None][:3]
+        raise SpectraError(f"unsupported data file type: {bad} (use json/jsonl(.gz)/txt/parquet)")
+    if len(builders) > 1:
+        raise SpectraError(f"--data mixes file types {sorted(builders)}; give one kind at a time")
+    return files
+
+
+def _builder(path: str) -> str | None:
+    name = path.lower()
+    if name.endswith((".jsonl.gz", ".json.gz")):
+        return "json"
+    if name.endswith(".txt.gz"):
+        return "text"
+    return _SUFFIX_BUILDER.get(Path(name).suffix) if not name.endswith(".gz") else None
+
+
+def load_local_docs(spec: str | list[str]):
+    """A map-style `datasets.Dataset` with a "text" column from local files."""
+    import datasets
+
+    files = expand_files(spec)
+    builder = _builder(files[0])
+    datasets.disable_progress_bars()
+    try:
+        kw = {"sample_by": "paragraph"} if builder == "text" else {}
+        ds = datasets.load_dataset(builder, data_files=files, split="train", **kw)
+    except Exception as e:  # noqa: BLE001 - corrupt/unreadable files: one line
+        raise SpectraError(f"cannot read --data {spec}: {str(e).splitlines()[0]}") from None
+    if "text" not in ds.column_names:
+        raise SpectraError(f"--data {spec} has no 'text' field (columns: {ds.column_names})")
+    return ds.select_columns(["text"])
+
+
+def load_hub_c4(split: str = "train"):
+    """The real C4 `en` stream from the hub; one clear line when the hub is unreachable."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(*HUB_C4, split=split, streaming=True)
+    except Exception as e:  # noqa: BLE001
+        raise SpectraError(f"no --data given and the hub dataset allenai/c4 is unreachable ({type(e).__name__}); "
+                           "pass --data PATH (json/jsonl(.gz)/txt/parquet files or globs)") from None
+
+
+def split_docs(ds, val_fraction: float, seed: int):
+    """Deterministic held-out split of a local corpus: (train_indices, val_indices)."""
+    n = len(ds)
+    if n < 2:
+        raise SpectraError(f"need at least 2 documents to hold out a validation split, got {n}")
+    perm = np.random.default_rng(seed + 1_000_003).permutation(n)
+    n_val = min(n - 1, max(1, int(round(val_fraction * n))))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+# --------------------------------------------------------------------------- packing
+@dataclass
+class PackState:
+    """Exact position in a packed stream: everything needed to resume the same token sequence."""
+
+    epoch: int = 0
+    index: int = 0  # next document position within this epoch's (rank-strided) order
+    buffer: list[int] = field(default_factory=list)  # tokens read but not yet emitted
+    hub_state: dict | None = None
+
+
+class PackedStream:
+    """Documents -> tokens + EOS -> concatenated -> fixed `seq_len` rows (no padding waste).
+
+    Local map-style data: epoch e visits documents in `permutation(seed + e)`, rank r of w takes
+    every w-th one. Hub streams: in order, split by node. Tokenizes `tok_batch` docs at a time.
+    """
+
+    def __init__(self, docs, tokenizer, seq_len: int, *, seed: int = 0, indices=None, rank: int = 0,
+                 world: int = 1, tok_batch: int = 64, loop: bool = True, state: PackState | None = None):
+        self.docs, self.tok, self.seq_len = docs, tokenizer, seq_len
+        self.seed, self.rank, self.world, self.tok_batch, self.loop = seed, rank, world, tok_batch, loop
+        self.streaming = not hasattr(docs, "__len__")
+        self.indices = np.arange(len(docs)) if (indices is None and not self.streaming) else indices
+        self.eos = tokenizer.eos_token_id
+        if self.eos is None:
+            raise SpectraError("tokenizer has no EOS token to separate packed documents")
+        self.state = state or PackState()
+
+    def _order(self, epoch: int) -> np.ndarray:
+        perm = np.random.default_rng(self.seed + epoch).permutation(len(self.indices)) if self.seed >= 0 else np.arange(len(self.indices))
+        return self.indices[perm][self.rank :: self.world]
+
+    def _encode(self, texts: list[str]) -> list[int]:
+        ids = self.tok(texts, add_special_tokens=False)["input_ids"]
+        out: list[int] = []
+        for seq in ids:
+            out.extend(seq)
+            out.append(self.eos)
+        return out
+
+    def _refill_local(self) -> bool:
+        st = self.state
+        order = self._order(st.epoch)
+        if st.index >= len(order):
+            if not self.loop:
+                return False
+            st.epoch, st.index = st.epoch + 1, 0
+            order = self._order(st.epoch)
+            if len(order) == 0:
+                raise SpectraError(f"rank {self.rank} has no documents (corpus smaller than world size)")
+        take = order[st.index : st.index + self.tok_batch]
+        st.index += len(take)
+        st.buffer.extend(self._encode(self.docs[[int(i) for i in take]]["text"] if len(take) > 1 else [self.docs[int(take[0])]["text"]]))
+        return True
+
+    def _hub_iter(self):
+        import datasets.distributed
+
+        ds = self.docs
+        if self.world > 1:
+            ds = datasets.distributed.split_dataset_by_node(ds, rank=self.rank, world_size=self.world)
+        if self.state.hub_state is not None:
+            ds.load_state_dict(self.state.hub_state)
+        self._hub_ds = ds
+        return iter(ds)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        n = self.seq_len
+        hub_it = self._hub_iter() if self.streaming else None
+        while True:
+            while len(self.state.buffer) < n:
+                if hub_it is None:
+                    if not self._refill_local():
+                        return
+                else:
+                    texts = []
+                    for ex in hub_it:
+                        texts.append(ex["text"])
+                        if len(texts) == self.tok_batch:
+                            break
+                    if not texts:
+                        return
+                    self.state.buffer.extend(self._encode(texts))
+                    self.state.hub_state = self._hub_ds.state_dict()
+            row, self.state.buffer = self.state.buffer[:n], self.state.buffer[n:]
+            yield torch.tensor(row, dtype=torch.long)
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """[batch_size, seq_len] LongTensors; the state is exact after each yielded batch."""
+        rows = []
+        for row in self:
+            rows.append(row)
+            if len(rows) == batch_size:
+                yield torch.stack(rows)
+                rows = []
+
+
+# --------------------------------------------------------------------------- fixed eval windows
+def eval_windows(docs, tokenizer, seq_len: int, max_tokens: int, *, cache_dir: str | Path | None = None,
+                 cache_key: str = "") -> torch.Tensor:
+    """Non-overlapping [n, seq_len] windows over the first documents (in file order), joined
+    with EOS, up to `max_tokens` tokens: the fixed token budget every perplexity and every
+    Hessian batch in spectra uses. Cached on disk keyed by dataset + tokenizer + seq_len + budget."""
+    path = None
+    if cache_dir is not None:
+        tok_id = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+        key = hashlib.sha1(f"{cache_key}|{tok_id}|{len(tokenizer)}|{seq_len}|{max_tokens}".encode()).hexdigest()[:16]
+        path = Path(cache_dir) / f"windows-{key}.pt"
+        if path.is_file():
+            return torch.load(path)
+    stream = PackedStream(docs, tokenizer, seq_len, seed=-1, loop=False)
+    n_rows = max(1, max_tokens // seq_len)
+    rows = []
+    for row in stream:
+        rows.append(row)
+        if len(rows) == n_rows:
+            break
+    if not rows:
+        raise SpectraError(f"not enough text for one {seq_len}-token window")
+    out = torch.stack(rows)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(out, tmp)
+        os.replace(tmp, path)
+    return out
+
+
+def text_windows(data: str | None, tokenizer, seq_len: int, max_tokens: int, *, split: str = "validation",
+                 cache_dir: str | Path | None = ".cache/spectra") -> torch.Tensor:
+    """Eval/Hessian windows from `--data` files, or the hub C4 `split` when `data` is None."""
+    if data:
+        docs = load_local_docs(data)
+        return eval_windows(docs, tokenizer, seq_len, max_tokens, cache_dir=cache_dir,
+                            cache_key="|".join(expand_files(data)))
+    docs = load_hub_c4(split)
+    return eval_windows(docs, tokenizer, seq_len, max_tokens, cache_dir=cache_dir, cache_key=f"c4-en-{split}")
