@@ -1,0 +1,87 @@
+"""Shared tiny, seeded fixtures (2 layers, dim 64) so every test runs in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+T5_DIR = SHARED / "tokenizers" / "t5"
+WIKI_TRAIN = SHARED / "wikipedia" / "train"
+WIKI_VAL = SHARED / "wikipedia" / "validation"
+C4_SAMPLE = SHARED / "c4" / "c4-train.00000-of-01024.first1000.jsonl.gz"
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip("../shared/data not present")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tokenizer(shared_data):
+    from spectra.data import load_tokenizer
+
+    return load_tokenizer(str(T5_DIR))
+
+
+def make_tiny(vocab: int = 256, seed: int = 0, attn: str = "eager"):
+    """The tiny LLaMA (2 layers, hidden 64, 4 heads) with a small vocab, float32, seeded."""
+    from pretrain.configs import build_model
+
+    return build_model("tiny", vocab_size=vocab, seed=seed, attn_implementation=attn)
+
+
+def train_steps(model, steps: int, seed: int = 0, vocab: int = 256, lr: float = 3e-3, on_step=None):
+    """A few AdamW steps on a fixed random-token batch (structure emerges fast enough to test)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (4, 32), generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        if on_step is not None:
+            on_step(step, loss.item())
+        opt.step()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A save_pretrained folder of a briefly trained tiny model (vocab 256)."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    model = train_steps(make_tiny(), 20)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> Path:
+    """A snapshots.zarr with full gradients at steps 2, 4, ..., 12 of a tiny training run."""
+    from spectra.store import SnapshotWriter
+
+    run = tmp_path_factory.mktemp("run")
+    writer = SnapshotWriter(run / "snapshots.zarr", {"config": {"model": "tiny"}}, grad_mode="full", background=False)
+    model = make_tiny()
+
+    def snap(step, loss):
+        if step % 2 == 0:
+            writer.write(model, step=step, tokens=step * 128, lr=3e-3, loss=loss)
+
+    train_steps(model, 12, on_step=snap)
+    writer.close()
+    model.save_pretrained(run / "checkpoints" / "step_12")
+    (run / "checkpoints" / "latest").write_text("step_12")
+    return run
