@@ -1,0 +1,133 @@
+"""Singular-value spectra of weight matrices and their heavy-tail metrics (weightwatcher style).
+
+Everything here is a pure function on tensors, so `spectra spectrum`, the WeLore rank search and
+the tests share one definition of each number. Conventions (weightwatcher 0.7.7, λ = σ²):
+
+    stable_rank    = Σλ / λ_max                       (= ‖W‖_F² / ‖W‖_2²)
+    entropy        = −Σ p ln p / ln(rank), p = λ/Σλ   (weightwatcher's normalized matrix entropy, in [0, 1])
+    effective_rank = exp(−Σ q ln q),       q = σ/Σσ   (Roy & Vetterli 2007; in units of rank, so it
+                                                       reads next to stable_rank and full_rank)
+    energy_top_r   = Σ_{i<r} σ_i² / Σ σ_i²
+    alpha          = 1 + n / Σ_{λ_i ≥ x_min} ln(λ_i / x_min), the continuous power-law MLE on the tail,
+                     x_min = the candidate (every distinct λ but the largest) with the smallest
+                     Kolmogorov–Smirnov distance, computed exactly as the `powerlaw` package does
+    alpha_weighted = alpha · log10 λ_max
+    log_norm       = log10 Σλ                         (log10 ‖W‖_F², weightwatcher's "log_norm")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def singular_values(W: torch.Tensor) -> torch.Tensor:
+    """Singular values in descending order, float32 at least (batched over leading dims)."""
+    W = W.detach()
+    if W.dtype not in (torch.float32, torch.float64):
+        W = W.float()  # svd has no half/bfloat16 kernels
+    return torch.linalg.svdvals(W)
+
+
+def normalized_singular_values(sigma: torch.Tensor) -> torch.Tensor:
+    """WeLore's per-matrix min-max normalization ŝ = (σ − σ_min)/(σ_max − σ_min) along the last dim.
+
+    A flat spectrum (σ_max = σ_min) has no "small" values to prune, so it maps to all ones.
+    """
+    lo = sigma.min(dim=-1, keepdim=True).values
+    hi = sigma.max(dim=-1, keepdim=True).values
+    span = hi - lo
+    return torch.where(span > 0, (sigma - lo) / torch.where(span > 0, span, 1), torch.ones_like(sigma))
+
+
+def stable_rank(sigma: torch.Tensor) -> torch.Tensor:
+    lam = sigma.double() ** 2
+    return lam.sum(-1) / lam.max(-1).values
+
+
+def matrix_entropy(sigma: torch.Tensor) -> torch.Tensor:
+    """weightwatcher's entropy: Shannon entropy of p = λ/Σλ over the nonzero λ, divided by ln(rank)."""
+    lam = sigma.double() ** 2
+    p = lam / lam.sum(-1, keepdim=True)
+    h = -torch.where(p > 0, p * torch.log(p), torch.zeros_like(p)).sum(-1)
+    rank = (p > 0).sum(-1).clamp(min=2)  # ln(1) = 0: a rank-1 matrix has entropy 0 anyway
+    return h / torch.log(rank.double())
+
+
+def effective_rank(sigma: torch.Tensor) -> torch.Tensor:
+    """Roy & Vetterli effective rank exp(H(σ/Σσ)): r for r equal singular values, 1 for rank one."""
+    s = sigma.double()
+    q = s / s.sum(-1, keepdim=True)
+    return torch.exp(-torch.where(q > 0, q * torch.log(q), torch.zeros_like(q)).sum(-1))
+
+
+def energy_fraction(sigma: torch.Tensor, r: int) -> torch.Tensor:
+    """Fraction of ‖W‖_F² held by the top-r singular directions (σ sorted descending)."""
+    lam = sigma.double() ** 2
+    return lam[..., :r].sum(-1) / lam.sum(-1)
+
+
+def log_norm(sigma: torch.Tensor) -> torch.Tensor:
+    return torch.log10((sigma.double() ** 2).sum(-1))
+
+
+@dataclass
+class PowerLawFit:
+    alpha: float
+    xmin: float
+    ks_distance: float
+    n_tail: int
+
+
+def fit_power_law(lam: torch.Tensor) -> PowerLawFit:
+    """Continuous power-law fit of eigenvalues `lam` (1-D): MLE alpha for every candidate x_min,
+    keep the x_min with the smallest KS distance among fits with alpha > 1 (as `powerlaw.Fit`).
+
+    All candidates are fitted at once: for sorted λ, tail j has α_j = 1 + m_j / (Σ_{i≥j} ln λ_i −
+    m_j ln λ_j) from cumulative sums, and its KS distance compares the model CDF
+    1 − (λ_i/λ_j)^(1−α_j) with the empirical (i−j)/m_j on an (n × n) lower-triangular grid.
+    """
+    x = torch.unique(lam.detach().double().flatten())  # sorted ascending, distinct (powerlaw's candidates)
+    x = x[x > 0]
+    n = x.numel()
+    if n < 3:
+        nan = float("nan")
+        return PowerLawFit(nan, nan, nan, n)
+    logx = torch.log(x)
+    cand = torch.arange(n - 1, device=x.device)  # powerlaw never uses the largest value as x_min
+    m = (n - cand).double()  # tail sizes
+    tail_log = torch.flip(torch.cumsum(torch.flip(logx, [0]), 0), [0])[: n - 1]  # Σ_{i≥j} ln λ_i
+    alpha = 1 + m / (tail_log - m * logx[: n - 1])
+    # KS grid: rows = candidate j, cols = data index i (only i ≥ j count)
+    i = torch.arange(n, device=x.device)
+    rel = i[None, :] - cand[:, None]
+    inside = rel >= 0
+    ratio = (logx[None, :] - logx[: n - 1, None]).clamp(min=0)  # ln(λ_i/λ_j), 0 outside the tail
+    model_cdf = 1 - torch.exp((1 - alpha[:, None]) * ratio)
+    empirical = rel.double() / m[:, None]
+    diff = torch.where(inside, (model_cdf - empirical).abs(), torch.zeros_like(model_cdf))
+    ks = diff.max(dim=1).values
+    ks = torch.where(alpha > 1, ks, torch.full_like(ks, float("inf")))
+    j = int(torch.argmin(ks))
+    return PowerLawFit(float(alpha[j]), float(x[j]), float(ks[j]), int(m[j]))
+
+
+def spectrum_metrics(sigma: torch.Tensor, top_r: int) -> dict[str, float]:
+    """Every per-matrix number `spectra spectrum` stores, from one descending σ vector."""
+    sigma = sigma.double()
+    lam = sigma**2
+    fit = fit_power_law(lam)
+    lam_max = float(lam.max())
+    return {
+        "full_rank": float(sigma.numel()),
+        "stable_rank": float(stable_rank(sigma)),
+        "effective_rank": float(effective_rank(sigma)),
+        "entropy": float(matrix_entropy(sigma)),
+        "energy_top_r": float(energy_fraction(sigma, top_r)),
+        "alpha": fit.alpha,
+        "alpha_weighted": fit.alpha * torch.log10(torch.tensor(lam_max)).item(),
+        "log_norm": float(log_norm(sigma)),
+        "xmin": fit.xmin,
+        "ks_distance": fit.ks_distance,
+    }
