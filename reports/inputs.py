@@ -1,0 +1,109 @@
+"""Everything a report reads from `runs/<id>/`, each piece optional.
+
+A report is built while producers may still be missing (analysis not run yet, no finetuning),
+so every loader returns None for an absent input instead of raising. Inputs that exist but
+cannot be read are kept as an error string and shown in their section (one broken file should
+not hide the rest of the report).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import xarray as xr
+
+from spectra.errors import SpectraError
+from spectra.store import open_run, read_analysis
+
+ANALYSES = ("spectrum", "grad_subspace", "hessian_gap")
+
+
+@dataclass
+class RunInputs:
+    """The parsed inputs of one run folder; None means "not produced yet"."""
+
+    root: Path
+    snapshots: object | None = None          # spectra.store.Run
+    analysis: dict[str, xr.Dataset] = field(default_factory=dict)
+    rank_maps: dict[str, dict] = field(default_factory=dict)   # file stem -> rank map JSON
+    evals: list[dict] | None = None
+    finetune: dict[str, dict] = field(default_factory=dict)     # folder name -> metrics.json
+    metrics: list[dict] | None = None                           # metrics.jsonl rows
+    problems: dict[str, str] = field(default_factory=dict)      # input name -> why it was unreadable
+
+    def empty(self) -> bool:
+        return (self.snapshots is None and not self.analysis and not self.rank_maps and self.evals is None
+                and not self.finetune and self.metrics is None and not self.problems)
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """Rows of a JSON-lines file and the number of lines that did not parse (e.g. a line cut
+    short by a crash mid-write) -- those are skipped, not fatal."""
+    rows, bad = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad += 1
+    return rows, bad
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise SpectraError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise SpectraError(f"{path} does not hold a JSON object")
+    return obj
+
+
+def load_run(path: str | Path) -> RunInputs:
+    """Read every report input that exists under the run folder `path`."""
+    root = Path(path)
+    if not root.is_dir():
+        raise SpectraError(f"no run folder at {path}")
+    inp = RunInputs(root=root)
+    _guard(inp, "snapshots", lambda: _load_snapshots(inp))
+    for name in ANALYSES:
+        _guard(inp, name, lambda name=name: _load_analysis(inp, name))
+    for f in sorted((root / "ranks").glob("*.json")):
+        _guard(inp, f"ranks/{f.name}", lambda f=f: inp.rank_maps.__setitem__(f.stem, _read_json(f)))
+    if (root / "eval.jsonl").is_file():
+        _guard(inp, "eval.jsonl", lambda: setattr(inp, "evals", read_jsonl(root / "eval.jsonl")[0]))
+    for f in sorted((root / "finetune").glob("*/metrics.json")):
+        _guard(inp, f"finetune/{f.parent.name}", lambda f=f: inp.finetune.__setitem__(f.parent.name, _read_json(f)))
+    if (root / "metrics.jsonl").is_file():
+        _guard(inp, "metrics.jsonl", lambda: setattr(inp, "metrics", read_jsonl(root / "metrics.jsonl")[0]))
+    if inp.empty():
+        raise SpectraError(f"{path} holds no run outputs yet (no snapshots.zarr, analysis.zarr, ranks/, "
+                           "eval.jsonl, finetune/ or metrics.jsonl); run `spectra pretrain` first")
+    return inp
+
+
+def _guard(inp: RunInputs, name: str, load) -> None:
+    try:
+        load()
+    except SpectraError as e:
+        inp.problems[name] = str(e)
+
+
+def _load_snapshots(inp: RunInputs) -> None:
+    if (inp.root / "snapshots.zarr").is_dir():
+        inp.snapshots = open_run(inp.root)
+
+
+def _load_analysis(inp: RunInputs, name: str) -> None:
+    store = inp.root / "analysis.zarr"
+    # absent group = not computed yet; a present but unreadable one is a problem worth showing
+    if (store / name / "zarr.json").is_file():
+        inp.analysis[name] = read_analysis(store, name)

@@ -1,0 +1,309 @@
+"""`spectra report`: figure builders plot exactly the stored numbers, the page is deterministic,
+escaped and self-contained, missing inputs degrade to hints, and the HTML renders in Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from reports import figures as F
+from reports.build import build_report, report_command
+from spectra.errors import SpectraError
+from spectra.store import write_analysis
+
+COMPS = ["q", "k", "v", "o", "gate", "up", "down"]
+LAYERS = [0, 1]
+STEPS = [10, 20, 30]
+EVIL = "<script>alert('x')</script>&"  # a dataset/method name that must never reach the page raw
+
+
+def spectrum_ds() -> xr.Dataset:
+    rng = np.random.default_rng(0)
+    n = 16
+    sig = np.sort(rng.random((len(STEPS), len(LAYERS), len(COMPS), n)), axis=-1)[..., ::-1].copy()
+    sig[:, :, COMPS.index("k"), 8:] = np.nan  # a smaller matrix: NaN padding along index
+    lo, hi = np.nanmin(sig, -1, keepdims=True), np.nanmax(sig, -1, keepdims=True)
+    per = rng.random((len(STEPS), len(LAYERS), len(COMPS)))
+    d3 = ("step", "layer", "component")
+    return xr.Dataset(
+        {"sigma": (d3 + ("index",), sig), "sigma_norm": (d3 + ("index",), (sig - lo) / (hi - lo)),
+         **{m: (d3, per + i) for i, m in enumerate(["alpha", "alpha_weighted", "stable_rank", "effective_rank",
+                                                    "log_norm", "full_rank", "energy_top_r", "xmin", "ks_distance"])}},
+        coords={"step": STEPS, "layer": LAYERS, "component": COMPS, "index": np.arange(n)}, attrs={"top_r": 4})
+
+
+def subspace_ds() -> xr.Dataset:
+    rng = np.random.default_rng(1)
+    d3 = ("step", "layer", "component")
+    ov = rng.random((len(STEPS), len(LAYERS), len(COMPS)))
+    ov[0] = np.nan  # no previous snapshot at the first step
+    return xr.Dataset({"overlap_prev": (d3, ov), "overlap_final": (d3, rng.random(ov.shape)),
+                       "grassmann_prev": (d3, rng.random(ov.shape)),
+                       "principal_angles": (d3 + ("angle",), rng.random(ov.shape + (3,)))},
+                      coords={"step": STEPS, "layer": LAYERS, "component": COMPS}, attrs={"rank": 3})
+
+
+def hessian_ds() -> xr.Dataset:
+    eig = np.sort(np.random.default_rng(2).random((len(LAYERS), len(COMPS), 5)), -1)[..., ::-1].copy()
+    gap = eig[..., 1] - eig[..., 2]  # k = 2
+    res = np.full(eig.shape, 1e-6)
+    res[1, COMPS.index("v"), 0] = 10.0  # an unconverged Ritz pair: that cell must be flagged
+    dl = ("layer", "component")
+    return xr.Dataset({"eigenvalues": (dl + ("eig",), eig), "residuals": (dl + ("eig",), res), "gap": (dl, gap),
+                       "gap_se": (dl, gap / 10), "rel_gap": (dl, gap / eig[..., 0])},
+                      coords={"layer": LAYERS, "component": COMPS}, attrs={"k": 2, "iterations": 50})
+
+
+def rank_map(method="welore", err=0.5, k=0.175) -> dict:
+    comps = [{"layer": l, "component": c, "shape": [64, 64], "full_rank": 64, "rank": 8 + 4 * i + l,
+              "lrc": i < 3} for l in LAYERS for i, c in enumerate(COMPS)]
+    return {"method": method, "target_err": err, "achieved_err": err - 0.01, "k": k, "err_by": "rank",
+            "components": comps}
+
+
+EVALS = [{"model": "runs/x<b>", "method": m, "err": e, "dataset": d, "seq_len": 64, "tokens": 4096,
+          "loss": float(np.log(p)), "ppl": p}
+         for d, base in (("c4", 1.0), (EVIL, 2.0))
+         for m, e, p in (("welore", 0.1, 12.5), ("welore", 0.5, 30.0), ("uniform", 0.1, 20.0),
+                         ("uniform", 0.5, float("nan")))]
+
+
+def finetune_metrics(method, err, mem) -> dict:
+    return {"method": method, "err": err, "steps": 3, "trainable_params": 1000, "total_params": 4000,
+            "peak_memory_bytes": mem, "tokens_per_s": 512.0, "loss_curve": [[1, 3.0], [2, 2.5], [3, 2.25]],
+            "eval_ppl": 9.5}
+
+
+def write_run(root: Path, *, snapshots: bool = True) -> Path:
+    """A run folder holding every report input in the shared output contract, with known numbers."""
+    root.mkdir(parents=True, exist_ok=True)
+    if snapshots:
+        from conftest import make_tiny
+        from spectra.store import SnapshotWriter
+
+        w = SnapshotWriter(root / "snapshots.zarr", {"config": {"model": "tiny"},
+                                                     "model_config": {"num_hidden_layers": 2, "hidden_size": 64}},
+                           grad_mode="none", background=False)
+        w.write(make_tiny(), step=30, tokens=3840, lr=1e-3, loss=5.0)
+        w.close()
+    store = root / "analysis.zarr"
+    write_analysis(store, "spectrum", spectrum_ds())
+    write_analysis(store, "grad_subspace", subspace_ds())
+    write_analysis(store, "hessian_gap", hessian_ds())
+    (root / "ranks").mkdir()
+    (root / "ranks" / "welore-err50.json").write_text(json.dumps(rank_map()))
+    (root / "ranks" / "uniform-err50.json").write_text(json.dumps(rank_map("uniform", 0.5, None)))
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in EVALS) + '{"truncated": ')
+    for name, mem in (("welore-err50", 2 * 2**30), ("uniform-err50", 3 * 2**30)):
+        (root / "finetune" / name).mkdir(parents=True)
+        (root / "finetune" / name / "metrics.json").write_text(json.dumps(finetune_metrics(name.split("-")[0], 0.5, mem)))
+    rows = [{"step": s, "loss": 6.0 - s / 10, "lr": 1e-3, "tokens": 128 * s, "tokens_per_s": 1e4} for s in STEPS]
+    rows += [{"step": 20, "val_loss": 4.5, "val_ppl": float(np.exp(4.5))}, {"step": 30, "val_loss": 4.0, "val_ppl": 54.6}]
+    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    return write_run(tmp_path_factory.mktemp("report") / "run<1>")
+
+
+@pytest.fixture(scope="module")
+def report(full_run) -> str:
+    return build_report(full_run, title=TITLE)
+
+
+# --------------------------------------------------------------------------- figure numbers
+def test_hessian_heatmap_plots_gap_and_flags_unconverged_cells():
+    ds = hessian_ds()
+    (hm,) = F.hessian_gap_figure(ds).data
+    assert list(hm.x) == COMPS and list(hm.y) == LAYERS
+    np.testing.assert_allclose(np.array(hm.z, float), ds["gap"].values)
+    marks = np.array(hm.text)
+    assert marks[1, COMPS.index("v")] == "†" and (marks == "†").sum() == 1
+    np.testing.assert_allclose(np.array(hm.customdata)[..., 1], ds["rel_gap"].values)
+
+
+def test_subspace_lines_one_per_layer_and_component():
+    ds = subspace_ds()
+    fig = F.subspace_figure(ds, "overlap_prev")
+    assert len(fig.data) == len(LAYERS) * len(COMPS)
+    tr = next(t for t in fig.data if "layer 1<br>component gate" in t.hovertemplate)
+    assert list(tr.x) == STEPS
+    assert tr.y[0] is None  # NaN at the first step becomes a gap, not a number
+    np.testing.assert_allclose(tr.y[1:], ds["overlap_prev"].sel(layer=1, component="gate").values[1:])
+
+
+def test_spectrum_curves_use_final_step_and_shade_threshold():
+    ds = spectrum_ds()
+    fig = F.spectrum_figure(ds, [("k=0.175", 0.175), ("k=0.3", 0.3)])
+    k_curve = next(t for t in fig.data if "layer 0<br>component k<br>step 30" in t.hovertemplate)
+    np.testing.assert_allclose(k_curve.y, ds["sigma_norm"].sel(step=30, layer=0, component="k").values[:8])
+    assert list(k_curve.x) == list(range(1, 9))  # NaN padding dropped
+    rects = [s for s in fig.layout.shapes if s.type == "rect"]
+    lines = [s for s in fig.layout.shapes if s.type == "line"]
+    assert {(r.y0, r.y1) for r in rects} == {(0, 0.175), (0.175, 1)}
+    assert len(rects) == 2 * len(COMPS) and {l.y0 for l in lines} == {0.175, 0.3}
+
+
+def test_emergence_heatmap_is_layer_mean_per_step():
+    ds = spectrum_ds()
+    fig = F.emergence_figure(ds)
+    hm = fig.data[COMPS.index("k")]
+    want = ds["sigma_norm"].sel(component="k").mean("layer").values[:, :8]
+    np.testing.assert_allclose(np.array(hm.z, float), want)
+    assert list(hm.y) == STEPS
+
+
+def test_heavy_tail_lines_plot_metric():
+    ds = spectrum_ds()
+    fig = F.heavy_tail_figure(ds, "alpha")
+    tr = next(t for t in fig.data if "layer 1<br>component down" in t.hovertemplate)
+    np.testing.assert_allclose(tr.y, ds["alpha"].sel(layer=1, component="down").values)
+
+
+def test_rank_map_bars_split_lrc_and_dense():
+    fig = F.rank_map_figure(rank_map(), "welore-err50")
+    lrc, dense = fig.data
+    assert list(lrc.x[:3]) == ["0.q", "0.k", "0.v"] and len(lrc.x) == 6 and len(dense.x) == 8
+    np.testing.assert_allclose(lrc.y[:3], [1 - 8 / 64, 1 - 12 / 64, 1 - 16 / 64])
+    assert list(fig.layout.xaxis.categoryarray[:8]) == ["0.q", "0.k", "0.v", "0.o", "0.gate", "0.up", "0.down", "1.q"]
+
+
+def test_ppl_vs_err_one_line_per_method_and_dataset_escaped():
+    fig = F.ppl_vs_err_figure(EVALS)
+    assert len(fig.data) == 4
+    welore = next(t for t in fig.data if t.name == "welore · c4")
+    assert list(welore.x) == [0.1, 0.5] and list(welore.y) == [12.5, 30.0]
+    uni = next(t for t in fig.data if t.name.startswith("uniform") and "c4" in t.name)
+    assert list(uni.y) == [20.0, None]  # NaN perplexity (collapsed model) is a gap
+    assert all("<script>" not in t.name and "<script>" not in t.hovertemplate for t in fig.data)
+
+
+def test_finetune_figures_plot_curves_and_costs():
+    runs = {"welore-err50": finetune_metrics("welore", 0.5, 2 * 2**30), "uniform-err50": finetune_metrics("uniform", 0.5, 3 * 2**30)}
+    loss = F.finetune_loss_figure(runs)
+    assert [t.name for t in loss.data] == ["uniform-err50", "welore-err50"]
+    assert list(loss.data[1].x) == [1, 2, 3] and list(loss.data[1].y) == [3.0, 2.5, 2.25]
+    mem, tps, frac, ppl = F.finetune_cost_figure(runs).data
+    assert list(mem.y) == [3.0, 2.0] and list(frac.y) == [25.0, 25.0] and list(ppl.y) == [9.5, 9.5]
+
+
+def test_pretrain_figure_train_and_val():
+    rows = [{"step": 1, "loss": 5.0, "tokens": 10}, {"step": 2, "loss": 4.0, "tokens": 20},
+            {"step": 2, "val_loss": 4.2, "val_ppl": 66.7}]
+    train, val, ppl = F.pretrain_figure(rows).data
+    assert list(train.y) == [5.0, 4.0] and list(val.x) == [2] and list(ppl.y) == [66.7]
+
+
+# --------------------------------------------------------------------------- the page
+EXPECTED_DIVS = ["pretrain", "hessian-gap", "subspace-overlap-prev", "subspace-overlap-final", "spectrum-final",
+                 "spectrum-emergence", "heavy-tail-alpha", "heavy-tail-alpha-weighted", "heavy-tail-stable-rank",
+                 "heavy-tail-effective-rank", "heavy-tail-log-norm", "rankmap-uniform-err50", "rankmap-welore-err50",
+                 "ppl-vs-err", "finetune-loss", "finetune-cost"]
+
+
+TITLE = "My <run> & co"
+
+
+def test_report_is_deterministic_self_contained_and_escaped(full_run, report):
+    text = report
+    assert re.findall(r'<div id="fig-([a-z0-9-]+)" class="plotly-graph-div"', text) == EXPECTED_DIVS
+    assert text.count("Plotly.newPlot(") == len(EXPECTED_DIVS)
+    assert text.count("window.PlotlyConfig") == 1 and text.count("<script") == len(EXPECTED_DIVS) + 2
+    assert "https://" not in text.split("<script", 2)[1][:200] and "src=" not in re.sub(r"<script[^>]*>.*?</script>", "", text, flags=re.S)
+    assert "<title>My &lt;run&gt; &amp; co</title>" in text and "run&lt;1&gt;" in text
+    assert "<script>alert" not in text and "runs/x<b>" not in text  # user strings escaped everywhere
+    assert "final validation perplexity</td><td>54.6 (step 30)" in text
+    assert "target ERR 50.0%, achieved 49.0%, k=0.175" in text
+    assert "best ppl welore</td><td>12.5 (ERR 10.0%, c4)" in text
+    assert "<td class=num>12.50</td><td class=num>30.00</td>" in text and "<td class=num>nan</td>" in text
+    assert 3e6 < len(text.encode()) < 8e6  # plotly.js (~4.6 MB) once, not per figure
+
+
+def test_missing_inputs_give_hints_not_crashes(tmp_path):
+    run = tmp_path / "partial"
+    run.mkdir()
+    (run / "eval.jsonl").write_text(json.dumps(EVALS[0]) + "\n")
+    text = build_report(run)
+    for cmd in ("pretrain", "hessian-gap", "grad-subspace", "spectrum", "ranks", "finetune"):
+        assert f"not computed yet: run <code>spectra {cmd}</code>" in text
+    assert re.findall(r'<div id="fig-([a-z0-9-]+)"', text) == ["ppl-vs-err"]
+    (run / "ranks").mkdir()
+    (run / "ranks" / "bad.json").write_text("{not json")
+    assert "could not read <code>ranks/bad.json</code>: " in build_report(run)
+
+
+def test_empty_or_missing_run_folder_is_one_error(tmp_path):
+    with pytest.raises(SpectraError, match="no run folder"):
+        build_report(tmp_path / "nope")
+    with pytest.raises(SpectraError, match="holds no run outputs"):
+        build_report(tmp_path)
+
+
+def test_cli_report_is_byte_identical_rebuild(full_run, report, tmp_path, capsys):
+    from spectra.cli import main
+
+    out = tmp_path / "sub" / "r.html"
+    assert main(["report", str(full_run), "--out", str(out), "--title", TITLE]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert out.read_bytes() == report.encode()  # deterministic: no timestamps or random ids
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: no run folder at")
+
+
+def test_report_command_default_location(full_run, report, capsys):
+    report_command(full_run, title=TITLE)
+    assert capsys.readouterr().out.strip() == str(full_run / "report.html")
+    assert (full_run / "report.html").read_text() == report
+
+
+# --------------------------------------------------------------------------- headless Chromium
+def _chromium() -> str | None:
+    for c in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+        if c and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+# Captures console.error and uncaught errors into the DOM before any page script runs: Chromium's
+# stderr log prints every console message at the same INFO level, so the level is not recoverable there.
+CAPTURE = """<script>window.__errs=[];function __rec(m){__errs.push(String(m));
+document.documentElement.setAttribute('data-errors', JSON.stringify(__errs));}
+window.addEventListener('error', function(e){__rec('uncaught: ' + e.message);});
+window.addEventListener('unhandledrejection', function(e){__rec('rejection: ' + e.reason);});
+var __ce = console.error; console.error = function(){__rec(Array.from(arguments).join(' ')); __ce.apply(console, arguments);};
+var __cw = console.warn; console.warn = function(){__rec('warn: ' + Array.from(arguments).join(' ')); __cw.apply(console, arguments);};
+</script>"""
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("chromium not installed (Debian package `chromium`)")
+    page = tmp_path / "page.html"
+    page.write_text(report.replace("<head>", "<head>" + CAPTURE, 1))
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+           "--virtual-time-budget=5000", "--dump-dom", page.as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    dom = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    errors = re.search(r'<html[^>]*data-errors="([^"]*)"', dom)
+    assert errors is None, errors.group(1)
+    console = [l for l in proc.stderr.splitlines() if ":CONSOLE" in l]
+    assert console == [], console
+    # plotly.js adds these containers only when it actually drew the figure
+    drawn = re.findall(r'<div id="fig-([a-z0-9-]+)" class="plotly-graph-div js-plotly-plot"', dom)
+    assert drawn == EXPECTED_DIVS
+    assert dom.count('class="plot-container plotly"') == len(EXPECTED_DIVS)
+    assert dom.count('class="main-svg"') >= len(EXPECTED_DIVS)
