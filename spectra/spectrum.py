@@ -1,0 +1,197 @@
+"""`spectra spectrum`: singular-value spectra and heavy-tail metrics of every decoder linear,
+per snapshot step, from a run's `snapshots.zarr` or from any HF causal-LM checkpoint folder.
+
+One SVD per matrix: matrices of the same shape at the same step are stacked and go through a
+single batched `svdvals` (on the GPU when there is one). Writes group `spectrum` of
+`analysis.zarr` with dims (step, layer, component, index); see `spectra.heavytail` for how every
+metric is defined.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import torch
+import typer
+import xarray as xr
+from tqdm import tqdm
+
+from spectra.errors import SpectraError
+from spectra.heavytail import normalized_singular_values, singular_values, spectrum_metrics
+from spectra.models import COMPONENTS
+
+METRICS = ("full_rank", "stable_rank", "effective_rank", "entropy", "energy_top_r", "alpha",
+           "alpha_weighted", "log_norm", "xmin", "ks_distance")
+
+Weights = dict[tuple[int, str], torch.Tensor]
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda when present, else cpu; asking for cuda without one is a user error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpectraError(f"device {device!r} requested but no CUDA device is available")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise SpectraError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+
+
+# --------------------------------------------------------------------------- sources
+def is_snapshot_store(path: Path) -> bool:
+    return (path / "snapshots.zarr").is_dir() or (path.suffix == ".zarr" and path.is_dir())
+
+
+def default_out(path: Path) -> Path:
+    """analysis.zarr next to snapshots.zarr, i.e. in the run folder (or in the checkpoint folder)."""
+    return (path.parent if path.suffix == ".zarr" else path) / "analysis.zarr"
+
+
+def run_weights(path: Path, steps: list[int] | None) -> tuple[list[int], Iterator[tuple[int, Weights]]]:
+    """The selected steps of a snapshot store and a lazy iterator of {(layer, comp): W} per step."""
+    from spectra.store import open_run
+
+    run = open_run(path)
+    stored = [int(s) for s in run.steps]
+    if not stored:
+        raise SpectraError(f"{run.path} holds no committed snapshots")
+    chosen = stored if not steps else steps
+    missing = sorted(set(chosen) - set(stored))
+    if missing:
+        raise SpectraError(f"step(s) {missing} not in {run.path}; stored steps: {stored}")
+    keys = run.keys()
+    if not keys:
+        raise SpectraError(f"{run.path} stores no decoder linear weights")
+    arrays = {k: run.weight(*k) for k in keys}  # lazy; one step is read at a time
+
+    def gen():
+        for step in sorted(chosen):
+            i = stored.index(step)
+            yield step, {k: torch.from_numpy(a.isel(step=i).values) for k, a in arrays.items()}
+
+    return sorted(chosen), gen()
+
+
+def checkpoint_weights(path: Path) -> tuple[list[int], Iterator[tuple[int, Weights]]]:
+    """A checkpoint is one "step": the number in a `step_N` folder name, else 0."""
+    from spectra.models import component_weights, find_checkpoint, load_causal_lm
+
+    ckpt = find_checkpoint(path)
+    model = load_causal_lm(ckpt)
+    weights = {k: w.detach() for k, w in component_weights(model).items()}
+    m = re.fullmatch(r"step_(\d+)", ckpt.name)
+    step = int(m.group(1)) if m else 0
+    return [step], iter([(step, weights)])
+
+
+# --------------------------------------------------------------------------- analysis
+def batched_singular_values(weights: Weights, device: torch.device) -> dict[tuple[int, str], torch.Tensor]:
+    """σ of every matrix, one stacked svdvals per distinct shape (e.g. all q/k/v/o together)."""
+    by_shape: dict[tuple[int, ...], list] = defaultdict(list)
+    for key, w in weights.items():
+        by_shape[tuple(w.shape)].append(key)
+    out = {}
+    for keys in by_shape.values():
+        stack = torch.stack([weights[k] for k in keys]).to(device, torch.float32)
+        for k, s in zip(keys, singular_values(stack)):
+            out[k] = s
+    return out
+
+
+def spectrum_dataset(steps: list[int], weights_per_step: Iterator[tuple[int, Weights]], *, top_r: int,
+                     device: torch.device, progress: bool = True) -> xr.Dataset:
+    """Build the `spectrum` dataset: sigma / sigma_norm (NaN-padded along index) and metrics."""
+    sig: dict[tuple[int, int, str], np.ndarray] = {}
+    metrics: dict[tuple[int, int, str], dict[str, float]] = {}
+    for step, weights in tqdm(weights_per_step, total=len(steps), desc="spectrum", unit="step", disable=not progress):
+        for (layer, comp), s in batched_singular_values(weights, device).items():
+            bad = not torch.isfinite(s).all()
+            if bad:
+                raise SpectraError(f"non-finite weights in layer {layer} {comp} at step {step}")
+            sig[(step, layer, comp)] = s.cpu().numpy()
+            metrics[(step, layer, comp)] = spectrum_metrics(s, top_r)
+    layers = sorted({l for _, l, _ in sig})
+    comps = [c for c in COMPONENTS if any(k[2] == c for k in sig)]
+    n_index = max(v.size for v in sig.values())
+    shape = (len(steps), len(layers), len(comps))
+    sigma = np.full((*shape, n_index), np.nan, dtype=np.float32)
+    sigma_norm = np.full_like(sigma, np.nan)
+    vals = {m: np.full(shape, np.nan) for m in METRICS}
+    for (step, layer, comp), s in sig.items():
+        idx = (steps.index(step), layers.index(layer), comps.index(comp))
+        sigma[idx][: s.size] = s
+        sigma_norm[idx][: s.size] = normalized_singular_values(torch.from_numpy(s)).numpy()
+        for m, v in metrics[(step, layer, comp)].items():
+            vals[m][idx] = v
+    dims = ("step", "layer", "component")
+    ds = xr.Dataset(
+        {"sigma": (dims + ("index",), sigma), "sigma_norm": (dims + ("index",), sigma_norm),
+         **{m: (dims, v) for m, v in vals.items()}},
+        coords={"step": np.asarray(steps, dtype=np.int64), "layer": layers, "component": np.array(comps, dtype=object),
+                "index": np.arange(n_index)},
+    )
+    ds.attrs["top_r"] = top_r
+    return ds
+
+
+# --------------------------------------------------------------------------- printing
+def print_spectrum_table(ds: xr.Dataset) -> None:
+    """Per component (mean over layers): first -> final step for the headline metrics."""
+    from rich.console import Console
+    from rich.table import Table
+
+    first, last = ds.isel(step=0), ds.isel(step=-1)
+    span = f"step {int(first.step)}→{int(last.step)}" if ds.sizes["step"] > 1 else f"step {int(last.step)}"
+    t = Table(title=f"spectrum ({span}, mean over {ds.sizes['layer']} layers)")
+    for col in ("component", "full rank", "stable rank", "eff. rank", "alpha", f"energy top-{ds.attrs['top_r']}"):
+        t.add_column(col, justify="right" if col != "component" else "left")
+
+    def cell(name: str, c: str, fmt: str) -> str:
+        a, b = float(first[name].sel(component=c).mean()), float(last[name].sel(component=c).mean())
+        return f"{b:{fmt}}" if ds.sizes["step"] == 1 else f"{a:{fmt}}→{b:{fmt}}"
+
+    for c in ds.component.values:
+        t.add_row(str(c), f"{float(last.full_rank.sel(component=c).mean()):.0f}", cell("stable_rank", c, ".1f"),
+                  cell("effective_rank", c, ".1f"), cell("alpha", c, ".2f"), cell("energy_top_r", c, ".3f"))
+    Console().print(t)
+
+
+# --------------------------------------------------------------------------- command
+def spectrum_command(
+    run: Annotated[str, typer.Argument(help="A run folder or its snapshots.zarr (every snapshot step), or a HF causal-LM checkpoint folder (one step).")],
+    out: Annotated[Optional[Path], typer.Option(help="Analysis store to write. Default: <run>/analysis.zarr (or <checkpoint>/analysis.zarr).")] = None,
+    steps: Annotated[Optional[list[int]], typer.Option("--steps", help="Only these snapshot steps (repeat the option). Default: all.")] = None,
+    top_r: Annotated[int, typer.Option(help="r for energy_top_r, the share of ||W||_F^2 in the top-r singular directions.")] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N for the SVDs and fits.")] = "auto",
+) -> None:
+    """Singular values and heavy-tail metrics (stable/effective rank, energy, power-law alpha) of every decoder linear.
+
+    For each layer x q/k/v/o/gate/up/down and each snapshot step: sigma, WeLore's min-max
+    normalized sigma, stable rank, effective rank, energy in the top-r directions and the
+    weightwatcher power-law alpha (MLE, x_min by KS distance). Writes group `spectrum` of
+    analysis.zarr and prints how the metrics moved from the first to the last step.
+    """
+    from spectra.store import write_analysis
+
+    if top_r < 1:
+        raise SpectraError(f"--top-r must be >= 1, not {top_r}")
+    path = Path(run)
+    if not path.exists():
+        raise SpectraError(f"{path} does not exist (expected a run folder, snapshots.zarr or a checkpoint folder)")
+    dev = resolve_device(device)
+    if is_snapshot_store(path):
+        chosen, source = run_weights(path, steps)
+    else:
+        if steps:
+            raise SpectraError("--steps applies to snapshot stores; a checkpoint folder has a single step")
+        chosen, source = checkpoint_weights(path)
+    ds = spectrum_dataset(chosen, source, top_r=top_r, device=dev)
+    dest = write_analysis(out or default_out(path), "spectrum", ds, {"source": str(path)})
+    print_spectrum_table(ds)
+    print(f"wrote group 'spectrum' to {dest}")

@@ -1,0 +1,188 @@
+"""`spectra grad-subspace`: does the gradient's top-r singular subspace stop moving, and does it
+live inside the weight's own top-r subspace? (WeLore's low-rank components are the ones whose
+gradient subspace stabilizes early.)
+
+For orthonormal bases P, Q (d × r) of two r-dim subspaces:
+
+    overlap(P, Q)   = ‖PᵀQ‖_F² / r = mean cos² θ_i   in [0, 1]; 1 = same subspace, 0 = orthogonal
+    cos θ_i         = σ_i(PᵀQ)  (principal angles; invariant to sign flips and rotations inside
+                                 either subspace, unlike comparing singular vectors one by one)
+    grassmann(P, Q) = √Σ θ_i²
+    energy(P, X)    = ‖PᵀX‖_F² / ‖X‖_F²  (share of X's column energy inside span P)
+
+Per snapshot t the gradient basis P_t is compared with the previous snapshot's and the final
+one's; the energy term uses P = the weight's own top-r singular vectors (same side).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import torch
+import typer
+import xarray as xr
+from tqdm import tqdm
+
+from spectra.errors import SpectraError
+from spectra.models import COMPONENTS
+from spectra.spectrum import default_out, is_snapshot_store, resolve_device
+
+
+# --------------------------------------------------------------------------- subspace math
+def subspace_overlap(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """‖PᵀQ‖_F² / r for orthonormal P, Q (..., d, r) -- batched over leading dims."""
+    r = min(P.shape[-1], Q.shape[-1])
+    return (P.transpose(-1, -2) @ Q).pow(2).sum((-2, -1)) / r
+
+
+def principal_angles(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """Principal angles (ascending, radians) between span P and span Q, both (..., d, r).
+
+    arccos of σ(PᵀQ) alone loses all precision for tiny angles (cos θ ≈ 1 − θ²/2), so as in
+    Knyazev & Argentati (and scipy.linalg.subspace_angles) we pair it with the sines σ((I − PPᵀ)Q):
+    θ_i = atan2(sin_i, cos_i), cosines descending with sines ascending.
+    """
+    PtQ = P.transpose(-1, -2) @ Q
+    cos = torch.linalg.svdvals(PtQ).clamp(max=1)  # descending
+    sin = torch.linalg.svdvals(Q - P @ PtQ).clamp(max=1).flip(-1)  # ascending
+    return torch.atan2(sin, cos)
+
+
+def grassmann_distance(angles: torch.Tensor) -> torch.Tensor:
+    return angles.pow(2).sum(-1).sqrt()
+
+
+def energy_in_subspace(P: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """‖PᵀX‖_F² / ‖X‖_F²: the share of X's energy inside span P (P orthonormal, (..., d, r))."""
+    return (P.transpose(-1, -2) @ X).pow(2).sum((-2, -1)) / X.pow(2).sum((-2, -1))
+
+
+def top_basis(M: torch.Tensor, rank: int, side: str) -> torch.Tensor:
+    """Top-`rank` left (out × r) or right (in × r) singular vectors of M (..., out, in)."""
+    U, _, Vh = torch.linalg.svd(M, full_matrices=False)
+    return U[..., :rank] if side == "left" else Vh[..., :rank, :].transpose(-1, -2)
+
+
+# --------------------------------------------------------------------------- per parameter
+def gradient_factors(ds: xr.Dataset, rank: int, side: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(basis (step, d, rank), X (step, d, k)) where ‖PᵀX‖² measures gradient energy in span P.
+
+    Full gradients: X = G (left) or Gᵀ (right). Sketches G ≈ U S Vᵀ: X = U·S or V·S, so the energy
+    share is that of the stored top-k part of the gradient (exact when k = min(out, in)).
+    """
+    if "grad" in ds:
+        G = torch.from_numpy(ds["grad"].values).to(device, torch.float32)
+        return top_basis(G, rank, side), (G if side == "left" else G.transpose(-1, -2))
+    if "grad_u" in ds:
+        k = ds.sizes["rank"]
+        if rank > k:
+            raise SpectraError(f"--rank {rank} exceeds the stored gradient sketch rank {k}")
+        V = torch.from_numpy(ds["grad_u" if side == "left" else "grad_v"].values).to(device, torch.float32)
+        S = torch.from_numpy(ds["grad_s"].values).to(device, torch.float32)
+        return V[..., :rank], V * S[:, None, :]
+    raise SpectraError("the snapshot store holds no gradients (pretrain with --snapshot-grad full or sketch)")
+
+
+def component_subspace(ds: xr.Dataset, rank: int, side: str, device: torch.device) -> dict[str, np.ndarray]:
+    """All grad-subspace numbers of one parameter across its snapshot steps."""
+    basis, X = gradient_factors(ds, rank, side, device)
+    W = torch.from_numpy(ds["weight"].values).to(device, torch.float32)
+    n = basis.shape[0]
+    nan_row = torch.full((1,), float("nan"), device=device)
+    angles_prev = torch.full((n, rank), float("nan"), device=device)
+    if n > 1:
+        angles_prev[1:] = principal_angles(basis[1:], basis[:-1])
+    final = basis[-1:].expand_as(basis)
+    out = {
+        "overlap_prev": torch.cat([nan_row, subspace_overlap(basis[1:], basis[:-1])]),
+        "overlap_final": subspace_overlap(basis, final),
+        "grassmann_prev": grassmann_distance(angles_prev),
+        "grassmann_final": grassmann_distance(principal_angles(basis, final)),
+        "principal_angles": angles_prev,
+        "energy_in_weight_subspace": energy_in_subspace(top_basis(W, rank, side), X),
+    }
+    return {k: v.cpu().double().numpy() for k, v in out.items()}
+
+
+def grad_subspace_dataset(run, rank: int, side: str, device: torch.device, progress: bool = True) -> xr.Dataset:
+    """The `grad_subspace` dataset of every decoder linear of an opened snapshot store."""
+    keys = run.keys()
+    if not keys:
+        raise SpectraError(f"{run.path} stores no decoder linear weights")
+    steps = np.asarray(run.steps, dtype=np.int64)
+    layers = sorted({l for l, _ in keys})
+    comps = [c for c in COMPONENTS if any(k[1] == c for k in keys)]
+    shape = (len(steps), len(layers), len(comps))
+    names = ("overlap_prev", "overlap_final", "grassmann_prev", "grassmann_final", "energy_in_weight_subspace")
+    vals = {k: np.full(shape, np.nan) for k in names}
+    angles = np.full((*shape, rank), np.nan)
+    for layer, comp in tqdm(keys, desc="grad-subspace", unit="matrix", disable=not progress):
+        ds = run.param(layer, comp)
+        if rank > min(ds.sizes["out"], ds.sizes["in"]):
+            raise SpectraError(f"--rank {rank} exceeds min(out, in) = {min(ds.sizes['out'], ds.sizes['in'])} of {layer}.{comp}")
+        res = component_subspace(ds, rank, side, device)
+        j, c = layers.index(layer), comps.index(comp)
+        for k in names:
+            vals[k][:, j, c] = res[k]
+        angles[:, j, c] = res["principal_angles"]
+    dims = ("step", "layer", "component")
+    ds = xr.Dataset({**{k: (dims, v) for k, v in vals.items()}, "principal_angles": (dims + ("angle",), angles)},
+                    coords={"step": steps, "layer": layers, "component": np.array(comps, dtype=object), "angle": np.arange(rank)})
+    ds.attrs.update(rank=rank, side=side, grad_mode=run.grad_mode)
+    return ds
+
+
+# --------------------------------------------------------------------------- printing
+def print_subspace_table(ds: xr.Dataset) -> None:
+    """Per component (mean over layers): how settled the gradient subspace is."""
+    from rich.console import Console
+    from rich.table import Table
+
+    first, last = ds.isel(step=0), ds.isel(step=-1)
+    t = Table(title=f"gradient-subspace overlap, rank {ds.attrs['rank']} ({ds.attrs['side']}), "
+                    f"steps {int(first.step)}..{int(last.step)}, mean over {ds.sizes['layer']} layers")
+    for col in ("component", "prev, last step", "prev, mean", "final, first step", "grad energy in W top-r"):
+        t.add_column(col, justify="left" if col == "component" else "right")
+    for c in ds.component.values:
+        sel = ds.sel(component=c)
+        e0, e1 = float(sel.energy_in_weight_subspace.isel(step=0).mean()), float(sel.energy_in_weight_subspace.isel(step=-1).mean())
+        t.add_row(str(c), f"{float(sel.overlap_prev.isel(step=-1).mean()):.3f}",
+                  f"{float(sel.overlap_prev.mean(skipna=True)):.3f}",
+                  f"{float(sel.overlap_final.isel(step=0).mean()):.3f}", f"{e0:.3f}→{e1:.3f}")
+    Console().print(t)
+
+
+# --------------------------------------------------------------------------- command
+def grad_subspace_command(
+    run: Annotated[str, typer.Argument(help="A run folder or its snapshots.zarr with gradients (full or sketch).")],
+    rank: Annotated[int, typer.Option(help="r: dimension of the compared top-r gradient / weight singular subspaces.")] = 8,
+    out: Annotated[Optional[Path], typer.Option(help="Analysis store to write. Default: <run>/analysis.zarr.")] = None,
+    side: Annotated[str, typer.Option(help="left (output-space, U) or right (input-space, V) singular vectors.")] = "left",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N for the SVDs.")] = "auto",
+) -> None:
+    """Gradient-subspace stabilization across snapshots: overlap with the previous and final top-r subspace.
+
+    Per decoder linear and snapshot step: overlap ||P_t^T P_s||_F^2 / r of the top-r gradient
+    singular subspaces with the previous and with the final snapshot, principal angles and
+    Grassmann distance to the previous one, and the share of gradient energy inside the weight's
+    own top-r subspace. Uses stored full gradients or their sketches. Writes group
+    `grad_subspace` of analysis.zarr.
+    """
+    from spectra.store import open_run, write_analysis
+
+    if side not in ("left", "right"):
+        raise SpectraError(f"--side must be left or right, not {side!r}")
+    if rank < 1:
+        raise SpectraError(f"--rank must be >= 1, not {rank}")
+    path = Path(run)
+    if not path.exists():
+        raise SpectraError(f"{path} does not exist (expected a run folder or its snapshots.zarr)")
+    if not is_snapshot_store(path):
+        raise SpectraError(f"{path} has no snapshots.zarr: gradient subspaces need a `spectra pretrain` run with gradient snapshots")
+    dev = resolve_device(device)
+    ds = grad_subspace_dataset(open_run(path), rank, side, dev)
+    dest = write_analysis(out or default_out(path), "grad_subspace", ds, {"source": str(path)})
+    print_subspace_table(ds)
+    print(f"wrote group 'grad_subspace' to {dest}")
