@@ -10,6 +10,7 @@ through `IterableDataset.state_dict()`.
 
 from __future__ import annotations
 
+import copy
 import glob
 import hashlib
 import os
@@ -142,8 +143,12 @@ class PackState:
 
     epoch: int = 0
     index: int = 0  # next document position within this epoch's (rank-strided) order
-    buffer: list[int] = field(default_factory=list)  # tokens read but not yet emitted
+    buffer: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # read, not yet emitted
     hub_state: dict | None = None
+
+    def copy(self) -> "PackState":
+        """Cheap snapshot (the buffer is the only mutable part)."""
+        return PackState(self.epoch, self.index, self.buffer.copy(), copy.deepcopy(self.hub_state))
 
 
 class PackedStream:
@@ -168,13 +173,16 @@ class PackedStream:
         perm = np.random.default_rng(self.seed + epoch).permutation(len(self.indices)) if self.seed >= 0 else np.arange(len(self.indices))
         return self.indices[perm][self.rank :: self.world]
 
-    def _encode(self, texts: list[str]) -> list[int]:
+    def _encode(self, texts: list[str]) -> np.ndarray:
         ids = self.tok(texts, add_special_tokens=False)["input_ids"]
-        out: list[int] = []
+        parts = []
         for seq in ids:
-            out.extend(seq)
-            out.append(self.eos)
-        return out
+            parts.append(np.asarray(seq, dtype=np.int64))
+            parts.append(np.array([self.eos], dtype=np.int64))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def _extend(self, tokens: np.ndarray) -> None:
+        self.state.buffer = np.concatenate([self.state.buffer, tokens])
 
     def _refill_local(self) -> bool:
         st = self.state
@@ -188,7 +196,7 @@ class PackedStream:
                 raise SpectraError(f"rank {self.rank} has no documents (corpus smaller than world size)")
         take = order[st.index : st.index + self.tok_batch]
         st.index += len(take)
-        st.buffer.extend(self._encode(self.docs[[int(i) for i in take]]["text"] if len(take) > 1 else [self.docs[int(take[0])]["text"]]))
+        self._extend(self._encode(self.docs[[int(i) for i in take]]["text"]))
         return True
 
     def _hub_iter(self):
@@ -218,10 +226,10 @@ class PackedStream:
                             break
                     if not texts:
                         return
-                    self.state.buffer.extend(self._encode(texts))
+                    self._extend(self._encode(texts))
                     self.state.hub_state = self._hub_ds.state_dict()
             row, self.state.buffer = self.state.buffer[:n], self.state.buffer[n:]
-            yield torch.tensor(row, dtype=torch.long)
+            yield torch.from_numpy(row.copy())
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """[batch_size, seq_len] LongTensors; the state is exact after each yielded batch."""

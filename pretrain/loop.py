@@ -1,0 +1,344 @@
+"""`spectra pretrain`: the LLaMA pretraining loop that writes weight/gradient snapshots.
+
+GaLore's 130m recipe is the default: AdamW lr 1e-3, 512 x 256-token sequences per step (by
+gradient accumulation), linear warmup then cosine to 0.1 x lr, bf16 autocast on GPU, clipping 1.0.
+Single process or `torchrun --nproc_per_node N -m spectra.cli pretrain ...` (DDP; nodes alike).
+
+Snapshot convention: snapshot `s` holds the weights after `s` optimizer updates (so it equals
+checkpoint step_s bit for bit) and the gradient computed at exactly those weights, i.e. the
+gradient of update s+1, after the DDP all-reduce and before clipping and the optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+
+from pretrain import distributed as dist_utils
+from pretrain.checkpoint import latest_checkpoint, load_trainer_state, load_weights, rng_state, save_checkpoint, set_rng_state
+from pretrain.configs import SIZES, build_model, vocab_for
+from spectra.errors import SpectraError
+
+
+@dataclass
+class PretrainConfig:
+    model: str = "130m"            # one of pretrain.configs.SIZES
+    data: str | None = None        # local files/globs/folders; None -> hub allenai/c4 (en) streaming
+    val_data: str | None = None    # separate validation files; None -> hold out val_fraction of --data
+    val_fraction: float = 0.01
+    tokenizer: str = "t5-base"     # hub name or local folder (../shared/data/tokenizers/t5)
+    seq_len: int = 256
+    batch_size: int = 512          # sequences per optimizer step, across all ranks
+    micro_batch: int = 128         # sequences per forward/backward on one rank
+    steps: int = 20000
+    lr: float = 1e-3
+    warmup: int = 2000             # linear warmup steps (clamped to 10% of steps for short runs)
+    min_lr_ratio: float = 0.1      # cosine decays to min_lr_ratio * lr
+    weight_decay: float = 0.0      # GaLore uses none
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    eval_every: int = 1000
+    val_tokens: int = 1_048_576    # fixed validation budget (same windows every time)
+    save_every: int = 1000
+    keep_checkpoints: int = 3
+    snapshot_every: int = 1000     # also snapshots step 0 and the final step
+    snapshot_steps: list[int] = field(default_factory=list)  # explicit list; overrides snapshot_every
+    snapshot_grad: str = "sketch"  # full | sketch | none
+    sketch_rank: int = 32
+    snapshot_embeddings: bool = False
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 0
+    runs_dir: str = "runs"
+    run_id: str | None = None
+    resume: bool = False
+
+    def snapshot_at(self, step: int) -> bool:
+        if self.snapshot_steps:
+            return step in self.snapshot_steps
+        return self.snapshot_every > 0 and (step % self.snapshot_every == 0 or step == self.steps)
+
+
+def lr_lambda(cfg: PretrainConfig):
+    warmup = min(cfg.warmup, max(1, cfg.steps // 10))
+
+    def f(step: int) -> float:  # step = number of updates done so far
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+class Trainer:
+    """Holds model, optimizer, data and stores for one run; `fit()` runs the loop."""
+
+    def __init__(self, cfg: PretrainConfig):
+        from spectra.data import load_tokenizer
+
+        if cfg.model not in SIZES:
+            raise SpectraError(f"unknown --model {cfg.model!r}; choose one of {', '.join(SIZES)}")
+        if cfg.batch_size % cfg.micro_batch:
+            raise SpectraError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch {cfg.micro_batch}")
+        self.cfg = cfg
+        self.rank, self.world, self.device = dist_utils.setup(cfg.device)
+        per_rank = cfg.batch_size // cfg.micro_batch
+        if per_rank % self.world:
+            raise SpectraError(f"batch {cfg.batch_size} / micro {cfg.micro_batch} = {per_rank} micro-batches "
+                               f"does not split over {self.world} ranks")
+        self.accum = per_rank // self.world
+        self.run_dir = Path(cfg.runs_dir) / dist_utils.agree_run_id(cfg)
+        self.tok = load_tokenizer(cfg.tokenizer)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model, vocab_for(len(self.tok)), cfg.seed).to(self.device)
+        self.train_stream, self.val_windows = _data(cfg, self.tok, self.rank, self.world)
+        fused = self.device.type == "cuda"
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
+                                     weight_decay=cfg.weight_decay, fused=fused)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.step, self.tokens = 0, 0
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext())
+        self.net = dist_utils.wrap(self.model, self.device, self.world)
+        self.forward = torch.compile(self.net) if cfg.compile else self.net
+        self.writer = None
+
+    # ------------------------------------------------------------------ setup/resume
+    def prepare_run(self) -> None:
+        cfg = self.cfg
+        ckpt = latest_checkpoint(self.run_dir) if cfg.resume else None
+        if cfg.resume and ckpt is None:
+            raise SpectraError(f"--resume: no checkpoint under {self.run_dir}/checkpoints")
+        if not cfg.resume and (self.run_dir / "checkpoints").exists():
+            raise SpectraError(f"{self.run_dir} already holds a run; pass --resume or another --run-id")
+        if ckpt is not None:
+            state = load_trainer_state(ckpt)
+            if state["world"] != self.world:
+                raise SpectraError(f"checkpoint was written by {state['world']} ranks, resuming with {self.world}")
+            load_weights(self.model, ckpt)
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+            self.train_stream.state = state["data"][self.rank]
+            self.step, self.tokens = state["step"], state["tokens"]
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            if cfg.snapshot_every > 0 or cfg.snapshot_steps:
+                from spectra.store import SnapshotWriter
+
+                self.writer = SnapshotWriter(self.run_dir / "snapshots.zarr", _store_attrs(cfg, self.model),
+                                             grad_mode=cfg.snapshot_grad, sketch_rank=cfg.sketch_rank,
+                                             embeddings=cfg.snapshot_embeddings)
+                self.writer.truncate_after(self.step - 1 if self.step else -1)
+        dist_utils.barrier()
+
+    # ------------------------------------------------------------------ one step
+    def accumulate(self, batches) -> float:
+        """Forward/backward `accum` micro-batches; grads are the mean over the global batch."""
+        total = 0.0
+        for i in range(self.accum):
+            x = next(batches).to(self.device, non_blocking=True)
+            sync = dist_utils.no_sync(self.net) if i < self.accum - 1 else nullcontext()
+            with sync, self.autocast:
+                loss = self.forward(input_ids=x, labels=x).loss / self.accum
+            loss.backward()
+            total += loss.item()
+            self.tokens += x.numel() * self.world
+        loss = dist_utils.mean(total, self.device)
+        if not math.isfinite(loss):
+            raise SpectraError(f"loss is {loss} at step {self.step}; last good checkpoint: "
+                               f"{latest_checkpoint(self.run_dir) or 'none'} (lower --lr or check the data)")
+        return loss
+
+    def validate(self) -> tuple[float, float]:
+        """Token-weighted mean loss over the fixed validation windows (sharded across ranks)."""
+        from spectra.evaluate import perplexity
+
+        shard = self.val_windows[self.rank :: self.world]
+        mean, n = 0.0, 0
+        if len(shard):
+            mean, _, n = perplexity(self.model, shard, batch_size=self.cfg.micro_batch, device=self.device)
+        total_loss, total_n = dist_utils.sum_pair(mean * n, n, self.device)
+        val = total_loss / max(total_n, 1)
+        return val, math.exp(min(val, 50))
+
+    def checkpoint(self) -> None:
+        data_states = dist_utils.gather(self.train_stream.state.copy())
+        if self.rank == 0:
+            state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng_state(),
+                     "data": data_states, "step": self.step, "tokens": self.tokens, "world": self.world,
+                     "config": asdict(self.cfg)}
+            save_checkpoint(self.run_dir, self.step, self.model, state, self.cfg.keep_checkpoints)
+        dist_utils.barrier()
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> Path:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.prepare_run()
+        self.model.train()
+        batches = iter(self.train_stream.batches(cfg.micro_batch))
+        kill_at = int(os.environ.get("SPECTRA_KILL_AT_STEP", "-1"))  # test hook: a real SIGKILL mid-run
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0, desc=f"pretrain {cfg.model}",
+                   unit="step", dynamic_ncols=True, file=sys.stderr)
+        t0, tok0 = time.perf_counter(), self.tokens
+        while True:
+            tokens_before = self.tokens
+            loss = self.accumulate(batches)
+            if self.writer is not None and cfg.snapshot_at(self.step):
+                self.writer.write(self.model, step=self.step, tokens=tokens_before, lr=self.sched.get_last_lr()[0],
+                                  loss=loss, grad_norm=_grad_norm(self.model))
+            if self.step >= cfg.steps:  # the extra pass only served the final snapshot's gradient
+                self.opt.zero_grad(set_to_none=True)
+                break
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            lr = self.sched.get_last_lr()[0]
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.step += 1
+            dt = time.perf_counter() - t0
+            tps = (self.tokens - tok0) / max(dt, 1e-9)
+            row = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens, "tokens_per_s": tps}
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                row["val_loss"], row["val_ppl"] = self.validate()
+            self.log(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
+                            **({"val_ppl": f"{row['val_ppl']:.1f}"} if "val_ppl" in row else {}))
+            if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
+                self.checkpoint()
+            if self.step == kill_at:
+                if self.writer is not None:
+                    self.writer.wait()
+                os.kill(os.getpid(), 9)
+            # all ranks decide alike: a final snapshot needs one more (update-free) gradient pass
+            if self.step >= cfg.steps and not cfg.snapshot_at(self.step):
+                break
+        bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        dist_utils.teardown()
+        return self.run_dir
+
+    def log(self, row: dict) -> None:
+        if self.rank == 0:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def _grad_norm(model) -> float:
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else float("nan")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, forget rows logged after the checkpoint (they are recomputed identically)."""
+    if not path.is_file():
+        return
+    rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def _store_attrs(cfg: PretrainConfig, model) -> dict:
+    import subprocess
+
+    import transformers
+    import xarray
+    import zarr
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        sha = None
+    return {"config": asdict(cfg), "model_config": model.config.to_dict(), "git_sha": sha,
+            "param_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "zarr": zarr.__version__, "xarray": xarray.__version__, "python": sys.version.split()[0]}}
+
+
+def _data(cfg: PretrainConfig, tok, rank: int, world: int):
+    """(train PackedStream for this rank, fixed validation windows)."""
+    from spectra.data import PackedStream, eval_windows, load_hub_c4, load_local_docs, split_docs
+
+    if cfg.data:
+        docs = load_local_docs(cfg.data)
+        if cfg.val_data:
+            train_idx, val_docs = None, load_local_docs(cfg.val_data)
+        else:
+            train_idx, val_idx = split_docs(docs, cfg.val_fraction, cfg.seed)
+            val_docs = docs.select(val_idx)
+        stream = PackedStream(docs, tok, cfg.seq_len, seed=cfg.seed, indices=train_idx, rank=rank, world=world)
+    else:
+        docs, val_docs = load_hub_c4("train"), load_hub_c4("validation")
+        stream = PackedStream(docs, tok, cfg.seq_len, rank=rank, world=world)
+    val = eval_windows(val_docs, tok, cfg.seq_len, cfg.val_tokens)
+    return stream, val
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    return Trainer(cfg).fit()
+
+
+def pretrain_command(
+    model: Annotated[str, typer.Option(help=f"model size: {', '.join(SIZES)}")] = "130m",
+    data: Annotated[Optional[str], typer.Option(help="local json/jsonl(.gz)/txt/parquet files, globs or folders; default: hub allenai/c4 en")] = None,
+    val_data: Annotated[Optional[str], typer.Option(help="validation files (default: hold out --val-fraction of --data)")] = None,
+    val_fraction: Annotated[float, typer.Option(help="fraction of --data documents held out for validation")] = 0.01,
+    tokenizer: Annotated[str, typer.Option(help="tokenizer hub name or local folder")] = "t5-base",
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 20000,
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 256,
+    batch_size: Annotated[int, typer.Option(help="sequences per optimizer step (all ranks)")] = 512,
+    micro_batch: Annotated[int, typer.Option(help="sequences per forward/backward per rank")] = 128,
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 1e-3,
+    warmup: Annotated[int, typer.Option(help="linear warmup steps")] = 2000,
+    min_lr_ratio: Annotated[float, typer.Option(help="cosine floor as a fraction of --lr")] = 0.1,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 0.0,
+    grad_clip: Annotated[float, typer.Option(help="max gradient norm (0: off)")] = 1.0,
+    eval_every: Annotated[int, typer.Option(help="validate every N steps (0: only never)")] = 1000,
+    val_tokens: Annotated[int, typer.Option(help="validation token budget")] = 1_048_576,
+    save_every: Annotated[int, typer.Option(help="checkpoint every N steps")] = 1000,
+    keep_checkpoints: Annotated[int, typer.Option(help="newest checkpoints kept (0: all)")] = 3,
+    snapshot_every: Annotated[int, typer.Option(help="snapshot weights+grads every N steps (plus step 0 and the last)")] = 1000,
+    snapshot_steps: Annotated[Optional[str], typer.Option(help="explicit comma-separated snapshot steps, e.g. 0,100,1000")] = None,
+    snapshot_grad: Annotated[str, typer.Option(help="gradient in snapshots: full | sketch (top-r SVD) | none")] = "sketch",
+    sketch_rank: Annotated[int, typer.Option(help="r of the gradient sketch")] = 32,
+    snapshot_embeddings: Annotated[bool, typer.Option(help="also snapshot embed_tokens and lm_head")] = False,
+    compile: Annotated[bool, typer.Option(help="torch.compile the model")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    seed: Annotated[int, typer.Option(help="seed for init and data order")] = 0,
+    runs_dir: Annotated[str, typer.Option(help="parent folder of runs")] = "runs",
+    run_id: Annotated[Optional[str], typer.Option(help="run folder name (default: <model>-<timestamp>)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue runs/<run-id> from its latest checkpoint")] = False,
+) -> None:
+    """Pretrain a LLaMA (GaLore sizes) and write weight/gradient snapshots to runs/<id>/snapshots.zarr."""
+    if resume and not run_id:
+        raise SpectraError("--resume needs --run-id naming the run to continue")
+    try:
+        snaps = [int(s) for s in snapshot_steps.split(",") if s.strip()] if snapshot_steps else []
+    except ValueError:
+        raise SpectraError(f"--snapshot-steps must be comma-separated integers, got {snapshot_steps!r}") from None
+    cfg = PretrainConfig(model=model, data=data, val_data=val_data, val_fraction=val_fraction, tokenizer=tokenizer,
+                         seq_len=seq_len, batch_size=batch_size, micro_batch=micro_batch, steps=steps, lr=lr,
+                         warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip,
+                         eval_every=eval_every, val_tokens=val_tokens, save_every=save_every,
+                         keep_checkpoints=keep_checkpoints, snapshot_every=snapshot_every, snapshot_steps=snaps,
+                         snapshot_grad=snapshot_grad, sketch_rank=sketch_rank, snapshot_embeddings=snapshot_embeddings,
+                         compile=compile, device=device, seed=seed, runs_dir=runs_dir, run_id=run_id, resume=resume)
+    run_dir = pretrain(cfg)
+    print(f"run written to {run_dir}")
