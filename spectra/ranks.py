@@ -166,16 +166,21 @@ def _robust_k(spectra: list[MatrixSpectrum], k: float) -> float:
     return 0.5 * (below.max() + above.min())
 
 
-def build_rank_map(spectra: list[MatrixSpectrum], method: str = "welore", err: float = 0.5, err_by: str = "rank",
-                   lrc_rule: str = "params", scores: np.ndarray | None = None) -> dict:
-    """The rank map (shared JSON contract) hitting `err` with `method`."""
+def check_options(method: str, err: float, err_by: str, lrc_rule: str) -> None:
+    """Fail on a bad option before any SVD runs."""
     if not 0.0 <= err < 1.0:
         raise SpectraError(f"--err must be in [0, 1), not {err}")
     if method not in METHODS:
         raise SpectraError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    reduction(np.ones(1, int), np.ones((1, 2), int), err_by, lrc_rule)  # names of err_by / rule
+
+
+def build_rank_map(spectra: list[MatrixSpectrum], method: str = "welore", err: float = 0.5, err_by: str = "rank",
+                   lrc_rule: str = "params", scores: np.ndarray | None = None) -> dict:
+    """The rank map (shared JSON contract) hitting `err` with `method`."""
+    check_options(method, err, err_by, lrc_rule)
     shapes = np.array([s.shape for s in spectra])
     full = np.array([s.full_rank for s in spectra])
-    reduction(full, shapes, err_by, lrc_rule)  # validates err_by / rule names up front
     k = None
     if method == "welore":
         k = bisect(lambda t: reduction(threshold_ranks(spectra, t), shapes, err_by, lrc_rule), err, 0.0, 1.0)
@@ -336,6 +341,7 @@ def ranks_command(
     """WeLore rank map (or uniform / diagnostic baseline) for a target ERR, with a per-layer table."""
     from rich.console import Console
 
+    check_options(method, err, err_by, lrc_rule)
     src = find_checkpoint(ckpt)
     run = _run_dir(Path(ckpt), src)
     store = Path(analysis) if analysis else (run / "analysis.zarr" if run is not None else None)
