@@ -85,8 +85,10 @@ class Trainer:
     """Holds model, optimizer, data and stores for one run; `fit()` runs the loop."""
 
     def __init__(self, cfg: PretrainConfig):
-        from spectra.data import load_tokenizer
+        from spectra.data import expand_files, load_tokenizer
 
+        if cfg.data:
+            expand_files(cfg.data)  # fail on a bad --data before the slow parts
         if cfg.model not in SIZES:
             raise SpectraError(f"unknown --model {cfg.model!r}; choose one of {', '.join(SIZES)}")
         if cfg.batch_size % cfg.micro_batch:

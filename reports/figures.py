@@ -108,7 +108,7 @@ def hessian_gap_figure(ds: xr.Dataset) -> go.Figure:
     ))
     k = ds.attrs.get("k")
     fig.update_layout(title=f"Hessian eigengap λ_k − λ_k+1 (k={k}); † = residual not ≪ gap",
-                      xaxis_title="component", yaxis_title="layer", height=520)
+                      xaxis_title="component", yaxis=dict(title="layer", dtick=1), height=520)
     return fig
 
 

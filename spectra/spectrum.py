@@ -110,10 +110,10 @@ def spectrum_dataset(steps: list[int], weights_per_step: Iterator[tuple[int, Wei
     sig: dict[tuple[int, int, str], np.ndarray] = {}
     metrics: dict[tuple[int, int, str], dict[str, float]] = {}
     for step, weights in tqdm(weights_per_step, total=len(steps), desc="spectrum", unit="step", disable=not progress):
-        for (layer, comp), s in batched_singular_values(weights, device).items():
-            bad = not torch.isfinite(s).all()
-            if bad:
+        for (layer, comp), w in weights.items():
+            if not torch.isfinite(w).all():  # checked up front: LAPACK would fail with a cryptic message
                 raise SpectraError(f"non-finite weights in layer {layer} {comp} at step {step}")
+        for (layer, comp), s in batched_singular_values(weights, device).items():
             sig[(step, layer, comp)] = s.cpu().numpy()
             metrics[(step, layer, comp)] = spectrum_metrics(s, top_r)
     layers = sorted({l for _, l, _ in sig})

@@ -118,10 +118,11 @@ def grad_subspace_dataset(run, rank: int, side: str, device: torch.device, progr
     names = ("overlap_prev", "overlap_final", "grassmann_prev", "grassmann_final", "energy_in_weight_subspace")
     vals = {k: np.full(shape, np.nan) for k in names}
     angles = np.full((*shape, rank), np.nan)
-    for layer, comp in tqdm(keys, desc="grad-subspace", unit="matrix", disable=not progress):
-        ds = run.param(layer, comp)
+    params = {k: run.param(*k) for k in keys}  # lazy; validated before any work starts
+    for (layer, comp), ds in params.items():
         if rank > min(ds.sizes["out"], ds.sizes["in"]):
             raise SpectraError(f"--rank {rank} exceeds min(out, in) = {min(ds.sizes['out'], ds.sizes['in'])} of {layer}.{comp}")
+    for (layer, comp), ds in tqdm(params.items(), desc="grad-subspace", unit="matrix", disable=not progress):
         res = component_subspace(ds, rank, side, device)
         j, c = layers.index(layer), comps.index(comp)
         for k in names:

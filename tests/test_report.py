@@ -86,13 +86,17 @@ def write_run(root: Path, *, snapshots: bool = True) -> Path:
     """A run folder holding every report input in the shared output contract, with known numbers."""
     root.mkdir(parents=True, exist_ok=True)
     if snapshots:
-        from conftest import make_tiny
+        import torch.nn as nn
+
         from spectra.store import SnapshotWriter
 
+        # one 8x8 q_proj is enough for the summary (steps, attrs) and skips importing transformers
+        model = nn.ModuleDict({"layers": nn.ModuleList([nn.ModuleDict({"self_attn": nn.ModuleDict({"q_proj": nn.Linear(8, 8)})})])})
         w = SnapshotWriter(root / "snapshots.zarr", {"config": {"model": "tiny"},
                                                      "model_config": {"num_hidden_layers": 2, "hidden_size": 64}},
                            grad_mode="none", background=False)
-        w.write(make_tiny(), step=30, tokens=3840, lr=1e-3, loss=5.0)
+        for step in (20, 30):
+            w.write(model, step=step, tokens=128 * step, lr=1e-3, loss=5.0)
         w.close()
     store = root / "analysis.zarr"
     write_analysis(store, "spectrum", spectrum_ds())
@@ -223,6 +227,7 @@ def test_report_is_deterministic_self_contained_and_escaped(full_run, report):
     assert "<title>My &lt;run&gt; &amp; co</title>" in text and "run&lt;1&gt;" in text
     assert "<script>alert" not in text and "runs/x<b>" not in text  # user strings escaped everywhere
     assert "final validation perplexity</td><td>54.6 (step 30)" in text
+    assert "model</td><td>tiny · layers 2, hidden 64" in text and "snapshots</td><td>2 (steps 20–30)" in text
     assert "target ERR 50.0%, achieved 49.0%, k=0.175" in text
     assert "best ppl welore</td><td>12.5 (ERR 10.0%, c4)" in text
     assert "<td class=num>12.50</td><td class=num>30.00</td>" in text and "<td class=num>nan</td>" in text
@@ -249,15 +254,22 @@ def test_empty_or_missing_run_folder_is_one_error(tmp_path):
         build_report(tmp_path)
 
 
-def test_cli_report_is_byte_identical_rebuild(full_run, report, tmp_path, capsys):
-    from spectra.cli import main
+def test_cli_report_is_byte_identical_rebuild(full_run, report, tmp_path):
+    # a one-command app parses exactly like `spectra report` (importing spectra.cli would pull in
+    # every other command's dependencies)
+    import typer
+    from typer.testing import CliRunner
 
+    app = typer.Typer()
+    app.command("report")(report_command)
+    app.command("other")(lambda: None)  # two commands: "report" must be named, as under `spectra`
     out = tmp_path / "sub" / "r.html"
-    assert main(["report", str(full_run), "--out", str(out), "--title", TITLE]) == 0
-    assert capsys.readouterr().out.strip() == str(out)
+    res = CliRunner().invoke(app, ["report", str(full_run), "--out", str(out), "--title", TITLE])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip() == str(out)
     assert out.read_bytes() == report.encode()  # deterministic: no timestamps or random ids
-    assert main(["report", str(tmp_path / "missing")]) == 2
-    assert capsys.readouterr().err.strip().startswith("error: no run folder at")
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "missing")])
+    assert isinstance(res.exception, SpectraError) and "no run folder at" in str(res.exception)
 
 
 def test_report_command_default_location(full_run, report, capsys):
