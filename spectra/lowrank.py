@@ -206,7 +206,7 @@ def _param_count(model: nn.Module) -> tuple[int, int]:
     return lin, sum(p.numel() for p in model.parameters())
 
 
-def _dtype(name: str, ckpt: Path) -> torch.dtype | None:
+def _dtype(name: str) -> torch.dtype | None:
     if name == "auto":
         return None
     if name not in DTYPES:
@@ -240,7 +240,7 @@ def compress_command(
     src, dst = find_checkpoint(ckpt), Path(out)
     if dst.resolve() == src.resolve():
         raise SpectraError("--out must differ from the input folder (its weights are read while writing)")
-    want = _dtype(dtype, src)
+    want = _dtype(dtype)
     console = Console()
     if merge:
         if not (src / RANK_MAP_FILE).is_file():
@@ -252,13 +252,13 @@ def compress_command(
         return
     if (src / RANK_MAP_FILE).is_file():
         raise SpectraError(f"{src} is already compressed; use --merge to get dense weights back first")
-    from spectra.ranks import build_rank_map, load_rank_map, model_spectra
+    from spectra.ranks import build_rank_map, check_options, load_rank_map, model_spectra
 
+    rmap = load_rank_map(rank_map) if rank_map is not None else None  # bad input fails before the model loads
+    check_options("welore", err, "rank", "params")
     model = _load_dense(src, want)
     svd_device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if rank_map is not None:
-        rmap = load_rank_map(rank_map)
-    else:  # the global threshold needs every spectrum before any matrix is cut: a cheap svdvals pass first
+    if rmap is None:  # the global threshold needs every spectrum before any matrix is cut: a cheap svdvals pass first
         rmap = build_rank_map(model_spectra(model, svd_device), "welore", err)
     before = _param_count(model)
     compress_model(model, rmap, svd_device)

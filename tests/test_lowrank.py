@@ -1,0 +1,174 @@
+"""WeLore-COMP: factorization, compress -> save -> load identity, merge, full-rank round trip, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny
+from safetensors import safe_open
+from torch import nn
+
+from spectra.cli import main
+from spectra.errors import SpectraError
+from spectra.lowrank import (
+    LowRankLinear,
+    compress_model,
+    factorize,
+    load_compressed,
+    merge_model,
+    save_compressed,
+    truncate_,
+)
+from spectra.models import iter_components, load_causal_lm
+from spectra.ranks import build_rank_map, model_spectra
+
+X = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=X).logits
+
+
+@pytest.fixture()
+def dense(tiny_ckpt):
+    return load_causal_lm(tiny_ckpt, attn_implementation="eager")
+
+
+def full_rank_map(model) -> dict:
+    rm = build_rank_map(model_spectra(model), "welore", 0.0)
+    for e in rm["components"]:
+        assert e["rank"] == e["full_rank"]
+        e["lrc"] = True  # force factors at full rank
+    return rm
+
+
+# --------------------------------------------------------------------------- one matrix
+def test_factorize_splits_sqrt_sigma_and_truncates_exactly():
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 20, bias=True)
+    U, S, Vh = torch.linalg.svd(lin.weight.detach(), full_matrices=False)
+    lr = factorize(lin, 7)
+    assert (lr.A.weight.shape, lr.B.weight.shape) == ((7, 48), (20, 7))
+    # √σ on both sides: A Aᵀ = Bᵀ B = diag(σ_1..σ_7)
+    torch.testing.assert_close(lr.A.weight @ lr.A.weight.T, torch.diag(S[:7]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lr.B.weight.T @ lr.B.weight, torch.diag(S[:7]), atol=1e-5, rtol=0)
+    # Eckart–Young: ‖W − BA‖_F² = Σ_{i>7} σ_i²
+    resid = (lin.weight - lr.weight).norm() ** 2
+    assert resid.item() == pytest.approx((S[7:] ** 2).sum().item(), rel=1e-4)
+    assert torch.equal(lr.B.bias, lin.bias)
+    x = torch.randn(3, 48)
+    torch.testing.assert_close(lr(x), x @ lr.weight.T + lin.bias)
+    dense = nn.Linear(48, 20, bias=False)
+    dense.weight.data.copy_(lin.weight.data)
+    truncate_(dense, 7)
+    torch.testing.assert_close(dense.weight, lr.weight, atol=1e-5, rtol=0)
+    assert torch.linalg.matrix_rank(dense.weight).item() == 7
+
+
+# --------------------------------------------------------------------------- whole model
+def test_full_rank_compress_reproduces_logits(dense):
+    ref = logits(dense)
+    compress_model(dense, full_rank_map(dense), progress=False)
+    assert all(isinstance(m, LowRankLinear) for *_, m in iter_components(dense))
+    torch.testing.assert_close(logits(dense), ref, atol=1e-5, rtol=0)
+
+
+def test_compress_save_load_identical_and_merge(dense, tmp_path):
+    rm = build_rank_map(model_spectra(dense), "welore", 0.4)
+    assert 0 < sum(e["lrc"] for e in rm["components"]) < len(rm["components"])  # both kinds present
+    ref = logits(dense)
+    compress_model(dense, rm, progress=False)
+    got = logits(dense)
+    assert (got - ref).abs().max() > 1e-3  # really compressed
+    save_compressed(dense, rm, tmp_path / "c")
+    with safe_open(tmp_path / "c" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    lrc0 = next(e for e in rm["components"] if e["lrc"])
+    name = f"model.layers.{lrc0['layer']}.{'self_attn' if lrc0['component'] in 'qkvo' else 'mlp'}.{lrc0['component']}_proj"
+    assert {f"{name}.A.weight", f"{name}.B.weight"} <= keys and f"{name}.weight" not in keys
+    loaded = load_causal_lm(tmp_path / "c", attn_implementation="eager")  # via models -> load_compressed
+    assert torch.equal(logits(loaded), got)
+    by_key = {(e["layer"], e["component"]): e for e in rm["components"]}
+    for layer, comp, _, mod in iter_components(loaded):
+        e = by_key[(layer, comp)]
+        assert isinstance(mod, LowRankLinear) == e["lrc"]
+        if e["lrc"]:
+            assert mod.rank == e["rank"]
+        else:  # dense N-LRCs hold the rank-r truncation
+            assert torch.linalg.matrix_rank(mod.weight).item() == e["rank"]
+    # merge: each dense weight is exactly the product B·A
+    products = {n: m.B.weight @ m.A.weight for _, _, n, m in iter_components(loaded) if isinstance(m, LowRankLinear)}
+    merge_model(loaded)
+    mods = dict(loaded.named_modules())
+    assert products and all(type(mods[n]) is nn.Linear and torch.equal(mods[n].weight, w) for n, w in products.items())
+    torch.testing.assert_close(logits(loaded), got, atol=1e-5, rtol=0)
+
+
+def test_qwen_style_bias_and_tied_embeddings(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True, attn_implementation="eager")
+    model = Qwen2ForCausalLM(cfg).eval()
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    rm = build_rank_map(model_spectra(model), "welore", 0.5, "params")
+    compress_model(model, rm, progress=False)
+    save_compressed(model, rm, tmp_path / "q")
+    loaded = load_compressed(tmp_path / "q", attn_implementation="eager")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(logits(loaded), logits(model))
+    assert any(isinstance(m, LowRankLinear) and m.B.bias is not None for *_, m in iter_components(loaded))
+
+
+def test_rank_map_must_fit_the_model(dense):
+    rm = build_rank_map(model_spectra(dense), "welore", 0.3)
+    rm["components"][0]["shape"] = [32, 64]
+    with pytest.raises(SpectraError, match="shape"):
+        compress_model(dense, rm, progress=False)
+    rm["components"] = rm["components"][1:]
+    with pytest.raises(SpectraError, match="missing"):
+        compress_model(dense, rm, progress=False)
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_compress_ranks_merge_end_to_end(tiny_ckpt, tmp_path):
+    assert main(["ranks", "--ckpt", str(tiny_ckpt), "--err", "0.3", "--err-by", "params", "--out", str(tmp_path / "m.json")]) == 0
+    assert main(["compress", "--ckpt", str(tiny_ckpt), "--rank-map", str(tmp_path / "m.json"), "--out", str(tmp_path / "c")]) == 0
+    rm = json.loads((tmp_path / "c" / "spectra_rank_map.json").read_text())
+    assert rm == json.loads((tmp_path / "m.json").read_text())
+    comp = load_causal_lm(tmp_path / "c", attn_implementation="eager")
+    n_lrc = sum(isinstance(m, LowRankLinear) for *_, m in iter_components(comp))
+    assert n_lrc == sum(e["lrc"] for e in rm["components"]) > 0
+    assert main(["compress", "--ckpt", str(tmp_path / "c"), "--merge", "--out", str(tmp_path / "d")]) == 0
+    assert not (tmp_path / "d" / "spectra_rank_map.json").exists()
+    merged = load_causal_lm(tmp_path / "d", attn_implementation="eager")
+    assert not any(isinstance(m, LowRankLinear) for *_, m in iter_components(merged))
+    torch.testing.assert_close(logits(merged), logits(comp), atol=1e-5, rtol=0)
+    # on-the-fly WeLore map (no --rank-map), bfloat16 output
+    assert main(["compress", "--ckpt", str(tiny_ckpt), "--err", "0.5", "--out", str(tmp_path / "b"), "--dtype", "bfloat16"]) == 0
+    rm = json.loads((tmp_path / "b" / "spectra_rank_map.json").read_text())
+    assert rm["method"] == "welore" and abs(rm["achieved_err"] - 0.5) <= 0.5 / 896
+    loaded = load_compressed(tmp_path / "b", dtype=None)
+    assert loaded.model.layers[0].mlp.down_proj.__class__ in (LowRankLinear, nn.Linear)
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_cli_compress_bad_input_is_one_line(tiny_ckpt, tmp_path, capsys):
+    (tmp_path / "bad.json").write_text("{not json")
+    cases = [
+        ["compress", "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+        ["compress", "--ckpt", str(tiny_ckpt), "--rank-map", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")],
+        ["compress", "--ckpt", str(tiny_ckpt), "--rank-map", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o")],
+        ["compress", "--ckpt", str(tiny_ckpt), "--merge", "--out", str(tmp_path / "o")],  # not compressed
+        ["compress", "--ckpt", str(tiny_ckpt), "--out", str(tiny_ckpt)],
+        ["compress", "--ckpt", str(tiny_ckpt), "--dtype", "int8", "--out", str(tmp_path / "o")],
+    ]
+    for argv in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, (argv, err)
