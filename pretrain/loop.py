@@ -215,7 +215,7 @@ class Trainer:
             self.step += 1
             dt = time.perf_counter() - t0
             tps = (self.tokens - tok0) / max(dt, 1e-9)
-            row = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens, "tokens_per_s": tps}
+            row = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens, "tokens_per_s": tps, "elapsed_s": dt}
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                 row["val_loss"], row["val_ppl"] = self.validate()
             self.log(row)

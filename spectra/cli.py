@@ -25,6 +25,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("eval", "spectra.evaluate", "eval_command"),
     ("finetune", "spectra.finetune", "finetune_command"),
     ("report", "reports.build", "report_command"),
+    ("pipeline", "spectra.pipeline", "pipeline_command"),
 ]
 
 app = typer.Typer(

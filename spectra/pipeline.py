@@ -1,0 +1,120 @@
+"""`spectra pipeline`: the whole data path in one command, from an embedded preset.
+
+pretrain -> snapshots.zarr -> spectrum / grad-subspace / hessian-gap (analysis.zarr) -> rank maps
+(WeLore, uniform, diagnostic at several ERRs) -> compressed models -> perplexity -> finetuning
+comparison (WeLore-PEFT vs LoRA vs GaLore vs full) -> report.html. Every stage is the same
+command a user would type; this file only chooses their arguments.
+
+Presets use the offline data in ../shared/data (Wikipedia for pretraining, the real C4 sample
+for C4 perplexity) and the real T5 tokenizer. The model therefore saw Wikipedia, not C4: C4
+perplexities are out-of-domain and not comparable with published C4-pretraining numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from spectra.errors import SpectraError
+
+
+def shared_data() -> Path:
+    """../shared/data next to the checkout (or the current folder's ../shared/data)."""
+    for base in (Path(__file__).resolve().parents[2], Path.cwd().parent, Path.cwd()):
+        if (base / "shared" / "data").is_dir():
+            return base / "shared" / "data"
+    raise SpectraError("cannot find shared/data next to the checkout; pass --data/--tokenizer to the single commands")
+
+
+# name -> stage arguments; `tiny` runs in a few CPU minutes, `130m` is the GPU reference run
+PRESETS: dict[str, dict] = {
+    "quickstart": dict(
+        pretrain=dict(model="tiny", steps=300, seq_len=128, batch_size=16, micro_batch=16, lr=3e-3, warmup=30,
+                      eval_every=100, save_every=100, snapshot_every=50, snapshot_grad="full", val_tokens=32768),
+        grad_rank=8, hessian=dict(k=4, iterations=16, batches=2, batch_size=4, seq_len=128),
+        errs=(0.1, 0.2, 0.3, 0.4, 0.5), eval_tokens=32768, eval_seq=128,
+        finetune=dict(steps=40, batch_size=8, micro_batch=8, seq_len=128, eval_tokens=16384), finetune_errs=(0.3, 0.5),
+    ),
+    "130m": dict(
+        pretrain=dict(model="130m", steps=2000, seq_len=256, batch_size=512, micro_batch=128, lr=1e-3, warmup=200,
+                      eval_every=250, save_every=500, snapshot_every=250, snapshot_grad="sketch", val_tokens=1 << 20),
+        grad_rank=16, hessian=dict(k=8, iterations=32, batches=2, batch_size=32, seq_len=256),
+        errs=(0.1, 0.2, 0.3, 0.4, 0.5), eval_tokens=1 << 20, eval_seq=256,
+        finetune=dict(steps=200, batch_size=64, micro_batch=32, seq_len=256, eval_tokens=1 << 18), finetune_errs=(0.3, 0.5),
+    ),
+}
+
+
+def _stage(name: str, fn, **kw) -> None:
+    t0 = time.perf_counter()
+    print(f"\n== {name}", flush=True)
+    fn(**kw)
+    print(f"== {name} done in {time.perf_counter() - t0:.1f}s", flush=True)
+
+
+def pipeline_command(
+    preset: Annotated[str, typer.Option(help=f"embedded configuration: {', '.join(PRESETS)}")] = "quickstart",
+    runs_dir: Annotated[str, typer.Option(help="parent folder of runs")] = "runs",
+    run_id: Annotated[Optional[str], typer.Option(help="run folder name (default: <preset>-<timestamp>)")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="override the preset's pretraining steps")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    skip_pretrain: Annotated[bool, typer.Option(help="reuse the run's existing checkpoint and snapshots")] = False,
+) -> None:
+    """Run the whole WeLore pipeline (pretrain, analyze, rank, compress, eval, finetune, report) from a preset."""
+    from pretrain.loop import pretrain_command
+    from reports.build import report_command
+    from spectra.evaluate import eval_command
+    from spectra.finetune import finetune_command
+    from spectra.hessian import hessian_gap_command
+    from spectra.lowrank import compress_command
+    from spectra.ranks import ranks_command
+    from spectra.spectrum import spectrum_command
+    from spectra.subspace import grad_subspace_command
+
+    if preset not in PRESETS:
+        raise SpectraError(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    data = shared_data()
+    train, val = str(data / "wikipedia" / "train"), str(data / "wikipedia" / "validation")
+    c4, tok = str(data / "c4" / "c4-train.00000-of-01024.first1000.jsonl.gz"), str(data / "tokenizers" / "t5")
+    run_id = run_id or f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = Path(runs_dir) / run_id
+    pre = {**p["pretrain"], **({"steps": steps} if steps else {})}
+    if not skip_pretrain:
+        _stage("pretrain", pretrain_command, data=train, val_data=val, tokenizer=tok, device=device,
+               runs_dir=runs_dir, run_id=run_id, **pre)
+    _stage("spectrum", spectrum_command, run=str(run), device=device)
+    _stage("grad-subspace", grad_subspace_command, run=str(run), rank=p["grad_rank"], device=device)
+    _stage("hessian-gap", hessian_gap_command, ckpt=str(run), data=val, tokenizer=tok, device=device, **p["hessian"])
+    ev = dict(tokenizer=tok, seq_len=p["eval_seq"], tokens=p["eval_tokens"], device=device)
+    eval_out = run / "eval.jsonl"
+    if eval_out.exists():
+        eval_out.unlink()  # the table is rebuilt from scratch on every pipeline run
+    for dataset in (val, c4):
+        _stage(f"eval dense on {Path(dataset).name}", eval_command, model=str(run), data=dataset, out=eval_out, **ev)
+    analysis = str(run / "analysis.zarr")
+    for method in ("welore", "uniform", "diagnostic"):
+        for err in p["errs"]:
+            tag = f"{method}-err{round(100 * err):02d}"
+            rank_map = run / "ranks" / f"{tag}.json"
+            _stage(f"ranks {tag}", ranks_command, ckpt=str(run), err=err, method=method, analysis=analysis,
+                   out=str(rank_map), device=device)
+            folder = run / "compressed" / tag
+            _stage(f"compress {tag}", compress_command, ckpt=str(run), out=str(folder), rank_map=str(rank_map),
+                   device=device)
+            for dataset in (val, c4):
+                _stage(f"eval {tag} on {Path(dataset).name}", eval_command, model=str(folder), data=dataset,
+                       out=eval_out, **ev)
+    for err in p["finetune_errs"]:
+        folder = run / "compressed" / f"welore-err{round(100 * err):02d}"
+        for method in ("welore", "lora", "galore", "full"):
+            _stage(f"finetune {method} @ ERR {err:.0%}", finetune_command, model=str(folder), method=method, data=train,
+                   val_data=val, tokenizer=tok, device=device,
+                   out=str(run / "finetune" / f"{method}-err{round(100 * err):02d}"), **p["finetune"])
+    _stage("report", report_command, run=str(run))
+    (run / "pipeline.json").write_text(json.dumps({"preset": preset, "stages": p, "data": str(data)}, indent=2))
+    print(f"\nreport: {run / 'report.html'}")
