@@ -1,0 +1,106 @@
+"""`spectra spectrum` end to end on the tiny run and checkpoint, against direct SVDs."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import gpu
+from spectra.cli import main
+from spectra.errors import SpectraError
+from spectra.heavytail import fit_power_law
+from spectra.spectrum import batched_singular_values, spectrum_dataset
+from spectra.store import open_run, read_analysis
+
+COMPS = ["q", "k", "v", "o", "gate", "up", "down"]
+
+
+def test_batched_singular_values_group_by_shape():
+    g = torch.Generator().manual_seed(0)
+    ws = {(0, "q"): torch.randn(16, 16, generator=g), (0, "up"): torch.randn(40, 16, generator=g),
+          (1, "q"): torch.randn(16, 16, generator=g), (0, "down"): torch.randn(16, 40, generator=g)}
+    out = batched_singular_values(ws, torch.device("cpu"))
+    for k, w in ws.items():
+        np.testing.assert_allclose(out[k].numpy(), np.linalg.svd(w.numpy(), compute_uv=False), rtol=1e-5)
+
+
+def test_non_finite_weight_is_one_clear_error():
+    w = torch.ones(8, 8)
+    w[0, 0] = float("nan")
+    with pytest.raises(SpectraError, match="non-finite weights in layer 0 q at step 3"):
+        spectrum_dataset([3], iter([(3, {(0, "q"): w})]), top_r=4, device=torch.device("cpu"), progress=False)
+
+
+def test_spectrum_command_on_run(tiny_store, tmp_path):
+    out = tmp_path / "analysis.zarr"
+    assert main(["spectrum", str(tiny_store), "--out", str(out), "--top-r", "8", "--device", "cpu"]) == 0
+    ds = read_analysis(out, "spectrum")
+    assert ds["step"].values.tolist() == [2, 4, 6, 8, 10, 12]
+    assert ds["layer"].values.tolist() == [0, 1]
+    assert ds["component"].values.tolist() == COMPS
+    assert ds.attrs["top_r"] == 8
+    # one matrix against a direct float64 SVD of the stored weight
+    W = open_run(tiny_store).weight(1, "gate").sel(step=12).values.astype(np.float64)
+    s = np.linalg.svd(W, compute_uv=False)
+    cell = ds.sel(step=12, layer=1, component="gate")
+    np.testing.assert_allclose(cell.sigma.values, s, rtol=1e-4)
+    np.testing.assert_allclose(cell.sigma_norm.values, (s - s.min()) / (s.max() - s.min()), atol=1e-5)
+    lam = s**2
+    assert float(cell.full_rank) == 64
+    assert float(cell.stable_rank) == pytest.approx(lam.sum() / lam.max(), rel=1e-4)
+    assert float(cell.energy_top_r) == pytest.approx(lam[:8].sum() / lam.sum(), rel=1e-4)
+    assert float(cell.log_norm) == pytest.approx(math.log10(lam.sum()), rel=1e-5)
+    fit = fit_power_law(torch.from_numpy(lam))
+    assert float(cell.alpha) == pytest.approx(fit.alpha, rel=1e-3)
+    assert float(cell.alpha_weighted) == pytest.approx(float(cell.alpha) * math.log10(lam.max()), rel=1e-6)
+    # every metric is filled for every (step, layer, component)
+    for name in ("stable_rank", "effective_rank", "entropy", "energy_top_r", "alpha", "xmin", "ks_distance"):
+        assert np.isfinite(ds[name].values).all(), name
+
+
+def test_spectrum_step_filter_and_default_out(tiny_store, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_store / "snapshots.zarr", run / "snapshots.zarr")
+    assert main(["spectrum", str(run / "snapshots.zarr"), "--steps", "4", "--steps", "12", "--device", "cpu"]) == 0
+    ds = read_analysis(run / "analysis.zarr", "spectrum")
+    assert ds["step"].values.tolist() == [4, 12]
+    assert ds.attrs["top_r"] == 32
+
+
+def test_spectrum_command_on_checkpoint(tiny_store, tmp_path):
+    from spectra.models import component_weights, load_causal_lm
+
+    ckpt = tiny_store / "checkpoints" / "step_12"
+    out = tmp_path / "a.zarr"
+    assert main(["spectrum", str(ckpt), "--out", str(out), "--device", "cpu"]) == 0
+    ds = read_analysis(out, "spectrum")
+    assert ds["step"].values.tolist() == [12]  # parsed from the folder name
+    w = component_weights(load_causal_lm(ckpt))[(0, "v")].detach().double().numpy()
+    np.testing.assert_allclose(ds.sel(step=12, layer=0, component="v").sigma.values,
+                               np.linalg.svd(w, compute_uv=False), rtol=1e-4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["spectrum", "/nonexistent/run"], "does not exist"),
+    (["spectrum", "{store}", "--steps", "5"], "step(s) [5] not in"),
+    (["spectrum", "{store}", "--top-r", "0"], "--top-r must be >= 1"),
+])
+def test_spectrum_bad_input_is_one_error_line(tiny_store, tmp_path, capsys, args, message):
+    args = [a.replace("{store}", str(tiny_store)) for a in args] + ["--out", str(tmp_path / "x.zarr")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+@gpu
+@pytest.mark.gpu
+def test_spectrum_cuda_matches_cpu(tiny_store, tmp_path):
+    for dev in ("cpu", "cuda"):
+        assert main(["spectrum", str(tiny_store), "--out", str(tmp_path / f"{dev}.zarr"), "--device", dev]) == 0
+    a, b = (read_analysis(tmp_path / f"{d}.zarr", "spectrum") for d in ("cpu", "cuda"))
+    np.testing.assert_allclose(a.sigma.values, b.sigma.values, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a.stable_rank.values, b.stable_rank.values, rtol=1e-4)
