@@ -17,6 +17,7 @@ from reports.html import Section, page, table
 from reports.inputs import RunInputs, load_run
 
 HEAVY_TAIL = ("alpha", "alpha_weighted", "stable_rank", "effective_rank", "log_norm")
+METHOD_ORDER = ("welore", "diagnostic", "uniform")
 SUBSPACE = ("overlap_prev", "overlap_final", "energy_in_weight_subspace")
 
 
@@ -183,7 +184,14 @@ def ranks_section(inp: RunInputs) -> Section:
         comps = m.get("components", [])
         rows.append([name, m.get("method"), _pct(m.get("target_err")), _pct(m.get("achieved_err")),
                      _num(m.get("k")), m.get("err_by", "–"), sum(bool(c.get("lrc")) for c in comps), len(comps)])
-        sec.figures.append((f"rankmap-{name}", F.rank_map_figure(m, name)))
+    by_method: dict[str, dict[str, dict]] = {}
+    for name, m in inp.rank_maps.items():
+        by_method.setdefault(str(m.get("method")), {})[name] = m
+    for method in sorted(by_method, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 9, m)):
+        maps = by_method[method]
+        # show the map closest to ERR 50% first (the paper's Fig. 7 setting)
+        default = min(maps, key=lambda n: (abs(F._num(maps[n].get("target_err")) - 0.5), n))
+        sec.figures.append((f"rankmap-{method}", F.rank_map_figure(maps, default)))
     sec.tables.append(table(["rank map", "method", "target ERR", "achieved ERR", "k", "ERR by", "LRCs", "matrices"],
                             rows, numeric_cols=(2, 3, 4, 6, 7)))
     return sec

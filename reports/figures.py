@@ -12,7 +12,9 @@ a subset of HTML in names and hover text.
 from __future__ import annotations
 
 import html
+import json
 import math
+from functools import lru_cache
 
 import numpy as np
 import plotly.graph_objects as go
@@ -49,16 +51,35 @@ def _layer_colors(layers) -> dict:
     return dict(zip(layers, cols))
 
 
-def _grid(comps: list[str], **kw) -> go.Figure:
-    rows = math.ceil(len(comps) / COLS)
-    cols = min(len(comps), COLS)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=comps, **kw)
-    fig.update_layout(height=300 * rows + 120)
-    return fig
+def _ax(i: int) -> str:
+    """Axis suffix of the i-th subplot (row-major): "", "2", "3", ..."""
+    return "" if i == 0 else str(i + 1)
 
 
-def _cell(i: int) -> dict:
-    return dict(row=i // COLS + 1, col=i % COLS + 1)
+@lru_cache(maxsize=32)
+def _grid_layout(comps: tuple[str, ...]) -> str:
+    # make_subplots is slow (~0.2 s); the grid only depends on the component names, so build it
+    # once and hand out JSON copies
+    rows, cols = math.ceil(len(comps) / COLS), min(len(comps), COLS)
+    layout = make_subplots(rows=rows, cols=cols, subplot_titles=list(comps), shared_yaxes=True).layout.to_plotly_json()
+    layout["height"] = 300 * rows + 120
+    return json.dumps(layout)
+
+
+def _grid_figure(comps: list[str], traces: list[tuple[int, dict]], title: str, xtitle: str, ytitle: str,
+                 yrange: list[float] | None = None, **layout_kw) -> go.Figure:
+    """A grid with one subplot per component; `traces` are (subplot index, trace dict)."""
+    layout = json.loads(_grid_layout(tuple(comps)))
+    for i in range(len(comps)):
+        layout[f"xaxis{_ax(i)}"]["title"] = {"text": xtitle}
+        if i % COLS == 0:
+            layout[f"yaxis{_ax(i)}"]["title"] = {"text": ytitle}
+        if yrange is not None:
+            layout[f"yaxis{_ax(i)}"]["range"] = yrange
+    layout["annotations"] = layout.get("annotations", []) + layout_kw.pop("notes", [])
+    layout.update(title={"text": title}, **layout_kw)
+    data = [{**t, "xaxis": f"x{_ax(i)}", "yaxis": f"y{_ax(i)}"} for i, t in traces]
+    return go.Figure(data=data, layout=layout)
 
 
 def _per_component_lines(da: xr.DataArray, title: str, ytitle: str) -> go.Figure:
@@ -67,19 +88,15 @@ def _per_component_lines(da: xr.DataArray, title: str, ytitle: str) -> go.Figure
     layers = [int(l) for l in da["layer"].values]
     colors = _layer_colors(layers)
     steps = [int(s) for s in da["step"].values]
-    fig = _grid(comps, shared_yaxes=True)
+    traces = []
     for i, comp in enumerate(comps):
         for layer in layers:
             y = da.sel(layer=layer, component=comp).transpose("step").values
-            fig.add_trace(go.Scatter(
-                x=steps, y=_finite(y), mode="lines+markers", name=f"layer {layer}", legendgroup=f"L{layer}",
-                showlegend=i == 0, line=dict(color=colors[layer]), marker=dict(size=4),
-                hovertemplate=f"layer {layer}<br>component {comp}<br>step %{{x}}<br>{ytitle} %{{y:.4g}}<extra></extra>",
-            ), **_cell(i))
-    fig.update_layout(title=title)
-    fig.update_xaxes(title_text="step")
-    fig.update_yaxes(title_text=ytitle, col=1)
-    return fig
+            traces.append((i, dict(
+                type="scatter", x=steps, y=_finite(y), mode="lines+markers", name=f"layer {layer}",
+                legendgroup=f"L{layer}", showlegend=i == 0, line=dict(color=colors[layer]), marker=dict(size=4),
+                hovertemplate=f"layer {layer}<br>component {comp}<br>step %{{x}}<br>{ytitle} %{{y:.4g}}<extra></extra>")))
+    return _grid_figure(comps, traces, title, "step", ytitle)
 
 
 # --------------------------------------------------------------------------- Fig. 1
@@ -125,22 +142,18 @@ def emergence_figure(ds: xr.Dataset) -> go.Figure:
     """Fig. 2 row 2: normalized singular values (mean over layers) per step -- a bright band at the
     left that sharpens over training is the low-rank weight subspace emerging."""
     comps = _components(ds["component"].values)
-    fig = _grid(comps, shared_yaxes=True)
     mean = ds["sigma_norm"].mean("layer", skipna=True)
     steps = [int(s) for s in ds["step"].values]
+    traces = []
     for i, comp in enumerate(comps):
         z = mean.sel(component=comp).transpose("step", "index").values
         n = int(np.isfinite(z).any(axis=0).sum())  # drop the NaN padding of smaller matrices
-        fig.add_trace(go.Heatmap(
-            z=[_finite(r) for r in z[:, :n]], x=list(range(1, n + 1)), y=steps, coloraxis="coloraxis",
+        traces.append((i, dict(
+            type="heatmap", z=[_finite(r) for r in z[:, :n]], x=list(range(1, n + 1)), y=steps, coloraxis="coloraxis",
             hovertemplate=f"component {comp} (mean over layers)<br>step %{{y}}<br>index %{{x}}"
-                          "<br>σ̂ %{z:.3f}<extra></extra>",
-        ), **_cell(i))
-    fig.update_layout(title="Emergence of the low-rank weight spectrum (σ̂ per step, mean over layers)",
-                      coloraxis=dict(colorscale="Inferno", colorbar=dict(title="σ̂")))
-    fig.update_xaxes(title_text="singular value index")
-    fig.update_yaxes(title_text="step", col=1)
-    return fig
+                          "<br>σ̂ %{z:.3f}<extra></extra>")))
+    return _grid_figure(comps, traces, "Emergence of the low-rank weight spectrum (σ̂ per step, mean over layers)",
+                        "singular value index", "step", coloraxis=dict(colorscale="Inferno", colorbar=dict(title="σ̂")))
 
 
 # --------------------------------------------------------------------------- Fig. 3
@@ -152,22 +165,18 @@ def spectrum_figure(ds: xr.Dataset, thresholds: list[tuple[str, float]] | None =
     comps = _components(final["component"].values)
     layers = [int(l) for l in final["layer"].values]
     colors = _layer_colors(layers)
-    fig = _grid(comps, shared_yaxes=True)
+    traces = []
     for i, comp in enumerate(comps):
         for layer in layers:
             y = final.sel(layer=layer, component=comp).values
             y = y[np.isfinite(y)]
-            fig.add_trace(go.Scatter(
-                x=list(range(1, len(y) + 1)), y=_finite(y), mode="lines", name=f"layer {layer}",
+            traces.append((i, dict(
+                type="scatter", x=list(range(1, len(y) + 1)), y=_finite(y), mode="lines", name=f"layer {layer}",
                 legendgroup=f"L{layer}", showlegend=i == 0, line=dict(color=colors[layer], width=1.5),
-                hovertemplate=f"layer {layer}<br>component {comp}<br>step {step}<br>index %{{x}}<br>σ̂ %{{y:.4f}}<extra></extra>",
-            ), **_cell(i))
+                hovertemplate=f"layer {layer}<br>component {comp}<br>step {step}<br>index %{{x}}<br>σ̂ %{{y:.4f}}<extra></extra>")))
     shapes, notes = _threshold_shapes(len(comps), thresholds or [])
-    fig.update_layout(title=f"Normalized singular values (σ−σmin)/(σmax−σmin) at step {step}",
-                      shapes=shapes, annotations=list(fig.layout.annotations) + notes)
-    fig.update_xaxes(title_text="index (sorted)")
-    fig.update_yaxes(title_text="σ̂", range=[0, 1.02], col=1)
-    return fig
+    return _grid_figure(comps, traces, f"Normalized singular values (σ−σmin)/(σmax−σmin) at step {step}",
+                        "index (sorted)", "σ̂", yrange=[0, 1.02], shapes=shapes, notes=notes)
 
 
 def _threshold_shapes(n: int, thresholds: list[tuple[str, float]]) -> tuple[list[dict], list[dict]]:
@@ -195,31 +204,49 @@ def heavy_tail_figure(ds: xr.Dataset, metric: str) -> go.Figure:
 
 
 # --------------------------------------------------------------------------- Fig. 7
-def rank_map_figure(rmap: dict, name: str = "") -> go.Figure:
-    """Per-matrix rank reduction 1 - r/min(m,n), green for LRCs (factorized), red for N-LRCs."""
+def _matrix_order(c: dict) -> tuple:
     order = list(COMPONENTS)
-    comps = sorted(rmap.get("components", []),
-                   key=lambda c: (int(c["layer"]), order.index(c["component"]) if c["component"] in order else 99))
-    labels = [f"{int(c['layer'])}.{_esc(c['component'])}" for c in comps]
-    fig = go.Figure()
-    for lrc, color, title in ((True, GREEN.format(a=0.9), "LRC (low-rank)"), (False, RED.format(a=0.9), "N-LRC (dense)")):
-        sel = [(lab, c) for lab, c in zip(labels, comps) if bool(c.get("lrc")) == lrc]
-        fig.add_trace(go.Bar(
-            x=[lab for lab, _ in sel], y=[1 - c["rank"] / c["full_rank"] for _, c in sel], name=title,
-            marker_color=color,
-            customdata=[[int(c["layer"]), _esc(c["component"]), int(c["rank"]), int(c["full_rank"]),
-                         "×".join(str(int(s)) for s in c.get("shape", []))] for _, c in sel],
-            hovertemplate="layer %{customdata[0]}<br>component %{customdata[1]}<br>rank %{customdata[2]} of "
-                          "%{customdata[3]} (%{customdata[4]})<br>reduction %{y:.1%}<extra></extra>",
-        ))
+    return int(c["layer"]), order.index(c["component"]) if c["component"] in order else len(order), str(c["component"])
+
+
+def _rank_map_title(name: str, rmap: dict) -> str:
     k = rmap.get("k")
-    ktxt = f", k={k:.4g}" if isinstance(k, (int, float)) else ""
+    ktxt = f", k={k:.4g}" if isinstance(k, (int, float)) and not isinstance(k, bool) else ""
+    return (f"{_esc(name)}: rank reduction per matrix (target ERR {_fmt(rmap.get('target_err'), '.0%')}, "
+            f"achieved {_fmt(rmap.get('achieved_err'), '.1%')}{ktxt})")
+
+
+def rank_map_figure(maps: dict[str, dict], default: str | None = None) -> go.Figure:
+    """Per-matrix rank reduction 1 - r/min(m,n), green for LRCs (factorized), red for N-LRCs (Fig. 7).
+    Several maps (e.g. one method at several ERRs) share one figure with a dropdown; `default`
+    (else the first name) is shown first."""
+    names = sorted(maps)
+    default = default if default in maps else names[0]
+    labels = [f"{l}.{_esc(c)}" for l, _, c in sorted({_matrix_order(c) for m in maps.values()
+                                                       for c in m.get("components", [])})]
+    fig = go.Figure()
+    for name in names:
+        comps = sorted(maps[name].get("components", []), key=_matrix_order)
+        for lrc, color, title in ((True, GREEN.format(a=0.9), "LRC (low-rank)"), (False, RED.format(a=0.9), "N-LRC (dense)")):
+            sel = [c for c in comps if bool(c.get("lrc")) == lrc]
+            fig.add_trace(go.Bar(
+                x=[f"{int(c['layer'])}.{_esc(c['component'])}" for c in sel],
+                y=[1 - c["rank"] / c["full_rank"] for c in sel], name=title, legendgroup=title,
+                marker_color=color, visible=name == default, meta=_esc(name),
+                customdata=[[int(c["layer"]), _esc(c["component"]), int(c["rank"]), int(c["full_rank"]),
+                             "×".join(str(int(s)) for s in c.get("shape", []))] for c in sel],
+                hovertemplate="%{meta}<br>layer %{customdata[0]}<br>component %{customdata[1]}<br>rank "
+                              "%{customdata[2]} of %{customdata[3]} (%{customdata[4]})<br>reduction %{y:.1%}<extra></extra>",
+            ))
+    buttons = [dict(label=_esc(n), method="update",
+                    args=[{"visible": [t == n for t in names for _ in range(2)]},
+                          {"title": {"text": _rank_map_title(n, maps[n])}}]) for n in names]
     fig.update_layout(
-        title=f"{_esc(name or rmap.get('method', ''))}: rank reduction per matrix (target ERR "
-              f"{rmap.get('target_err')}, achieved {_fmt(rmap.get('achieved_err'))}{ktxt})",
+        title=_rank_map_title(default, maps[default]), barmode="overlay", height=480, bargap=0.1,
         xaxis=dict(title="layer.component", categoryorder="array", categoryarray=labels),
         yaxis=dict(title="rank reduction 1 − r/min(m,n)", range=[0, 1], tickformat=".0%"),
-        height=460, bargap=0.1)
+        updatemenus=[dict(buttons=buttons, active=names.index(default), x=1, xanchor="right", y=1.18,
+                          yanchor="top")] if len(names) > 1 else [])
     return fig
 
 

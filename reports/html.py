@@ -73,7 +73,7 @@ def _section(sec: Section) -> str:
     if sec.intro:
         parts.append(f"<p>{_code(sec.intro)}</p>")
     parts += [f'<p class="problem">could not read {_code(p)}</p>' for p in sec.problems]
-    if sec.missing:
+    if sec.missing and not sec.problems:  # an unreadable input is not "not computed yet"
         parts.append(f'<p class="missing">{_code(sec.missing)}</p>')
     parts += sec.tables
     parts += [f'<div class="figure">{figure_div(name, fig)}</div>' for name, fig in sec.figures]

@@ -174,12 +174,20 @@ def test_heavy_tail_lines_plot_metric():
     np.testing.assert_allclose(tr.y, ds["alpha"].sel(layer=1, component="down").values)
 
 
-def test_rank_map_bars_split_lrc_and_dense():
-    fig = F.rank_map_figure(rank_map(), "welore-err50")
-    lrc, dense = fig.data
+def test_rank_map_bars_split_lrc_and_dense_with_err_dropdown():
+    maps = {"welore-err30": rank_map(err=0.3, k=0.1), "welore-err50": rank_map()}
+    maps["welore-err30"]["components"][0]["rank"] = 60
+    fig = F.rank_map_figure(maps, default="welore-err50")
+    assert len(fig.data) == 4 and [t.visible for t in fig.data] == [False, False, True, True]
+    lrc, dense = fig.data[2:]
     assert list(lrc.x[:3]) == ["0.q", "0.k", "0.v"] and len(lrc.x) == 6 and len(dense.x) == 8
     np.testing.assert_allclose(lrc.y[:3], [1 - 8 / 64, 1 - 12 / 64, 1 - 16 / 64])
+    assert fig.data[0].y[0] == 1 - 60 / 64
     assert list(fig.layout.xaxis.categoryarray[:8]) == ["0.q", "0.k", "0.v", "0.o", "0.gate", "0.up", "0.down", "1.q"]
+    (menu,) = fig.layout.updatemenus
+    assert menu.active == 1 and [b.args[0]["visible"] for b in menu.buttons] == [[True, True, False, False],
+                                                                                [False, False, True, True]]
+    assert "target ERR 50%, achieved 49.0%, k=0.175" in fig.layout.title.text
 
 
 def test_ppl_vs_err_one_line_per_method_and_dataset_escaped():
@@ -211,7 +219,7 @@ def test_pretrain_figure_train_and_val():
 # --------------------------------------------------------------------------- the page
 EXPECTED_DIVS = ["pretrain", "hessian-gap", "subspace-overlap-prev", "subspace-overlap-final", "spectrum-final",
                  "spectrum-emergence", "heavy-tail-alpha", "heavy-tail-alpha-weighted", "heavy-tail-stable-rank",
-                 "heavy-tail-effective-rank", "heavy-tail-log-norm", "rankmap-uniform-err50", "rankmap-welore-err50",
+                 "heavy-tail-effective-rank", "heavy-tail-log-norm", "rankmap-welore", "rankmap-uniform",
                  "ppl-vs-err", "finetune-loss", "finetune-cost"]
 
 
@@ -244,7 +252,11 @@ def test_missing_inputs_give_hints_not_crashes(tmp_path):
     assert re.findall(r'<div id="fig-([a-z0-9-]+)"', text) == ["ppl-vs-err"]
     (run / "ranks").mkdir()
     (run / "ranks" / "bad.json").write_text("{not json")
-    assert "could not read <code>ranks/bad.json</code>: " in build_report(run)
+    (run / "analysis.zarr" / "spectrum").mkdir(parents=True)
+    (run / "analysis.zarr" / "spectrum" / "zarr.json").write_text("garbage")
+    text = build_report(run)
+    assert "could not read <code>ranks/bad.json</code>: " in text
+    assert "could not read <code>spectrum</code>: " in text  # present but unreadable: said so, not hidden
 
 
 def test_empty_or_missing_run_folder_is_one_error(tmp_path):
@@ -272,7 +284,10 @@ def test_cli_report_is_byte_identical_rebuild(full_run, report, tmp_path):
     assert isinstance(res.exception, SpectraError) and "no run folder at" in str(res.exception)
 
 
-def test_report_command_default_location(full_run, report, capsys):
+def test_report_command_default_location(full_run, report, capsys, monkeypatch):
+    import reports.build
+
+    monkeypatch.setattr(reports.build, "build_report", lambda run, title: report)  # the path logic only
     report_command(full_run, title=TITLE)
     assert capsys.readouterr().out.strip() == str(full_run / "report.html")
     assert (full_run / "report.html").read_text() == report
