@@ -1,0 +1,95 @@
+"""The snapshot store: round trips, commit protocol under a crash, monotonic steps, NaN and corrupt input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny, train_steps
+from spectra.errors import SpectraError
+from spectra.store import SnapshotWriter, open_run, read_analysis, write_analysis
+
+
+def _grads(model, seed=0):
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(seed))
+    model.zero_grad()
+    model(input_ids=x, labels=x).loss.backward()
+
+
+def test_sketch_is_the_top_singular_triplets(tmp_path):
+    model = make_tiny()
+    _grads(model)
+    w = SnapshotWriter(tmp_path / "s.zarr", grad_mode="sketch", sketch_rank=5, background=True)
+    w.write(model, step=0, tokens=0, lr=1e-3, loss=5.0)
+    w.close()
+    run = open_run(tmp_path / "s.zarr")
+    g = model.model.layers[1].mlp.up_proj.weight.grad
+    ds = run.param(1, "up").isel(step=0)
+    u, s, v = (torch.from_numpy(ds[k].values) for k in ("grad_u", "grad_s", "grad_v"))
+    ref = torch.linalg.svdvals(g)
+    assert torch.allclose(s, ref[:5], rtol=1e-5)
+    # U diag(S) V^T is the best rank-5 approximation: its error is the tail energy
+    err = torch.linalg.matrix_norm(g - u @ torch.diag(s) @ v.T) ** 2
+    assert torch.allclose(err, (ref[5:] ** 2).sum(), rtol=1e-3)
+    assert ds.attrs["dtype"] == "float32" and ds.attrs["shape"] == [176, 64]
+
+
+def test_half_written_snapshot_is_invisible_and_cut_on_reopen(tmp_path):
+    model = make_tiny()
+    _grads(model)
+    path = tmp_path / "s.zarr"
+    w = SnapshotWriter(path, grad_mode="full", background=False)
+    w.write(model, step=0, tokens=0, lr=1e-3, loss=5.0)
+    # simulate a kill after the parameter arrays of step 5 were appended but before meta/ was
+    params = w._collect(model)
+    w.steps.append(5)
+    for key, rec in list(params.items())[:3]:
+        import xarray as xr
+
+        ds = xr.Dataset({k: (("step", "out", "in"), v[None]) for k, v in rec.items() if k in ("weight", "grad")},
+                        coords={"step": [5]})
+        ds.to_zarr(path, group=f"params/{key}", mode="a", append_dim="step", consolidated=False)
+    run = open_run(path)
+    assert list(run.steps) == [0] and run.weight(0, "q").shape[0] == 1
+    w2 = SnapshotWriter(path, grad_mode="full", background=False)
+    assert w2.steps == [0]
+    import zarr
+
+    assert zarr.open_group(path)["params/0.q/weight"].shape[0] == 1  # the torn tail is gone
+    train_steps(model, 1)
+    _grads(model, 1)
+    w2.write(model, step=5, tokens=10, lr=1e-3, loss=4.0)
+    run = open_run(path)
+    assert list(run.steps) == [0, 5]
+    assert np.array_equal(run.weight(1, "down").sel(step=5).values, model.model.layers[1].mlp.down_proj.weight.detach().numpy())
+
+
+def test_steps_must_increase_and_nan_gradients_are_refused(tmp_path):
+    model = make_tiny()
+    _grads(model)
+    w = SnapshotWriter(tmp_path / "s.zarr", grad_mode="full", background=False)
+    w.write(model, step=3, tokens=0, lr=1e-3, loss=5.0)
+    with pytest.raises(SpectraError, match="not after"):
+        w.write(model, step=3, tokens=0, lr=1e-3, loss=5.0)
+    model.model.layers[0].self_attn.k_proj.weight.grad[0, 0] = float("nan")
+    with pytest.raises(SpectraError, match="non-finite gradient in 0.k"):
+        w.write(model, step=4, tokens=0, lr=1e-3, loss=5.0)
+    assert list(open_run(tmp_path / "s.zarr").steps) == [3]  # the earlier snapshot is intact
+
+
+def test_bad_stores_are_one_clear_error(tmp_path):
+    with pytest.raises(SpectraError, match="no snapshot store"):
+        open_run(tmp_path / "missing")
+    (tmp_path / "junk.zarr").mkdir()
+    (tmp_path / "junk.zarr" / "zarr.json").write_text("{not json")
+    with pytest.raises(SpectraError, match="not a readable Zarr store"):
+        open_run(tmp_path / "junk.zarr")
+    import xarray as xr
+
+    write_analysis(tmp_path / "a.zarr", "spectrum", xr.Dataset({"x": ("layer", [1.0, 2.0])}), {"note": {"a": 1}})
+    with pytest.raises(SpectraError, match="not a spectra snapshot store"):
+        open_run(tmp_path / "a.zarr")
+    assert read_analysis(tmp_path / "a.zarr", "spectrum")["x"].values.tolist() == [1.0, 2.0]
+    with pytest.raises(SpectraError, match="spectra hessian-gap"):
+        read_analysis(tmp_path / "a.zarr", "hessian_gap")
