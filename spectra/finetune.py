@@ -1,0 +1,379 @@
+"""WeLore-PEFT and its baselines: continual finetuning of a compressed model in one harness.
+
+WeLore-PEFT (paper §3.2) backpropagates only into the low-rank components (LRCs): the factors
+A, B of every `LowRankLinear` train, while the dense N-LRCs, embeddings, norms and lm_head stay
+frozen, so gradients and Adam state exist only in low-rank form. The baselines run through the
+same loop (same packed data, AdamW, warmup + cosine schedule, step count, precision):
+
+* `lora`   -- `peft` LoRA adapters on every decoder linear leaf: the dense N-LRC linears and, on a
+              compressed model, both factors A and B of each LRC (the nn.Linear modules at the
+              q,k,v,o,gate,up,down sites), so LoRA adapts exactly the sites full finetuning trains.
+* `galore` -- `galore_torch.GaLoreAdamW`: the 2-D weights of those same decoder linear leaves get
+              rank-r projected gradients (rank clamped to the matrix size); everything else
+              (embeddings, norms, lm_head) trains with ordinary Adam, as in GaLore's reference.
+* `full`   -- every parameter.
+
+Master weights are always fp32; on GPU the forward/backward runs under bf16 autocast (never pure
+bf16, whose 8-bit mantissa swallows small LRC updates).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from torch import nn
+
+from spectra.errors import SpectraError
+from spectra.evaluate import (autocast_for, check_vocab, model_label, perplexity, quiet_transformers, resolve_device,
+                              run_dir_of)
+from spectra.lowrank import LowRankLinear
+from spectra.models import iter_components
+
+METHODS = ("welore", "lora", "galore", "full")
+# Defaults for the tiny..350m models spectra pretrains (trained at lr 1e-3): a tenth of that for
+# continual finetuning; LoRA starts from a zero update (B=0), so it needs a 10x larger step.
+# WeLore's 7B recipe uses 5e-5; pass --lr to reproduce it.
+DEFAULT_LR = {"welore": 1e-4, "lora": 1e-3, "galore": 1e-4, "full": 1e-4}
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "welore"
+    steps: int = 1000
+    lr: float | None = None  # None -> DEFAULT_LR[method]
+    batch_size: int = 16  # sequences per optimizer step
+    micro_batch: int = 16  # sequences per forward pass (gradient accumulation in between)
+    warmup: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to 0.1 * lr, GaLore's schedule
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    galore_rank: int = 128
+    galore_gap: int = 200
+    galore_scale: float = 0.25
+    autocast: bool = True  # bf16 autocast on GPU; ignored on CPU
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise SpectraError(f"unknown --method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.steps < 1 or self.batch_size < 1 or self.micro_batch < 1 or self.batch_size % self.micro_batch:
+            raise SpectraError(f"need --steps >= 1 and --batch-size a positive multiple of --micro-batch "
+                               f"(got {self.steps}, {self.batch_size}, {self.micro_batch})")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.method]
+
+
+# --------------------------------------------------------------------------- which params train
+def lrc_modules(model: nn.Module) -> list[LowRankLinear]:
+    return [m for m in model.modules() if isinstance(m, LowRankLinear)]
+
+
+def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """{module name: nn.Linear} for every decoder linear leaf: a dense component, or the A and B
+    factors of a compressed one."""
+    out: dict[str, nn.Linear] = {}
+    for _, _, name, mod in iter_components(model):
+        if isinstance(mod, LowRankLinear):
+            out[f"{name}.A"], out[f"{name}.B"] = mod.A, mod.B
+        elif isinstance(mod, nn.Linear):
+            out[name] = mod
+    if not out:
+        raise SpectraError(f"{type(model).__name__} has no decoder linears (layers.N.self_attn.q_proj ...)")
+    return out
+
+
+def _adamw(params, cfg: FinetuneConfig, device: torch.device):
+    # fused kernels on GPU for every method alike (GaLore brings its own loop and cannot fuse)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8,
+                             fused=device.type == "cuda")
+
+
+def prepare(model: nn.Module, cfg: FinetuneConfig, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Freeze / wrap `model` for `cfg.method`; return (model to train, its optimizer)."""
+    model.requires_grad_(cfg.method in ("full", "galore"))
+    if cfg.method == "welore":
+        lrcs = lrc_modules(model)
+        if not lrcs:
+            raise SpectraError("not a compressed model (no LowRankLinear layers); run spectra compress first")
+        params = [p for m in lrcs for p in (m.A.weight, m.B.weight)]
+        for p in params:
+            p.requires_grad_(True)
+        return model, _adamw(params, cfg, device)
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
+                          target_modules=sorted(decoder_linears(model)))
+        model = get_peft_model(model, lcfg)  # freezes everything but the adapters
+        return model, _adamw([p for p in model.parameters() if p.requires_grad], cfg, device)
+    if cfg.method == "galore":
+        from galore_torch import GaLoreAdamW
+
+        lowrank_ids, by_rank = set(), {}
+        for lin in decoder_linears(model).values():
+            rank = min(cfg.galore_rank, *lin.weight.shape)
+            by_rank.setdefault(rank, []).append(lin.weight)
+            lowrank_ids.add(id(lin.weight))
+        groups = [{"params": [p for p in model.parameters() if id(p) not in lowrank_ids]}]
+        groups += [{"params": ps, "rank": r, "update_proj_gap": cfg.galore_gap, "scale": cfg.galore_scale,
+                    "proj_type": "std"} for r, ps in sorted(by_rank.items())]
+        return model, GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-8,
+                                  no_deprecation_warning=True)
+    return model, _adamw(model.parameters(), cfg, device)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts (LoRA adapters included in both)."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def lr_lambda(warmup: int, steps: int, min_ratio: float):
+    """Linear warmup then cosine to `min_ratio` (GaLore / WeLore schedule), as a LambdaLR factor."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+# --------------------------------------------------------------------------- peak memory
+class PeakMemory:
+    """Peak training memory. GPU: `torch.cuda.max_memory_allocated` (weights, grads, optimizer
+    state, activations). CPU: the model's resident parameter/buffer bytes plus the peak growth of
+    the process RSS over the run, sampled every 2 ms from a thread (after `malloc_trim`, so memory
+    freed by an earlier run in the same process does not hide this one's growth)."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.model, self.device = model, device
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_model_bytes_plus_rss_growth"
+        self.peak_bytes = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        import psutil
+
+        _malloc_trim()
+        self._proc = psutil.Process()
+        self._base = self._peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(0.002):
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._proc.memory_info().rss)
+        resident = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+        self.peak_bytes = resident + self._peak - self._base
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS growth is then a lower bound
+        pass
+
+
+# --------------------------------------------------------------------------- the loop
+def train(model: nn.Module, optimizer, batches: Iterator[torch.Tensor], cfg: FinetuneConfig, device: torch.device,
+          progress: bool = False) -> dict:
+    """Run `cfg.steps` optimizer steps on [micro_batch, seq_len] token batches from `batches`.
+
+    Returns loss_curve [[step, loss]], tokens_per_s and peak memory. Throughput counts the
+    forward/backward/optimizer time of steps 2..N (step 1 pays one-off allocation and GaLore's
+    first SVDs); fetching/tokenizing data is excluded, so methods compare on compute alone.
+    """
+    from tqdm.auto import tqdm
+
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_micro = cfg.batch_size // cfg.micro_batch
+    model.train()
+    curve, timed_s, timed_tok = [], 0.0, 0
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"finetune {cfg.method}", disable=not progress, dynamic_ncols=True)
+    with PeakMemory(model, device) as mem:
+        for step in bar:
+            micro = [_next_batch(batches) for _ in range(n_micro)]
+            _sync(device)
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            for x in micro:
+                x = x.to(device, non_blocking=True)
+                with autocast_for(device, cfg.autocast):
+                    loss = model(input_ids=x, labels=x).loss / n_micro
+                loss.backward()
+                loss_sum += loss.detach()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            optimizer.step()
+            sched.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_val = loss_sum.item()  # syncs the device, so the timing below is honest
+            dt = time.perf_counter() - t0
+            if not math.isfinite(loss_val):
+                raise SpectraError(f"training loss became {loss_val} at step {step}; lower --lr")
+            curve.append([step, loss_val])
+            tokens = sum(x.numel() for x in micro)
+            if step > 1 or cfg.steps == 1:
+                timed_s, timed_tok = timed_s + dt, timed_tok + tokens
+            bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{timed_tok / max(timed_s, 1e-9):.0f}")
+    return {"loss_curve": curve, "tokens_per_s": timed_tok / max(timed_s, 1e-9), "peak_memory_bytes": mem.peak_bytes,
+            "peak_memory_kind": mem.kind, "tokens": cfg.steps * cfg.batch_size * micro[0].shape[1]}
+
+
+def _next_batch(batches: Iterator[torch.Tensor]) -> torch.Tensor:
+    try:
+        return next(batches)
+    except StopIteration:
+        raise SpectraError("the training data ran out before --steps finished") from None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def finetune(model: nn.Module, batches: Iterator[torch.Tensor], cfg: FinetuneConfig, device: torch.device,
+             val_windows: torch.Tensor | None = None, progress: bool = False) -> tuple[nn.Module, dict]:
+    """Prepare `model` for `cfg.method`, evaluate, train, evaluate again: (trained model, metrics)."""
+    model.to(device)
+    model, opt = prepare(model, cfg, device)
+    trainable, total = count_params(model)
+    metrics: dict = {"method": cfg.method, "steps": cfg.steps, "trainable_params": trainable, "total_params": total}
+    ev = lambda: perplexity(model, val_windows, cfg.micro_batch, device, cfg.autocast)  # noqa: E731
+    if val_windows is not None:
+        metrics["eval_loss_before"], metrics["eval_ppl_before"], _ = ev()
+    metrics.update(train(model, opt, batches, cfg, device, progress))
+    if val_windows is not None:
+        metrics["eval_loss"], metrics["eval_ppl"], metrics["eval_tokens"] = ev()
+    metrics["config"] = asdict(cfg)
+    return model, metrics
+
+
+# --------------------------------------------------------------------------- CLI
+def default_out(path: Path, method: str, err: float | None) -> Path:
+    """<run>/finetune/<method>-err<NN> for a model inside runs/<id>/, else next to the model folder."""
+    nn_ = round(100 * err) if err is not None else 0
+    base = run_dir_of(path) or path.parent
+    return base / "finetune" / f"{method}-err{nn_:02d}"
+
+
+def data_streams(data: str | None, val_data: str | None, tok, seq_len: int, micro_batch: int, eval_tokens: int,
+                 seed: int, cache_dir: Path) -> tuple[Iterator[torch.Tensor], torch.Tensor]:
+    """(training batches, eval windows). Local --data without --val-data holds out 5% of its
+    documents for evaluation, so the reported perplexity is never measured on training text."""
+    from spectra.data import PackedStream, eval_windows, load_hub_c4, load_local_docs, split_docs, text_windows
+
+    if data is None:
+        train_stream = PackedStream(load_hub_c4("train"), tok, seq_len, seed=seed)
+        val = text_windows(val_data, tok, seq_len, eval_tokens, split="validation", cache_dir=cache_dir)
+        return train_stream.batches(micro_batch), val
+    docs = load_local_docs(data)
+    if val_data is not None:
+        return (PackedStream(docs, tok, seq_len, seed=seed).batches(micro_batch),
+                text_windows(val_data, tok, seq_len, eval_tokens, cache_dir=cache_dir))
+    train_idx, val_idx = split_docs(docs, 0.05, seed)
+    val = eval_windows(docs.select(val_idx), tok, seq_len, eval_tokens)
+    return PackedStream(docs, tok, seq_len, seed=seed, indices=train_idx).batches(micro_batch), val
+
+
+def save_model(model: nn.Module, src: Path, dest: Path) -> None:
+    """Save the finetuned model where `spectra eval` / `load_causal_lm` can read it (LoRA merged;
+    a compressed model stays compressed, with its rank map)."""
+    from spectra.lowrank import RANK_MAP_FILE, save_compressed
+
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    rank_map = src / RANK_MAP_FILE
+    if rank_map.is_file():
+        save_compressed(model, json.loads(rank_map.read_text()), dest)
+    else:
+        model.save_pretrained(dest)
+
+
+def finetune_command(
+    model: Annotated[str, typer.Option(..., help="Compressed model folder (`spectra compress` output); lora/galore/full also take a dense one. A run folder uses its latest checkpoint.")],
+    method: Annotated[str, typer.Option(help="welore (train LRC factors only), lora, galore or full.")] = "welore",
+    data: Annotated[Optional[str], typer.Option(help="Training text: json/jsonl(.gz)/txt/parquet files, globs or folders. Default: hub C4 en train.")] = None,
+    val_data: Annotated[Optional[str], typer.Option(help="Eval text. Default: hub C4 validation, or 5% of --data's documents held out.")] = None,
+    tokenizer: Annotated[str, typer.Option(help="Tokenizer hub name or local folder.")] = "t5-base",
+    steps: Annotated[int, typer.Option(help="Optimizer steps (identical for every method).")] = 1000,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. Default: 1e-4 (welore, galore, full), 1e-3 (lora).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step.")] = 16,
+    micro_batch: Annotated[int, typer.Option(help="Sequences per forward pass (gradient accumulation up to --batch-size).")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
+    warmup: Annotated[int, typer.Option(help="Linear warmup steps before the cosine decay to 0.1 lr.")] = 100,
+    lora_rank: Annotated[int, typer.Option(help="LoRA adapter rank (alpha = 2 x rank).")] = 8,
+    galore_rank: Annotated[int, typer.Option(help="GaLore projection rank (clamped to each matrix's size).")] = 128,
+    galore_gap: Annotated[int, typer.Option(help="GaLore: steps between projector SVD refreshes.")] = 200,
+    galore_scale: Annotated[float, typer.Option(help="GaLore: scale of the projected-back update.")] = 0.25,
+    eval_tokens: Annotated[int, typer.Option(help="Token budget of the before/after perplexity.")] = 65536,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 autocast on GPU, fp32 on CPU), bf16 (autocast; fp32 master weights) or fp32.")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Output folder. Default: runs/<id>/finetune/<method>-err<NN>/ (NN from the model's rank map).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for data order.")] = 0,
+    save: Annotated[bool, typer.Option(help="Also save the finetuned model (LoRA merged) under <out>/model.")] = False,
+    cache_dir: Annotated[Path, typer.Option(help="Where tokenized evaluation windows are cached.")] = Path(".cache/spectra"),
+) -> None:
+    """Continual finetuning of a compressed model: WeLore-PEFT (LRC factors only) or a baseline.
+
+    One harness for welore, lora, galore and full: same data, steps, AdamW and warmup+cosine
+    schedule. Writes metrics.json (trainable params, peak memory, tokens/s, loss curve, eval ppl).
+    """
+    from spectra.data import load_tokenizer
+    from spectra.models import find_checkpoint, load_causal_lm
+
+    if dtype not in ("auto", "bf16", "fp32"):
+        raise SpectraError(f"unknown --dtype {dtype!r}; choose auto, bf16 or fp32")
+    cfg = FinetuneConfig(method=method, steps=steps, lr=lr, batch_size=batch_size, micro_batch=micro_batch,
+                         warmup=min(warmup, steps), lora_rank=lora_rank, lora_alpha=2 * lora_rank,
+                         galore_rank=galore_rank, galore_gap=galore_gap, galore_scale=galore_scale,
+                         autocast=dtype != "fp32")
+    quiet_transformers()
+    path = find_checkpoint(model)
+    dev = resolve_device(device)
+    if dtype == "bf16" and dev.type == "cpu":
+        raise SpectraError("--dtype bf16 (autocast) is for GPUs; use --dtype fp32 or auto on CPU")
+    torch.manual_seed(seed)
+    lm = load_causal_lm(path, device=dev)
+    if method == "welore" and not lrc_modules(lm):
+        raise SpectraError(f"{path} is not a compressed model (no LowRankLinear layers); run spectra compress first")
+    tok = load_tokenizer(tokenizer)
+    check_vocab(lm, tok)
+    batches, val = data_streams(data, val_data, tok, seq_len, micro_batch, eval_tokens, seed, cache_dir)
+    lm, metrics = finetune(lm, batches, cfg, dev, val, progress=True)
+    _, err = model_label(path)
+    out = out or default_out(path, method, err)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {"method": method, "err": err, **metrics, "model": str(path), "data": data or "c4-en", "seq_len": seq_len}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if save:
+        save_model(lm, path, out / "model")
+    print(f"{method}: eval ppl {metrics['eval_ppl_before']:.2f} -> {metrics['eval_ppl']:.2f}, "
+          f"trainable {metrics['trainable_params']:,}/{metrics['total_params']:,}, "
+          f"{metrics['tokens_per_s']:.0f} tok/s, peak {metrics['peak_memory_bytes'] / 2**20:.0f} MiB -> {out / 'metrics.json'}")
