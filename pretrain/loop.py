@@ -177,7 +177,7 @@ class Trainer:
         return val, math.exp(min(val, 50))
 
     def checkpoint(self) -> None:
-        data_states = dist_utils.gather(self.train_stream.state.copy())
+        data_states = dist_utils.gather(self.batches.state)  # position after the last consumed batch
         if self.rank == 0:
             state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng_state(),
                      "data": data_states, "step": self.step, "tokens": self.tokens, "world": self.world,
@@ -192,7 +192,9 @@ class Trainer:
         cfg = self.cfg
         self.prepare_run()
         self.model.train()
-        batches = iter(self.train_stream.batches(cfg.micro_batch))
+        from spectra.data import Prefetcher
+
+        self.batches = batches = Prefetcher(self.train_stream, cfg.micro_batch)
         kill_at = int(os.environ.get("SPECTRA_KILL_AT_STEP", "-1"))  # test hook: a real SIGKILL mid-run
         bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0, desc=f"pretrain {cfg.model}",
                    unit="step", dynamic_ncols=True, file=sys.stderr)
@@ -232,6 +234,7 @@ class Trainer:
             if self.step >= cfg.steps and not cfg.snapshot_at(self.step):
                 break
         bar.close()
+        batches.close()
         if self.writer is not None:
             self.writer.close()
         dist_utils.teardown()

@@ -281,3 +281,54 @@ def text_windows(data: str | None, tokenizer, seq_len: int, max_tokens: int, *, 
                             cache_key="|".join(expand_files(data)))
     docs = load_hub_c4(split)
     return eval_windows(docs, tokenizer, seq_len, max_tokens, cache_dir=cache_dir, cache_key=f"c4-en-{split}")
+
+
+class Prefetcher:
+    """Builds batches on a background thread (the Rust tokenizer releases the GIL, so tokenizing
+    overlaps the GPU step) while keeping resume exact: each batch travels with a copy of the
+    stream state *after* it, and `state` is the state after the last batch handed out."""
+
+    def __init__(self, stream: PackedStream, batch_size: int, depth: int = 4):
+        import queue
+        import threading
+
+        self.stream, self.batch_size = stream, batch_size
+        self._state = stream.state.copy()
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, daemon=True)
+        self._thread.start()
+
+    def _fill(self) -> None:
+        try:
+            for batch in self.stream.batches(self.batch_size):
+                item = (batch.pin_memory() if torch.cuda.is_available() else batch, self.stream.state.copy())
+                while not self._stop.is_set():
+                    try:
+                        self._q.put(item, timeout=0.1)
+                        break
+                    except Exception:  # queue.Full: check for stop, then retry
+                        continue
+                if self._stop.is_set():
+                    return
+            self._q.put(StopIteration())
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            self._q.put(e)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            self._stop.set()
+            raise item
+        batch, self._state = item
+        return batch
+
+    @property
+    def state(self) -> PackState:
+        return self._state.copy()
+
+    def close(self) -> None:
+        self._stop.set()

@@ -97,3 +97,19 @@ def test_bad_data_specs(tmp_path):
 def test_real_t5_tokenizer(tokenizer):
     assert len(tokenizer) == 32100 and tokenizer.eos_token_id == 1
     assert tokenizer("Hello world")["input_ids"] == [8774, 296, 1]
+
+
+def test_prefetcher_matches_the_stream_and_its_state(corpus):
+    from spectra.data import Prefetcher
+
+    path, _ = corpus
+    ds = load_local_docs(str(path))
+    direct = PackedStream(ds, CharTok(), 8, seed=5)
+    it = direct.batches(4)
+    pre = Prefetcher(PackedStream(ds, CharTok(), 8, seed=5), 4, depth=3)
+    for _ in range(11):
+        assert torch.equal(next(it), next(pre))
+    st = pre.state  # the background thread has read ahead; the state must not have
+    assert (st.epoch, st.index) == (direct.state.epoch, direct.state.index)
+    assert np.array_equal(st.buffer, direct.state.buffer)
+    pre.close()
