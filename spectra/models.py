@@ -111,7 +111,7 @@ def load_causal_lm(path: str | Path, *, device: str | torch.device = "cpu", dtyp
         except ValueError as e:
             raise SpectraError(f"{path}: not a causal LM spectra can load ({e})") from None
         model.to(device)
-    component_weights(model) if not (path / "spectra_rank_map.json").is_file() else None
+        component_weights(model)  # one clear error for a causal LM without LLaMA-style linears
     model.eval()
     return model
 
