@@ -131,7 +131,8 @@ def grad_subspace_dataset(run, rank: int, side: str, device: torch.device, progr
     dims = ("step", "layer", "component")
     ds = xr.Dataset({**{k: (dims, v) for k, v in vals.items()}, "principal_angles": (dims + ("angle",), angles)},
                     coords={"step": steps, "layer": layers, "component": np.array(comps, dtype=object), "angle": np.arange(rank)})
-    ds.attrs.update(rank=rank, side=side, grad_mode=run.grad_mode)
+    ds.attrs.update(rank=rank, side=side, grad_mode=run.grad_mode,
+                    principal_angles="to the previous snapshot's gradient subspace (NaN at the first step)")
     return ds
 
 
