@@ -1,0 +1,187 @@
+"""Per-component Hessian eigenvalues vs exact references: the dense Hessian of one weight matrix
+(torch.autograd.functional.hessian + eigvalsh, float64 but for HF's float32 RMSNorm) and PyHessian's power iteration; then the
+`spectra hessian-gap` command end to end, on one process and split over 2 gloo ranks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from spectra.cli import main
+from spectra.hessian import BlockHVP, component_gap, lm_loss, only_grad
+from spectra.store import read_analysis
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def micro():
+    """A 2-layer LLaMA with hidden 16 (q_proj has 256 weights: its dense Hessian is cheap), float64.
+    A wide init (std 0.3) gives an O(1) curvature whose top eigenvalue is also the largest in
+    magnitude, so PyHessian's power iteration converges to the same one."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2,
+                      num_hidden_layers=2, max_position_embeddings=64, tie_word_embeddings=False, use_cache=False,
+                      initializer_range=0.3)
+    cfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(cfg).double().eval().requires_grad_(False)
+    x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    return model, x
+
+
+def dense_hessian(model, x, name: str) -> torch.Tensor:
+    """The exact (n × n) Hessian of the LM loss w.r.t. one weight matrix."""
+    W = model.get_submodule(name).weight
+
+    def loss_of(w):
+        logits = torch.func.functional_call(model, {name + ".weight": w}, kwargs={"input_ids": x}).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+
+    H = torch.autograd.functional.hessian(loss_of, W.detach().clone(), vectorize=True)
+    return H.reshape(W.numel(), W.numel())
+
+
+@pytest.fixture(scope="module")
+def dense_q(micro):
+    model, x = micro
+    H = dense_hessian(model, x, "model.layers.0.self_attn.q_proj")
+    return H, torch.linalg.eigvalsh(H).flip(0)
+
+
+def test_hvp_reused_graph_equals_dense_and_recomputed(micro, dense_q):
+    model, x = micro
+    H, _ = dense_q
+    W = model.model.layers[0].self_attn.q_proj.weight
+    v = torch.randn(2, W.numel(), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with only_grad(model, W):
+        reused, fresh = BlockHVP(model, x, W)(v), BlockHVP(model, x, W, reuse=False)(v)
+    # HF's RMSNorm computes in float32 even in a float64 model: ~1e-8 is the reference's own accuracy
+    assert (reused - v @ H).norm() < 1e-6 * (v @ H).norm()
+    assert (reused - fresh).norm() < 1e-9 * reused.norm()
+    assert not W.requires_grad  # only_grad restored the frozen state
+
+
+def test_lanczos_top_k_matches_dense_hessian(micro, dense_q):
+    model, x = micro
+    _, ev = dense_q
+    W = model.model.layers[0].self_attn.q_proj.weight
+    r = component_gap(model, 0, "q", W, [x], k=4, iterations=30)
+    top = ev[:5].numpy()
+    assert r.eigenvalues.shape == (1, 5) and r.iterations[0] == 30
+    assert np.allclose(r.eigenvalues[0], top, rtol=1e-6, atol=0)
+    assert r.residuals.max() < 1e-6 * top[0]
+    # the certificate: with residual ≪ gap the gap itself is exact
+    assert abs((r.eigenvalues[0, 3] - r.eigenvalues[0, 4]) - (top[3] - top[4])) < 1e-6 * top[0]
+
+
+def test_matches_pyhessian_power_iteration(micro, dense_q):
+    from pyhessian import hessian as pyhessian
+
+    model64, x = micro
+    _, ev = dense_q
+    name = "model.layers.0.self_attn.q_proj"
+    assert ev[0] > 1.2 * ev[-1].abs()  # the top algebraic eigenvalue is also the largest in magnitude
+    model = LlamaForCausalLM(model64.config).float()  # PyHessian draws float32 vectors
+    model.load_state_dict({k: v.float() for k, v in model64.state_dict().items()})
+    model.eval().requires_grad_(False)
+    W = model.get_submodule(name).weight
+
+    class Logits(torch.nn.Module):  # PyHessian calls criterion(model(x), y)
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, ids):
+            return self.lm(input_ids=ids).logits
+
+    def criterion(logits, ids):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+    torch.manual_seed(0)
+    with only_grad(model, W):  # PyHessian takes every requires_grad param; an unused one crashes it
+        ph = pyhessian(Logits(model), criterion, data=(x, x), cuda=False)
+        ph_vals, _ = ph.eigenvalues(maxIter=100, tol=1e-8, top_n=1)
+    W.grad = None
+    ours = component_gap(model, 0, "q", W, [x], k=1, iterations=20)
+    assert abs(ph_vals[0] - ours.eigenvalues[0, 0]) < 1e-4 * ev[0].item()
+    assert abs(ours.eigenvalues[0, 0] - ev[0].item()) < 1e-5 * ev[0].item()  # float32 vs exact
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, shared_data) -> Path:
+    """runs/<id>/checkpoints/step_1 of a tiny model whose vocab covers the T5 tokenizer."""
+    from conftest import make_tiny
+
+    run = tmp_path_factory.mktemp("runs") / "abc"
+    make_tiny(vocab=32128).save_pretrained(run / "checkpoints" / "step_1")
+    (run / "checkpoints" / "latest").write_text("step_1")
+    return run
+
+
+def _args(shared_data, ckpt, *extra):
+    from conftest import C4_SAMPLE, T5_DIR
+
+    return ["hessian-gap", "--ckpt", str(ckpt), "--data", str(C4_SAMPLE), "--tokenizer", str(T5_DIR),
+            "--layers", "1", "--components", "v", "--components", "down", "--k", "2", "--iterations", "6",
+            "--batches", "2", "--batch-size", "2", "--seq-len", "16", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def single_store(run_dir, shared_data):
+    assert main(_args(shared_data, run_dir)) == 0
+    return read_analysis(run_dir / "analysis.zarr", "hessian_gap")  # default: <run>/analysis.zarr
+
+
+def test_cli_writes_the_contract_group(single_store, run_dir, shared_data):
+    from conftest import C4_SAMPLE, T5_DIR
+    from spectra.hessian import token_batches
+    from spectra.models import load_causal_lm
+
+    ds = single_store
+    assert list(ds.layer.values) == [1] and list(ds.component.values) == ["v", "down"]
+    assert ds.eigenvalues.dims == ("layer", "component", "eig") and list(ds.eig.values) == [1, 2, 3]
+    assert ds.eigenvalues_batch.dims == ("layer", "component", "batch", "eig") and ds.sizes["batch"] == 2
+    assert {ds.attrs[a] for a in ("k", "iterations", "batches", "batch_size", "seq_len", "seed")} >= {2, 6, 16, 0}
+    evb = ds.eigenvalues_batch.values
+    assert np.allclose(ds.eigenvalues.values, evb.mean(axis=2))
+    assert np.allclose(ds.eigenvalues_se.values, evb.std(axis=2, ddof=1) / np.sqrt(2))
+    g = evb[..., 1] - evb[..., 2]
+    assert np.allclose(ds.gap.values, g.mean(-1)) and np.allclose(ds.gap_se.values, g.std(-1, ddof=1) / np.sqrt(2))
+    assert np.allclose(ds.rel_gap.values, (g / np.abs(evb[..., 0])).mean(-1))
+    assert (np.diff(evb, axis=-1) <= 0).all() and (ds.residuals.values >= 0).all()
+    # the stored numbers are reproducible from the library call on the same token batch
+    model = load_causal_lm(run_dir / "checkpoints" / "step_1", attn_implementation="eager").requires_grad_(False)
+    ids = token_batches(str(C4_SAMPLE), str(T5_DIR), 16, 2, 2, 32128)
+    W = model.model.layers[1].mlp.down_proj.weight
+    r = component_gap(model, 1, "down", W, ids, k=2, iterations=6)
+    assert np.allclose(r.eigenvalues, ds.eigenvalues_batch.sel(layer=1, component="down").values, rtol=1e-6)
+    assert np.allclose(r.residuals.max(0), ds.residuals.sel(layer=1, component="down").values, rtol=1e-5)
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch + transformers
+def test_torchrun_two_gloo_ranks_match_one_process(single_store, run_dir, shared_data, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "dist.zarr"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29531", "-m", "spectra.cli",
+           *_args(shared_data, run_dir, "--out", str(out))]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ds = read_analysis(out, "hessian_gap")
+    assert np.allclose(ds.eigenvalues_batch.values, single_store.eigenvalues_batch.values, rtol=1e-5, atol=1e-9)
+
+
+def test_bad_checkpoint_is_one_error_line(tmp_path, capsys):
+    assert main(["hessian-gap", "--ckpt", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "does not exist" in err[0]
