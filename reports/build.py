@@ -7,6 +7,7 @@ leaves its section with a one-line hint instead of failing the report.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -81,20 +82,21 @@ def summary_rows(inp: RunInputs) -> list[tuple[str, str]]:
         k = m.get("k")
         rows.append((f"ranks {name}", f"{m.get('method')}: target ERR {_pct(m.get('target_err'))}, achieved "
                                       f"{_pct(m.get('achieved_err'))}" + (f", k={_num(k)}" if k is not None else "")))
-    for method, r in sorted(_best_ppl(inp.evals or []).items()):
-        rows.append((f"best ppl {method}", f"{_num(r.get('ppl'))} (ERR {_pct(r.get('err') or 0.0)}, {r.get('dataset')})"))
+    for (method, dataset), r in sorted(_best_ppl(inp.evals or []).items()):
+        rows.append((f"best ppl {method} · {dataset}", f"{_num(r.get('ppl'))} (ERR {_pct(r.get('err') or 0.0)})"))
     if inp.finetune:
         rows.append(("finetuning runs", ", ".join(sorted(inp.finetune))))
     return rows
 
 
-def _best_ppl(evals: list[dict]) -> dict[str, dict]:
-    best: dict[str, dict] = {}
+def _best_ppl(evals: list[dict]) -> dict[tuple[str, str], dict]:
+    """Lowest finite perplexity per (method, dataset label): datasets are never mixed."""
+    best: dict[tuple[str, str], dict] = {}
     for r in evals:
         ppl = F._num(r.get("ppl"))
-        m = str(r.get("method"))
-        if ppl == ppl and (m not in best or ppl < F._num(best[m].get("ppl"))):
-            best[m] = r
+        key = (str(r.get("method")), F.dataset_label(r.get("dataset")))
+        if ppl == ppl and (key not in best or ppl < F._num(best[key].get("ppl"))):
+            best[key] = r
     return best
 
 
@@ -208,7 +210,7 @@ def eval_section(inp: RunInputs) -> Section:
         cells = {(str(r.get("method")), F._num(r.get("err") or 0.0)): r.get("ppl") for r in rows}
         methods = sorted({m for m, _ in cells})
         body = [[m] + [_num(cells.get((m, e)), ".2f") for e in errs] for m in methods]
-        sec.tables.append(f"<p>perplexity on {_esc(dataset)}</p>" +
+        sec.tables.append(f"<p>perplexity on {_esc(F.dataset_label(dataset))} (<code>{_esc(dataset)}</code>)</p>" +
                           table(["method"] + [f"ERR {_pct(e)}" for e in errs], body, tuple(range(1, len(errs) + 1))))
     sec.figures.append(("ppl-vs-err", F.ppl_vs_err_figure(inp.evals)))
     return sec
@@ -218,16 +220,23 @@ def _esc(s) -> str:
     return F._esc(s)
 
 
+def _err_of(name: str) -> float | None:
+    """ERR from a `<method>-errNN` folder name (metrics.json need not repeat it)."""
+    m = re.search(r"-err(\d+)$", name)
+    return int(m.group(1)) / 100 if m else None
+
+
 def finetune_section(inp: RunInputs) -> Section:
     sec = Section("finetune", "Finetuning: loss, memory and throughput (Fig. 4–6)", problems=_problems(inp, "finetune/"))
     if not inp.finetune:
         sec.missing = "not computed yet: run `spectra finetune`"
         return sec
-    rows = [[n, m.get("method"), _pct(m.get("err")), m.get("steps"), f"{m.get('trainable_params', 0):,} / "
-             f"{m.get('total_params', 0):,}", _num(F._num(m.get("peak_memory_bytes")) / 2**30, ".3g"),
-             _num(m.get("tokens_per_s"), ".4g"), _num(m.get("eval_ppl"))] for n, m in sorted(inp.finetune.items())]
+    rows = [[n, m.get("method"), _pct(m.get("err", _err_of(n))), m.get("steps"),
+             f"{m.get('trainable_params', 0):,} / {m.get('total_params', 0):,}",
+             _num(F._num(m.get("peak_memory_bytes")) / 2**30, ".3g"), _num(m.get("tokens_per_s"), ".4g"),
+             _num(m.get("eval_ppl_before")), _num(m.get("eval_ppl"))] for n, m in sorted(inp.finetune.items())]
     sec.tables.append(table(["run", "method", "ERR", "steps", "trainable / total params", "peak memory (GiB)",
-                             "tokens/s", "eval ppl"], rows, numeric_cols=(2, 3, 5, 6, 7)))
+                             "tokens/s", "eval ppl before", "eval ppl after"], rows, numeric_cols=(2, 3, 5, 6, 7, 8)))
     sec.figures += [("finetune-loss", F.finetune_loss_figure(inp.finetune)),
                     ("finetune-cost", F.finetune_cost_figure(inp.finetune))]
     return sec

@@ -39,6 +39,13 @@ def _components(values) -> list[str]:
     return sorted(vals, key=lambda c: (order.index(c) if c in order else len(order), c))
 
 
+def dataset_label(path) -> str:
+    """A short display name for an eval dataset: the last two parts of a path
+    ("wikipedia/validation"), the string itself otherwise."""
+    parts = [p for p in str(path).replace("\\", "/").split("/") if p]
+    return "/".join(parts[-2:]) if parts else str(path)
+
+
 def _finite(a) -> list:
     """Values for JSON: NaN/inf become None so Plotly draws a gap instead of failing."""
     return [float(v) if v is not None and math.isfinite(float(v)) else None for v in np.asarray(a, float).ravel()]
@@ -266,7 +273,7 @@ def ppl_vs_err_figure(rows: list[dict]) -> go.Figure:
         rs = sorted(rs, key=lambda r: float(r.get("err") or 0.0))
         fig.add_trace(go.Scatter(
             x=[float(r.get("err") or 0.0) for r in rs], y=_finite([_num(r.get("ppl")) for r in rs]),
-            mode="lines+markers", name=f"{_esc(method)} · {_esc(dataset)}",
+            mode="lines+markers", name=f"{_esc(method)} · {_esc(dataset_label(dataset))}",
             customdata=[[_num(r.get("loss")), int(r.get("tokens") or 0)] for r in rs],
             hovertemplate=f"method {_esc(method)}<br>dataset {_esc(dataset)}<br>ERR %{{x:.0%}}<br>ppl %{{y:.4g}}"
                           "<br>loss %{customdata[0]:.4f}<br>tokens %{customdata[1]}<extra></extra>",

@@ -71,15 +71,16 @@ def rank_map(method="welore", err=0.5, k=0.175) -> dict:
 
 EVALS = [{"model": "runs/x<b>", "method": m, "err": e, "dataset": d, "seq_len": 64, "tokens": 4096,
           "loss": float(np.log(p)), "ppl": p}
-         for d, base in (("c4", 1.0), (EVIL, 2.0))
+         for d in ("c4", EVIL)
          for m, e, p in (("welore", 0.1, 12.5), ("welore", 0.5, 30.0), ("uniform", 0.1, 20.0),
                          ("uniform", 0.5, float("nan")))]
 
 
 def finetune_metrics(method, err, mem) -> dict:
-    return {"method": method, "err": err, "steps": 3, "trainable_params": 1000, "total_params": 4000,
+    # as spectra.finetune writes it: no "err" (the folder name carries it), ppl before and after
+    return {"method": method, "steps": 3, "trainable_params": 1000, "total_params": 4000,
             "peak_memory_bytes": mem, "tokens_per_s": 512.0, "loss_curve": [[1, 3.0], [2, 2.5], [3, 2.25]],
-            "eval_ppl": 9.5}
+            "eval_ppl_before": 11.0, "eval_ppl": 9.5}
 
 
 def write_run(root: Path, *, snapshots: bool = True) -> Path:
@@ -237,8 +238,10 @@ def test_report_is_deterministic_self_contained_and_escaped(full_run, report):
     assert "final validation perplexity</td><td>54.6 (step 30)" in text
     assert "model</td><td>tiny · layers 2, hidden 64" in text and "snapshots</td><td>2 (steps 20–30)" in text
     assert "target ERR 50.0%, achieved 49.0%, k=0.175" in text
-    assert "best ppl welore</td><td>12.5 (ERR 10.0%, c4)" in text
+    assert "best ppl welore · c4</td><td>12.5 (ERR 10.0%)" in text
     assert "<td class=num>12.50</td><td class=num>30.00</td>" in text and "<td class=num>nan</td>" in text
+    assert ("<td>welore-err50</td><td>welore</td><td class=num>50.0%</td><td class=num>3</td><td>1,000 / 4,000</td>"
+            "<td class=num>2</td><td class=num>512</td><td class=num>11</td><td class=num>9.5</td>") in text
     assert 3e6 < len(text.encode()) < 8e6  # plotly.js (~4.6 MB) once, not per figure
 
 
