@@ -159,6 +159,18 @@ def test_spectrum_curves_use_final_step_and_shade_threshold():
     assert len(rects) == 2 * len(COMPS) and {l.y0 for l in lines} == {0.175, 0.3}
 
 
+def test_long_spectra_are_thinned_keeping_true_indices():
+    n = 3000
+    sig = np.linspace(1.0, 0.0, n)[None, None, None, :]
+    ds = xr.Dataset({"sigma_norm": (("step", "layer", "component", "index"), sig)},
+                    coords={"step": [5], "layer": [0], "component": ["q"], "index": np.arange(n)})
+    (tr,) = F.spectrum_figure(ds).data
+    assert len(tr.x) == F.MAX_POINTS and tr.x[0] == 1 and tr.x[-1] == n
+    np.testing.assert_allclose(tr.y, sig[0, 0, 0, np.array(tr.x) - 1])  # each point is the true value at its index
+    (hm,) = F.emergence_figure(ds).data
+    assert list(hm.x) == list(tr.x)
+
+
 def test_emergence_heatmap_is_layer_mean_per_step():
     ds = spectrum_ds()
     fig = F.emergence_figure(ds)
