@@ -21,6 +21,15 @@ from spectra.store import read_analysis
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These graphs are tiny: one intra-op thread avoids OpenMP oversubscription (50× slower on a busy box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def micro():
     """A 2-layer LLaMA with hidden 16 (q_proj has 256 weights: its dense Hessian is cheap), float64.
