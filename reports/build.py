@@ -262,10 +262,10 @@ def report_command(
     out: Annotated[Optional[Path], typer.Option(help="Output HTML file [default: RUN/report.html].")] = None,
     title: Annotated[Optional[str], typer.Option(help="Report title [default: the run folder name].")] = None,
 ) -> None:
-    """Build one offline interactive HTML report (Plotly) of a run: Hessian gaps, gradient subspaces,
-    spectra and thresholds, rank maps, perplexity vs ERR, finetuning cost.
+    """Interactive offline HTML report of a run: the paper figures 1-7 and Table 1.
 
-    Sections whose inputs are not computed yet say which command makes them; plotly.js is
+    Plotly figures of Hessian gaps, gradient-subspace overlap, normalized spectra with the WeLore
+    threshold, heavy-tail metrics, rank maps, perplexity vs ERR and finetuning cost. Sections whose inputs are not computed yet say which command makes them; plotly.js is
     embedded once, so the file opens without network. Building twice gives identical bytes.
     """
     text = build_report(run, title)
