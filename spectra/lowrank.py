@@ -120,9 +120,9 @@ def _entries(model: nn.Module, rank_map: dict) -> dict[tuple[int, str], dict]:
 def compress_model(model: nn.Module, rank_map: dict, device: str | torch.device | None = None, progress: bool = True) -> nn.Module:
     """Apply a rank map in place, one decoder linear at a time (SVD on `device`, default the weight's)."""
     entries = _entries(model, rank_map)
-    todo = list(iter_components(model))
-    for layer, comp, name, mod in tqdm(todo, desc="compress", disable=not progress, leave=False):
-        e = entries[(layer, comp)]
+    todo = [(layer, comp, name) for layer, comp, name, _ in iter_components(model)]  # names only: no refs
+    for layer, comp, name in tqdm(todo, desc="compress", disable=not progress, leave=False):
+        e, mod = entries[(layer, comp)], model.get_submodule(name)
         if isinstance(mod, LowRankLinear):
             raise SpectraError(f"{name} is already low-rank; merge the model first (spectra compress --merge)")
         if e["lrc"]:
@@ -135,9 +135,8 @@ def compress_model(model: nn.Module, rank_map: dict, device: str | torch.device 
 
 def merge_model(model: nn.Module) -> nn.Module:
     """Turn every `LowRankLinear` back into a dense `nn.Linear` (weight = B·A), in place."""
-    for _, _, name, mod in list(iter_components(model)):
-        if isinstance(mod, LowRankLinear):
-            _replace(model, name, merge_linear(mod))
+    for name in [name for *_, name, mod in iter_components(model) if isinstance(mod, LowRankLinear)]:
+        _replace(model, name, merge_linear(model.get_submodule(name)))
     return model
 
 

@@ -335,7 +335,7 @@ def ranks_command(
     err_by: Annotated[str, typer.Option(help="Measure ERR by rank (paper) or by parameter count.")] = "rank",
     analysis: Annotated[Optional[str], typer.Option(help="analysis.zarr for --method diagnostic (default: <run>/analysis.zarr); the map is also written there as group ranks/<name>.")] = None,
     lrc_rule: Annotated[str, typer.Option(help="LRC = r(m+n) < m·n (params, per-shape break-even) or r < 0.5·rank (paper).")] = "params",
-    out: Annotated[Optional[str], typer.Option(help="Rank map JSON path (default: <run>/ranks/<method>-err<NN>.json, else <ckpt>/ranks/...).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Rank map JSON path (default: <run>/ranks/<method>-err<NN>[-params].json, else <ckpt>/ranks/...).")] = None,
     device: Annotated[str, typer.Option(help="Where the SVDs run (auto: cuda when available).")] = "auto",
 ) -> None:
     """WeLore rank map (or uniform / diagnostic baseline) for a target ERR, with a per-layer table."""
