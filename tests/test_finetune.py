@@ -227,3 +227,17 @@ def test_cli_bad_inputs_exit_2_one_line(t5_run, tmp_path, capsys):
         assert main(["finetune", *args, *common]) == 2, args
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and msg in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_autocast_welore_uses_less_memory_than_full(pretrained, data):
+    from spectra.finetune import FinetuneConfig, finetune
+
+    peaks = {}
+    for method in ("welore", "full"):
+        cfg = FinetuneConfig(method=method, steps=3, lr=3e-3, batch_size=4, micro_batch=4, warmup=1)
+        model, m = finetune(copy.deepcopy(pretrained), iter(data[0]), cfg, torch.device("cuda"), data[1])
+        assert m["peak_memory_kind"] == "cuda_max_allocated" and m["eval_ppl"] < m["eval_ppl_before"]
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 masters under autocast
+        peaks[method] = m["peak_memory_bytes"]
+    assert peaks["welore"] < peaks["full"]
