@@ -15,6 +15,16 @@ on one random-token batch of a random-init model of the named GaLore config (fin
 PyHessian needs hundreds of HVPs per component, so by default it runs on a spread sample of
 --baseline-components matrices; the ratio is taken on exactly those matrices (both timed), and the
 full-selection PyHessian time is also shown scaled by the sampled per-matrix costs.
+
+Measured (2026-11-23, 2 shared CPU cores, torch 2.13, --threads 1, a loaded box so ±30%):
+  --config tiny --device cpu --naive   (14 matrices, top-8+1, 32 iterations, 4×64 tokens, vocab 1024)
+    spectra 9.96 s for all 14 (22 ms/HVP) | PyHessian 61.2 s vs spectra 2.53 s on the same 4 -> 24.1x
+    naive recompute-every-HVP 4.56 s on those 4 -> graph reuse 1.8x | λ1 equal to ~1e-6 where
+    PyHessian's top-|λ| is the top λ (L0.q 0.000831093 vs 0.000831091, L1.v 0.371383 vs 0.371381).
+  The 130m / H100 target (all 84, 32×256 tokens: ≤ 30 s, ≥ 10× PyHessian) is NOT measured: this
+  session had no GPU. Expectation from ANCHORS' 0.105 s per recomputed q_proj HVP and the 1.8x
+  reuse gain: ~150 s in fp32, less with --tf32; profile on CPU shows the vocab-sized logits
+  (lm_head matmul + log-softmax double backward) dominate each HVP, the next thing to attack.
 """
 
 from __future__ import annotations
