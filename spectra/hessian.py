@@ -230,6 +230,21 @@ def _gather(results: list[ComponentGap], world: int) -> list[ComponentGap] | Non
     return [r for p in parts for r in p] if parts is not None else None
 
 
+@contextmanager
+def _rank0_first(world: int, rank: int):
+    """Run the body on rank 0 before the other ranks (shared on-disk caches are written once)."""
+    if world == 1:
+        yield
+        return
+    import torch.distributed as dist
+
+    if rank != 0:
+        dist.barrier()
+    yield
+    if rank == 0:
+        dist.barrier()
+
+
 def _pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -330,9 +345,14 @@ def hessian_gap_command(
     weights = select_components(model, layers, components)
     if not weights:
         raise SpectraError("no component matches --layers/--components")
-    ids = [b.to(dev) for b in token_batches(data, tokenizer, seq_len, batches, batch_size, model.config.vocab_size)]
+    with _rank0_first(world, rank):  # rank 0 fills the token-window cache; the others then read it
+        ids = [b.to(dev) for b in token_batches(data, tokenizer, seq_len, batches, batch_size, model.config.vocab_size)]
     results = _gather(hessian_gaps(model, weights, ids, k=k, iterations=iterations, seed=seed, tol=tol,
                                    rank=rank, world=world), world)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     if rank != 0:
         return
     ds = gaps_dataset(results, k)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -182,7 +183,10 @@ def test_torchrun_two_gloo_ranks_match_one_process(single_store, run_dir, shared
     torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "dist.zarr"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29531", "-m", "spectra.cli",
+    with socket.socket() as sock:  # a free port: other suites may run their own process groups
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), "-m", "spectra.cli",
            *_args(shared_data, run_dir, "--out", str(out))]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
