@@ -129,7 +129,8 @@ def component_gap(model: nn.Module, layer: int, comp: str, weight: torch.Tensor,
     for b, ids in enumerate(batches):
         hvp = BlockHVP(model, ids, weight, reuse=reuse)
         v0 = start_vector(n, seed, layer, list(COMPONENTS).index(comp), b, weight.dtype, weight.device)
-        r = lanczos(hvp, v0, k + 1, iterations, tol=tol,
+        restart = torch.Generator().manual_seed(seed + b)  # only used after an exact breakdown
+        r = lanczos(hvp, v0, k + 1, iterations, tol=tol, generator=restart,
                     on_step=(lambda _j: progress.update(1)) if progress is not None else None)
         hvp.release()
         if progress is not None and r.iterations < iterations:  # early stop: keep the bar honest
