@@ -135,7 +135,7 @@ class Trainer:
             self.step, self.tokens = state["step"], state["tokens"]
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            (self.run_dir / "run_config.json").write_text(json.dumps(asdict(cfg), indent=2))
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
             if cfg.snapshot_every > 0 or cfg.snapshot_steps:
                 from spectra.store import SnapshotWriter

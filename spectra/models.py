@@ -120,13 +120,13 @@ def find_checkpoint(path: str | Path) -> Path:
     """Resolve a model folder from a checkpoint folder, a run folder (its latest checkpoint) or
     a `runs/<id>` path, so `--ckpt runs/abc` works as users expect."""
     p = Path(path)
-    if (p / "config.json").is_file():
-        return p
-    latest = p / "checkpoints" / "latest"
+    latest = p / "checkpoints" / "latest"  # a run folder: its newest checkpoint
     if latest.is_file():
         cand = p / "checkpoints" / latest.read_text().strip()
         if (cand / "config.json").is_file():
             return cand
+    if (p / "config.json").is_file():
+        return p
     if not p.exists():
         raise SpectraError(f"checkpoint {p} does not exist")
     raise SpectraError(f"{p} holds no model checkpoint (expected config.json or checkpoints/latest)")

@@ -32,13 +32,23 @@ def shared_data() -> Path:
 
 # name -> stage arguments; `tiny` runs in a few CPU minutes, `130m` is the GPU reference run
 PRESETS: dict[str, dict] = {
+    # a few CPU minutes: the README's first command
     "quickstart": dict(
-        pretrain=dict(model="tiny", steps=300, seq_len=128, batch_size=16, micro_batch=16, lr=3e-3, warmup=30,
-                      eval_every=100, save_every=100, snapshot_every=50, snapshot_grad="full", val_tokens=32768),
-        grad_rank=8, hessian=dict(k=4, iterations=16, batches=2, batch_size=4, seq_len=128),
-        errs=(0.1, 0.2, 0.3, 0.4, 0.5), eval_tokens=32768, eval_seq=128,
-        finetune=dict(steps=40, batch_size=8, micro_batch=8, seq_len=128, eval_tokens=16384), finetune_errs=(0.3, 0.5),
+        pretrain=dict(model="tiny", steps=150, seq_len=128, batch_size=8, micro_batch=8, lr=3e-3, warmup=15,
+                      eval_every=50, save_every=50, snapshot_every=25, snapshot_grad="full", val_tokens=16384),
+        grad_rank=8, hessian=dict(k=4, iterations=12, batches=2, batch_size=2, seq_len=64),
+        errs=(0.1, 0.3, 0.5), eval_tokens=8192, eval_seq=128,
+        finetune=dict(steps=10, batch_size=4, micro_batch=4, seq_len=128, eval_tokens=4096), finetune_errs=(0.5,),
     ),
+    # the reference run when no GPU is lent: the largest config 2 CPU cores train in ~10 minutes
+    "cpu-reference": dict(
+        pretrain=dict(model="9m", steps=240, seq_len=128, batch_size=16, micro_batch=16, lr=3e-3, warmup=24,
+                      eval_every=40, save_every=60, snapshot_every=30, snapshot_grad="full", val_tokens=32768),
+        grad_rank=8, hessian=dict(k=4, iterations=12, batches=2, batch_size=2, seq_len=128),
+        errs=(0.1, 0.2, 0.3, 0.4, 0.5), eval_tokens=16384, eval_seq=128,
+        finetune=dict(steps=20, batch_size=8, micro_batch=8, seq_len=128, eval_tokens=8192), finetune_errs=(0.3, 0.5),
+    ),
+    # the GPU reference run (one H100: about 20 minutes end to end)
     "130m": dict(
         pretrain=dict(model="130m", steps=2000, seq_len=256, batch_size=512, micro_batch=128, lr=1e-3, warmup=200,
                       eval_every=250, save_every=500, snapshot_every=250, snapshot_grad="sketch", val_tokens=1 << 20),
@@ -114,7 +124,7 @@ def pipeline_command(
         for method in ("welore", "lora", "galore", "full"):
             _stage(f"finetune {method} @ ERR {err:.0%}", finetune_command, model=str(folder), method=method, data=train,
                    val_data=val, tokenizer=tok, device=device,
-                   out=str(run / "finetune" / f"{method}-err{round(100 * err):02d}"), **p["finetune"])
-    _stage("report", report_command, run=str(run))
+                   out=run / "finetune" / f"{method}-err{round(100 * err):02d}", **p["finetune"])
+    _stage("report", report_command, run=run, title=f"spectra {preset} run {run_id}")
     (run / "pipeline.json").write_text(json.dumps({"preset": preset, "stages": p, "data": str(data)}, indent=2))
     print(f"\nreport: {run / 'report.html'}")
