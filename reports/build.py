@@ -110,27 +110,31 @@ def pretrain_section(inp: RunInputs) -> Section:
     return sec
 
 
+def _analysis_section(inp: RunInputs, group: str, sid: str, title: str, blurb: str) -> tuple[Section, object]:
+    """A section fed by one analysis.zarr group: (section, dataset or None with the hint set)."""
+    sec = Section(sid, title, blurb, problems=_problems(inp, group))
+    ds = inp.analysis.get(group)
+    if ds is None:
+        sec.missing = f"not computed yet: run `spectra {group.replace('_', '-')}`"
+    return sec, ds
+
+
 def hessian_section(inp: RunInputs) -> Section:
-    sec = Section("hessian-gap", "Hessian gap per layer and component (Fig. 1)",
-                  "Gap between the k-th and (k+1)-th Hessian eigenvalue of each weight block; a clear gap lets "
-                  "the gradient settle into a low-rank subspace.", problems=_problems(inp, "hessian_gap"))
-    ds = inp.analysis.get("hessian_gap")
+    sec, ds = _analysis_section(
+        inp, "hessian_gap", "hessian-gap", "Hessian gap per layer and component (Fig. 1)",
+        "Gap between the k-th and (k+1)-th Hessian eigenvalue of each weight block; a clear gap lets "
+        "the gradient settle into a low-rank subspace.")
     if ds is not None:
         sec.figures.append(("hessian-gap", F.hessian_gap_figure(ds)))
-    else:
-        sec.missing = "not computed yet: run `spectra hessian-gap`"
     return sec
 
 
 def subspace_section(inp: RunInputs) -> Section:
-    sec = Section("grad-subspace", "Gradient-subspace stabilization (Fig. 2)",
-                  "Overlap ‖PᵀQ‖²_F / r of the top-r gradient subspaces; values near 1 mean the subspace stopped moving.",
-                  problems=_problems(inp, "grad_subspace"))
-    ds = inp.analysis.get("grad_subspace")
-    if ds is None:
-        sec.missing = "not computed yet: run `spectra grad-subspace`"
-        return sec
-    sec.figures += [(f"subspace-{v}", F.subspace_figure(ds, v)) for v in SUBSPACE if v in ds]
+    sec, ds = _analysis_section(
+        inp, "grad_subspace", "grad-subspace", "Gradient-subspace stabilization (Fig. 2)",
+        "Overlap ‖PᵀQ‖²_F / r of the top-r gradient subspaces; values near 1 mean the subspace stopped moving.")
+    if ds is not None:
+        sec.figures += [(f"subspace-{v}", F.subspace_figure(ds, v)) for v in SUBSPACE if v in ds]
     return sec
 
 
@@ -147,12 +151,11 @@ def _thresholds(inp: RunInputs) -> list[tuple[str, float]]:
 
 
 def spectrum_section(inp: RunInputs) -> Section:
-    sec = Section("spectrum", "Normalized singular values and the WeLore threshold (Fig. 3, Fig. 2 row 2)",
-                  "σ̂ = (σ − σmin)/(σmax − σmin) per weight matrix; singular values below k (red) are pruned, "
-                  "those above (green) kept.", problems=_problems(inp, "spectrum"))
-    ds = inp.analysis.get("spectrum")
+    sec, ds = _analysis_section(
+        inp, "spectrum", "spectrum", "Normalized singular values and the WeLore threshold (Fig. 3, Fig. 2 row 2)",
+        "σ̂ = (σ − σmin)/(σmax − σmin) per weight matrix; singular values below k (red) are pruned, "
+        "those above (green) kept.")
     if ds is None:
-        sec.missing = "not computed yet: run `spectra spectrum`"
         return sec
     ks = _thresholds(inp)
     if not ks:
@@ -164,14 +167,11 @@ def spectrum_section(inp: RunInputs) -> Section:
 
 
 def heavy_tail_section(inp: RunInputs) -> Section:
-    sec = Section("heavy-tail", "Heavy-tail metrics across training",
-                  "weightwatcher-style power-law α (λ = σ²), α-weighted, stable and effective rank, log-norm.",
-                  problems=_problems(inp, "spectrum"))
-    ds = inp.analysis.get("spectrum")
-    if ds is None:
-        sec.missing = "not computed yet: run `spectra spectrum`"
-        return sec
-    sec.figures += [(f"heavy-tail-{m}", F.heavy_tail_figure(ds, m)) for m in HEAVY_TAIL if m in ds]
+    sec, ds = _analysis_section(
+        inp, "spectrum", "heavy-tail", "Heavy-tail metrics across training",
+        "weightwatcher-style power-law α (λ = σ²), α-weighted, stable and effective rank, log-norm.")
+    if ds is not None:
+        sec.figures += [(f"heavy-tail-{m}", F.heavy_tail_figure(ds, m)) for m in HEAVY_TAIL if m in ds]
     return sec
 
 
