@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # transformers takes seconds to import; keep `spectra --help` fast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ def vocab_for(tokenizer_len: int) -> int:
 
 def llama_config(name: str, vocab_size: int = 32000, attn_implementation: str = "sdpa") -> LlamaConfig:
     """The `LlamaConfig` for one of `SIZES` (raises KeyError with the valid names otherwise)."""
+    from transformers import LlamaConfig
+
     if name not in SIZES:
         raise KeyError(f"unknown model config {name!r}; choose one of {', '.join(SIZES)}")
     s = SIZES[name]
@@ -73,5 +77,8 @@ def llama_config(name: str, vocab_size: int = 32000, attn_implementation: str = 
 
 def build_model(name: str, vocab_size: int = 32000, seed: int = 0, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
     """A freshly initialised, seeded LLaMA of size `name` (float32 parameters)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(seed)
     return LlamaForCausalLM(llama_config(name, vocab_size, attn_implementation))
