@@ -19,15 +19,7 @@ import torch.nn.functional as F
 import typer
 
 from spectra.errors import SpectraError
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` -> cuda when present, else cpu; an unavailable cuda request is a user error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SpectraError(f"--device {device} requested but no CUDA device is available")
-    return torch.device(device)
+from spectra.models import resolve_device
 
 
 def autocast_for(device: torch.device, enabled: bool = True):

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from spectra.errors import SpectraError
 from spectra.lanczos import lanczos
+from spectra.models import resolve_device
 
 # --------------------------------------------------------------------------- Hessian-vector products
 
@@ -206,7 +207,7 @@ def hessian_gaps(model: nn.Module, weights: dict[tuple[int, str], torch.Tensor],
 def _dist_init(device: str) -> tuple[int, int, torch.device]:
     """(rank, world, device) — under torchrun one process group, one GPU per rank; else (0, 1, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = _pick_device(device)
+    dev = resolve_device(device)
     if world == 1:
         return 0, 1, dev
     import torch.distributed as dist
@@ -244,16 +245,6 @@ def _rank0_first(world: int, rank: int):
     yield
     if rank == 0:
         dist.barrier()
-
-
-def _pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SpectraError(f"--device {device} requested but no CUDA device is available")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise SpectraError(f"--device must be auto, cpu or cuda, got {device!r}")
-    return torch.device(device)
 
 
 # --------------------------------------------------------------------------- command

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from spectra.errors import SpectraError
-from spectra.models import find_checkpoint, iter_components
+from spectra.models import find_checkpoint, iter_components, resolve_device
 
 RANK_MAP_FILE = "spectra_rank_map.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -256,7 +256,7 @@ def compress_command(
     rmap = load_rank_map(rank_map) if rank_map is not None else None  # bad input fails before the model loads
     check_options("welore", err, "rank", "params")
     model = _load_dense(src, want)
-    svd_device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    svd_device = resolve_device(device)
     if rmap is None:  # the global threshold needs every spectrum before any matrix is cut: a cheap svdvals pass first
         rmap = build_rank_map(model_spectra(model, svd_device), "welore", err)
     before = _param_count(model)

@@ -73,6 +73,18 @@ def select_components(model: nn.Module, layers: list[int] | None = None, compone
     return {k: w for k, w in ws.items() if (not layers or k[0] in layers) and (not components or k[1] in components)}
 
 
+def resolve_device(device: str) -> torch.device:
+    """`--device` for every command: "auto" -> cuda when present, else cpu; cpu, cuda or cuda:N
+    otherwise, and asking for cuda without one is a user error (one line, not a CUDA traceback)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise SpectraError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpectraError(f"device {device!r} requested but no CUDA device is available")
+    return torch.device(device)
+
+
 def set_attention(model: nn.Module, impl: str) -> None:
     """Switch attention kernel at run time ("eager" for Hessian-vector products: fused SDPA
     kernels have no double backward)."""

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from spectra.errors import SpectraError
 from spectra.heavytail import normalized_singular_values, singular_values
-from spectra.models import COMPONENTS, find_checkpoint, iter_components, parse_module_name
+from spectra.models import COMPONENTS, find_checkpoint, iter_components, parse_module_name, resolve_device
 
 METHODS = ("welore", "uniform", "diagnostic")
 SPREAD = 1.0  # diagnostic: the least compressible component keeps 3x the rank fraction of the most
@@ -350,7 +350,7 @@ def ranks_command(
     if method == "diagnostic" and (store is None or not store.exists()):
         raise SpectraError("--method diagnostic needs an analysis store: pass --analysis runs/<id>/analysis.zarr "
                            "(made by `spectra grad-subspace` / `spectra hessian-gap`)")
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dev = resolve_device(device)
     spectra = checkpoint_spectra(src, dev)
     scores = diagnostic_scores(store, [(s.layer, s.component) for s in spectra]) if method == "diagnostic" else None
     rank_map = build_rank_map(spectra, method, err, err_by, lrc_rule, scores)

@@ -23,24 +23,12 @@ from tqdm import tqdm
 
 from spectra.errors import SpectraError
 from spectra.heavytail import normalized_singular_values, singular_values, spectrum_metrics
-from spectra.models import COMPONENTS
+from spectra.models import COMPONENTS, resolve_device
 
 METRICS = ("full_rank", "stable_rank", "effective_rank", "entropy", "energy_top_r", "alpha",
            "alpha_weighted", "log_norm", "xmin", "ks_distance")
 
 Weights = dict[tuple[int, str], torch.Tensor]
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when present, else cpu; asking for cuda without one is a user error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SpectraError(f"device {device!r} requested but no CUDA device is available")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise SpectraError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
 
 
 # --------------------------------------------------------------------------- sources

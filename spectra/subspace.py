@@ -26,8 +26,8 @@ import xarray as xr
 from tqdm import tqdm
 
 from spectra.errors import SpectraError
-from spectra.models import COMPONENTS
-from spectra.spectrum import default_out, is_snapshot_store, resolve_device
+from spectra.models import COMPONENTS, resolve_device
+from spectra.spectrum import default_out, is_snapshot_store
 
 
 # --------------------------------------------------------------------------- subspace math
