@@ -24,7 +24,7 @@ from typing import Annotated, Optional
 import torch
 import typer
 
-from pretrain import distributed as dist_utils
+from spectra import distributed as dist_utils
 from pretrain.checkpoint import latest_checkpoint, load_trainer_state, load_weights, rng_state, save_checkpoint, set_rng_state
 from pretrain.configs import SIZES, build_model, vocab_for
 from spectra.errors import SpectraError
@@ -95,6 +95,9 @@ class Trainer:
             raise SpectraError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch {cfg.micro_batch}")
         self.cfg = cfg
         self.rank, self.world, self.device = dist_utils.setup(cfg.device)
+        if self.device.type == "cuda":  # fp32 parts of the step (optimizer, norms) run on tensor cores
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         per_rank = cfg.batch_size // cfg.micro_batch
         if per_rank % self.world:
             raise SpectraError(f"batch {cfg.batch_size} / micro {cfg.micro_batch} = {per_rank} micro-batches "
@@ -199,42 +202,44 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0, desc=f"pretrain {cfg.model}",
                    unit="step", dynamic_ncols=True, file=sys.stderr)
         t0, tok0 = time.perf_counter(), self.tokens
-        while True:
-            tokens_before = self.tokens
-            loss = self.accumulate(batches)
-            if self.writer is not None and cfg.snapshot_at(self.step):
-                self.writer.write(self.model, step=self.step, tokens=tokens_before, lr=self.sched.get_last_lr()[0],
-                                  loss=loss, grad_norm=_grad_norm(self.model))
-            if self.step >= cfg.steps:  # the extra pass only served the final snapshot's gradient
+        try:
+            while True:
+                tokens_before = self.tokens
+                loss = self.accumulate(batches)
+                if self.writer is not None and cfg.snapshot_at(self.step):
+                    self.writer.write(self.model, step=self.step, tokens=tokens_before, lr=self.sched.get_last_lr()[0],
+                                      loss=loss, grad_norm=_grad_norm(self.model))
+                if self.step >= cfg.steps:  # the extra pass only served the final snapshot's gradient
+                    self.opt.zero_grad(set_to_none=True)
+                    break
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                lr = self.sched.get_last_lr()[0]
+                self.opt.step()
+                self.sched.step()
                 self.opt.zero_grad(set_to_none=True)
-                break
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            lr = self.sched.get_last_lr()[0]
-            self.opt.step()
-            self.sched.step()
-            self.opt.zero_grad(set_to_none=True)
-            self.step += 1
-            dt = time.perf_counter() - t0
-            tps = (self.tokens - tok0) / max(dt, 1e-9)
-            row = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens, "tokens_per_s": tps, "elapsed_s": dt}
-            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-                row["val_loss"], row["val_ppl"] = self.validate()
-            self.log(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
-                            **({"val_ppl": f"{row['val_ppl']:.1f}"} if "val_ppl" in row else {}))
-            if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
-                self.checkpoint()
-            if self.step == kill_at:
-                if self.writer is not None:
-                    self.writer.wait()
-                os.kill(os.getpid(), 9)
-            # all ranks decide alike: a final snapshot needs one more (update-free) gradient pass
-            if self.step >= cfg.steps and not cfg.snapshot_at(self.step):
-                break
-        bar.close()
-        batches.close()
+                self.step += 1
+                dt = time.perf_counter() - t0
+                tps = (self.tokens - tok0) / max(dt, 1e-9)
+                row = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens, "tokens_per_s": tps, "elapsed_s": dt}
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    row["val_loss"], row["val_ppl"] = self.validate()
+                self.log(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
+                                **({"val_ppl": f"{row['val_ppl']:.1f}"} if "val_ppl" in row else {}))
+                if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
+                    self.checkpoint()
+                if self.step == kill_at:
+                    if self.writer is not None:
+                        self.writer.wait()
+                    os.kill(os.getpid(), 9)
+                # all ranks decide alike: a final snapshot needs one more (update-free) gradient pass
+                if self.step >= cfg.steps and not cfg.snapshot_at(self.step):
+                    break
+        finally:  # also on errors: the prefetch thread must not outlive the loop
+            bar.close()
+            batches.close()
         if self.writer is not None:
             self.writer.close()
         dist_utils.teardown()

@@ -330,5 +330,18 @@ class Prefetcher:
     def state(self) -> PackState:
         return self._state.copy()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the producer and wait until it has left native code. A daemon thread still inside
+        the tokenizer or torch at interpreter exit is killed by pthread_exit mid-C++ frame, which
+        aborts the process ("terminate called without an active exception") after a good run."""
+        import queue
+        import time
+
         self._stop.set()
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            try:  # make room so a producer blocked on put() sees the stop flag
+                self._q.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=0.05)

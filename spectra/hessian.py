@@ -21,7 +21,6 @@ How one HVP is made cheap (all exact, no approximation):
 from __future__ import annotations
 
 import math
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +33,9 @@ import xarray as xr
 from torch import nn
 from tqdm.auto import tqdm
 
+from spectra import distributed as dist_utils
 from spectra.errors import SpectraError
 from spectra.lanczos import lanczos
-from spectra.models import resolve_device
 
 # --------------------------------------------------------------------------- Hessian-vector products
 
@@ -201,61 +200,7 @@ def hessian_gaps(model: nn.Module, weights: dict[tuple[int, str], torch.Tensor],
     return out
 
 
-# --------------------------------------------------------------------------- distributed (torchrun)
-
-
-def _dist_init(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world, device) — under torchrun one process group, one GPU per rank; else (0, 1, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = resolve_device(device)
-    if world == 1:
-        return 0, 1, dev
-    import torch.distributed as dist
-
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return rank, world, dev
-
-
-def _gather(results: list[ComponentGap], world: int) -> list[ComponentGap] | None:
-    """All ranks' results on rank 0 (None elsewhere)."""
-    if world == 1:
-        return results
-    import torch.distributed as dist
-
-    parts = [None] * world if dist.get_rank() == 0 else None
-    dist.gather_object(results, parts, dst=0)
-    return [r for p in parts for r in p] if parts is not None else None
-
-
-@contextmanager
-def _rank0_first(world: int, rank: int):
-    """Run the body on rank 0 before the other ranks (shared on-disk caches are written once)."""
-    if world == 1:
-        yield
-        return
-    import torch.distributed as dist
-
-    if rank != 0:
-        dist.barrier()
-    yield
-    if rank == 0:
-        dist.barrier()
-
-
 # --------------------------------------------------------------------------- command
-
-
-def default_out(ckpt_dir: Path) -> Path:
-    """runs/<id>/analysis.zarr for a checkpoint inside runs/<id>/checkpoints/..., else <ckpt>/analysis.zarr."""
-    for parent in ckpt_dir.resolve().parents:
-        if parent.name == "checkpoints":
-            return parent.parent / "analysis.zarr"
-    return ckpt_dir / "analysis.zarr"
 
 
 def token_batches(data: str | None, tokenizer: str, seq_len: int, batches: int, batch_size: int,
@@ -321,13 +266,13 @@ def hessian_gap_command(
     certificate, mean ± standard error over --batches data batches. Writes the `hessian_gap` group
     of the analysis store. Under `torchrun --nproc_per_node N` the components are split over ranks.
     """
-    from spectra.models import find_checkpoint, load_causal_lm, select_components, set_attention
+    from spectra.models import analysis_store_for, find_checkpoint, load_causal_lm, select_components, set_attention
     from spectra.store import write_analysis
 
     path = find_checkpoint(ckpt)
     if k < 1 or iterations < k + 1 or batches < 1 or batch_size < 1 or seq_len < 2:
         raise SpectraError("need k ≥ 1, --iterations ≥ k+1, --batches ≥ 1, --batch-size ≥ 1, --seq-len ≥ 2")
-    rank, world, dev = _dist_init(device)
+    rank, world, dev = dist_utils.setup(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
@@ -337,14 +282,12 @@ def hessian_gap_command(
     weights = select_components(model, layers, components)
     if not weights:
         raise SpectraError("no component matches --layers/--components")
-    with _rank0_first(world, rank):  # rank 0 fills the token-window cache; the others then read it
+    with dist_utils.rank0_first():  # rank 0 fills the token-window cache; the others then read it
         ids = [b.to(dev) for b in token_batches(data, tokenizer, seq_len, batches, batch_size, model.config.vocab_size)]
-    results = _gather(hessian_gaps(model, weights, ids, k=k, iterations=iterations, seed=seed, tol=tol,
-                                   rank=rank, world=world), world)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    parts = dist_utils.gather(hessian_gaps(model, weights, ids, k=k, iterations=iterations, seed=seed, tol=tol,
+                                           rank=rank, world=world))
+    dist_utils.teardown()
+    results = [r for part in parts for r in part]
     if rank != 0:
         return
     ds = gaps_dataset(results, k)
@@ -352,6 +295,6 @@ def hessian_gap_command(
              "seed": seed, "tol": tol, "tf32": tf32, "checkpoint": str(path), "data": data or "hub:allenai/c4 validation",
              "rel_gap": "(λ_k − λ_{k+1}) / |λ_1|, mean over batches", "residuals": "max over batches of ‖H y − θ y‖",
              "iterations_used_max": int(max(r.iterations.max() for r in results))}
-    dest = write_analysis(Path(out) if out else default_out(path), "hessian_gap", ds, attrs)
+    dest = write_analysis(Path(out) if out else analysis_store_for(path), "hessian_gap", ds, attrs)
     print_table(ds, k)
     print(f"wrote hessian_gap to {dest}")

@@ -113,3 +113,22 @@ def test_prefetcher_matches_the_stream_and_its_state(corpus):
     assert (st.epoch, st.index) == (direct.state.epoch, direct.state.index)
     assert np.array_equal(st.buffer, direct.state.buffer)
     pre.close()
+    # close() waits for the producer: a daemon thread still inside the tokenizer at interpreter
+    # exit aborts the process (seen as a SIGABRT of a DDP rank after a finished run)
+    assert not pre._thread.is_alive()
+
+
+def test_prefetcher_close_releases_a_blocked_producer(corpus):
+    from spectra.data import Prefetcher
+
+    path, _ = corpus
+    pre = Prefetcher(PackedStream(load_local_docs(str(path)), CharTok(), 8, seed=5), 2, depth=1)
+    next(pre)
+    import time
+
+    deadline = time.monotonic() + 10
+    while not pre._q.full() and time.monotonic() < deadline:  # the producer now waits on a full queue
+        time.sleep(0.01)
+    assert pre._q.full()
+    pre.close(timeout=10)
+    assert not pre._thread.is_alive()

@@ -1,6 +1,7 @@
-"""The few DDP pieces the loop needs; every function is a no-op in a single process.
+"""The few torch.distributed pieces the commands need (DDP pretraining, components split over
+ranks in hessian-gap); every function is a no-op in a single process.
 
-Launch with `torchrun --nproc_per_node N -m spectra.cli pretrain ...` (multi-node: the usual
+Launch with `torchrun --nproc_per_node N -m spectra.cli pretrain|hessian-gap ...` (multi-node: the usual
 --nnodes/--rdzv-endpoint flags). NCCL on GPUs, gloo on CPU.
 """
 
@@ -8,31 +9,27 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
 
-from spectra.errors import SpectraError
 
 
 def setup(device: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world, device): under torchrun one process group (NCCL on GPUs, gloo on CPU) and
+    one GPU per local rank; in a single process (0, 1, the resolved --device)."""
+    from spectra.models import resolve_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SpectraError("--device cuda but no CUDA device is visible")
-        dev = torch.device("cuda", local if world > 1 else (torch.device(device).index or 0))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        if world > 1:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        elif dev.index is None:
+            dev = torch.device("cuda", 0)
         torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    elif device == "cpu":
-        dev = torch.device("cpu")
-    else:
-        raise SpectraError(f"--device must be auto, cpu or cuda, not {device!r}")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return rank, world, dev
@@ -93,6 +90,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+@contextmanager
+def rank0_first():
+    """Run the body on rank 0 before the other ranks (shared on-disk caches are written once)."""
+    rank = dist.get_rank() if active() else 0
+    if rank != 0:
+        dist.barrier()
+    yield
+    if rank == 0:
+        barrier()
+
+
 def teardown() -> None:
+    """Destroy the group once every rank got here: a rank that tears down (or exits) while rank 0
+    still writes its last checkpoint can leave gloo work in flight, which aborts at interpreter exit."""
     if active():
+        dist.barrier()
         dist.destroy_process_group()
