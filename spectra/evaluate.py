@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import typer
 
 from spectra.errors import SpectraError
-from spectra.models import resolve_device
+from spectra.models import resolve_device, run_dir_of
 
 
 def autocast_for(device: torch.device, enabled: bool = True):
@@ -67,15 +67,6 @@ def check_vocab(model, tokenizer) -> None:
     if len(tokenizer) > n_emb:
         raise SpectraError(f"tokenizer has {len(tokenizer)} ids but the model embeds only {n_emb}; "
                            "pass the --tokenizer the model was trained with")
-
-
-def run_dir_of(path: str | Path) -> Path | None:
-    """`runs/<id>` containing `path` (a checkpoint or compressed-model folder), if any."""
-    p = Path(path).resolve()
-    for parent in (p, *p.parents):
-        if parent.parent.name == "runs":
-            return parent
-    return None
 
 
 def model_label(path: Path) -> tuple[str, float | None]:

@@ -34,9 +34,9 @@ import typer
 from torch import nn
 
 from spectra.errors import SpectraError
-from spectra.evaluate import autocast_for, check_vocab, model_label, perplexity, quiet_transformers, run_dir_of
+from spectra.evaluate import autocast_for, check_vocab, model_label, perplexity, quiet_transformers
 from spectra.lowrank import LowRankLinear
-from spectra.models import iter_components, resolve_device
+from spectra.models import iter_components, resolve_device, run_dir_of
 
 METHODS = ("welore", "lora", "galore", "full")
 # Defaults for the tiny..350m models spectra pretrains (trained at lr 1e-3): a tenth of that for

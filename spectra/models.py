@@ -128,6 +128,27 @@ def load_causal_lm(path: str | Path, *, device: str | torch.device = "cpu", dtyp
     return model
 
 
+def run_dir_of(path: str | Path) -> Path | None:
+    """The run folder (`runs/<id>`) that `path` is or lies inside — a checkpoint, a snapshot store,
+    a compressed model or a finetune output — recognised by what `spectra pretrain` writes there."""
+    p = Path(path).resolve()
+    for cand in (p, *p.parents):
+        if ((cand / "run_config.json").is_file() or (cand / "snapshots.zarr").is_dir()
+                or (cand / "checkpoints" / "latest").is_file()):
+            return cand
+    return None
+
+
+def analysis_store_for(path: str | Path) -> Path:
+    """Default analysis store: `<run>/analysis.zarr` for anything inside a run, else next to a
+    snapshot store, else inside the checkpoint folder."""
+    p = Path(path)
+    run = run_dir_of(p)
+    if run is not None:
+        return run / "analysis.zarr"
+    return (p.parent if p.suffix == ".zarr" else p) / "analysis.zarr"
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """Resolve a model folder from a checkpoint folder, a run folder (its latest checkpoint) or
     a `runs/<id>` path, so `--ckpt runs/abc` works as users expect."""

@@ -46,7 +46,8 @@ from tqdm import tqdm
 
 from spectra.errors import SpectraError
 from spectra.heavytail import normalized_singular_values, singular_values
-from spectra.models import COMPONENTS, find_checkpoint, iter_components, parse_module_name, resolve_device
+from spectra.models import (COMPONENTS, analysis_store_for, find_checkpoint, iter_components, parse_module_name,
+                            resolve_device, run_dir_of)
 
 METHODS = ("welore", "uniform", "diagnostic")
 SPREAD = 1.0  # diagnostic: the least compressible component keeps 3x the rank fraction of the most
@@ -318,15 +319,6 @@ def print_table(rank_map: dict, console=None) -> None:
     (console or Console()).print(table)
 
 
-def _run_dir(arg: Path, ckpt: Path) -> Path | None:
-    """The run folder a checkpoint belongs to (runs/<id>, or any folder with checkpoints/), if any."""
-    if (arg / "checkpoints").is_dir():
-        return arg
-    if ckpt.parent.name == "checkpoints":
-        return ckpt.parent.parent
-    return None
-
-
 # --------------------------------------------------------------------------- command
 def ranks_command(
     ckpt: Annotated[str, typer.Option(..., help="Model folder (save_pretrained) or a run folder (uses its latest checkpoint).")],
@@ -343,11 +335,11 @@ def ranks_command(
 
     check_options(method, err, err_by, lrc_rule)
     src = find_checkpoint(ckpt)
-    run = _run_dir(Path(ckpt), src)
-    store = Path(analysis) if analysis else (run / "analysis.zarr" if run is not None else None)
+    run = run_dir_of(src)
+    store = Path(analysis) if analysis else analysis_store_for(src)
     if analysis and not store.exists():
         raise SpectraError(f"no analysis store at {store}")
-    if method == "diagnostic" and (store is None or not store.exists()):
+    if method == "diagnostic" and not store.exists():
         raise SpectraError("--method diagnostic needs an analysis store: pass --analysis runs/<id>/analysis.zarr "
                            "(made by `spectra grad-subspace` / `spectra hessian-gap`)")
     dev = resolve_device(device)
@@ -365,7 +357,7 @@ def ranks_command(
     k = "" if rank_map["k"] is None else f", k = {rank_map['k']:.5f}"
     console.print(f"ERR by rank {rank_map['err_rank']:.4f}, by params {rank_map['err_params']:.4f}{k}; "
                   f"{n_lrc}/{len(spectra)} LRCs -> {dest}")
-    if store is not None:
+    if store.exists() or run is not None:  # a bare checkpoint gets no analysis store just for this
         from spectra.store import write_analysis
 
         write_analysis(store, f"ranks/{name}", rank_map_dataset(rank_map),

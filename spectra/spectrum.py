@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from spectra.errors import SpectraError
 from spectra.heavytail import normalized_singular_values, singular_values, spectrum_metrics
-from spectra.models import COMPONENTS, resolve_device
+from spectra.models import COMPONENTS, analysis_store_for, resolve_device
 
 METRICS = ("full_rank", "stable_rank", "effective_rank", "entropy", "energy_top_r", "alpha",
            "alpha_weighted", "log_norm", "xmin", "ks_distance")
@@ -34,11 +34,6 @@ Weights = dict[tuple[int, str], torch.Tensor]
 # --------------------------------------------------------------------------- sources
 def is_snapshot_store(path: Path) -> bool:
     return (path / "snapshots.zarr").is_dir() or (path.suffix == ".zarr" and path.is_dir())
-
-
-def default_out(path: Path) -> Path:
-    """analysis.zarr next to snapshots.zarr, i.e. in the run folder (or in the checkpoint folder)."""
-    return (path.parent if path.suffix == ".zarr" else path) / "analysis.zarr"
 
 
 def run_weights(path: Path, steps: list[int] | None) -> tuple[list[int], Iterator[tuple[int, Weights]]]:
@@ -180,6 +175,6 @@ def spectrum_command(
             raise SpectraError("--steps applies to snapshot stores; a checkpoint folder has a single step")
         chosen, source = checkpoint_weights(path)
     ds = spectrum_dataset(chosen, source, top_r=top_r, device=dev)
-    dest = write_analysis(out or default_out(path), "spectrum", ds, {"source": str(path)})
+    dest = write_analysis(out or analysis_store_for(path), "spectrum", ds, {"source": str(path)})
     print_spectrum_table(ds)
     print(f"wrote group 'spectrum' to {dest}")

@@ -26,8 +26,8 @@ import xarray as xr
 from tqdm import tqdm
 
 from spectra.errors import SpectraError
-from spectra.models import COMPONENTS, resolve_device
-from spectra.spectrum import default_out, is_snapshot_store
+from spectra.models import COMPONENTS, analysis_store_for, resolve_device
+from spectra.spectrum import is_snapshot_store
 
 
 # --------------------------------------------------------------------------- subspace math
@@ -185,6 +185,6 @@ def grad_subspace_command(
         raise SpectraError(f"{path} has no snapshots.zarr: gradient subspaces need a `spectra pretrain` run with gradient snapshots")
     dev = resolve_device(device)
     ds = grad_subspace_dataset(open_run(path), rank, side, dev)
-    dest = write_analysis(out or default_out(path), "grad_subspace", ds, {"source": str(path)})
+    dest = write_analysis(out or analysis_store_for(path), "grad_subspace", ds, {"source": str(path)})
     print_subspace_table(ds)
     print(f"wrote group 'grad_subspace' to {dest}")
