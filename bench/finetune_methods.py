@@ -5,6 +5,9 @@
         --micro-batch 16 --steps 20                                          # GPU: GaLore's 130m
     python bench/finetune_methods.py --model runs/<id>/compressed/welore-err50 --device cuda
 
+`--loss both` (default) also runs every method with HF's `labels=` loss, to show what the chunked
+linear cross-entropy of `spectra.lm_loss` (the harness default) saves.
+
 One process, one compressed model (deep-copied per method), the same pre-generated token batches,
 the same `spectra.finetune` harness (AdamW, warmup+cosine, bf16 autocast on GPU / fp32 on CPU).
 Without --model, a freshly initialised --config model is compressed by WeLore-COMP at --err
@@ -49,9 +52,9 @@ def compressed_model(args) -> torch.nn.Module:
     return compress_model(model, rank_map, device=args.device, progress=False)
 
 
-def run(base, method: str, batches: list[torch.Tensor], args, steps: int) -> dict:
+def run(base, method: str, batches: list[torch.Tensor], args, steps: int, chunked: bool = True) -> dict:
     cfg = FinetuneConfig(method=method, steps=steps, batch_size=args.batch_size, micro_batch=args.micro_batch,
-                         warmup=min(10, steps), galore_rank=args.galore_rank)
+                         warmup=min(10, steps), galore_rank=args.galore_rank, chunked_loss=chunked)
     model = copy.deepcopy(base)
     model, metrics = finetune(model, iter(batches), cfg, torch.device(args.device))
     del model
@@ -75,6 +78,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--galore-rank", type=int, default=128)
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--loss", default="both", choices=("chunked", "hf", "both"),
+                   help="lm_head+CE in chunks (spectra.lm_loss, the harness default), HF's labels= path, or both")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 on a shared CPU box)")
     args = p.parse_args()
     if args.threads:
@@ -93,19 +98,20 @@ def main() -> None:
     methods = args.methods.split(",")
     for m in methods:  # untimed 2-step round first: one-off kernel/allocator/import costs would hit whoever runs first
         run(base, m, batches[: 2 * args.batch_size // args.micro_batch], args, 2)
-    results = {m: run(base, m, batches, args, args.steps) for m in methods}
+    losses = {"chunked": [True], "hf": [False], "both": [True, False]}[args.loss]
+    results = {(m, c): run(base, m, batches, args, args.steps, c) for c in losses for m in methods}
     from rich.console import Console
     from rich.table import Table
 
-    full = results.get("full")
-    table = Table(title="finetuning cost (ratios vs full finetuning, same process)")
-    for col in ("method", "trainable", "tokens/s", "peak MiB", "tok/s vs full", "memory vs full", "last loss"):
+    table = Table(title="finetuning cost (ratios vs full finetuning with the same loss path, same process)")
+    for col in ("method", "loss", "trainable", "tokens/s", "peak MiB", "tok/s vs full", "memory vs full", "last loss"):
         table.add_column(col, justify="right")
-    for m, r in results.items():
+    for (m, c), r in results.items():
+        full = results.get(("full", c))
         tput = f"{r['tokens_per_s'] / full['tokens_per_s']:.2f}x" if full else "-"
         mem = f"{r['peak_memory_bytes'] / full['peak_memory_bytes']:.2f}x" if full else "-"
-        table.add_row(m, f"{r['trainable_params']:,}", f"{r['tokens_per_s']:.0f}", f"{r['peak_memory_bytes'] / 2**20:.0f}",
-                      tput, mem, f"{r['loss_curve'][-1][1]:.3f}")
+        table.add_row(m, "chunked" if c else "hf", f"{r['trainable_params']:,}", f"{r['tokens_per_s']:.0f}",
+                      f"{r['peak_memory_bytes'] / 2**20:.0f}", tput, mem, f"{r['loss_curve'][-1][1]:.3f}")
     Console().print(table)
     print(f"peak memory measured as: {next(iter(results.values()))['peak_memory_kind']}")
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from spectra.errors import SpectraError
 from spectra.evaluate import autocast_for, check_vocab, model_label, perplexity, quiet_transformers
+from spectra.lm_loss import causal_lm_loss
 from spectra.lowrank import LowRankLinear
 from spectra.models import iter_components, resolve_device, run_dir_of
 
@@ -62,6 +63,7 @@ class FinetuneConfig:
     galore_gap: int = 200
     galore_scale: float = 0.25
     autocast: bool = True  # bf16 autocast on GPU; ignored on CPU
+    chunked_loss: bool = True  # lm_head + CE in token chunks (spectra.lm_loss): no [tokens, vocab] logits kept
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -152,8 +154,9 @@ def lr_lambda(warmup: int, steps: int, min_ratio: float):
 class PeakMemory:
     """Peak training memory. GPU: `torch.cuda.max_memory_allocated` (weights, grads, optimizer
     state, activations). CPU: the model's resident parameter/buffer bytes plus the peak growth of
-    the process RSS over the run, sampled every 2 ms from a thread (after `malloc_trim`, so memory
-    freed by an earlier run in the same process does not hide this one's growth)."""
+    the process RSS over the run, sampled every 2 ms from a thread (after `_malloc_trim`, so memory
+    freed by an earlier run in the same process does not hide this one's growth, and freed
+    tensors leave the RSS at once)."""
 
     def __init__(self, model: nn.Module, device: torch.device):
         self.model, self.device = model, device
@@ -191,10 +194,18 @@ class PeakMemory:
         self.peak_bytes = resident + self._peak - self._base
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
 def _malloc_trim() -> None:
+    """Give freed heap back to the OS and serve every allocation >= 128 KiB by mmap from now on.
+    glibc otherwise raises its mmap threshold after the first big free (up to 32 MiB), keeping
+    later freed tensors in the heap, so RSS would track the allocator's cache, not live tensors."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: RSS growth is then a lower bound
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS growth is then a rougher bound
         pass
 
 
@@ -224,7 +235,7 @@ def train(model: nn.Module, optimizer, batches: Iterator[torch.Tensor], cfg: Fin
             for x in micro:
                 x = x.to(device, non_blocking=True)
                 with autocast_for(device, cfg.autocast):
-                    loss = model(input_ids=x, labels=x).loss / n_micro
+                    loss = (causal_lm_loss(model, x) if cfg.chunked_loss else model(input_ids=x, labels=x).loss) / n_micro
                 loss.backward()
                 loss_sum += loss.detach()
             if cfg.grad_clip > 0:
