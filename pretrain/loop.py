@@ -310,7 +310,7 @@ def pretrain_command(
     data: Annotated[Optional[str], typer.Option(help="local json/jsonl(.gz)/txt/parquet files, globs or folders; default: hub allenai/c4 en")] = None,
     val_data: Annotated[Optional[str], typer.Option(help="validation files (default: hold out --val-fraction of --data)")] = None,
     val_fraction: Annotated[float, typer.Option(help="fraction of --data documents held out for validation")] = 0.01,
-    tokenizer: Annotated[str, typer.Option(help="tokenizer hub name or local folder")] = "t5-base",
+    tokenizer: Annotated[str, typer.Option(help="tokenizer hub name, local folder, or bytes (byte-level, no files)")] = "t5-base",
     steps: Annotated[int, typer.Option(help="optimizer steps")] = 20000,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 256,
     batch_size: Annotated[int, typer.Option(help="sequences per optimizer step (all ranks)")] = 512,

@@ -24,13 +24,15 @@ import torch
 from spectra.errors import SpectraError
 
 HUB_C4 = ("allenai/c4", "en")
+BYTES = "bytes"
 DEFAULT_TOKENIZER = "t5-base"
 _SUFFIX_BUILDER = {".json": "json", ".jsonl": "json", ".gz": "json", ".txt": "text", ".parquet": "parquet"}
 
 
 # --------------------------------------------------------------------------- tokenizer
 def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER):
-    """A tokenizer by hub name (`t5-base`) or local folder (e.g. ../shared/data/tokenizers/t5).
+    """A tokenizer by hub name (`t5-base`), local folder (e.g. ../shared/data/tokenizers/t5), or
+    `bytes` (byte-level, ByT5's ids; built in, for small CPU models).
 
     Local sentencepiece-only folders (spiece.model / tokenizer.model) load through the T5/LLaMA
     classes directly, since AutoTokenizer cannot always infer them without the hub.
@@ -38,7 +40,15 @@ def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER):
     from transformers import AutoTokenizer
 
     p = Path(name_or_path)
-    tok = _load_tokenizer(name_or_path, p, AutoTokenizer)
+    if name_or_path == BYTES and not p.exists():
+        # UTF-8 bytes (ByT5's 384 ids, no files needed): all the compute goes to the decoder
+        # layers WeLore studies instead of a 32k embedding, which is what a CPU-sized model needs
+        from transformers import ByT5Tokenizer
+
+        tok = ByT5Tokenizer()
+        tok.name_or_path = BYTES
+    else:
+        tok = _load_tokenizer(name_or_path, p, AutoTokenizer)
     tok.model_max_length = 1 << 40  # we pack documents ourselves; silence the "sequence too long" warning
     return tok
 

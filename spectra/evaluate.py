@@ -98,7 +98,7 @@ def append_jsonl(path: Path, row: dict) -> None:
 def eval_command(
     model: Annotated[str, typer.Option(..., help="Model folder (dense or `spectra compress` output) or a run folder (uses its latest checkpoint).")],
     data: Annotated[Optional[str], typer.Option(help="Local text: json/jsonl(.gz)/txt/parquet files, globs or folders (e.g. ../shared/data/c4). Default: hub C4 en validation.")] = None,
-    tokenizer: Annotated[str, typer.Option(help="Tokenizer hub name or local folder (e.g. ../shared/data/tokenizers/t5).")] = "t5-base",
+    tokenizer: Annotated[str, typer.Option(help="Tokenizer hub name, local folder (e.g. ../shared/data/tokenizers/t5) or bytes.")] = "t5-base",
     seq_len: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 256,
     tokens: Annotated[int, typer.Option(help="Token budget: the first TOKENS tokens of the data, cut into non-overlapping windows.")] = 262144,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass (does not change the result).")] = 8,

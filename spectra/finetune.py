@@ -331,7 +331,7 @@ def finetune_command(
     method: Annotated[str, typer.Option(help="welore (train LRC factors only), lora, galore or full.")] = "welore",
     data: Annotated[Optional[str], typer.Option(help="Training text: json/jsonl(.gz)/txt/parquet files, globs or folders. Default: hub C4 en train.")] = None,
     val_data: Annotated[Optional[str], typer.Option(help="Eval text. Default: hub C4 validation, or 5% of --data's documents held out.")] = None,
-    tokenizer: Annotated[str, typer.Option(help="Tokenizer hub name or local folder.")] = "t5-base",
+    tokenizer: Annotated[str, typer.Option(help="Tokenizer hub name, local folder or bytes.")] = "t5-base",
     steps: Annotated[int, typer.Option(help="Optimizer steps (identical for every method).")] = 1000,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. Default: 1e-4 (welore, galore, full), 1e-3 (lora).")] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step.")] = 16,

@@ -245,7 +245,7 @@ def print_table(ds: xr.Dataset, k: int) -> None:
 def hessian_gap_command(
     ckpt: Annotated[str, typer.Option(help="Model folder, or a run folder (uses checkpoints/latest).")],
     data: Annotated[str | None, typer.Option(help="Local text files (json/jsonl(.gz)/txt/parquet, globs); default: hub C4 validation.")] = None,
-    tokenizer: Annotated[str, typer.Option(help="Tokenizer name or folder (the one the model was trained with).")] = "t5-base",
+    tokenizer: Annotated[str, typer.Option(help="Tokenizer name, folder or bytes (the one the model was trained with).")] = "t5-base",
     layers: Annotated[list[int] | None, typer.Option("--layers", help="Only these layers (repeat the option).")] = None,
     components: Annotated[list[str] | None, typer.Option("--components", help="Only these components: q k v o gate up down (repeat).")] = None,
     k: Annotated[int, typer.Option(help="Gap between the k-th and (k+1)-th Hessian eigenvalue.")] = 8,

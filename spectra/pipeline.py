@@ -48,6 +48,17 @@ PRESETS: dict[str, dict] = {
         errs=(0.1, 0.2, 0.3, 0.4, 0.5), eval_tokens=16384, eval_seq=128,
         finetune=dict(steps=20, batch_size=8, micro_batch=8, seq_len=128, eval_tokens=8192), finetune_errs=(0.3, 0.5),
     ),
+    # the same 9m on UTF-8 bytes (384 ids): without a 32k embedding the CPU's ~10 minutes go into the
+    # decoder linears WeLore compresses (~3.3 M tokens, 7x the T5 run), so compression shows in ppl
+    "cpu-bytes": dict(
+        tokenizer="bytes",
+        pretrain=dict(model="9m", steps=800, seq_len=256, batch_size=16, micro_batch=16, lr=3e-3, warmup=80,
+                      eval_every=100, save_every=200, snapshot_every=100, snapshot_grad="full", val_tokens=65536),
+        grad_rank=8, hessian=dict(k=4, iterations=12, batches=2, batch_size=2, seq_len=256),
+        # 70/90% too: below 50% a model this small loses < 0.2% ppl whatever the map
+        errs=(0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9), eval_tokens=65536, eval_seq=256,
+        finetune=dict(steps=40, batch_size=16, micro_batch=16, seq_len=256, eval_tokens=16384), finetune_errs=(0.3, 0.5),
+    ),
     # the GPU reference run (one H100: about 20 minutes end to end)
     "130m": dict(
         pretrain=dict(model="130m", steps=2000, seq_len=256, batch_size=512, micro_batch=128, lr=1e-3, warmup=200,
@@ -90,7 +101,8 @@ def pipeline_command(
     p = PRESETS[preset]
     data = shared_data()
     train, val = str(data / "wikipedia" / "train"), str(data / "wikipedia" / "validation")
-    c4, tok = str(data / "c4" / "c4-train.00000-of-01024.first1000.jsonl.gz"), str(data / "tokenizers" / "t5")
+    c4 = str(data / "c4" / "c4-train.00000-of-01024.first1000.jsonl.gz")
+    tok = p.get("tokenizer") or str(data / "tokenizers" / "t5")
     run_id = run_id or f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = Path(runs_dir) / run_id
     pre = {**p["pretrain"], **({"steps": steps} if steps else {})}
@@ -126,5 +138,6 @@ def pipeline_command(
                    val_data=val, tokenizer=tok, device=device,
                    out=run / "finetune" / f"{method}-err{round(100 * err):02d}", **p["finetune"])
     _stage("report", report_command, run=run, title=f"spectra {preset} run {run_id}")
-    (run / "pipeline.json").write_text(json.dumps({"preset": preset, "stages": p, "data": str(data)}, indent=2))
+    (run / "pipeline.json").write_text(json.dumps({"preset": preset, "stages": p, "data": str(data), "tokenizer": tok},
+                                                  indent=2))
     print(f"\nreport: {run / 'report.html'}")

@@ -132,3 +132,13 @@ def test_prefetcher_close_releases_a_blocked_producer(corpus):
     assert pre._q.full()
     pre.close(timeout=10)
     assert not pre._thread.is_alive()
+
+
+def test_bytes_tokenizer_needs_no_files():
+    from pretrain.configs import vocab_for
+    from spectra.data import load_tokenizer
+
+    tok = load_tokenizer("bytes")
+    ids = tok("é!")["input_ids"]
+    assert ids == [0xC3 + 3, 0xA9 + 3, ord("!") + 3, tok.eos_token_id]  # UTF-8 bytes shifted past 3 specials
+    assert vocab_for(len(tok)) == 384 and tok.name_or_path == "bytes"
