@@ -292,6 +292,10 @@ def write_analysis(path: str | Path, name: str, ds: xr.Dataset, attrs: dict | No
         raise SpectraError(f"{p} is not a spectra analysis store")
     root.attrs["kind"] = ANALYSIS_KIND
     ds = ds.copy()
+    # fixed-width numpy strings ('<U4') have no Zarr v3 spec (zarr warns on every write); the
+    # variable-length UTF-8 type does, and reads back as the same strings
+    ds = ds.assign({k: v.astype(object) for k, v in ds.data_vars.items() if v.dtype.kind == "U"})
+    ds = ds.assign_coords({k: v.astype(object) for k, v in ds.coords.items() if v.dtype.kind == "U"})
     ds.attrs.update({k: _jsonable(v) for k, v in (attrs or {}).items()})
     ds.attrs = {k: (_to_json(v) if isinstance(v, dict) else v) for k, v in ds.attrs.items()}
     ds.to_zarr(p, group=name, mode="w", consolidated=False)
