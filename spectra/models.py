@@ -58,8 +58,14 @@ def component_weights(model: nn.Module) -> dict[tuple[int, str], torch.Tensor]:
     return out
 
 
-def select_components(model: nn.Module, layers: list[int] | None = None, components: list[str] | None = None):
-    """Filtered (layer, component) -> weight, validating the filter names."""
+def select_components(model: nn.Module, layers: list[int | str] | None = None, components: list[str] | None = None):
+    """Filtered (layer, component) -> weight, validating the filter names. Each entry may also be a
+    comma-separated list, so `--layers 0,11` and `--layers 0 --layers 11` mean the same."""
+    components = [x.strip() for v in components or [] for x in str(v).split(",") if x.strip()]
+    try:
+        layers = [int(x) for v in layers or [] for x in str(v).split(",") if x.strip()]
+    except ValueError:
+        raise SpectraError(f"--layers takes layer numbers such as 0,11, not {layers!r}") from None
     if components:
         bad = [c for c in components if c not in COMPONENTS]
         if bad:

@@ -38,3 +38,17 @@ def test_outside_a_run(tmp_path):
         find_checkpoint(tmp_path / "missing")
     with pytest.raises(SpectraError, match="no model checkpoint"):
         find_checkpoint(tmp_path)
+
+
+def test_component_filters_take_commas_or_repeats():
+    from conftest import make_tiny
+    from spectra.models import select_components
+
+    model = make_tiny()
+    picked = select_components(model, ["1"], ["q,down"])
+    assert sorted(picked) == [(1, "down"), (1, "q")]
+    assert sorted(select_components(model, ["0,1"], ["v"])) == sorted(select_components(model, [0, 1], ["v"]))
+    with pytest.raises(SpectraError, match="layer numbers"):
+        select_components(model, ["x"], None)
+    with pytest.raises(SpectraError, match="out of range"):
+        select_components(model, ["2"], None)
