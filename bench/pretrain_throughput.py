@@ -1,6 +1,6 @@
 """Pretraining throughput in one process: plain HF loop vs spectra (fused/SDPA/bf16), compiled, snapshots on.
 
-    python bench/pretrain_throughput.py --model 130m --data .devdata/wiki --tokenizer .devdata/t5   # H100
+    python bench/pretrain_throughput.py --model 130m --data .devdata/wikipedia/train --tokenizer .devdata/tokenizers/t5  # H100
     python bench/pretrain_throughput.py --model tiny --steps 12                                      # CPU smoke
 
 Every mode trains the same model size on the same data for --steps steps; tokens/s is measured

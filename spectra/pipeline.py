@@ -13,6 +13,7 @@ perplexities are out-of-domain and not comparable with published C4-pretraining 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -23,7 +24,9 @@ from spectra.errors import SpectraError
 
 
 def shared_data() -> Path:
-    """../shared/data next to the checkout (or the current folder's ../shared/data)."""
+    """$SPECTRA_DATA, else ../shared/data next to the checkout (or the current folder's)."""
+    if os.environ.get("SPECTRA_DATA"):
+        return Path(os.environ["SPECTRA_DATA"])
     for base in (Path(__file__).resolve().parents[2], Path.cwd().parent, Path.cwd()):
         if (base / "shared" / "data").is_dir():
             return base / "shared" / "data"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# $SPECTRA_DATA points elsewhere (e.g. .devdata/ carried to a GPU machine, bench/device/README.md)
+SHARED = Path(os.environ.get("SPECTRA_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data").resolve()
 T5_DIR = SHARED / "tokenizers" / "t5"
 WIKI_TRAIN = SHARED / "wikipedia" / "train"
 WIKI_VAL = SHARED / "wikipedia" / "validation"
