@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.configs import build_model  # noqa: E402
-from spectra.hessian import component_gap, lm_loss, only_grad  # noqa: E402
+from spectra.hessian import component_gap, lm_loss, only_grad, pyhessian_eigenvalues  # noqa: E402
 from spectra.models import select_components  # noqa: E402
 
 
@@ -54,32 +54,6 @@ def timed(fn, dev):
     out = fn()
     sync(dev)
     return out, time.perf_counter() - t
-
-
-class Logits(torch.nn.Module):
-    """PyHessian calls criterion(model(x), y): expose an HF causal LM as ids -> logits."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, ids):
-        return self.lm(input_ids=ids).logits
-
-
-def shifted_ce(logits, ids):
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-
-
-def pyhessian_top(model, W, x, k1: int, max_iter: int, dev) -> list[float]:
-    from pyhessian import hessian
-
-    torch.manual_seed(0)
-    with only_grad(model, W):
-        h = hessian(Logits(model), shifted_ce, data=(x, x), cuda=dev.type == "cuda")
-        vals, _ = h.eigenvalues(maxIter=max_iter, tol=1e-6, top_n=k1)
-    W.grad = None  # PyHessian leaves a create_graph .grad (a reference cycle) behind
-    return sorted(vals, reverse=True)
 
 
 def main() -> None:
@@ -134,7 +108,7 @@ def main() -> None:
     sample = [keys[round(i * (len(keys) - 1) / max(1, n_base - 1))] for i in range(n_base)]
     base = {}
     for key in sample:
-        vals, base[key] = timed(lambda: pyhessian_top(model, weights[key], x, a.k + 1, a.pyhessian_iters, dev), dev)
+        vals, base[key] = timed(lambda: pyhessian_eigenvalues(model, weights[key], x, top_n=a.k + 1, max_iter=a.pyhessian_iters), dev)
         # PyHessian's power iteration ranks by |λ|: at random init a negative λ can come first
         print(f"  L{key[0]}.{key[1]}: λ1 spectra {ours[key].eigenvalues[0, 0]:.6g} (residual "
               f"{ours[key].residuals[0, 0]:.1e}) | PyHessian max {vals[0]:.6g}, min {vals[-1]:.6g}")

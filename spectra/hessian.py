@@ -59,10 +59,42 @@ def lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     The same loss as HF's `labels=` path, but kept in the model's dtype: HF upcasts logits to
     float32, which would cap a float64 reference Hessian at ~1e-8 relative accuracy.
     """
-    logits = model(input_ids=input_ids, use_cache=False).logits
+    return next_token_ce(model(input_ids=input_ids, use_cache=False).logits, input_ids)
+
+
+def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits [b, t, vocab] predicting input_ids shifted by one (half
+    precision upcast to float32, everything else kept in its dtype)."""
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
+
+
+class _Logits(nn.Module):
+    """PyHessian calls criterion(model(x), y): an HF causal LM as ids -> logits."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids).logits
+
+
+def pyhessian_eigenvalues(model: nn.Module, weight: torch.Tensor, input_ids: torch.Tensor, *, top_n: int,
+                          max_iter: int = 100, tol: float = 1e-6) -> list[float]:
+    """Top `top_n` eigenvalues (descending) of the same Hessian block by PyHessian 0.1 (power
+    iteration + deflation): the independent reference the tests and bench/hessian_gap.py compare
+    with. Every argument explicit: PyHessian defaults to cuda=True, and tol above 1e-6 mis-orders
+    eigenvalues. Its random start vectors come from the global torch RNG, seeded here."""
+    from pyhessian import hessian
+
+    torch.manual_seed(0)
+    with only_grad(model, weight):  # PyHessian takes every requires_grad param; an unused one crashes it
+        h = hessian(_Logits(model), next_token_ce, data=(input_ids, input_ids), cuda=input_ids.device.type == "cuda")
+        vals, _ = h.eigenvalues(maxIter=max_iter, tol=tol, top_n=top_n)
+    weight.grad = None  # PyHessian leaves a create_graph .grad (a reference cycle) behind
+    return sorted(vals, reverse=True)
 
 
 class BlockHVP:

@@ -16,7 +16,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from spectra.cli import main
-from spectra.hessian import BlockHVP, component_gap, lm_loss, only_grad
+from spectra.hessian import BlockHVP, component_gap, lm_loss, only_grad, pyhessian_eigenvalues
 from spectra.store import read_analysis
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,8 +92,6 @@ def test_lanczos_top_k_matches_dense_hessian(micro, dense_q):
 
 
 def test_matches_pyhessian_power_iteration(micro, dense_q):
-    from pyhessian import hessian as pyhessian
-
     model64, x = micro
     _, ev = dense_q
     name = "model.layers.0.self_attn.q_proj"
@@ -103,22 +101,7 @@ def test_matches_pyhessian_power_iteration(micro, dense_q):
     model.eval().requires_grad_(False)
     W = model.get_submodule(name).weight
 
-    class Logits(torch.nn.Module):  # PyHessian calls criterion(model(x), y)
-        def __init__(self, lm):
-            super().__init__()
-            self.lm = lm
-
-        def forward(self, ids):
-            return self.lm(input_ids=ids).logits
-
-    def criterion(logits, ids):
-        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-
-    torch.manual_seed(0)
-    with only_grad(model, W):  # PyHessian takes every requires_grad param; an unused one crashes it
-        ph = pyhessian(Logits(model), criterion, data=(x, x), cuda=False)
-        ph_vals, _ = ph.eigenvalues(maxIter=100, tol=1e-8, top_n=1)
-    W.grad = None
+    ph_vals = pyhessian_eigenvalues(model, W, x, top_n=1, max_iter=100, tol=1e-8)
     ours = component_gap(model, 0, "q", W, [x], k=1, iterations=20)
     assert abs(ph_vals[0] - ours.eigenvalues[0, 0]) < 1e-4 * ev[0].item()
     assert abs(ours.eigenvalues[0, 0] - ev[0].item()) < 1e-5 * ev[0].item()  # float32 vs exact
