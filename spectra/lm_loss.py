@@ -53,7 +53,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_h[s : s + chunk] = (g @ w).to(hidden.dtype)
                 if want_w:
                     grad_w += (g.T @ h).float()
-        ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)
+        ctx.save_for_backward(grad_h, grad_w)  # None where not wanted
         ctx.weight_dtype = weight.dtype
         return total / n
 
