@@ -15,7 +15,7 @@ from pathlib import Path
 import xarray as xr
 
 from spectra.errors import SpectraError
-from spectra.store import open_run, read_analysis
+from spectra.store import open_run, read_analysis, read_json
 
 ANALYSES = ("spectrum", "grad_subspace", "hessian_gap")
 
@@ -57,16 +57,6 @@ def read_jsonl(path: Path) -> tuple[list[dict], int]:
     return rows, bad
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise SpectraError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise SpectraError(f"{path} does not hold a JSON object")
-    return obj
-
-
 def load_run(path: str | Path) -> RunInputs:
     """Read every report input that exists under the run folder `path`."""
     root = Path(path)
@@ -77,11 +67,11 @@ def load_run(path: str | Path) -> RunInputs:
     for name in ANALYSES:
         _guard(inp, name, lambda name=name: _load_analysis(inp, name))
     for f in sorted((root / "ranks").glob("*.json")):
-        _guard(inp, f"ranks/{f.name}", lambda f=f: inp.rank_maps.__setitem__(f.stem, _read_json(f)))
+        _guard(inp, f"ranks/{f.name}", lambda f=f: inp.rank_maps.__setitem__(f.stem, read_json(f)))
     if (root / "eval.jsonl").is_file():
         _guard(inp, "eval.jsonl", lambda: setattr(inp, "evals", read_jsonl(root / "eval.jsonl")[0]))
     for f in sorted((root / "finetune").glob("*/metrics.json")):
-        _guard(inp, f"finetune/{f.parent.name}", lambda f=f: inp.finetune.__setitem__(f.parent.name, _read_json(f)))
+        _guard(inp, f"finetune/{f.parent.name}", lambda f=f: inp.finetune.__setitem__(f.parent.name, read_json(f)))
     if (root / "metrics.jsonl").is_file():
         _guard(inp, "metrics.jsonl", lambda: setattr(inp, "metrics", read_jsonl(root / "metrics.jsonl")[0]))
     if inp.empty():

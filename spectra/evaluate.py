@@ -73,10 +73,9 @@ def model_label(path: Path) -> tuple[str, float | None]:
     """(method, err) of a model folder: from its rank map when compressed, ("dense", 0.0) otherwise."""
     rank_map = path / "spectra_rank_map.json"
     if rank_map.is_file():
-        try:
-            meta = json.loads(rank_map.read_text())
-        except json.JSONDecodeError as e:
-            raise SpectraError(f"{rank_map} is not valid JSON ({e})") from None
+        from spectra.store import read_json
+
+        meta = read_json(rank_map)
         err = meta.get("target_err", meta.get("achieved_err"))
         return str(meta.get("method", "compressed")), float(err) if err is not None else None
     return "dense", 0.0

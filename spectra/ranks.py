@@ -269,10 +269,9 @@ def load_rank_map(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise SpectraError(f"rank map {p} does not exist")
-    try:
-        rank_map = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise SpectraError(f"{p} is not valid JSON ({e})") from None
+    from spectra.store import read_json
+
+    rank_map = read_json(p)
     map_entries(rank_map)
     return rank_map
 

@@ -40,6 +40,17 @@ def param_key(layer: int, component: str) -> str:
     return f"{layer}.{component}"
 
 
+def read_json(path: str | Path) -> dict:
+    """A JSON object file a run holds (rank maps, configs); anything else is one error line."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise SpectraError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise SpectraError(f"{path} does not hold a JSON object")
+    return obj
+
+
 def _to_json(obj) -> str:
     return json.dumps(obj, default=str, sort_keys=True)
 
