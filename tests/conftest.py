@@ -38,6 +38,17 @@ def tokenizer(shared_data):
     return load_tokenizer(str(T5_DIR))
 
 
+def assert_one_error_line(cases: list[list[str]], capsys) -> None:
+    """Each argv exits 2 with exactly one `error: ...` line on stderr (no traceback wall)."""
+    from spectra.cli import main
+
+    for argv in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, (argv, err)
+
+
 def make_tiny(vocab: int = 256, seed: int = 0, attn: str = "eager"):
     """The tiny LLaMA (2 layers, hidden 64, 4 heads) with a small vocab, float32, seeded."""
     from pretrain.configs import build_model

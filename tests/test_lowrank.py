@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import assert_one_error_line, make_tiny
 from safetensors import safe_open
 from torch import nn
 
@@ -167,8 +167,4 @@ def test_cli_compress_bad_input_is_one_line(tiny_ckpt, tmp_path, capsys):
         ["compress", "--ckpt", str(tiny_ckpt), "--out", str(tiny_ckpt)],
         ["compress", "--ckpt", str(tiny_ckpt), "--dtype", "int8", "--out", str(tmp_path / "o")],
     ]
-    for argv in cases:
-        capsys.readouterr()
-        assert main(argv) == 2, argv
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and "\n" not in err, (argv, err)
+    assert_one_error_line(cases, capsys)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import xarray as xr
 
+from conftest import assert_one_error_line
 from spectra.cli import main
 from spectra.errors import SpectraError
 from spectra.ranks import (
@@ -228,8 +229,4 @@ def test_cli_ranks_bad_input_is_one_line(tiny_ckpt, tmp_path, capsys):
         ["ranks", "--ckpt", str(tiny_ckpt), "--method", "diagnostic"],  # no analysis store
         ["ranks", "--ckpt", str(tiny_ckpt), "--analysis", str(tmp_path / "none.zarr")],
     ]
-    for argv in cases:
-        capsys.readouterr()
-        assert main(argv) == 2, argv
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and "\n" not in err, (argv, err)
+    assert_one_error_line(cases, capsys)
