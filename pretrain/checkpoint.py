@@ -1,16 +1,23 @@
-"""Training checkpoints: a `save_pretrained` model folder plus everything `--resume` needs.
+"""Training checkpoints: a `save_pretrained` model folder plus everything `--resume` needs, no pickle.
 
 runs/<id>/checkpoints/step_<N>/
     config.json, model.safetensors     the model (any HF tool or spectra analyzer reads it)
-    trainer_state.pt                   optimizer, scheduler, RNG, per-rank data positions, counters
-runs/<id>/checkpoints/latest           name of the newest complete checkpoint
+    tokenizer files                    the tokenizer the run trained with (`save_pretrained`)
+    trainer_state.safetensors          every tensor of the trainer state: optimizer moments, RNG
+                                       states, per-rank data buffers
+    trainer_state.json                 the rest (step, tokens, scheduler, config, data positions),
+                                       with references into the safetensors file
+runs/<id>/checkpoints/latest           symlink to the newest complete checkpoint (HF tools accept it)
 
-Written into a temporary folder and renamed into place, then `latest` is replaced atomically,
-so a kill at any moment leaves the previous checkpoint intact.
+Nothing here is unpickled: a crafted file can fail to load, but it cannot run code. A checkpoint
+is written into a temporary folder, fsynced and renamed into place, then `latest` is replaced
+atomically, so a kill at any moment leaves the previous checkpoint intact and `latest` whole.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
 import shutil
@@ -20,6 +27,11 @@ import numpy as np
 import torch
 
 from spectra.errors import SpectraError
+from spectra.runs import LATEST, latest_checkpoint  # noqa: F401 - re-exported for the loop
+
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+STATE_FORMAT = 2
 
 
 def rng_state() -> dict:
@@ -37,7 +49,91 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, keep: int = 3) -> Path:
+# --------------------------------------------------------------------------- pickle-free state
+def _encode(obj, name: str, tensors: dict):
+    """JSON-able form of `obj`; tensors and arrays go to `tensors` under their path `name`."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, torch.Tensor):
+        tensors[name] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": name}
+    if isinstance(obj, np.ndarray):
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(obj).astype(np.int64 if obj.dtype.kind in "iu" else obj.dtype))
+        return {"__ndarray__": name, "dtype": obj.dtype.str}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, f"{name}.{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, f"{name}.{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, dict):  # keys keep their type (optimizer state is keyed by int)
+        return {"__dict__": [[k, _encode(v, f"{name}.{k}", tensors)] for k, v in obj.items()]}
+    if dataclasses.is_dataclass(obj):
+        return {"__dataclass__": type(obj).__name__,
+                "fields": {f.name: _encode(getattr(obj, f.name), f"{name}.{f.name}", tensors)
+                           for f in dataclasses.fields(obj)}}
+    raise TypeError(f"cannot store {type(obj).__name__} at {name} in a trainer state")
+
+
+def _decode(obj, tensors: dict):
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return tensors[obj["__ndarray__"]].numpy().astype(np.dtype(obj["dtype"]))
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    if "__dict__" in obj:
+        return {k: _decode(v, tensors) for k, v in obj["__dict__"]}
+    if "__dataclass__" in obj:
+        from spectra.data import PackState
+
+        if obj["__dataclass__"] != "PackState":  # an allow-list of one: nothing else is rebuilt
+            raise ValueError(f"unknown record type {obj['__dataclass__']!r}")
+        return PackState(**{k: _decode(v, tensors) for k, v in obj["fields"].items()})
+    raise ValueError("unknown record in trainer state")
+
+
+def save_trainer_state(folder: Path, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    doc = {"format": STATE_FORMAT, "state": _encode(state, "s", tensors)}
+    save_file(tensors, str(folder / STATE_TENSORS))
+    (folder / STATE_JSON).write_text(json.dumps(doc))
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    """The trainer state of a checkpoint folder (safetensors + JSON; never unpickles anything)."""
+    from safetensors.torch import load_file
+
+    if not (ckpt / STATE_JSON).is_file() and (ckpt / "trainer_state.pt").is_file():
+        raise SpectraError(f"{ckpt} was written by an older spectra (pickled trainer_state.pt), which is not "
+                           "loaded for safety; restart the run or resume from a newer checkpoint")
+    try:
+        doc = json.loads((ckpt / STATE_JSON).read_text())
+        if doc.get("format") != STATE_FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}, expected {STATE_FORMAT}")
+        return _decode(doc["state"], load_file(str(ckpt / STATE_TENSORS)))
+    except Exception as e:  # noqa: BLE001 - corrupt or crafted: one line
+        raise SpectraError(f"cannot read the trainer state in {ckpt} ({type(e).__name__}: {e})") from None
+
+
+# --------------------------------------------------------------------------- folders
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.iterdir():
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, keep: int = 3, tokenizer=None) -> Path:
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / f"step_{step}"
     tmp = ckpt_root / f".tmp_step_{step}"
@@ -46,50 +142,48 @@ def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, keep: 
 
     hf_logging.disable_progress_bar()  # one bar per checkpoint shard would garble ours
     model.save_pretrained(tmp)
-    torch.save(trainer_state, tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    save_trainer_state(tmp, trainer_state)
+    _fsync_tree(tmp)
+    if final.exists():  # an unpublished copy from a killed attempt: set aside, never half-deleted
+        aside = ckpt_root / f".old_step_{step}"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+        shutil.rmtree(aside, ignore_errors=True)
     os.replace(tmp, final)
-    latest_tmp = ckpt_root / ".latest.tmp"
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, ckpt_root / "latest")
-    _prune(ckpt_root, keep)
+    link_tmp = ckpt_root / ".latest.tmp"
+    if link_tmp.is_symlink() or link_tmp.exists():
+        link_tmp.unlink()
+    os.symlink(final.name, link_tmp)  # relative: the run folder can be moved
+    os.replace(link_tmp, ckpt_root / LATEST)
+    _prune(ckpt_root, keep, final)
     return final
 
 
-def _prune(ckpt_root: Path, keep: int) -> None:
+def _prune(ckpt_root: Path, keep: int, current: Path) -> None:
     if keep <= 0:
         return
-    done = sorted((p for p in ckpt_root.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
-    for old in done[:-keep]:
+    step = int(current.name.split("_")[1])
+    done = sorted((p for p in ckpt_root.glob("step_*") if p.is_dir() and int(p.name.split("_")[1]) < step),
+                  key=lambda p: int(p.name.split("_")[1]))
+    for old in done[: max(0, len(done) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    if not (path / "trainer_state.pt").is_file():
-        raise SpectraError(f"{pointer} names {path.name}, which is incomplete; remove it or point latest elsewhere")
-    return path
-
-
-def load_trainer_state(ckpt: Path) -> dict:
-    try:
-        return torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise SpectraError(f"cannot read {ckpt / 'trainer_state.pt'}: {e}") from None
 
 
 def load_weights(model, ckpt: Path) -> None:
     from safetensors.torch import load_file
 
     files = sorted(ckpt.glob("*.safetensors"))
+    files = [f for f in files if f.name != STATE_TENSORS]
     if not files:
         raise SpectraError(f"{ckpt} has no safetensors weights")
     state = {}
     for f in files:
-        state.update(load_file(f))
+        try:
+            state.update(load_file(f))
+        except Exception as e:  # noqa: BLE001
+            raise SpectraError(f"cannot read {f} ({type(e).__name__}: {e})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:

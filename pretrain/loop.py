@@ -24,10 +24,14 @@ from typing import Annotated, Optional
 import torch
 import typer
 
+from pretrain.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, rng_state, save_checkpoint,
+                                 set_rng_state)
+from pretrain.configs import MAX_POSITIONS, SIZES, build_model, vocab_for
+from pretrain.run_state import (METRICS, append_metrics, check_resume_config, has_run, record_run_config,
+                                start_over, terminate_as_exception, truncate_metrics)
 from spectra import distributed as dist_utils
-from pretrain.checkpoint import latest_checkpoint, load_trainer_state, load_weights, rng_state, save_checkpoint, set_rng_state
-from pretrain.configs import SIZES, build_model, vocab_for
 from spectra.errors import SpectraError
+from spectra.runs import run_lock, validate_run_id
 
 
 @dataclass
@@ -62,6 +66,8 @@ class PretrainConfig:
     runs_dir: str = "runs"
     run_id: str | None = None
     resume: bool = False
+    overwrite: bool = False            # start over in an existing run folder (its old content is removed)
+    allow_config_change: bool = False  # let --resume change settings that alter the trajectory (recorded)
 
     def snapshot_at(self, step: int) -> bool:
         if self.snapshot_steps:
@@ -85,12 +91,13 @@ class Trainer:
     """Holds model, optimizer, data and stores for one run; `fit()` runs the loop."""
 
     def __init__(self, cfg: PretrainConfig):
-        from spectra.data import expand_files, load_tokenizer
+        from spectra.data import data_fingerprint, expand_files, load_tokenizer
 
         if cfg.data:
             expand_files(cfg.data)  # fail on a bad --data before the slow parts
         if cfg.model not in SIZES:
             raise SpectraError(f"unknown --model {cfg.model!r}; choose one of {', '.join(SIZES)}")
+        validate(cfg)
         if cfg.batch_size % cfg.micro_batch:
             raise SpectraError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch {cfg.micro_batch}")
         self.cfg = cfg
@@ -103,11 +110,12 @@ class Trainer:
             raise SpectraError(f"batch {cfg.batch_size} / micro {cfg.micro_batch} = {per_rank} micro-batches "
                                f"does not split over {self.world} ranks")
         self.accum = per_rank // self.world
-        self.run_dir = Path(cfg.runs_dir) / dist_utils.agree_run_id(cfg)
+        self.run_dir = Path(cfg.runs_dir) / validate_run_id(dist_utils.agree_run_id(cfg))
         self.tok = load_tokenizer(cfg.tokenizer)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, vocab_for(len(self.tok)), cfg.seed).to(self.device)
         self.train_stream, self.val_windows = _data(cfg, self.tok, self.rank, self.world)
+        self.data_files = data_fingerprint(cfg.data) if cfg.data else None
         fused = self.device.type == "cuda"
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
                                      weight_decay=cfg.weight_decay, fused=fused)
@@ -120,16 +128,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup/resume
     def prepare_run(self) -> None:
-        cfg = self.cfg
-        ckpt = latest_checkpoint(self.run_dir) if cfg.resume else None
-        if cfg.resume and ckpt is None:
-            raise SpectraError(f"--resume: no checkpoint under {self.run_dir}/checkpoints")
-        if not cfg.resume and (self.run_dir / "checkpoints").exists():
-            raise SpectraError(f"{self.run_dir} already holds a run; pass --resume or another --run-id")
+        """Start, restart or resume the run folder (rank 0 holds its lock while this runs)."""
+        cfg, run = self.cfg, self.run_dir
+        exists = has_run(run)
+        ckpt = latest_checkpoint(run) if (cfg.resume and exists) else None
+        if exists and not cfg.resume and not cfg.overwrite:
+            raise SpectraError(f"{run} already holds a run; pass --resume to continue it, --overwrite to start "
+                               "it over, or another --run-id")
+        changes: dict = {}
         if ckpt is not None:
             state = load_trainer_state(ckpt)
             if state["world"] != self.world:
                 raise SpectraError(f"checkpoint was written by {state['world']} ranks, resuming with {self.world}")
+            changes = check_resume_config(state["config"], self.config_record(), cfg.allow_config_change)
             load_weights(self.model, ckpt)
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
@@ -137,17 +148,27 @@ class Trainer:
             self.train_stream.state = state["data"][self.rank]
             self.step, self.tokens = state["step"], state["tokens"]
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "run_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            if exists and ckpt is None:  # --overwrite, or a resume of a run killed before its first checkpoint
+                print(f"{run}: {'no checkpoint yet, starting over' if cfg.resume else 'overwriting'}", file=sys.stderr)
+                start_over(run)
+            event = "resume" if ckpt is not None else ("restart" if exists else "start")
+            run.mkdir(parents=True, exist_ok=True)
+            record_run_config(run, self.config_record(), event, self.step, changes)
+            truncate_metrics(run / METRICS, self.step)
             if cfg.snapshot_every > 0 or cfg.snapshot_steps:
                 from spectra.store import SnapshotWriter
 
-                self.writer = SnapshotWriter(self.run_dir / "snapshots.zarr", _store_attrs(cfg, self.model),
+                self.writer = SnapshotWriter(run / "snapshots.zarr", _store_attrs(cfg, self.model),
                                              grad_mode=cfg.snapshot_grad, sketch_rank=cfg.sketch_rank,
                                              embeddings=cfg.snapshot_embeddings)
+                # snapshots from the checkpoint's step on are retaken (the gradient at step N is computed
+                # after the checkpoint), so the store goes back to what precedes it
                 self.writer.truncate_after(self.step - 1 if self.step else -1)
         dist_utils.barrier()
+
+    def config_record(self) -> dict:
+        """The run's settings as saved in checkpoints and run_config.json (plus the data files' sizes)."""
+        return {**asdict(self.cfg), "data_files": self.data_files}
 
     # ------------------------------------------------------------------ one step
     def accumulate(self, batches) -> float:
@@ -163,8 +184,9 @@ class Trainer:
             self.tokens += x.numel() * self.world
         loss = dist_utils.mean(total, self.device)
         if not math.isfinite(loss):
-            raise SpectraError(f"loss is {loss} at step {self.step}; last good checkpoint: "
-                               f"{latest_checkpoint(self.run_dir) or 'none'} (lower --lr or check the data)")
+            good = last_finite_checkpoint(self.run_dir, self.step)
+            raise SpectraError(f"loss is {loss} at step {self.step}; last checkpoint with a finite loss: "
+                               f"{good or 'none'} (lower --lr or check the data)")
         return loss
 
     def validate(self) -> tuple[float, float]:
@@ -182,23 +204,47 @@ class Trainer:
     def checkpoint(self) -> None:
         data_states = dist_utils.gather(self.batches.state)  # position after the last consumed batch
         if self.rank == 0:
+            if self.writer is not None:  # never publish a checkpoint past a snapshot still in flight
+                self.writer.wait()
             state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng_state(),
                      "data": data_states, "step": self.step, "tokens": self.tokens, "world": self.world,
-                     "config": asdict(self.cfg)}
-            save_checkpoint(self.run_dir, self.step, self.model, state, self.cfg.keep_checkpoints)
+                     "config": self.config_record()}
+            save_checkpoint(self.run_dir, self.step, self.model, state, self.cfg.keep_checkpoints, self.tok)
         dist_utils.barrier()
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> Path:
+        """Run (or resume) the loop. Rank 0 holds the run lock throughout; on an error, Ctrl-C or
+        SIGTERM the snapshot in flight is finished (committed) before the process exits."""
+        lock = run_lock(self.run_dir, "pretrain") if self.rank == 0 else nullcontext()
+        with lock, terminate_as_exception():
+            self.prepare_run()
+            try:
+                self._loop()
+            finally:
+                if self.writer is not None:
+                    self._finish_writer()
+        dist_utils.teardown()
+        return self.run_dir
+
+    def _finish_writer(self) -> None:
+        import sys as _sys
+
+        failing = _sys.exc_info()[0] is not None
+        try:
+            self.writer.close()
+        except SpectraError:
+            if not failing:  # a clean exit must not hide a lost snapshot; a failing one keeps its own error
+                raise
+
+    def _loop(self) -> None:
         from tqdm.auto import tqdm
 
-        cfg = self.cfg
-        self.prepare_run()
-        self.model.train()
         from spectra.data import Prefetcher
 
+        cfg = self.cfg
+        self.model.train()
         self.batches = batches = Prefetcher(self.train_stream, cfg.micro_batch)
-        kill_at = int(os.environ.get("SPECTRA_KILL_AT_STEP", "-1"))  # test hook: a real SIGKILL mid-run
         bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0, desc=f"pretrain {cfg.model}",
                    unit="step", dynamic_ncols=True, file=sys.stderr)
         t0, tok0 = time.perf_counter(), self.tokens
@@ -221,7 +267,8 @@ class Trainer:
                 self.step += 1
                 dt = time.perf_counter() - t0
                 tps = (self.tokens - tok0) / max(dt, 1e-9)
-                row = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens, "tokens_per_s": tps, "elapsed_s": dt}
+                row = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens, "tokens_per_s": tps,
+                       "elapsed_s": dt}
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     row["val_loss"], row["val_ppl"] = self.validate()
                 self.log(row)
@@ -230,25 +277,16 @@ class Trainer:
                                 **({"val_ppl": f"{row['val_ppl']:.1f}"} if "val_ppl" in row else {}))
                 if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
                     self.checkpoint()
-                if self.step == kill_at:
-                    if self.writer is not None:
-                        self.writer.wait()
-                    os.kill(os.getpid(), 9)
                 # all ranks decide alike: a final snapshot needs one more (update-free) gradient pass
                 if self.step >= cfg.steps and not cfg.snapshot_at(self.step):
                     break
         finally:  # also on errors: the prefetch thread must not outlive the loop
             bar.close()
             batches.close()
-        if self.writer is not None:
-            self.writer.close()
-        dist_utils.teardown()
-        return self.run_dir
 
     def log(self, row: dict) -> None:
         if self.rank == 0:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_metrics(self.run_dir / METRICS, row)
 
 
 def _grad_norm(model) -> float:
@@ -256,12 +294,30 @@ def _grad_norm(model) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else float("nan")
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, forget rows logged after the checkpoint (they are recomputed identically)."""
-    if not path.is_file():
-        return
-    rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(r + "\n" for r in rows))
+def last_finite_checkpoint(run_dir: Path, step: int) -> Path | None:
+    """The newest complete checkpoint before `step`: its weights gave a finite loss (checkpoint
+    `step` itself holds the weights whose loss just came out non-finite)."""
+    done = [p for p in (run_dir / "checkpoints").glob("step_*")
+            if p.name.split("_")[1].isdigit() and int(p.name.split("_")[1]) < step
+            and (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Cross-field checks the per-option ranges cannot express (one error line each)."""
+    if cfg.seq_len > MAX_POSITIONS:
+        raise SpectraError(f"--seq-len {cfg.seq_len} exceeds the model's {MAX_POSITIONS} positions")
+    if cfg.lr <= 0:
+        raise SpectraError(f"--lr must be > 0, not {cfg.lr}")
+    if not 0 < cfg.val_fraction < 1:
+        raise SpectraError(f"--val-fraction must be in (0, 1), not {cfg.val_fraction}")
+    if any(s < 0 or s > cfg.steps for s in cfg.snapshot_steps):
+        raise SpectraError(f"--snapshot-steps must lie in 0..{cfg.steps}, got {cfg.snapshot_steps}")
+    if cfg.snapshot_grad not in ("full", "sketch", "none"):
+        raise SpectraError(f"--snapshot-grad must be full, sketch or none, not {cfg.snapshot_grad!r}")
+    for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "val_fraction"):
+        if not math.isfinite(getattr(cfg, name)):
+            raise SpectraError(f"--{name.replace('_', '-')} must be a finite number")
 
 
 def _store_attrs(cfg: PretrainConfig, model) -> dict:
@@ -309,36 +365,41 @@ def pretrain_command(
     model: Annotated[str, typer.Option(help=f"model size: {', '.join(SIZES)}")] = "130m",
     data: Annotated[Optional[str], typer.Option(help="local json/jsonl(.gz)/txt/parquet files, globs or folders; default: hub allenai/c4 en")] = None,
     val_data: Annotated[Optional[str], typer.Option(help="validation files (default: hold out --val-fraction of --data)")] = None,
-    val_fraction: Annotated[float, typer.Option(help="fraction of --data documents held out for validation")] = 0.01,
+    val_fraction: Annotated[float, typer.Option(help="fraction of --data documents held out for validation, in (0, 1)", min=0.0, max=1.0)] = 0.01,
     tokenizer: Annotated[str, typer.Option(help="tokenizer hub name, local folder, or bytes (byte-level, no files)")] = "t5-base",
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = 20000,
-    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 256,
-    batch_size: Annotated[int, typer.Option(help="sequences per optimizer step (all ranks)")] = 512,
-    micro_batch: Annotated[int, typer.Option(help="sequences per forward/backward per rank")] = 128,
-    lr: Annotated[float, typer.Option(help="peak learning rate")] = 1e-3,
-    warmup: Annotated[int, typer.Option(help="linear warmup steps")] = 2000,
-    min_lr_ratio: Annotated[float, typer.Option(help="cosine floor as a fraction of --lr")] = 0.1,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 0.0,
-    grad_clip: Annotated[float, typer.Option(help="max gradient norm (0: off)")] = 1.0,
-    eval_every: Annotated[int, typer.Option(help="validate every N steps (0: only never)")] = 1000,
-    val_tokens: Annotated[int, typer.Option(help="validation token budget")] = 1_048_576,
-    save_every: Annotated[int, typer.Option(help="checkpoint every N steps")] = 1000,
-    keep_checkpoints: Annotated[int, typer.Option(help="newest checkpoints kept (0: all)")] = 3,
-    snapshot_every: Annotated[int, typer.Option(help="snapshot weights+grads every N steps (plus step 0 and the last)")] = 1000,
+    steps: Annotated[int, typer.Option(help="optimizer steps", min=1)] = 20000,
+    seq_len: Annotated[int, typer.Option(help=f"tokens per sequence (1..{MAX_POSITIONS})", min=1, max=MAX_POSITIONS)] = 256,
+    batch_size: Annotated[int, typer.Option(help="sequences per optimizer step (all ranks)", min=1)] = 512,
+    micro_batch: Annotated[int, typer.Option(help="sequences per forward/backward per rank", min=1)] = 128,
+    lr: Annotated[float, typer.Option(help="peak learning rate", min=0.0, max=10.0)] = 1e-3,
+    warmup: Annotated[int, typer.Option(help="linear warmup steps", min=0)] = 2000,
+    min_lr_ratio: Annotated[float, typer.Option(help="cosine floor as a fraction of --lr", min=0.0, max=1.0)] = 0.1,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay", min=0.0)] = 0.0,
+    grad_clip: Annotated[float, typer.Option(help="max gradient norm (0: off)", min=0.0)] = 1.0,
+    eval_every: Annotated[int, typer.Option(help="validate every N steps and at the last (0: never)", min=0)] = 1000,
+    val_tokens: Annotated[int, typer.Option(help="validation token budget", min=1)] = 1_048_576,
+    save_every: Annotated[int, typer.Option(help="checkpoint every N steps and at the last (0: never)", min=0)] = 1000,
+    keep_checkpoints: Annotated[int, typer.Option(help="newest checkpoints kept (0: all)", min=0)] = 3,
+    snapshot_every: Annotated[int, typer.Option(help="snapshot weights+grads every N steps (plus step 0 and the last; 0: none)", min=0)] = 1000,
     snapshot_steps: Annotated[Optional[str], typer.Option(help="explicit comma-separated snapshot steps, e.g. 0,100,1000")] = None,
     snapshot_grad: Annotated[str, typer.Option(help="gradient in snapshots: full | sketch (top-r SVD) | none")] = "sketch",
-    sketch_rank: Annotated[int, typer.Option(help="r of the gradient sketch")] = 32,
+    sketch_rank: Annotated[int, typer.Option(help="r of the gradient sketch", min=1)] = 32,
     snapshot_embeddings: Annotated[bool, typer.Option(help="also snapshot embed_tokens and lm_head")] = False,
     compile: Annotated[bool, typer.Option(help="torch.compile the model")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    seed: Annotated[int, typer.Option(help="seed for init and data order")] = 0,
+    seed: Annotated[int, typer.Option(help="seed for init and data order", min=0)] = 0,
     runs_dir: Annotated[str, typer.Option(help="parent folder of runs")] = "runs",
-    run_id: Annotated[Optional[str], typer.Option(help="run folder name (default: <model>-<timestamp>)")] = None,
+    run_id: Annotated[Optional[str], typer.Option(help="run folder name: letters, digits, . _ - (default: <model>-<timestamp>)")] = None,
     resume: Annotated[bool, typer.Option(help="continue runs/<run-id> from its latest checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option(help="start over in an existing run folder, deleting its content")] = False,
+    allow_config_change: Annotated[bool, typer.Option(
+        help="let --resume change lr, data, seed, batch, ... (recorded in run_config.json)")] = False,
 ) -> None:
     """Pretrain a LLaMA (GaLore sizes) and write weight/gradient snapshots to runs/<id>/snapshots.zarr."""
     if resume and not run_id:
         raise SpectraError("--resume needs --run-id naming the run to continue")
+    if resume and overwrite:
+        raise SpectraError("--resume and --overwrite exclude each other")
     try:
         snaps = [int(s) for s in snapshot_steps.split(",") if s.strip()] if snapshot_steps else []
     except ValueError:
@@ -349,6 +410,7 @@ def pretrain_command(
                          eval_every=eval_every, val_tokens=val_tokens, save_every=save_every,
                          keep_checkpoints=keep_checkpoints, snapshot_every=snapshot_every, snapshot_steps=snaps,
                          snapshot_grad=snapshot_grad, sketch_rank=sketch_rank, snapshot_embeddings=snapshot_embeddings,
-                         compile=compile, device=device, seed=seed, runs_dir=runs_dir, run_id=run_id, resume=resume)
+                         compile=compile, device=device, seed=seed, runs_dir=runs_dir, run_id=run_id, resume=resume,
+                         overwrite=overwrite, allow_config_change=allow_config_change)
     run_dir = pretrain(cfg)
     print(f"run written to {run_dir}")

@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from spectra.errors import SpectraError
+from spectra.errors import SpectraError, Terminated
 
 # (command, module, function, one-line summary) -- the order is the order in `spectra --help`.
 # The summary is the first docstring line of the function (tests/test_cli.py keeps them equal);
@@ -82,22 +82,35 @@ def _root() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input becomes one `error: ...` line and exit code 2, never a traceback."""
+    import click
+
     try:
-        app(args=argv, prog_name="spectra")  # typer/click handle --help and usage errors themselves
+        code = app(args=argv, prog_name="spectra", standalone_mode=False)  # --help still prints and returns
     except SpectraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except click.exceptions.UsageError as e:  # bad option value, unknown option, missing argument: one line
+        print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
+        return 2
+    except click.exceptions.Abort:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except click.exceptions.Exit as e:
+        return e.exit_code
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except Exception as e:  # noqa: BLE001 - unexpected: one line unless debugging
         if os.environ.get("SPECTRA_DEBUG"):
             raise
         print(f"error: {type(e).__name__}: {e} (set SPECTRA_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

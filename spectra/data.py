@@ -256,14 +256,19 @@ def eval_windows(docs, tokenizer, seq_len: int, max_tokens: int, *, cache_dir: s
                  cache_key: str = "") -> torch.Tensor:
     """Non-overlapping [n, seq_len] windows over the first documents (in file order), joined
     with EOS, up to `max_tokens` tokens: the fixed token budget every perplexity and every
-    Hessian batch in spectra uses. Cached on disk keyed by dataset + tokenizer + seq_len + budget."""
+    Hessian batch in spectra uses. Cached on disk (safetensors, never a pickle) keyed by the data's
+    content (`cache_key`), the tokenizer's vocabulary, seq_len and the budget."""
     path = None
     if cache_dir is not None:
-        tok_id = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
-        key = hashlib.sha1(f"{cache_key}|{tok_id}|{len(tokenizer)}|{seq_len}|{max_tokens}".encode()).hexdigest()[:16]
-        path = Path(cache_dir) / f"windows-{key}.pt"
+        key = hashlib.sha256(f"{cache_key}|{tokenizer_digest(tokenizer)}|{seq_len}|{max_tokens}".encode()).hexdigest()
+        path = Path(cache_dir) / f"windows-{key[:24]}.safetensors"
         if path.is_file():
-            return torch.load(path)
+            from safetensors.torch import load_file
+
+            try:
+                return load_file(str(path))["windows"]
+            except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt, not trusted
+                path.unlink(missing_ok=True)
     stream = PackedStream(docs, tokenizer, seq_len, seed=-1, loop=False)
     n_rows = max(1, max_tokens // seq_len)
     rows = []
@@ -275,11 +280,41 @@ def eval_windows(docs, tokenizer, seq_len: int, max_tokens: int, *, cache_dir: s
         raise SpectraError(f"not enough text for one {seq_len}-token window")
     out = torch.stack(rows)
     if path is not None:
+        from safetensors.torch import save_file
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(out, tmp)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"windows": out.contiguous()}, str(tmp))
         os.replace(tmp, path)
     return out
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (memoized per path, size and mtime within one process)."""
+    st = os.stat(path)
+    memo = (str(path), st.st_size, st.st_mtime_ns)
+    if memo not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[memo] = h.hexdigest()
+    return _DIGESTS[memo]
+
+
+def data_fingerprint(spec: str | list[str]) -> list[list]:
+    """[[file, size], ...] of `--data`: what a resume compares to notice that the data changed."""
+    return [[f, os.path.getsize(f)] for f in expand_files(spec)]
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """Identifies a tokenizer by what it does (its vocabulary and special tokens), not its name."""
+    vocab = sorted(tokenizer.get_vocab().items()) if hasattr(tokenizer, "get_vocab") else []
+    special = getattr(tokenizer, "all_special_tokens", [])
+    return hashlib.sha256(repr((type(tokenizer).__name__, vocab, special)).encode()).hexdigest()[:16]
 
 
 def text_windows(data: str | None, tokenizer, seq_len: int, max_tokens: int, *, split: str = "validation",
@@ -288,7 +323,7 @@ def text_windows(data: str | None, tokenizer, seq_len: int, max_tokens: int, *, 
     if data:
         docs = load_local_docs(data)
         return eval_windows(docs, tokenizer, seq_len, max_tokens, cache_dir=cache_dir,
-                            cache_key="|".join(expand_files(data)))
+                            cache_key="|".join(file_digest(f) for f in expand_files(data)))
     docs = load_hub_c4(split)
     return eval_windows(docs, tokenizer, seq_len, max_tokens, cache_dir=cache_dir, cache_key=f"c4-en-{split}")
 

@@ -3,3 +3,8 @@
 
 class SpectraError(Exception):
     """Bad input a user can fix: missing files, wrong model type, NaN gradients, corrupt stores."""
+
+
+class Terminated(BaseException):
+    """SIGTERM turned into an exception, so cleanup runs and the CLI exits 143 (like Ctrl-C's 130).
+    A BaseException, like KeyboardInterrupt, so `except Exception` blocks don't swallow it."""

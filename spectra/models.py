@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from spectra.errors import SpectraError
+from spectra.runs import run_dir_of  # noqa: F401 - re-exported (commands import it from here)
 
 # short component name (used as xarray coordinate) -> HF module name
 COMPONENTS: dict[str, str] = {
@@ -134,17 +135,6 @@ def load_causal_lm(path: str | Path, *, device: str | torch.device = "cpu", dtyp
     return model
 
 
-def run_dir_of(path: str | Path) -> Path | None:
-    """The run folder (`runs/<id>`) that `path` is or lies inside — a checkpoint, a snapshot store,
-    a compressed model or a finetune output — recognised by what `spectra pretrain` writes there."""
-    p = Path(path).resolve()
-    for cand in (p, *p.parents):
-        if ((cand / "run_config.json").is_file() or (cand / "snapshots.zarr").is_dir()
-                or (cand / "checkpoints" / "latest").is_file()):
-            return cand
-    return None
-
-
 def analysis_store_for(path: str | Path) -> Path:
     """Default analysis store: `<run>/analysis.zarr` for anything inside a run, else next to a
     snapshot store, else inside the checkpoint folder."""
@@ -158,12 +148,12 @@ def analysis_store_for(path: str | Path) -> Path:
 def find_checkpoint(path: str | Path) -> Path:
     """Resolve a model folder from a checkpoint folder, a run folder (its latest checkpoint) or
     a `runs/<id>` path, so `--ckpt runs/abc` works as users expect."""
+    from spectra.runs import checkpoint_of_latest
+
     p = Path(path)
-    latest = p / "checkpoints" / "latest"  # a run folder: its newest checkpoint
-    if latest.is_file():
-        cand = p / "checkpoints" / latest.read_text().strip()
-        if (cand / "config.json").is_file():
-            return cand
+    cand = checkpoint_of_latest(p / "checkpoints")  # a run folder: its newest checkpoint
+    if cand is not None and (cand / "config.json").is_file():
+        return cand
     if (p / "config.json").is_file():
         return p
     if not p.exists():

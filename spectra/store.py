@@ -2,24 +2,42 @@
 
 Layout (Zarr v3, written through xarray, one group per parameter because shapes differ):
 
-    snapshots.zarr/              attrs: config, model_config, versions, git_sha, grad_mode, sketch_rank
-      meta/                      dims (step): tokens, lr, loss, grad_norm, wall_time  <- commit record
+    snapshots.zarr/              attrs: config, model_config, versions, git_sha, grad_mode, sketch_rank,
+                                        committed_steps  <- THE COMMIT RECORD (see below)
+      meta/                      dims (step): tokens, lr, loss, grad_norm, wall_time
       params/<layer>.<comp>/     e.g. params/3.q, params/0.down, params/embed, params/lm_head
         weight  (step, out, in)  float32 on disk, original dtype in attrs["dtype"]
         grad    (step, out, in)  when grad_mode == "full"
         grad_u (step, out, rank), grad_s (step, rank), grad_v (step, in, rank)   when "sketch"
 
-Crash safety: a snapshot's parameter arrays are appended first and its row in `meta/` last, so
-`meta/` is the commit record. Readers only see the first len(meta.step) entries of every array;
-a writer reopening a store cuts any longer (half-written) tails back, so a kill -9 leaves each
-snapshot fully there or absent.
+Commit protocol (crash safety under kill -9, Ctrl-C, SIGTERM or an exception at any moment):
+
+1. A snapshot's arrays (every params/<key>/* and meta/*) are appended first. Zarr writes each
+   file through a temporary name and a rename, so a file is whole or absent, but a snapshot is
+   many files: after a kill some arrays may be one step longer than others (a torn tail).
+2. Then the snapshot is published by ONE atomic act: the root `zarr.json` is rewritten (temporary
+   file, fsync, `os.replace`, fsync of the folder) with `committed_steps` in its attributes and
+   Zarr's consolidated metadata of every member with the `step` length set to the committed count.
+   Until that rename nothing of the new snapshot is visible; after it, all of it is.
+3. Readers (`open_run`, and plain `xr.open_zarr(store, group=...)`, which uses consolidated
+   metadata by default) therefore see exactly the committed steps, whatever lies beyond them.
+4. A writer reopening the store cuts every array back to the committed length before appending.
+   Resume truncation (`truncate_after`) publishes the shorter record first and shrinks the arrays
+   after, so no committed byte is deleted before the new state is durable.
+
+Analysis stores (`analysis.zarr`) hold one xarray group per analysis; a group is written under a
+temporary name and swapped in by renames, and `merge=` updates only the given coordinates of a
+stored group (a partial `hessian-gap` keeps the other layers' results).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +47,12 @@ import xarray as xr
 import zarr
 
 from spectra.errors import SpectraError
-from spectra.models import iter_components
 
 STORE_KIND = "spectra-snapshots"
 ANALYSIS_KIND = "spectra-analysis"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: commit record in the root metadata; 1: meta/ written last (read-only support)
+COMMIT_KEY = "committed_steps"
+_CM_EMPTY = {"kind": "inline", "must_understand": False, "metadata": {}}
 
 
 def param_key(layer: int, component: str) -> str:
@@ -44,15 +63,82 @@ def read_json(path: str | Path) -> dict:
     """A JSON object file a run holds (rank maps, configs); anything else is one error line."""
     try:
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SpectraError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise SpectraError(f"{path} does not hold a JSON object")
     return obj
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Replace `path` by `data` in one step: a reader or a kill sees the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself is durable, not just the bytes
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
 def _to_json(obj) -> str:
     return json.dumps(obj, default=str, sort_keys=True)
+
+
+def _jsonable(v):
+    try:
+        json.dumps(v)
+        return v
+    except TypeError:
+        return json.loads(_to_json(v))
+
+
+def _open_group(path: Path, mode: str, consolidated: bool | None = False):
+    try:
+        return zarr.open_group(path, mode=mode, use_consolidated=consolidated)
+    except Exception as e:  # noqa: BLE001
+        raise SpectraError(f"{path} is not a readable Zarr store ({type(e).__name__}: {e})") from None
+
+
+def _root_metadata(path: Path) -> dict:
+    try:
+        md = json.loads((path / "zarr.json").read_text())
+        assert isinstance(md, dict) and md.get("node_type") == "group"
+        return md
+    except Exception as e:  # noqa: BLE001
+        raise SpectraError(f"{path} is not a readable Zarr store ({type(e).__name__}: {e})") from None
+
+
+def _members(path: Path, prefix: str = "") -> dict[str, dict]:
+    """Live metadata of every group/array below `path` (flat keys), without entering chunk folders."""
+    out = {}
+    for child in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        md_file = child / "zarr.json"
+        if not md_file.is_file():
+            continue
+        md = json.loads(md_file.read_text())
+        key = f"{prefix}{child.name}"
+        if md.get("node_type") == "group":
+            md["consolidated_metadata"] = dict(_CM_EMPTY)
+            out[key] = md
+            out.update(_members(child, key + "/"))
+        else:
+            out[key] = md
+    return out
+
+
+def _steps_of(md: dict) -> list[int] | None:
+    steps = md.get("attributes", {}).get(COMMIT_KEY)
+    return None if steps is None else [int(s) for s in steps]
 
 
 # --------------------------------------------------------------------------- writer
@@ -60,44 +146,54 @@ class SnapshotWriter:
     """Append weight/gradient snapshots to a store; safe to reopen after a crash or for `--resume`.
 
     `write()` copies tensors to host synchronously (so training may go on mutating them) and
-    hands the Zarr writes to a background thread; the next `write()` or `close()` waits for it.
+    hands the gradient sketch and the Zarr writes to a background thread; the next `write()`,
+    `wait()` or `close()` waits for it. `committed` lists the published steps, `steps` also the
+    one in flight.
     """
 
     def __init__(self, path: str | Path, attrs: dict | None = None, *, grad_mode: str = "sketch",
                  sketch_rank: int = 32, embeddings: bool = False, background: bool = True):
         if grad_mode not in ("full", "sketch", "none"):
             raise SpectraError(f"grad mode must be full, sketch or none, not {grad_mode!r}")
+        if sketch_rank < 1:
+            raise SpectraError(f"sketch rank must be >= 1, not {sketch_rank}")
         self.path = Path(path)
-        self.grad_mode, self.sketch_rank, self.embeddings, self.background = grad_mode, sketch_rank, embeddings, background
+        self.background = background
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._dirty = False  # a failed write may have left torn tails: cut them before the next one
         if (self.path / "zarr.json").is_file():
-            root = _open_group(self.path, "r+")
-            if root.attrs.get("kind") != STORE_KIND:
+            a = _root_metadata(self.path).get("attributes", {})
+            if a.get("kind") != STORE_KIND:
                 raise SpectraError(f"{self.path} is not a spectra snapshot store")
-            self.grad_mode = root.attrs.get("grad_mode", grad_mode)
-            self.sketch_rank = int(root.attrs.get("sketch_rank", sketch_rank))
-            self.steps = list(_committed_steps(self.path))
-            self._cut_tails(len(self.steps))
+            # a reopened store keeps what it was created with (a resume may not switch modes midway)
+            self.grad_mode = a.get("grad_mode", grad_mode)
+            self.sketch_rank = int(a.get("sketch_rank", sketch_rank))
+            self.embeddings = bool(a.get("embeddings", embeddings))
+            self.committed = _committed(self.path)
+            self._repair()
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            root = zarr.open_group(self.path, mode="w")
-            root.attrs.update({"kind": STORE_KIND, "format_version": FORMAT_VERSION, "grad_mode": grad_mode,
-                               "sketch_rank": sketch_rank, **{k: _jsonable(v) for k, v in (attrs or {}).items()}})
-            self.steps = []
+            self.grad_mode, self.sketch_rank, self.embeddings = grad_mode, sketch_rank, embeddings
+            self.path.mkdir(parents=True, exist_ok=True)
+            base = {"kind": STORE_KIND, "format_version": FORMAT_VERSION, "grad_mode": grad_mode,
+                    "sketch_rank": sketch_rank, "embeddings": embeddings, COMMIT_KEY: []}
+            md = {"zarr_format": 3, "node_type": "group", "consolidated_metadata": dict(_CM_EMPTY),
+                  "attributes": {**{k: _jsonable(v) for k, v in (attrs or {}).items()}, **base}}
+            atomic_write_json(self.path / "zarr.json", md)  # created whole, never half-labelled
+            self.committed = []
+        self.steps = list(self.committed)
 
     # -- public -------------------------------------------------------------------------------
-    @property
-    def last_step(self) -> int | None:
-        return self.steps[-1] if self.steps else None
-
     def truncate_after(self, step: int) -> None:
-        """Drop snapshots taken after `step` (used by `--resume`: they will be taken again)."""
+        """Drop snapshots taken after `step` (used by `--resume`: they will be taken again).
+        The shorter commit record is published before any array shrinks."""
         self.wait()
-        keep = sum(1 for s in self.steps if s <= step)
-        if keep < len(self.steps):
-            self.steps = self.steps[:keep]
-            self._cut_tails(keep, meta_too=True)
+        keep = [s for s in self.committed if s <= step]
+        if len(keep) < len(self.committed):
+            self._publish(keep)
+            self.committed = keep
+            self._repair()
+        self.steps = list(self.committed)
 
     def write(self, model: torch.nn.Module, *, step: int, tokens: int, lr: float, loss: float,
               grad_norm: float = float("nan")) -> None:
@@ -109,23 +205,32 @@ class SnapshotWriter:
         meta = dict(step=step, tokens=tokens, lr=lr, loss=loss, grad_norm=grad_norm, wall_time=time.time())
         self.steps.append(step)
         if self.background:
-            self._thread = threading.Thread(target=self._write_guarded, args=(params, meta), daemon=False)
+            self._thread = threading.Thread(target=self._write_guarded, args=(params, meta), daemon=False,
+                                            name="spectra-snapshot")
             self._thread.start()
         else:
-            self._write(params, meta)
+            self._write_guarded(params, meta)
+            self._raise_pending()
 
     def wait(self) -> None:
+        """Block until the snapshot in flight is committed (or raise why it was not)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise SpectraError(f"snapshot write to {self.path} failed: {err}")
+        self._raise_pending()
 
     close = wait
 
     # -- internals ------------------------------------------------------------------------------
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            self.steps = list(self.committed)
+            raise SpectraError(f"snapshot write to {self.path} failed: {err}")
+
     def _collect(self, model) -> dict[str, dict]:
+        from spectra.models import iter_components
+
         named = [(l, c, m.weight) for l, c, _, m in iter_components(model) if hasattr(m, "weight")]
         if self.embeddings:
             inner = getattr(model, "model", model)
@@ -143,71 +248,107 @@ class SnapshotWriter:
                 if not torch.isfinite(g).all():
                     raise SpectraError(f"non-finite gradient in {key} at this step; snapshot not written "
                                        "(earlier snapshots are intact)")
-                if self.grad_mode == "full":
-                    rec["grad"] = g.detach().float().cpu().numpy().copy()
-                else:
-                    r = min(self.sketch_rank, *g.shape)
-                    u, s, vh = torch.linalg.svd(g.detach().float(), full_matrices=False)
-                    rec["grad_u"] = u[:, :r].cpu().numpy()
-                    rec["grad_s"] = s[:r].cpu().numpy()
-                    rec["grad_v"] = vh[:r].T.contiguous().cpu().numpy()
+                # host copy now; the sketch's SVD runs on the writer thread, off the training step
+                rec["grad"] = g.detach().float().cpu().clone()
             out[key] = rec
         return out
+
+    def _sketch(self, rec: dict) -> None:
+        g = rec.pop("grad")
+        if self.grad_mode == "full":
+            rec["grad"] = g.numpy()
+            return
+        r = min(self.sketch_rank, *g.shape)
+        u, s, vh = torch.linalg.svd(g, full_matrices=False)
+        rec["grad_u"] = u[:, :r].numpy()
+        rec["grad_s"] = s[:r].numpy()
+        rec["grad_v"] = vh[:r].T.contiguous().numpy()
 
     def _write_guarded(self, params, meta):
         try:
             self._write(params, meta)
         except BaseException as e:  # noqa: BLE001 - surfaced by wait()
+            self._dirty = True
             self._error = e
 
     def _write(self, params: dict, meta: dict) -> None:
-        step = meta["step"]
-        first = len(self.steps) == 1
+        if self._dirty:
+            self._repair()
+            self._dirty = False
+        step, append = meta["step"], bool(self.committed)
+        dims = {"weight": ("step", "out", "in"), "grad": ("step", "out", "in"),
+                "grad_u": ("step", "out", "rank"), "grad_s": ("step", "rank"), "grad_v": ("step", "in", "rank")}
         for key, rec in params.items():
-            dims = {"weight": ("step", "out", "in"), "grad": ("step", "out", "in"),
-                    "grad_u": ("step", "out", "rank"), "grad_s": ("step", "rank"), "grad_v": ("step", "in", "rank")}
+            if "grad" in rec:
+                self._sketch(rec)
             ds = xr.Dataset({k: (dims[k], v[None]) for k, v in rec.items() if k != "attrs"}, coords={"step": [step]})
             ds.attrs.update(rec["attrs"])
-            exists = (self.path / "params" / key / "zarr.json").is_file()
-            ds.to_zarr(self.path, group=f"params/{key}", mode="a" if exists else "w",
-                       append_dim="step" if exists else None, consolidated=False)
+            ds.to_zarr(self.path, group=f"params/{key}", mode="a" if append else "w",
+                       append_dim="step" if append else None, consolidated=False)
         m = xr.Dataset({k: ("step", [v]) for k, v in meta.items() if k != "step"}, coords={"step": [step]})
-        exists = (self.path / "meta" / "zarr.json").is_file() and not first
-        m.to_zarr(self.path, group="meta", mode="a" if exists else "w", append_dim="step" if exists else None,
+        m.to_zarr(self.path, group="meta", mode="a" if append else "w", append_dim="step" if append else None,
                   consolidated=False)
+        self._publish(self.committed + [step])  # the one atomic act that makes this snapshot exist
+        self.committed = self.committed + [step]
 
-    def _cut_tails(self, n: int, meta_too: bool = False) -> None:
+    def _publish(self, steps: list[int]) -> None:
+        """Rewrite the root metadata (commit record + consolidated metadata at len(steps)) atomically."""
+        md = _root_metadata(self.path)
+        n = len(steps)
+        members = _members(self.path) if n else {}
+        for key, m in members.items():
+            dims = m.get("dimension_names") or [None]
+            if m.get("node_type") == "array" and dims[0] == "step":
+                if m["shape"][0] < n:
+                    raise SpectraError(f"{self.path}/{key} holds {m['shape'][0]} snapshots, fewer than the {n} to commit")
+                m["shape"] = [n, *m["shape"][1:]]
+        md["attributes"][COMMIT_KEY] = [int(s) for s in steps]
+        md["attributes"]["format_version"] = FORMAT_VERSION
+        md["consolidated_metadata"] = {**_CM_EMPTY, "metadata": members}
+        atomic_write_json(self.path / "zarr.json", md)
+
+    def _repair(self) -> None:
+        """Cut every array back to the committed length (only uncommitted data is removed)."""
+        n = len(self.committed)
+        if n == 0:
+            self._publish([])
+            for sub in ("params", "meta"):
+                shutil.rmtree(self.path / sub, ignore_errors=True)
+            return
+        committed_keys = set(_root_metadata(self.path).get("consolidated_metadata", {}).get("metadata", {}))
         root = _open_group(self.path, "r+")
-        groups = [root["params"][k] for k in root["params"].group_keys()] if "params" in root else []
-        if meta_too and "meta" in root:
-            groups.append(root["meta"])
-        for g in groups:
-            for name in list(g.array_keys()):
-                a = g[name]
+        groups = [("meta", root["meta"])] if "meta" in root else []
+        if "params" in root:
+            for k in list(root["params"].group_keys()):
+                if committed_keys and f"params/{k}" not in committed_keys:  # born in a torn first write
+                    shutil.rmtree(self.path / "params" / k, ignore_errors=True)
+                else:
+                    groups.append((f"params/{k}", root["params"][k]))
+        for name, g in groups:
+            for a_name in list(g.array_keys()):
+                a = g[a_name]
                 dims = a.metadata.dimension_names or ()
-                if dims and dims[0] == "step" and a.shape[0] > n:
-                    a.resize((n, *a.shape[1:]))
+                if dims and dims[0] == "step":
+                    if a.shape[0] < n:
+                        raise SpectraError(f"{self.path}/{name}/{a_name} lost committed snapshots "
+                                           f"({a.shape[0]} of {n}); the store is damaged")
+                    if a.shape[0] > n:
+                        a.resize((n, *a.shape[1:]))
+        if not committed_keys:  # a format-1 store: publish once so readers get the record
+            self._publish(self.committed)
 
 
-def _jsonable(v):
-    try:
-        json.dumps(v)
-        return v
-    except TypeError:
-        return json.loads(_to_json(v))
-
-
-def _open_group(path: Path, mode: str):
-    try:
-        return zarr.open_group(path, mode=mode)
-    except Exception as e:  # noqa: BLE001
-        raise SpectraError(f"{path} is not a readable Zarr store ({type(e).__name__}: {e})") from None
-
-
-def _committed_steps(path: Path) -> np.ndarray:
+def _committed(path: Path) -> list[int]:
+    """The committed steps of a store (format 2: the record; format 1: the shortest meta/ array)."""
+    md = _root_metadata(path)
+    steps = _steps_of(md)
+    if steps is not None:
+        return steps
     if not (path / "meta" / "zarr.json").is_file():
-        return np.array([], dtype=np.int64)
-    return xr.open_zarr(path, group="meta", consolidated=False)["step"].values
+        return []
+    g = _open_group(path / "meta", "r")
+    n = min(g[k].shape[0] for k in g.array_keys())
+    return [int(s) for s in g["step"][:n]]
 
 
 # --------------------------------------------------------------------------- reader
@@ -218,6 +359,7 @@ class Run:
     path: Path
     attrs: dict
     meta: xr.Dataset
+    consolidated: bool = True
 
     @property
     def steps(self) -> np.ndarray:
@@ -232,46 +374,36 @@ class Run:
         from spectra.models import COMPONENTS
 
         order = list(COMPONENTS)
-        root = _open_group(self.path, "r")
+        if self.consolidated:
+            names = [k.split("/")[1] for k in _root_metadata(self.path)["consolidated_metadata"]["metadata"]
+                     if k.startswith("params/") and k.count("/") == 1]
+        else:
+            root = _open_group(self.path, "r")
+            names = list(root["params"].group_keys()) if "params" in root else []
         out = []
-        for k in root["params"].group_keys() if "params" in root else []:
+        for k in names:
             layer, _, comp = k.partition(".")
             if layer.lstrip("-").isdigit() and comp in COMPONENTS:
                 out.append((int(layer), comp))
         return sorted(out, key=lambda lc: (lc[0], order.index(lc[1])))
 
-    @property
-    def layers(self) -> list[int]:
-        return sorted({l for l, _ in self.keys()})
-
     def param(self, layer: int | str, component: str | None = None) -> xr.Dataset:
         """The lazily loaded dataset of one parameter: weight, and grad or grad_u/grad_s/grad_v."""
         key = param_key(layer, component) if component is not None else str(layer)
-        try:
-            ds = xr.open_zarr(self.path, group=f"params/{key}", consolidated=False)
-        except Exception:  # noqa: BLE001
-            raise SpectraError(f"{self.path} has no parameter {key!r}") from None
-        return ds.isel(step=slice(0, len(self.steps)))
+        return _read_committed(self.path, f"params/{key}", len(self.steps), self.consolidated)
 
     def weight(self, layer: int, component: str) -> xr.DataArray:
         return self.param(layer, component)["weight"]
 
-    def grad_basis(self, layer: int, component: str, rank: int, side: str = "left") -> xr.DataArray:
-        """Orthonormal top-`rank` gradient singular vectors per step, (step, out|in, rank), from the
-        stored sketch or from an SVD of the stored full gradient."""
-        ds = self.param(layer, component)
-        if "grad_u" in ds:
-            v = ds["grad_u" if side == "left" else "grad_v"]
-            if rank > v.sizes["rank"]:
-                raise SpectraError(f"rank {rank} exceeds the stored sketch rank {v.sizes['rank']}")
-            return v.isel(rank=slice(0, rank))
-        if "grad" not in ds:
-            raise SpectraError(f"{self.path} stores no gradients (grad_mode={self.grad_mode})")
-        g = torch.from_numpy(ds["grad"].values)
-        u, _, vh = torch.linalg.svd(g, full_matrices=False)
-        basis = (u[..., :rank] if side == "left" else vh[..., :rank, :].transpose(-1, -2)).numpy()
-        return xr.DataArray(basis, dims=("step", "out" if side == "left" else "in", "rank"),
-                            coords={"step": ds["step"].values})
+
+def _read_committed(path: Path, group: str, n: int, consolidated: bool) -> xr.Dataset:
+    try:
+        ds = xr.open_zarr(path, group=group, consolidated=consolidated)
+    except Exception:  # noqa: BLE001
+        raise SpectraError(f"{path} has no readable group {group!r}") from None
+    if ds.sizes.get("step", 0) < n:
+        raise SpectraError(f"{path}/{group} holds fewer snapshots than committed; the store is damaged")
+    return ds.isel(step=slice(0, n))
 
 
 def open_run(path: str | Path) -> Run:
@@ -281,43 +413,89 @@ def open_run(path: str | Path) -> Run:
         p = p / "snapshots.zarr"
     if not p.exists():
         raise SpectraError(f"no snapshot store at {path}")
-    root = _open_group(p, "r")
-    attrs = dict(root.attrs)
+    md = _root_metadata(p)
+    attrs = dict(md.get("attributes", {}))
     if attrs.get("kind") != STORE_KIND:
         raise SpectraError(f"{p} is not a spectra snapshot store (kind={attrs.get('kind')!r})")
+    consolidated = _steps_of(md) is not None
+    steps = _committed(p)
+    if not steps:
+        raise SpectraError(f"{p} has no committed snapshots yet")
     try:
-        meta = xr.open_zarr(p, group="meta", consolidated=False).load()
-    except Exception:  # noqa: BLE001
-        raise SpectraError(f"{p} has no committed snapshots yet (meta/ missing or corrupt)") from None
-    return Run(path=p, attrs=attrs, meta=meta)
+        meta = _read_committed(p, "meta", len(steps), consolidated).load()
+    except Exception as e:  # noqa: BLE001
+        raise SpectraError(f"{p} has unreadable snapshot metadata ({type(e).__name__}); "
+                           "`spectra pretrain --resume` on the run repairs a store from an older spectra") from None
+    return Run(path=p, attrs=attrs, meta=meta, consolidated=consolidated)
 
 
 # --------------------------------------------------------------------------- analysis stores
-def write_analysis(path: str | Path, name: str, ds: xr.Dataset, attrs: dict | None = None) -> Path:
+def write_analysis(path: str | Path, name: str, ds: xr.Dataset, attrs: dict | None = None,
+                   merge: tuple[str, ...] = ()) -> Path:
     """Write one analysis (e.g. "spectrum", "grad_subspace", "hessian_gap") as group `name` of
-    the Zarr store at `path` (created if missing), replacing an older result of the same name."""
+    the Zarr store at `path` (created if missing).
+
+    Without `merge`, an older result of the same name is replaced. With `merge=("layer", ...)`,
+    the new values replace the old ones only at their coordinates along those dimensions and every
+    other stored entry is kept (all other coordinates must agree). The group is written under a
+    temporary name and swapped in, so a kill leaves the old result or the new one.
+    """
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    root = zarr.open_group(p, mode="a")
-    if root.attrs.get("kind") not in (None, ANALYSIS_KIND):
+    if not (p / "zarr.json").is_file():
+        p.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(p / "zarr.json", {"zarr_format": 3, "node_type": "group",
+                                             "attributes": {"kind": ANALYSIS_KIND}})
+    elif _root_metadata(p).get("attributes", {}).get("kind") not in (None, ANALYSIS_KIND):
         raise SpectraError(f"{p} is not a spectra analysis store")
-    root.attrs["kind"] = ANALYSIS_KIND
     ds = ds.copy()
+    new_attrs = {k: _jsonable(v) for k, v in {**ds.attrs, **(attrs or {})}.items()}
+    if merge and _group_dir(p, name).is_dir():
+        old = read_analysis(p, name)
+        for dim in set(ds.dims) | set(old.dims):
+            if dim in merge or dim not in ds.coords or dim not in old.coords:
+                continue
+            if not np.array_equal(ds[dim].values, old[dim].values):
+                raise SpectraError(f"the stored {name!r} in {p} has other {dim} values "
+                                   f"({list(old[dim].values)[:6]}) than this one; write to another --out")
+        ds = ds.combine_first(old)
+        new_attrs = {**old.attrs, **new_attrs}
     # fixed-width numpy strings ('<U4') have no Zarr v3 spec (zarr warns on every write); the
     # variable-length UTF-8 type does, and reads back as the same strings
     ds = ds.assign({k: v.astype(object) for k, v in ds.data_vars.items() if v.dtype.kind == "U"})
     ds = ds.assign_coords({k: v.astype(object) for k, v in ds.coords.items() if v.dtype.kind == "U"})
-    ds.attrs.update({k: _jsonable(v) for k, v in (attrs or {}).items()})
-    ds.attrs = {k: (_to_json(v) if isinstance(v, dict) else v) for k, v in ds.attrs.items()}
-    ds.to_zarr(p, group=name, mode="w", consolidated=False)
+    ds.attrs = {k: (_to_json(v) if isinstance(v, dict) else v) for k, v in new_attrs.items()}
+    final = _group_dir(p, name)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    old_dir = final.with_name(f".old-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.to_zarr(p, group=tmp.relative_to(p).as_posix(), mode="w", consolidated=False)
+    if final.is_dir():
+        shutil.rmtree(old_dir, ignore_errors=True)
+        os.replace(final, old_dir)
+    os.replace(tmp, final)
+    shutil.rmtree(old_dir, ignore_errors=True)
+    try:  # plain xr.open_zarr(store, group=...) then needs no fallback (and prints no warning)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(p)
+    except Exception:  # noqa: BLE001 - a convenience for other readers; spectra reads unconsolidated
+        pass
     return p
+
+
+def _group_dir(p: Path, name: str) -> Path:
+    return p.joinpath(*name.split("/"))
 
 
 def read_analysis(path: str | Path, name: str) -> xr.Dataset:
     p = Path(path)
     if not p.exists():
         raise SpectraError(f"no analysis store at {p}")
+    group = name
+    final = _group_dir(p, name)
+    if not (final / "zarr.json").is_file() and (final.with_name(f".old-{final.name}") / "zarr.json").is_file():
+        group = final.with_name(f".old-{final.name}").relative_to(p).as_posix()  # killed mid-swap
     try:
-        return xr.open_zarr(p, group=name, consolidated=False).load()
+        return xr.open_zarr(p, group=group, consolidated=False).load()
     except Exception:  # noqa: BLE001
         raise SpectraError(f"{p} has no analysis {name!r} (run `spectra {name.replace('_', '-')}` first)") from None

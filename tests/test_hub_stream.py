@@ -58,5 +58,7 @@ def test_pretrain_without_data_streams_c4(fake_hub, tmp_path):
     assert {split for _, split, _ in fake_hub} == {"train", "validation"}
     rows = [json.loads(line) for line in (tmp_path / "hub" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["val_ppl"] > 1
-    state = torch.load(tmp_path / "hub" / "checkpoints" / "step_3" / "trainer_state.pt", weights_only=False)
+    from pretrain.checkpoint import load_trainer_state
+
+    state = load_trainer_state(tmp_path / "hub" / "checkpoints" / "step_3")
     assert state["data"][0].hub_state is not None

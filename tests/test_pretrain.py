@@ -107,7 +107,9 @@ def test_ddp_two_cpu_processes(tmp_path, shared_data):
     rows = metrics(tmp_path / "ddp")
     assert [r["step"] for r in rows] == [1, 2, 3] and np.isfinite(rows[-1]["val_loss"])
     assert rows[-1]["tokens"] == 3 * 8 * 64  # the global batch is split, not repeated, across ranks
-    state = torch.load(tmp_path / "ddp" / "checkpoints" / "step_3" / "trainer_state.pt", weights_only=False)
+    from pretrain.checkpoint import load_trainer_state
+
+    state = load_trainer_state(tmp_path / "ddp" / "checkpoints" / "step_3")
     assert state["world"] == 2 and len(state["data"]) == 2
     assert state["data"][0].index != 0 and not np.array_equal(state["data"][0].buffer, state["data"][1].buffer)
     from spectra.store import open_run

@@ -1,0 +1,135 @@
+"""What a pretraining run keeps besides checkpoints and snapshots: metrics rows, the run config with
+its history of starts and resumes, the resume check, and clean exits on SIGTERM / Ctrl-C.
+
+Every file here changes by append (metrics rows, one `write` each, flushed) or by writing a new
+file and renaming it over the old one (truncation on resume, run_config.json), so a kill at any
+moment leaves the old content or the new one, never a mix and never less than was committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from spectra.errors import SpectraError, Terminated
+from spectra.runs import LOCK
+from spectra.store import atomic_write_bytes, atomic_write_json
+
+METRICS = "metrics.jsonl"
+RUN_CONFIG = "run_config.json"
+# settings that change which weights a run produces; --resume refuses to change them silently
+TRAJECTORY = ("model", "data", "val_data", "val_fraction", "tokenizer", "seq_len", "batch_size", "micro_batch",
+              "steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "betas", "grad_clip", "seed", "data_files")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Metrics rows; a torn last line (a kill mid-append) is skipped, never an error."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "step" in row:
+                rows.append(row)
+    return rows
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, forget rows logged after the checkpoint (they are recomputed identically):
+    the kept rows go to a new file that replaces the old one in one rename."""
+    if not path.is_file():
+        return
+    rows = [r for r in read_rows(path) if r["step"] <= step]
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def config_changes(saved: dict, cfg: dict) -> dict:
+    """{key: [saved, now]} for every trajectory setting that differs."""
+    out = {}
+    for k in TRAJECTORY:
+        a, b = saved.get(k), cfg.get(k)
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            a, b = [list(x) if isinstance(x, tuple) else x for x in a], [list(x) if isinstance(x, tuple) else x for x in b]
+        if a != b and k in saved:
+            out[k] = [a, b]
+    return out
+
+
+def check_resume_config(saved: dict, cfg: dict, allow: bool) -> dict:
+    changes = config_changes(saved, cfg)
+    if changes and not allow:
+        diff = ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in changes.items())
+        raise SpectraError(f"--resume would change the run's trajectory ({diff}); "
+                           "pass --allow-config-change to accept (it is recorded in run_config.json)")
+    return changes
+
+
+def _short(v) -> str:
+    s = json.dumps(v, default=str)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def record_run_config(run_dir: Path, cfg: dict, event: str, step: int, changes: dict | None = None) -> None:
+    """run_config.json: the settings in force, plus `history` (every start, resume, restart)."""
+    path = run_dir / RUN_CONFIG
+    history = []
+    if path.is_file():
+        try:
+            history = list(json.loads(path.read_text()).get("history", []))
+        except (json.JSONDecodeError, AttributeError):
+            history = []
+    entry = {"event": event, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if changes:
+        entry["changed"] = changes
+    atomic_write_json(path, {**cfg, "history": [*history, entry]})
+
+
+def start_over(run_dir: Path) -> None:
+    """Empty a run folder (keeping its lock): everything is first renamed into one trash folder,
+    so a kill midway leaves either the old run or nothing of it, never a half-deleted store."""
+    trash = run_dir / ".trash"
+    trash.mkdir(exist_ok=True)
+    for p in list(run_dir.iterdir()):
+        if p.name not in (LOCK, ".trash"):
+            os.replace(p, trash / f"{p.name}.{time.time_ns()}")
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def has_run(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(p.name not in (LOCK, ".trash") for p in run_dir.iterdir())
+
+
+@contextmanager
+def terminate_as_exception():
+    """SIGTERM (a scheduler's preemption, `kill`) unwinds like Ctrl-C does: `finally` blocks run,
+    the snapshot in flight is committed, and the CLI exits 143 (Ctrl-C: 130)."""
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. called from a test thread): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def config_dict(cfg) -> dict:
+    return {k: v for k, v in asdict(cfg).items()}

@@ -1,0 +1,95 @@
+"""Run folders: ids, the `latest` checkpoint pointer, the run lock, and outputs that never clobber.
+
+A run is `runs/<id>/` (run_config.json, metrics.jsonl, snapshots.zarr, checkpoints/, analysis.zarr,
+ranks/, eval.jsonl, report.html, ...). Every command that writes into a run holds
+`runs/<id>/.lock` (an `fcntl.flock`, released by the kernel when the process dies, so a kill -9
+never leaves a stale lock) for as long as it writes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+from spectra.errors import SpectraError
+
+LATEST = "latest"
+LOCK = ".lock"
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+def validate_run_id(run_id: str) -> str:
+    """A run id is one plain folder name: no separators, no `..`, not absolute, not hidden."""
+    if not _RUN_ID.fullmatch(run_id or "") or ".." in run_id:
+        raise SpectraError(f"--run-id {run_id!r} must be a plain folder name (letters, digits, '.', '_', '-'; "
+                           "no '/', no '..', not starting with '.' or '-')")
+    return run_id
+
+
+def checkpoint_of_latest(ckpt_root: Path) -> Path | None:
+    """The folder `checkpoints/latest` names: a symlink (this version) or a text file (older runs)."""
+    pointer = ckpt_root / LATEST
+    if pointer.is_symlink():
+        return ckpt_root / os.readlink(pointer)
+    if pointer.is_file():
+        return ckpt_root / pointer.read_text().strip()
+    return None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None when it has none yet."""
+    path = checkpoint_of_latest(run_dir / "checkpoints")
+    if path is None:
+        return None
+    if not (path / "trainer_state.json").is_file() and not (path / "trainer_state.pt").is_file():
+        raise SpectraError(f"{run_dir / 'checkpoints' / LATEST} names {path.name}, which is incomplete; "
+                           "remove it or point latest elsewhere")
+    return path
+
+
+def run_dir_of(path: str | Path) -> Path | None:
+    """The run folder (`runs/<id>`) that `path` is or lies inside — a checkpoint, a snapshot store,
+    a compressed model or a finetune output — recognised by what `spectra pretrain` writes there."""
+    p = Path(path).resolve()
+    for cand in (p, *p.parents):
+        if ((cand / "run_config.json").is_file() or (cand / "snapshots.zarr").is_dir()
+                or checkpoint_of_latest(cand / "checkpoints") is not None):
+            return cand
+    return None
+
+
+@contextmanager
+def run_lock(run_dir: str | Path | None, command: str):
+    """Hold `run_dir/.lock` exclusively while `command` writes into the run (no-op for None)."""
+    if run_dir is None:
+        yield
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise SpectraError(f"{run_dir} is in use by {holder}; wait for it to finish "
+                               "(or use another --run-id)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"spectra {command} (pid {os.getpid()})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def check_new_output(path: str | Path, overwrite: bool, what: str = "--out") -> Path:
+    """An output a command creates: refuse to replace an existing non-empty file or folder that the
+    user did not ask to replace (`--overwrite`)."""
+    p = Path(path)
+    if overwrite or not p.exists():
+        return p
+    if p.is_dir() and not any(p.iterdir()):
+        return p
+    raise SpectraError(f"{what} {p} already exists and is not empty; choose another path or pass --overwrite")
