@@ -327,6 +327,7 @@ var __cw = console.warn; console.warn = function(){__rec('warn: ' + Array.from(a
 </script>"""
 
 
+@pytest.mark.slow  # starts headless Chromium
 def test_report_renders_in_headless_chromium(report, tmp_path):
     chromium = _chromium()
     if chromium is None:
