@@ -13,6 +13,8 @@ from plotly.subplots import make_subplots
 from reports.datasets import dataset_keys, dataset_labels
 from reports.style import DASHES, METHOD_COLORS, SPARE_COLORS, esc, finite, fmt, num
 
+PPL_COLS = 2  # dataset panels per row
+
 
 # --------------------------------------------------------------------------- Table 1
 def line_colors(methods: list[str], n_datasets: int) -> dict[tuple[str, int], str]:
@@ -29,9 +31,11 @@ def line_colors(methods: list[str], n_datasets: int) -> dict[tuple[str, int], st
 
 
 def ppl_vs_err_figure(rows: list[dict]) -> go.Figure:
-    """Perplexity vs effective rank reduction, one line per (method, dataset); log y because
-    uniform compression blows up by orders of magnitude. Datasets are grouped by identity, not by
-    how their path was spelled (reports.datasets); colour = method (shade = dataset), dash = dataset."""
+    """Perplexity vs effective rank reduction, one line per (method, dataset) and one panel per
+    dataset, each with its own log y axis (uniform compression blows up by orders of magnitude,
+    while methods differ by 0.1% at low ERR: one shared axis for two datasets hid both). Datasets
+    are grouped by identity, not by how their path was spelled (reports.datasets); colour = method
+    (shade = dataset), dash = dataset, no colour used twice."""
     keys = dataset_keys({str(r.get("dataset")) for r in rows})
     labels = dataset_labels(set(keys.values()))
     datasets = sorted(labels, key=lambda k: labels[k])
@@ -40,7 +44,10 @@ def ppl_vs_err_figure(rows: list[dict]) -> go.Figure:
         groups.setdefault((str(r.get("method")), keys[str(r.get("dataset"))]), []).append(r)
     methods = sorted({m for m, _ in groups}, key=lambda m: (m != "dense", m))
     colors = line_colors(methods, len(datasets))
-    fig = go.Figure()
+    cols = min(len(datasets), PPL_COLS) or 1
+    nrows = -(-len(datasets) // cols) or 1
+    fig = make_subplots(rows=nrows, cols=cols, subplot_titles=[esc(labels[d]) for d in datasets],
+                        horizontal_spacing=0.08)
     for method in methods:
         for d, dataset in enumerate(datasets):
             rs = sorted(groups.get((method, dataset), []), key=lambda r: float(r.get("err") or 0.0))
@@ -55,9 +62,12 @@ def ppl_vs_err_figure(rows: list[dict]) -> go.Figure:
                 customdata=[[num(r.get("loss")), int(r.get("tokens") or 0)] for r in rs],
                 hovertemplate=f"method {esc(method)}<br>dataset {spellings}<br>ERR %{{x:.0%}}<br>ppl %{{y:.4g}}"
                               "<br>loss %{customdata[0]:.4f}<br>tokens %{customdata[1]}<extra></extra>",
-            ))
-    fig.update_layout(title="Perplexity vs effective rank reduction (ERR)", xaxis=dict(title="ERR", tickformat=".0%"),
-                      yaxis=dict(title="perplexity (log scale)", type="log"), height=460)
+            ), row=d // cols + 1, col=d % cols + 1)
+    fig.update_xaxes(title_text="ERR", tickformat=".0%")
+    fig.update_yaxes(type="log")
+    fig.update_yaxes(title_text="perplexity (log scale)", col=1)
+    fig.update_layout(title="Perplexity vs effective rank reduction (ERR)", height=420 * nrows + 60,
+                      legend=dict(orientation="h", yanchor="top", y=-0.15 if nrows == 1 else -0.06))
     return fig
 
 

@@ -290,6 +290,10 @@ def test_ppl_vs_err_merges_spellings_with_distinct_names_and_colours():
     assert list(w.x) == [0.1, 0.7] and list(w.y) == [7.9, 8.0] and WIKI_A in w.hovertemplate and WIKI_B in w.hovertemplate
     c4 = next(t for t in fig.data if t.name == "welore · c4/c4-train.first1000.jsonl.gz")
     assert list(c4.y) == [8.9, 9.0] and c4.line.dash != w.line.dash
+    # one panel per dataset, each with its own log axis
+    assert {t.xaxis for t in fig.data if "wikipedia" in t.name} == {"x2"} and c4.xaxis == "x"
+    assert fig.layout.yaxis.type == fig.layout.yaxis2.type == "log"
+    assert [a.text for a in fig.layout.annotations] == ["c4/c4-train.first1000.jsonl.gz", "wikipedia/validation"]
 
 
 def test_finetune_figures_plot_curves_and_costs():
