@@ -13,6 +13,7 @@ import pytest
 from spectra.cli import COMMANDS, load_command, main
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name,summary", [(n, s) for n, _, _, s in COMMANDS])
 def test_listed_summary_is_the_docstring(name, summary):
     assert summary == inspect.getdoc(load_command(name)).splitlines()[0]
@@ -25,6 +26,7 @@ def test_top_level_help_imports_no_torch():
     assert out.strip().endswith("False") and "hessian-gap" in out
 
 
+@pytest.mark.unit
 def test_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
@@ -46,6 +48,7 @@ def _flat(text: str) -> str:
     return re.sub(r"-\s+", "-", " ".join(text.split()))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", [n for n, *_ in COMMANDS])
 def test_command_help(name, capsys):
     assert main([name, "--help"]) == 0
@@ -67,6 +70,7 @@ def test_command_help(name, capsys):
             assert _flat(p.help) in _flat(out), (name, p.name)  # with its whole help text
 
 
+@pytest.mark.unit
 def test_required_options_are_keyword(capsys):
     assert main(["hessian-gap"]) == 2  # click usage error: --ckpt missing
     assert "--ckpt" in capsys.readouterr().err

@@ -141,6 +141,7 @@ def report(full_run) -> str:
 
 
 # --------------------------------------------------------------------------- figure numbers
+@pytest.mark.unit
 def test_hessian_heatmap_plots_gap_and_flags_unconverged_cells():
     ds = hessian_ds()
     (hm,) = F.hessian_gap_figure(ds).data
@@ -152,6 +153,7 @@ def test_hessian_heatmap_plots_gap_and_flags_unconverged_cells():
     np.testing.assert_allclose(np.array(hm.customdata)[..., 0], ds["gap"].values)  # hover shows the gap itself
 
 
+@pytest.mark.unit
 def test_hessian_heatmap_log_colour_bar_and_rendered_title():
     ds = hessian_ds()
     ds["gap"][0, 0] = 0.0  # a zero gap has no log: a blank cell, not -inf
@@ -166,6 +168,7 @@ def test_hessian_heatmap_log_colour_bar_and_rendered_title():
     assert "λ<sub>k</sub> − λ<sub>k+1</sub>" in title and "λ_k" not in title and "k = 2" in title
 
 
+@pytest.mark.unit
 def test_subspace_lines_one_per_layer_and_component():
     ds = subspace_ds()
     fig = F.subspace_figure(ds, "overlap_prev")
@@ -176,6 +179,7 @@ def test_subspace_lines_one_per_layer_and_component():
     np.testing.assert_allclose(tr.y[1:], ds["overlap_prev"].sel(layer=1, component="gate").values[1:])
 
 
+@pytest.mark.unit
 def test_spectrum_curves_use_final_step_and_shade_threshold():
     ds = spectrum_ds()
     fig = F.spectrum_figure(ds, [("k=0.175", 0.175), ("k=0.3", 0.3)])
@@ -192,6 +196,7 @@ def test_spectrum_curves_use_final_step_and_shade_threshold():
     assert [a.text for a in fig.layout.annotations] == COMPS  # only the subplot titles
 
 
+@pytest.mark.unit
 def test_long_spectra_are_thinned_keeping_true_indices():
     n = 3000
     sig = np.linspace(1.0, 0.0, n)[None, None, None, :]
@@ -204,6 +209,7 @@ def test_long_spectra_are_thinned_keeping_true_indices():
     assert list(hm.x) == list(tr.x)
 
 
+@pytest.mark.unit
 def test_emergence_heatmap_is_layer_mean_per_step():
     ds = spectrum_ds()
     fig = F.emergence_figure(ds)
@@ -213,6 +219,7 @@ def test_emergence_heatmap_is_layer_mean_per_step():
     assert list(hm.y) == STEPS
 
 
+@pytest.mark.unit
 def test_heavy_tail_lines_plot_metric():
     ds = spectrum_ds()
     fig = F.heavy_tail_figure(ds, "alpha")
@@ -220,6 +227,7 @@ def test_heavy_tail_lines_plot_metric():
     np.testing.assert_allclose(tr.y, ds["alpha"].sel(layer=1, component="down").values)
 
 
+@pytest.mark.unit
 def test_rank_map_bars_split_lrc_and_dense_with_err_dropdown():
     maps = {"welore-err30": rank_map(err=0.3, k=0.1), "welore-err50": rank_map()}
     maps["welore-err30"]["components"][0]["rank"] = 60
@@ -243,6 +251,7 @@ def params_ratio(rmap: dict) -> float:
     return after / sum(np.prod(c["shape"]) for c in rmap["components"])
 
 
+@pytest.mark.unit
 def test_rank_map_without_lrc_claims_no_achieved_err():
     rmap = rank_map(err=0.1)
     for c in rmap["components"]:
@@ -254,6 +263,7 @@ def test_rank_map_without_lrc_claims_no_achieved_err():
     assert 0.5 < ratio < 1  # 6 of 14 at rank 8..17 of 64
 
 
+@pytest.mark.unit
 def test_ppl_vs_err_one_line_per_method_and_dataset_escaped():
     fig = C.ppl_vs_err_figure(EVALS)
     assert len(fig.data) == 4
@@ -265,6 +275,7 @@ def test_ppl_vs_err_one_line_per_method_and_dataset_escaped():
 
 
 
+@pytest.mark.unit
 def test_dataset_identity_ignores_path_spelling():
     keys = dataset_keys([C4A, C4B, WIKI_A, WIKI_B, "c4", "other/wikipedia/validation", "/x/a/b", "/y/a/b", "a/b"])
     assert keys[C4A] == keys[C4B] == C4B and keys[WIKI_A] == keys[WIKI_B] == WIKI_B  # the longest spelling
@@ -276,6 +287,7 @@ def test_dataset_identity_ignores_path_spelling():
     assert labels["/x/a/b"] == "x/a/b" and labels["/y/a/b"] == "y/a/b"  # longer where two would collide
 
 
+@pytest.mark.unit
 def test_ppl_vs_err_merges_spellings_with_distinct_names_and_colours():
     rows = [{"method": m, "err": e, "dataset": d, "ppl": p + (d in (C4A, C4B)), "loss": 2.0, "tokens": 64}
             for m, base in (("welore", 8.0), ("uniform", 8.1), ("diagnostic", 8.2))
@@ -296,6 +308,7 @@ def test_ppl_vs_err_merges_spellings_with_distinct_names_and_colours():
     assert [a.text for a in fig.layout.annotations] == ["c4/c4-train.first1000.jsonl.gz", "wikipedia/validation"]
 
 
+@pytest.mark.unit
 def test_finetune_figures_plot_curves_and_costs():
     runs = {"welore-err50": finetune_metrics("welore", 0.5, 2 * 2**30), "uniform-err50": finetune_metrics("uniform", 0.5, 3 * 2**30)}
     loss = C.finetune_loss_figure(runs)
@@ -307,6 +320,7 @@ def test_finetune_figures_plot_curves_and_costs():
     assert mem.type == "bar" and [c[0] for c in ppl.customdata] == [11.0, 11.0]
 
 
+@pytest.mark.unit
 def test_finetune_loss_panels_per_err_and_difference_to_full():
     runs = {}
     for err in (30, 50):
@@ -327,6 +341,7 @@ def test_finetune_loss_panels_per_err_and_difference_to_full():
     assert [a.text for a in fig.layout.annotations] == ["ERR 30%", "ERR 50%"]
 
 
+@pytest.mark.unit
 def test_pretrain_figure_train_and_val():
     rows = [{"step": 1, "loss": 5.0, "tokens": 10}, {"step": 2, "loss": 4.0, "tokens": 20},
             {"step": 2, "val_loss": 4.2, "val_ppl": 66.7}]
@@ -346,6 +361,7 @@ EXPECTED_DIVS = ["pretrain", "hessian-gap", "subspace-overlap-prev", "subspace-o
 TITLE = "My <run> & co"
 
 
+@pytest.mark.unit
 def test_report_is_deterministic_self_contained_and_escaped(full_run, report):
     text = report
     assert re.findall(r'<div id="fig-([a-z0-9-]+)" class="plotly-graph-div"', text) == EXPECTED_DIVS
@@ -376,6 +392,7 @@ def test_report_is_deterministic_self_contained_and_escaped(full_run, report):
     assert 1.5e6 < len(text.encode()) < 2.5e6  # compressed plotly.js (~2 MB) once, not per figure
 
 
+@pytest.mark.unit
 def test_report_rank_maps_show_parameter_reduction_and_merge_dataset_spellings(report):
     text = report
     r = params_ratio(rank_map())
@@ -394,6 +411,7 @@ def test_report_rank_maps_show_parameter_reduction_and_merge_dataset_spellings(r
     assert "best ppl welore · wikipedia/validation</td><td>7.5 (ERR 10.0%)" in text
 
 
+@pytest.mark.unit
 def test_missing_inputs_give_hints_not_crashes(tmp_path):
     run = tmp_path / "partial"
     run.mkdir()
@@ -411,6 +429,7 @@ def test_missing_inputs_give_hints_not_crashes(tmp_path):
     assert "could not read <code>spectrum</code>: " in text  # present but unreadable: said so, not hidden
 
 
+@pytest.mark.unit
 def test_empty_or_missing_run_folder_is_one_error(tmp_path):
     with pytest.raises(SpectraError, match="no run folder"):
         build_report(tmp_path / "nope")
@@ -418,6 +437,7 @@ def test_empty_or_missing_run_folder_is_one_error(tmp_path):
         build_report(tmp_path)
 
 
+@pytest.mark.unit
 def test_cli_report_is_byte_identical_rebuild(full_run, report, tmp_path):
     # a one-command app parses exactly like `spectra report` (importing spectra.cli would pull in
     # every other command's dependencies)
@@ -436,6 +456,7 @@ def test_cli_report_is_byte_identical_rebuild(full_run, report, tmp_path):
     assert isinstance(res.exception, SpectraError) and "no run folder at" in str(res.exception)
 
 
+@pytest.mark.unit
 def test_report_command_default_location(full_run, report, capsys, monkeypatch):
     import reports.build
 
