@@ -242,7 +242,8 @@ def _err_of(name: str) -> float | None:
 
 
 def finetune_section(inp: RunInputs) -> Section:
-    sec = Section("finetune", "Finetuning: loss, memory and throughput (Fig. 4–6)", problems=_problems(inp, "finetune/"))
+    sec = Section("finetune", "Finetuning: loss, memory and throughput (Fig. 4–6)",
+                  problems=_problems(inp, "finetune/"))
     if not inp.finetune:
         sec.missing = "not computed yet: run `spectra finetune`"
         return sec
@@ -290,8 +291,9 @@ def report_command(
     """Interactive offline HTML report of a run: the paper figures 1-7 and Table 1.
 
     Plotly figures of Hessian gaps, gradient-subspace overlap, normalized spectra with the WeLore
-    threshold, heavy-tail metrics, rank maps, perplexity vs ERR and finetuning cost. Sections whose inputs are not computed yet say which command makes them; plotly.js is
-    embedded once, so the file opens without network. Building twice gives identical bytes.
+    threshold, heavy-tail metrics, rank maps, perplexity vs ERR and finetuning cost. Sections whose
+    inputs are not computed yet say which command makes them; plotly.js is embedded once
+    (compressed), so the file opens without network. Building twice gives identical bytes.
     """
     text = build_report(run, title)
     dest = Path(out) if out is not None else Path(run) / "report.html"

@@ -122,8 +122,8 @@ def finetune_loss_figure(runs: dict[str, dict], errs: dict[str, float | None] | 
     if diff:
         fig.update_yaxes(zeroline=True, zerolinecolor="#444", zerolinewidth=1.5, row=2)
         fig.update_yaxes(title_text="loss − full finetuning", row=2, col=1)
-    fig.update_layout(title="Finetuning loss" + (" (row 2: difference to full finetuning at the same ERR)" if diff else ""),
-                      height=640 if diff else 420)
+    note = " (row 2: difference to full finetuning at the same ERR)" if diff else ""
+    fig.update_layout(title="Finetuning loss" + note, height=640 if diff else 420)
     return fig
 
 
@@ -162,7 +162,8 @@ def pretrain_figure(rows: list[dict]) -> go.Figure:
     fig.add_trace(go.Scatter(
         x=[int(r["step"]) for r in train], y=finite([num(r["loss"]) for r in train]), mode="lines", name="train loss",
         customdata=[[int(r.get("tokens") or 0), num(r.get("lr"))] for r in train],
-        hovertemplate="step %{x}<br>train loss %{y:.4f}<br>tokens %{customdata[0]}<br>lr %{customdata[1]:.3g}<extra></extra>",
+        hovertemplate="step %{x}<br>train loss %{y:.4f}<br>tokens %{customdata[0]}<br>lr %{customdata[1]:.3g}"
+                      "<extra></extra>",
     ), row=1, col=1)
     fig.add_trace(go.Scatter(
         x=[int(r["step"]) for r in val], y=finite([num(r["val_loss"]) for r in val]), mode="lines+markers",

@@ -4,9 +4,9 @@ are in reports/curves.py).
 
 Paper figures: Hessian gap heatmap (Fig. 1), gradient-subspace overlap across training (Fig. 2,
 row 1), emergence of the low-rank weight spectrum (Fig. 2, row 2), normalized singular values
-with the WeLore threshold k (Fig. 3) and the WeLore rank map (Fig. 7). Strings that come from users or files (dataset names,
-method names, folder names) are HTML-escaped before they reach a figure, because Plotly renders
-a subset of HTML in names and hover text.
+with the WeLore threshold k (Fig. 3) and the WeLore rank map (Fig. 7). Strings that come from
+users or files (dataset names, method names, folder names) are HTML-escaped before they reach a
+figure, because Plotly renders a subset of HTML in names and hover text.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def _per_component_lines(da: xr.DataArray, title: str, ytitle: str) -> go.Figure
             traces.append((i, dict(
                 type="scatter", x=steps, y=finite(y), mode="lines+markers", name=f"layer {layer}",
                 legendgroup=f"L{layer}", showlegend=i == 0, line=dict(color=colors[layer]), marker=dict(size=4),
-                hovertemplate=f"layer {layer}<br>component {comp}<br>step %{{x}}<br>{ytitle} %{{y:.4g}}<extra></extra>")))
+                hovertemplate=f"layer {layer}<br>component {comp}<br>step %{{x}}<br>{ytitle} %{{y:.4g}}"
+                              "<extra></extra>")))
     return _grid_figure(comps, traces, title, "step", ytitle)
 
 
@@ -153,7 +154,8 @@ def _log_ticks(logz: np.ndarray) -> dict:
 def subspace_figure(ds: xr.Dataset, var: str = "overlap_prev") -> go.Figure:
     """Gradient-subspace overlap (or another per-step grad_subspace variable) per component."""
     labels = {"overlap_prev": "overlap with previous snapshot", "overlap_final": "overlap with final subspace",
-              "grassmann_prev": "Grassmann distance to previous", "energy_in_weight_subspace": "gradient energy in weight subspace"}
+              "grassmann_prev": "Grassmann distance to previous",
+              "energy_in_weight_subspace": "gradient energy in weight subspace"}
     rank = ds.attrs.get("rank")
     return _per_component_lines(ds[var], f"{labels.get(var, var)} (rank {rank})", var)
 
@@ -194,7 +196,8 @@ def spectrum_figure(ds: xr.Dataset, thresholds: list[tuple[str, float]] | None =
             traces.append((i, dict(
                 type="scatter", x=[int(j) + 1 for j in keep], y=finite(y[keep]), mode="lines", name=f"layer {layer}",
                 legendgroup=f"L{layer}", showlegend=i == 0, line=dict(color=colors[layer], width=1.5),
-                hovertemplate=f"layer {layer}<br>component {comp}<br>step {step}<br>index %{{x}}<br>σ̂ %{{y:.4f}}<extra></extra>")))
+                hovertemplate=f"layer {layer}<br>component {comp}<br>step {step}<br>index %{{x}}"
+                              "<br>σ̂ %{y:.4f}<extra></extra>")))
     shapes, notes = _threshold_shapes(len(comps), thresholds or [])
     return _grid_figure(comps, traces, f"Normalized singular values (σ−σmin)/(σmax−σmin) at step {step}",
                         "index (sorted)", "σ̂", yrange=[0, 1.02], shapes=shapes, notes=notes)
@@ -253,7 +256,8 @@ def achieved_parts(rmap: dict, pct: str = ".1%") -> tuple[str, str]:
     n_lrc, n, ratio = map_params(rmap)
     params = f"params {fmt(ratio, '.3f')}× ({n_lrc}/{n} LRCs)"
     if n and not n_lrc:
-        return "no LRC, nothing factorized", f"{params}; rank ERR {fmt(rmap.get('achieved_err'), pct)} by dense truncation"
+        truncated = f"rank ERR {fmt(rmap.get('achieved_err'), pct)} by dense truncation"
+        return "no LRC, nothing factorized", f"{params}; {truncated}"
     return f"achieved {fmt(rmap.get('achieved_err'), pct)}", params
 
 
@@ -276,7 +280,8 @@ def rank_map_figure(maps: dict[str, dict], default: str | None = None) -> go.Fig
     fig = go.Figure()
     for name in names:
         comps = sorted(maps[name].get("components", []), key=_matrix_order)
-        for lrc, color, title in ((True, GREEN.format(a=0.9), "LRC (low-rank)"), (False, RED.format(a=0.9), "N-LRC (dense)")):
+        for lrc, color, title in ((True, GREEN.format(a=0.9), "LRC (low-rank)"),
+                                  (False, RED.format(a=0.9), "N-LRC (dense)")):
             sel = [c for c in comps if bool(c.get("lrc")) == lrc]
             fig.add_trace(go.Bar(
                 x=[f"{int(c['layer'])}.{esc(c['component'])}" for c in sel],
@@ -285,7 +290,8 @@ def rank_map_figure(maps: dict[str, dict], default: str | None = None) -> go.Fig
                 customdata=[[int(c["layer"]), esc(c["component"]), int(c["rank"]), int(c["full_rank"]),
                              "×".join(str(int(s)) for s in c.get("shape", []))] for c in sel],
                 hovertemplate="%{meta}<br>layer %{customdata[0]}<br>component %{customdata[1]}<br>rank "
-                              "%{customdata[2]} of %{customdata[3]} (%{customdata[4]})<br>reduction %{y:.1%}<extra></extra>",
+                              "%{customdata[2]} of %{customdata[3]} (%{customdata[4]})<br>reduction %{y:.1%}"
+                              "<extra></extra>",
             ))
     buttons = [dict(label=esc(n), method="update",
                     args=[{"visible": [t == n for t in names for _ in range(2)]},

@@ -140,7 +140,8 @@ def page(title: str, summary: list[tuple[str, str]], sections: list[Section]) ->
     """The whole report: title, summary table, a contents line, then every section in order, and at
     the end the compressed plotly.js and figure specs with the script that draws them."""
     nav = " ".join(f'<a href="#{slug(s.key)}">{html.escape(s.title)}</a>' for s in sections)
-    summary_html = table(["", ""], [[k, v] for k, v in summary]).replace("<thead><tr><th></th><th></th></tr></thead>", "")
+    summary_html = table(["", ""], [[k, v] for k, v in summary])
+    summary_html = summary_html.replace("<thead><tr><th></th><th></th></tr></thead>", "")
     body = "\n".join(_section(s) for s in sections)
     specs = [figure_spec(name, fig) for s in sections for name, fig in s.figures]
     figures = json.dumps(specs, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

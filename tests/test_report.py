@@ -103,7 +103,8 @@ def write_run(root: Path, *, snapshots: bool = True) -> Path:
         from spectra.store import SnapshotWriter
 
         # one 8x8 q_proj is enough for the summary (steps, attrs) and skips importing transformers
-        model = nn.ModuleDict({"layers": nn.ModuleList([nn.ModuleDict({"self_attn": nn.ModuleDict({"q_proj": nn.Linear(8, 8)})})])})
+        attn = nn.ModuleDict({"self_attn": nn.ModuleDict({"q_proj": nn.Linear(8, 8)})})
+        model = nn.ModuleDict({"layers": nn.ModuleList([attn])})
         w = SnapshotWriter(root / "snapshots.zarr", {"config": {"model": "tiny"},
                                                      "model_config": {"num_hidden_layers": 2, "hidden_size": 64}},
                            grad_mode="none", background=False)
@@ -118,14 +119,16 @@ def write_run(root: Path, *, snapshots: bool = True) -> Path:
     (root / "ranks" / "welore-err50.json").write_text(json.dumps(rank_map()))
     (root / "ranks" / "uniform-err50.json").write_text(json.dumps(rank_map("uniform", 0.5, None)))
     (root / "ranks" / "uniform-err10.json").write_text(json.dumps(NO_LRC_MAP))
-    evals = EVALS + [{**EVALS[0], "dataset": d, "err": e, "ppl": p} for d, e, p in ((WIKI_A, 0.1, 7.5), (WIKI_B, 0.5, 7.75))]
+    evals = EVALS + [{**EVALS[0], "dataset": d, "err": e, "ppl": p}
+                     for d, e, p in ((WIKI_A, 0.1, 7.5), (WIKI_B, 0.5, 7.75))]
     (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals) + '{"truncated": ')
     for name, mem in (("welore-err50", 2 * 2**30), ("uniform-err50", 3 * 2**30)):
         (root / "finetune" / name).mkdir(parents=True)
         metrics = {**finetune_metrics(name.split("-")[0], 0.5, mem), "model": f"{root}/compressed/{name}"}
         (root / "finetune" / name / "metrics.json").write_text(json.dumps(metrics))
     rows = [{"step": s, "loss": 6.0 - s / 10, "lr": 1e-3, "tokens": 128 * s, "tokens_per_s": 1e4} for s in STEPS]
-    rows += [{"step": 20, "val_loss": 4.5, "val_ppl": float(np.exp(4.5))}, {"step": 30, "val_loss": 4.0, "val_ppl": 54.6}]
+    rows += [{"step": 20, "val_loss": 4.5, "val_ppl": float(np.exp(4.5))},
+             {"step": 30, "val_loss": 4.0, "val_ppl": 54.6}]
     (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
@@ -299,7 +302,8 @@ def test_ppl_vs_err_merges_spellings_with_distinct_names_and_colours():
     colours = [t.line.color for t in fig.data]
     assert len(set(names)) == 8 and len(set(colours)) == 8
     w = next(t for t in fig.data if t.name == "welore · wikipedia/validation")
-    assert list(w.x) == [0.1, 0.7] and list(w.y) == [7.9, 8.0] and WIKI_A in w.hovertemplate and WIKI_B in w.hovertemplate
+    assert list(w.x) == [0.1, 0.7] and list(w.y) == [7.9, 8.0]
+    assert WIKI_A in w.hovertemplate and WIKI_B in w.hovertemplate
     c4 = next(t for t in fig.data if t.name == "welore · c4/c4-train.first1000.jsonl.gz")
     assert list(c4.y) == [8.9, 9.0] and c4.line.dash != w.line.dash
     # one panel per dataset, each with its own log axis
@@ -310,7 +314,8 @@ def test_ppl_vs_err_merges_spellings_with_distinct_names_and_colours():
 
 @pytest.mark.unit
 def test_finetune_figures_plot_curves_and_costs():
-    runs = {"welore-err50": finetune_metrics("welore", 0.5, 2 * 2**30), "uniform-err50": finetune_metrics("uniform", 0.5, 3 * 2**30)}
+    runs = {"welore-err50": finetune_metrics("welore", 0.5, 2 * 2**30),
+            "uniform-err50": finetune_metrics("uniform", 0.5, 3 * 2**30)}
     loss = C.finetune_loss_figure(runs)
     assert [t.name for t in loss.data] == ["uniform-err50", "welore-err50"]
     assert list(loss.data[1].x) == [1, 2, 3] and list(loss.data[1].y) == [3.0, 2.5, 2.25]
@@ -332,7 +337,8 @@ def test_finetune_loss_panels_per_err_and_difference_to_full():
     fig = C.finetune_loss_figure(runs, errs)
     raw, diff = fig.data[:6], fig.data[6:]
     assert [t.name for t in raw] == sorted(runs) and len(diff) == 4
-    assert {t.xaxis for t in raw if t.name.endswith("30")} == {"x"} and {t.xaxis for t in raw if t.name.endswith("50")} == {"x2"}
+    assert {t.xaxis for t in raw if t.name.endswith("30")} == {"x"}
+    assert {t.xaxis for t in raw if t.name.endswith("50")} == {"x2"}
     d = next(t for t in diff if t.name == "welore-err50")
     np.testing.assert_allclose(d.y, [0.05] * 3, atol=1e-12)  # its loss minus full-err50's, step by step
     assert d.yaxis == "y4" and not d.showlegend
@@ -366,14 +372,16 @@ def test_report_is_deterministic_self_contained_and_escaped(full_run, report):
     text = report
     assert re.findall(r'<div id="fig-([a-z0-9-]+)" class="plotly-graph-div"', text) == EXPECTED_DIVS
     # plotly.js and the figure specs travel gzip+base64 inside the page; one loop draws them all
-    payload = dict(re.findall(r'<script type="application/gzip;base64" id="([a-z-]+)">([A-Za-z0-9+/=]+)</script>', text))
+    blobs = r'<script type="application/gzip;base64" id="([a-z-]+)">([A-Za-z0-9+/=]+)</script>'
+    payload = dict(re.findall(blobs, text))
     assert sorted(payload) == ["figures-gz", "plotly-js-gz"]
     specs = json.loads(unpacked(payload["figures-gz"]))
     assert [f["id"] for f in specs] == [f"fig-{d}" for d in EXPECTED_DIVS]
     assert unpacked(payload["plotly-js-gz"]) == get_plotlyjs()  # plotly.js once, whole
     assert text.count("Plotly.newPlot(") == 1 and "DecompressionStream('gzip')" in text
     assert text.count("window.PlotlyConfig") == 1 and text.count("<script") == 4
-    assert "https://" not in text.split("<script", 2)[1][:200] and "src=" not in re.sub(r"<script[^>]*>.*?</script>", "", text, flags=re.S)
+    assert "https://" not in text.split("<script", 2)[1][:200]
+    assert "src=" not in re.sub(r"<script[^>]*>.*?</script>", "", text, flags=re.S)
     assert "<title>My &lt;run&gt; &amp; co</title>" in text and "run&lt;1&gt;" in text
     figures = unpacked(payload["figures-gz"])
     for page_text in (text, figures):
@@ -480,8 +488,10 @@ CAPTURE = """<script>window.__errs=[];function __rec(m){__errs.push(String(m));
 document.documentElement.setAttribute('data-errors', JSON.stringify(__errs));}
 window.addEventListener('error', function(e){__rec('uncaught: ' + e.message);});
 window.addEventListener('unhandledrejection', function(e){__rec('rejection: ' + e.reason);});
-var __ce = console.error; console.error = function(){__rec(Array.from(arguments).join(' ')); __ce.apply(console, arguments);};
-var __cw = console.warn; console.warn = function(){__rec('warn: ' + Array.from(arguments).join(' ')); __cw.apply(console, arguments);};
+var __ce = console.error;
+console.error = function(){__rec(Array.from(arguments).join(' ')); __ce.apply(console, arguments);};
+var __cw = console.warn;
+console.warn = function(){__rec('warn: ' + Array.from(arguments).join(' ')); __cw.apply(console, arguments);};
 </script>"""
 
 
