@@ -13,8 +13,11 @@ from typing import Annotated, Optional
 
 import typer
 
+from reports import curves as C
 from reports import figures as F
+from reports.datasets import dataset_keys, dataset_labels
 from reports.html import Section, page, table
+from reports.style import esc, fmt, num
 from reports.inputs import RunInputs, load_run
 
 HEAVY_TAIL = ("alpha", "alpha_weighted", "stable_rank", "effective_rank", "log_norm")
@@ -27,7 +30,7 @@ def _pct(v) -> str:
 
 
 def _num(v, spec=".4g") -> str:
-    return F._fmt(v, spec)
+    return fmt(v, spec)
 
 
 def _problems(inp: RunInputs, prefix: str) -> list[str]:
@@ -80,8 +83,9 @@ def summary_rows(inp: RunInputs) -> list[tuple[str, str]]:
         rows.append(("analyses", ", ".join(sorted(inp.analysis))))
     for name, m in sorted(inp.rank_maps.items()):
         k = m.get("k")
-        rows.append((f"ranks {name}", f"{m.get('method')}: target ERR {_pct(m.get('target_err'))}, achieved "
-                                      f"{_pct(m.get('achieved_err'))}" + (f", k={_num(k)}" if k is not None else "")))
+        achieved, params = F.achieved_parts(m)
+        rows.append((f"ranks {name}", f"{m.get('method')}: target ERR {_pct(m.get('target_err'))}, {achieved}"
+                                      + (f", k={_num(k)}" if k is not None else "") + f"; {params}"))
     for (method, dataset), r in sorted(_best_ppl(inp.evals or []).items()):
         rows.append((f"best ppl {method} · {dataset}", f"{_num(r.get('ppl'))} (ERR {_pct(r.get('err') or 0.0)})"))
     if inp.finetune:
@@ -90,12 +94,15 @@ def summary_rows(inp: RunInputs) -> list[tuple[str, str]]:
 
 
 def _best_ppl(evals: list[dict]) -> dict[tuple[str, str], dict]:
-    """Lowest finite perplexity per (method, dataset label): datasets are never mixed."""
+    """Lowest finite perplexity per (method, dataset label): datasets are never mixed, and one dataset
+    under two path spellings is one dataset (reports.datasets)."""
+    keys = dataset_keys({str(r.get("dataset")) for r in evals})
+    labels = dataset_labels(set(keys.values()))
     best: dict[tuple[str, str], dict] = {}
     for r in evals:
-        ppl = F._num(r.get("ppl"))
-        key = (str(r.get("method")), F.dataset_label(r.get("dataset")))
-        if ppl == ppl and (key not in best or ppl < F._num(best[key].get("ppl"))):
+        ppl = num(r.get("ppl"))
+        key = (str(r.get("method")), labels[keys[str(r.get("dataset"))]])
+        if ppl == ppl and (key not in best or ppl < num(best[key].get("ppl"))):
             best[key] = r
     return best
 
@@ -104,7 +111,7 @@ def _best_ppl(evals: list[dict]) -> dict[tuple[str, str], dict]:
 def pretrain_section(inp: RunInputs) -> Section:
     sec = Section("pretraining", "Pretraining", problems=_problems(inp, "metrics.jsonl"))
     if inp.metrics:
-        sec.figures.append(("pretrain", F.pretrain_figure(inp.metrics)))
+        sec.figures.append(("pretrain", C.pretrain_figure(inp.metrics)))
     else:
         sec.missing = "not computed yet: run `spectra pretrain`"
     return sec
@@ -139,15 +146,17 @@ def subspace_section(inp: RunInputs) -> Section:
 
 
 def _thresholds(inp: RunInputs) -> list[tuple[str, float]]:
-    """Rank-map thresholds k, WeLore closest to ERR 50% first (that one is shaded in Fig. 3)."""
+    """Rank-map thresholds k: WeLore closest to ERR 50% first (that one is shaded in Fig. 3), then
+    the rest by increasing k, so the legend reads in the order the lines sit."""
     out = []
     for name, m in inp.rank_maps.items():
         k = m.get("k")
         if isinstance(k, (int, float)) and not isinstance(k, bool):
-            err = F._num(m.get("target_err"))
+            err = num(m.get("target_err"))
             key = (m.get("method") != "welore", abs(err - 0.5) if err == err else 1.0, name)
             out.append((key, (f"k={k:.3f} ({m.get('method')}, ERR {_pct(m.get('target_err'))})", float(k))))
-    return [t for _, t in sorted(out)]
+    ordered = [t for _, t in sorted(out)]
+    return ordered[:1] + sorted(ordered[1:], key=lambda t: t[1])
 
 
 def spectrum_section(inp: RunInputs) -> Section:
@@ -184,18 +193,21 @@ def ranks_section(inp: RunInputs) -> Section:
     rows = []
     for name, m in sorted(inp.rank_maps.items()):
         comps = m.get("components", [])
-        rows.append([name, m.get("method"), _pct(m.get("target_err")), _pct(m.get("achieved_err")),
-                     _num(m.get("k")), m.get("err_by", "–"), sum(bool(c.get("lrc")) for c in comps), len(comps)])
+        n_lrc, _, ratio = F.map_params(m)
+        # a map without LRCs achieves no compression: its rank ERR is truncation of dense matrices
+        achieved = _pct(m.get("achieved_err")) if n_lrc or not comps else "– (no LRC)"
+        rows.append([name, m.get("method"), _pct(m.get("target_err")), achieved, _param_reduction(ratio),
+                     _num(m.get("k")), m.get("err_by", "–"), n_lrc, len(comps)])
     by_method: dict[str, dict[str, dict]] = {}
     for name, m in inp.rank_maps.items():
         by_method.setdefault(str(m.get("method")), {})[name] = m
     for method in sorted(by_method, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 9, m)):
         maps = by_method[method]
         # show the map closest to ERR 50% first (the paper's Fig. 7 setting)
-        default = min(maps, key=lambda n: (abs(F._num(maps[n].get("target_err")) - 0.5), n))
+        default = min(maps, key=lambda n: (abs(num(maps[n].get("target_err")) - 0.5), n))
         sec.figures.append((f"rankmap-{method}", F.rank_map_figure(maps, default)))
-    sec.tables.append(table(["rank map", "method", "target ERR", "achieved ERR", "k", "ERR by", "LRCs", "matrices"],
-                            rows, numeric_cols=(2, 3, 4, 6, 7)))
+    sec.tables.append(table(["rank map", "method", "target ERR", "achieved ERR", "param reduction (linears)", "k",
+                             "ERR by", "LRCs", "matrices"], rows, numeric_cols=(2, 3, 4, 5, 7, 8)))
     return sec
 
 
@@ -204,20 +216,23 @@ def eval_section(inp: RunInputs) -> Section:
     if not inp.evals:
         sec.missing = "not computed yet: run `spectra eval`"
         return sec
-    for dataset in sorted({str(r.get("dataset")) for r in inp.evals}):
-        rows = [r for r in inp.evals if str(r.get("dataset")) == dataset]
-        errs = sorted({F._num(r.get("err") or 0.0) for r in rows})
-        cells = {(str(r.get("method")), F._num(r.get("err") or 0.0)): r.get("ppl") for r in rows}
-        methods = sorted({m for m, _ in cells})
+    keys = dataset_keys({str(r.get("dataset")) for r in inp.evals})
+    labels = dataset_labels(set(keys.values()))
+    for dataset in sorted(labels, key=lambda k: labels[k]):
+        rows = [r for r in inp.evals if keys[str(r.get("dataset"))] == dataset]
+        errs = sorted({num(r.get("err") or 0.0) for r in rows})
+        cells = {(str(r.get("method")), num(r.get("err") or 0.0)): r.get("ppl") for r in rows}
+        methods = sorted({m for m, _ in cells}, key=lambda m: (m != "dense", m))
         body = [[m] + [_num(cells.get((m, e)), ".2f") for e in errs] for m in methods]
-        sec.tables.append(f"<p>perplexity on {_esc(F.dataset_label(dataset))} (<code>{_esc(dataset)}</code>)</p>" +
+        spellings = ", ".join(f"<code>{esc(s)}</code>" for s in sorted({str(r.get("dataset")) for r in rows}))
+        sec.tables.append(f"<p>perplexity on {esc(labels[dataset])} ({spellings})</p>" +
                           table(["method"] + [f"ERR {_pct(e)}" for e in errs], body, tuple(range(1, len(errs) + 1))))
-    sec.figures.append(("ppl-vs-err", F.ppl_vs_err_figure(inp.evals)))
+    sec.figures.append(("ppl-vs-err", C.ppl_vs_err_figure(inp.evals)))
     return sec
 
 
-def _esc(s) -> str:
-    return F._esc(s)
+def _param_reduction(ratio: float) -> str:
+    return f"{1 - ratio:.1%} ({ratio:.3f}×)" if ratio == ratio else "–"
 
 
 def _err_of(name: str) -> float | None:
@@ -227,19 +242,30 @@ def _err_of(name: str) -> float | None:
 
 
 def finetune_section(inp: RunInputs) -> Section:
-    sec = Section("finetune", "Finetuning: loss, memory and throughput (Fig. 4–6)", problems=_problems(inp, "finetune/"))
+    sec = Section("finetune", "Finetuning: loss, memory and throughput (Fig. 4–6)",
+                  problems=_problems(inp, "finetune/"))
     if not inp.finetune:
         sec.missing = "not computed yet: run `spectra finetune`"
         return sec
     rows = [[n, m.get("method"), _pct(m.get("err", _err_of(n))), m.get("steps"),
              f"{m.get('trainable_params', 0):,} / {m.get('total_params', 0):,}",
-             _num(F._num(m.get("peak_memory_bytes")) / 2**30, ".3g"), _num(m.get("tokens_per_s"), ".4g"),
-             _num(m.get("eval_ppl_before")), _num(m.get("eval_ppl"))] for n, m in sorted(inp.finetune.items())]
+             _num(num(m.get("peak_memory_bytes")) / 2**30, ".3g"), _num(m.get("tokens_per_s"), ".4g"),
+             _num(m.get("eval_ppl_before")), _num(m.get("eval_ppl")), _model_params(inp, m)]
+            for n, m in sorted(inp.finetune.items())]
     sec.tables.append(table(["run", "method", "ERR", "steps", "trainable / total params", "peak memory (GiB)",
-                             "tokens/s", "eval ppl before", "eval ppl after"], rows, numeric_cols=(2, 3, 5, 6, 7, 8)))
-    sec.figures += [("finetune-loss", F.finetune_loss_figure(inp.finetune)),
-                    ("finetune-cost", F.finetune_cost_figure(inp.finetune))]
+                             "tokens/s", "eval ppl before", "eval ppl after", "param reduction (linears)"], rows,
+                            numeric_cols=(2, 3, 5, 6, 7, 8, 9)))
+    errs = {n: m.get("err", _err_of(n)) for n, m in inp.finetune.items()}
+    sec.figures += [("finetune-loss", C.finetune_loss_figure(inp.finetune, errs)),
+                    ("finetune-cost", C.finetune_cost_figure(inp.finetune))]
     return sec
+
+
+def _model_params(inp: RunInputs, metrics: dict) -> str:
+    """Parameter reduction of the compressed model a finetuning run started from: its folder
+    (`compressed/<map name>`) is named after the rank map that made it."""
+    rmap = inp.rank_maps.get(Path(str(metrics.get("model") or "")).name)
+    return _param_reduction(F.map_params(rmap)[2]) if rmap else "–"
 
 
 SECTIONS = (pretrain_section, hessian_section, subspace_section, spectrum_section, heavy_tail_section,
@@ -265,8 +291,9 @@ def report_command(
     """Interactive offline HTML report of a run: the paper figures 1-7 and Table 1.
 
     Plotly figures of Hessian gaps, gradient-subspace overlap, normalized spectra with the WeLore
-    threshold, heavy-tail metrics, rank maps, perplexity vs ERR and finetuning cost. Sections whose inputs are not computed yet say which command makes them; plotly.js is
-    embedded once, so the file opens without network. Building twice gives identical bytes.
+    threshold, heavy-tail metrics, rank maps, perplexity vs ERR and finetuning cost. Sections whose
+    inputs are not computed yet say which command makes them; plotly.js is embedded once
+    (compressed), so the file opens without network. Building twice gives identical bytes.
     """
     text = build_report(run, title)
     dest = Path(out) if out is not None else Path(run) / "report.html"

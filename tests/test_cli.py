@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
-import pytest
-
 import inspect
+import re
 import subprocess
 import sys
+
+import click
+import pytest
 
 from spectra.cli import COMMANDS, load_command, main
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name,summary", [(n, s) for n, _, _, s in COMMANDS])
 def test_listed_summary_is_the_docstring(name, summary):
     assert summary == inspect.getdoc(load_command(name)).splitlines()[0]
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_top_level_help_imports_no_torch():
     code = "import sys; from spectra.cli import main; main(['--help']); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert out.strip().endswith("False") and "hessian-gap" in out
 
 
+@pytest.mark.unit
 def test_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
@@ -29,13 +34,43 @@ def test_help_lists_every_command(capsys):
         assert f"  {name} " in out
 
 
+def _click_command(name: str) -> click.Command:
+    """The click command `spectra NAME` runs (built by the CLI's own lazy group)."""
+    import typer
+
+    from spectra.cli import app
+
+    return typer.main.get_command(app).get_command(None, name)
+
+
+def _flat(text: str) -> str:
+    # help is wrapped to the terminal width, also after a hyphen ("--val-\n fraction")
+    return re.sub(r"-\s+", "-", " ".join(text.split()))
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("name", [n for n, *_ in COMMANDS])
 def test_command_help(name, capsys):
     assert main([name, "--help"]) == 0
     out = capsys.readouterr().out
     assert "Usage: spectra" in out and "--help" in out
+    assert f"Usage: spectra {name} " in out
+    assert _flat(inspect.getdoc(load_command(name)).split("\n\n")[0]) in _flat(out)  # the summary paragraph
+    cmd = _click_command(name)
+    params = [p for p in cmd.params if not getattr(p, "hidden", False)]
+    rows = [l for l in out.split("Options:", 1)[1].splitlines() if l.startswith("  -")]
+    listed = {o for l in rows for o in re.findall(r"--[a-z0-9-]+", re.split(r"\s{2,}", l.strip())[0])}
+    want = {o for p in params if p.param_type_name == "option" for o in p.opts + p.secondary_opts} | {"--help"}
+    assert listed == want and len(rows) == len(want) - sum(bool(p.secondary_opts) for p in params)
+    args = [p for p in params if p.param_type_name == "argument"]
+    shown = re.findall(r"^  (\w+) ", out.split("Arguments:", 1)[1].split("Options:")[0], re.M) if args else []
+    assert shown == [p.name for p in args]  # every positional argument, in order
+    for p in params:
+        if p.help:
+            assert _flat(p.help) in _flat(out), (name, p.name)  # with its whole help text
 
 
+@pytest.mark.unit
 def test_required_options_are_keyword(capsys):
     assert main(["hessian-gap"]) == 2  # click usage error: --ckpt missing
     assert "--ckpt" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import C4_SAMPLE, T5_DIR, make_tiny
 
-torch.set_num_threads(1)  # 2 shared cores: intra-op threads only add spin-wait contention
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny graphs; not a module-level set_num_threads
 
 OLMO_C4 = C4_SAMPLE.parent / "olmo_c4-sample.01.jsonl.gz"
 

@@ -10,7 +10,7 @@ import torch
 
 from conftest import C4_SAMPLE, T5_DIR, make_tiny
 
-torch.set_num_threads(1)  # 2 shared cores: intra-op threads only add spin-wait contention
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny graphs; not a module-level set_num_threads
 
 TRAIN = C4_SAMPLE.parent / "olmo_c4-sample.02.jsonl.gz"
 VAL = C4_SAMPLE.parent / "olmo_c4-sample.01.jsonl.gz"

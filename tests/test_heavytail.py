@@ -21,6 +21,8 @@ from spectra.heavytail import (
     stable_rank,
 )
 
+pytestmark = pytest.mark.unit  # fast pure-library tests: part of `pytest -m unit`
+
 
 def test_singular_values_descending_and_batched():
     g = torch.Generator().manual_seed(0)

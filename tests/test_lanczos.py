@@ -7,6 +7,8 @@ import torch
 
 from spectra.lanczos import lanczos
 
+pytestmark = pytest.mark.unit  # fast pure-library tests: part of `pytest -m unit`
+
 
 def _sym(n: int, top: list[float], seed: int = 0, bulk=(-1.0, 2.0)) -> torch.Tensor:
     """Symmetric float64 matrix with the given top eigenvalues above a uniform bulk."""

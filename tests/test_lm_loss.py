@@ -8,6 +8,8 @@ import torch
 from conftest import make_tiny
 from spectra.lm_loss import causal_lm_loss, linear_cross_entropy
 
+pytestmark = pytest.mark.unit  # fast pure-library tests: part of `pytest -m unit`
+
 
 @pytest.mark.parametrize("freeze_head", [False, True])
 def test_matches_hf_loss_and_gradients(freeze_head):

@@ -153,7 +153,8 @@ def test_cli_compress_ranks_merge_end_to_end(tiny_ckpt, tmp_path):
     rm = json.loads((tmp_path / "b" / "spectra_rank_map.json").read_text())
     assert rm["method"] == "welore" and abs(rm["achieved_err"] - 0.5) <= 0.5 / 896
     loaded = load_compressed(tmp_path / "b", dtype=None)
-    assert loaded.model.layers[0].mlp.down_proj.__class__ in (LowRankLinear, nn.Linear)
+    want = {(c["layer"], c["component"]): (nn.Linear, LowRankLinear)[c["lrc"]] for c in rm["components"]}
+    assert {(l, c): type(m) for l, c, _, m in iter_components(loaded)} == want and len(set(want.values())) == 2
     assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
 
 

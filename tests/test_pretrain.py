@@ -72,6 +72,7 @@ def test_snapshots_round_trip_checkpoints_bit_exactly(full_run):
     assert np.isfinite(g).all() and np.abs(g).sum() > 0
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_resume_after_kill_reproduces_the_curve(full_run, tmp_path):
     run, args = full_run
     args = list(args)
@@ -97,6 +98,7 @@ def test_resume_after_kill_reproduces_the_curve(full_run, tmp_path):
     assert np.abs(w_ref - w_got).max() < 1e-5
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_ddp_two_cpu_processes(tmp_path, shared_data):
     torchrun = Path(sys.executable).parent / "torchrun"
     args = BASE + ["--steps", "3", "--eval-every", "3", "--save-every", "3", "--snapshot-every", "3",
@@ -117,6 +119,7 @@ def test_ddp_two_cpu_processes(tmp_path, shared_data):
     assert list(open_run(tmp_path / "ddp").steps) == [0, 3]
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_offline_without_data_names_the_flag(tmp_path, shared_data):
     # HF_HUB_OFFLINE=1 is what an unreachable hub looks like, without 40 s of connection retries
     proc = run_cli(["pretrain", "--model", "tiny", "--tokenizer", str(T5_DIR), "--runs-dir", str(tmp_path)],

@@ -13,9 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from plotly.offline import get_plotlyjs
 
+from reports import curves as C
 from reports import figures as F
 from reports.build import build_report, report_command
+from reports.datasets import dataset_keys, dataset_labels
+from reports.html import unpacked
 from spectra.errors import SpectraError
 from spectra.store import write_analysis
 
@@ -76,6 +80,13 @@ EVALS = [{"model": "runs/x<b>", "method": m, "err": e, "dataset": d, "seq_len": 
                          ("uniform", 0.5, float("nan")))]
 
 
+C4A, C4B = "../shared/data/c4/c4-train.first1000.jsonl.gz", "/work/shared/data/c4/c4-train.first1000.jsonl.gz"
+WIKI_A, WIKI_B = "../shared/data/wikipedia/validation", "/work/shared/data/wikipedia/validation/"
+# a map at low ERR where no matrix is worth factorizing: it compresses nothing
+NO_LRC_MAP = {**rank_map("uniform", 0.1, None), "achieved_err": 0.09,
+              "components": [{**c, "lrc": False} for c in rank_map()["components"]]}
+
+
 def finetune_metrics(method, err, mem) -> dict:
     # as spectra.finetune writes it: no "err" (the folder name carries it), ppl before and after
     return {"method": method, "steps": 3, "trainable_params": 1000, "total_params": 4000,
@@ -92,7 +103,8 @@ def write_run(root: Path, *, snapshots: bool = True) -> Path:
         from spectra.store import SnapshotWriter
 
         # one 8x8 q_proj is enough for the summary (steps, attrs) and skips importing transformers
-        model = nn.ModuleDict({"layers": nn.ModuleList([nn.ModuleDict({"self_attn": nn.ModuleDict({"q_proj": nn.Linear(8, 8)})})])})
+        attn = nn.ModuleDict({"self_attn": nn.ModuleDict({"q_proj": nn.Linear(8, 8)})})
+        model = nn.ModuleDict({"layers": nn.ModuleList([attn])})
         w = SnapshotWriter(root / "snapshots.zarr", {"config": {"model": "tiny"},
                                                      "model_config": {"num_hidden_layers": 2, "hidden_size": 64}},
                            grad_mode="none", background=False)
@@ -106,12 +118,17 @@ def write_run(root: Path, *, snapshots: bool = True) -> Path:
     (root / "ranks").mkdir()
     (root / "ranks" / "welore-err50.json").write_text(json.dumps(rank_map()))
     (root / "ranks" / "uniform-err50.json").write_text(json.dumps(rank_map("uniform", 0.5, None)))
-    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in EVALS) + '{"truncated": ')
+    (root / "ranks" / "uniform-err10.json").write_text(json.dumps(NO_LRC_MAP))
+    evals = EVALS + [{**EVALS[0], "dataset": d, "err": e, "ppl": p}
+                     for d, e, p in ((WIKI_A, 0.1, 7.5), (WIKI_B, 0.5, 7.75))]
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals) + '{"truncated": ')
     for name, mem in (("welore-err50", 2 * 2**30), ("uniform-err50", 3 * 2**30)):
         (root / "finetune" / name).mkdir(parents=True)
-        (root / "finetune" / name / "metrics.json").write_text(json.dumps(finetune_metrics(name.split("-")[0], 0.5, mem)))
+        metrics = {**finetune_metrics(name.split("-")[0], 0.5, mem), "model": f"{root}/compressed/{name}"}
+        (root / "finetune" / name / "metrics.json").write_text(json.dumps(metrics))
     rows = [{"step": s, "loss": 6.0 - s / 10, "lr": 1e-3, "tokens": 128 * s, "tokens_per_s": 1e4} for s in STEPS]
-    rows += [{"step": 20, "val_loss": 4.5, "val_ppl": float(np.exp(4.5))}, {"step": 30, "val_loss": 4.0, "val_ppl": 54.6}]
+    rows += [{"step": 20, "val_loss": 4.5, "val_ppl": float(np.exp(4.5))},
+             {"step": 30, "val_loss": 4.0, "val_ppl": 54.6}]
     (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
@@ -127,16 +144,34 @@ def report(full_run) -> str:
 
 
 # --------------------------------------------------------------------------- figure numbers
+@pytest.mark.unit
 def test_hessian_heatmap_plots_gap_and_flags_unconverged_cells():
     ds = hessian_ds()
     (hm,) = F.hessian_gap_figure(ds).data
     assert list(hm.x) == COMPS and list(hm.y) == LAYERS
-    np.testing.assert_allclose(np.array(hm.z, float), ds["gap"].values)
+    np.testing.assert_allclose(10 ** np.array(hm.z, float), ds["gap"].values)  # log colour scale
     marks = np.array(hm.text)
     assert marks[1, COMPS.index("v")] == "†" and (marks == "†").sum() == 1
-    np.testing.assert_allclose(np.array(hm.customdata)[..., 1], ds["rel_gap"].values)
+    np.testing.assert_allclose(np.array(hm.customdata)[..., 2], ds["rel_gap"].values)
+    np.testing.assert_allclose(np.array(hm.customdata)[..., 0], ds["gap"].values)  # hover shows the gap itself
 
 
+@pytest.mark.unit
+def test_hessian_heatmap_log_colour_bar_and_rendered_title():
+    ds = hessian_ds()
+    ds["gap"][0, 0] = 0.0  # a zero gap has no log: a blank cell, not -inf
+    fig = F.hessian_gap_figure(ds)
+    (hm,) = fig.data
+    assert hm.z[0][0] is None and hm.customdata[0][0][0] == 0.0
+    bar = hm.colorbar
+    np.testing.assert_allclose([10**v for v in bar.tickvals], [float(t) for t in bar.ticktext], rtol=1e-12)
+    lo, hi = np.log10(np.sort(ds["gap"].values[ds["gap"].values > 0])[[0, -1]])
+    assert len(bar.tickvals) >= 2 and lo - 1e-9 <= min(bar.tickvals) and max(bar.tickvals) <= hi + 1e-9
+    title = fig.layout.title.text
+    assert "λ<sub>k</sub> − λ<sub>k+1</sub>" in title and "λ_k" not in title and "k = 2" in title
+
+
+@pytest.mark.unit
 def test_subspace_lines_one_per_layer_and_component():
     ds = subspace_ds()
     fig = F.subspace_figure(ds, "overlap_prev")
@@ -147,6 +182,7 @@ def test_subspace_lines_one_per_layer_and_component():
     np.testing.assert_allclose(tr.y[1:], ds["overlap_prev"].sel(layer=1, component="gate").values[1:])
 
 
+@pytest.mark.unit
 def test_spectrum_curves_use_final_step_and_shade_threshold():
     ds = spectrum_ds()
     fig = F.spectrum_figure(ds, [("k=0.175", 0.175), ("k=0.3", 0.3)])
@@ -157,8 +193,13 @@ def test_spectrum_curves_use_final_step_and_shade_threshold():
     lines = [s for s in fig.layout.shapes if s.type == "line"]
     assert {(r.y0, r.y1) for r in rects} == {(0, 0.175), (0.175, 1)}
     assert len(rects) == 2 * len(COMPS) and {l.y0 for l in lines} == {0.175, 0.3}
+    # k is named in the legend (once per k), not by a label drawn over the curves
+    assert [(l.name, l.y0) for l in lines if l.showlegend] == [("k=0.175", 0.175), ("k=0.3", 0.3)]
+    assert len(lines) == 2 * len(COMPS) and len({l.legendgroup for l in lines}) == 2
+    assert [a.text for a in fig.layout.annotations] == COMPS  # only the subplot titles
 
 
+@pytest.mark.unit
 def test_long_spectra_are_thinned_keeping_true_indices():
     n = 3000
     sig = np.linspace(1.0, 0.0, n)[None, None, None, :]
@@ -171,6 +212,7 @@ def test_long_spectra_are_thinned_keeping_true_indices():
     assert list(hm.x) == list(tr.x)
 
 
+@pytest.mark.unit
 def test_emergence_heatmap_is_layer_mean_per_step():
     ds = spectrum_ds()
     fig = F.emergence_figure(ds)
@@ -180,6 +222,7 @@ def test_emergence_heatmap_is_layer_mean_per_step():
     assert list(hm.y) == STEPS
 
 
+@pytest.mark.unit
 def test_heavy_tail_lines_plot_metric():
     ds = spectrum_ds()
     fig = F.heavy_tail_figure(ds, "alpha")
@@ -187,6 +230,7 @@ def test_heavy_tail_lines_plot_metric():
     np.testing.assert_allclose(tr.y, ds["alpha"].sel(layer=1, component="down").values)
 
 
+@pytest.mark.unit
 def test_rank_map_bars_split_lrc_and_dense_with_err_dropdown():
     maps = {"welore-err30": rank_map(err=0.3, k=0.1), "welore-err50": rank_map()}
     maps["welore-err30"]["components"][0]["rank"] = 60
@@ -201,10 +245,30 @@ def test_rank_map_bars_split_lrc_and_dense_with_err_dropdown():
     assert menu.active == 1 and [b.args[0]["visible"] for b in menu.buttons] == [[True, True, False, False],
                                                                                 [False, False, True, True]]
     assert "target ERR 50%, achieved 49.0%, k=0.175" in fig.layout.title.text
+    assert f"params {params_ratio(maps['welore-err50']):.3f}× (6/14 LRCs)" in fig.layout.title.text
 
 
+def params_ratio(rmap: dict) -> float:
+    """Decoder-linear parameters after / before, counted by hand: LRC r·(m+n), others m·n."""
+    after = sum(c["rank"] * sum(c["shape"]) if c["lrc"] else np.prod(c["shape"]) for c in rmap["components"])
+    return after / sum(np.prod(c["shape"]) for c in rmap["components"])
+
+
+@pytest.mark.unit
+def test_rank_map_without_lrc_claims_no_achieved_err():
+    rmap = rank_map(err=0.1)
+    for c in rmap["components"]:
+        c["lrc"] = False
+    title = F.rank_map_figure({"uniform-err10": rmap}).layout.title.text
+    assert "achieved" not in title and "no LRC" in title and "params 1.000× (0/14 LRCs)" in title
+    n_lrc, n, ratio = F.map_params(rank_map())
+    assert (n_lrc, n) == (6, 14) and ratio == pytest.approx(params_ratio(rank_map()), rel=1e-12)
+    assert 0.5 < ratio < 1  # 6 of 14 at rank 8..17 of 64
+
+
+@pytest.mark.unit
 def test_ppl_vs_err_one_line_per_method_and_dataset_escaped():
-    fig = F.ppl_vs_err_figure(EVALS)
+    fig = C.ppl_vs_err_figure(EVALS)
     assert len(fig.data) == 4
     welore = next(t for t in fig.data if t.name == "welore · c4")
     assert list(welore.x) == [0.1, 0.5] and list(welore.y) == [12.5, 30.0]
@@ -213,20 +277,84 @@ def test_ppl_vs_err_one_line_per_method_and_dataset_escaped():
     assert all("<script>" not in t.name and "<script>" not in t.hovertemplate for t in fig.data)
 
 
+
+@pytest.mark.unit
+def test_dataset_identity_ignores_path_spelling():
+    keys = dataset_keys([C4A, C4B, WIKI_A, WIKI_B, "c4", "other/wikipedia/validation", "/x/a/b", "/y/a/b", "a/b"])
+    assert keys[C4A] == keys[C4B] == C4B and keys[WIKI_A] == keys[WIKI_B] == WIKI_B  # the longest spelling
+    assert keys["c4"] == "c4"  # one part never matches a path's ending
+    assert keys["other/wikipedia/validation"] == "other/wikipedia/validation"  # not a suffix of the others
+    assert keys["a/b"] == "a/b" and keys["/x/a/b"] != keys["/y/a/b"]  # ambiguous ending: kept apart
+    labels = dataset_labels({keys[k] for k in (C4A, WIKI_A, "/x/a/b", "/y/a/b")})
+    assert labels[C4B] == "c4/c4-train.first1000.jsonl.gz" and labels[WIKI_B] == "wikipedia/validation"
+    assert labels["/x/a/b"] == "x/a/b" and labels["/y/a/b"] == "y/a/b"  # longer where two would collide
+
+
+@pytest.mark.unit
+def test_ppl_vs_err_merges_spellings_with_distinct_names_and_colours():
+    rows = [{"method": m, "err": e, "dataset": d, "ppl": p + (d in (C4A, C4B)), "loss": 2.0, "tokens": 64}
+            for m, base in (("welore", 8.0), ("uniform", 8.1), ("diagnostic", 8.2))
+            for d, e, p in ((WIKI_A, 0.7, base), (WIKI_B, 0.1, base - 0.1), (C4A, 0.7, base), (C4B, 0.1, base - 0.1))]
+    rows += [{"method": "dense", "err": 0.0, "dataset": d, "ppl": 7.5} for d in (WIKI_B, C4B)]
+    fig = C.ppl_vs_err_figure(rows)
+    assert len(fig.data) == 8  # 4 methods x 2 datasets, not one line per spelling
+    names = [t.name for t in fig.data]
+    colours = [t.line.color for t in fig.data]
+    assert len(set(names)) == 8 and len(set(colours)) == 8
+    w = next(t for t in fig.data if t.name == "welore · wikipedia/validation")
+    assert list(w.x) == [0.1, 0.7] and list(w.y) == [7.9, 8.0]
+    assert WIKI_A in w.hovertemplate and WIKI_B in w.hovertemplate
+    c4 = next(t for t in fig.data if t.name == "welore · c4/c4-train.first1000.jsonl.gz")
+    assert list(c4.y) == [8.9, 9.0] and c4.line.dash != w.line.dash
+    # one panel per dataset, each with its own log axis
+    assert {t.xaxis for t in fig.data if "wikipedia" in t.name} == {"x2"} and c4.xaxis == "x"
+    assert fig.layout.yaxis.type == fig.layout.yaxis2.type == "log"
+    assert [a.text for a in fig.layout.annotations] == ["c4/c4-train.first1000.jsonl.gz", "wikipedia/validation"]
+
+
+@pytest.mark.unit
 def test_finetune_figures_plot_curves_and_costs():
-    runs = {"welore-err50": finetune_metrics("welore", 0.5, 2 * 2**30), "uniform-err50": finetune_metrics("uniform", 0.5, 3 * 2**30)}
-    loss = F.finetune_loss_figure(runs)
+    runs = {"welore-err50": finetune_metrics("welore", 0.5, 2 * 2**30),
+            "uniform-err50": finetune_metrics("uniform", 0.5, 3 * 2**30)}
+    loss = C.finetune_loss_figure(runs)
     assert [t.name for t in loss.data] == ["uniform-err50", "welore-err50"]
     assert list(loss.data[1].x) == [1, 2, 3] and list(loss.data[1].y) == [3.0, 2.5, 2.25]
-    mem, tps, frac, ppl = F.finetune_cost_figure(runs).data
+    mem, tps, frac, ppl = C.finetune_cost_figure(runs).data
     assert list(mem.y) == [3.0, 2.0] and list(frac.y) == [25.0, 25.0] and list(ppl.y) == [9.5, 9.5]
+    assert ppl.type == "scatter" and ppl.mode == "markers"  # a dot plot: its axis need not start at 0
+    assert mem.type == "bar" and [c[0] for c in ppl.customdata] == [11.0, 11.0]
 
 
+@pytest.mark.unit
+def test_finetune_loss_panels_per_err_and_difference_to_full():
+    runs = {}
+    for err in (30, 50):
+        for method, shift in (("full", 0.0), ("welore", 0.01 * err / 10), ("lora", -0.02)):
+            m = finetune_metrics(method, err / 100, 2**30)
+            m["loss_curve"] = [[s, 3.0 - 0.1 * s + shift] for s in (1, 2, 3)]
+            runs[f"{method}-err{err}"] = m
+    errs = {n: int(n[-2:]) / 100 for n in runs}
+    fig = C.finetune_loss_figure(runs, errs)
+    raw, diff = fig.data[:6], fig.data[6:]
+    assert [t.name for t in raw] == sorted(runs) and len(diff) == 4
+    assert {t.xaxis for t in raw if t.name.endswith("30")} == {"x"}
+    assert {t.xaxis for t in raw if t.name.endswith("50")} == {"x2"}
+    d = next(t for t in diff if t.name == "welore-err50")
+    np.testing.assert_allclose(d.y, [0.05] * 3, atol=1e-12)  # its loss minus full-err50's, step by step
+    assert d.yaxis == "y4" and not d.showlegend
+    styles = {t.name: (t.line.color, t.line.dash) for t in raw}
+    assert styles["welore-err30"] == styles["welore-err50"] != styles["lora-err30"]  # one style per method
+    assert [a.text for a in fig.layout.annotations] == ["ERR 30%", "ERR 50%"]
+
+
+@pytest.mark.unit
 def test_pretrain_figure_train_and_val():
     rows = [{"step": 1, "loss": 5.0, "tokens": 10}, {"step": 2, "loss": 4.0, "tokens": 20},
             {"step": 2, "val_loss": 4.2, "val_ppl": 66.7}]
-    train, val, ppl = F.pretrain_figure(rows).data
+    fig = C.pretrain_figure(rows)
+    train, val, ppl = fig.data
     assert list(train.y) == [5.0, 4.0] and list(val.x) == [2] and list(ppl.y) == [66.7]
+    assert fig.layout.yaxis.title.text and fig.layout.yaxis2.title.text and fig.layout.yaxis2.type == "log"
 
 
 # --------------------------------------------------------------------------- the page
@@ -239,14 +367,29 @@ EXPECTED_DIVS = ["pretrain", "hessian-gap", "subspace-overlap-prev", "subspace-o
 TITLE = "My <run> & co"
 
 
+@pytest.mark.unit
 def test_report_is_deterministic_self_contained_and_escaped(full_run, report):
     text = report
     assert re.findall(r'<div id="fig-([a-z0-9-]+)" class="plotly-graph-div"', text) == EXPECTED_DIVS
-    assert text.count("Plotly.newPlot(") == len(EXPECTED_DIVS)
-    assert text.count("window.PlotlyConfig") == 1 and text.count("<script") == len(EXPECTED_DIVS) + 2
-    assert "https://" not in text.split("<script", 2)[1][:200] and "src=" not in re.sub(r"<script[^>]*>.*?</script>", "", text, flags=re.S)
+    # plotly.js and the figure specs travel gzip+base64 inside the page; one loop draws them all
+    blobs = r'<script type="application/gzip;base64" id="([a-z-]+)">([A-Za-z0-9+/=]+)</script>'
+    payload = dict(re.findall(blobs, text))
+    assert sorted(payload) == ["figures-gz", "plotly-js-gz"]
+    specs = json.loads(unpacked(payload["figures-gz"]))
+    assert [f["id"] for f in specs] == [f"fig-{d}" for d in EXPECTED_DIVS]
+    assert unpacked(payload["plotly-js-gz"]) == get_plotlyjs()  # plotly.js once, whole
+    assert text.count("Plotly.newPlot(") == 1 and "DecompressionStream('gzip')" in text
+    assert text.count("window.PlotlyConfig") == 1 and text.count("<script") == 4
+    assert "https://" not in text.split("<script", 2)[1][:200]
+    assert "src=" not in re.sub(r"<script[^>]*>.*?</script>", "", text, flags=re.S)
     assert "<title>My &lt;run&gt; &amp; co</title>" in text and "run&lt;1&gt;" in text
-    assert "<script>alert" not in text and "runs/x<b>" not in text  # user strings escaped everywhere
+    figures = unpacked(payload["figures-gz"])
+    for page_text in (text, figures):
+        assert "<script>alert" not in page_text and "runs/x<b>" not in page_text  # user strings escaped everywhere
+    hm = next(f for f in specs if f["id"] == "fig-hessian-gap")["data"][0]  # the page's numbers are the figure's
+    gap = hessian_ds()["gap"].values  # rounded to 7 significant digits on the page
+    np.testing.assert_allclose(np.array(hm["customdata"])[..., 0], gap, rtol=5e-7)
+    np.testing.assert_allclose(np.array(hm["z"], float), np.log10(gap), rtol=5e-7)
     assert "final validation perplexity</td><td>54.6 (step 30)" in text
     assert "model</td><td>tiny · layers 2, hidden 64" in text and "snapshots</td><td>2 (steps 20–30)" in text
     assert "target ERR 50.0%, achieved 49.0%, k=0.175" in text
@@ -254,9 +397,29 @@ def test_report_is_deterministic_self_contained_and_escaped(full_run, report):
     assert "<td class=num>12.50</td><td class=num>30.00</td>" in text and "<td class=num>nan</td>" in text
     assert ("<td>welore-err50</td><td>welore</td><td class=num>50.0%</td><td class=num>3</td><td>1,000 / 4,000</td>"
             "<td class=num>2</td><td class=num>512</td><td class=num>11</td><td class=num>9.5</td>") in text
-    assert 3e6 < len(text.encode()) < 8e6  # plotly.js (~4.6 MB) once, not per figure
+    assert 1.5e6 < len(text.encode()) < 2.5e6  # compressed plotly.js (~2 MB) once, not per figure
 
 
+@pytest.mark.unit
+def test_report_rank_maps_show_parameter_reduction_and_merge_dataset_spellings(report):
+    text = report
+    r = params_ratio(rank_map())
+    cell = f"<td class=num>{1 - r:.1%} ({r:.3f}×)</td>"
+    # ranks table: achieved ERR, then the parameter reduction of the decoder linears
+    assert f"<td>welore-err50</td><td>welore</td><td class=num>50.0%</td><td class=num>49.0%</td>{cell}" in text
+    assert ("<td>uniform-err10</td><td>uniform</td><td class=num>10.0%</td><td class=num>– (no LRC)</td>"
+            "<td class=num>0.0% (1.000×)</td>") in text
+    assert ("ranks uniform-err10</td><td>uniform: target ERR 10.0%, no LRC, nothing factorized; params 1.000× "
+            "(0/14 LRCs); rank ERR 9.0% by dense truncation</td>") in text
+    assert "achieved 9.0%" not in text and "achieved 10" not in text
+    assert f"<td class=num>9.5</td>{cell}</tr>" in text  # finetuning: the reduction of the model it started from
+    # one table per dataset, listing every spelling of it
+    assert text.count("<p>perplexity on wikipedia/validation (") == 1
+    assert f"(<code>{WIKI_A}</code>, <code>{WIKI_B}</code>)</p>" in text
+    assert "best ppl welore · wikipedia/validation</td><td>7.5 (ERR 10.0%)" in text
+
+
+@pytest.mark.unit
 def test_missing_inputs_give_hints_not_crashes(tmp_path):
     run = tmp_path / "partial"
     run.mkdir()
@@ -274,6 +437,7 @@ def test_missing_inputs_give_hints_not_crashes(tmp_path):
     assert "could not read <code>spectrum</code>: " in text  # present but unreadable: said so, not hidden
 
 
+@pytest.mark.unit
 def test_empty_or_missing_run_folder_is_one_error(tmp_path):
     with pytest.raises(SpectraError, match="no run folder"):
         build_report(tmp_path / "nope")
@@ -281,6 +445,7 @@ def test_empty_or_missing_run_folder_is_one_error(tmp_path):
         build_report(tmp_path)
 
 
+@pytest.mark.unit
 def test_cli_report_is_byte_identical_rebuild(full_run, report, tmp_path):
     # a one-command app parses exactly like `spectra report` (importing spectra.cli would pull in
     # every other command's dependencies)
@@ -299,6 +464,7 @@ def test_cli_report_is_byte_identical_rebuild(full_run, report, tmp_path):
     assert isinstance(res.exception, SpectraError) and "no run folder at" in str(res.exception)
 
 
+@pytest.mark.unit
 def test_report_command_default_location(full_run, report, capsys, monkeypatch):
     import reports.build
 
@@ -322,11 +488,14 @@ CAPTURE = """<script>window.__errs=[];function __rec(m){__errs.push(String(m));
 document.documentElement.setAttribute('data-errors', JSON.stringify(__errs));}
 window.addEventListener('error', function(e){__rec('uncaught: ' + e.message);});
 window.addEventListener('unhandledrejection', function(e){__rec('rejection: ' + e.reason);});
-var __ce = console.error; console.error = function(){__rec(Array.from(arguments).join(' ')); __ce.apply(console, arguments);};
-var __cw = console.warn; console.warn = function(){__rec('warn: ' + Array.from(arguments).join(' ')); __cw.apply(console, arguments);};
+var __ce = console.error;
+console.error = function(){__rec(Array.from(arguments).join(' ')); __ce.apply(console, arguments);};
+var __cw = console.warn;
+console.warn = function(){__rec('warn: ' + Array.from(arguments).join(' ')); __cw.apply(console, arguments);};
 </script>"""
 
 
+@pytest.mark.slow  # starts headless Chromium
 def test_report_renders_in_headless_chromium(report, tmp_path):
     chromium = _chromium()
     if chromium is None:

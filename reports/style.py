@@ -1,0 +1,38 @@
+"""What every report figure shares: colours per method, and the conversions from stored values to
+what Plotly and the page show (escaped strings, NaN as a gap, "–" for a missing number)."""
+
+from __future__ import annotations
+
+import html
+import math
+
+import numpy as np
+
+GREEN, RED = "rgba(44,160,44,{a})", "rgba(214,39,40,{a})"
+# one colour family per method, the same in every figure: (dark, light) -- the light shade is the
+# method's second dataset (ColorBrewer "Paired"; grey for the dense / full-finetuning reference)
+METHOD_COLORS = {"welore": ("#33a02c", "#b2df8a"), "uniform": ("#1f78b4", "#a6cee3"),
+                 "diagnostic": ("#6a3d9a", "#cab2d6"), "dense": ("#444444", "#aaaaaa"), "full": ("#444444", "#aaaaaa"),
+                 "lora": ("#ff7f00", "#fdbf6f"), "galore": ("#e31a1c", "#fb9a99")}
+SPARE_COLORS = [("#b15928", "#dfc27d"), ("#01665e", "#80cdc1"), ("#c51b7d", "#f1b6da")]
+DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+
+
+def esc(s) -> str:
+    return html.escape(str(s))
+
+
+def finite(a) -> list:
+    """Values for JSON: NaN/inf become None so Plotly draws a gap instead of failing."""
+    return [float(v) if v is not None and math.isfinite(float(v)) else None for v in np.asarray(a, float).ravel()]
+
+
+def fmt(v, spec: str = ".4g") -> str:
+    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else "–"
+
+
+def num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")

@@ -1,0 +1,100 @@
+"""spectra.progress: plain N-of-M/ETA lines (no carriage returns) when stderr is not a TTY, tqdm on one."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from spectra.progress import LineBar, _hms, overall, progress_bar
+
+pytestmark = pytest.mark.unit
+
+
+class Clock:
+    """A fake monotonic clock the test moves by hand."""
+
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class TTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_log_lines_every_n_seconds_with_n_of_m_and_eta():
+    out, clock = io.StringIO(), Clock()
+    bar = progress_bar(total=150, desc="pretrain 9m", every=10, file=out, clock=clock)
+    assert isinstance(bar, LineBar)
+    for step in range(1, 151):
+        clock.t += 0.5  # 2 steps/s: 75 s in all
+        bar.update(1)
+        bar.set_postfix(loss=3.0 - step / 100, lr=3e-3)
+    bar.close()
+    text = out.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    # one at the start, one per 10 s of the 75 s (at 10, 20, ..., 70 s), one at the end
+    assert len(lines) == 1 + 7 + 1
+    assert lines[0] == "pretrain 9m: 0/150 (0%), elapsed 0:00:00"
+    assert lines[1].startswith("pretrain 9m: 20/150 (13%), 2 it/s, elapsed 0:00:10, ETA 0:01:05, loss=2.8")
+    assert lines[-1] == "pretrain 9m: 150/150 (100%), 2 it/s, elapsed 0:01:15, done, loss=1.5 lr=0.003"
+    assert all(len(line) < 200 for line in lines)
+
+
+def test_eta_follows_the_measured_rate_from_a_resumed_step():
+    out, clock = io.StringIO(), Clock()
+    bar = LineBar(total=100, initial=40, desc="x", every=0, file=out, clock=clock)
+    clock.t += 30.0
+    bar.update(10)  # 10 steps in 30 s since the resume: 3 s/step, 50 to go
+    assert out.getvalue().splitlines()[-1] == "x: 50/100 (50%), 3 s/it, elapsed 0:00:30, ETA 0:02:30"
+    bar.close()
+    assert out.getvalue().splitlines()[-1].endswith("stopped")  # closed before the total
+
+
+def test_iterating_and_disable():
+    out, clock = io.StringIO(), Clock()
+    assert list(progress_bar(range(3), desc="svd", file=out, clock=clock, every=1e9)) == [0, 1, 2]
+    assert out.getvalue().splitlines() == ["svd: 0/3 (0%), elapsed 0:00:00", "svd: 3/3 (100%), elapsed 0:00:00, done"]
+    quiet = io.StringIO()
+    with progress_bar(total=5, file=quiet, disable=True, clock=clock) as bar:
+        bar.update(5)
+    assert quiet.getvalue() == ""
+
+
+def test_overall_names_the_item_under_way_with_eta():
+    out, clock = io.StringIO(), Clock()
+    done = []
+    for comp in overall(["L0.q", "L0.k", "L0.v", "L0.o"], "hessian-gap", unit="component", file=out, clock=clock,
+                        every=0):
+        clock.t += 60.0  # a minute per component
+        done.append(comp)
+    assert done == ["L0.q", "L0.k", "L0.v", "L0.o"]
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "hessian-gap: 0/4 (0%), elapsed 0:00:00"
+    assert lines[1] == "hessian-gap: 1/4 (25%), 60 s/component, elapsed 0:01:00, ETA 0:03:00, now L0.k"
+    assert lines[3] == "hessian-gap: 3/4 (75%), 60 s/component, elapsed 0:03:00, ETA 0:01:00, now L0.o"
+    assert lines[-1] == "hessian-gap: 4/4 (100%), 60 s/component, elapsed 0:04:00, done"
+
+
+def test_tty_gets_tqdm():
+    from tqdm import tqdm
+
+    tty = TTY()
+    with progress_bar(total=3, desc="compress", file=tty) as bar:
+        assert isinstance(bar, tqdm)
+        bar.update(3)
+    assert "\r" in tty.getvalue() and "3/3" in tty.getvalue()
+    assert isinstance(progress_bar(total=1, file=io.StringIO(), tty=True, disable=True), tqdm)
+
+
+def test_every_from_environment(monkeypatch):
+    monkeypatch.setenv("SPECTRA_PROGRESS_EVERY", "5")
+    assert LineBar(total=1, file=io.StringIO()).every == 5.0
+    monkeypatch.setenv("SPECTRA_PROGRESS_EVERY", "soon")
+    assert LineBar(total=1, file=io.StringIO()).every == 30.0
+    assert _hms(3725.4) == "1:02:05" and _hms(-1) == "0:00:00"
