@@ -24,6 +24,7 @@ class ModelSize:
 
 # name -> (hidden, intermediate, heads, layers); GaLore's table, vocab 32000 there.
 SIZES: dict[str, ModelSize] = {
+    "micro": ModelSize(32, 88, 2, 1),  # fault-injection tests: 1 layer, the fewest files per snapshot
     "tiny": ModelSize(64, 176, 4, 2),  # tests: 2 layers, dim 64, runs in seconds on CPU
     "9m": ModelSize(128, 352, 4, 4),
     "20m": ModelSize(256, 688, 4, 4),

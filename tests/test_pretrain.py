@@ -78,8 +78,13 @@ def test_resume_after_kill_reproduces_the_curve(full_run, tmp_path):
     args = list(args)
     args[args.index("--run-id") + 1] = "killed"
     args[args.index("--runs-dir") + 1] = str(tmp_path)
-    killed = run_cli(args, env={"SPECTRA_KILL_AT_STEP": "6"})
-    assert killed.returncode == -9, killed.stderr[-2000:]
+    # a real SIGKILL, placed from the test side (tests/faultinject.py) before step 7's metrics row
+    runs_at = args.index("--runs-dir")
+    inject = subprocess.run([sys.executable, str(REPO / "tests" / "faultinject.py"), "--work", str(tmp_path / "fi"),
+                             "--kill-on", "metrics.jsonl", "--nth", "7", "--runs-dir", args[runs_at + 1], "--",
+                             *args[:runs_at], *args[runs_at + 2:]], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert json.loads(inject.stdout.strip().splitlines()[-1])["code"] == -9, inject.stderr[-2000:]
     assert [r["step"] for r in metrics(tmp_path / "killed")][-1] == 6  # steps 5, 6 logged after checkpoint 4
     resumed = run_cli(args + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
