@@ -80,6 +80,12 @@ def _root() -> None:
     """spectra: pretrain with snapshots, analyze (spectrum, grad-subspace, hessian-gap), rank, compress, eval, finetune, report."""
 
 
+def _one_line(text: str, limit: int = 1000) -> str:
+    """Messages from libraries can span lines; the CLI promises exactly one."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input becomes one `error: ...` line and exit code 2, never a traceback."""
     import click
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = app(args=argv, prog_name="spectra", standalone_mode=False)  # --help still prints and returns
     except SpectraError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except click.exceptions.UsageError as e:  # bad option value, unknown option, missing argument: one line
         print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
@@ -108,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - unexpected: one line unless debugging
         if os.environ.get("SPECTRA_DEBUG"):
             raise
-        print(f"error: {type(e).__name__}: {e} (set SPECTRA_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {_one_line(str(e), 300)} (set SPECTRA_DEBUG=1 for the traceback)",
+              file=sys.stderr)
         return 1
     return code if isinstance(code, int) else 0
 

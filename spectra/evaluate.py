@@ -62,11 +62,32 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, device: str | 
 
 
 def check_vocab(model, tokenizer) -> None:
-    """A tokenizer with more ids than the model embeds would index out of range mid-eval."""
+    """A tokenizer with more ids than the model embeds would index out of range mid-eval; one with far
+    fewer (bytes on a T5 model) runs but scores garbage. Padded embeddings stay within ~10%."""
     n_emb = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > n_emb:
-        raise SpectraError(f"tokenizer has {len(tokenizer)} ids but the model embeds only {n_emb}; "
+    if len(tokenizer) > n_emb or len(tokenizer) < 0.9 * n_emb:
+        raise SpectraError(f"tokenizer has {len(tokenizer)} ids but the model embeds {n_emb}; "
                            "pass the --tokenizer the model was trained with")
+
+
+def model_tokenizer(path: Path, name: str | None):
+    """The tokenizer to use with the model folder `path`: the one saved with it by default, and a
+    `--tokenizer` that differs from that one is refused (it would score the wrong tokens)."""
+    from spectra.data import DEFAULT_TOKENIZER, load_tokenizer, tokenizer_digest
+
+    stored = None
+    if (path / "tokenizer_config.json").is_file():
+        try:
+            stored = load_tokenizer(str(path))
+        except Exception as e:  # noqa: BLE001 - damaged or crafted files: one line
+            raise SpectraError(f"cannot load the tokenizer saved in {path} ({type(e).__name__})") from None
+    if name is None:
+        return stored if stored is not None else load_tokenizer(DEFAULT_TOKENIZER)
+    tok = load_tokenizer(name)
+    if stored is not None and tokenizer_digest(tok) != tokenizer_digest(stored):
+        raise SpectraError(f"--tokenizer {name} is not the tokenizer saved with {path}; "
+                           "leave --tokenizer out to use the saved one")
+    return tok
 
 
 def model_label(path: Path) -> tuple[str, float | None]:
@@ -97,7 +118,7 @@ def append_jsonl(path: Path, row: dict) -> None:
 def eval_command(
     model: Annotated[str, typer.Option(..., help="Model folder (dense or `spectra compress` output) or a run folder (uses its latest checkpoint).")],
     data: Annotated[Optional[str], typer.Option(help="Local text: json/jsonl(.gz)/txt/parquet files, globs or folders (e.g. ../shared/data/c4). Default: hub C4 en validation.")] = None,
-    tokenizer: Annotated[str, typer.Option(help="Tokenizer hub name, local folder (e.g. ../shared/data/tokenizers/t5) or bytes.")] = "t5-base",
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer hub name, local folder (e.g. ../shared/data/tokenizers/t5) or bytes. Default: the one saved with the model, else t5-base.")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 256,
     tokens: Annotated[int, typer.Option(help="Token budget: the first TOKENS tokens of the data, cut into non-overlapping windows.")] = 262144,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass (does not change the result).")] = 8,
@@ -112,7 +133,7 @@ def eval_command(
     Token-weighted mean NLL over a fixed token budget of non-overlapping windows; the windows are
     cached by dataset + tokenizer + seq_len + budget so every model is scored on identical tokens.
     """
-    from spectra.data import load_tokenizer, text_windows
+    from spectra.data import text_windows
     from spectra.models import find_checkpoint, load_causal_lm
 
     if seq_len < 2 or tokens < seq_len or batch_size < 1:
@@ -121,7 +142,7 @@ def eval_command(
     quiet_transformers()
     path = find_checkpoint(model)
     dev = resolve_device(device)
-    tok = load_tokenizer(tokenizer)
+    tok = model_tokenizer(path, tokenizer)
     windows = text_windows(data, tok, seq_len, tokens, split="validation", cache_dir=cache_dir)
     lm = load_causal_lm(path, device=dev)
     check_vocab(lm, tok)
