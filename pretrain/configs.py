@@ -36,6 +36,7 @@ SIZES: dict[str, ModelSize] = {
     "7b": ModelSize(4096, 11008, 32, 32),
 }
 
+MODEL_NAMES = tuple(SIZES)  # Literal[MODEL_NAMES] lists them in --help
 MAX_POSITIONS = 1024  # GaLore's max_sequence_length; training uses 256
 
 

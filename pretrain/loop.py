@@ -17,57 +17,65 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Literal, Optional
 
 import torch
-import typer
-
 from pretrain.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, rng_state, save_checkpoint,
                                  set_rng_state)
-from pretrain.configs import MAX_POSITIONS, SIZES, build_model, vocab_for
+from pretrain.configs import MAX_POSITIONS, MODEL_NAMES, SIZES, build_model, vocab_for
 from pretrain.run_state import (METRICS, append_metrics, check_resume_config, has_run, record_run_config,
                                 start_over, terminate_as_exception, truncate_metrics)
 from spectra import distributed as dist_utils
 from spectra.errors import SpectraError
+from spectra.options import command_from, opt
 from spectra.runs import run_lock, validate_run_id
 
 
 @dataclass
 class PretrainConfig:
-    model: str = "130m"            # one of pretrain.configs.SIZES
-    data: str | None = None        # local files/globs/folders; None -> hub allenai/c4 (en) streaming
-    val_data: str | None = None    # separate validation files; None -> hold out val_fraction of --data
-    val_fraction: float = 0.01
-    tokenizer: str = "t5-base"     # hub name or local folder (../shared/data/tokenizers/t5)
-    seq_len: int = 256
-    batch_size: int = 512          # sequences per optimizer step, across all ranks
-    micro_batch: int = 128         # sequences per forward/backward on one rank
-    steps: int = 20000
-    lr: float = 1e-3
-    warmup: int = 2000             # linear warmup steps (clamped to 10% of steps for short runs)
-    min_lr_ratio: float = 0.1      # cosine decays to min_lr_ratio * lr
-    weight_decay: float = 0.0      # GaLore uses none
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
-    eval_every: int = 1000
-    val_tokens: int = 1_048_576    # fixed validation budget (same windows every time)
-    save_every: int = 1000
-    keep_checkpoints: int = 3
-    snapshot_every: int = 1000     # also snapshots step 0 and the final step
-    snapshot_steps: list[int] = field(default_factory=list)  # explicit list; overrides snapshot_every
-    snapshot_grad: str = "sketch"  # full | sketch | none
-    sketch_rank: int = 32
-    snapshot_embeddings: bool = False
-    compile: bool = False
-    device: str = "auto"
-    seed: int = 0
-    runs_dir: str = "runs"
-    run_id: str | None = None
-    resume: bool = False
-    overwrite: bool = False            # start over in an existing run folder (its old content is removed)
-    allow_config_change: bool = False  # let --resume change settings that alter the trajectory (recorded)
+    """Every setting of a pretraining run; each field is also a `spectra pretrain` option."""
+
+    model: Literal[MODEL_NAMES] = opt("130m", "model size (GaLore's LLaMA table; micro/tiny for tests)")
+    data: Optional[str] = opt(None, "local json/jsonl(.gz)/txt/parquet files, globs or folders; "
+                                    "default: hub allenai/c4 en (streamed)")
+    val_data: Optional[str] = opt(None, "validation files (default: hold out --val-fraction of --data)")
+    val_fraction: float = opt(0.01, "fraction of --data documents held out for validation, in (0, 1)",
+                              min=0.0, max=1.0)
+    tokenizer: str = opt("t5-base", "tokenizer hub name, local folder, or bytes (byte-level, no files)")
+    seq_len: int = opt(256, f"tokens per sequence (at most the model's {MAX_POSITIONS} positions)", min=1,
+                       max=MAX_POSITIONS)
+    batch_size: int = opt(512, "sequences per optimizer step, across all ranks", min=1)
+    micro_batch: int = opt(128, "sequences per forward/backward on one rank", min=1)
+    steps: int = opt(20000, "optimizer steps", min=1)
+    lr: float = opt(1e-3, "peak learning rate (AdamW)", min=0.0, max=10.0)
+    warmup: int = opt(2000, "linear warmup steps (clamped to 10% of --steps for short runs)", min=0)
+    min_lr_ratio: float = opt(0.1, "cosine decays to this fraction of --lr", min=0.0, max=1.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (GaLore uses none)", min=0.0)
+    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas, e.g. 0.9,0.95")
+    grad_clip: float = opt(1.0, "max gradient norm (0: off)", min=0.0)
+    eval_every: int = opt(1000, "validate every N steps and at the last (0: never)", min=0)
+    val_tokens: int = opt(1_048_576, "fixed validation budget in tokens (the same windows every time)", min=1)
+    save_every: int = opt(1000, "checkpoint every N steps and at the last (0: never)", min=0)
+    keep_checkpoints: int = opt(3, "newest checkpoints kept (0: all)", min=0)
+    snapshot_every: int = opt(1000, "snapshot weights+grads every N steps, plus step 0 and the last (0: none)",
+                              min=0)
+    snapshot_steps: list[int] = opt([], "explicit comma-separated snapshot steps, e.g. 0,100,1000 "
+                                        "(overrides --snapshot-every)")
+    snapshot_grad: Literal["full", "sketch", "none"] = opt("sketch", "gradient in snapshots: full, top-r SVD "
+                                                                     "sketch, or none")
+    sketch_rank: int = opt(32, "r of the gradient sketch", min=1)
+    snapshot_embeddings: bool = opt(False, "also snapshot embed_tokens and lm_head")
+    compile: bool = opt(False, "torch.compile the model")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    seed: int = opt(0, "seed for init and data order", min=0)
+    runs_dir: str = opt("runs", "parent folder of runs")
+    run_id: Optional[str] = opt(None, "run folder name: letters, digits, . _ - (default: <model>-<timestamp>)")
+    resume: bool = opt(False, "continue runs/<run-id> from its latest checkpoint")
+    overwrite: bool = opt(False, "start over in an existing run folder, deleting its content")
+    allow_config_change: bool = opt(False, "let --resume change lr, data, seed, batch, ... (recorded in "
+                                           "run_config.json)")
 
     def snapshot_at(self, step: int) -> bool:
         if self.snapshot_steps:
@@ -132,6 +140,8 @@ class Trainer:
         cfg, run = self.cfg, self.run_dir
         exists = has_run(run)
         ckpt = latest_checkpoint(run) if (cfg.resume and exists) else None
+        # rank 0 decides (it holds the lock; the others would see its first writes)
+        exists, ckpt = dist_utils.broadcast((exists, ckpt))
         if exists and not cfg.resume and not cfg.overwrite:
             raise SpectraError(f"{run} already holds a run; pass --resume to continue it, --overwrite to start "
                                "it over, or another --run-id")
@@ -361,56 +371,18 @@ def pretrain(cfg: PretrainConfig) -> Path:
     return Trainer(cfg).fit()
 
 
-def pretrain_command(
-    model: Annotated[str, typer.Option(help=f"model size: {', '.join(SIZES)}")] = "130m",
-    data: Annotated[Optional[str], typer.Option(help="local json/jsonl(.gz)/txt/parquet files, globs or folders; default: hub allenai/c4 en")] = None,
-    val_data: Annotated[Optional[str], typer.Option(help="validation files (default: hold out --val-fraction of --data)")] = None,
-    val_fraction: Annotated[float, typer.Option(help="fraction of --data documents held out for validation, in (0, 1)", min=0.0, max=1.0)] = 0.01,
-    tokenizer: Annotated[str, typer.Option(help="tokenizer hub name, local folder, or bytes (byte-level, no files)")] = "t5-base",
-    steps: Annotated[int, typer.Option(help="optimizer steps", min=1)] = 20000,
-    seq_len: Annotated[int, typer.Option(help=f"tokens per sequence (1..{MAX_POSITIONS})", min=1, max=MAX_POSITIONS)] = 256,
-    batch_size: Annotated[int, typer.Option(help="sequences per optimizer step (all ranks)", min=1)] = 512,
-    micro_batch: Annotated[int, typer.Option(help="sequences per forward/backward per rank", min=1)] = 128,
-    lr: Annotated[float, typer.Option(help="peak learning rate", min=0.0, max=10.0)] = 1e-3,
-    warmup: Annotated[int, typer.Option(help="linear warmup steps", min=0)] = 2000,
-    min_lr_ratio: Annotated[float, typer.Option(help="cosine floor as a fraction of --lr", min=0.0, max=1.0)] = 0.1,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay", min=0.0)] = 0.0,
-    grad_clip: Annotated[float, typer.Option(help="max gradient norm (0: off)", min=0.0)] = 1.0,
-    eval_every: Annotated[int, typer.Option(help="validate every N steps and at the last (0: never)", min=0)] = 1000,
-    val_tokens: Annotated[int, typer.Option(help="validation token budget", min=1)] = 1_048_576,
-    save_every: Annotated[int, typer.Option(help="checkpoint every N steps and at the last (0: never)", min=0)] = 1000,
-    keep_checkpoints: Annotated[int, typer.Option(help="newest checkpoints kept (0: all)", min=0)] = 3,
-    snapshot_every: Annotated[int, typer.Option(help="snapshot weights+grads every N steps (plus step 0 and the last; 0: none)", min=0)] = 1000,
-    snapshot_steps: Annotated[Optional[str], typer.Option(help="explicit comma-separated snapshot steps, e.g. 0,100,1000")] = None,
-    snapshot_grad: Annotated[str, typer.Option(help="gradient in snapshots: full | sketch (top-r SVD) | none")] = "sketch",
-    sketch_rank: Annotated[int, typer.Option(help="r of the gradient sketch", min=1)] = 32,
-    snapshot_embeddings: Annotated[bool, typer.Option(help="also snapshot embed_tokens and lm_head")] = False,
-    compile: Annotated[bool, typer.Option(help="torch.compile the model")] = False,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    seed: Annotated[int, typer.Option(help="seed for init and data order", min=0)] = 0,
-    runs_dir: Annotated[str, typer.Option(help="parent folder of runs")] = "runs",
-    run_id: Annotated[Optional[str], typer.Option(help="run folder name: letters, digits, . _ - (default: <model>-<timestamp>)")] = None,
-    resume: Annotated[bool, typer.Option(help="continue runs/<run-id> from its latest checkpoint")] = False,
-    overwrite: Annotated[bool, typer.Option(help="start over in an existing run folder, deleting its content")] = False,
-    allow_config_change: Annotated[bool, typer.Option(
-        help="let --resume change lr, data, seed, batch, ... (recorded in run_config.json)")] = False,
-) -> None:
-    """Pretrain a LLaMA (GaLore sizes) and write weight/gradient snapshots to runs/<id>/snapshots.zarr."""
-    if resume and not run_id:
+def _pretrain(cfg: PretrainConfig) -> None:
+    if cfg.resume and not cfg.run_id:
         raise SpectraError("--resume needs --run-id naming the run to continue")
-    if resume and overwrite:
+    if cfg.resume and cfg.overwrite:
         raise SpectraError("--resume and --overwrite exclude each other")
-    try:
-        snaps = [int(s) for s in snapshot_steps.split(",") if s.strip()] if snapshot_steps else []
-    except ValueError:
-        raise SpectraError(f"--snapshot-steps must be comma-separated integers, got {snapshot_steps!r}") from None
-    cfg = PretrainConfig(model=model, data=data, val_data=val_data, val_fraction=val_fraction, tokenizer=tokenizer,
-                         seq_len=seq_len, batch_size=batch_size, micro_batch=micro_batch, steps=steps, lr=lr,
-                         warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip,
-                         eval_every=eval_every, val_tokens=val_tokens, save_every=save_every,
-                         keep_checkpoints=keep_checkpoints, snapshot_every=snapshot_every, snapshot_steps=snaps,
-                         snapshot_grad=snapshot_grad, sketch_rank=sketch_rank, snapshot_embeddings=snapshot_embeddings,
-                         compile=compile, device=device, seed=seed, runs_dir=runs_dir, run_id=run_id, resume=resume,
-                         overwrite=overwrite, allow_config_change=allow_config_change)
     run_dir = pretrain(cfg)
     print(f"run written to {run_dir}")
+
+
+pretrain_command = command_from(
+    PretrainConfig, _pretrain,
+    """Pretrain a LLaMA (GaLore sizes) and write weight/gradient snapshots to runs/<id>/snapshots.zarr.
+
+    Every option can also come from --config FILE (YAML or JSON, same names); the command line wins.
+    A run folder is locked while it trains; an existing run needs --resume (or --overwrite).""")

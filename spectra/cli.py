@@ -36,7 +36,7 @@ COMMANDS: list[tuple[str, str, str, str]] = [
      "Continual finetuning of a compressed model: WeLore-PEFT (LRC factors only) or a baseline."),
     ("report", "reports.build", "report_command",
      "Interactive offline HTML report of a run: the paper figures 1-7 and Table 1."),
-    ("pipeline", "spectra.pipeline", "pipeline_command",
+    ("pipeline", "pretrain.pipeline", "pipeline_command",
      "Run the whole WeLore pipeline (pretrain, analyze, rank, compress, eval, finetune, report) from a preset."),
 ]
 _SETTINGS = dict(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -88,21 +88,26 @@ def _one_line(text: str, limit: int = 1000) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input becomes one `error: ...` line and exit code 2, never a traceback."""
-    import click
-
     try:
         code = app(args=argv, prog_name="spectra", standalone_mode=False)  # --help still prints and returns
     except SpectraError as e:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
-    except click.exceptions.UsageError as e:  # bad option value, unknown option, missing argument: one line
-        print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
-        return 2
-    except click.exceptions.Abort:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except click.exceptions.Exit as e:
-        return e.exit_code
+    except Exception as e:  # noqa: BLE001 - click's own exceptions (typer may vendor click: match by name)
+        kinds = {c.__name__ for c in type(e).__mro__}
+        if "UsageError" in kinds:  # bad option value, unknown option, missing argument: one line
+            print(f"error: {_one_line(e.format_message())}", file=sys.stderr)
+            return 2
+        if "Abort" in kinds:
+            print("interrupted", file=sys.stderr)
+            return 130
+        if "Exit" in kinds:
+            return getattr(e, "exit_code", 0)
+        if os.environ.get("SPECTRA_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {_one_line(str(e), 300)} (set SPECTRA_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:
@@ -111,12 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("terminated (SIGTERM)", file=sys.stderr)
         return 143
-    except Exception as e:  # noqa: BLE001 - unexpected: one line unless debugging
-        if os.environ.get("SPECTRA_DEBUG"):
-            raise
-        print(f"error: {type(e).__name__}: {_one_line(str(e), 300)} (set SPECTRA_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return 1
     return code if isinstance(code, int) else 0
 
 

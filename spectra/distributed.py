@@ -47,6 +47,15 @@ def agree_run_id(cfg) -> str:
     return run_id[0]
 
 
+def broadcast(obj):
+    """Rank 0's `obj` on every rank (a small picklable value; identity in a single process)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def wrap(model, device: torch.device, world: int):
     if world == 1:
         return model

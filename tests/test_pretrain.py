@@ -137,4 +137,4 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
     assert main(BASE[:3] + ["--data", str(tmp_path / "nope.jsonl"), "--runs-dir", str(tmp_path)]) == 2
     assert main(["pretrain", "--model", "huge", "--data", DATA, "--runs-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "matches no files" in err[0] and "unknown --model" in err[1]
+    assert len(err) == 2 and "matches no files" in err[0] and "--model" in err[1] and "huge" in err[1]

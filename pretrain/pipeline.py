@@ -89,7 +89,7 @@ def pipeline_command(
     skip_pretrain: Annotated[bool, typer.Option(help="reuse the run's existing checkpoint and snapshots")] = False,
 ) -> None:
     """Run the whole WeLore pipeline (pretrain, analyze, rank, compress, eval, finetune, report) from a preset."""
-    from pretrain.loop import pretrain_command
+    from pretrain.loop import PretrainConfig, pretrain
     from reports.build import report_command
     from spectra.evaluate import eval_command
     from spectra.finetune import finetune_command
@@ -110,7 +110,7 @@ def pipeline_command(
     run = Path(runs_dir) / run_id
     pre = {**p["pretrain"], **({"steps": steps} if steps else {})}
     if not skip_pretrain:
-        _stage("pretrain", pretrain_command, data=train, val_data=val, tokenizer=tok, device=device,
+        _stage("pretrain", lambda **kw: pretrain(PretrainConfig(**kw)), data=train, val_data=val, tokenizer=tok, device=device,
                runs_dir=runs_dir, run_id=run_id, **pre)
     _stage("spectrum", spectrum_command, run=str(run), device=device)
     _stage("grad-subspace", grad_subspace_command, run=str(run), rank=p["grad_rank"], device=device)
