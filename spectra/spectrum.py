@@ -63,10 +63,10 @@ def run_weights(path: Path, steps: list[int] | None) -> tuple[list[int], Iterato
 
 def checkpoint_weights(path: Path) -> tuple[list[int], Iterator[tuple[int, Weights]]]:
     """A checkpoint is one "step": the number in a `step_N` folder name, else 0."""
-    from spectra.models import component_weights, find_checkpoint, load_causal_lm
+    from spectra.models import component_weights, find_checkpoint, load_model
 
     ckpt = find_checkpoint(path)
-    model = load_causal_lm(ckpt)
+    model = load_model(ckpt)
     weights = {k: w.detach() for k, w in component_weights(model).items()}
     m = re.fullmatch(r"step_(\d+)", ckpt.name)
     step = int(m.group(1)) if m else 0
