@@ -265,6 +265,13 @@ def modeling_source(arch: str, base_arch: str, base_config: str) -> tuple[str, d
     return template + "\n".join(lines), auto_map, f"Spectra{arch}"
 
 
+def _transformers_class(model: nn.Module) -> str:
+    """The transformers class a (possibly spectra-subclassed) model is."""
+    import transformers
+
+    return next(c.__name__ for c in type(model).__mro__ if getattr(transformers, c.__name__, None) is c)
+
+
 def save_compressed(model: nn.Module, rank_map: dict, out: str | Path, tokenizer_from: str | Path | None = None) -> Path:
     """Write a compressed model as a Hugging Face folder that loads with trust_remote_code (see
     module docstring), plus the rank map `load_compressed` uses, and the tokenizer of `tokenizer_from`."""
@@ -275,11 +282,16 @@ def save_compressed(model: nn.Module, rank_map: dict, out: str | Path, tokenizer
         if any(isinstance(m, (LowRankLinear, FusedLinear)) for m in model.modules()):
             raise SpectraError("this model has low-rank modules but no spectra_structure (compress it with compress_model)")
         model.config.spectra_structure = {}
-    model.save_pretrained(out)
+    import inspect
+
+    # tensors under the names the model has now: transformers >= 5 would otherwise rename some back to
+    # a legacy layout (NeoX lm_head -> embed_out) that it maps again on load, but never for remote code
+    kw = {"save_original_format": False} if "save_original_format" in inspect.signature(model.save_pretrained).parameters else {}
+    model.save_pretrained(out, **kw)
     (out / RANK_MAP_FILE).write_text(json.dumps(rank_map, indent=1))
     cfg = json.loads((out / "config.json").read_text())
     base_type = cfg.get("spectra_base_model_type") or cfg["model_type"]
-    arch = cfg.get("spectra_base_architecture") or type(model).__name__
+    arch = cfg.get("spectra_base_architecture") or _transformers_class(model)
     base_arch = MODEL_MAPPING_NAMES.get(base_type) or type(model.base_model).__name__
     text, auto_map, cls = modeling_source(arch, base_arch, type(model.config).__name__)
     (out / MODELING_FILE).write_text(text)
@@ -289,16 +301,6 @@ def save_compressed(model: nn.Module, rank_map: dict, out: str | Path, tokenizer
     if tokenizer_from is not None:
         copy_tokenizer(tokenizer_from, out)
     return out
-
-
-def _state_dict_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise SpectraError(f"{path} has no safetensors weights (compressed folders are written by spectra compress)")
-    return files
 
 
 def _base_config(path: Path):
@@ -321,13 +323,11 @@ def _base_config(path: Path):
 
 def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
                     attn_implementation: str | None = None) -> nn.Module:
-    """Load a `spectra compress` folder: modules from config + rank map, tensors from safetensors (no SVD).
-
-    `dtype=None` keeps the stored dtype.
+    """Load a `spectra compress` folder without remote code: the original class, its modules
+    replaced as the rank map says, tensors from safetensors by transformers' own loader (key
+    renames, tied weights), no SVD. `dtype=None` keeps the stored dtype.
     """
     import transformers
-    from accelerate import init_empty_weights  # comes with peft; parameters on meta, buffers (RoPE) real
-    from safetensors.torch import load_file
 
     path = Path(path)
     try:
@@ -337,29 +337,32 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dty
         raise
     except Exception as e:  # noqa: BLE001 - any parse failure is one user-facing line
         raise SpectraError(f"cannot read compressed model in {path}: {e}") from None
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    cls = getattr(transformers, arch, None) or transformers.AutoModelForCausalLM
-    with init_empty_weights(include_buffers=False):
-        model = cls.from_config(cfg, **kwargs) if cls is transformers.AutoModelForCausalLM else cls._from_config(cfg, **kwargs)
-    structure = plan(model, rank_map)
+    base = getattr(transformers, arch, None)
+    if base is None:
+        raise SpectraError(f"{path}: architecture {arch} is not in this transformers version")
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # the structure is planned on the dense skeleton
+        structure = plan(base._from_config(cfg), rank_map)
     stored = json.loads((path / "config.json").read_text()).get("spectra_structure")
     if stored is not None and stored != structure:
         raise SpectraError(f"{path}: config.json's spectra_structure disagrees with {RANK_MAP_FILE}")
-    apply_structure(model, structure, device="meta")
-    for f in _state_dict_files(path):
-        sd = load_file(f)
-        if dtype is not None:
-            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        _, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-        if unexpected:
-            raise SpectraError(f"{f} holds tensors the rank map does not explain: {unexpected[:3]}")
-        del sd
-    model.tie_weights()  # tied lm_head is not stored separately
-    empty = [n for n, p in model.named_parameters() if p.is_meta]
-    if empty:
-        raise SpectraError(f"{path} is missing weights for {empty[:3]} (rank map and safetensors disagree)")
-    model.config.spectra_structure = structure
+    cfg.spectra_structure = structure
+    cls = type(base.__name__, (base,), {"__init__": _init_with_structure, "__module__": base.__module__})
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        model, info = cls.from_pretrained(path, config=cfg, dtype=dtype or "auto", output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SpectraError(f"cannot load compressed model {path}: {e}") from None
+    bad = info.get("missing_keys") or info.get("unexpected_keys") or info.get("mismatched_keys")
+    if bad:
+        raise SpectraError(f"{path}: rank map and safetensors disagree (e.g. {sorted(bad)[:3]})")
     return model.to(device).eval()
+
+
+def _init_with_structure(self, config):
+    super(type(self), self).__init__(config)
+    apply_structure(self, config.spectra_structure)
 
 
 # --------------------------------------------------------------------------- command

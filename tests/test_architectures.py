@@ -135,3 +135,114 @@ def test_registry_rows_match_the_forward_pass(name):
     broken = build(name)
     _scale(broken, "q", 30.0)  # without k/30 the attention pattern changes: the check can fail
     assert (out(broken) - base).abs().max() > 1e-3
+
+
+def _truncated(W: torch.Tensor, r: int) -> torch.Tensor:
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    return ((U[:, :r] * S[:r]) @ Vh[:r]).float()
+
+
+def _welore_ranks(refs: dict, k: float) -> dict:
+    """r = #{ŝ ≥ k} with ŝ the min-max normalized singular values (WeLore §3.1), computed here."""
+    out = {}
+    for key, W in refs.items():
+        s = torch.linalg.svdvals(W.double()).numpy()
+        out[key] = int(((s - s.min()) / (s.max() - s.min()) >= k).sum())
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_analyze_rank_compress_reload_generate_peft(name, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    from spectra.models import component_weights
+    from spectra.modeling_spectra import FusedLinear, LowRankLinear
+    from spectra.store import read_analysis
+
+    _, cls, kind, targets, _ = ARCHS[name]
+    encoder = name in ENCODERS
+    model = build(name)
+    refs = reference_components(model, kind)
+    dense, comp, merged = tmp_path / f"{name}-dense", tmp_path / f"{name}-lowrank", tmp_path / f"{name}-merged"
+    model.save_pretrained(dense)
+
+    # spectrum: σ of every component equals svdvals of the forward-split weight
+    assert main(["spectrum", str(dense), "--out", str(tmp_path / "a.zarr"), "--device", "cpu"]) == 0
+    ds = read_analysis(tmp_path / "a.zarr", "spectrum")
+    for (layer, c), W in refs.items():
+        s = ds.sigma.sel(layer=layer, component=c).isel(step=0).values
+        want = torch.linalg.svdvals(W.double()).numpy()
+        np.testing.assert_allclose(s[: len(want)], want, rtol=1e-4, atol=1e-6)
+
+    # ranks: the map's ranks are WeLore's threshold ranks of the same weights
+    rmap_path = tmp_path / "map.json"
+    assert main(["ranks", "--ckpt", str(dense), "--err", str(ERR), "--out", str(rmap_path), "--device", "cpu"]) == 0
+    rmap = json.loads(rmap_path.read_text())
+    entries = {(e["layer"], e["component"]): e for e in rmap["components"]}
+    assert set(entries) == set(refs)
+    assert {k: e["rank"] for k, e in entries.items()} == _welore_ranks(refs, rmap["k"])
+    assert all(e["shape"] == list(refs[k].shape) for k, e in entries.items())
+    assert abs(rmap["achieved_err"] - ERR) < 0.05
+
+    # compress: every LRC part is B·A = its truncated SVD; N-LRCs hold their truncation
+    assert main(["compress", "--ckpt", str(dense), "--out", str(comp), "--rank-map", str(rmap_path), "--device", "cpu"]) == 0
+    low = load_model(comp)
+    weights = component_weights(low)
+    lrc = [k for k, e in entries.items() if e["lrc"]]
+    assert lrc, "the test needs low-rank components"
+    for key, e in entries.items():
+        want = _truncated(refs[key], e["rank"]) if e["rank"] < e["full_rank"] else refs[key]
+        torch.testing.assert_close(weights[key].detach(), want, atol=2e-5, rtol=1e-4)
+    found = {(p.layer, p.component): m for p, m in parts(low)}
+    for key in lrc:
+        m = found[key]
+        m = m.get_submodule(key[1]) if isinstance(m, FusedLinear) else m
+        assert isinstance(m, LowRankLinear) and m.rank == entries[key]["rank"]
+    if kind is not None:  # fused projections were really compressed, per part
+        assert any(isinstance(m, FusedLinear) for m in low.modules())
+    n_params = sum(p.numel() for p in low.parameters())
+    assert n_params < sum(p.numel() for p in model.parameters())
+
+    # reload the Hugging Face way: same outputs with trust_remote_code, a loud error without
+    auto = T.AutoModel if encoder else T.AutoModelForCausalLM
+    hf = auto.from_pretrained(comp, trust_remote_code=True).eval()
+    with torch.no_grad():
+        if encoder:
+            torch.testing.assert_close(hf(input_ids=X).last_hidden_state, low.base_model(input_ids=X).last_hidden_state,
+                                       atol=1e-5, rtol=0)
+            head = T.AutoModelForMaskedLM.from_pretrained(comp, trust_remote_code=True).eval()
+            torch.testing.assert_close(out(head), out(low), atol=1e-5, rtol=0)
+        else:
+            torch.testing.assert_close(out(hf), out(low), atol=1e-5, rtol=0)
+    assert sum(p.numel() for p in hf.parameters()) <= n_params
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        auto.from_pretrained(comp)
+    assert (comp / "modeling_spectra.py").is_file()
+    assert json.loads((comp / "config.json").read_text())["model_type"] == "spectra_lowrank"
+
+    if not encoder:  # generate: greedy continuation identical to spectra's loader
+        prompt = X[:1, :4]
+        kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(hf.generate(prompt, **kw), low.generate(prompt, **kw))
+
+    # peft LoRA targets the original module names and the factors
+    base_out = out(hf) if not encoder else hf(input_ids=X).last_hidden_state
+    for tm in (targets, ["A", "B"]):
+        import copy
+
+        pm = get_peft_model(copy.deepcopy(hf), LoraConfig(r=2, lora_alpha=4, target_modules=tm))
+        wrapped = [n for n, m in pm.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)]
+        assert wrapped and all(any(n.endswith(t) for t in tm) for n in wrapped), (tm, wrapped)
+        with torch.no_grad():
+            y0 = pm(input_ids=X)
+        y0 = y0.last_hidden_state if encoder else y0.logits
+        torch.testing.assert_close(y0, base_out, atol=1e-6, rtol=0)  # LoRA B starts at zero
+        y = pm(input_ids=X)
+        (y.last_hidden_state if encoder else y.logits).square().mean().backward()
+        grads = [p.grad for n, p in pm.named_parameters() if "lora_" in n]
+        assert grads and all(g is not None for g in grads)
+
+    # --merge: a plain dense folder the original class reads without remote code
+    assert main(["compress", "--ckpt", str(comp), "--out", str(merged), "--merge"]) == 0
+    assert "auto_map" not in json.loads((merged / "config.json").read_text())
+    torch.testing.assert_close(out(cls.from_pretrained(merged).eval()), out(low), atol=1e-5, rtol=0)
