@@ -71,10 +71,11 @@ def select_components(model: nn.Module, layers: list[int | str] | None = None, c
     return {(p.layer, p.component): m.weight for p, m in picked}
 
 
-def stream_component_weights(path: str | Path) -> Iterator[tuple[int, str, torch.Tensor]]:
-    """(layer, component, (out, in) weight) of a dense checkpoint folder, read tensor by tensor from
-    its safetensors (one module's weight in memory at a time); falls back to loading the model when
-    the files are not safetensors or name their tensors differently."""
+def stream_component_weights(path: str | Path) -> tuple[int, Iterator[tuple[int, str, torch.Tensor]]]:
+    """(count, iterator of (layer, component, (out, in) weight)) of a dense checkpoint folder, read
+    tensor by tensor from its safetensors (one module's weight in memory at a time); falls back to
+    loading the model when the files are not safetensors or name their tensors differently. The
+    model is checked against the registry before anything is read, so a bad model fails at once."""
     import json
 
     from accelerate import init_empty_weights
@@ -89,20 +90,22 @@ def stream_component_weights(path: str | Path) -> Iterator[tuple[int, str, torch
         cls, cfg = _model_class(path)
         with init_empty_weights(include_buffers=False):
             skeleton = cls.from_config(cfg) if cls.__name__.startswith("Auto") else cls._from_config(cfg)
+        found = parts(skeleton)
         where = {}
         for f in files:
             with safe_open(f, "pt") as st:
                 where.update({k: f for k in st.keys()})
-        found = parts(skeleton)
         if all(f"{p.module_name}.weight" in where for p, _ in found):
-            for p, mod in found:
-                with safe_open(where[f"{p.module_name}.weight"], "pt") as st:
-                    stored = st.get_tensor(f"{p.module_name}.weight")
-                yield p.layer, p.component, p.of_tensor(stored, is_conv1d(mod))
-            return
+            def gen():
+                for p, mod in found:
+                    with safe_open(where[f"{p.module_name}.weight"], "pt") as st:
+                        stored = st.get_tensor(f"{p.module_name}.weight")
+                    yield p.layer, p.component, p.of_tensor(stored, is_conv1d(mod))
+
+            return len(found), gen()
     model = load_model(path)
-    for p, mod in parts(model):
-        yield p.layer, p.component, p.weight(mod).detach()
+    found = parts(model)
+    return len(found), ((p.layer, p.component, p.weight(mod).detach()) for p, mod in found)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -88,8 +88,8 @@ def checkpoint_spectra(path: Path, device=None) -> list[MatrixSpectrum]:
 
     if (path / RANK_MAP_FILE).is_file():
         raise SpectraError(f"{path} is already compressed; rank its dense original (or spectra compress --merge it)")
-    return _order([_spectrum(layer, comp, W, device)
-                   for layer, comp, W in tqdm(stream_component_weights(path), desc="svd", leave=False)])
+    n, weights = stream_component_weights(path)
+    return _order([_spectrum(layer, comp, W, device) for layer, comp, W in tqdm(weights, total=n, desc="svd", leave=False)])
 
 
 # --------------------------------------------------------------------------- ranks and ERR

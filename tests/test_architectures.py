@@ -246,3 +246,36 @@ def test_analyze_rank_compress_reload_generate_peft(name, tmp_path, capsys):
     assert main(["compress", "--ckpt", str(comp), "--out", str(merged), "--merge"]) == 0
     assert "auto_map" not in json.loads((merged / "config.json").read_text())
     torch.testing.assert_close(out(cls.from_pretrained(merged).eval()), out(low), atol=1e-5, rtol=0)
+
+
+def test_unsupported_model_one_line_then_components_override(tmp_path, capsys):
+    """A model the registry does not know (T5) fails with one line naming its linears and the
+    override; `spectra --components ...` then ranks and compresses it."""
+    from conftest import assert_one_error_line
+
+    cfg = T.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    t5 = tmp_path / "t5"
+    T.T5ForConditionalGeneration(cfg).save_pretrained(t5)
+    assert_one_error_line([["ranks", "--ckpt", str(t5), "--out", str(tmp_path / "m.json")]], capsys)
+    main(["ranks", "--ckpt", str(t5)])
+    err = capsys.readouterr().err
+    assert "encoder.block.0.layer.0.SelfAttention.q" in err and "--components q=REGEX" in err
+    enc = r"^encoder\.block\.(\d+)\.layer\.{}$"
+    spec = ",".join(f"{c}={enc.format(n)}" for c, n in (("q", r"0\.SelfAttention\.q"), ("k", r"0\.SelfAttention\.k"),
+                                                       ("v", r"0\.SelfAttention\.v"), ("o", r"0\.SelfAttention\.o"),
+                                                       ("up", r"1\.DenseReluDense\.wi"), ("down", r"1\.DenseReluDense\.wo")))
+    try:
+        assert main(["--components", spec, "ranks", "--ckpt", str(t5), "--out", str(tmp_path / "m.json"), "--err", "0.5"]) == 0
+        rmap = json.loads((tmp_path / "m.json").read_text())
+        assert len(rmap["components"]) == 12 and {e["component"] for e in rmap["components"]} == set(COMPONENTS) - {"gate"}
+        assert main(["--components", spec, "compress", "--ckpt", str(t5), "--out", str(tmp_path / "c"),
+                     "--rank-map", str(tmp_path / "m.json")]) == 0
+        assert (tmp_path / "c" / "modeling_spectra.py").is_file()
+        assert_one_error_line([["--components", "q=(", "ranks", "--ckpt", str(t5)],
+                               ["--components", "x=foo", "ranks", "--ckpt", str(t5)]], capsys)
+    finally:
+        main(["--help"])  # the next command runs without the override
+        from spectra.components import set_override
+
+        set_override(None)
