@@ -279,3 +279,38 @@ def test_unsupported_model_one_line_then_components_override(tmp_path, capsys):
         from spectra.components import set_override
 
         set_override(None)
+
+
+def test_checkpoint_series_spectrum_then_report(tmp_path, capsys):
+    """Three GPT-NeoX checkpoints (Pythia-style step folders) -> one labeled spectrum store -> report."""
+    series = tmp_path / "pythia"
+    model = build("gpt_neox")
+    qs = {}
+    for i, step in enumerate((1000, 2000, 3000)):  # folder naming styles mixed on purpose
+        with torch.no_grad():  # a "training" drift between checkpoints
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+        name = f"step{step}" if step != 2000 else f"step_{step}"
+        model.save_pretrained(series / name)
+        qs[step] = reference_components(model, "neox")[(1, "q")]
+    assert main(["spectrum", str(series / "step*"), "--device", "cpu"]) == 0
+    from spectra.store import read_analysis
+
+    ds = read_analysis(series / "analysis.zarr", "spectrum")
+    assert ds.step.values.tolist() == [1000, 2000, 3000]
+    for step, W in qs.items():
+        want = torch.linalg.svdvals(W.double()).numpy()
+        np.testing.assert_allclose(ds.sigma.sel(step=step, layer=1, component="q").values[: len(want)], want, rtol=1e-4)
+    assert main(["report", str(series)]) == 0
+    html = (series / "report.html").read_text()
+    assert "3000" in html and len(html) > 10_000
+    # explicit steps, in the order given; a folder without a step in its name needs them
+    assert main(["spectrum", str(series / "step1000"), str(series / "step_2000"), "--steps", "10", "--steps", "5",
+                 "--out", str(tmp_path / "b.zarr"), "--device", "cpu"]) == 0
+    assert read_analysis(tmp_path / "b.zarr", "spectrum").step.values.tolist() == [5, 10]
+    (series / "final").symlink_to(series / "step3000")
+    from conftest import assert_one_error_line
+
+    assert_one_error_line([["spectrum", str(series / "step1000"), str(series / "final"), "--device", "cpu"],
+                           ["spectrum", str(series / "step1000"), str(series / "final"), "--steps", "1"],
+                           ["spectrum", str(series / "nothing*")]], capsys)
