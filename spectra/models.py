@@ -94,7 +94,7 @@ def stream_component_weights(path: str | Path) -> tuple[int, Iterator[tuple[int,
         where = {}
         for f in files:
             with safe_open(f, "pt") as st:
-                where.update({k: f for k in st.keys()})
+                where.update(dict.fromkeys(st.keys(), f))
         if all(f"{p.module_name}.weight" in where for p, _ in found):
             def gen():
                 for p, mod in found:

@@ -19,7 +19,6 @@ import transformers as T
 
 from spectra.cli import main
 from spectra.components import COMPONENTS, is_conv1d, parts
-from spectra.errors import SpectraError
 from spectra.models import load_model
 
 V = 96  # vocab
@@ -155,8 +154,8 @@ def _welore_ranks(refs: dict, k: float) -> dict:
 def test_analyze_rank_compress_reload_generate_peft(name, tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
 
-    from spectra.models import component_weights
     from spectra.modeling_spectra import FusedLinear, LowRankLinear
+    from spectra.models import component_weights
     from spectra.store import read_analysis
 
     _, cls, kind, targets, _ = ARCHS[name]

@@ -168,3 +168,32 @@ def test_cli_compress_bad_input_is_one_line(tiny_ckpt, tmp_path, capsys):
         ["compress", "--ckpt", str(tiny_ckpt), "--dtype", "int8", "--out", str(tmp_path / "o")],
     ]
     assert_one_error_line(cases, capsys)
+
+
+def test_tokenizer_travels_and_legacy_folders_still_load(tiny_ckpt, tmp_path):
+    """compress and --merge copy the source's tokenizer; a folder compressed before folders were HF
+    models (config.json of the dense architecture + rank map) still loads with spectra."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    src = tmp_path / "dense"
+    shutil.copytree(tiny_ckpt, src)
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "low": 1, "rank": 2, "weights": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(src)
+    assert main(["compress", "--ckpt", str(src), "--err", "0.5", "--out", str(tmp_path / "c")]) == 0
+    assert main(["compress", "--ckpt", str(tmp_path / "c"), "--merge", "--out", str(tmp_path / "d")]) == 0
+    for folder in ("c", "d"):
+        assert AutoTokenizer.from_pretrained(tmp_path / folder)("low rank weights")["input_ids"] == [1, 2, 3]
+    comp = load_compressed(tmp_path / "c")
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tmp_path / "c", legacy)
+    cfg = json.loads((legacy / "config.json").read_text())
+    for k in ("auto_map", "spectra_structure", "spectra_base_model_type", "spectra_base_architecture"):
+        cfg.pop(k)
+    cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (legacy / "config.json").write_text(json.dumps(cfg))
+    (legacy / "modeling_spectra.py").unlink()
+    torch.testing.assert_close(logits(load_causal_lm(legacy)), logits(comp), atol=0, rtol=0)
