@@ -225,6 +225,25 @@ def find_checkpoint(path: str | Path) -> Path:
             return cand
     if (p / "config.json").is_file():
         return p
+    if not p.exists() and HUB_NAME.fullmatch(str(path)):
+        return hub_checkpoint(str(path))
     if not p.exists():
         raise SpectraError(f"checkpoint {p} does not exist")
     raise SpectraError(f"{p} holds no model checkpoint (expected config.json or checkpoints/latest)")
+
+
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(?:@[\w./-]+)?")
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.jinja"]  # no .bin / .h5 duplicates
+
+
+def hub_checkpoint(name: str) -> Path:
+    """A hub model `org/name` or `org/name@revision` (Pythia: `EleutherAI/pythia-160m@step1000`),
+    downloaded (config, safetensors, tokenizer) into the Hugging Face cache; its local folder."""
+    from huggingface_hub import snapshot_download
+
+    repo, _, revision = name.partition("@")
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES))
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated: one line naming the model
+        raise SpectraError(f"{name} is no local folder, and the hub did not provide it "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

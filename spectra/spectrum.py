@@ -64,9 +64,10 @@ def run_weights(path: Path, steps: list[int] | None) -> tuple[list[int], Iterato
 STEP_RE = re.compile(r"(?:^|[^a-z])step[_-]?(\d+)$", re.IGNORECASE)
 
 
-def checkpoint_step(path: Path) -> int | None:
-    """The training step in a checkpoint folder's name: step1000, step_1000, pythia-160m-step1000."""
-    m = STEP_RE.search(path.name)
+def checkpoint_step(path: str | Path) -> int | None:
+    """The training step in a checkpoint folder's name (step1000, step_1000, pythia-160m-step1000)
+    or a hub revision (EleutherAI/pythia-160m@step1000)."""
+    m = STEP_RE.search(re.split(r"[/@]", str(path).rstrip("/"))[-1])
     return int(m.group(1)) if m else None
 
 
@@ -96,10 +97,10 @@ def checkpoint_series(paths: list[Path], steps: list[int] | None) -> tuple[list[
         if len(steps) != len(ckpts):
             raise SpectraError(f"--steps gives {len(steps)} step(s) for {len(ckpts)} checkpoint folder(s)")
     elif len(ckpts) == 1:
-        steps = [checkpoint_step(ckpts[0]) or 0]
+        steps = [checkpoint_step(paths[0]) or checkpoint_step(ckpts[0]) or 0]
     else:
-        steps = [checkpoint_step(c) for c in ckpts]
-        unnamed = [str(c) for c, s in zip(ckpts, steps) if s is None]
+        steps = [checkpoint_step(p) if checkpoint_step(p) is not None else checkpoint_step(c) for p, c in zip(paths, ckpts)]
+        unnamed = [str(p) for p, s in zip(paths, steps) if s is None]
         if unnamed:
             raise SpectraError(f"cannot tell the training step of {unnamed[0]}: name the folders step<N> / step_<N> "
                                "or pass --steps in the same order")
@@ -194,7 +195,7 @@ def print_spectrum_table(ds: xr.Dataset) -> None:
 
 # --------------------------------------------------------------------------- command
 def spectrum_command(
-    run: Annotated[list[str], typer.Argument(help="A run folder or its snapshots.zarr (every snapshot step); or one or more HF checkpoint folders / a quoted glob (a checkpoint series, e.g. 'pythia/step*'), steps from their names (step1000, step_1000) or --steps.")],
+    run: Annotated[list[str], typer.Argument(help="A run folder or its snapshots.zarr (every snapshot step); or one or more HF checkpoint folders, a quoted glob or hub names (a checkpoint series: 'pythia/step*', EleutherAI/pythia-160m@step1000 ...), steps from their names (step1000, step_1000) or --steps.")],
     out: Annotated[Optional[Path], typer.Option(help="Analysis store to write. Default: <run>/analysis.zarr (a series: <common parent>/analysis.zarr; one checkpoint: <checkpoint>/analysis.zarr).")] = None,
     steps: Annotated[Optional[list[int]], typer.Option("--steps", help="Snapshot steps to analyze (default: all); for checkpoint folders, the step of each folder in order (repeat the option).")] = None,
     top_r: Annotated[int, typer.Option(help="r for energy_top_r, the share of ||W||_F^2 in the top-r singular directions.")] = 32,
@@ -216,9 +217,12 @@ def spectrum_command(
     if top_r < 1:
         raise SpectraError(f"--top-r must be >= 1, not {top_r}")
     paths = expand_paths([run] if isinstance(run, (str, Path)) else run)  # pipeline passes one path
+    from spectra.models import HUB_NAME
+
     for path in paths:
-        if not path.exists():
-            raise SpectraError(f"{path} does not exist (expected a run folder, snapshots.zarr or checkpoint folders)")
+        if not path.exists() and not HUB_NAME.fullmatch(str(path)):
+            raise SpectraError(f"{path} does not exist (expected a run folder, snapshots.zarr, checkpoint folders "
+                               "or hub model names)")
     dev = resolve_device(device)
     if len(paths) == 1 and is_snapshot_store(paths[0]):
         chosen, source = run_weights(paths[0], steps)
@@ -228,7 +232,10 @@ def spectrum_command(
             raise SpectraError("pass one run / snapshots.zarr, or checkpoint folders, not a mix")
         chosen, source = checkpoint_series(paths, steps)
         runs = {run_dir_of(p) for p in paths}
-        if len(paths) == 1 or (len(runs) == 1 and None not in runs):
+        hub = [str(p).partition("@")[0] for p in paths if not p.exists()]
+        if hub:  # hub names: ./<org>/<name>/analysis.zarr, one store for all revisions of a model
+            default = Path(hub[0]) / "analysis.zarr"
+        elif len(paths) == 1 or (len(runs) == 1 and None not in runs):
             default = analysis_store_for(paths[0])
         else:
             default = Path(os.path.commonpath([p.resolve() for p in paths])) / "analysis.zarr"

@@ -313,3 +313,36 @@ def test_checkpoint_series_spectrum_then_report(tmp_path, capsys):
     assert_one_error_line([["spectrum", str(series / "step1000"), str(series / "final"), "--device", "cpu"],
                            ["spectrum", str(series / "step1000"), str(series / "final"), "--steps", "1"],
                            ["spectrum", str(series / "nothing*")]], capsys)
+
+
+def test_hub_names_resolve_through_snapshot_download(tmp_path, monkeypatch, capsys):
+    """`org/name@revision` goes to huggingface_hub.snapshot_download (stubbed here: this machine is
+    offline) and the revision names the step; a hub that cannot provide it is one error line."""
+    import huggingface_hub
+
+    ckpts = {}
+    for step in (1000, 3000):
+        m = build("gpt_neox")
+        ckpts[f"step{step}"] = tmp_path / "cache" / f"snap{step}"
+        m.save_pretrained(ckpts[f"step{step}"])
+    calls = []
+
+    def fake(repo, revision=None, allow_patterns=None):
+        calls.append((repo, revision))
+        return str(ckpts[revision])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.chdir(tmp_path)
+    assert main(["spectrum", "EleutherAI/pythia-14m@step1000", "EleutherAI/pythia-14m@step3000", "--device", "cpu"]) == 0
+    assert calls == [("EleutherAI/pythia-14m", "step1000"), ("EleutherAI/pythia-14m", "step3000")]
+    from spectra.store import read_analysis
+
+    assert read_analysis(tmp_path / "EleutherAI/pythia-14m/analysis.zarr", "spectrum").step.values.tolist() == [1000, 3000]
+
+    def offline(*a, **k):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    from conftest import assert_one_error_line
+
+    assert_one_error_line([["ranks", "--ckpt", "EleutherAI/pythia-14m"]], capsys)
