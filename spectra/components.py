@@ -268,10 +268,7 @@ def parts(model: nn.Module, *, required: bool = True) -> list[tuple[Part, nn.Mod
     cfg = getattr(model, "config", None)
     rules = [(re.compile(rx), what) for rx, what in _rules_for(model)]
     found: list[tuple[Part, nn.Module]] = []
-    matched: list[str] = []
     for name, module in model.named_modules():
-        if any(name.startswith(f"{p}.") for p in matched):  # inside a matched module (e.g. its low-rank factors)
-            continue
         for rx, what in rules:
             m = rx.search(name)
             if m is None:
@@ -283,8 +280,9 @@ def parts(model: nn.Module, *, required: bool = True) -> list[tuple[Part, nn.Mod
                 found += [(Part(layer, c, name, rows), module) for c, rows in what(cfg).items()]
             else:
                 found.append((Part(layer, what, name), module))
-            matched.append(name)
             break
+    names = {p.module_name for p, _ in found}  # a match inside a matched module (its factors) is not another one
+    found = [(p, m) for p, m in found if not any(p.module_name.startswith(f"{n}.") for n in names)]
     if not found and required:
         raise _unsupported(model, "has no module the component registry knows")
     seen = set()

@@ -32,7 +32,25 @@ import torch
 from torch import nn
 
 
-class LowRankLinear(nn.Linear):
+class _ChildrenFirst:
+    """`named_modules` lists the factors before the module itself. peft's "all-linear" targets both
+    (both are nn.Linear); visiting the module first, it would wrap it and then fail to find the
+    factors inside its own wrapper. Children first, every listed module is adapted."""
+
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
+        if memo is None:
+            memo = set()
+        if self in memo:
+            return
+        if remove_duplicate:
+            memo.add(self)
+        for name, module in self._modules.items():
+            if module is not None:
+                yield from module.named_modules(memo, f"{prefix}.{name}" if prefix else name, remove_duplicate)
+        yield prefix, self
+
+
+class LowRankLinear(_ChildrenFirst, nn.Linear):
     """y = B(A(x)): a rank-`rank` stand-in for nn.Linear(in_features, out_features) (bias on B)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, bias: bool = False, dtype=None, device=None):
@@ -61,7 +79,7 @@ class LowRankLinear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-class FusedLinear(nn.Linear):
+class FusedLinear(_ChildrenFirst, nn.Linear):
     """A fused projection stored per logical part: each child computes its rows, and the output
     scatters them back to the fused layout (interleaved per head for GPT-NeoX and Falcon)."""
 
