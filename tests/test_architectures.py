@@ -39,6 +39,13 @@ def _ref_qkv_rows(W, kind, cfg):
         h = cfg.num_attention_heads
         w = W.view(h, 3, d // h, -1)
         return tuple(w[:, j].reshape(-1, W.shape[1]) for j in range(3))
+    if kind == "falcon" and cfg.multi_query and not cfg.new_decoder_architecture:  # view(..., heads + 2, hd)
+        hd = d // cfg.num_attention_heads
+        return W[:d], W[d:d + hd], W[d + hd:]
+    if kind == "falcon" and not cfg.new_decoder_architecture:  # view(..., heads, 3, hd)
+        h = cfg.num_attention_heads
+        w = W.view(h, 3, d // h, -1)
+        return tuple(w[:, j].reshape(-1, W.shape[1]) for j in range(3))
     if kind == "falcon":  # new_decoder_architecture: view(..., kv, heads/kv + 2, head_dim)
         h, kv = cfg.num_attention_heads, cfg.num_kv_heads
         w = W.view(kv, h // kv + 2, d // h, -1)
@@ -64,6 +71,10 @@ ARCHS = {
                                 word_embed_proj_dim=32, max_position_embeddings=64), T.OPTForCausalLM, None, ["q_proj"], True),
     "falcon": (lambda: T.FalconConfig(**D, new_decoder_architecture=True, num_kv_heads=2, activation="relu"),
                T.FalconForCausalLM, "falcon", ["query_key_value"], True),
+    "falcon_mq": (lambda: T.FalconConfig(**D, multi_query=True, activation="relu", bias=True), T.FalconForCausalLM,
+                  "falcon", ["query_key_value"], True),
+    "falcon_mha": (lambda: T.FalconConfig(**D, multi_query=False, activation="relu"), T.FalconForCausalLM, "falcon",
+                   ["query_key_value"], True),
     "bert": (lambda: T.BertConfig(**D, intermediate_size=64, hidden_act="relu", initializer_range=0.2), T.BertForMaskedLM, None, ["query"], True),
     "roberta": (lambda: T.RobertaConfig(**D, intermediate_size=64, hidden_act="relu", pad_token_id=1, initializer_range=0.2),
                 T.RobertaForMaskedLM, None, ["value"], True),
