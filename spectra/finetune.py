@@ -315,15 +315,16 @@ def data_streams(data: str | None, val_data: str | None, tok, seq_len: int, micr
 def save_model(model: nn.Module, src: Path, dest: Path) -> None:
     """Save the finetuned model where `spectra eval` / `load_causal_lm` can read it (LoRA merged;
     a compressed model stays compressed, with its rank map)."""
-    from spectra.lowrank import RANK_MAP_FILE, save_compressed
+    from spectra.lowrank import RANK_MAP_FILE, copy_tokenizer, save_compressed
 
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     rank_map = src / RANK_MAP_FILE
     if rank_map.is_file():
-        save_compressed(model, json.loads(rank_map.read_text()), dest)
+        save_compressed(model, json.loads(rank_map.read_text()), dest, tokenizer_from=src)
     else:
         model.save_pretrained(dest)
+        copy_tokenizer(src, dest)  # the tokenizer travels with every folder spectra writes
 
 
 def finetune_command(

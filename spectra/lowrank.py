@@ -192,22 +192,21 @@ def compress_model(model: nn.Module, rank_map: dict, device: str | torch.device 
                 if int(e["rank"]) < int(e["full_rank"]):
                     p.set_weight(mod, _truncated(p.weight(mod), int(e["rank"]), device))
             continue
-        W0 = p_weight = plist[0].weight(mod)
-        new = build_module(structure[name], dtype=W0.dtype, device=W0.device)
-        for p in plist:
+        new = build_module(structure[name], dtype=mod.weight.dtype, device=mod.weight.device)
+        for p in plist:  # each part: factors from its own SVD, or its dense (truncated) rows
             e = entries[(p.layer, p.component)]
-            p_weight, bias = p.weight(mod), p.bias(mod)
+            W, bias = p.weight(mod), p.bias(mod)
             target = new.get_submodule(p.component) if p.fused else new
             if e["lrc"]:
-                _fill_factors(target, p_weight, bias, device)
+                _fill_factors(target, W, bias, device)
                 continue
             rank = int(e["rank"])
             with torch.no_grad():
-                target.weight.copy_(_truncated(p_weight, rank, device) if rank < int(e["full_rank"]) else p_weight)
+                target.weight.copy_(_truncated(W, rank, device) if rank < int(e["full_rank"]) else W)
                 if bias is not None:
                     target.bias.copy_(bias)
         _replace(model, name, new)
-        del mod, p_weight  # the dense weight goes as soon as nothing references it
+        del mod, W  # the dense weight goes as soon as nothing references it
     model.config.spectra_structure = structure
     return model
 
