@@ -249,9 +249,9 @@ def test_analyze_rank_compress_reload_generate_peft(name, tmp_path, capsys):
         torch.testing.assert_close(y0, base_out, atol=1e-6, rtol=0)  # LoRA B starts at zero
         y = pm(input_ids=X)
         (y.last_hidden_state if encoder else y.logits).square().mean().backward()
-        grads = [p.grad for n, p in pm.named_parameters() if "lora_" in n]
-        used = [g for n, g in zip([n for n, _ in pm.named_parameters() if "lora_" in n], grads) if "pooler" not in n]
-        assert used and all(g is not None for g in used)  # BertModel's pooler is not in last_hidden_state
+        grads = [(n, p.grad) for n, p in pm.named_parameters() if "lora_" in n]
+        used = [g for n, g in grads if "pooler" not in n]  # BertModel's pooler is not in last_hidden_state
+        assert used and all(g is not None for g in used)
 
     # --merge: a plain dense folder the original class reads without remote code
     assert main(["compress", "--ckpt", str(comp), "--out", str(merged), "--merge"]) == 0
@@ -358,3 +358,51 @@ def test_hub_names_resolve_through_snapshot_download(tmp_path, monkeypatch, caps
     from conftest import assert_one_error_line
 
     assert_one_error_line([["ranks", "--ckpt", "EleutherAI/pythia-14m"]], capsys)
+
+
+@pytest.mark.parametrize("name", ["phi3", "gpt2", "gpt_neox", "falcon"])
+def test_fused_mixed_plans_gradients_and_merge(name):
+    """Layer 0: every fused part dense and truncated (the module stays fused and dense); layer 1: q
+    low-rank, k dense truncated, v untouched (a FusedLinear with mixed children). Weights equal the
+    truncated SVDs of the forward-split weights, merging restores the original module type (Conv1D
+    for GPT-2) with the same outputs, and Part.grad is the forward-split gradient."""
+    from spectra.lowrank import compress_model, merge_model
+    from spectra.modeling_spectra import FusedLinear, LowRankLinear
+    from spectra.models import component_weights
+    from spectra.ranks import build_rank_map, model_spectra
+
+    kind = ARCHS[name][2]
+    model = build(name)
+    model(input_ids=X).logits.square().mean().backward()
+    grads = {}
+    for p, mod in parts(model):
+        if p.fused and p.component in "qkv":
+            g = mod.weight.grad.t() if is_conv1d(mod) else mod.weight.grad
+            grads[(p.layer, p.component)] = (p.grad(mod), _ref_qkv_rows(g, kind, model.config)["qkv".index(p.component)])
+    assert grads and all(torch.equal(a, b) for a, b in grads.values())
+    model.zero_grad()
+
+    refs = reference_components(model, kind)
+    fused_mod = {p.component: p.module_name for p, _ in parts(model) if p.fused and p.layer == 0 and p.component == "q"}
+    dense_type = type(model.get_submodule(fused_mod["q"]))
+    rm = build_rank_map(model_spectra(model), "welore", 0.3)
+    plan = {(0, "q"): (False, -3), (0, "k"): (False, -3), (0, "v"): (False, -3),
+            (1, "q"): (True, 3), (1, "k"): (False, -1), (1, "v"): (False, 0)}
+    for e in rm["components"]:
+        lrc, r = plan.get((e["layer"], e["component"]), (e["lrc"], None))
+        if r is not None:
+            e.update(lrc=lrc, rank=r if lrc else e["full_rank"] + r)
+    ranks = {(e["layer"], e["component"]): (e["rank"], e["full_rank"]) for e in rm["components"]}
+    compress_model(model, rm, progress=False)
+    for key, W in component_weights(model).items():
+        r, full = ranks[key]
+        torch.testing.assert_close(W.detach(), _truncated(refs[key], r) if r < full else refs[key], atol=2e-5, rtol=1e-4)
+    assert type(model.get_submodule(fused_mod["q"])) is dense_type
+    fused1 = model.get_submodule(fused_mod["q"].replace(".0.", ".1."))
+    assert isinstance(fused1, FusedLinear) and isinstance(fused1.q, LowRankLinear) and fused1.q.rank == 3
+    assert type(fused1.k) is torch.nn.Linear and type(fused1.v) is torch.nn.Linear
+    before = out(model)
+    merge_model(model)
+    merged = model.get_submodule(fused_mod["q"].replace(".0.", ".1."))  # Conv1D again for GPT-2
+    assert not isinstance(merged, FusedLinear) and is_conv1d(merged) == (dense_type.__name__ == "Conv1D")
+    torch.testing.assert_close(out(model), before, atol=1e-5, rtol=0)
