@@ -195,7 +195,8 @@ ARCHITECTURES: dict[str, list[Rule]] = {
     "falcon": [(r"(?:^|\.)h\.(\d+)\.self_attention\.query_key_value$", falcon_qkv),
                (r"(?:^|\.)h\.(\d+)\.self_attention\.dense$", "o"),
                (r"(?:^|\.)h\.(\d+)\.mlp\.dense_h_to_4h$", "up"), (r"(?:^|\.)h\.(\d+)\.mlp\.dense_4h_to_h$", "down")],
-    "bert": [(rf"(?:^|\.)layer\.(\d+)\.attention\.self\.{n}$", c) for n, c in (("query", "q"), ("key", "k"), ("value", "v"))]
+    "bert": [(rf"(?:^|\.)layer\.(\d+)\.attention\.self\.{n}$", c)
+             for n, c in (("query", "q"), ("key", "k"), ("value", "v"))]
     + [(r"(?:^|\.)layer\.(\d+)\.attention\.output\.dense$", "o"), (r"(?:^|\.)layer\.(\d+)\.intermediate\.dense$", "up"),
        (r"(?:^|\.)layer\.(\d+)\.output\.dense$", "down")],
     "distilbert": [(rf"(?:^|\.)layer\.(\d+)\.attention\.{c}_lin$", c) for c in ("q", "k", "v")]

@@ -25,21 +25,14 @@ GPT-2's Conv1D stores W transposed (in, out); components are always read as (out
 factors are ordinary nn.Linear (A: in -> r, B: r -> out), and merging gives back a Conv1D.
 
 Streaming: one matrix at a time is copied to float32, decomposed (one SVD), replaced and freed, so
-peak extra memory is one matrix's factors, never a second model. A compressed folder is a
-first-class Hugging Face model (see spectra.modeling_spectra): safetensors with the factors under
-the original module names (`...q_proj.A.weight`, `...query_key_value.q.B.weight`), config.json
-with model_type "spectra_lowrank", `auto_map` to the `modeling_spectra.py` copied beside it, the
-replaced modules' structure, and the original config; plus `spectra_rank_map.json` and the
-tokenizer. `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` rebuilds it;
-without trust_remote_code transformers refuses the unknown model type (never random weights).
-`load_compressed` rebuilds the same structure from the rank map on empty (meta) parameters and
-assigns the stored tensors, so loading never recomputes an SVD.
+peak extra memory is one matrix's factors, never a second model. What replaced what is
+`plan(model, rank_map)`, the structure both loaders rebuild (spectra.modeling_spectra); a
+compressed folder is a first-class Hugging Face model (spectra.compressed: save / load, re-exported
+here), and loading never recomputes an SVD.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -49,20 +42,15 @@ from torch import nn
 from tqdm import tqdm
 
 from spectra.components import Part, is_conv1d, module_dims
+from spectra.compressed import MODELING_FILE, RANK_MAP_FILE, copy_tokenizer, load_compressed, save_compressed
 from spectra.errors import SpectraError
-from spectra.modeling_spectra import FusedLinear, LowRankLinear, apply_structure, build_module
+from spectra.modeling_spectra import FusedLinear, LowRankLinear, build_module
 from spectra.models import component_parts, find_checkpoint, resolve_device
 
-RANK_MAP_FILE = "spectra_rank_map.json"
-MODELING_FILE = "modeling_spectra.py"
-MODEL_TYPE = "spectra_lowrank"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# files a tokenizer may consist of; copied so the tokenizer travels with every folder spectra writes
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "spiece.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
-__all__ = ["LowRankLinear", "FusedLinear", "compress_model", "factorize", "load_compressed", "merge_model",
-           "save_compressed", "truncate_"]
+__all__ = ["LowRankLinear", "FusedLinear", "compress_model", "factorize", "load_compressed", "merge_model",  # noqa: RUF022
+           "save_compressed", "truncate_", "copy_tokenizer", "RANK_MAP_FILE", "MODELING_FILE"]
 
 
 # --------------------------------------------------------------------------- one matrix
@@ -108,7 +96,8 @@ def merge_linear(lr: nn.Linear, conv1d: bool = False) -> nn.Module:
     W, b = lr.weight, lr.bias
     dtype, device = W.dtype, W.device
     with torch.no_grad():
-        W = W.float().to(dtype) if not isinstance(lr, LowRankLinear) else (lr.B.weight.float() @ lr.A.weight.float()).to(dtype)
+        if isinstance(lr, LowRankLinear):
+            W = (lr.B.weight.float() @ lr.A.weight.float()).to(dtype)
         if conv1d:
             from transformers.pytorch_utils import Conv1D
 
@@ -170,9 +159,9 @@ def plan(model: nn.Module, rank_map: dict) -> dict[str, dict]:
             continue
         out, n_in = module_dims(mod)
         has_bias = getattr(mod, "bias", None) is not None
+        es = [entries[(p.layer, p.component)] for p in plist]
         parts = [{"name": p.component if p.fused else None, "rows": [list(r) for r in p.rows] if p.fused else None,
-                  "rank": int(entries[(p.layer, p.component)]["rank"]) if entries[(p.layer, p.component)]["lrc"] else None,
-                  "bias": has_bias} for p in plist]
+                  "rank": int(e["rank"]) if e["lrc"] else None, "bias": has_bias} for p, e in zip(plist, es)]
         structure[name] = {"in": n_in, "out": out, "conv1d": is_conv1d(mod), "parts": parts}
     return structure
 
@@ -222,146 +211,6 @@ def merge_model(model: nn.Module) -> nn.Module:
     if hasattr(model.config, "spectra_structure"):
         del model.config.spectra_structure
     return model
-
-
-# --------------------------------------------------------------------------- folders
-def copy_tokenizer(src: str | Path, dst: str | Path) -> list[str]:
-    """Copy the tokenizer files of `src` (if any) into `dst`; returns what was copied."""
-    src, dst = Path(src), Path(dst)
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file() and src.resolve() != dst.resolve():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied
-
-
-_AUTO_BY_SUFFIX = (("ForCausalLM", "AutoModelForCausalLM"), ("LMHeadModel", "AutoModelForCausalLM"),
-                   ("ForMaskedLM", "AutoModelForMaskedLM"), ("ForSequenceClassification", "AutoModelForSequenceClassification"),
-                   ("ForTokenClassification", "AutoModelForTokenClassification"))
-
-
-def modeling_source(arch: str, base_arch: str, base_config: str) -> tuple[str, dict[str, str], str]:
-    """(text of modeling_spectra.py for this architecture, its auto_map, the class name of `arch`).
-
-    The template (spectra/modeling_spectra.py) plus subclasses of the original classes that apply
-    `config.spectra_structure` after building the dense skeleton."""
-    template = Path(__file__).with_name("modeling_spectra.py").read_text()
-    lines = ["", "", "# ---- generated by spectra compress: the original architecture with its low-rank modules",
-             "import transformers as _transformers  # noqa: E402", "",
-             "", f"class SpectraLowRankConfig(_transformers.{base_config}):",
-             f'    model_type = "{MODEL_TYPE}"', ""]
-    auto_map = {"AutoConfig": "modeling_spectra.SpectraLowRankConfig"}
-    classes = [(base_arch, "AutoModel")]
-    auto = next((a for suffix, a in _AUTO_BY_SUFFIX if arch.endswith(suffix)), None)
-    if auto and arch != base_arch:
-        classes.append((arch, auto))
-    for cls, auto_name in classes:
-        lines += ["", f"class Spectra{cls}(_transformers.{cls}):", "    config_class = SpectraLowRankConfig", "",
-                  "    def __init__(self, config):", "        super().__init__(config)",
-                  "        apply_structure(self, config.spectra_structure)", ""]
-        auto_map[auto_name] = f"modeling_spectra.Spectra{cls}"
-    return template + "\n".join(lines), auto_map, f"Spectra{arch}"
-
-
-def _transformers_class(model: nn.Module) -> str:
-    """The transformers class a (possibly spectra-subclassed) model is."""
-    import transformers
-
-    return next(c.__name__ for c in type(model).__mro__ if getattr(transformers, c.__name__, None) is c)
-
-
-def save_compressed(model: nn.Module, rank_map: dict, out: str | Path, tokenizer_from: str | Path | None = None) -> Path:
-    """Write a compressed model as a Hugging Face folder that loads with trust_remote_code (see
-    module docstring), plus the rank map `load_compressed` uses, and the tokenizer of `tokenizer_from`."""
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-
-    out = Path(out)
-    if getattr(model.config, "spectra_structure", None) is None:
-        if any(isinstance(m, (LowRankLinear, FusedLinear)) for m in model.modules()):
-            raise SpectraError("this model has low-rank modules but no spectra_structure (compress it with compress_model)")
-        model.config.spectra_structure = {}
-    import inspect
-
-    # tensors under the names the model has now: transformers >= 5 would otherwise rename some back to
-    # a legacy layout (NeoX lm_head -> embed_out) that it maps again on load, but never for remote code
-    kw = {"save_original_format": False} if "save_original_format" in inspect.signature(model.save_pretrained).parameters else {}
-    model.save_pretrained(out, **kw)
-    (out / RANK_MAP_FILE).write_text(json.dumps(rank_map, indent=1))
-    cfg = json.loads((out / "config.json").read_text())
-    base_type = cfg.get("spectra_base_model_type") or cfg["model_type"]
-    arch = cfg.get("spectra_base_architecture") or _transformers_class(model)
-    base_arch = MODEL_MAPPING_NAMES.get(base_type) or type(model.base_model).__name__
-    text, auto_map, cls = modeling_source(arch, base_arch, type(model.config).__name__)
-    (out / MODELING_FILE).write_text(text)
-    cfg.update(model_type=MODEL_TYPE, architectures=[cls], auto_map=auto_map, spectra_base_model_type=base_type,
-               spectra_base_architecture=arch)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    if tokenizer_from is not None:
-        copy_tokenizer(tokenizer_from, out)
-    return out
-
-
-def _base_config(path: Path):
-    """(config of the original architecture, its class name) of a compressed folder, without remote code."""
-    import transformers
-    from transformers import AutoConfig
-
-    cfg = json.loads((path / "config.json").read_text())
-    if cfg.get("model_type") != MODEL_TYPE:  # written before compressed folders were HF models
-        conf = AutoConfig.from_pretrained(path)
-        return conf, (conf.architectures or ["AutoModelForCausalLM"])[0]
-    base = {k: v for k, v in cfg.items() if k not in ("model_type", "auto_map", "architectures", "spectra_structure",
-                                                      "spectra_base_model_type", "spectra_base_architecture")}
-    conf = AutoConfig.for_model(cfg["spectra_base_model_type"], **base)
-    arch = cfg["spectra_base_architecture"]
-    if not hasattr(transformers, arch):
-        raise SpectraError(f"{path}: architecture {arch} is not in this transformers version")
-    return conf, arch
-
-
-def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
-                    attn_implementation: str | None = None) -> nn.Module:
-    """Load a `spectra compress` folder without remote code: the original class, its modules
-    replaced as the rank map says, tensors from safetensors by transformers' own loader (key
-    renames, tied weights), no SVD. `dtype=None` keeps the stored dtype.
-    """
-    import transformers
-
-    path = Path(path)
-    try:
-        cfg, arch = _base_config(path)
-        rank_map = json.loads((path / RANK_MAP_FILE).read_text())
-    except SpectraError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any parse failure is one user-facing line
-        raise SpectraError(f"cannot read compressed model in {path}: {e}") from None
-    base = getattr(transformers, arch, None)
-    if base is None:
-        raise SpectraError(f"{path}: architecture {arch} is not in this transformers version")
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):  # the structure is planned on the dense skeleton
-        structure = plan(base._from_config(cfg), rank_map)
-    stored = json.loads((path / "config.json").read_text()).get("spectra_structure")
-    if stored is not None and stored != structure:
-        raise SpectraError(f"{path}: config.json's spectra_structure disagrees with {RANK_MAP_FILE}")
-    cfg.spectra_structure = structure
-    cls = type(base.__name__, (base,), {"__init__": _init_with_structure, "__module__": base.__module__})
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    try:
-        model, info = cls.from_pretrained(path, config=cfg, dtype=dtype or "auto", output_loading_info=True, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise SpectraError(f"cannot load compressed model {path}: {e}") from None
-    bad = info.get("missing_keys") or info.get("unexpected_keys") or info.get("mismatched_keys")
-    if bad:
-        raise SpectraError(f"{path}: rank map and safetensors disagree (e.g. {sorted(bad)[:3]})")
-    return model.to(device).eval()
-
-
-def _init_with_structure(self, config):
-    super(type(self), self).__init__(config)
-    apply_structure(self, config.spectra_structure)
 
 
 # --------------------------------------------------------------------------- command
