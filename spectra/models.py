@@ -86,7 +86,8 @@ def stream_component_weights(path: str | Path) -> tuple[int, Iterator[tuple[int,
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-    if files:
+    compressed = (path / "spectra_rank_map.json").is_file()  # factors, not weights, are stored: load it
+    if files and not compressed:
         cls, cfg = _model_class(path)
         with init_empty_weights(include_buffers=False):
             skeleton = cls.from_config(cfg) if cls.__name__.startswith("Auto") else cls._from_config(cfg)
@@ -97,10 +98,15 @@ def stream_component_weights(path: str | Path) -> tuple[int, Iterator[tuple[int,
                 where.update(dict.fromkeys(st.keys(), f))
         if all(f"{p.module_name}.weight" in where for p, _ in found):
             def gen():
+                by_module: dict[str, list] = {}
                 for p, mod in found:
-                    with safe_open(where[f"{p.module_name}.weight"], "pt") as st:
-                        stored = st.get_tensor(f"{p.module_name}.weight")
-                    yield p.layer, p.component, p.of_tensor(stored, is_conv1d(mod))
+                    by_module.setdefault(p.module_name, []).append((p, mod))
+                for name, group in by_module.items():  # one read per module, fused or not
+                    with safe_open(where[f"{name}.weight"], "pt") as st:
+                        stored = st.get_tensor(f"{name}.weight")
+                    for p, mod in group:
+                        yield p.layer, p.component, p.of_tensor(stored, is_conv1d(mod))
+                    del stored
 
             return len(found), gen()
     model = load_model(path)

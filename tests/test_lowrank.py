@@ -188,6 +188,13 @@ def test_tokenizer_travels_and_legacy_folders_still_load(tiny_ckpt, tmp_path):
     for folder in ("c", "d"):
         assert AutoTokenizer.from_pretrained(tmp_path / folder)("low rank weights")["input_ids"] == [1, 2, 3]
     comp = load_compressed(tmp_path / "c")
+    # spectrum of a compressed folder: an LRC component of rank r has exactly r nonzero singular values
+    assert main(["spectrum", str(tmp_path / "c"), "--out", str(tmp_path / "a.zarr"), "--device", "cpu"]) == 0
+    from spectra.store import read_analysis
+
+    e = next(e for e in json.loads((tmp_path / "c" / "spectra_rank_map.json").read_text())["components"] if e["lrc"])
+    sigma = read_analysis(tmp_path / "a.zarr", "spectrum").sigma.sel(layer=e["layer"], component=e["component"])[0].values
+    assert (sigma[: e["rank"]] > 1e-3).all() and (sigma[e["rank"]: e["full_rank"]] < 1e-5).all()
     legacy = tmp_path / "legacy"
     shutil.copytree(tmp_path / "c", legacy)
     cfg = json.loads((legacy / "config.json").read_text())
