@@ -205,7 +205,7 @@ def run_dir_of(path: str | Path) -> Path | None:
     p = Path(path).resolve()
     for cand in (p, *p.parents):
         if ((cand / "run_config.json").is_file() or (cand / "snapshots.zarr").is_dir()
-                or (cand / "checkpoints" / "latest").is_file()):
+                or (cand / "checkpoints" / "latest").exists()):
             return cand
     return None
 
@@ -225,7 +225,9 @@ def find_checkpoint(path: str | Path) -> Path:
     a `runs/<id>` path, so `--ckpt runs/abc` works as users expect."""
     p = Path(path)
     latest = p / "checkpoints" / "latest"  # a run folder: its newest checkpoint
-    if latest.is_file():
+    if latest.is_dir() and (latest / "config.json").is_file():  # `latest` as a symlink to the folder
+        return latest.resolve()
+    if latest.is_file():  # `latest` as a text file naming the folder
         cand = p / "checkpoints" / latest.read_text().strip()
         if (cand / "config.json").is_file():
             return cand

@@ -78,3 +78,11 @@ def test_fused_parts_are_no_hessian_parameters_but_conv1d_is():
     picked = select_components(gpt2, ["0"], ["o,up"])
     assert picked[(0, "o")] is gpt2.transformer.h[0].attn.c_proj.weight
     assert torch.equal(component_weights(gpt2)[(0, "up")], gpt2.transformer.h[0].mlp.c_fc.weight.t())
+
+
+def test_latest_may_be_a_symlink(run):
+    """`checkpoints/latest` as a symlink (what HF tools can be pointed at) resolves like the text file."""
+    (run / "checkpoints" / "latest").unlink()
+    (run / "checkpoints" / "latest").symlink_to("step_8")
+    assert find_checkpoint(run) == (run / "checkpoints" / "step_8").resolve()
+    assert run_dir_of(run / "checkpoints" / "latest") == run.resolve()
