@@ -80,14 +80,17 @@ def lrc_modules(model: nn.Module) -> list[LowRankLinear]:
     return [m for m in model.modules() if isinstance(m, LowRankLinear)]
 
 
-def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """{module name: nn.Linear} for every decoder linear leaf: a dense component, or the A and B
-    factors of a compressed one."""
-    out: dict[str, nn.Linear] = {}
+def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """{module name: linear} for every component's trainable linear leaf: a dense component
+    (nn.Linear, or GPT-2's Conv1D), or the factors A, B and dense parts of a compressed one."""
+    from spectra.components import is_conv1d
+    from spectra.lowrank import FusedLinear
+
+    out: dict[str, nn.Module] = {}
     for _, _, name, mod in iter_components(model):
-        if isinstance(mod, LowRankLinear):
-            out[f"{name}.A"], out[f"{name}.B"] = mod.A, mod.B
-        elif isinstance(mod, nn.Linear):
+        if isinstance(mod, (LowRankLinear, FusedLinear)):  # leaves only: a product has no weight to train or merge
+            out.update({f"{name}.{n}": m for n, m in mod.named_modules() if n and type(m) is nn.Linear})
+        elif isinstance(mod, nn.Linear) or is_conv1d(mod):
             out[name] = mod
     if not out:
         raise SpectraError(f"{type(model).__name__} has no decoder linears (layers.N.self_attn.q_proj ...)")

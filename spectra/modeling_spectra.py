@@ -32,6 +32,24 @@ import torch
 from torch import nn
 
 
+class ComputedWeight(torch.Tensor):
+    """The dense weight of a low-rank module: computed from the factors, so it cannot be written.
+    `.data = ...` (how peft's merge_and_unload folds a LoRA delta into a base layer) raises instead
+    of silently updating a temporary; a full-rank delta has no place in rank-r factors."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # results of ops are plain tensors
+
+    @property
+    def data(self):
+        return torch.Tensor.data.__get__(self, torch.Tensor)
+
+    @data.setter
+    def data(self, value):
+        raise RuntimeError("cannot merge into a spectra low-rank module: its weight is the product of its factors. "
+                           "Merge an adapter on the factors (target_modules A, B) instead, or make the model dense "
+                           "first (spectra compress --merge)")
+
+
 class _ChildrenFirst:
     """`named_modules` lists the factors before the module itself. peft's "all-linear" targets both
     (both are nn.Linear); visiting the module first, it would wrap it and then fail to find the
@@ -64,8 +82,8 @@ class LowRankLinear(_ChildrenFirst, nn.Linear):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense product B·A (out x in)."""
-        return self.B.weight @ self.A.weight
+        """The dense product B·A (out x in), read-only (see ComputedWeight)."""
+        return (self.B.weight @ self.A.weight).as_subclass(ComputedWeight)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -110,8 +128,9 @@ class FusedLinear(_ChildrenFirst, nn.Linear):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense fused weight (out x in), parts' rows back in their places."""
-        return self._gather(torch.cat([self.get_submodule(n).weight for n, _ in self.spectra_parts], 0).t()).t()
+        """The dense fused weight (out x in), parts' rows back in their places, read-only (see ComputedWeight)."""
+        w = self._gather(torch.cat([self.get_submodule(n).weight for n, _ in self.spectra_parts], 0).t()).t()
+        return w.as_subclass(ComputedWeight)
 
     @property
     def bias(self) -> torch.Tensor | None:

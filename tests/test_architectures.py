@@ -252,6 +252,22 @@ def test_analyze_rank_compress_reload_generate_peft(name, tmp_path, capsys):
         grads = [(n, p.grad) for n, p in pm.named_parameters() if "lora_" in n]
         used = [g for n, g in grads if "pooler" not in n]  # BertModel's pooler is not in last_hidden_state
         assert used and all(g is not None for g in used)
+        with torch.no_grad():  # a trained adapter, then merged: into the factors, or refused
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+            y = pm(input_ids=X)
+            y = y.last_hidden_state if encoder else y.logits
+        on_lowrank = any(type(m.get_base_layer()).__name__ in ("LowRankLinear", "FusedLinear")  # remote-code classes
+                         for n, m in pm.named_modules() if n in wrapped)
+        if on_lowrank:
+            with pytest.raises(RuntimeError, match="cannot merge into a spectra low-rank module"):
+                pm.merge_and_unload()
+        else:
+            merged_model = pm.merge_and_unload()
+            with torch.no_grad():
+                y2 = merged_model(input_ids=X)
+            torch.testing.assert_close(y2.last_hidden_state if encoder else y2.logits, y, atol=1e-5, rtol=1e-4)
 
     # --merge: a plain dense folder the original class reads without remote code
     assert main(["compress", "--ckpt", str(comp), "--out", str(merged), "--merge"]) == 0
@@ -406,3 +422,32 @@ def test_fused_mixed_plans_gradients_and_merge(name):
     merged = model.get_submodule(fused_mod["q"].replace(".0.", ".1."))  # Conv1D again for GPT-2
     assert not isinstance(merged, FusedLinear) and is_conv1d(merged) == (dense_type.__name__ == "Conv1D")
     torch.testing.assert_close(out(model), before, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["phi3", "gpt2"])
+def test_finetune_targets_leaves_of_compressed_fused_models(name):
+    """spectra finetune's LoRA / WeLore-PEFT on a compressed fused model train the factors and dense
+    parts (never a computed product), and the LoRA model merges back (what finetune saves)."""
+    from spectra.finetune import FinetuneConfig, decoder_linears, prepare
+    from spectra.lowrank import compress_model
+    from spectra.modeling_spectra import FusedLinear
+    from spectra.ranks import build_rank_map, model_spectra
+
+    model = build(name)
+    compress_model(model, build_rank_map(model_spectra(model), "welore", ERR), progress=False)
+    leaves = decoder_linears(model)
+    assert any(".q.A" in n for n in leaves) and not any(isinstance(m, FusedLinear) for m in leaves.values())
+    assert all(isinstance(getattr(m, "weight", None), torch.nn.Parameter) for m in leaves.values())
+    lora, _ = prepare(model, FinetuneConfig(method="lora", lora_rank=2), torch.device("cpu"))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+        want = out(lora)
+        torch.testing.assert_close(out(lora.merge_and_unload()), want, atol=1e-5, rtol=1e-4)
+    fresh = build(name)
+    compress_model(fresh, build_rank_map(model_spectra(fresh), "welore", ERR), progress=False)
+    welore, _ = prepare(fresh, FinetuneConfig(method="welore"), torch.device("cpu"))
+    trained = {n for n, p in welore.named_parameters() if p.requires_grad}
+    assert trained and all(n.endswith((".A.weight", ".B.weight")) for n in trained)
+    assert any(".q.A." in n for n in trained)  # parts of fused projections train too
