@@ -46,7 +46,8 @@ def select_components(model: nn.Module, layers: list[int | str] | None = None, c
     """Filtered (layer, component) -> weight PARAMETER (for Hessian blocks, which differentiate by
     it), validating the filter names. Each entry may also be a comma-separated list, so
     `--layers 0,11` and `--layers 0 --layers 11` mean the same. A part of a fused projection is no
-    parameter of its own: selecting one is an error that names the unfused components."""
+    parameter of its own: selecting one is an error that names the unfused components; low-rank
+    (compressed) components are left out, as they have no dense weight parameter."""
     components = [x.strip() for v in components or [] for x in str(v).split(",") if x.strip()]
     try:
         layers = [int(x) for v in layers or [] for x in str(v).split(",") if x.strip()]
@@ -68,7 +69,8 @@ def select_components(model: nn.Module, layers: list[int | str] | None = None, c
         whole = sorted({p.component for p, _ in found if not p.fused}, key=COMPONENTS.index)
         raise SpectraError(f"{', '.join(fused)} are rows of a fused {type(model).__name__} projection, not parameters "
                            f"of their own; pick unfused components with --components {','.join(whole)}")
-    return {(p.layer, p.component): m.weight for p, m in picked}
+    # a compressed component's weight is a product of factors, no parameter: it has no Hessian block of its own
+    return {(p.layer, p.component): m.weight for p, m in picked if isinstance(m.weight, nn.Parameter)}
 
 
 def stream_component_weights(path: str | Path) -> tuple[int, Iterator[tuple[int, str, torch.Tensor]]]:
