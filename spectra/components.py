@@ -247,12 +247,13 @@ def linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
 
 
-def _rules_for(model: nn.Module) -> list[Rule]:
+def _rules_for(model: nn.Module) -> tuple[list[Rule], bool]:
+    """(rules, whether they are the LLaMA-name fallback for a model_type the registry does not list)."""
     if _override is not None:
-        return _override
+        return _override, False
     mt = getattr(getattr(model, "config", None), "model_type", None)
     mt = ALIASES.get(mt, mt)
-    return ARCHITECTURES.get(mt, LLAMA)
+    return ARCHITECTURES.get(mt, LLAMA), mt not in ARCHITECTURES
 
 
 def _unsupported(model: nn.Module, what: str) -> SpectraError:
@@ -267,7 +268,8 @@ def _unsupported(model: nn.Module, what: str) -> SpectraError:
 def parts(model: nn.Module, *, required: bool = True) -> list[tuple[Part, nn.Module]]:
     """Every (Part, module) of `model`, ordered by layer, then q, k, v, o, gate, up, down."""
     cfg = getattr(model, "config", None)
-    rules = [(re.compile(rx), what) for rx, what in _rules_for(model)]
+    rules, fallback = _rules_for(model)
+    rules = [(re.compile(rx), what) for rx, what in rules]
     found: list[tuple[Part, nn.Module]] = []
     for name, module in model.named_modules():
         for rx, what in rules:
@@ -286,6 +288,9 @@ def parts(model: nn.Module, *, required: bool = True) -> list[tuple[Part, nn.Mod
     found = [(p, m) for p, m in found if not any(p.module_name.startswith(f"{n}.") for n in names)]
     if not found and required:
         raise _unsupported(model, "has no module the component registry knows")
+    missing = sorted(set(COMPONENTS) - {p.component for p, _ in found}, key=COMPONENTS.index)
+    if found and fallback and missing and required:  # e.g. a MoE whose experts are not gate/up/down: never half a model
+        raise _unsupported(model, f"has LLaMA-style names for only part of its components (no {', '.join(missing)})")
     seen = set()
     for p, _ in found:
         if (p.layer, p.component) in seen:

@@ -451,3 +451,16 @@ def test_finetune_targets_leaves_of_compressed_fused_models(name):
     trained = {n for n, p in welore.named_parameters() if p.requires_grad}
     assert trained and all(n.endswith((".A.weight", ".B.weight")) for n in trained)
     assert any(".q.A." in n for n in trained)  # parts of fused projections train too
+
+
+def test_unknown_model_type_with_partial_llama_names_is_refused():
+    """A model type the registry does not list is read with LLaMA names only when all seven
+    components are there (Qwen3-style); a Mixtral-style MoE, whose experts are not gate/up/down,
+    is refused rather than analyzed by halves."""
+    from spectra.errors import SpectraError
+
+    qwen3 = T.Qwen3ForCausalLM(T.Qwen3Config(**LL, head_dim=8))
+    assert len(parts(qwen3)) == 2 * 7
+    moe = T.MixtralForCausalLM(T.MixtralConfig(**LL, num_local_experts=2))
+    with pytest.raises(SpectraError, match="only part of its components .no gate, up, down"):
+        parts(moe)
