@@ -301,8 +301,7 @@ def test_unsupported_model_one_line_then_components_override(tmp_path, capsys):
         assert (tmp_path / "c" / "modeling_spectra.py").is_file()
         assert_one_error_line([["--components", "q=(", "ranks", "--ckpt", str(t5)],
                                ["--components", "x=foo", "ranks", "--ckpt", str(t5)]], capsys)
-    finally:
-        main(["--help"])  # the next command runs without the override
+    finally:  # the next test runs without the override
         from spectra.components import set_override
 
         set_override(None)
