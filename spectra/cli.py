@@ -76,8 +76,16 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    components: str = typer.Option(None, "--components", metavar="q=REGEX,k=REGEX,...",
+                                   help="Map the paper's components onto module names yourself (models the registry "
+                                        "does not know): each regex is searched in module names, its first group is the layer."),
+) -> None:
     """spectra: pretrain with snapshots, analyze (spectrum, grad-subspace, hessian-gap), rank, compress, eval, finetune, report."""
+    if components or "spectra.components" in sys.modules:  # torch only when needed: --help stays fast
+        from spectra.components import set_override
+
+        set_override(components)
 
 
 def _one_line(text: str, limit: int = 1000) -> str:

@@ -80,14 +80,17 @@ def lrc_modules(model: nn.Module) -> list[LowRankLinear]:
     return [m for m in model.modules() if isinstance(m, LowRankLinear)]
 
 
-def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """{module name: nn.Linear} for every decoder linear leaf: a dense component, or the A and B
-    factors of a compressed one."""
-    out: dict[str, nn.Linear] = {}
+def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """{module name: linear} for every component's trainable linear leaf: a dense component
+    (nn.Linear, or GPT-2's Conv1D), or the factors A, B and dense parts of a compressed one."""
+    from spectra.components import is_conv1d
+    from spectra.lowrank import FusedLinear
+
+    out: dict[str, nn.Module] = {}
     for _, _, name, mod in iter_components(model):
-        if isinstance(mod, LowRankLinear):
-            out[f"{name}.A"], out[f"{name}.B"] = mod.A, mod.B
-        elif isinstance(mod, nn.Linear):
+        if isinstance(mod, (LowRankLinear, FusedLinear)):  # leaves only: a product has no weight to train or merge
+            out.update({f"{name}.{n}": m for n, m in mod.named_modules() if n and type(m) is nn.Linear})
+        elif isinstance(mod, nn.Linear) or is_conv1d(mod):
             out[name] = mod
     if not out:
         raise SpectraError(f"{type(model).__name__} has no decoder linears (layers.N.self_attn.q_proj ...)")
@@ -315,15 +318,16 @@ def data_streams(data: str | None, val_data: str | None, tok, seq_len: int, micr
 def save_model(model: nn.Module, src: Path, dest: Path) -> None:
     """Save the finetuned model where `spectra eval` / `load_causal_lm` can read it (LoRA merged;
     a compressed model stays compressed, with its rank map)."""
-    from spectra.lowrank import RANK_MAP_FILE, save_compressed
+    from spectra.lowrank import RANK_MAP_FILE, copy_tokenizer, save_compressed
 
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     rank_map = src / RANK_MAP_FILE
     if rank_map.is_file():
-        save_compressed(model, json.loads(rank_map.read_text()), dest)
+        save_compressed(model, json.loads(rank_map.read_text()), dest, tokenizer_from=src)
     else:
         model.save_pretrained(dest)
+        copy_tokenizer(src, dest)  # the tokenizer travels with every folder spectra writes
 
 
 def finetune_command(

@@ -1,24 +1,38 @@
-"""WeLore-COMP: low-rank replacements for LRC linears (compress, save/load, merge back).
+"""WeLore-COMP: low-rank replacements for LRC components (compress, save/load, merge back).
 
-`LowRankLinear` is y = B(A(x)) with A: in -> r and B: r -> out; from the SVD W = U S Vh,
-A.weight = sqrt(S) Vh[:r] and B.weight = U[:, :r] sqrt(S), so the two factors carry equal scale
-(better conditioned for finetuning than putting all of S on one side).
+`LowRankLinear` (spectra.modeling_spectra) is y = B(A(x)) with A: in -> r and B: r -> out; from the
+SVD W = U S Vh, A.weight = sqrt(S) Vh[:r] and B.weight = U[:, :r] sqrt(S), so the two factors carry
+equal scale (better conditioned for finetuning than putting all of S on one side).
 
-What `compress_model` does with each decoder linear, following the rank map:
+What `compress_model` does with each component (spectra.components), following the rank map:
     LRC                      -> LowRankLinear of rank r (r(m+n) parameters instead of m·n)
-    N-LRC, rank < full rank  -> stays a dense nn.Linear holding the rank-r truncation U_r S_r Vh_r
+    N-LRC, rank < full rank  -> stays dense, holding the rank-r truncation U_r S_r Vh_r
                                 (the paper's ERR counts rank removed from every matrix)
     N-LRC at full rank       -> untouched
+Biases are kept (on B, or on the dense part).
+
+Fused projections (Phi-3 qkv_proj / gate_up_proj, GPT-2 c_attn, GPT-NeoX and Falcon
+query_key_value) are factored PER LOGICAL PART, not as one fused matrix: the module becomes a
+`FusedLinear` whose children q, k, v (or gate, up) are each a LowRankLinear or a dense nn.Linear,
+and whose output puts every part's rows back where the fused weight had them. Why: the paper's
+analysis, rank maps and ERR are per component — q, k and v have different spectra (v is far less
+compressible than q/k), one global WeLore threshold gives them different ranks, and a single
+fused SVD would mix their singular values so the rank map could not name what it kept. Per part
+costs nothing extra: Σ r_i (m_i + n) parameters instead of r (Σ m_i + n), with the same ranks the
+analysis reports. A fused module with no LRC part stays fused and dense (N-LRC parts truncated in place).
+
+GPT-2's Conv1D stores W transposed (in, out); components are always read as (out, in), so the
+factors are ordinary nn.Linear (A: in -> r, B: r -> out), and merging gives back a Conv1D.
+
 Streaming: one matrix at a time is copied to float32, decomposed (one SVD), replaced and freed, so
-peak extra memory is one matrix's factors, never a second model. A compressed folder is an ordinary
-`save_pretrained` folder (factors as `...q_proj.A.weight` / `...q_proj.B.weight` in safetensors)
-plus `spectra_rank_map.json`; `load_compressed` rebuilds the module structure from that map on
-empty (meta) parameters and assigns the stored tensors, so loading never recomputes an SVD.
+peak extra memory is one matrix's factors, never a second model. What replaced what is
+`plan(model, rank_map)`, the structure both loaders rebuild (spectra.modeling_spectra); a
+compressed folder is a first-class Hugging Face model (spectra.compressed: save / load, re-exported
+here), and loading never recomputes an SVD.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -27,32 +41,16 @@ import typer
 from torch import nn
 from tqdm import tqdm
 
+from spectra.components import Part, is_conv1d, module_dims
+from spectra.compressed import MODELING_FILE, RANK_MAP_FILE, copy_tokenizer, load_compressed, save_compressed
 from spectra.errors import SpectraError
-from spectra.models import find_checkpoint, iter_components, resolve_device
+from spectra.modeling_spectra import FusedLinear, LowRankLinear, build_module
+from spectra.models import component_parts, find_checkpoint, resolve_device
 
-RANK_MAP_FILE = "spectra_rank_map.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
-class LowRankLinear(nn.Module):
-    """A rank-`rank` stand-in for an `nn.Linear(in_features, out_features)` (bias, if any, on B)."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, *, bias: bool = False, dtype=None, device=None):
-        super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.A = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
-        self.B = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)  # Qwen q/k/v carry a bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.B(self.A(x))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense product B·A (out x in), for analysis and merging."""
-        return self.B.weight @ self.A.weight
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+__all__ = ["LowRankLinear", "FusedLinear", "compress_model", "factorize", "load_compressed", "merge_model",  # noqa: RUF022
+           "save_compressed", "truncate_", "copy_tokenizer", "RANK_MAP_FILE", "MODELING_FILE"]
 
 
 # --------------------------------------------------------------------------- one matrix
@@ -61,147 +59,165 @@ def _svd(W: torch.Tensor, device: str | torch.device | None):
     return torch.linalg.svd(W32, full_matrices=False)
 
 
+def _fill_factors(lr: LowRankLinear, W: torch.Tensor, bias: torch.Tensor | None, device=None) -> LowRankLinear:
+    """Set lr's factors to the rank-lr.rank SVD of the (out, in) weight W, √σ on both sides."""
+    U, S, Vh = _svd(W, device)
+    r = lr.rank
+    root = S[:r].sqrt()
+    with torch.no_grad():
+        lr.A.weight.copy_(root[:, None] * Vh[:r])
+        lr.B.weight.copy_(U[:, :r] * root[None, :])
+        if bias is not None:
+            lr.B.bias.copy_(bias)
+    return lr
+
+
+def _truncated(W: torch.Tensor, rank: int, device=None) -> torch.Tensor:
+    U, S, Vh = _svd(W, device)
+    return ((U[:, :rank] * S[:rank]) @ Vh[:rank]).to(W.device, W.dtype)
+
+
 def factorize(linear: nn.Linear, rank: int, device: str | torch.device | None = None) -> LowRankLinear:
     """The rank-`rank` `LowRankLinear` of a dense linear: one SVD, √σ split into both factors."""
     W = linear.weight
-    U, S, Vh = _svd(W, device)
-    root = S[:rank].sqrt()
     lr = LowRankLinear(W.shape[1], W.shape[0], rank, bias=linear.bias is not None, dtype=W.dtype, device=W.device)
-    with torch.no_grad():
-        lr.A.weight.copy_(root[:, None] * Vh[:rank])
-        lr.B.weight.copy_(U[:, :rank] * root[None, :])
-        if linear.bias is not None:
-            lr.B.bias.copy_(linear.bias)
-    return lr
+    return _fill_factors(lr, W, linear.bias, device)
 
 
 def truncate_(linear: nn.Linear, rank: int, device: str | torch.device | None = None) -> None:
     """Replace a dense weight by its best rank-`rank` approximation, in place (stays dense)."""
-    U, S, Vh = _svd(linear.weight, device)
     with torch.no_grad():
-        linear.weight.copy_((U[:, :rank] * S[:rank]) @ Vh[:rank])
+        linear.weight.copy_(_truncated(linear.weight, rank, device))
 
 
-def merge_linear(lr: LowRankLinear) -> nn.Linear:
-    """The dense `nn.Linear` with weight B·A (product taken in float32, then cast back)."""
-    A, B = lr.A.weight, lr.B.weight
-    lin = nn.Linear(lr.in_features, lr.out_features, bias=lr.B.bias is not None, dtype=A.dtype, device=A.device)
+def merge_linear(lr: nn.Linear, conv1d: bool = False) -> nn.Module:
+    """The dense module with lr's weight (B·A, or a fused module's assembled weight), product in
+    float32, then cast back; a GPT-2 Conv1D again when the original was one."""
+    W, b = lr.weight, lr.bias
+    dtype, device = W.dtype, W.device
     with torch.no_grad():
-        lin.weight.copy_((B.float() @ A.float()).to(A.dtype))
-        if lr.B.bias is not None:
-            lin.bias.copy_(lr.B.bias)
-    return lin
+        if isinstance(lr, LowRankLinear):
+            W = (lr.B.weight.float() @ lr.A.weight.float()).to(dtype)
+        if conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            dense = Conv1D(lr.out_features, lr.in_features).to(device, dtype)
+            dense.weight.copy_(W.t())
+            if b is not None:
+                dense.bias.copy_(b)
+            else:
+                dense.bias.zero_()
+            return dense
+        dense = nn.Linear(lr.in_features, lr.out_features, bias=b is not None, dtype=dtype, device=device)
+        dense.weight.copy_(W)
+        if b is not None:
+            dense.bias.copy_(b)
+    return dense
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
+    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 # --------------------------------------------------------------------------- whole model
 def _entries(model: nn.Module, rank_map: dict) -> dict[tuple[int, str], dict]:
-    """Rank-map entries keyed by (layer, component), checked against the model's decoder linears."""
+    """Rank-map entries keyed by (layer, component), checked against the model's components."""
     from spectra.ranks import map_entries
 
     entries = map_entries(rank_map)
-    names = {(l, c): mod for l, c, _, mod in iter_components(model)}
-    if not names:
-        raise SpectraError(f"{type(model).__name__} has no decoder linears (layers.N.self_attn.q_proj, mlp.gate_proj, ...)")
-    missing, extra = sorted(set(names) - set(entries)), sorted(set(entries) - set(names))
+    found = {(p.layer, p.component): (p, mod) for p, mod in component_parts(model)}
+    missing, extra = sorted(set(found) - set(entries)), sorted(set(entries) - set(found))
     if missing or extra:
         raise SpectraError(f"rank map does not fit this model: missing {missing[:4]}, unknown {extra[:4]} (layer, component)")
-    for key, mod in names.items():
-        shape = [mod.out_features, mod.in_features]
+    for key, (p, mod) in found.items():
+        shape = list(p.shape(mod))
         if list(entries[key]["shape"]) != shape:
             raise SpectraError(f"rank map shape {entries[key]['shape']} != model shape {shape} at layer {key[0]} {key[1]}")
     return entries
 
 
-def compress_model(model: nn.Module, rank_map: dict, device: str | torch.device | None = None, progress: bool = True) -> nn.Module:
-    """Apply a rank map in place, one decoder linear at a time (SVD on `device`, default the weight's)."""
+def _by_module(model: nn.Module) -> dict[str, list[Part]]:
+    out: dict[str, list[Part]] = {}
+    for p, _ in component_parts(model):
+        out.setdefault(p.module_name, []).append(p)
+    for plist in out.values():  # fused parts in the module's own row order (q, k, v / gate, up)
+        plist.sort(key=lambda p: p.rows[0][0] if p.rows else 0)
+    return out
+
+
+def plan(model: nn.Module, rank_map: dict) -> dict[str, dict]:
+    """The structure (spectra.modeling_spectra) a rank map gives `model`: every module holding an
+    LRC component, with its parts' ranks (None = the part stays dense). Works on meta models."""
     entries = _entries(model, rank_map)
-    todo = [(layer, comp, name) for layer, comp, name, _ in iter_components(model)]  # names only: no refs
-    for layer, comp, name in tqdm(todo, desc="compress", disable=not progress, leave=False):
-        e, mod = entries[(layer, comp)], model.get_submodule(name)
-        if isinstance(mod, LowRankLinear):
+    structure = {}
+    for name, plist in _by_module(model).items():
+        mod = model.get_submodule(name)
+        if isinstance(mod, (LowRankLinear, FusedLinear)):
             raise SpectraError(f"{name} is already low-rank; merge the model first (spectra compress --merge)")
-        if e["lrc"]:
-            _replace(model, name, factorize(mod, int(e["rank"]), device))
-        elif int(e["rank"]) < int(e["full_rank"]):
-            truncate_(mod, int(e["rank"]), device)
-        del mod  # the dense weight goes as soon as nothing references it
+        if not any(entries[(p.layer, p.component)]["lrc"] for p in plist):
+            continue
+        out, n_in = module_dims(mod)
+        has_bias = getattr(mod, "bias", None) is not None
+        es = [entries[(p.layer, p.component)] for p in plist]
+        parts = [{"name": p.component if p.fused else None, "rows": [list(r) for r in p.rows] if p.fused else None,
+                  "rank": int(e["rank"]) if e["lrc"] else None, "bias": has_bias} for p, e in zip(plist, es)]
+        structure[name] = {"in": n_in, "out": out, "conv1d": is_conv1d(mod), "parts": parts}
+    return structure
+
+
+def compress_model(model: nn.Module, rank_map: dict, device: str | torch.device | None = None, progress: bool = True) -> nn.Module:
+    """Apply a rank map in place, one module at a time (SVD on `device`, default the weight's).
+
+    The structure of what was replaced is kept as `model.config.spectra_structure` (it is what
+    config.json needs for the folder to load as a Hugging Face model)."""
+    entries = _entries(model, rank_map)
+    structure = plan(model, rank_map)
+    for name, plist in tqdm(list(_by_module(model).items()), desc="compress", disable=not progress, leave=False):
+        mod = model.get_submodule(name)
+        if name not in structure:  # every part dense: truncate in place
+            for p in plist:
+                e = entries[(p.layer, p.component)]
+                if int(e["rank"]) < int(e["full_rank"]):
+                    p.set_weight(mod, _truncated(p.weight(mod), int(e["rank"]), device))
+            continue
+        new = build_module(structure[name], dtype=mod.weight.dtype, device=mod.weight.device)
+        for p in plist:  # each part: factors from its own SVD, or its dense (truncated) rows
+            e = entries[(p.layer, p.component)]
+            W, bias = p.weight(mod), p.bias(mod)
+            target = new.get_submodule(p.component) if p.fused else new
+            if e["lrc"]:
+                _fill_factors(target, W, bias, device)
+                continue
+            rank = int(e["rank"])
+            with torch.no_grad():
+                target.weight.copy_(_truncated(W, rank, device) if rank < int(e["full_rank"]) else W)
+                if bias is not None:
+                    target.bias.copy_(bias)
+        _replace(model, name, new)
+        del mod, W  # the dense weight goes as soon as nothing references it
+    model.config.spectra_structure = structure
     return model
 
 
 def merge_model(model: nn.Module) -> nn.Module:
-    """Turn every `LowRankLinear` back into a dense `nn.Linear` (weight = B·A), in place."""
-    for name in [name for *_, name, mod in iter_components(model) if isinstance(mod, LowRankLinear)]:
-        _replace(model, name, merge_linear(model.get_submodule(name)))
+    """Turn every low-rank / per-part module back into the dense original (weight = B·A), in place."""
+    structure = getattr(model.config, "spectra_structure", None) or {}
+    for name, spec in structure.items():
+        _replace(model, name, merge_linear(model.get_submodule(name), conv1d=bool(spec.get("conv1d"))))
+    for name, mod in list(model.named_modules()):  # anything compressed without a recorded structure
+        if isinstance(mod, (LowRankLinear, FusedLinear)) and name not in structure:
+            _replace(model, name, merge_linear(mod))
+    if hasattr(model.config, "spectra_structure"):
+        del model.config.spectra_structure
     return model
-
-
-def save_compressed(model: nn.Module, rank_map: dict, out: str | Path) -> Path:
-    """`save_pretrained` plus the rank map that `load_compressed` needs to rebuild the modules."""
-    out = Path(out)
-    model.save_pretrained(out)
-    (out / RANK_MAP_FILE).write_text(json.dumps(rank_map, indent=1))
-    return out
-
-
-def _state_dict_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise SpectraError(f"{path} has no safetensors weights (compressed folders are written by spectra compress)")
-    return files
-
-
-def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
-                    attn_implementation: str | None = None) -> nn.Module:
-    """Load a `spectra compress` folder: modules from config + rank map, tensors from safetensors (no SVD).
-
-    `dtype=None` keeps the stored dtype.
-    """
-    from accelerate import init_empty_weights  # comes with peft; parameters on meta, buffers (RoPE) real
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = Path(path)
-    try:
-        cfg = AutoConfig.from_pretrained(path)
-        rank_map = json.loads((path / RANK_MAP_FILE).read_text())
-    except Exception as e:  # noqa: BLE001 - any parse failure is one user-facing line
-        raise SpectraError(f"cannot read compressed model in {path}: {e}") from None
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(cfg, **kwargs)
-    entries = _entries(model, rank_map)
-    for layer, comp, name, mod in list(iter_components(model)):
-        e = entries[(layer, comp)]
-        if e["lrc"]:
-            _replace(model, name, LowRankLinear(mod.in_features, mod.out_features, int(e["rank"]),
-                                                bias=mod.bias is not None, device="meta"))
-    for f in _state_dict_files(path):
-        sd = load_file(f)
-        if dtype is not None:
-            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        _, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-        if unexpected:
-            raise SpectraError(f"{f} holds tensors the rank map does not explain: {unexpected[:3]}")
-        del sd
-    model.tie_weights()  # tied lm_head is not stored separately
-    empty = [n for n, p in model.named_parameters() if p.is_meta]
-    if empty:
-        raise SpectraError(f"{path} is missing weights for {empty[:3]} (rank map and safetensors disagree)")
-    return model.to(device).eval()
 
 
 # --------------------------------------------------------------------------- command
 def _param_count(model: nn.Module) -> tuple[int, int]:
-    """(decoder-linear parameters, all parameters)."""
-    lin = sum(p.numel() for _, _, _, m in iter_components(model) for p in m.parameters())
+    """(component-module parameters, all parameters)."""
+    mods = {p.module_name: m for p, m in component_parts(model)}
+    lin = sum(p.numel() for m in mods.values() for p in m.parameters())
     return lin, sum(p.numel() for p in model.parameters())
 
 
@@ -216,17 +232,17 @@ def _dtype(name: str) -> torch.dtype | None:
 def _load_dense(ckpt: Path, dtype: torch.dtype | None) -> nn.Module:
     from transformers import AutoConfig
 
-    from spectra.models import load_causal_lm
+    from spectra.models import load_model
 
     if dtype is None:  # auto: the dtype the checkpoint was saved in
         stored = getattr(AutoConfig.from_pretrained(ckpt), "dtype", None) or torch.float32
         dtype = getattr(torch, stored) if isinstance(stored, str) else stored
-    return load_causal_lm(ckpt, dtype=dtype)
+    return load_model(ckpt, dtype=dtype)
 
 
 def compress_command(
-    ckpt: Annotated[str, typer.Option(..., help="Model folder, or a run folder (uses its latest checkpoint). With --merge: a compressed folder.")],
-    out: Annotated[str, typer.Option(..., help="Output folder (save_pretrained layout + spectra_rank_map.json).")],
+    ckpt: Annotated[str, typer.Option(..., help="Model folder (any supported architecture), or a run folder (uses its latest checkpoint). With --merge: a compressed folder.")],
+    out: Annotated[str, typer.Option(..., help="Output folder: a Hugging Face model (load with trust_remote_code=True) + spectra_rank_map.json.")],
     rank_map: Annotated[Optional[str], typer.Option(help="Rank map JSON from `spectra ranks`. Default: a WeLore map computed on the fly for --err.")] = None,
     err: Annotated[float, typer.Option(help="Target effective rank reduction for the on-the-fly WeLore map (by rank, params break-even LRC rule).")] = 0.5,
     merge: Annotated[bool, typer.Option(help="Turn a compressed folder back into dense weights (W = B·A) instead.")] = False,
@@ -245,8 +261,10 @@ def compress_command(
         if not (src / RANK_MAP_FILE).is_file():
             raise SpectraError(f"{src} is not a compressed model (no {RANK_MAP_FILE}); nothing to merge")
         model = merge_model(load_compressed(src, dtype=want))
-        model.save_pretrained(dst)
-        (dst / RANK_MAP_FILE).unlink(missing_ok=True)  # a stale map would make loaders rebuild factors
+        model.save_pretrained(dst)  # the original architecture's config: a plain dense folder
+        for stale in (RANK_MAP_FILE, MODELING_FILE):  # a stale map would make loaders rebuild factors
+            (dst / stale).unlink(missing_ok=True)
+        copy_tokenizer(src, dst)
         console.print(f"merged {src} -> dense {dst}")
         return
     if (src / RANK_MAP_FILE).is_file():
@@ -262,7 +280,7 @@ def compress_command(
     before = _param_count(model)
     compress_model(model, rmap, svd_device)
     after = _param_count(model)
-    save_compressed(model, rmap, dst)
+    save_compressed(model, rmap, dst, tokenizer_from=src)
     n_lrc = sum(bool(e["lrc"]) for e in rmap["components"])
     console.print(f"{rmap['method']} map, ERR {rmap['achieved_err']:.4f} ({rmap['err_by']}): {n_lrc}/{len(rmap['components'])} "
                   f"linears low-rank; decoder-linear params {before[0]:,} -> {after[0]:,} "

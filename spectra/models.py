@@ -1,8 +1,11 @@
-"""Where spectra finds the WeLore components inside any Hugging Face causal LM.
+"""Where spectra finds the WeLore components inside any supported Hugging Face model.
 
-A *component* is one decoder linear weight: attention q/k/v/o and MLP gate/up/down. LLaMA,
-Mistral and Qwen-style models all name them `model.layers.<i>.self_attn.{q,k,v,o}_proj` and
-`model.layers.<i>.mlp.{gate,up,down}_proj`, so one regex finds them all.
+A *component* is one of the paper's q/k/v/o (attention) and gate/up/down (MLP) weights of one
+layer. Which module (or which rows of a fused module) holds it is the component registry's job
+(spectra.components: Llama, Mistral, Qwen2, Gemma, Phi-3, GPT-2, GPT-NeoX, OPT, Falcon, BERT-style
+encoders, or the user's `--components q=REGEX,...`); this module is the API every command uses:
+`component_parts` (Part + module, with get/set of the (out, in) weight), `component_weights`
+and the model loaders.
 """
 
 from __future__ import annotations
@@ -14,54 +17,38 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from spectra.components import ATTENTION, COMPONENTS, MLP, Part, is_conv1d, parts  # noqa: F401 - re-exported
 from spectra.errors import SpectraError
 from spectra.runs import run_dir_of  # noqa: F401 - re-exported (commands import it from here)
 
-# short component name (used as xarray coordinate) -> HF module name
-COMPONENTS: dict[str, str] = {
-    "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-    "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
-}
-ATTENTION = ("q", "k", "v", "o")
-MLP = ("gate", "up", "down")
-_MODULE_TO_SHORT = {v: k for k, v in COMPONENTS.items()}
-_LINEAR_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$")
 
-
-def parse_module_name(name: str) -> tuple[int, str] | None:
-    """`model.layers.3.mlp.up_proj` -> (3, "up"); None for anything that is not a component."""
-    m = _LINEAR_RE.search(name)
-    return (int(m.group(1)), _MODULE_TO_SHORT[m.group(2)]) if m else None
+def component_parts(model: nn.Module) -> list[tuple[Part, nn.Module]]:
+    """Every (Part, module) of the model, by layer then q, k, v, o, gate, up, down; one clear error
+    (listing the model's linears and the --components override) for a model the registry does not know."""
+    return parts(model)
 
 
 def iter_components(model: nn.Module) -> Iterator[tuple[int, str, str, nn.Module]]:
-    """Yield (layer, component, module_name, module) for every decoder linear, in model order.
+    """Yield (layer, component, module_name, module) for every component, in model order.
 
-    Works on dense `nn.Linear` and on spectra's `LowRankLinear` alike (anything at those names).
+    A fused module (qkv_proj, query_key_value, c_attn) is yielded once per logical part; use
+    `component_parts` / `Part.weight` for that part's own (out, in) weight.
     """
-    for name, module in model.named_modules():
-        parsed = parse_module_name(name)
-        if parsed is not None:
-            yield parsed[0], parsed[1], name, module
+    for p, mod in parts(model):
+        yield p.layer, p.component, p.module_name, mod
 
 
 def component_weights(model: nn.Module) -> dict[tuple[int, str], torch.Tensor]:
-    """{(layer, component): weight parameter} for every dense decoder linear."""
-    out = {}
-    for layer, comp, _, mod in iter_components(model):
-        if isinstance(mod, nn.Linear):
-            out[(layer, comp)] = mod.weight
-    if not out:
-        raise SpectraError(
-            f"{type(model).__name__} has no decoder linears named layers.N.self_attn.q_proj / mlp.gate_proj; "
-            "spectra supports LLaMA/Mistral/Qwen-style causal LMs"
-        )
-    return out
+    """{(layer, component): (out, in) weight} for every component (views where the layout allows)."""
+    return {(p.layer, p.component): p.weight(mod) for p, mod in parts(model)}
 
 
 def select_components(model: nn.Module, layers: list[int | str] | None = None, components: list[str] | None = None):
-    """Filtered (layer, component) -> weight, validating the filter names. Each entry may also be a
-    comma-separated list, so `--layers 0,11` and `--layers 0 --layers 11` mean the same."""
+    """Filtered (layer, component) -> weight PARAMETER (for Hessian blocks, which differentiate by
+    it), validating the filter names. Each entry may also be a comma-separated list, so
+    `--layers 0,11` and `--layers 0 --layers 11` mean the same. A part of a fused projection is no
+    parameter of its own: selecting one is an error that names the unfused components; low-rank
+    (compressed) components are left out, as they have no dense weight parameter."""
     components = [x.strip() for v in components or [] for x in str(v).split(",") if x.strip()]
     try:
         layers = [int(x) for v in layers or [] for x in str(v).split(",") if x.strip()]
@@ -71,13 +58,63 @@ def select_components(model: nn.Module, layers: list[int | str] | None = None, c
         bad = [c for c in components if c not in COMPONENTS]
         if bad:
             raise SpectraError(f"unknown component(s) {bad}; choose from {list(COMPONENTS)}")
-    ws = component_weights(model)
-    n_layers = 1 + max(l for l, _ in ws)
+    found = parts(model)
+    n_layers = 1 + max(p.layer for p, _ in found)
     if layers:
         bad = [l for l in layers if not 0 <= l < n_layers]
         if bad:
             raise SpectraError(f"layer(s) {bad} out of range: the model has {n_layers} layers")
-    return {k: w for k, w in ws.items() if (not layers or k[0] in layers) and (not components or k[1] in components)}
+    picked = [(p, m) for p, m in found if (not layers or p.layer in layers) and (not components or p.component in components)]
+    fused = sorted({p.component for p, _ in picked if p.fused})
+    if fused:
+        whole = sorted({p.component for p, _ in found if not p.fused}, key=COMPONENTS.index)
+        raise SpectraError(f"{', '.join(fused)} are rows of a fused {type(model).__name__} projection, not parameters "
+                           f"of their own; pick unfused components with --components {','.join(whole)}")
+    # a compressed component's weight is a product of factors, no parameter: it has no Hessian block of its own
+    return {(p.layer, p.component): m.weight for p, m in picked if isinstance(m.weight, nn.Parameter)}
+
+
+def stream_component_weights(path: str | Path) -> tuple[int, Iterator[tuple[int, str, torch.Tensor]]]:
+    """(count, iterator of (layer, component, (out, in) weight)) of a dense checkpoint folder, read
+    tensor by tensor from its safetensors (one module's weight in memory at a time); falls back to
+    loading the model when the files are not safetensors or name their tensors differently. The
+    model is checked against the registry before anything is read, so a bad model fails at once."""
+    import json
+
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    compressed = (path / "spectra_rank_map.json").is_file()  # factors, not weights, are stored: load it
+    if files and not compressed:
+        cls, cfg = _model_class(path)
+        with init_empty_weights(include_buffers=False):
+            skeleton = cls.from_config(cfg) if cls.__name__.startswith("Auto") else cls._from_config(cfg)
+        found = parts(skeleton)
+        where = {}
+        for f in files:
+            with safe_open(f, "pt") as st:
+                where.update(dict.fromkeys(st.keys(), f))
+        if all(f"{p.module_name}.weight" in where for p, _ in found):
+            def gen():
+                by_module: dict[str, list] = {}
+                for p, mod in found:
+                    by_module.setdefault(p.module_name, []).append((p, mod))
+                for name, group in by_module.items():  # one read per module, fused or not
+                    with safe_open(where[f"{name}.weight"], "pt") as st:
+                        stored = st.get_tensor(f"{name}.weight")
+                    for p, mod in group:
+                        yield p.layer, p.component, p.of_tensor(stored, is_conv1d(mod))
+                    del stored
+
+            return len(found), gen()
+    model = load_model(path)
+    found = parts(model)
+    return len(found), ((p.layer, p.component, p.weight(mod).detach()) for p, mod in found)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -102,14 +139,39 @@ def set_attention(model: nn.Module, impl: str) -> None:
             cfg._attn_implementation = impl
 
 
-def load_causal_lm(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                   attn_implementation: str | None = None) -> nn.Module:
-    """Load a `save_pretrained` causal-LM folder (dense, or compressed by `spectra compress`).
+def _model_class(path: Path):
+    """(model class, config) for a dense folder: the architecture its config names (so encoders
+    and task heads load as saved), else AutoModelForCausalLM, else AutoModel."""
+    import transformers
+    from transformers import AutoConfig
 
-    One clear `SpectraError` for a missing folder or a model without decoder linears.
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - any parse failure is one user-facing line
+        raise SpectraError(f"cannot read model config in {path}: {e}") from None
+    arch = (getattr(cfg, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        cls = transformers.AutoModelForCausalLM if cfg.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else transformers.AutoModel
+    return cls, cfg
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    return type(model).__name__ in names
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               attn_implementation: str | None = None, causal: bool = False) -> nn.Module:
+    """Load a `save_pretrained` folder (dense, or compressed by `spectra compress`) of any supported
+    architecture (decoders and encoders); `causal=True` insists on a causal LM.
+
+    One clear `SpectraError` for a missing folder or a model the component registry does not know.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise SpectraError(f"{path} is not a model checkpoint folder (no config.json)")
@@ -118,21 +180,26 @@ def load_causal_lm(path: str | Path, *, device: str | torch.device = "cpu", dtyp
 
         model = load_compressed(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
     else:
-        try:
-            cfg = AutoConfig.from_pretrained(path)
-        except Exception as e:  # noqa: BLE001 - any parse failure is one user-facing line
-            raise SpectraError(f"cannot read model config in {path}: {e}") from None
+        cls, cfg = _model_class(path)
         kwargs = {"dtype": dtype}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, config=cfg, **kwargs)
+            model = cls.from_pretrained(path, config=cfg, **kwargs)
         except ValueError as e:
-            raise SpectraError(f"{path}: not a causal LM spectra can load ({e})") from None
+            raise SpectraError(f"{path}: not a model spectra can load ({e})") from None
         model.to(device)
-        component_weights(model)  # one clear error for a causal LM without LLaMA-style linears
+        parts(model)  # one clear error for a model the registry does not know
+    if causal and not is_causal_lm(model):
+        raise SpectraError(f"{path} holds a {type(model).__name__}, not a causal LM (this command needs next-token logits)")
     model.eval()
     return model
+
+
+def load_causal_lm(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   attn_implementation: str | None = None) -> nn.Module:
+    """`load_model` for commands that need a causal LM (eval, finetune, hessian-gap)."""
+    return load_model(path, device=device, dtype=dtype, attn_implementation=attn_implementation, causal=True)
 
 
 def analysis_store_for(path: str | Path) -> Path:
@@ -156,6 +223,25 @@ def find_checkpoint(path: str | Path) -> Path:
         return cand
     if (p / "config.json").is_file():
         return p
+    if not p.exists() and HUB_NAME.fullmatch(str(path)):
+        return hub_checkpoint(str(path))
     if not p.exists():
         raise SpectraError(f"checkpoint {p} does not exist")
     raise SpectraError(f"{p} holds no model checkpoint (expected config.json or checkpoints/latest)")
+
+
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(?:@[\w./-]+)?")
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.jinja"]  # no .bin / .h5 duplicates
+
+
+def hub_checkpoint(name: str) -> Path:
+    """A hub model `org/name` or `org/name@revision` (Pythia: `EleutherAI/pythia-160m@step1000`),
+    downloaded (config, safetensors, tokenizer) into the Hugging Face cache; its local folder."""
+    from huggingface_hub import snapshot_download
+
+    repo, _, revision = name.partition("@")
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES))
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated: one line naming the model
+        raise SpectraError(f"{name} is no local folder, and the hub did not provide it "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

@@ -46,8 +46,8 @@ from tqdm import tqdm
 
 from spectra.errors import SpectraError
 from spectra.heavytail import normalized_singular_values, singular_values
-from spectra.models import (COMPONENTS, analysis_store_for, find_checkpoint, iter_components, parse_module_name,
-                            resolve_device, run_dir_of)
+from spectra.models import (COMPONENTS, analysis_store_for, component_parts, find_checkpoint, resolve_device,
+                            run_dir_of)
 
 METHODS = ("welore", "uniform", "diagnostic")
 SPREAD = 1.0  # diagnostic: the least compressible component keeps 3x the rank fraction of the most
@@ -76,36 +76,20 @@ def _order(spectra: list[MatrixSpectrum]) -> list[MatrixSpectrum]:
 
 
 def model_spectra(model: nn.Module, device=None) -> list[MatrixSpectrum]:
-    """Spectra of every dense decoder linear of a loaded model (one svdvals per matrix)."""
-    out = [_spectrum(l, c, m.weight, device) for l, c, _, m in tqdm(list(iter_components(model)), desc="svd", leave=False)
-           if isinstance(m, nn.Linear)]
-    if not out:
-        raise SpectraError(f"{type(model).__name__} has no dense decoder linears (layers.N.self_attn.q_proj, ...)")
-    return _order(out)
+    """Spectra of every component of a loaded model (spectra.components; one svdvals per matrix)."""
+    return _order([_spectrum(p.layer, p.component, p.weight(m).detach(), device)
+                   for p, m in tqdm(component_parts(model), desc="svd", leave=False)])
 
 
 def checkpoint_spectra(path: Path, device=None) -> list[MatrixSpectrum]:
     """Spectra straight from the checkpoint's safetensors, one tensor in memory at a time."""
-    from safetensors import safe_open
-
-    from spectra.lowrank import RANK_MAP_FILE, _state_dict_files
+    from spectra.lowrank import RANK_MAP_FILE
+    from spectra.models import stream_component_weights
 
     if (path / RANK_MAP_FILE).is_file():
         raise SpectraError(f"{path} is already compressed; rank its dense original (or spectra compress --merge it)")
-    if not any(path.glob("*.safetensors")):  # e.g. pytorch_model.bin: load the model once instead
-        from spectra.models import load_causal_lm
-
-        return model_spectra(load_causal_lm(path), device)
-    out = []
-    for f in _state_dict_files(path):
-        with safe_open(f, "pt") as st:
-            for key in tqdm(list(st.keys()), desc=f"svd {f.name}", leave=False):
-                parsed = parse_module_name(key.removesuffix(".weight")) if key.endswith(".weight") else None
-                if parsed:
-                    out.append(_spectrum(*parsed, st.get_tensor(key), device))
-    if not out:
-        raise SpectraError(f"{path} has no decoder linears named layers.N.self_attn.q_proj / mlp.gate_proj")
-    return _order(out)
+    n, weights = stream_component_weights(path)
+    return _order([_spectrum(layer, comp, W, device) for layer, comp, W in tqdm(weights, total=n, desc="svd", leave=False)])
 
 
 # --------------------------------------------------------------------------- ranks and ERR

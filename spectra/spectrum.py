@@ -61,16 +61,64 @@ def run_weights(path: Path, steps: list[int] | None) -> tuple[list[int], Iterato
     return sorted(chosen), gen()
 
 
-def checkpoint_weights(path: Path) -> tuple[list[int], Iterator[tuple[int, Weights]]]:
-    """A checkpoint is one "step": the number in a `step_N` folder name, else 0."""
-    from spectra.models import component_weights, find_checkpoint, load_causal_lm
+STEP_RE = re.compile(r"(?:^|[^a-z])step[_-]?(\d+)$", re.IGNORECASE)
 
-    ckpt = find_checkpoint(path)
-    model = load_causal_lm(ckpt)
-    weights = {k: w.detach() for k, w in component_weights(model).items()}
-    m = re.fullmatch(r"step_(\d+)", ckpt.name)
-    step = int(m.group(1)) if m else 0
-    return [step], iter([(step, weights)])
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The training step in a checkpoint folder's name (step1000, step_1000, pythia-160m-step1000)
+    or a hub revision (EleutherAI/pythia-160m@step1000)."""
+    m = STEP_RE.search(re.split(r"[/@]", str(path).rstrip("/"))[-1])
+    return int(m.group(1)) if m else None
+
+
+def expand_paths(args: list[str]) -> list[Path]:
+    """Arguments as given, with unexpanded globs (quoted `runs/pythia/step*`) expanded and sorted."""
+    import glob
+
+    out = []
+    for a in args:
+        if not Path(a).exists() and any(ch in a for ch in "*?["):
+            hits = sorted(glob.glob(a))
+            if not hits:
+                raise SpectraError(f"no folder matches {a!r}")
+            out += [Path(h) for h in hits]
+        else:
+            out.append(Path(a))
+    return out
+
+
+def checkpoint_series(paths: list[Path], steps: list[int] | None) -> tuple[list[int], Iterator[tuple[int, Weights]]]:
+    """Steps of a series of HF checkpoint folders (from their names, or --steps in the same order)
+    and a lazy iterator that reads one checkpoint at a time, straight from its safetensors."""
+    from spectra.models import find_checkpoint, stream_component_weights
+
+    ckpts = [find_checkpoint(p) for p in paths]
+    if steps:
+        if len(steps) != len(ckpts):
+            raise SpectraError(f"--steps gives {len(steps)} step(s) for {len(ckpts)} checkpoint folder(s)")
+    elif len(ckpts) == 1:
+        steps = [checkpoint_step(paths[0]) or checkpoint_step(ckpts[0]) or 0]
+    else:
+        steps = [checkpoint_step(p) if checkpoint_step(p) is not None else checkpoint_step(c) for p, c in zip(paths, ckpts)]
+        unnamed = [str(p) for p, s in zip(paths, steps) if s is None]
+        if unnamed:
+            raise SpectraError(f"cannot tell the training step of {unnamed[0]}: name the folders step<N> / step_<N> "
+                               "or pass --steps in the same order")
+    if len(set(steps)) != len(steps):
+        raise SpectraError(f"two checkpoints share a step: {sorted(steps)}")
+    order = sorted(range(len(ckpts)), key=steps.__getitem__)
+
+    def gen():
+        for i in order:
+            _, weights = stream_component_weights(ckpts[i])
+            yield steps[i], {(layer, comp): w for layer, comp, w in weights}
+
+    return [steps[i] for i in order], gen()
+
+
+def checkpoint_weights(path: Path) -> tuple[list[int], Iterator[tuple[int, Weights]]]:
+    """A single checkpoint is one "step": the number in a `step_N` / `stepN` folder name, else 0."""
+    return checkpoint_series([path], None)
 
 
 # --------------------------------------------------------------------------- analysis
@@ -147,34 +195,52 @@ def print_spectrum_table(ds: xr.Dataset) -> None:
 
 # --------------------------------------------------------------------------- command
 def spectrum_command(
-    run: Annotated[str, typer.Argument(help="A run folder or its snapshots.zarr (every snapshot step), or a HF causal-LM checkpoint folder (one step).")],
-    out: Annotated[Optional[Path], typer.Option(help="Analysis store to write. Default: <run>/analysis.zarr (or <checkpoint>/analysis.zarr).")] = None,
-    steps: Annotated[Optional[list[int]], typer.Option("--steps", help="Only these snapshot steps (repeat the option). Default: all.")] = None,
+    run: Annotated[list[str], typer.Argument(help="A run folder or its snapshots.zarr (every snapshot step); or one or more HF checkpoint folders, a quoted glob or hub names (a checkpoint series: 'pythia/step*', EleutherAI/pythia-160m@step1000 ...), steps from their names (step1000, step_1000) or --steps.")],
+    out: Annotated[Optional[Path], typer.Option(help="Analysis store to write. Default: <run>/analysis.zarr (a series: <common parent>/analysis.zarr; one checkpoint: <checkpoint>/analysis.zarr).")] = None,
+    steps: Annotated[Optional[list[int]], typer.Option("--steps", help="Snapshot steps to analyze (default: all); for checkpoint folders, the step of each folder in order (repeat the option).")] = None,
     top_r: Annotated[int, typer.Option(help="r for energy_top_r, the share of ||W||_F^2 in the top-r singular directions.")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N for the SVDs and fits.")] = "auto",
 ) -> None:
     """Singular values and heavy-tail metrics (stable/effective rank, energy, power-law alpha) of every decoder linear.
 
-    For each layer x q/k/v/o/gate/up/down and each snapshot step: sigma, WeLore's min-max
-    normalized sigma, stable rank, effective rank, energy in the top-r directions and the
-    weightwatcher power-law alpha (MLE, x_min by KS distance). Writes group `spectrum` of
-    analysis.zarr and prints how the metrics moved from the first to the last step.
+    For each layer x q/k/v/o/gate/up/down and each snapshot step (or checkpoint of a series):
+    sigma, WeLore's min-max normalized sigma, stable rank, effective rank, energy in the top-r
+    directions and the weightwatcher power-law alpha (MLE, x_min by KS distance). Any supported
+    architecture (spectra.components). Writes group `spectrum` of analysis.zarr and prints how the
+    metrics moved from the first to the last step. A series is read one checkpoint at a time.
     """
+    import os
+
+    from spectra.models import run_dir_of
     from spectra.store import write_analysis
 
     if top_r < 1:
         raise SpectraError(f"--top-r must be >= 1, not {top_r}")
-    path = Path(run)
-    if not path.exists():
-        raise SpectraError(f"{path} does not exist (expected a run folder, snapshots.zarr or a checkpoint folder)")
+    paths = expand_paths([run] if isinstance(run, (str, Path)) else run)  # pipeline passes one path
+    from spectra.models import HUB_NAME
+
+    for path in paths:
+        if not path.exists() and not HUB_NAME.fullmatch(str(path)):
+            raise SpectraError(f"{path} does not exist (expected a run folder, snapshots.zarr, checkpoint folders "
+                               "or hub model names)")
     dev = resolve_device(device)
-    if is_snapshot_store(path):
-        chosen, source = run_weights(path, steps)
+    if len(paths) == 1 and is_snapshot_store(paths[0]):
+        chosen, source = run_weights(paths[0], steps)
+        default = analysis_store_for(paths[0])
     else:
-        if steps:
-            raise SpectraError("--steps applies to snapshot stores; a checkpoint folder has a single step")
-        chosen, source = checkpoint_weights(path)
+        if any(is_snapshot_store(p) for p in paths):
+            raise SpectraError("pass one run / snapshots.zarr, or checkpoint folders, not a mix")
+        chosen, source = checkpoint_series(paths, steps)
+        runs = {run_dir_of(p) for p in paths}
+        hub = [str(p).partition("@")[0] for p in paths if not p.exists()]
+        if hub:  # hub names: ./<org>/<name>/analysis.zarr, one store for all revisions of a model
+            default = Path(hub[0]) / "analysis.zarr"
+        elif len(paths) == 1 or (len(runs) == 1 and None not in runs):
+            default = analysis_store_for(paths[0])
+        else:
+            default = Path(os.path.commonpath([p.resolve() for p in paths])) / "analysis.zarr"
     ds = spectrum_dataset(chosen, source, top_r=top_r, device=dev)
-    dest = write_analysis(out or analysis_store_for(path), "spectrum", ds, {"source": str(path)})
+    source_label = str(paths[0]) if len(paths) == 1 else ", ".join(str(p) for p in paths)
+    dest = write_analysis(out or default, "spectrum", ds, {"source": source_label})
     print_spectrum_table(ds)
     print(f"wrote group 'spectrum' to {dest}")

@@ -64,7 +64,7 @@ def test_factorize_splits_sqrt_sigma_and_truncates_exactly():
     dense = nn.Linear(48, 20, bias=False)
     dense.weight.data.copy_(lin.weight.data)
     truncate_(dense, 7)
-    torch.testing.assert_close(dense.weight, lr.weight, atol=1e-5, rtol=0)
+    torch.testing.assert_close(dense.weight.detach(), lr.weight.detach(), atol=1e-5, rtol=0)  # B·A: read-only product
     assert torch.linalg.matrix_rank(dense.weight).item() == 7
 
 
@@ -169,3 +169,39 @@ def test_cli_compress_bad_input_is_one_line(tiny_ckpt, tmp_path, capsys):
         ["compress", "--ckpt", str(tiny_ckpt), "--dtype", "int8", "--out", str(tmp_path / "o")],
     ]
     assert_one_error_line(cases, capsys)
+
+
+def test_tokenizer_travels_and_legacy_folders_still_load(tiny_ckpt, tmp_path):
+    """compress and --merge copy the source's tokenizer; a folder compressed before folders were HF
+    models (config.json of the dense architecture + rank map) still loads with spectra."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    src = tmp_path / "dense"
+    shutil.copytree(tiny_ckpt, src)
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "low": 1, "rank": 2, "weights": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(src)
+    assert main(["compress", "--ckpt", str(src), "--err", "0.5", "--out", str(tmp_path / "c")]) == 0
+    assert main(["compress", "--ckpt", str(tmp_path / "c"), "--merge", "--out", str(tmp_path / "d")]) == 0
+    for folder in ("c", "d"):
+        assert AutoTokenizer.from_pretrained(tmp_path / folder)("low rank weights")["input_ids"] == [1, 2, 3]
+    comp = load_compressed(tmp_path / "c")
+    # spectrum of a compressed folder: an LRC component of rank r has exactly r nonzero singular values
+    assert main(["spectrum", str(tmp_path / "c"), "--out", str(tmp_path / "a.zarr"), "--device", "cpu"]) == 0
+    from spectra.store import read_analysis
+
+    e = next(e for e in json.loads((tmp_path / "c" / "spectra_rank_map.json").read_text())["components"] if e["lrc"])
+    sigma = read_analysis(tmp_path / "a.zarr", "spectrum").sigma.sel(layer=e["layer"], component=e["component"])[0].values
+    assert (sigma[: e["rank"]] > 1e-3).all() and (sigma[e["rank"]: e["full_rank"]] < 1e-5).all()
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tmp_path / "c", legacy)
+    cfg = json.loads((legacy / "config.json").read_text())
+    for k in ("auto_map", "spectra_structure", "spectra_base_model_type", "spectra_base_architecture"):
+        cfg.pop(k)
+    cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (legacy / "config.json").write_text(json.dumps(cfg))
+    (legacy / "modeling_spectra.py").unlink()
+    torch.testing.assert_close(logits(load_causal_lm(legacy)), logits(comp), atol=0, rtol=0)
