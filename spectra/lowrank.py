@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import torch
 import typer
@@ -117,15 +117,21 @@ def _entries(model: nn.Module, rank_map: dict) -> dict[tuple[int, str], dict]:
     return entries
 
 
-def compress_model(model: nn.Module, rank_map: dict, device: str | torch.device | None = None, progress: bool = True) -> nn.Module:
-    """Apply a rank map in place, one decoder linear at a time (SVD on `device`, default the weight's)."""
+def compress_model(model: nn.Module, rank_map: dict, device: str | torch.device | None = None, progress: bool = True,
+                   whiten=None) -> nn.Module:
+    """Apply a rank map in place, one decoder linear at a time (SVD on `device`, default the weight's).
+
+    `whiten`: a `spectra.whiten.Whitener` truncating in the input-activation space instead of a plain SVD."""
     entries = _entries(model, rank_map)
     todo = [(layer, comp, name) for layer, comp, name, _ in iter_components(model)]  # names only: no refs
     for layer, comp, name in tqdm(todo, desc="compress", disable=not progress, leave=False):
         e, mod = entries[(layer, comp)], model.get_submodule(name)
         if isinstance(mod, LowRankLinear):
             raise SpectraError(f"{name} is already low-rank; merge the model first (spectra compress --merge)")
-        if e["lrc"]:
+        if whiten is not None:
+            if (new := whiten.apply(layer, comp, mod, e)) is not mod:
+                _replace(model, name, new)
+        elif e["lrc"]:
             _replace(model, name, factorize(mod, int(e["rank"]), device))
         elif int(e["rank"]) < int(e["full_rank"]):
             truncate_(mod, int(e["rank"]), device)
@@ -164,7 +170,9 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dty
 
     `dtype=None` keeps the stored dtype.
     """
-    from accelerate import init_empty_weights  # comes with peft; parameters on meta, buffers (RoPE) real
+    from accelerate import (
+        init_empty_weights,  # comes with peft; parameters on meta, buffers (RoPE) real
+    )
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -227,11 +235,17 @@ def _load_dense(ckpt: Path, dtype: torch.dtype | None) -> nn.Module:
 def compress_command(
     ckpt: Annotated[str, typer.Option(..., help="Model folder, or a run folder (uses its latest checkpoint). With --merge: a compressed folder.")],
     out: Annotated[str, typer.Option(..., help="Output folder (save_pretrained layout + spectra_rank_map.json).")],
-    rank_map: Annotated[Optional[str], typer.Option(help="Rank map JSON from `spectra ranks`. Default: a WeLore map computed on the fly for --err.")] = None,
+    rank_map: Annotated[str | None, typer.Option(help="Rank map JSON from `spectra ranks`. Default: a WeLore map computed on the fly for --err.")] = None,
     err: Annotated[float, typer.Option(help="Target effective rank reduction for the on-the-fly WeLore map (by rank, params break-even LRC rule).")] = 0.5,
     merge: Annotated[bool, typer.Option(help="Turn a compressed folder back into dense weights (W = B·A) instead.")] = False,
     dtype: Annotated[str, typer.Option(help="Weights dtype of the output: auto (as stored), float32, bfloat16 or float16.")] = "auto",
     device: Annotated[str, typer.Option(help="Where the per-matrix SVDs run (auto: cuda when available). Weights stay on CPU.")] = "auto",
+    whiten: Annotated[bool, typer.Option(help="Activation-aware truncation (SVD of W·S, C = XᵀX = S·Sᵀ from --calib-data; spectra/whiten.py).")] = False,
+    calib_data: Annotated[str | None, typer.Option(help="--whiten: calibration text files/globs/folders (default hub C4 train).")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="--whiten: the model's tokenizer (default: the run's).")] = None,
+    calib_seqs: Annotated[int, typer.Option(help="--whiten: calibration sequences.")] = 256,
+    calib_seq_len: Annotated[int, typer.Option(help="--whiten: tokens per calibration sequence.")] = 256,
+    damping: Annotated[float, typer.Option(help="--whiten: relative damping, C + d·mean(diag C)·I.")] = 0.01,
 ) -> None:
     """WeLore-COMP: replace LRC linears with low-rank factors (or --merge them back to dense)."""
     from rich.console import Console
@@ -251,16 +265,32 @@ def compress_command(
         return
     if (src / RANK_MAP_FILE).is_file():
         raise SpectraError(f"{src} is already compressed; use --merge to get dense weights back first")
-    from spectra.ranks import build_rank_map, check_options, load_rank_map, model_spectra
+    from spectra.ranks import (
+        build_rank_map,
+        check_options,
+        load_rank_map,
+        model_spectra,
+    )
 
     rmap = load_rank_map(rank_map) if rank_map is not None else None  # bad input fails before the model loads
     check_options("welore", err, "rank", "params")
+    if whiten:
+        from spectra.calibration import check_options as check_calibration
+
+        check_calibration(calib_data, calib_seqs, calib_seq_len, damping)
     model = _load_dense(src, want)
     svd_device = resolve_device(device)
     if rmap is None:  # the global threshold needs every spectrum before any matrix is cut: a cheap svdvals pass first
         rmap = build_rank_map(model_spectra(model, svd_device), "welore", err)
     before = _param_count(model)
-    compress_model(model, rmap, svd_device)
+    whitener = None
+    if whiten:  # the calibration lives in (and is reused from) the run's analysis store
+        from spectra.whiten import whitener_for
+
+        whitener = whitener_for(src, model, calib_data, tokenizer, calib_seqs, calib_seq_len, damping, svd_device)
+    compress_model(model, rmap, svd_device, whiten=whitener)
+    if whitener is not None:
+        rmap = {**rmap, "whiten": whitener.metadata()}
     after = _param_count(model)
     save_compressed(model, rmap, dst)
     n_lrc = sum(bool(e["lrc"]) for e in rmap["components"])
