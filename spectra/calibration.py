@@ -4,15 +4,18 @@ One pass of calibration text (a few hundred sequences of the model's own tokeniz
 batches) through the dense model, with a forward hook on every component:
 
     xtx[l, c]      = Σ_t x_t x_tᵀ   (in × in, float64)  the input second moment C = XᵀX
-    grad_sq[l, c]  = Σ_t ‖∂ℓ_t/∂y_t‖²                     output-gradient energy (causal LMs only)
+    grad_sq[l, c]  = Σ_t ‖∂ℓ_t/∂y_t‖²                     output-gradient energy
 
 C is all that whitened truncation (spectra.whiten) and the loss allocation need: dropping whitened
 direction i of W costs σ_i(W S)² summed squared output error, C = S Sᵀ. grad_sq is the trace of
 the empirical Fisher of the layer's output (the per-token loss ℓ_t, summed, not averaged): with
 it, a squared output error e turns into an estimated loss increase ½ · grad_sq/(N·m) · e/N per
 token (N tokens, m outputs; the isotropic per-matrix Fisher). Encoders and other models without a
-causal-LM head just run the base model forward; their grad_sq is NaN and the loss method weighs
-output errors relative to each matrix's output energy instead.
+causal-LM head run the base model and take ℓ_t = z_t · h_t with h the final hidden state and
+z_t ~ N(0, I) (seeded): E‖∂ℓ/∂y‖² = tr(JᵀJ), the Gauss–Newton curvature of the squared
+distortion ‖h' − h‖² of the model's output representation, so grad_sq means the same there with
+"loss" = output distortion (attrs grad_kind: lm-fisher or output-gauss-newton). With
+`with_grad=False` (forward only) grad_sq is NaN and the loss method falls back to relative errors.
 
 Linears fed the very same tensor (q/k/v, gate/up in LLaMA) share one xtx, found by comparing the
 hooked inputs of the first batch (not by name, so any architecture the component registry maps
@@ -72,7 +75,9 @@ def collect(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device
     if windows.ndim != 2 or len(windows) == 0:
         raise SpectraError(f"need [n, seq_len] calibration windows, got shape {tuple(windows.shape)}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    with_grad = has_causal_lm_head(model) if with_grad is None else with_grad
+    lm = has_causal_lm_head(model)
+    with_grad = True if with_grad is None else with_grad
+    gen = torch.Generator().manual_seed(0)
     comps = [(l, c, m) for l, c, _, m in iter_components(model) if isinstance(m, nn.Linear)]
     if not comps:
         raise SpectraError(f"{type(model).__name__} has no dense decoder linears to calibrate")
@@ -114,9 +119,15 @@ def collect(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device
             if with_grad:
                 emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
                 with torch.enable_grad():
-                    logits = model(inputs_embeds=emb, use_cache=False).logits
-                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
-                    loss.backward()  # per-token losses summed: each hook sees ∂ℓ_t/∂y_t
+                    if lm:
+                        logits = model(inputs_embeds=emb, use_cache=False).logits
+                        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+                    else:  # Gauss–Newton of the output distortion: E_z ‖Jᵀz‖² = tr(JᵀJ) with one z ~ N(0, I) per token
+                        out = model(inputs_embeds=emb, output_hidden_states=True)
+                        h = getattr(out, "last_hidden_state", None)
+                        h = out.hidden_states[-1] if h is None else h
+                        loss = (h * torch.randn(h.shape, generator=gen, dtype=h.dtype).to(h.device)).sum()
+                    loss.backward()  # summed over tokens: each hook sees ∂ℓ_t/∂y_t
             else:
                 with torch.no_grad():
                     model(input_ids=ids)
@@ -131,7 +142,9 @@ def collect(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device
     missing = [f"{l}.{c}" for l, c, _ in comps if (l, c) not in input_of]
     if missing:
         raise SpectraError(f"calibration forward never reached {missing[:4]} (does the model run these linears?)")
-    return Calibration(tokens, xtx, input_of, {k: (v if with_grad else float("nan")) for k, v in grad_sq.items()})
+    kind = ("lm-fisher" if lm else "output-gauss-newton") if with_grad else "none"
+    return Calibration(tokens, xtx, input_of, {k: (v if with_grad else float("nan")) for k, v in grad_sq.items()},
+                       {"grad_kind": kind})
 
 
 # --------------------------------------------------------------------------- store
@@ -226,7 +239,7 @@ def calibration(store: str | Path | None, src: Path, model: nn.Module, data: str
         raise SpectraError(f"tokenizer {tok_name!r} has {len(tok)} ids but the model embeds {n_emb}; pass --tokenizer")
     windows = text_windows(data, tok, seq_len, seqs * seq_len, split="train", cache_dir=cache_dir)
     cal = collect(model, windows, batch_size, device)
-    cal.attrs = attrs
+    cal.attrs.update(attrs)
     if store is not None:
         save(store, cal)
     return cal
@@ -238,7 +251,7 @@ def loss_direction_scores(model: nn.Module, cal: Calibration, keys: list[tuple[i
     """Per matrix (in `keys` order), the estimated cost of dropping each whitened direction, descending.
 
     cost_i = w · σ_i(W S)² with w per matrix (`weight`):
-        fisher    ½ · grad_sq / (N · m) / N   estimated mean per-token loss increase (causal LMs)
+        fisher    ½ · grad_sq / (N · m) / N   estimated mean per-token loss (or output distortion) increase
         relative  1 / ‖W S‖_F²               share of the matrix's output energy (no loss needed)
         output    1 / N                      mean squared output error per token
         auto      fisher when the calibration has gradients, else relative
@@ -250,7 +263,7 @@ def loss_direction_scores(model: nn.Module, cal: Calibration, keys: list[tuple[i
     if weight == "auto":
         weight = "fisher" if cal.has_loss else "relative"
     if weight == "fisher" and not cal.has_loss:
-        raise SpectraError("--loss-weight fisher needs a causal LM (its calibration has no output gradients)")
+        raise SpectraError("--loss-weight fisher needs output gradients (this calibration ran forward only)")
     mods = {(l, c): m for l, c, _, m in iter_components(model)}
     n = float(cal.tokens)
     out = []

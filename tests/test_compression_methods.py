@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -12,9 +13,11 @@ from conftest import assert_one_error_line, make_tiny, train_steps
 from spectra.calibration import Calibration, collect, load, loss_direction_scores, save
 from spectra.cli import main
 from spectra.errors import SpectraError
+from spectra.evaluate import perplexity
 from spectra.lowrank import LowRankLinear, compress_model, load_compressed
 from spectra.models import iter_components
-from spectra.ranks import _spectrum, build_rank_map, energy_scores
+from spectra.ranks import _spectrum, build_rank_map, energy_scores, model_spectra
+from spectra.sweep import markdown, run_sweep, verdicts
 from spectra.whiten import (
     Whitener,
     damped_cholesky,
@@ -117,7 +120,7 @@ def test_loss_scores_from_calibration_match_hand_values():
     np.testing.assert_allclose(scores[0][:2], [10.0, 0.9], rtol=1e-6)  # σ² / N with N = 10 tokens
     np.testing.assert_allclose(scores[1][:2], [1.6, 0.004], rtol=1e-6)
     np.testing.assert_allclose(scores[0][2:], 0, atol=1e-12)
-    with pytest.raises(SpectraError, match="fisher needs a causal LM"):
+    with pytest.raises(SpectraError, match="fisher needs output gradients"):
         loss_direction_scores(model, cal, keys, "fisher")
 
 
@@ -177,17 +180,32 @@ def test_collect_matches_direct_xtx_and_shares_inputs(tmp_path):
     assert cal.input_of[(0, "up")] == "0.gate" and cal.input_of[(0, "o")] == "0.o"
     assert len(cal.xtx) == 2 * 4 and cal.tokens == 80 and cal.has_loss
     assert all(v > 0 for v in cal.grad_sq.values())
+    # independent: down's output adds straight into the last layer's output, so ∂ℓ/∂y is that output's gradient
+    kept = {}
+    h = model.model.layers[-1].register_forward_hook(lambda m, i, o: kept.setdefault("h", o[0] if isinstance(o, tuple) else o))
+    try:
+        logits = model(input_ids=ids).logits
+        kept["h"].retain_grad()
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
+    finally:
+        h.remove()
+        model.zero_grad(set_to_none=True)
+    assert cal.grad_sq[(1, "down")] == pytest.approx(float(kept["h"].grad.double().pow(2).sum()), rel=1e-5)
     # stored and read back unchanged
     save(tmp_path / "a.zarr", cal)
     back = load(tmp_path / "a.zarr")
     assert back.input_of == cal.input_of and back.tokens == 80
     torch.testing.assert_close(back.covariance(1, "down"), cal.covariance(1, "down"))
     assert back.grad_sq == pytest.approx(cal.grad_sq)
-    # the base model without an LM head (encoder-style): forward only, no gradients, same inputs
+    # the base model without an LM head (encoder-style): Gauss–Newton of the output distortion, same inputs
     base = collect(model.model, ids, batch_size=5, progress=False)
-    assert not base.has_loss
+    assert base.has_loss and base.attrs["grad_kind"] == "output-gauss-newton"
     torch.testing.assert_close(base.covariance(0, "q"), x.T @ x, rtol=1e-9, atol=1e-9)
-    scores, used = loss_direction_scores(model.model, base, [(0, "q")], "auto")
+    # forward only: no gradients, the loss method weighs relative output errors
+    fwd = collect(model.model, ids, batch_size=5, progress=False, with_grad=False)
+    assert not fwd.has_loss
+    torch.testing.assert_close(fwd.covariance(0, "q"), x.T @ x, rtol=1e-9, atol=1e-9)
+    scores, used = loss_direction_scores(model.model, fwd, [(0, "q")], "auto")
     assert used == "relative" and scores[0].sum() == pytest.approx(1.0)
 
 
@@ -256,3 +274,26 @@ def test_cli_bad_inputs_are_one_line(bytes_run, tmp_path, capsys):
         ["compress", "--ckpt", str(run), "--out", str(tmp_path / "o"), "--whiten", "--damping", "-1",
          "--calib-data", str(text)],
     ], capsys)
+
+
+def test_sweep_table_on_tiny_model(tmp_path):
+    model = train_steps(make_tiny(vocab=64), 5, vocab=64)
+    g = torch.Generator().manual_seed(2)
+    cal = collect(model, torch.randint(0, 64, (4, 32), generator=g), progress=False)
+    windows = {"a": torch.randint(0, 64, (2, 32), generator=g), "b": torch.randint(0, 64, (2, 32), generator=g)}
+    ds = run_sweep(model, model_spectra(model), cal, windows, ["welore", "uniform", "energy", "loss"], [0.3, 0.99],
+                   ["rank", "params"], ["plain", "whitened"], log=lambda *_: None)
+    assert ds["ppl"].shape == (4, 2, 2, 2, 2) and ds.attrs["loss_weight"] == "fisher"
+    ok = ds["ppl"].sel(err=0.3)
+    assert np.isfinite(ok.values).all() and np.isnan(ds["ppl"].sel(err_by="params", err=0.99).values).all()
+    assert abs(float(ds["err_rank"].sel(err_by="rank", err=0.3).max()) - 0.3) < 0.02
+    # a compressed model never beats its own dense perplexity by much on random tokens, and the row matches
+    dense = float(ds["dense_ppl"].sel(dataset="a"))
+    rm = build_rank_map(model_spectra(model), "uniform", 0.3)
+    m = compress_model(copy.deepcopy(model), rm, progress=False)
+    assert float(ds["ppl"].sel({"method": "uniform", "variant": "plain", "err_by": "rank", "err": 0.3, "dataset": "a"})) \
+        == pytest.approx(perplexity(m, windows["a"])[1], rel=1e-6)
+    assert dense > 1
+    rows = verdicts(ds)
+    assert len(rows) == 2 * 2 * 2 and {"welore", "uniform", "energy", "wins", "whitened_wins"} <= set(rows[0])
+    assert markdown(ds, "a", "rank").count("\n") == 2 + 1 + 1
