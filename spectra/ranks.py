@@ -259,10 +259,13 @@ def build_rank_map(spectra: list[MatrixSpectrum], method: str = "welore", err: f
     if scores is not None:
         for c, sc in zip(comps, scores):
             c["score"] = float(sc)
-    return {"method": method, "target_err": float(err), "achieved_err": float(reduction(ranks, shapes, err_by, lrc_rule)),
-            "k": None if k is None else float(k), "err_by": err_by, "lrc_rule": lrc_rule,
-            "err_rank": float(reduction(ranks, shapes, "rank", lrc_rule)),
-            "err_params": float(reduction(ranks, shapes, "params", lrc_rule)), "components": comps}
+    out = {"method": method, "target_err": float(err), "achieved_err": float(reduction(ranks, shapes, err_by, lrc_rule)),
+           "k": None if k is None else float(k), "err_by": err_by, "lrc_rule": lrc_rule,
+           "err_rank": float(reduction(ranks, shapes, "rank", lrc_rule)),
+           "err_params": float(reduction(ranks, shapes, "params", lrc_rule)), "components": comps}
+    if direction_scores is not None:  # what the estimate says this map costs (sum over dropped directions)
+        out["estimated_cost"] = float(sum(np.sum(np.asarray(v, float)[r:]) for v, r in zip(direction_scores, ranks)))
+    return out
 
 
 # --------------------------------------------------------------------------- diagnostics

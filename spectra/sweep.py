@@ -9,7 +9,9 @@ result is one xarray table, written to the analysis store as group `sweep`:
 
     ppl, loss      (method, variant, err_by, err, dataset)
     err_rank, err_params, linear_params   (method, err_by, err)   what each map actually achieved
-    dense_ppl      (dataset)
+    estimated_cost (method, err_by, err)  loss: the map's own estimate (mean per-token loss increase for
+                                          the fisher weight: compare with loss − dense_loss, whitened)
+    dense_ppl, dense_loss                 (dataset)
 
 `diagnostic` joins the methods when the store has grad_subspace / hessian_gap results.
 """
@@ -61,7 +63,8 @@ def run_sweep(model, spectra, cal, windows: dict, methods: list[str], errs: list
     names = list(windows)
     shape = (len(methods), len(variants), len(err_bys), len(errs), len(names))
     ppl, loss = np.full(shape, np.nan), np.full(shape, np.nan)
-    achieved = {k: np.full(shape[:1] + shape[2:4], np.nan) for k in ("err_rank", "err_params", "linear_params")}
+    achieved = {k: np.full(shape[:1] + shape[2:4], np.nan)
+                for k in ("err_rank", "err_params", "linear_params", "estimated_cost")}
     dense = [perplexity(model, windows[n], batch_size, device) for n in names]
     log("dense: " + ", ".join(f"{n} ppl {d[1]:.4f}" for n, d in zip(names, dense)))
     for i, method in enumerate(methods):
@@ -73,6 +76,7 @@ def run_sweep(model, spectra, cal, windows: dict, methods: list[str], errs: list
                     log(f"{method} {err_by} {err:.0%}: {ex}")
                     continue
                 achieved["err_rank"][i, b, e], achieved["err_params"][i, b, e] = rmap["err_rank"], rmap["err_params"]
+                achieved["estimated_cost"][i, b, e] = rmap.get("estimated_cost", np.nan)
                 for v, variant in enumerate(variants):
                     t0 = time.perf_counter()
                     m = compress_model(copy.deepcopy(model), rmap, progress=False,
@@ -86,7 +90,7 @@ def run_sweep(model, spectra, cal, windows: dict, methods: list[str], errs: list
     five = ("method", "variant", "err_by", "err", "dataset")
     three = ("method", "err_by", "err")
     ds = xr.Dataset({"ppl": (five, ppl), "loss": (five, loss), **{k: (three, v) for k, v in achieved.items()},
-                     "dense_ppl": (("dataset",), [d[1] for d in dense])},
+                     "dense_ppl": (("dataset",), [d[1] for d in dense]), "dense_loss": (("dataset",), [d[0] for d in dense])},
                     coords={"method": methods, "variant": variants, "err_by": err_bys, "err": errs, "dataset": names})
     ds.attrs.update({"damping": damping, "loss_weight": loss_weight if directions is not None else None,
                      "lrc_rule": lrc_rule, "tokens": {n: int(windows[n][:, 1:].numel()) for n in names},

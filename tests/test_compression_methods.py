@@ -87,7 +87,8 @@ def test_loss_allocation_hand_case():
     Ws, _ = _hand_loss_case()
     sp = [_spectrum(0, "q", Ws[0]), _spectrum(0, "k", Ws[1])]
     costs = [np.array([100.0, 9.0]), np.array([16.0, 0.04])]
-    assert [e["rank"] for e in build_rank_map(sp, "loss", 0.25, direction_scores=costs)["components"]] == [2, 1]
+    rm = build_rank_map(sp, "loss", 0.25, direction_scores=costs)
+    assert [e["rank"] for e in rm["components"]] == [2, 1] and rm["estimated_cost"] == pytest.approx(0.04)
     assert [e["rank"] for e in build_rank_map(sp, "loss", 0.5, direction_scores=costs)["components"]] == [1, 1]
     assert [e["rank"] for e in build_rank_map(sp, "energy", 0.25)["components"]] == [1, 2]
     # the optimum by brute force over all (r1, r2) with r1 + r2 = 3: output error of what is dropped
