@@ -395,7 +395,7 @@ def _loss_scores(src: Path, spectra: list[MatrixSpectrum], store: Path | None, d
 def ranks_command(
     ckpt: Annotated[str, typer.Option(..., help="Model folder (save_pretrained) or a run folder (uses its latest checkpoint).")],
     err: Annotated[float, typer.Option(help="Target effective rank reduction ERR in [0, 1).")] = 0.5,
-    method: Annotated[str, typer.Option(help="welore (global normalized-σ threshold), uniform (same rank fraction) or diagnostic (Hessian gap / gradient-subspace stability).")] = "welore",
+    method: Annotated[str, typer.Option(help="welore (global normalized-σ threshold), uniform (same rank fraction), diagnostic (Hessian gap / gradient-subspace stability), energy (global σ²/‖W‖_F² threshold) or loss (estimated loss per unit saved; needs --calib-data).")] = "welore",
     err_by: Annotated[str, typer.Option(help="Measure ERR by rank (paper) or by parameter count.")] = "rank",
     analysis: Annotated[str | None, typer.Option(help="analysis.zarr for --method diagnostic (default: <run>/analysis.zarr); the map is also written there as group ranks/<name>.")] = None,
     lrc_rule: Annotated[str, typer.Option(help="LRC = r(m+n) < m·n (params, per-shape break-even) or r < 0.5·rank (paper).")] = "params",
