@@ -298,3 +298,33 @@ def test_sweep_table_on_tiny_model(tmp_path):
     rows = verdicts(ds)
     assert len(rows) == 2 * 2 * 2 and {"welore", "uniform", "energy", "wins", "whitened_wins"} <= set(rows[0])
     assert markdown(ds, "a", "rank").count("\n") == 2 + 1 + 1
+
+
+def _family(name: str):
+    import transformers as tf
+
+    kw = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    cfg = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[name](**kw)
+    torch.manual_seed(0)
+    return {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM}[name](cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_families_calibrate_allocate_and_whiten(family):
+    """GQA (k/v narrower than q) and Qwen2's q/k/v biases: full-rank whitened factors give the same logits."""
+    model = _family(family)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
+    cal = collect(model, ids, progress=False)
+    sp = model_spectra(model)
+    scores, used = loss_direction_scores(model, cal, [(s.layer, s.component) for s in sp])
+    assert used == "fisher" and all(np.all(np.diff(v) <= 1e-12) for v in scores)
+    full = {"components": [{"layer": s.layer, "component": s.component, "shape": list(s.shape), "full_rank": s.full_rank,
+                            "rank": s.full_rank, "lrc": True} for s in sp]}
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = compress_model(copy.deepcopy(model), full, progress=False, whiten=Whitener(cal.covariance)).eval()
+        torch.testing.assert_close(got(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+    rm = build_rank_map(sp, "loss", 0.5, direction_scores=scores)
+    small = compress_model(copy.deepcopy(model), rm, progress=False, whiten=Whitener(cal.covariance))
+    assert np.isfinite(perplexity(small, ids)[1])
