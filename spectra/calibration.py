@@ -26,6 +26,7 @@ compress and sweep reuse them when data, tokenizer, sequence count/length and ch
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,7 +225,9 @@ def calibration(store: str | Path | None, src: Path, model: nn.Module, data: str
     if seqs < 1 or seq_len < 2:
         raise SpectraError(f"need --calib-seqs >= 1 and --calib-seq-len >= 2 (got {seqs}, {seq_len})")
     tok_name = model_tokenizer(src, tokenizer)
-    attrs = {"data": "|".join(expand_files(data)) if data else "c4-en-train", "tokenizer": tok_name, "seqs": seqs,
+    files = "|".join(expand_files(data)) if data else "c4-en-train"  # the file list, hashed: stored attrs stay short
+    attrs = {"data": data or "c4-en-train", "data_files": hashlib.sha1(files.encode()).hexdigest()[:16],
+             "tokenizer": tok_name, "seqs": seqs,
              "seq_len": seq_len, "source": str(Path(src).resolve())}
     if store is not None and Path(store).exists():
         try:

@@ -125,11 +125,11 @@ def markdown(ds, dataset: str, err_by: str) -> str:
     cols = [(m, v) for m in ds["method"].values for v in ds["variant"].values]
     head = "| ERR | " + " | ".join(f"{m} {v}" for m, v in cols) + " |"
     lines = [head, "|---" * (len(cols) + 1) + "|",
-             f"| dense | {float(ds['dense_ppl'].sel(dataset=dataset)):.3f} |" + " |" * (len(cols) - 1)]
+             f"| dense | {float(ds['dense_ppl'].sel(dataset=dataset)):.4f} |" + " |" * (len(cols) - 1)]
     for err in ds["err"].values:
         vals = [float(sub.sel({"method": m, "variant": v, "err": err})) for m, v in cols]
         best = np.nanmin(vals) if np.isfinite(vals).any() else np.nan
-        cells = [("**%.3f**" if x == best else "%.3f") % x if np.isfinite(x) else "–" for x in vals]
+        cells = [("**%.4f**" if x == best else "%.4f") % x if np.isfinite(x) else "–" for x in vals]
         lines.append(f"| {err:.0%} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
