@@ -163,6 +163,22 @@ def test_whitened_truncation_error_is_dropped_whitened_sigma(rank):
     assert dropped <= float(((W - plain) @ X.T).pow(2).sum()) + 1e-9
 
 
+def test_whitener_dense_truncation_and_lrc_agree():
+    """An N-LRC entry keeps a dense linear holding B·A; an LRC entry becomes those factors (bias kept)."""
+    W, X = _wc(out=6, inp=8, tokens=30, seed=4)
+    C = X.T @ X
+    A, B = whitened_factors(W, C, 3, damping=0.01)
+    for lrc in (False, True):
+        lin = torch.nn.Linear(8, 6, bias=True).double()
+        with torch.no_grad():
+            lin.weight.copy_(W)
+        new = Whitener(lambda l, c: C).apply(0, "q", lin, {"rank": 3, "lrc": lrc})
+        assert (new is lin) is (not lrc)
+        torch.testing.assert_close(new.weight.detach(), B @ A, rtol=0, atol=1e-10)
+        x = torch.randn(4, 8, dtype=torch.float64)
+        torch.testing.assert_close(new(x), x @ (B @ A).T + lin.bias, rtol=0, atol=1e-10)
+
+
 # --------------------------------------------------------------------------- calibration on a model
 def _hidden_inputs(model, ids):
     """Independent reference: q's input is layer 0's input_layernorm of the embeddings."""
@@ -256,8 +272,17 @@ def test_cli_loss_map_and_whitened_compress(bytes_run, capsys):
     assert abs(rm["achieved_err"] - 0.5) < 0.02
     assert load(run / "analysis.zarr").attrs["tokenizer"] == "bytes"  # stored for compress to reuse
     out = run / "compressed" / "loss-w"
-    assert main(["compress", "--ckpt", str(run), "--out", str(out), "--rank-map", str(run / "ranks" / "loss-err50.json"),
-                 "--whiten", *calib]) == 0
+    import spectra.calibration as calibration_module  # compress must reuse the stored statistics, not recompute
+
+    def no_recompute(*a, **k):
+        raise AssertionError("calibration recomputed")
+
+    real, calibration_module.collect = calibration_module.collect, no_recompute
+    try:
+        assert main(["compress", "--ckpt", str(run), "--out", str(out), "--rank-map", str(run / "ranks" / "loss-err50.json"),
+                     "--whiten", *calib]) == 0
+    finally:
+        calibration_module.collect = real
     saved = json.loads((out / "spectra_rank_map.json").read_text())
     assert saved["whiten"]["damping"] == 0.01 and saved["whiten"]["calibration"]["seqs"] == 4
     model = load_compressed(out)
