@@ -445,7 +445,9 @@ def ranks_command(
     console = Console()
     print_table(rank_map, console)
     n_lrc = sum(e["lrc"] for e in rank_map["components"])
-    k = "" if rank_map["k"] is None else f", k = {rank_map['k']:.5f}"
+    k = "" if rank_map["k"] is None else f", k = {rank_map['k']:.5f}" if method != "loss" else f", k = {rank_map['k']:.4g}"
+    if "estimated_cost" in rank_map:
+        k += f", estimated cost {rank_map['estimated_cost']:.4g}"
     console.print(f"ERR by rank {rank_map['err_rank']:.4f}, by params {rank_map['err_params']:.4f}{k}; "
                   f"{n_lrc}/{len(spectra)} LRCs -> {dest}")
     if store.exists() or run is not None:  # a bare checkpoint gets no analysis store just for this
