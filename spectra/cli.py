@@ -30,6 +30,8 @@ COMMANDS: list[tuple[str, str, str, str]] = [
      "WeLore rank map (or uniform / diagnostic baseline) for a target ERR, with a per-layer table."),
     ("compress", "spectra.lowrank", "compress_command",
      "WeLore-COMP: replace LRC linears with low-rank factors (or --merge them back to dense)."),
+    ("sweep", "spectra.sweep", "sweep_command",
+     "Every rank map × {plain, whitened} × ERR, by rank and by params: perplexity table in the analysis store."),
     ("eval", "spectra.evaluate", "eval_command",
      "Perplexity of a dense or compressed model on C4 (hub or local) or any local text."),
     ("finetune", "spectra.finetune", "finetune_command",

@@ -34,7 +34,7 @@ here), and loading never recomputes an SVD.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import torch
 import typer
@@ -70,6 +70,23 @@ def _fill_factors(lr: LowRankLinear, W: torch.Tensor, bias: torch.Tensor | None,
         if bias is not None:
             lr.B.bias.copy_(bias)
     return lr
+
+
+def _set_factors(lr: LowRankLinear, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> LowRankLinear:
+    with torch.no_grad():
+        lr.A.weight.copy_(A.to(lr.A.weight.dtype))
+        lr.B.weight.copy_(B.to(lr.B.weight.dtype))
+        if bias is not None:
+            lr.B.bias.copy_(bias)
+    return lr
+
+
+def _truncate(p, W: torch.Tensor, rank: int, device=None, whiten=None) -> torch.Tensor:
+    """The rank-`rank` approximation of part p's weight W: plain SVD, or whitened when asked."""
+    if whiten is None:
+        return _truncated(W, rank, device)
+    A, B = whiten.factors(p.layer, p.component, W, rank)
+    return (B @ A).to(W.device, W.dtype)
 
 
 def _truncated(W: torch.Tensor, rank: int, device=None) -> torch.Tensor:
@@ -166,8 +183,12 @@ def plan(model: nn.Module, rank_map: dict) -> dict[str, dict]:
     return structure
 
 
-def compress_model(model: nn.Module, rank_map: dict, device: str | torch.device | None = None, progress: bool = True) -> nn.Module:
+def compress_model(model: nn.Module, rank_map: dict, device: str | torch.device | None = None, progress: bool = True,
+                   whiten=None) -> nn.Module:
     """Apply a rank map in place, one module at a time (SVD on `device`, default the weight's).
+
+    `whiten`: a `spectra.whiten.Whitener`; truncation then happens in the space of the layer's input
+    activations (SVD of W·S) instead of a plain SVD of W, for factors and dense truncation alike.
 
     The structure of what was replaced is kept as `model.config.spectra_structure` (it is what
     config.json needs for the folder to load as a Hugging Face model)."""
@@ -179,7 +200,7 @@ def compress_model(model: nn.Module, rank_map: dict, device: str | torch.device 
             for p in plist:
                 e = entries[(p.layer, p.component)]
                 if int(e["rank"]) < int(e["full_rank"]):
-                    p.set_weight(mod, _truncated(p.weight(mod), int(e["rank"]), device))
+                    p.set_weight(mod, _truncate(p, p.weight(mod), int(e["rank"]), device, whiten))
             continue
         new = build_module(structure[name], dtype=mod.weight.dtype, device=mod.weight.device)
         for p in plist:  # each part: factors from its own SVD, or its dense (truncated) rows
@@ -187,11 +208,14 @@ def compress_model(model: nn.Module, rank_map: dict, device: str | torch.device 
             W, bias = p.weight(mod), p.bias(mod)
             target = new.get_submodule(p.component) if p.fused else new
             if e["lrc"]:
-                _fill_factors(target, W, bias, device)
+                if whiten is not None:
+                    _set_factors(target, *whiten.factors(p.layer, p.component, W, target.rank), bias)
+                else:
+                    _fill_factors(target, W, bias, device)
                 continue
             rank = int(e["rank"])
             with torch.no_grad():
-                target.weight.copy_(_truncated(W, rank, device) if rank < int(e["full_rank"]) else W)
+                target.weight.copy_(_truncate(p, W, rank, device, whiten) if rank < int(e["full_rank"]) else W)
                 if bias is not None:
                     target.bias.copy_(bias)
         _replace(model, name, new)
@@ -248,6 +272,12 @@ def compress_command(
     merge: Annotated[bool, typer.Option(help="Turn a compressed folder back into dense weights (W = B·A) instead.")] = False,
     dtype: Annotated[str, typer.Option(help="Weights dtype of the output: auto (as stored), float32, bfloat16 or float16.")] = "auto",
     device: Annotated[str, typer.Option(help="Where the per-matrix SVDs run (auto: cuda when available). Weights stay on CPU.")] = "auto",
+    whiten: Annotated[bool, typer.Option(help="Activation-aware truncation (SVD of W·S, C = XᵀX = S·Sᵀ from --calib-data; spectra/whiten.py).")] = False,
+    calib_data: Annotated[str | None, typer.Option(help="--whiten: calibration text files/globs/folders (default hub C4 train).")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="--whiten: the model's tokenizer (default: the run's).")] = None,
+    calib_seqs: Annotated[int, typer.Option(help="--whiten: calibration sequences.")] = 256,
+    calib_seq_len: Annotated[int, typer.Option(help="--whiten: tokens per calibration sequence.")] = 256,
+    damping: Annotated[float, typer.Option(help="--whiten: relative damping, C + d·mean(diag C)·I.")] = 0.01,
 ) -> None:
     """WeLore-COMP: replace LRC linears with low-rank factors (or --merge them back to dense)."""
     from rich.console import Console
@@ -269,16 +299,32 @@ def compress_command(
         return
     if (src / RANK_MAP_FILE).is_file():
         raise SpectraError(f"{src} is already compressed; use --merge to get dense weights back first")
-    from spectra.ranks import build_rank_map, check_options, load_rank_map, model_spectra
+    from spectra.ranks import (
+        build_rank_map,
+        check_options,
+        load_rank_map,
+        model_spectra,
+    )
 
     rmap = load_rank_map(rank_map) if rank_map is not None else None  # bad input fails before the model loads
     check_options("welore", err, "rank", "params")
+    if whiten:
+        from spectra.calibration import check_options as check_calibration
+
+        check_calibration(calib_data, calib_seqs, calib_seq_len, damping)
     model = _load_dense(src, want)
     svd_device = resolve_device(device)
     if rmap is None:  # the global threshold needs every spectrum before any matrix is cut: a cheap svdvals pass first
         rmap = build_rank_map(model_spectra(model, svd_device), "welore", err)
     before = _param_count(model)
-    compress_model(model, rmap, svd_device)
+    whitener = None
+    if whiten:  # the calibration lives in (and is reused from) the run's analysis store
+        from spectra.whiten import whitener_for
+
+        whitener = whitener_for(src, model, calib_data, tokenizer, calib_seqs, calib_seq_len, damping, svd_device)
+    compress_model(model, rmap, svd_device, whiten=whitener)
+    if whitener is not None:
+        rmap = {**rmap, "whiten": whitener.metadata()}
     after = _param_count(model)
     save_compressed(model, rmap, dst, tokenizer_from=src)
     n_lrc = sum(bool(e["lrc"]) for e in rmap["components"])

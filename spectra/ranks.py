@@ -16,6 +16,24 @@ What `rank` means for an N-LRC: by rank ERR every matrix is truncated to r (dens
 U_r S_r V_rᵀ, as in the paper); by parameter ERR an N-LRC saves nothing when truncated, so it keeps
 full rank.
 
+energy (`--method energy`, data-free): one global threshold τ on each direction's share of its
+matrix's Frobenius energy, e_i = σ_i² / ‖W‖_F², keep r = #{e_i ≥ τ}. Why σ²/‖W‖_F² rather than
+σ/‖W‖_F: by Eckart–Young, dropping direction i adds exactly σ_i² to ‖W − W_r‖_F², so e_i is the
+relative Frobenius error that direction costs, and a global τ drops directions in order of the
+relative error they add, whatever the matrix's scale. (σ/‖W‖_F ≥ √τ is the same set, so both give
+the same map; only the reported k differs.) Unlike WeLore's min-max ŝ it keeps the scale of the
+bulk: a flat spectrum has every e_i ≈ 1/n, not a spread over [0, 1].
+
+loss (`--method loss --calib-data FILES`): one global threshold on the estimated loss increase per
+unit saved, from the layer inputs' second moment C = XᵀX (spectra.calibration) and the whitened
+singular values σ_i(W·S), C = S·Sᵀ: dropping whitened direction i adds exactly σ_i(WS)² to the
+summed squared output error Σ_t ‖(W − W_r)x_t‖² (SVD-LLM). Each is weighted per matrix into a
+loss estimate (spectra.calibration.loss_weights: the output-gradient Fisher of a causal LM, else
+the relative output error) and divided by what the direction saves (1 rank, or m + n parameters
+by --err-by params): the Lagrangian / greedy allocation, exact for a separable cost because each
+matrix's costs rise monotonically toward its head, so the cheapest-first greedy order is a
+threshold.
+
 Baselines at the same ERR (same bisection, on a global scale s instead of k):
     uniform     r_i = ceil(s · full_i): the same rank fraction everywhere (paper's "Uniform").
     diagnostic  r_i = ceil(s · w_i · full_i) with w_i = 1 + SPREAD·(0.5 − score_i): training
@@ -36,7 +54,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -46,10 +64,11 @@ from tqdm import tqdm
 
 from spectra.errors import SpectraError
 from spectra.heavytail import normalized_singular_values, singular_values
-from spectra.models import (COMPONENTS, analysis_store_for, component_parts, find_checkpoint, resolve_device,
-                            run_dir_of)
+from spectra.models import (COMPONENTS, analysis_store_for, component_parts, find_checkpoint, iter_components,
+                            resolve_device, run_dir_of)
 
-METHODS = ("welore", "uniform", "diagnostic")
+METHODS = ("welore", "uniform", "diagnostic", "energy", "loss")
+THRESHOLD_METHODS = ("welore", "energy", "loss")  # one global threshold k on a per-direction score
 SPREAD = 1.0  # diagnostic: the least compressible component keeps 3x the rank fraction of the most
 
 
@@ -59,6 +78,7 @@ class MatrixSpectrum:
     component: str
     shape: tuple[int, int]  # (out, in), as nn.Linear stores it
     snorm: np.ndarray  # normalized singular values, descending, float64
+    sigma: np.ndarray | None = None  # the singular values themselves (energy method), float64
 
     @property
     def full_rank(self) -> int:
@@ -67,7 +87,8 @@ class MatrixSpectrum:
 
 def _spectrum(layer: int, comp: str, W: torch.Tensor, device=None) -> MatrixSpectrum:
     sigma = singular_values(W.to(device) if device else W).double()
-    return MatrixSpectrum(layer, comp, tuple(W.shape), normalized_singular_values(sigma).cpu().numpy())
+    return MatrixSpectrum(layer, comp, tuple(W.shape), normalized_singular_values(sigma).cpu().numpy(),
+                          sigma.cpu().numpy())
 
 
 def _order(spectra: list[MatrixSpectrum]) -> list[MatrixSpectrum]:
@@ -95,7 +116,23 @@ def checkpoint_spectra(path: Path, device=None) -> list[MatrixSpectrum]:
 # --------------------------------------------------------------------------- ranks and ERR
 def threshold_ranks(spectra: list[MatrixSpectrum], k: float) -> np.ndarray:
     """WeLore's kept rank r = #{ŝ ≥ k} per matrix."""
-    return np.array([np.searchsorted(-s.snorm, -k, side="right") for s in spectra])
+    return score_ranks([s.snorm for s in spectra], k)
+
+
+def score_ranks(scores: list[np.ndarray], k: float) -> np.ndarray:
+    """r = max(1, #{score ≥ k}) per matrix, for per-direction scores sorted descending."""
+    return np.array([max(1, np.searchsorted(-v, -k, side="right")) for v in scores])
+
+
+def energy_scores(spectra: list[MatrixSpectrum]) -> list[np.ndarray]:
+    """e_i = σ_i² / ‖W‖_F² per matrix (descending; a zero matrix scores 0 everywhere)."""
+    out = []
+    for s in spectra:
+        if s.sigma is None:
+            raise SpectraError("the energy method needs singular values (MatrixSpectrum.sigma)")
+        e = s.sigma ** 2
+        out.append(e / e.sum() if e.sum() > 0 else e)
+    return out
 
 
 def scaled_ranks(full: np.ndarray, weights: np.ndarray, s: float) -> np.ndarray:
@@ -142,9 +179,9 @@ def bisect(fn: Callable[[float], float], target: float, lo: float, hi: float, it
     return lo if target - fn(lo) < fn(hi) - target else hi
 
 
-def _robust_k(spectra: list[MatrixSpectrum], k: float) -> float:
+def _robust_k(scores: list[np.ndarray], k: float) -> float:
     """Move k to the middle of the interval giving the same ranks, so re-applying it is exact."""
-    allv = np.concatenate([s.snorm for s in spectra])
+    allv = np.concatenate(scores)
     below, above = allv[allv < k], allv[allv >= k]
     if not len(below) or not len(above):
         return k
@@ -161,16 +198,29 @@ def check_options(method: str, err: float, err_by: str, lrc_rule: str) -> None:
 
 
 def build_rank_map(spectra: list[MatrixSpectrum], method: str = "welore", err: float = 0.5, err_by: str = "rank",
-                   lrc_rule: str = "params", scores: np.ndarray | None = None) -> dict:
-    """The rank map (shared JSON contract) hitting `err` with `method`."""
+                   lrc_rule: str = "params", scores: np.ndarray | None = None,
+                   direction_scores: list[np.ndarray] | None = None) -> dict:
+    """The rank map (shared JSON contract) hitting `err` with `method`.
+
+    `scores`: per-matrix diagnostic scores (diagnostic). `direction_scores`: per-direction loss
+    estimates, descending per matrix, in `spectra` order (loss; see `loss_direction_scores`).
+    """
     check_options(method, err, err_by, lrc_rule)
     shapes = np.array([s.shape for s in spectra])
     full = np.array([s.full_rank for s in spectra])
     k = None
-    if method == "welore":
-        k = bisect(lambda t: reduction(threshold_ranks(spectra, t), shapes, err_by, lrc_rule), err, 0.0, 1.0)
-        k = _robust_k(spectra, k)
-        ranks = threshold_ranks(spectra, k)
+    if method in THRESHOLD_METHODS:
+        if method == "loss" and direction_scores is None:
+            raise SpectraError("the loss method needs per-direction loss estimates (--calib-data)")
+        values = {"welore": lambda: [s.snorm for s in spectra], "energy": lambda: energy_scores(spectra),
+                  "loss": lambda: [np.asarray(v, float) for v in direction_scores]}[method]()
+        if method == "loss" and err_by == "params":  # cost per parameter saved: a direction is worth m + n
+            values = [v / (m + n) for v, (m, n) in zip(values, shapes)]
+        # at k = hi every matrix is at rank 1 (WeLore: ŝ ≤ 1, its search interval stays the paper's [0, 1])
+        hi = 1.0 if method == "welore" else max(float(v.max()) for v in values) * (1 + 1e-9) or 1.0
+        k = bisect(lambda t: reduction(score_ranks(values, t), shapes, err_by, lrc_rule), err, 0.0, hi)
+        k = _robust_k(values, k)
+        ranks = score_ranks(values, k)
     else:
         if method == "diagnostic" and scores is None:
             raise SpectraError("the diagnostic method needs scores from an analysis store")
@@ -186,10 +236,13 @@ def build_rank_map(spectra: list[MatrixSpectrum], method: str = "welore", err: f
     if scores is not None:
         for c, sc in zip(comps, scores):
             c["score"] = float(sc)
-    return {"method": method, "target_err": float(err), "achieved_err": float(reduction(ranks, shapes, err_by, lrc_rule)),
-            "k": None if k is None else float(k), "err_by": err_by, "lrc_rule": lrc_rule,
-            "err_rank": float(reduction(ranks, shapes, "rank", lrc_rule)),
-            "err_params": float(reduction(ranks, shapes, "params", lrc_rule)), "components": comps}
+    out = {"method": method, "target_err": float(err), "achieved_err": float(reduction(ranks, shapes, err_by, lrc_rule)),
+           "k": None if k is None else float(k), "err_by": err_by, "lrc_rule": lrc_rule,
+           "err_rank": float(reduction(ranks, shapes, "rank", lrc_rule)),
+           "err_params": float(reduction(ranks, shapes, "params", lrc_rule)), "components": comps}
+    if direction_scores is not None:  # what the estimate says this map costs (sum over dropped directions)
+        out["estimated_cost"] = float(sum(np.sum(np.asarray(v, float)[r:]) for v, r in zip(direction_scores, ranks)))
+    return out
 
 
 # --------------------------------------------------------------------------- diagnostics
@@ -303,20 +356,47 @@ def print_table(rank_map: dict, console=None) -> None:
 
 
 # --------------------------------------------------------------------------- command
+def _loss_scores(src: Path, spectra: list[MatrixSpectrum], store: Path | None, dev, data, tokenizer, seqs, seq_len,
+                 weight: str, damping: float) -> tuple[list[np.ndarray], dict]:
+    """Per-direction loss estimates for --method loss (calibration reused from / written to `store`)."""
+    from spectra import calibration
+    from spectra.models import load_causal_lm
+
+    model = load_causal_lm(src, device=dev)
+    cal = calibration.calibration(store, src, model, data, tokenizer, seqs, seq_len, device=dev)
+    scores, used = calibration.loss_direction_scores(model, cal, [(s.layer, s.component) for s in spectra], weight,
+                                                     damping)
+    return scores, {"loss_weight": used, "damping": damping, "calibration": {**cal.attrs, "tokens": cal.tokens}}
+
+
 def ranks_command(
     ckpt: Annotated[str, typer.Option(..., help="Model folder (save_pretrained) or a run folder (uses its latest checkpoint).")],
     err: Annotated[float, typer.Option(help="Target effective rank reduction ERR in [0, 1).")] = 0.5,
-    method: Annotated[str, typer.Option(help="welore (global normalized-σ threshold), uniform (same rank fraction) or diagnostic (Hessian gap / gradient-subspace stability).")] = "welore",
+    method: Annotated[str, typer.Option(help="welore (global normalized-σ threshold), uniform (same rank fraction), diagnostic (Hessian gap / gradient-subspace stability), energy (global σ²/‖W‖_F² threshold) or loss (estimated loss per unit saved; needs --calib-data).")] = "welore",
     err_by: Annotated[str, typer.Option(help="Measure ERR by rank (paper) or by parameter count.")] = "rank",
-    analysis: Annotated[Optional[str], typer.Option(help="analysis.zarr for --method diagnostic (default: <run>/analysis.zarr); the map is also written there as group ranks/<name>.")] = None,
+    analysis: Annotated[str | None, typer.Option(help="analysis.zarr for --method diagnostic (default: <run>/analysis.zarr); the map is also written there as group ranks/<name>.")] = None,
     lrc_rule: Annotated[str, typer.Option(help="LRC = r(m+n) < m·n (params, per-shape break-even) or r < 0.5·rank (paper).")] = "params",
-    out: Annotated[Optional[str], typer.Option(help="Rank map JSON path (default: <run>/ranks/<method>-err<NN>[-params].json, else <ckpt>/ranks/...).")] = None,
+    out: Annotated[str | None, typer.Option(help="Rank map JSON path (default: <run>/ranks/<method>-err<NN>[-params].json, else <ckpt>/ranks/...).")] = None,
     device: Annotated[str, typer.Option(help="Where the SVDs run (auto: cuda when available).")] = "auto",
+    calib_data: Annotated[str | None, typer.Option(help="--method loss: calibration text (json/jsonl(.gz)/txt/parquet files, globs or folders); default hub C4 train.")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="--method loss: the model's tokenizer (default: the run's, from run_config.json).")] = None,
+    calib_seqs: Annotated[int, typer.Option(help="--method loss: calibration sequences.")] = 256,
+    calib_seq_len: Annotated[int, typer.Option(help="--method loss: tokens per calibration sequence.")] = 256,
+    loss_weight: Annotated[str, typer.Option(help="--method loss: output error -> loss weight per matrix: auto, fisher, relative or output.")] = "auto",
+    damping: Annotated[float, typer.Option(help="--method loss: relative damping of the input covariance (C + d·mean(diag C)·I).")] = 0.01,
 ) -> None:
-    """WeLore rank map (or uniform / diagnostic baseline) for a target ERR, with a per-layer table."""
+    """WeLore rank map (or uniform / diagnostic baseline) for a target ERR, with a per-layer table.
+
+    Also: --method energy (global threshold on σ²/‖W‖_F², data-free) and --method loss (estimated loss
+    increase per unit saved, from calibration activations; see spectra/ranks.py).
+    """
     from rich.console import Console
 
     check_options(method, err, err_by, lrc_rule)
+    if method == "loss":
+        from spectra.calibration import check_options as check_calibration
+
+        check_calibration(calib_data, calib_seqs, calib_seq_len, damping, loss_weight)
     src = find_checkpoint(ckpt)
     run = run_dir_of(src)
     store = Path(analysis) if analysis else analysis_store_for(src)
@@ -328,7 +408,12 @@ def ranks_command(
     dev = resolve_device(device)
     spectra = checkpoint_spectra(src, dev)
     scores = diagnostic_scores(store, [(s.layer, s.component) for s in spectra]) if method == "diagnostic" else None
-    rank_map = build_rank_map(spectra, method, err, err_by, lrc_rule, scores)
+    directions, extra = None, {}
+    if method == "loss":
+        directions, extra = _loss_scores(src, spectra, store if (store.exists() or run is not None) else None, dev,
+                                         calib_data, tokenizer, calib_seqs, calib_seq_len, loss_weight, damping)
+    rank_map = build_rank_map(spectra, method, err, err_by, lrc_rule, scores, directions)
+    rank_map.update(extra)
     rank_map["source"] = str(src)
     name = map_name(method, err, err_by)
     dest = Path(out) if out else (run if run is not None else src) / "ranks" / f"{name}.json"
@@ -337,7 +422,9 @@ def ranks_command(
     console = Console()
     print_table(rank_map, console)
     n_lrc = sum(e["lrc"] for e in rank_map["components"])
-    k = "" if rank_map["k"] is None else f", k = {rank_map['k']:.5f}"
+    k = "" if rank_map["k"] is None else f", k = {rank_map['k']:.5f}" if method != "loss" else f", k = {rank_map['k']:.4g}"
+    if "estimated_cost" in rank_map:
+        k += f", estimated cost {rank_map['estimated_cost']:.4g}"
     console.print(f"ERR by rank {rank_map['err_rank']:.4f}, by params {rank_map['err_params']:.4f}{k}; "
                   f"{n_lrc}/{len(spectra)} LRCs -> {dest}")
     if store.exists() or run is not None:  # a bare checkpoint gets no analysis store just for this
