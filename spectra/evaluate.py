@@ -65,9 +65,12 @@ def check_vocab(model, tokenizer) -> None:
     """A tokenizer with more ids than the model embeds would index out of range mid-eval; one with far
     fewer (bytes on a T5 model) runs but scores garbage. Padded embeddings stay within ~10%."""
     n_emb = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > n_emb or len(tokenizer) < 0.9 * n_emb:
-        raise SpectraError(f"tokenizer has {len(tokenizer)} ids but the model embeds {n_emb}; "
+    if len(tokenizer) > n_emb:
+        raise SpectraError(f"tokenizer has {len(tokenizer)} ids but the model embeds only {n_emb}; "
                            "pass the --tokenizer the model was trained with")
+    if len(tokenizer) < 0.9 * n_emb:
+        raise SpectraError(f"tokenizer has {len(tokenizer)} ids but the model embeds {n_emb} (not a padded copy "
+                           "of this vocabulary); pass the --tokenizer the model was trained with")
 
 
 def model_tokenizer(path: Path, name: str | None):

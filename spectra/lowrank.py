@@ -34,7 +34,7 @@ here), and loading never recomputes an SVD.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import torch
 import typer

@@ -329,7 +329,12 @@ def test_checkpoint_series_spectrum_then_report(tmp_path, capsys):
         np.testing.assert_allclose(ds.sigma.sel(step=step, layer=1, component="q").values[: len(want)], want, rtol=1e-4)
     assert main(["report", str(series)]) == 0
     html = (series / "report.html").read_text()
-    assert "3000" in html and len(html) > 10_000
+    import re
+
+    from reports.html import unpacked
+
+    blob = re.search(r'id="figures-gz">([A-Za-z0-9+/=]+)</script>', html).group(1)
+    assert "3000" in unpacked(blob) and len(html) > 10_000  # the figures (packed in the page) span the series
     # explicit steps, in the order given; a folder without a step in its name needs them
     assert main(["spectrum", str(series / "step1000"), str(series / "step_2000"), "--steps", "10", "--steps", "5",
                  "--out", str(tmp_path / "b.zarr"), "--device", "cpu"]) == 0

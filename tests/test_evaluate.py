@@ -61,7 +61,7 @@ def test_window_cache_hit_returns_identical_windows(tokenizer, tmp_path, monkeyp
     import spectra.data as data
 
     first = data.text_windows(str(OLMO_C4), tokenizer, 64, 1024, cache_dir=tmp_path)
-    assert first.shape == (16, 64) and len(list(tmp_path.glob("windows-*.pt"))) == 1
+    assert first.shape == (16, 64) and len(list(tmp_path.glob("windows-*.safetensors"))) == 1
     # second call must come from disk: packing text again would raise
     monkeypatch.setattr(data, "PackedStream", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-tokenized")))
     again = data.text_windows(str(OLMO_C4), tokenizer, 64, 1024, cache_dir=tmp_path)
@@ -69,7 +69,7 @@ def test_window_cache_hit_returns_identical_windows(tokenizer, tmp_path, monkeyp
     monkeypatch.undo()
     # another seq_len is another cache entry, over the same leading tokens
     other = data.text_windows(str(OLMO_C4), tokenizer, 32, 1024, cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("windows-*.pt"))) == 2
+    assert len(list(tmp_path.glob("windows-*.safetensors"))) == 2
     assert torch.equal(other.flatten()[:1024], first.flatten())
 
 
