@@ -295,8 +295,10 @@ def report_command(
     inputs are not computed yet say which command makes them; plotly.js is embedded once
     (compressed), so the file opens without network. Building twice gives identical bytes.
     """
+    from spectra.runs import check_own_output, is_report
+
+    dest = check_own_output(Path(out) if out is not None else Path(run) / "report.html", is_report)
     text = build_report(run, title)
-    dest = Path(out) if out is not None else Path(run) / "report.html"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(text, encoding="utf-8")
     print(dest)

@@ -44,6 +44,31 @@ COMMANDS: list[tuple[str, str, str, str]] = [
 _SETTINGS = dict(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
+# commands that write into the run folder their input lies in: they hold its lock while they run
+# (pretrain takes its own; pipeline's stages are library calls inside one process)
+LOCKED = {"spectrum", "grad-subspace", "hessian-gap", "ranks", "compress", "eval", "finetune", "report", "sweep"}
+INPUTS = ("path", "paths", "run", "ckpt", "model")  # the keyword that names a command's input
+
+
+def _locked(name: str, func):
+    import functools
+
+    @functools.wraps(func)  # typer reads the wrapped signature
+    def run(**kwargs):
+        from pathlib import Path
+
+        from spectra.runs import run_dir_of, run_lock
+
+        src = next((kwargs[k] for k in INPUTS if kwargs.get(k)), None)
+        if isinstance(src, (list, tuple)):
+            src = src[0] if len(src) == 1 else None
+        run_dir = run_dir_of(src) if src is not None and Path(str(src)).exists() else None
+        with run_lock(run_dir, name):
+            return func(**kwargs)
+
+    return run
+
+
 def load_command(name: str):
     """The typed function behind command `name` (imports its module)."""
     module, func = next((m, f) for n, m, f, _ in COMMANDS if n == name)
@@ -60,7 +85,8 @@ class _LazyGroup(typer.core.TyperGroup):
         if name not in self.list_commands(ctx):
             return None
         one = typer.Typer(**_SETTINGS)
-        one.command(name)(load_command(name))
+        func = load_command(name)
+        one.command(name)(_locked(name, func) if name in LOCKED else func)
         return typer.main.get_command(one)
 
     def format_commands(self, ctx, formatter) -> None:

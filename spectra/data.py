@@ -118,10 +118,13 @@ def load_local_docs(spec: str | list[str]):
     try:
         kw = {"sample_by": "paragraph"} if builder == "text" else {}
         ds = datasets.load_dataset(builder, data_files=files, split="train", **kw)
-    except Exception as e:  # noqa: BLE001 - corrupt/unreadable files: one line
-        raise SpectraError(f"cannot read --data {spec}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - corrupt/unreadable/empty files: one line
+        msg = (str(e).splitlines() or [type(e).__name__])[0]
+        raise SpectraError(f"cannot read --data {spec} as docs: {msg}") from None
     if "text" not in ds.column_names:
         raise SpectraError(f"--data {spec} has no 'text' field (columns: {ds.column_names})")
+    if len(ds) == 0:
+        raise SpectraError(f"--data {spec} holds no docs (empty files)")
     return ds.select_columns(["text"])
 
 

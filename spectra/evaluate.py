@@ -156,6 +156,8 @@ def eval_command(
     run = run_dir_of(path)
     target = out if out is not None else (run / "eval.jsonl" if run is not None else None)
     if target is not None:
-        append_jsonl(Path(target), row)
+        from spectra.runs import check_own_output, is_jsonl_of
+
+        append_jsonl(check_own_output(target, is_jsonl_of("ppl")), row)
     where = f" -> {target}" if target is not None else ""
     print(f"{path}: ppl {ppl:.3f} (loss {loss:.4f}) on {n_tok} tokens of {row['dataset']} @ seq {seq_len}{where}")

@@ -382,7 +382,9 @@ def finetune_command(
     batches, val = data_streams(data, val_data, tok, seq_len, micro_batch, eval_tokens, seed, cache_dir)
     lm, metrics = finetune(lm, batches, cfg, dev, val, progress=True)
     _, err = model_label(path)
-    out = out or default_out(path, method, err)
+    from spectra.runs import check_own_output, is_finetune_dir
+
+    out = check_own_output(out or default_out(path, method, err), is_finetune_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = {"method": method, "err": err, **metrics, "model": str(path), "data": data or "c4-en", "seq_len": seq_len}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))

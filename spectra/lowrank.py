@@ -278,13 +278,17 @@ def compress_command(
     calib_seqs: Annotated[int, typer.Option(help="--whiten: calibration sequences.")] = 256,
     calib_seq_len: Annotated[int, typer.Option(help="--whiten: tokens per calibration sequence.")] = 256,
     damping: Annotated[float, typer.Option(help="--whiten: relative damping, C + d·mean(diag C)·I.")] = 0.01,
+    overwrite: Annotated[bool, typer.Option(help="Write into a non-empty --out folder (its files may be replaced).")] = False,
 ) -> None:
     """WeLore-COMP: replace LRC linears with low-rank factors (or --merge them back to dense)."""
     from rich.console import Console
 
+    from spectra.runs import check_new_output
+
     src, dst = find_checkpoint(ckpt), Path(out)
     if dst.resolve() == src.resolve():
         raise SpectraError("--out must differ from the input folder (its weights are read while writing)")
+    check_new_output(dst, overwrite)
     want = _dtype(dtype)
     console = Console()
     if merge:

@@ -108,6 +108,9 @@ def build(cls, values: dict):
             v = _parse_seq(v, *seq, f.name)
         elif seq and isinstance(v, (list, tuple)):
             v = seq[0](v)
+        arity = len(typing.get_args(t)) if seq and seq[0] is tuple and Ellipsis not in typing.get_args(t) else None
+        if arity is not None and len(v) != arity:
+            raise SpectraError(f"--{f.name.replace('_', '-')} takes {arity} comma-separated values, not {len(v)}")
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             if (lo is not None and v < lo) or (hi is not None and v > hi):

@@ -416,7 +416,10 @@ def ranks_command(
     rank_map.update(extra)
     rank_map["source"] = str(src)
     name = map_name(method, err, err_by)
-    dest = Path(out) if out else (run if run is not None else src) / "ranks" / f"{name}.json"
+    from spectra.runs import check_own_output, is_rank_map
+
+    dest = check_own_output(Path(out) if out else (run if run is not None else src) / "ranks" / f"{name}.json",
+                            is_rank_map)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(rank_map, indent=1))
     console = Console()

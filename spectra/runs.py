@@ -93,3 +93,57 @@ def check_new_output(path: str | Path, overwrite: bool, what: str = "--out") -> 
     if p.is_dir() and not any(p.iterdir()):
         return p
     raise SpectraError(f"{what} {p} already exists and is not empty; choose another path or pass --overwrite")
+
+
+def check_own_output(path: str | Path, owned, overwrite: bool = False, what: str = "--out") -> Path:
+    """An output a command may replace or extend only if it is its own product (`owned(path)` says
+    so, e.g. an HTML report or a jsonl of eval rows); anything else needs `--overwrite`."""
+    p = Path(path)
+    if overwrite or not p.exists() or (p.is_dir() and not any(p.iterdir())):
+        return p
+    try:
+        ok = bool(owned(p))
+    except Exception:  # noqa: BLE001 - unreadable means "not ours"
+        ok = False
+    if not ok:
+        raise SpectraError(f"{what} {p} exists and is not a {_name(owned)}; choose another path "
+                           "(or pass --overwrite where the command has it)")
+    return p
+
+
+def _name(owned) -> str:
+    return (owned.__doc__ or "file this command writes").strip().splitlines()[0].rstrip(".")
+
+
+def is_report(p: Path) -> bool:
+    """spectra HTML report"""
+    return p.is_file() and 'content="spectra report"' in p.read_text(errors="replace")[:4096]
+
+
+def is_jsonl_of(key: str):
+    def owned(p: Path) -> bool:
+        first = p.read_text(errors="replace").splitlines()[:1]
+        return p.is_file() and (not first or (first[0].startswith("{") and f'"{key}"' in first[0]))
+
+    owned.__doc__ = f"jsonl of spectra rows with {key!r}"
+    return owned
+
+
+def is_analysis_store(p: Path) -> bool:
+    """spectra analysis store (a Zarr folder)"""
+    return p.is_dir() and (p / "zarr.json").is_file() and "spectra-analysis" in (p / "zarr.json").read_text()
+
+
+def is_rank_map(p: Path) -> bool:
+    """spectra rank map JSON"""
+    import json
+
+    obj = json.loads(p.read_text())
+    return isinstance(obj, dict) and "components" in obj and "method" in obj
+
+
+def is_finetune_dir(p: Path) -> bool:
+    """spectra finetune output folder"""
+    import json
+
+    return p.is_dir() and "method" in json.loads((p / "metrics.json").read_text())

@@ -441,6 +441,10 @@ def write_analysis(path: str | Path, name: str, ds: xr.Dataset, attrs: dict | No
     temporary name and swapped in, so a kill leaves the old result or the new one.
     """
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise SpectraError(f"{p} is a file, not an analysis store; choose another --out")
+    if p.is_dir() and any(p.iterdir()) and not (p / "zarr.json").is_file():
+        raise SpectraError(f"{p} is a non-empty folder that is not an analysis store; choose another --out")
     if not (p / "zarr.json").is_file():
         p.mkdir(parents=True, exist_ok=True)
         atomic_write_json(p / "zarr.json", {"zarr_format": 3, "node_type": "group",

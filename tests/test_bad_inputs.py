@@ -1,0 +1,204 @@
+"""Bad input, table-driven, across every command: each case exits non-zero with exactly one `error:` line
+(no traceback wall, no silently wrong result), and no file that existed before the case changed."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import T5_DIR, WIKI_VAL
+from spectra.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory, shared_data) -> dict:
+    root = tmp_path_factory.mktemp("bad")
+    docs = root / "docs.jsonl"
+    with gzip.open(WIKI_VAL / "wiki_00.jsonl.gz", "rt") as f:
+        docs.write_text("".join(next(f) for _ in range(60)))
+    (root / "empty.jsonl").write_text("")
+    (root / "binary.txt").write_bytes(b"\xff\xfe\x00garbage\x80" * 10)
+    (root / "bad.json").write_text("{not json")
+    (root / "cfg-unknown.json").write_text(json.dumps({"stepz": 3}))
+    pre = ["pretrain", "--model", "micro", "--tokenizer", "bytes", "--data", str(docs), "--seq-len", "32",
+           "--batch-size", "2", "--micro-batch", "2", "--val-tokens", "256", "--warmup", "1", "--steps", "3",
+           "--eval-every", "3", "--save-every", "3", "--snapshot-every", "3", "--snapshot-grad", "full",
+           "--runs-dir", str(root)]
+    assert main([*pre, "--run-id", "run"]) == 0
+    run = root / "run"
+    assert main(["compress", "--ckpt", str(run), "--err", "0.5", "--out", str(root / "comp")]) == 0
+    assert main(["ranks", "--ckpt", str(run), "--err", "0.5", "--out", str(root / "map.json")]) == 0
+    m = json.loads((root / "map.json").read_text())
+    m["components"][0]["rank"] = 100  # more than the 32x32 matrix has
+    (root / "map-rank100.json").write_text(json.dumps(m))
+    return {"root": root, "docs": str(docs), "pre": pre, "run": str(run), "ckpt": str(run / "checkpoints" / "step_3"),
+            "comp": str(root / "comp")}
+
+
+def _cases(w) -> list[tuple[list[str], str]]:
+    """(argv, a piece of the one error line)."""
+    r, run, ckpt, comp, docs, pre = w["root"], w["run"], w["ckpt"], w["comp"], w["docs"], w["pre"]
+    new = [*pre, "--run-id", "new"]
+
+    def with_(*kv):
+        out = list(new)
+        for k, v in zip(kv[::2], kv[1::2]):
+            if k in out:
+                out[out.index(k) + 1] = v
+            else:
+                out += [k, v]
+        return out
+
+    ev = ["eval", "--model", run, "--data", docs, "--seq-len", "32", "--tokens", "256", "--cache-dir", str(r / "cache")]
+    hg = ["hessian-gap", "--ckpt", run, "--data", docs, "--seq-len", "32", "--batch-size", "2", "--batches", "1",
+          "--k", "2", "--iterations", "4", "--device", "cpu"]
+    ft = ["finetune", "--model", comp, "--data", docs, "--tokenizer", "bytes", "--steps", "2", "--batch-size", "2",
+          "--micro-batch", "2", "--seq-len", "32", "--eval-tokens", "256", "--device", "cpu"]
+    return [
+        # pretrain
+        (with_("--batch-size", "0"), "--batch-size"),
+        (with_("--micro-batch", "0"), "--micro-batch"),
+        (with_("--seq-len", "0"), "--seq-len"),
+        (with_("--seq-len", "5000"), "--seq-len"),
+        (with_("--steps", "0"), "--steps"),
+        (with_("--lr", "0"), "--lr"),
+        (with_("--lr", "-1"), "--lr"),
+        (with_("--lr", "nan"), "--lr"),
+        (with_("--val-fraction", "1.5"), "--val-fraction"),
+        (with_("--val-fraction", "0"), "--val-fraction"),
+        (with_("--sketch-rank", "0"), "--sketch-rank"),
+        (with_("--snapshot-grad", "most"), "--snapshot-grad"),
+        (with_("--model", "huge"), "--model"),
+        (with_("--run-id", "../escape"), "--run-id"),
+        (with_("--run-id", str(r / "abs")), "--run-id"),
+        (with_("--run-id", ".hidden"), "--run-id"),
+        (with_("--data", str(r / "nope.jsonl")), "matches no files"),
+        (with_("--data", str(r / "empty.jsonl")), "docs"),
+        (with_("--batch-size", "3"), "multiple"),
+        (with_("--snapshot-steps", "a,b"), "--snapshot-steps"),
+        (with_("--snapshot-steps", "0,99"), "--snapshot-steps"),
+        (with_("--betas", "0.9"), "--betas"),
+        (with_("--warmup", "-1"), "--warmup"),
+        (with_("--eval-every", "-1"), "--eval-every"),
+        (with_("--keep-checkpoints", "-1"), "--keep-checkpoints"),
+        (with_("--tokenizer", str(r / "no-tokenizer")), "tokenizer"),
+        (with_("--config", str(r / "missing.yaml")), "--config"),
+        (with_("--config", str(r / "bad.json")), "--config"),
+        (with_("--config", str(r / "cfg-unknown.json")), "stepz"),
+        ([*pre, "--run-id", "run"], "--resume"),  # an existing run needs --resume
+        ([*pre, "--run-id", "run", "--resume", "--lr", "0.5"], "lr"),  # changes the trajectory
+        ([*pre, "--run-id", "run", "--resume", "--seed", "7"], "seed"),
+        ([*pre, "--run-id", "run", "--resume", "--overwrite"], "exclude"),
+        ([*pre, "--resume"], "--run-id"),
+        # spectrum
+        (["spectrum", str(r / "nope")], "nope"),
+        (["spectrum", run, "--top-r", "0"], "--top-r"),
+        (["spectrum", run, "--steps", "999"], "999"),
+        (["spectrum", run, "--device", "cuda"], "cuda"),
+        (["spectrum", run, "--out", str(Path(run) / "metrics.jsonl")], "metrics.jsonl"),
+        (["spectrum", run, "--out", ckpt], "analysis store"),
+        # grad-subspace
+        (["grad-subspace", run, "--rank", "0"], "--rank"),
+        (["grad-subspace", run, "--side", "up"], "--side"),
+        (["grad-subspace", str(r / "nope")], "nope"),
+        (["grad-subspace", ckpt], "snapshots"),
+        # hessian-gap
+        ([*hg, "--k", "0"], "k"),
+        ([*hg, "--iterations", "0"], "--iterations"),
+        ([*hg, "--batches", "0"], "--batches"),
+        ([*hg, "--batch-size", "0"], "--batch-size"),
+        ([*hg, "--seq-len", "5000"], "--seq-len"),
+        ([*hg, "--layers", "99"], "99"),
+        ([*hg, "--components", "zz"], "zz"),
+        ([*hg, "--tokenizer", str(T5_DIR)], "tokenizer"),
+        (["hessian-gap", "--ckpt", str(r / "nope")], "nope"),
+        # ranks
+        (["ranks", "--ckpt", run, "--err", "1.5"], "--err"),
+        (["ranks", "--ckpt", run, "--err", "-0.1"], "--err"),
+        (["ranks", "--ckpt", run, "--method", "magic"], "magic"),
+        (["ranks", "--ckpt", run, "--err-by", "bits"], "bits"),
+        (["ranks", "--ckpt", run, "--lrc-rule", "never"], "never"),
+        (["ranks", "--ckpt", str(r / "nope")], "nope"),
+        (["ranks", "--ckpt", run, "--out", str(Path(run) / "metrics.jsonl")], "rank map"),
+        # compress
+        (["compress", "--ckpt", run, "--out", str(r / "c1"), "--rank-map", str(r / "nope.json")], "nope.json"),
+        (["compress", "--ckpt", run, "--out", str(r / "c2"), "--rank-map", str(r / "bad.json")], "bad.json"),
+        (["compress", "--ckpt", run, "--out", str(r / "c3"), "--rank-map", str(r / "map-rank100.json")], "100"),
+        (["compress", "--ckpt", run, "--out", ckpt], "--out"),
+        (["compress", "--ckpt", run, "--out", comp], "not empty"),
+        (["compress", "--ckpt", run, "--out", str(r / "c4"), "--dtype", "int3"], "int3"),
+        (["compress", "--ckpt", run, "--out", str(r / "c5"), "--err", "2"], "2"),
+        (["compress", "--ckpt", ckpt, "--out", str(r / "c6"), "--merge"], "not a compressed model"),
+        # eval
+        ([*ev, "--seq-len", "0"], "--seq-len"),
+        ([*ev, "--tokens", "0"], "--tokens"),
+        ([*ev, "--batch-size", "0"], "--batch-size"),
+        ([*ev, "--seq-len", "5000"], "5000"),
+        ([*ev, "--tokenizer", str(T5_DIR)], "tokenizer"),
+        ([*ev, "--out", str(Path(run) / "metrics.jsonl")], "metrics.jsonl"),
+        ([*ev, "--data", str(r / "nope.txt")], "nope.txt"),
+        (["eval", "--model", str(r / "nope"), "--data", docs], "nope"),
+        # finetune
+        ([*ft, "--method", "magic"], "magic"),
+        ([*ft, "--steps", "0"], "--steps"),
+        ([*ft, "--lr", "-1"], "--lr"),
+        ([*ft, "--galore-rank", "0"], "--galore-rank"),
+        ([*ft, "--lora-rank", "0"], "--lora-rank"),
+        ([*ft, "--batch-size", "0"], "--batch-size"),
+        ([*ft, "--seq-len", "5000"], "5000"),
+        ([*ft, "--out", run], "--out"),
+        # report
+        (["report", str(r / "nope")], "nope"),
+        (["report", run, "--out", str(Path(run) / "metrics.jsonl")], "metrics.jsonl"),
+        # pipeline
+        (["pipeline", "--preset", "gigantic"], "gigantic"),
+        (["pipeline", "--preset", "quickstart", "--run-id", "../x"], "--run-id"),
+        # the CLI itself
+        (["no-such-command"], "no-such-command"),
+        (["eval", "--no-such-option"], "no-such-option"),
+    ]
+
+
+def _tree(root: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != ".lock" and "cache" not in p.parts:
+            out[str(p.relative_to(root))] = hashlib.sha1(p.read_bytes()).hexdigest()
+    return out
+
+
+def test_table_has_every_command(w):
+    from spectra.cli import COMMANDS
+
+    cases = _cases(w)
+    assert len(cases) >= 60
+    named = {argv[0] for argv, _ in cases}
+    assert {name for name, *_ in COMMANDS} - {"sweep"} <= named
+
+
+@pytest.mark.parametrize("i", range(93))
+def test_bad_input_is_one_error_line_and_touches_nothing(w, i, capsys):
+    cases = _cases(w)
+    if i >= len(cases):
+        pytest.skip("table is shorter")
+    argv, fragment = cases[i]
+    before = _tree(w["root"])
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("error: ")]
+    assert code != 0 and len(errors) == 1 and "Traceback" not in err, (argv, code, err[-2000:])
+    assert fragment in errors[0], (argv, errors[0])
+    after = _tree(w["root"])
+    changed = [k for k in before if after.get(k) != before[k]]
+    assert not changed, (argv, changed)
+    for extra in set(after) - set(before):  # a refused command leaves nothing behind either
+        shutil.rmtree(w["root"] / extra, ignore_errors=True)
+    assert not (set(after) - set(before)), (argv, sorted(set(after) - set(before))[:5])
