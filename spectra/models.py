@@ -192,8 +192,16 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         parts(model)  # one clear error for a model the registry does not know
     if causal and not is_causal_lm(model):
         raise SpectraError(f"{path} holds a {type(model).__name__}, not a causal LM (this command needs next-token logits)")
+    check_finite(model.named_parameters(), path)
     model.eval()
     return model
+
+
+def check_finite(named_tensors, where) -> None:
+    """NaN/Inf weights give NaN analyses and compressions that look like results: refuse them, naming the tensor."""
+    for name, t in named_tensors:
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+            raise SpectraError(f"{where}: tensor {name} holds NaN or Inf values; refusing to use these weights")
 
 
 def load_causal_lm(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

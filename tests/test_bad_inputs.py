@@ -38,6 +38,13 @@ def w(tmp_path_factory, shared_data) -> dict:
     m = json.loads((root / "map.json").read_text())
     m["components"][0]["rank"] = 100  # more than the 32x32 matrix has
     (root / "map-rank100.json").write_text(json.dumps(m))
+    nan = root / "nan-ckpt"  # a copy of the checkpoint with one NaN weight
+    shutil.copytree(run / "checkpoints" / "step_3", nan)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(nan / "model.safetensors")
+    sd["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(sd, nan / "model.safetensors", metadata={"format": "pt"})
     return {"root": root, "docs": str(docs), "pre": pre, "run": str(run), "ckpt": str(run / "checkpoints" / "step_3"),
             "comp": str(root / "comp")}
 
@@ -160,6 +167,10 @@ def _cases(w) -> list[tuple[list[str], str]]:
         # pipeline
         (["pipeline", "--preset", "gigantic"], "gigantic"),
         (["pipeline", "--preset", "quickstart", "--run-id", "../x"], "--run-id"),
+        # NaN weights are refused by every loader, naming the tensor
+        (["spectrum", str(r / "nan-ckpt"), "--out", str(r / "nan.zarr")], "up_proj"),
+        (["ranks", "--ckpt", str(r / "nan-ckpt"), "--out", str(r / "nan.json")], "up_proj"),
+        (["eval", "--model", str(r / "nan-ckpt"), "--data", docs, "--seq-len", "32", "--tokens", "256"], "up_proj"),
         # the CLI itself
         (["no-such-command"], "no-such-command"),
         (["eval", "--no-such-option"], "no-such-option"),
