@@ -103,11 +103,24 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("spectra")
+        except PackageNotFoundError:
+            v = "unknown (not installed)"
+        print(f"spectra {v}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     components: str = typer.Option(None, "--components", metavar="q=REGEX,k=REGEX,...",
                                    help="Map the paper's components onto module names yourself (models the registry "
                                         "does not know): each regex is searched in module names, its first group is the layer."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """spectra: pretrain with snapshots, analyze (spectrum, grad-subspace, hessian-gap), rank, compress, eval, finetune, report."""
     if components or "spectra.components" in sys.modules:  # torch only when needed: --help stays fast
