@@ -37,7 +37,8 @@ from spectra.finetune import METHODS, FinetuneConfig, _malloc_trim, finetune, lr
 
 def compressed_model(args) -> torch.nn.Module:
     from spectra.lowrank import compress_model
-    from spectra.models import find_checkpoint, load_causal_lm
+    from spectra.models import find_checkpoint
+    from spectra.loading import load_causal_lm
 
     if args.model:
         model = load_causal_lm(find_checkpoint(args.model))

@@ -184,7 +184,7 @@ def load_weights(model, ckpt: Path) -> None:
             state.update(load_file(f))
         except Exception as e:  # noqa: BLE001
             raise SpectraError(f"cannot read {f} ({type(e).__name__}: {e})") from None
-    from spectra.models import check_finite
+    from spectra.loading import check_finite
 
     check_finite(state.items(), ckpt)
     missing, unexpected = model.load_state_dict(state, strict=False)

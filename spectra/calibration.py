@@ -282,3 +282,17 @@ def loss_direction_scores(model: nn.Module, cal: Calibration, keys: list[tuple[i
             w = 1.0 / n
         out.append(w * sig2)
     return out, weight
+
+
+def whitener_for(src, model: nn.Module, data: str | None, tokenizer: str | None, seqs: int, seq_len: int,
+                 damping: float, device=None) -> Whitener:
+    """A `Whitener` from the calibration of `model` (reused from / stored in its analysis store)."""
+    from spectra.models import analysis_store_for, run_dir_of
+    from spectra.whiten import Whitener
+
+    check_options(data, seqs, seq_len, damping)
+    store = analysis_store_for(src) if run_dir_of(src) is not None else None
+    cal = calibration(store, src, model, data, tokenizer, seqs, seq_len, device=device)
+    w = Whitener(cal.covariance, damping, device)
+    w.calibration = {**cal.attrs, "tokens": cal.tokens}
+    return w

@@ -11,7 +11,7 @@ AutoModelForMaskedLM for encoders) rebuilds it, and without trust_remote_code tr
 the unknown model type instead of returning a model with random weights.
 
 `load_compressed` is spectra's own loader, no remote code: the original transformers class with
-the structure planned from the rank map (spectra.lowrank.plan), tensors loaded by transformers.
+the structure planned from the rank map (spectra.rankmap.plan), tensors loaded by transformers.
 Folders written before compressed folders were HF models (original config.json + rank map) load too.
 """
 
@@ -26,8 +26,8 @@ from torch import nn
 
 from spectra.errors import SpectraError
 from spectra.modeling_spectra import FusedLinear, LowRankLinear, apply_structure
+from spectra.rankmap import RANK_MAP_FILE, plan
 
-RANK_MAP_FILE = "spectra_rank_map.json"
 MODELING_FILE = "modeling_spectra.py"
 MODEL_TYPE = "spectra_lowrank"
 # files a tokenizer may consist of; copied so the tokenizer travels with every folder spectra writes
@@ -156,7 +156,6 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dty
         raise SpectraError(f"{path}: architecture {arch} is not in this transformers version")
     from accelerate import init_empty_weights
 
-    from spectra.lowrank import plan  # lazily: spectra.lowrank re-exports this module's API
 
     with init_empty_weights(include_buffers=False):  # the structure is planned on the dense skeleton
         structure = plan(base._from_config(cfg), rank_map)

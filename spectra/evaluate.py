@@ -137,7 +137,8 @@ def eval_command(
     cached by dataset + tokenizer + seq_len + budget so every model is scored on identical tokens.
     """
     from spectra.data import text_windows
-    from spectra.models import find_checkpoint, load_causal_lm
+    from spectra.models import find_checkpoint
+    from spectra.loading import load_causal_lm
 
     if seq_len < 2 or tokens < seq_len or batch_size < 1:
         raise SpectraError(f"need --seq-len >= 2, --tokens >= --seq-len and --batch-size >= 1 "

@@ -318,7 +318,8 @@ def data_streams(data: str | None, val_data: str | None, tok, seq_len: int, micr
 def save_model(model: nn.Module, src: Path, dest: Path) -> None:
     """Save the finetuned model where `spectra eval` / `load_causal_lm` can read it (LoRA merged;
     a compressed model stays compressed, with its rank map)."""
-    from spectra.lowrank import RANK_MAP_FILE, copy_tokenizer, save_compressed
+    from spectra.lowrank import copy_tokenizer, save_compressed
+    from spectra.rankmap import RANK_MAP_FILE
 
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
@@ -360,7 +361,8 @@ def finetune_command(
     schedule. Writes metrics.json (trainable params, peak memory, tokens/s, loss curve, eval ppl).
     """
     from spectra.data import load_tokenizer
-    from spectra.models import find_checkpoint, load_causal_lm
+    from spectra.models import find_checkpoint
+    from spectra.loading import load_causal_lm
 
     if dtype not in ("auto", "bf16", "fp32"):
         raise SpectraError(f"unknown --dtype {dtype!r}; choose auto, bf16 or fp32")

@@ -298,7 +298,8 @@ def hessian_gap_command(
     certificate, mean ± standard error over --batches data batches. Writes the `hessian_gap` group
     of the analysis store. Under `torchrun --nproc_per_node N` the components are split over ranks.
     """
-    from spectra.models import analysis_store_for, find_checkpoint, load_causal_lm, select_components, set_attention
+    from spectra.models import analysis_store_for, find_checkpoint, select_components, set_attention
+    from spectra.loading import load_causal_lm
     from spectra.store import write_analysis
 
     path = find_checkpoint(ckpt)

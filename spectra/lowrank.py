@@ -42,7 +42,8 @@ from torch import nn
 from tqdm import tqdm
 
 from spectra.components import Part, is_conv1d, module_dims
-from spectra.compressed import MODELING_FILE, RANK_MAP_FILE, copy_tokenizer, load_compressed, save_compressed
+from spectra.compressed import MODELING_FILE, copy_tokenizer, load_compressed, save_compressed
+from spectra.rankmap import RANK_MAP_FILE, by_module, entries_for, plan
 from spectra.errors import SpectraError
 from spectra.modeling_spectra import FusedLinear, LowRankLinear, build_module
 from spectra.models import component_parts, find_checkpoint, resolve_device
@@ -138,51 +139,6 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- whole model
-def _entries(model: nn.Module, rank_map: dict) -> dict[tuple[int, str], dict]:
-    """Rank-map entries keyed by (layer, component), checked against the model's components."""
-    from spectra.ranks import map_entries
-
-    entries = map_entries(rank_map)
-    found = {(p.layer, p.component): (p, mod) for p, mod in component_parts(model)}
-    missing, extra = sorted(set(found) - set(entries)), sorted(set(entries) - set(found))
-    if missing or extra:
-        raise SpectraError(f"rank map does not fit this model: missing {missing[:4]}, unknown {extra[:4]} (layer, component)")
-    for key, (p, mod) in found.items():
-        shape = list(p.shape(mod))
-        if list(entries[key]["shape"]) != shape:
-            raise SpectraError(f"rank map shape {entries[key]['shape']} != model shape {shape} at layer {key[0]} {key[1]}")
-    return entries
-
-
-def _by_module(model: nn.Module) -> dict[str, list[Part]]:
-    out: dict[str, list[Part]] = {}
-    for p, _ in component_parts(model):
-        out.setdefault(p.module_name, []).append(p)
-    for plist in out.values():  # fused parts in the module's own row order (q, k, v / gate, up)
-        plist.sort(key=lambda p: p.rows[0][0] if p.rows else 0)
-    return out
-
-
-def plan(model: nn.Module, rank_map: dict) -> dict[str, dict]:
-    """The structure (spectra.modeling_spectra) a rank map gives `model`: every module holding an
-    LRC component, with its parts' ranks (None = the part stays dense). Works on meta models."""
-    entries = _entries(model, rank_map)
-    structure = {}
-    for name, plist in _by_module(model).items():
-        mod = model.get_submodule(name)
-        if isinstance(mod, (LowRankLinear, FusedLinear)):
-            raise SpectraError(f"{name} is already low-rank; merge the model first (spectra compress --merge)")
-        if not any(entries[(p.layer, p.component)]["lrc"] for p in plist):
-            continue
-        out, n_in = module_dims(mod)
-        has_bias = getattr(mod, "bias", None) is not None
-        es = [entries[(p.layer, p.component)] for p in plist]
-        parts = [{"name": p.component if p.fused else None, "rows": [list(r) for r in p.rows] if p.fused else None,
-                  "rank": int(e["rank"]) if e["lrc"] else None, "bias": has_bias} for p, e in zip(plist, es)]
-        structure[name] = {"in": n_in, "out": out, "conv1d": is_conv1d(mod), "parts": parts}
-    return structure
-
-
 def compress_model(model: nn.Module, rank_map: dict, device: str | torch.device | None = None, progress: bool = True,
                    whiten=None) -> nn.Module:
     """Apply a rank map in place, one module at a time (SVD on `device`, default the weight's).
@@ -192,9 +148,9 @@ def compress_model(model: nn.Module, rank_map: dict, device: str | torch.device 
 
     The structure of what was replaced is kept as `model.config.spectra_structure` (it is what
     config.json needs for the folder to load as a Hugging Face model)."""
-    entries = _entries(model, rank_map)
+    entries = entries_for(model, rank_map)
     structure = plan(model, rank_map)
-    for name, plist in tqdm(list(_by_module(model).items()), desc="compress", disable=not progress, leave=False):
+    for name, plist in tqdm(list(by_module(model).items()), desc="compress", disable=not progress, leave=False):
         mod = model.get_submodule(name)
         if name not in structure:  # every part dense: truncate in place
             for p in plist:
@@ -256,7 +212,7 @@ def _dtype(name: str) -> torch.dtype | None:
 def _load_dense(ckpt: Path, dtype: torch.dtype | None) -> nn.Module:
     from transformers import AutoConfig
 
-    from spectra.models import load_model
+    from spectra.loading import load_model
 
     if dtype is None:  # auto: the dtype the checkpoint was saved in
         stored = getattr(AutoConfig.from_pretrained(ckpt), "dtype", None) or torch.float32
@@ -323,7 +279,7 @@ def compress_command(
     before = _param_count(model)
     whitener = None
     if whiten:  # the calibration lives in (and is reused from) the run's analysis store
-        from spectra.whiten import whitener_for
+        from spectra.calibration import whitener_for
 
         whitener = whitener_for(src, model, calib_data, tokenizer, calib_seqs, calib_seq_len, damping, svd_device)
     compress_model(model, rmap, svd_device, whiten=whitener)

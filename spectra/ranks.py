@@ -64,6 +64,7 @@ from tqdm import tqdm
 
 from spectra.errors import SpectraError
 from spectra.heavytail import normalized_singular_values, singular_values
+from spectra.rankmap import load_rank_map, map_entries, map_name  # noqa: F401 - re-exported
 from spectra.models import (COMPONENTS, analysis_store_for, component_parts, find_checkpoint, iter_components,
                             resolve_device, run_dir_of)
 
@@ -104,8 +105,8 @@ def model_spectra(model: nn.Module, device=None) -> list[MatrixSpectrum]:
 
 def checkpoint_spectra(path: Path, device=None) -> list[MatrixSpectrum]:
     """Spectra straight from the checkpoint's safetensors, one tensor in memory at a time."""
-    from spectra.lowrank import RANK_MAP_FILE
-    from spectra.models import stream_component_weights
+    from spectra.rankmap import RANK_MAP_FILE
+    from spectra.loading import stream_component_weights
 
     if (path / RANK_MAP_FILE).is_file():
         raise SpectraError(f"{path} is already compressed; rank its dense original (or spectra compress --merge it)")
@@ -290,29 +291,6 @@ def diagnostic_scores(analysis: str | Path, keys: list[tuple[int, str]]) -> np.n
 
 
 # --------------------------------------------------------------------------- files
-def map_entries(rank_map: dict) -> dict[tuple[int, str], dict]:
-    """{(layer, component): entry}, validating the contract fields."""
-    try:
-        entries = {(int(e["layer"]), str(e["component"])): e for e in rank_map["components"]}
-        for e in entries.values():
-            if not (1 <= int(e["rank"]) <= int(e["full_rank"]) and len(e["shape"]) == 2 and isinstance(e["lrc"], bool)):
-                raise ValueError(f"bad entry {e}")
-    except (KeyError, TypeError, ValueError) as e:
-        raise SpectraError(f"not a spectra rank map ({e})") from None
-    return entries
-
-
-def load_rank_map(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise SpectraError(f"rank map {p} does not exist")
-    from spectra.store import read_json
-
-    rank_map = read_json(p)
-    map_entries(rank_map)
-    return rank_map
-
-
 def rank_map_dataset(rank_map: dict):
     """The rank map as an xarray Dataset, dims (layer, component): full_rank, rank, lrc."""
     import xarray as xr
@@ -328,10 +306,6 @@ def rank_map_dataset(rank_map: dict):
     dims = ("layer", "component")
     return xr.Dataset({"full_rank": (dims, arr["full_rank"]), "rank": (dims, arr["rank"]), "lrc": (dims, lrc)},
                       coords={"layer": layers, "component": comps})
-
-
-def map_name(method: str, err: float, err_by: str) -> str:
-    return f"{method}-err{round(100 * err):02d}" + ("-params" if err_by == "params" else "")
 
 
 def print_table(rank_map: dict, console=None) -> None:
@@ -360,7 +334,7 @@ def _loss_scores(src: Path, spectra: list[MatrixSpectrum], store: Path | None, d
                  weight: str, damping: float) -> tuple[list[np.ndarray], dict]:
     """Per-direction loss estimates for --method loss (calibration reused from / written to `store`)."""
     from spectra import calibration
-    from spectra.models import load_causal_lm
+    from spectra.loading import load_causal_lm
 
     model = load_causal_lm(src, device=dev)
     cal = calibration.calibration(store, src, model, data, tokenizer, seqs, seq_len, device=dev)

@@ -90,7 +90,8 @@ def expand_paths(args: list[str]) -> list[Path]:
 def checkpoint_series(paths: list[Path], steps: list[int] | None) -> tuple[list[int], Iterator[tuple[int, Weights]]]:
     """Steps of a series of HF checkpoint folders (from their names, or --steps in the same order)
     and a lazy iterator that reads one checkpoint at a time, straight from its safetensors."""
-    from spectra.models import find_checkpoint, stream_component_weights
+    from spectra.models import find_checkpoint
+    from spectra.loading import stream_component_weights
 
     ckpts = [find_checkpoint(p) for p in paths]
     if steps:

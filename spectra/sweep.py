@@ -178,12 +178,8 @@ def sweep_command(
     from spectra.calibration import calibration, check_options
     from spectra.data import load_tokenizer, text_windows
     from spectra.evaluate import check_vocab, quiet_transformers
-    from spectra.models import (
-        analysis_store_for,
-        find_checkpoint,
-        load_causal_lm,
-        resolve_device,
-    )
+    from spectra.models import analysis_store_for, find_checkpoint, resolve_device
+    from spectra.loading import load_causal_lm
     from spectra.ranks import METHODS, diagnostic_scores, model_spectra, reduction
     from spectra.store import write_analysis
 

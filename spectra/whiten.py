@@ -107,7 +107,7 @@ class Whitener:
 
     def apply(self, layer: int, comp: str, mod: nn.Linear, entry: dict) -> nn.Module:
         """A `LowRankLinear` for an LRC entry, else `mod` itself holding the whitened rank-r weight."""
-        from spectra.lowrank import LowRankLinear
+        from spectra.modeling_spectra import LowRankLinear
 
         rank = int(entry["rank"])
         W = mod.weight
@@ -131,17 +131,3 @@ class Whitener:
         return {"whitened": True, "damping": self.damping, "damping_rule": "C + damping * mean(diag C) * I",
                 "damping_used": used, "raised_for": [f"{l}.{c}" for (l, c), d in self.used.items() if d != self.damping],
                 "calibration": self.calibration}
-
-
-def whitener_for(src, model: nn.Module, data: str | None, tokenizer: str | None, seqs: int, seq_len: int,
-                 damping: float, device=None) -> Whitener:
-    """A `Whitener` from the calibration of `model` (reused from / stored in its analysis store)."""
-    from spectra.calibration import calibration, check_options
-    from spectra.models import analysis_store_for, run_dir_of
-
-    check_options(data, seqs, seq_len, damping)
-    store = analysis_store_for(src) if run_dir_of(src) is not None else None
-    cal = calibration(store, src, model, data, tokenizer, seqs, seq_len, device=device)
-    w = Whitener(cal.covariance, damping, device)
-    w.calibration = {**cal.attrs, "tokens": cal.tokens}
-    return w

@@ -19,7 +19,7 @@ import transformers as T
 
 from spectra.cli import main
 from spectra.components import COMPONENTS, is_conv1d, parts
-from spectra.models import load_model
+from spectra.loading import load_model
 
 V = 96  # vocab
 X = torch.randint(3, V, (2, 12), generator=torch.Generator().manual_seed(1))

@@ -78,7 +78,7 @@ def test_split_and_eval_windows_cache(corpus, tmp_path):
     w = eval_windows(ds, CharTok(), 8, 64, cache_dir=tmp_path / "cache", cache_key="k")
     assert w.shape == (8, 8)
     assert w.flatten().tolist()[:5] == [ord(c) for c in "doc0-"]
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1  # never a pickle
     again = eval_windows(None, CharTok(), 8, 64, cache_dir=tmp_path / "cache", cache_key="k")  # cache hit: no docs read
     assert torch.equal(w, again)
 

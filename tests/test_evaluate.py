@@ -90,7 +90,7 @@ def test_eval_cli_appends_row_to_run(t5_ckpt, tokenizer, tmp_path, capsys):
     from spectra.cli import main
     from spectra.data import text_windows
     from spectra.evaluate import perplexity
-    from spectra.models import load_causal_lm
+    from spectra.loading import load_causal_lm
 
     args = ["eval", "--model", str(t5_ckpt.parents[1]), "--data", str(OLMO_C4), "--tokenizer", str(T5_DIR),
             "--seq-len", "64", "--tokens", "640", "--batch-size", "3", "--device", "cpu", "--cache-dir", str(tmp_path)]
@@ -125,7 +125,7 @@ def test_eval_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
 def test_perplexity_bf16_autocast_matches_fp32(t5_ckpt, tokenizer, tmp_path):
     from spectra.data import text_windows
     from spectra.evaluate import perplexity
-    from spectra.models import load_causal_lm
+    from spectra.loading import load_causal_lm
 
     windows = text_windows(str(OLMO_C4), tokenizer, 64, 2048, cache_dir=tmp_path)
     cpu = perplexity(load_causal_lm(t5_ckpt), windows, batch_size=8, device="cpu")

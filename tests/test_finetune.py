@@ -177,7 +177,7 @@ def test_cli_welore_writes_metrics_json_and_model(t5_run, tmp_path, capsys):
     from spectra.data import load_tokenizer, text_windows
     from spectra.evaluate import perplexity
     from spectra.lowrank import LowRankLinear
-    from spectra.models import load_causal_lm
+    from spectra.loading import load_causal_lm
 
     model = t5_run / "compressed" / "uniform-err30"
     args = ["finetune", "--model", str(model), "--data", str(TRAIN), "--val-data", str(VAL),
@@ -202,7 +202,7 @@ def test_cli_welore_writes_metrics_json_and_model(t5_run, tmp_path, capsys):
 
 def test_cli_lora_on_dense_checkpoint_saves_merged_model(t5_run, tmp_path):
     from spectra.cli import main
-    from spectra.models import load_causal_lm
+    from spectra.loading import load_causal_lm
 
     out = tmp_path / "lora"
     assert main(["finetune", "--model", str(t5_run), "--method", "lora", "--data", str(TRAIN), "--val-data", str(VAL),

@@ -138,7 +138,7 @@ def single_store(run_dir, shared_data):
 def test_cli_writes_the_contract_group(single_store, run_dir, shared_data):
     from conftest import C4_SAMPLE, T5_DIR
     from spectra.hessian import token_batches
-    from spectra.models import load_causal_lm
+    from spectra.loading import load_causal_lm
 
     ds = single_store
     assert list(ds.layer.values) == [1] and list(ds.component.values) == ["v", "down"]

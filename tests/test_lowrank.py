@@ -21,7 +21,8 @@ from spectra.lowrank import (
     save_compressed,
     truncate_,
 )
-from spectra.models import iter_components, load_causal_lm
+from spectra.models import iter_components
+from spectra.loading import load_causal_lm
 from spectra.ranks import build_rank_map, model_spectra
 
 X = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))

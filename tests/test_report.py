@@ -102,8 +102,9 @@ def write_run(root: Path, *, snapshots: bool = True) -> Path:
 
         from spectra.store import SnapshotWriter
 
-        # one 8x8 q_proj is enough for the summary (steps, attrs) and skips importing transformers
-        attn = nn.ModuleDict({"self_attn": nn.ModuleDict({"q_proj": nn.Linear(8, 8)})})
+        # one layer of 8x8 linears is enough for the summary (steps, attrs) and skips importing transformers
+        attn = nn.ModuleDict({"self_attn": nn.ModuleDict({f"{c}_proj": nn.Linear(8, 8) for c in "qkvo"}),
+                              "mlp": nn.ModuleDict({f"{c}_proj": nn.Linear(8, 8) for c in ("gate", "up", "down")})})
         model = nn.ModuleDict({"layers": nn.ModuleList([attn])})
         w = SnapshotWriter(root / "snapshots.zarr", {"config": {"model": "tiny"},
                                                      "model_config": {"num_hidden_layers": 2, "hidden_size": 64}},
