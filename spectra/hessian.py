@@ -35,8 +35,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from spectra import distributed as dist_utils
-from spectra.errors import SpectraError
 from spectra.density import density_dataset
+from spectra.errors import SpectraError
 from spectra.lanczos import block_lanczos
 
 # --------------------------------------------------------------------------- Hessian-vector products
@@ -378,7 +378,13 @@ def hessian_gap_command(
     density `hessian_density` of the analysis store. Under `torchrun --nproc_per_node N` the
     components are split over ranks.
     """
-    from spectra.models import analysis_store_for, find_checkpoint, load_causal_lm, select_components, set_attention
+    from spectra.models import (
+        analysis_store_for,
+        find_checkpoint,
+        load_causal_lm,
+        select_components,
+        set_attention,
+    )
     from spectra.store import write_analysis
 
     path = find_checkpoint(ckpt)

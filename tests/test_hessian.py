@@ -16,7 +16,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from spectra.cli import main
-from spectra.hessian import BlockHVP, component_gap, lm_loss, only_grad, pyhessian_eigenvalues
+from spectra.hessian import (
+    BlockHVP,
+    component_gap,
+    only_grad,
+    pyhessian_eigenvalues,
+)
 from spectra.store import read_analysis
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,6 +165,7 @@ def single_store(run_dir, shared_data):
 
 def test_cli_writes_the_contract_group(single_store, run_dir, shared_data):
     from conftest import C4_SAMPLE, T5_DIR
+
     from spectra.hessian import token_batches
     from spectra.models import load_causal_lm
 
