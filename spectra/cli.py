@@ -82,6 +82,9 @@ def _root() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input becomes one `error: ...` line and exit code 2, never a traceback."""
+    # Idle OpenMP threads sleep instead of spinning: on a shared CPU spinning made one HVP 30x slower
+    # (bench/README.md). Must be set before torch starts its OpenMP runtime, i.e. before importing it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         app(args=argv, prog_name="spectra")  # typer/click handle --help and usage errors themselves
     except SpectraError as e:

