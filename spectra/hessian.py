@@ -163,15 +163,18 @@ def choose_block(hvp: BlockHVP, n: int, *, candidates: tuple[int, ...] = (1, 2, 
     Costs a few throw-away HVPs, once per command."""
     dev = hvp.weight.device
 
+    # CPU: process CPU time, which other processes on a shared box do not inflate; GPU: wall time
+    clock = time.perf_counter if dev.type == "cuda" else time.process_time
+
     def per_vector(b: int) -> float:
         v = torch.randn(b, n, dtype=hvp.weight.dtype, device=dev)
         best = math.inf
         for _ in range(2):  # min of two: robust to a busy box
             _sync(dev)
-            t = time.perf_counter()
+            t = clock()
             hvp(v)
             _sync(dev)
-            best = min(best, time.perf_counter() - t)
+            best = min(best, clock() - t)
         return best / b
 
     hvp(torch.randn(1, n, dtype=hvp.weight.dtype, device=dev))  # warm-up (kernels, allocator)
