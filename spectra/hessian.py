@@ -212,10 +212,11 @@ def _sync(dev: torch.device) -> None:
 
 def component_gap(model: nn.Module, layer: int, comp: str, weight: torch.Tensor, batches: list[torch.Tensor], *,
                   k: int, max_hvps: int = 300, tol: float = 1e-4, gap_frac: float = 0.1, block: int = 1,
-                  max_basis: int | None = None, seed: int = 0, reuse: bool = True,
+                  min_hvps: int = 0, max_basis: int | None = None, seed: int = 0, reuse: bool = True,
                   progress: tqdm | None = None) -> ComponentGap:
     """Block Lanczos on H_W for each token batch, run until its top k+1 Ritz pairs are certified
-    (spectra.lanczos.block_lanczos) or `max_hvps` HVPs are spent."""
+    (spectra.lanczos.block_lanczos) or `max_hvps` HVPs are spent; `min_hvps` grows the first Krylov
+    space for a finer SLQ density (spectra.density)."""
     from spectra.models import COMPONENTS
 
     n = weight.numel()
@@ -228,7 +229,8 @@ def component_gap(model: nn.Module, layer: int, comp: str, weight: torch.Tensor,
         hvp = BlockHVP(model, ids, weight, reuse=reuse)
         v0 = start_vector(n, seed, layer, list(COMPONENTS).index(comp), bi, weight.dtype, weight.device, block)
         restart = torch.Generator().manual_seed(seed + bi)  # only used after an exact breakdown
-        r = block_lanczos(hvp, v0, k + 1, tol=tol, gap_frac=gap_frac, max_matvecs=max_hvps, max_basis=max_basis,
+        r = block_lanczos(hvp, v0, k + 1, tol=tol, gap_frac=gap_frac, max_matvecs=max_hvps, min_matvecs=min_hvps,
+                          max_basis=max_basis,
                           generator=restart, on_matvec=progress.update if progress is not None else None)
         hvp.release()
         if progress is not None and r.matvecs < max_hvps:  # stopped at the certificate: keep the bar honest
@@ -291,7 +293,8 @@ def gaps_dataset(results: list[ComponentGap], k: int) -> xr.Dataset:
 
 def hessian_gaps(model: nn.Module, weights: dict[tuple[int, str], torch.Tensor], batches: list[torch.Tensor], *,
                  k: int, max_hvps: int = 300, tol: float = 1e-4, gap_frac: float = 0.1, block: int = 0,
-                 seed: int = 0, rank: int = 0, world: int = 1, show_progress: bool = True) -> list[ComponentGap]:
+                 min_hvps: int = 0, seed: int = 0, rank: int = 0, world: int = 1,
+                 show_progress: bool = True) -> list[ComponentGap]:
     """Run `component_gap` on this rank's share of the components (round-robin: keys[rank::world]).
     block = 0 picks the HVP block size by timing on the first component (`choose_block`)."""
     from spectra.models import COMPONENTS
@@ -309,7 +312,8 @@ def hessian_gaps(model: nn.Module, weights: dict[tuple[int, str], torch.Tensor],
         with tqdm(total=max_hvps * len(batches), desc=f"{desc}L{layer}.{comp}", unit="hvp", leave=False,
                   disable=not show_progress, position=rank) as bar:
             out.append(component_gap(model, layer, comp, weights[(layer, comp)], batches, k=k, max_hvps=max_hvps,
-                                     tol=tol, gap_frac=gap_frac, block=block, seed=seed, progress=bar))
+                                     tol=tol, gap_frac=gap_frac, block=block, min_hvps=min_hvps, seed=seed,
+                                     progress=bar))
     return out
 
 
@@ -384,6 +388,7 @@ def hessian_gap_command(
     tol: Annotated[float, typer.Option(help="Certificate: every residual ≤ tol·|λ1| (and ≤ gap-frac × its gap).")] = 1e-4,
     gap_frac: Annotated[float, typer.Option(help="Certificate: every residual ≤ this × the gap to its neighbours.")] = 0.1,
     block_size: Annotated[int, typer.Option(help="Vectors per batched HVP (block Lanczos); 0 = pick by timing.")] = 0,
+    density_hvps: Annotated[int, typer.Option(help="At least this many HVPs per batch: more quadrature nodes for the spectral density.")] = 0,
     tf32: Annotated[bool, typer.Option(help="Allow TF32 matmuls on CUDA (faster; residuals still certify).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     out: Annotated[str | None, typer.Option(help="Analysis store (default: <run>/analysis.zarr or <ckpt>/analysis.zarr).")] = None,
@@ -411,8 +416,8 @@ def hessian_gap_command(
     if k < 1 or iterations < k + 2 or batches < 1 or batch_size < 1 or seq_len < 2 or block_size < 0:
         raise SpectraError("need k ≥ 1, --iterations ≥ k+2, --batches ≥ 1, --batch-size ≥ 1, --seq-len ≥ 2, "
                            "--block-size ≥ 0")
-    if not (tol > 0 and 0 < gap_frac <= 1):
-        raise SpectraError("need --tol > 0 and 0 < --gap-frac ≤ 1")
+    if not (tol > 0 and 0 < gap_frac <= 1) or not 0 <= density_hvps <= iterations:
+        raise SpectraError("need --tol > 0, 0 < --gap-frac ≤ 1 and 0 ≤ --density-hvps ≤ --iterations")
     rank, world, dev = dist_utils.setup(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -426,7 +431,8 @@ def hessian_gap_command(
     with dist_utils.rank0_first():  # rank 0 fills the token-window cache; the others then read it
         ids = [b.to(dev) for b in token_batches(data, tokenizer, seq_len, batches, batch_size, model.config.vocab_size)]
     parts = dist_utils.gather(hessian_gaps(model, weights, ids, k=k, max_hvps=iterations, tol=tol, gap_frac=gap_frac,
-                                           block=block_size, seed=seed, rank=rank, world=world))
+                                           block=block_size, min_hvps=density_hvps, seed=seed, rank=rank,
+                                           world=world))
     dist_utils.teardown()
     results = [r for part in parts for r in part]
     if rank != 0:
@@ -438,7 +444,7 @@ def hessian_gap_command(
              "tf32": tf32, "checkpoint": str(path), "data": data or "hub:allenai/c4 validation",
              "rel_gap": "(λ_k − λ_{k+1}) / |λ_1|, mean over batches", "residuals": "max over batches of ‖H y − θ y‖",
              "certified": "1 = residual ≤ tol·|λ1| and ≤ gap_frac·(gap to the neighbouring Ritz values) on every batch",
-             "uncertified": bad, "hvps_total": int(sum(r.hvps.sum() for r in results))}
+             "uncertified": bad, "hvps_total": int(sum(r.hvps.sum() for r in results)), "density_hvps": density_hvps}
     store = Path(out) if out else analysis_store_for(path)
     dest = write_analysis(store, "hessian_gap", ds, attrs)
     dens = density_dataset(results)

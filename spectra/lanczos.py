@@ -184,7 +184,8 @@ def certify(theta: torch.Tensor, res: torch.Tensor, k: int, tol: float, gap_frac
 
 
 def block_lanczos(matvec: Matvec, V0: torch.Tensor, k: int, *, tol: float = 1e-4, gap_frac: float = 0.1,
-                  max_matvecs: int = 400, max_basis: int | None = None, generator: torch.Generator | None = None,
+                  max_matvecs: int = 400, min_matvecs: int = 0, max_basis: int | None = None,
+                  generator: torch.Generator | None = None,
                   on_matvec: Callable[[int], None] | None = None) -> BlockLanczosResult:
     """Top-`k` (largest algebraic) eigenpairs of a symmetric operator, iterated until certified.
 
@@ -193,13 +194,15 @@ def block_lanczos(matvec: Matvec, V0: torch.Tensor, k: int, *, tol: float = 1e-4
     backward. V0 (b, n) is the start block (its dtype/device are the basis'). Stops as soon as all k
     Ritz pairs pass `certify`, or after `max_matvecs` operator applications (the budget: then
     `certified` says which did not make it), or when the Krylov space is the whole space (exact).
+    min_matvecs: keep going until this many even when certified (a bigger first Krylov space: a
+    finer spectral density for spectra.density; the basis then holds at least that many vectors).
     max_basis: vectors held (memory b·n·max_basis); when full, restart from the top Ritz vectors.
     on_matvec: called with the number of vectors applied (progress bars).
     """
     b, n = V0.shape
     if not 1 <= k <= n:
         raise ValueError(f"need 1 <= k <= n = {n}, got k={k}")
-    cap = min(n, max(max_basis or 4 * (k + b) + 32, k + 3 * b))  # room for k Ritz vectors + 2 blocks
+    cap = min(n, max(max_basis or 4 * (k + b) + 32, k + 3 * b, min_matvecs + b))  # room for k Ritz vectors + 2 blocks
     Q = torch.zeros(cap + b, n, dtype=V0.dtype, device=V0.device)
     H = torch.zeros(cap + b, cap + b, dtype=torch.float64)
     N, _ = _orthonormal_block(V0, Q[:0], generator, 1.0)
@@ -221,9 +224,10 @@ def block_lanczos(matvec: Matvec, V0: torch.Tensor, k: int, *, tol: float = 1e-4
         res = (Bd @ S[m - b:m]).norm(dim=0)  # ‖A y_i − θ_i y_i‖ = ‖B E_mᵀ s_i‖
         ok = certify(theta, res, k, tol, gap_frac) if m > k else torch.zeros(k, dtype=torch.bool)  # needs θ_{k+1}
         exact = m >= n
-        if restarts == 0 and (ok.all() or matvecs >= max_matvecs or exact or m + b > cap):
+        done = (ok.all() and matvecs >= min_matvecs) or matvecs >= max_matvecs or exact
+        if restarts == 0 and (done or m + b > cap):
             krylov = Hs.clone()
-        if ok.all() or matvecs >= max_matvecs or exact:
+        if done:
             if exact:
                 res, ok = torch.zeros_like(res), torch.ones(k, dtype=torch.bool)
             Y = S[:, :k].T.to(Q.dtype).to(Q.device) @ Q[:m]
