@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from test_hessian import dense_hessian, micro  # noqa: F401  (the same float64 micro LLaMA fixture)
 
 from spectra.density import broaden, density_dataset, quadrature, slq
