@@ -176,6 +176,12 @@ def test_cli_writes_the_contract_group(single_store, run_dir, shared_data):
     assert {a: ds.attrs[a] for a in ("k", "iterations", "batches", "batch_size", "seq_len", "seed", "tol")} == \
         {"k": 2, "iterations": 400, "batches": 2, "batch_size": 2, "seq_len": 16, "seed": 0, "tol": 1e-4}
     assert ds.certified.values.all() and ds.attrs["uncertified"] == [] and (ds.hvps.values >= 2 * 4).all()
+    dens = read_analysis(run_dir / "analysis.zarr", "hessian_density")  # SLQ from the same Krylov spaces
+    assert dens.density.dims == ("layer", "component", "grid") and list(dens.component.values) == ["v", "down"]
+    assert np.allclose(np.nansum(dens.weights.values, axis=-1), 1.0)
+    for comp in ("v", "down"):  # every quadrature node lies inside the Hessian's spectrum: ≤ the certified λ1
+        nodes = dens.nodes.sel(layer=1, component=comp).values
+        assert np.nanmax(nodes) <= ds.eigenvalues_batch.sel(layer=1, component=comp).values[:, 0].max() * (1 + 1e-6)
     evb = ds.eigenvalues_batch.values
     assert np.allclose(ds.eigenvalues.values, evb.mean(axis=2))
     assert np.allclose(ds.eigenvalues_se.values, evb.std(axis=2, ddof=1) / np.sqrt(2))
