@@ -78,3 +78,22 @@ def test_slq_density_matches_the_dense_hessian_histogram(micro):  # noqa: F811
 def test_bad_krylov_matrix_is_one_error():
     with pytest.raises(SpectraError, match="square Krylov"):
         quadrature(np.zeros((3, 4)), 1)
+
+
+def test_report_figure_draws_one_normalized_curve_per_layer_and_component():
+    from reports.density_figure import hessian_density_figure
+    from spectra.hessian import ComponentGap
+
+    g = torch.Generator().manual_seed(4)
+    results = []
+    for layer in (0, 1):
+        U, _ = torch.linalg.qr(torch.randn(80, 80, generator=g, dtype=torch.float64))
+        A = U @ torch.diag(torch.linspace(-1, 3 + layer, 80, dtype=torch.float64)) @ U.T
+        r = block_lanczos(lambda V, A=A: V @ A, torch.randn(2, 80, generator=g, dtype=torch.float64), 2, min_matvecs=40)
+        results.append(ComponentGap(layer, "q", r.values[None].numpy(), r.residuals[None].numpy(),
+                                    r.certified[None].numpy(), np.array([r.matvecs]), [r.krylov.numpy()], r.block))
+    fig = hessian_density_figure(density_dataset(results))
+    assert [t.name for t in fig.data] == ["layer 0", "layer 1"]
+    for t, top in zip(fig.data, (3.0, 4.0)):
+        x = np.array([v for v in t.x if v is not None], dtype=float)
+        assert x.max() <= 1.2 and np.isclose(np.nanmax(np.array(t.customdata, dtype=float)) / x.max(), top, rtol=0.05)
