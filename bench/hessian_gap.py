@@ -2,7 +2,8 @@
 
     python bench/hessian_gap.py                                  # 20m on bytes, 40 train steps, 4×128 tokens (CPU minutes)
     python bench/hessian_gap.py --scaling                        # + per-HVP cost vs tokens and width
-    python bench/hessian_gap.py --config 130m --batch 32 --seq 256 --device cuda   # GPU scale
+    python bench/hessian_gap.py --config 130m --batch 32 --seq 256 --layers all --components all \
+        --repeats 1 --train-steps 100              # GPU: all 84 components of a 130m
 
 Work: the top k+1 eigenvalues of the Hessian block H_W of each selected decoder weight W (all other
 parameters fixed) on one token batch of a model trained --train-steps AdamW steps on Wikipedia bytes.
@@ -22,6 +23,7 @@ repeat) time ratios, so contention from other processes on the shared box hits b
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -44,7 +46,8 @@ from spectra.hessian import (
 from spectra.lanczos import certify
 from spectra.models import COMPONENTS, select_components
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikipedia"
+# $SPECTRA_DATA: the carried .devdata/ on a GPU machine (bench/device/README.md)
+DATA = Path(os.environ.get("SPECTRA_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data") / "wikipedia"
 
 
 def sync(dev):
@@ -114,8 +117,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="20m")
     ap.add_argument("--train-steps", type=int, default=40)
-    ap.add_argument("--components", default="q,down")
-    ap.add_argument("--layers", default="0,3")
+    ap.add_argument("--components", default="q,down", help="comma list, or all")
+    ap.add_argument("--layers", default="0,3", help="comma list, or all")
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--tol", type=float, default=1e-4, help="certificate tol (spectra) and eigsh tol")
     ap.add_argument("--batch", type=int, default=4)
@@ -137,7 +140,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, scipy {scipy.__version__}, {dev}, {torch.get_num_threads()} threads")
     model = trained_model(a.config, a.train_steps, a.seq, dev)
     x = windows(a.seq, a.batch, "validation").to(dev)
-    weights = select_components(model, [int(v) for v in a.layers.split(",")], a.components.split(","))
+    weights = select_components(model, None if a.layers == "all" else [int(v) for v in a.layers.split(",")],
+                                None if a.components == "all" else a.components.split(","))
     keys = sorted(weights, key=lambda lc: (lc[0], list(COMPONENTS).index(lc[1])))
     k1 = a.k + 1
     print(f"{a.config}: {len(keys)} components, top-{a.k}+1, tol {a.tol}, {a.batch}×{a.seq} tokens")

@@ -67,6 +67,21 @@ def run_spectra(weights: dict) -> dict:
     return {k: {m: float(ds[m].sel(step=0, layer=k[0], component=k[1])) for m in METRICS} for k in weights}
 
 
+def run_previous(weights: dict) -> dict:
+    """The implementation before this change: one float32 batched torch svdvals per shape, then the
+    metrics matrix by matrix on one thread pool (torch's own)."""
+    from spectra.heavytail import spectrum_metrics
+
+    out, by_shape = {}, {}
+    for k, w in weights.items():
+        by_shape.setdefault(tuple(w.shape), []).append(k)
+    for keys in by_shape.values():
+        for k, sv in zip(keys, torch.linalg.svdvals(torch.stack([weights[k] for k in keys]))):
+            m = spectrum_metrics(sv, 32)
+            out[k] = {name: m[name] for name in METRICS}
+    return out
+
+
 def svd_paths(weights: dict) -> None:
     """Seconds per matrix shape and max |σ − σ_float64 SVD| / σ_1 for each exact σ path (1 thread each)."""
     import scipy.linalg as sl
@@ -94,6 +109,8 @@ def main() -> None:
     ap.add_argument("--model", default="130m")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--svd-paths", action="store_true")
+    ap.add_argument("--anchor", default="weightwatcher", choices=("weightwatcher", "previous"),
+                    help="weightwatcher, or spectra's previous implementation (f32 batched svdvals, serial metrics)")
     ap.add_argument("--powerlaw-path", default=None,
                     help="a folder holding another powerlaw (e.g. pip install --target DIR 'powerlaw<2')")
     a = ap.parse_args()
@@ -111,17 +128,17 @@ def main() -> None:
     run_spectra(dict(list(weights.items())[:2]))  # warm-up: thread pool, first-call allocations
     wall, cpu = [], []
     for rep in range(a.repeats):
-        ref, tw, cw = timed(lambda: run_weightwatcher(weights))
+        ref, tw, cw = timed(lambda: (run_weightwatcher if a.anchor == "weightwatcher" else run_previous)(weights))
         ours, ts, cs = timed(lambda: run_spectra(weights))
         wall.append(tw / ts)
         cpu.append(cw / cs)
-        print(f"  rep {rep}: weightwatcher {tw:6.2f} s (CPU {cw:6.2f}) | spectra {ts:6.2f} s (CPU {cs:6.2f}) "
+        print(f"  rep {rep}: {a.anchor} {tw:6.2f} s (CPU {cw:6.2f}) | spectra {ts:6.2f} s (CPU {cs:6.2f}) "
               f"| ratio wall {tw / ts:.2f}x CPU {cw / cs:.2f}x")
     for m in METRICS:
         d = [abs(ours[k][m] - ref[k][m]) / max(abs(ref[k][m]), 1e-12) for k in weights]
-        print(f"  {m:<15} max rel diff vs weightwatcher {max(d):.1e} (median {statistics.median(d):.0e})")
+        print(f"  {m:<15} max rel diff vs {a.anchor} {max(d):.1e} (median {statistics.median(d):.0e})")
     for name, r in (("wall", wall), ("CPU-time", cpu)):
-        print(f"weightwatcher / spectra {name}: median {statistics.median(r):.2f}x [{min(r):.2f}–{max(r):.2f}] "
+        print(f"{a.anchor} / spectra {name}: median {statistics.median(r):.2f}x [{min(r):.2f}–{max(r):.2f}] "
               f"over {len(r)} repeats")
     if a.svd_paths:
         svd_paths(weights)
