@@ -35,14 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.configs import build_model
-from spectra.hessian import (
-    BlockHVP,
-    choose_block,
-    component_gap,
-    keep_freed_memory,
-    pyhessian_eigenvalues,
-    start_vector,
-)
+from spectra.hessian import component_gap, start_vector
+from spectra.hvp import BlockHVP, choose_block, keep_freed_memory, pyhessian_eigenvalues
 from spectra.lanczos import certify
 from spectra.models import COMPONENTS, select_components
 
