@@ -214,3 +214,21 @@ def test_bad_checkpoint_is_one_error_line(tmp_path, capsys):
     assert main(["hessian-gap", "--ckpt", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "does not exist" in err[0]
+
+
+def test_uncertified_components_reach_the_table_store_and_report():
+    from reports.figures import hessian_gap_figure
+    from spectra.hessian import ComponentGap, gaps_dataset, uncertified
+
+    ev = np.array([[3.0, 2.0, 1.0]])
+    res = np.array([[1e-9, 1e-9, 1e-9]])
+    ok, bad = np.ones((1, 3), bool), np.array([[True, False, True]])
+    kry = [np.eye(3)]
+    results = [ComponentGap(0, "q", ev, res, ok, np.array([10]), kry, 1),
+               ComponentGap(0, "k", ev, res, bad, np.array([400]), kry, 1)]
+    ds = gaps_dataset(results, k=2)
+    assert ds.certified.sel(component="q").values.tolist() == [[1.0, 1.0, 1.0]]
+    assert ds.certified.sel(component="k").values.tolist() == [[1.0, 0.0, 1.0]]
+    assert uncertified(ds) == ["L0.k: λ2"] and ds.hvps.values.tolist() == [[10.0, 400.0]]
+    fig = hessian_gap_figure(ds)
+    assert [list(row) for row in fig.data[0].text] == [["", "†"]]  # q certified, k not
