@@ -146,7 +146,12 @@ def choose_block(hvp: BlockHVP, n: int, *, candidates: tuple[int, ...] = (1, 2, 
     for b in candidates[1:]:
         if b > n:
             break
-        c = per_vector(b)
+        try:
+            c = per_vector(b)
+        except torch.OutOfMemoryError:  # b tangents of every activation above W did not fit
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            break
         if c > gain * cost:
             break
         chosen, cost = b, c

@@ -232,3 +232,26 @@ def test_uncertified_components_reach_the_table_store_and_report():
     assert uncertified(ds) == ["L0.k: λ2"] and ds.hvps.values.tolist() == [[10.0, 400.0]]
     fig = hessian_gap_figure(ds)
     assert [list(row) for row in fig.data[0].text] == [["", "†"]]  # q certified, k not
+
+
+class _BusyHVP:
+    """A stand-in HVP that burns CPU time: `fixed` seconds per call plus `per_vector` per row."""
+
+    def __init__(self, fixed: float, per_vector: float):
+        self.weight, self.fixed, self.per_vector = torch.zeros(8, 8), fixed, per_vector
+
+    def __call__(self, v):
+        import time
+
+        end = time.process_time() + self.fixed + self.per_vector * v.shape[0]
+        while time.process_time() < end:
+            pass
+        return v
+
+
+def test_block_size_is_chosen_by_cost_per_vector():
+    from spectra.hvp import choose_block
+
+    assert choose_block(_BusyHVP(0.02, 0.0), 64, candidates=(1, 2, 4)) == 4  # batching is free: take the biggest
+    assert choose_block(_BusyHVP(0.0, 0.01), 64, candidates=(1, 2, 4)) == 1  # linear in b: no gain
+    assert choose_block(_BusyHVP(0.02, 0.0), 3, candidates=(1, 2, 4)) == 2  # never more vectors than entries
