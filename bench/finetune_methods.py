@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import statistics
 import sys
 from pathlib import Path
 
@@ -32,7 +33,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spectra.finetune import METHODS, FinetuneConfig, _malloc_trim, finetune, lrc_modules  # noqa: E402
+from spectra.finetune import (
+    METHODS,
+    FinetuneConfig,
+    _malloc_trim,
+    finetune,
+    lrc_modules,
+)
 
 
 def compressed_model(args) -> torch.nn.Module:
@@ -50,6 +57,10 @@ def compressed_model(args) -> torch.nn.Module:
 
     model = build_model(args.config, vocab_size=args.vocab, seed=0, attn_implementation="sdpa")
     rank_map = build_rank_map(model_spectra(model, device=args.device), method="welore", err=args.err)
+    if args.map == "attention-lrc":
+        for e in rank_map["components"]:  # the trained-model pattern: low-rank attention, dense MLP
+            attn = e["component"] in ("q", "k", "v", "o")
+            e["lrc"], e["rank"] = attn, max(1, int(e["full_rank"]) // 4) if attn else int(e["full_rank"])
     return compress_model(model, rank_map, device=args.device, progress=False)
 
 
@@ -71,6 +82,9 @@ def main() -> None:
     p.add_argument("--config", default="20m", help="pretrain.configs size to build when no --model")
     p.add_argument("--model", default=None, help="an existing compressed model folder instead")
     p.add_argument("--err", type=float, default=0.5, help="WeLore ERR for the built model's rank map")
+    p.add_argument("--map", default="welore", choices=("welore", "attention-lrc"),
+                   help="welore: the WeLore map of the random weights (nearly every matrix an LRC); attention-lrc: "
+                        "q,k,v,o LRCs at 1/4 rank, MLP dense frozen N-LRCs, as WeLore finds on trained LLaMAs")
     p.add_argument("--vocab", type=int, default=32128, help="vocab of the built model (T5: 32128)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=6)
@@ -81,6 +95,7 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--loss", default="both", choices=("chunked", "hf", "both"),
                    help="lm_head+CE in chunks (spectra.lm_loss, the harness default), HF's labels= path, or both")
+    p.add_argument("--repeats", type=int, default=1, help="alternating rounds of all methods (median ratios)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 on a shared CPU box)")
     args = p.parse_args()
     if args.threads:
@@ -93,18 +108,24 @@ def main() -> None:
     batches = [torch.randint(0, vocab, (args.micro_batch, args.seq_len), generator=g) for _ in range(n_micro)]
     n_lrc = sum(p.numel() for m in lrc_modules(base) for p in m.parameters())
     n_all = sum(p.numel() for p in base.parameters())
-    print(f"model: {args.model or args.config} ({n_all / 1e6:.1f}M params, {n_lrc / 1e6:.1f}M in "
+    print(f"model: {args.model or args.config} map {args.map} vocab {vocab} ({n_all / 1e6:.1f}M params, {n_lrc / 1e6:.1f}M in "
           f"{len(lrc_modules(base))} LRCs), device {args.device}, {args.steps} steps x "
           f"{args.batch_size}x{args.seq_len} tokens, threads {torch.get_num_threads()}")
     methods = args.methods.split(",")
     for m in methods:  # untimed 2-step round first: one-off kernel/allocator/import costs would hit whoever runs first
         run(base, m, batches[: 2 * args.batch_size // args.micro_batch], args, 2)
     losses = {"chunked": [True], "hf": [False], "both": [True, False]}[args.loss]
-    results = {(m, c): run(base, m, batches, args, args.steps, c) for c in losses for m in methods}
+    ratios: dict = {}  # (method, loss) -> [(tok/s ratio, memory ratio)] per repeat, vs full in the same repeat
+    for _ in range(args.repeats):  # methods alternate within a repeat: a busy box slows both alike
+        results = {(m, c): run(base, m, batches, args, args.steps, c) for c in losses for m in methods}
+        for (m, c), r in results.items():
+            if (full := results.get(("full", c))) is not None:
+                ratios.setdefault((m, c), []).append((r["tokens_per_s"] / full["tokens_per_s"],
+                                                      r["peak_memory_bytes"] / full["peak_memory_bytes"]))
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="finetuning cost (ratios vs full finetuning with the same loss path, same process)")
+    table = Table(title="finetuning cost, last repeat (ratios vs full finetuning with the same loss path, same process)")
     for col in ("method", "loss", "trainable", "tokens/s", "peak MiB", "tok/s vs full", "memory vs full", "last loss"):
         table.add_column(col, justify="right")
     for (m, c), r in results.items():
@@ -115,6 +136,12 @@ def main() -> None:
                       f"{r['peak_memory_bytes'] / 2**20:.0f}", tput, mem, f"{r['loss_curve'][-1][1]:.3f}")
     Console().print(table)
     print(f"peak memory measured as: {next(iter(results.values()))['peak_memory_kind']}")
+    for (m, c), rr in ratios.items():
+        if m != "full":
+            tp, mem = sorted(r[0] for r in rr), sorted(r[1] for r in rr)
+            print(f"{m} ({'chunked' if c else 'hf'} loss) vs full over {len(rr)} repeats: tokens/s median "
+                  f"{statistics.median(tp):.2f}x [{tp[0]:.2f}–{tp[-1]:.2f}], peak memory median "
+                  f"{statistics.median(mem):.2f}x [{mem[0]:.2f}–{mem[-1]:.2f}]")
 
 
 if __name__ == "__main__":

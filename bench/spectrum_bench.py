@@ -1,91 +1,149 @@
-"""Cost of `spectra spectrum` / `grad-subspace`, with ratios against a naive baseline in this process.
+"""Heavy-tail metrics of every decoder linear: spectra vs weightwatcher, same weights, same process.
 
-    python bench/spectrum_bench.py --model tiny        # CPU, seconds
-    python bench/spectrum_bench.py --model 60m         # 8 layers x 7 matrices of 512-dim
+    python bench/spectrum_bench.py                    # 130m shape: 84 matrices (768², 2048×768, 768×2048)
+    python bench/spectrum_bench.py --model tiny       # seconds
+    python bench/spectrum_bench.py --svd-paths        # + σ per path: torch svdvals, scipy gesdd, float64 Gram
 
-Baseline: one SVD per matrix (torch.linalg.svdvals in a loop) and the `powerlaw` package's
-xmin scan (`powerlaw.Fit`, what weightwatcher calls) per matrix. spectra: one batched svdvals per
-shape and the vectorized KS scan of `spectra.heavytail.fit_power_law`. Both compute the same
-alpha (asserted). The tiny case also times the whole tiny-run analysis (both commands, no CLI
-start-up) on a freshly trained 12-step run with full gradients.
+* spectra: `spectra.spectrum.spectrum_dataset` on the weights of one step (σ by the float64 Gram
+  path over all cores, every metric of `spectra.heavytail`), the work of `spectra spectrum`.
+* weightwatcher 0.7.7: `WeightWatcher(model).analyze()` on the same 84 `nn.Linear` (on a CPU-only
+  torch it falls back to its "accurate" scipy SVD; `powerlaw` fit with x_min by KS and xmax = λ_max).
+  Its cost depends on the `powerlaw` version: `pip install weightwatcher` brings powerlaw 2.0 today,
+  the ANCHORS measurement used powerlaw 1.5 (--powerlaw-path runs that one).
+
+Methods alternate within each repeat; the figure is the median of per-repeat time ratios (a shared
+box: both suffer alike). Metrics compared: alpha, alpha_weighted, stable_rank, entropy, log_norm.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import logging
+import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.configs import build_model
+from spectra.heavytail import gram_singular_values
+from spectra.models import component_weights
+from spectra.spectrum import spectrum_dataset
+
+METRICS = ("alpha", "alpha_weighted", "stable_rank", "entropy", "log_norm")
 
 
 def timed(fn):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     out = fn()
-    return out, time.perf_counter() - t
+    return out, time.perf_counter() - t, time.process_time() - c
 
 
-def baseline(weights):
-    import powerlaw
+def run_weightwatcher(weights: dict) -> dict:
+    import weightwatcher as ww
 
-    alphas = {}
+    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    keys = list(weights)
+    mods = nn.ModuleList()
+    for k in keys:
+        w = weights[k]
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        lin.weight.data.copy_(w)
+        mods.append(lin)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        df = ww.WeightWatcher(model=mods).analyze(plot=False)
+    return {k: {m: float(df.iloc[i][m]) for m in METRICS} for i, k in enumerate(keys)}
+
+
+def run_spectra(weights: dict) -> dict:
+    ds = spectrum_dataset([0], iter([(0, weights)]), top_r=32, device=torch.device("cpu"), progress=False)
+    return {k: {m: float(ds[m].sel(step=0, layer=k[0], component=k[1])) for m in METRICS} for k in weights}
+
+
+def run_previous(weights: dict) -> dict:
+    """The implementation before this change: one float32 batched torch svdvals per shape, then the
+    metrics matrix by matrix on one thread pool (torch's own)."""
+    from spectra.heavytail import spectrum_metrics
+
+    out, by_shape = {}, {}
     for k, w in weights.items():
-        lam = (torch.linalg.svdvals(w.float()).double() ** 2).numpy()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            alphas[k] = powerlaw.Fit(lam, verbose=False, parameter_ranges={"alpha": [1, None]}).alpha
-    return alphas
+        by_shape.setdefault(tuple(w.shape), []).append(k)
+    for keys in by_shape.values():
+        for k, sv in zip(keys, torch.linalg.svdvals(torch.stack([weights[k] for k in keys]))):
+            m = spectrum_metrics(sv, 32)
+            out[k] = {name: m[name] for name in METRICS}
+    return out
 
 
-def spectra_way(weights):
-    from spectra.heavytail import fit_power_law
-    from spectra.spectrum import batched_singular_values
+def svd_paths(weights: dict) -> None:
+    """Seconds per matrix shape and max |σ − σ_float64 SVD| / σ_1 for each exact σ path (1 thread each)."""
+    import scipy.linalg as sl
 
-    return {k: fit_power_law(s.double() ** 2).alpha for k, s in batched_singular_values(weights, torch.device("cpu")).items()}
-
-
-def whole_tiny_analysis() -> tuple[float, float]:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import make_tiny, train_steps
-    from spectra.spectrum import run_weights, spectrum_dataset
-    from spectra.store import SnapshotWriter, open_run
-    from spectra.subspace import grad_subspace_dataset
-
-    with tempfile.TemporaryDirectory() as d:
-        w = SnapshotWriter(Path(d) / "snapshots.zarr", grad_mode="full", background=False)
-        model = make_tiny()
-        train_steps(model, 12, on_step=lambda s, l: s % 2 == 0 and w.write(model, step=s, tokens=s, lr=0, loss=l))
-        cpu = torch.device("cpu")
-        _, t_spec = timed(lambda: spectrum_dataset(*run_weights(Path(d), None), top_r=32, device=cpu, progress=False))
-        _, t_sub = timed(lambda: grad_subspace_dataset(open_run(d), 8, "left", cpu, progress=False))
-    return t_spec, t_sub
+    shapes = {}
+    for w in weights.values():
+        shapes.setdefault(tuple(w.shape), w)
+    for shape, W in shapes.items():
+        ref = torch.linalg.svdvals(W.double())
+        paths = {
+            "torch svdvals f32": lambda W=W: torch.linalg.svdvals(W).double(),
+            "scipy gesdd f32": lambda W=W: torch.from_numpy(sl.svdvals(W.numpy(), check_finite=False)).double(),
+            "float64 Gram eigvalsh": lambda W=W: gram_singular_values(W),
+        }
+        cells = []
+        for name, fn in paths.items():
+            best = min(timed(fn)[2] for _ in range(2))  # CPU seconds
+            err = float((fn() - ref).abs().max() / ref[0])
+            cells.append(f"{name} {best * 1e3:6.0f} ms (err {err:.0e})")
+        print(f"  {shape[0]}×{shape[1]}: " + " | ".join(cells))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="tiny")
-    args = ap.parse_args()
-    from pretrain.configs import build_model
-    from spectra.models import component_weights
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="130m")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--svd-paths", action="store_true")
+    ap.add_argument("--anchor", default="weightwatcher", choices=("weightwatcher", "previous"),
+                    help="weightwatcher, or spectra's previous implementation (f32 batched svdvals, serial metrics)")
+    ap.add_argument("--powerlaw-path", default=None,
+                    help="a folder holding another powerlaw (e.g. pip install --target DIR 'powerlaw<2')")
+    a = ap.parse_args()
+    if a.powerlaw_path:
+        sys.path.insert(0, a.powerlaw_path)
+    import powerlaw
+    import weightwatcher
 
-    model = build_model(args.model, vocab_size=256, seed=0, attn_implementation="eager")
-    weights = {k: w.detach() for k, w in component_weights(model).items()}
-    spectra_way(weights)  # warm-up (thread pools, first-call allocations)
-    ref, t_base = timed(lambda: baseline(weights))
-    ours, t_ours = timed(lambda: spectra_way(weights))
-    worst = max(abs(ref[k] - ours[k]) / ref[k] for k in ref)
-    assert worst < 1e-5, f"alpha differs from powerlaw by {worst:.2e}"
-    print(f"{args.model}: {len(weights)} matrices, torch threads {torch.get_num_threads()}")
-    print(f"  baseline (loop svdvals + powerlaw.Fit): {t_base:7.2f} s")
-    print(f"  spectra  (batched svdvals + vector KS): {t_ours:7.2f} s   speed-up x{t_base / t_ours:.1f}  (alpha max rel diff {worst:.1e})")
-    if args.model == "tiny":
-        t_spec, t_sub = whole_tiny_analysis()
-        print(f"  whole tiny run (6 snapshots x 14 matrices): spectrum {t_spec:.2f} s, grad-subspace {t_sub:.2f} s")
+    model = build_model(a.model, vocab_size=384, seed=0, attn_implementation="eager")
+    weights = {k: w.detach().clone() for k, w in component_weights(model).items()}
+    del model
+    print(f"{a.model}: {len(weights)} matrices | torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"weightwatcher {weightwatcher.__version__} with powerlaw {getattr(powerlaw, '__version__', '?')} "
+          f"({Path(powerlaw.__file__).parent.name})")
+    run_spectra(dict(list(weights.items())[:2]))  # warm-up: thread pool, first-call allocations
+    wall, cpu = [], []
+    for rep in range(a.repeats):
+        ref, tw, cw = timed(lambda: (run_weightwatcher if a.anchor == "weightwatcher" else run_previous)(weights))
+        ours, ts, cs = timed(lambda: run_spectra(weights))
+        wall.append(tw / ts)
+        cpu.append(cw / cs)
+        print(f"  rep {rep}: {a.anchor} {tw:6.2f} s (CPU {cw:6.2f}) | spectra {ts:6.2f} s (CPU {cs:6.2f}) "
+              f"| ratio wall {tw / ts:.2f}x CPU {cw / cs:.2f}x")
+    for m in METRICS:
+        d = [abs(ours[k][m] - ref[k][m]) / max(abs(ref[k][m]), 1e-12) for k in weights]
+        print(f"  {m:<15} max rel diff vs {a.anchor} {max(d):.1e} (median {statistics.median(d):.0e})")
+    for name, r in (("wall", wall), ("CPU-time", cpu)):
+        print(f"{a.anchor} / spectra {name}: median {statistics.median(r):.2f}x [{min(r):.2f}–{max(r):.2f}] "
+              f"over {len(r)} repeats")
+    if a.svd_paths:
+        svd_paths(weights)
 
 
 if __name__ == "__main__":
+    np.seterr(all="ignore")
     main()

@@ -39,7 +39,7 @@ PRESETS: dict[str, dict] = {
     "quickstart": dict(
         pretrain=dict(model="tiny", steps=150, seq_len=128, batch_size=8, micro_batch=8, lr=3e-3, warmup=15,
                       eval_every=50, save_every=50, snapshot_every=25, snapshot_grad="full", val_tokens=16384),
-        grad_rank=8, hessian=dict(k=4, iterations=12, batches=2, batch_size=2, seq_len=64),
+        grad_rank=8, hessian=dict(k=4, batches=2, batch_size=2, seq_len=64),
         errs=(0.1, 0.3, 0.5), eval_tokens=8192, eval_seq=128,
         finetune=dict(steps=10, batch_size=4, micro_batch=4, seq_len=128, eval_tokens=4096), finetune_errs=(0.5,),
     ),
@@ -47,7 +47,7 @@ PRESETS: dict[str, dict] = {
     "cpu-reference": dict(
         pretrain=dict(model="9m", steps=240, seq_len=128, batch_size=16, micro_batch=16, lr=3e-3, warmup=24,
                       eval_every=40, save_every=60, snapshot_every=30, snapshot_grad="full", val_tokens=32768),
-        grad_rank=8, hessian=dict(k=4, iterations=12, batches=2, batch_size=2, seq_len=128),
+        grad_rank=8, hessian=dict(k=4, batches=2, batch_size=2, seq_len=128),
         errs=(0.1, 0.2, 0.3, 0.4, 0.5), eval_tokens=16384, eval_seq=128,
         finetune=dict(steps=20, batch_size=8, micro_batch=8, seq_len=128, eval_tokens=8192), finetune_errs=(0.3, 0.5),
     ),
@@ -57,7 +57,7 @@ PRESETS: dict[str, dict] = {
         tokenizer="bytes",
         pretrain=dict(model="9m", steps=800, seq_len=256, batch_size=16, micro_batch=16, lr=3e-3, warmup=80,
                       eval_every=100, save_every=200, snapshot_every=100, snapshot_grad="full", val_tokens=65536),
-        grad_rank=8, hessian=dict(k=4, iterations=12, batches=2, batch_size=2, seq_len=256),
+        grad_rank=8, hessian=dict(k=4, batches=2, batch_size=2, seq_len=256),
         # 70/90% too: below 50% a model this small loses < 0.2% ppl whatever the map
         errs=(0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9), eval_tokens=65536, eval_seq=256,
         finetune=dict(steps=40, batch_size=16, micro_batch=16, seq_len=256, eval_tokens=16384), finetune_errs=(0.3, 0.5),
@@ -66,7 +66,7 @@ PRESETS: dict[str, dict] = {
     "130m": dict(
         pretrain=dict(model="130m", steps=2000, seq_len=256, batch_size=512, micro_batch=128, lr=1e-3, warmup=200,
                       eval_every=250, save_every=500, snapshot_every=250, snapshot_grad="sketch", val_tokens=1 << 20),
-        grad_rank=16, hessian=dict(k=8, iterations=32, batches=2, batch_size=32, seq_len=256),
+        grad_rank=16, hessian=dict(k=8, batches=2, batch_size=32, seq_len=256),
         errs=(0.1, 0.2, 0.3, 0.4, 0.5), eval_tokens=1 << 20, eval_seq=256,
         finetune=dict(steps=200, batch_size=64, micro_batch=32, seq_len=256, eval_tokens=1 << 18), finetune_errs=(0.3, 0.5),
     ),

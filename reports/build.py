@@ -133,6 +133,10 @@ def hessian_section(inp: RunInputs) -> Section:
         "the gradient settle into a low-rank subspace.")
     if ds is not None:
         sec.figures.append(("hessian-gap", F.hessian_gap_figure(ds)))
+    if (dens := inp.analysis.get("hessian_density")) is not None:  # SLQ from the same Lanczos runs
+        from reports.density_figure import hessian_density_figure
+
+        sec.figures.append(("hessian-density", hessian_density_figure(dens)))
     return sec
 
 

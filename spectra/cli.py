@@ -137,6 +137,9 @@ def _one_line(text: str, limit: int = 1000) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input becomes one `error: ...` line and exit code 2, never a traceback."""
+    # Idle OpenMP threads sleep instead of spinning: on a shared CPU spinning made one HVP 30x slower
+    # (bench/README.md). Must be set before torch starts its OpenMP runtime, i.e. before importing it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         code = app(args=argv, prog_name="spectra", standalone_mode=False)  # --help still prints and returns
     except SpectraError as e:

@@ -2,7 +2,10 @@
 
 WeLore-PEFT (paper §3.2) backpropagates only into the low-rank components (LRCs): the factors
 A, B of every `LowRankLinear` train, while the dense N-LRCs, embeddings, norms and lm_head stay
-frozen, so gradients and Adam state exist only in low-rank form. The baselines run through the
+frozen, so gradients and Adam state exist only in low-rank form. A frozen N-LRC costs only its
+forward and its input gradient: requires_grad=False means no .grad and no optimizer state, and
+autograd then saves only its weight, not its input (which only a weight gradient would need) --
+tests/test_finetune.py checks all three against full finetuning. The baselines run through the
 same loop (same packed data, AdamW, warmup + cosine schedule, step count, precision):
 
 * `lora`   -- `peft` LoRA adapters on every decoder linear leaf: the dense N-LRC linears and, on a

@@ -22,6 +22,9 @@ estimator the WeLore/HT-SR papers state, so alpha is one formula for every layer
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +36,58 @@ def singular_values(W: torch.Tensor) -> torch.Tensor:
     if W.dtype not in (torch.float32, torch.float64):
         W = W.float()  # svd has no half/bfloat16 kernels
     return torch.linalg.svdvals(W)
+
+
+def gram_singular_values(W: torch.Tensor) -> torch.Tensor:
+    """σ (descending, float64) as the square roots of the eigenvalues of the float64 Gram matrix of
+    the smaller side (batched over leading dims): exact, and faster than an SVD on CPU.
+
+    Accuracy: forming WᵀW in float64 from float32/bfloat16 weights rounds at ~1e-16·σ_1², so
+    λ_i = σ_i² carries an absolute error ~n·1e-16·σ_1²: σ_i to ~1e-12 relative for σ_i ≥ 1e-3·σ_1,
+    and to ~1e-8·σ_1 absolute below — better than a float32 SVD of the same matrix (~6e-8·σ_1)
+    everywhere (tests/test_heavytail.py measures both against a float64 SVD)."""
+    W = W.detach().double()
+    G = W.mT @ W if W.shape[-2] >= W.shape[-1] else W @ W.mT
+    return torch.linalg.eigvalsh(G).flip(-1).clamp(min=0).sqrt()
+
+
+@contextmanager
+def _intra_op_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def map_matrices(fn: Callable, items: Sequence, workers: int | None = None) -> list:
+    """fn over items, one Python thread per core, each with one intra-op thread: LAPACK's
+    symmetric eigensolvers barely use a second OpenMP thread at these sizes (768: 13.8 s → 5.8 s
+    wall for the 84 matrices of a 130m model with 2 workers × 1 thread instead of 1 × 2)."""
+    workers = workers or torch.get_num_threads()  # = the cores torch was given (OMP_NUM_THREADS)
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with _intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def many_singular_values(mats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """σ of many matrices by the fastest exact path for their device: on CPU the float64 Gram
+    eigenvalues, matrices spread over the cores; on GPU one batched svdvals per shape (float32;
+    the device is busy enough with the batch)."""
+    if not mats:
+        return []
+    if mats[0].device.type != "cpu":
+        out: list[torch.Tensor | None] = [None] * len(mats)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, w in enumerate(mats):
+            by_shape.setdefault(tuple(w.shape), []).append(i)
+        for idx in by_shape.values():
+            for i, sv in zip(idx, singular_values(torch.stack([mats[i] for i in idx]))):
+                out[i] = sv
+        return out  # type: ignore[return-value]
+    return map_matrices(gram_singular_values, mats)
 
 
 def normalized_singular_values(sigma: torch.Tensor) -> torch.Tensor:

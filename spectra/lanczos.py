@@ -119,3 +119,128 @@ def _converged(alpha, beta, m, k, tol, which) -> bool:
     _, theta, S = _ritz(alpha, beta, m, which)
     res = (beta[:, m - 1 : m] * S[:, m - 1, :k]).abs()
     return bool((res <= tol * theta.abs().amax(dim=1, keepdim=True)).all())
+
+
+# --------------------------------------------------------------------------- block Lanczos to a certificate
+
+
+@dataclass
+class BlockLanczosResult:
+    """Top-k Ritz pairs of one operator (descending), with the certificate per pair.
+
+    certified[i]: residual ≤ tol·max_{j≤k}|θ_j| AND residual ≤ gap_frac · (distance to the neighbouring Ritz
+    values) — then |θ_i − λ_i| ≤ residual²/gap (Kato–Temple) and the gaps between certified values are
+    exact to that accuracy. `krylov` is the projected matrix of the first Krylov space (before any
+    restart) and `block` its block size: the first `block` rows of its eigenvectors are the Gauss
+    quadrature weights of the random start block (stochastic Lanczos quadrature, spectra.density).
+    """
+
+    values: torch.Tensor  # (k,) float64
+    vectors: torch.Tensor  # (k, n) unit Ritz vectors, operator dtype
+    residuals: torch.Tensor  # (k,) float64 ‖A y − θ y‖
+    certified: torch.Tensor  # (k,) bool
+    matvecs: int  # operator applications (vectors, not blocks)
+    restarts: int
+    krylov: torch.Tensor  # (m0, m0) float64
+    block: int
+
+
+def _cgs2(W: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of W minus their projection on the orthonormal rows of Q, twice; returns (W, Q Wᵀ summed)."""
+    h = torch.zeros(Q.shape[0], W.shape[0], dtype=W.dtype, device=W.device)
+    for _ in range(2):
+        c = Q @ W.T
+        W = W - c.T @ Q
+        h += c
+    return W, h
+
+
+def _orthonormal_block(W: torch.Tensor, Q: torch.Tensor, generator: torch.Generator | None,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal rows N spanning the rows of W (already ⟂ Q) and B = N Wᵀ (so W = Bᵀ N).
+
+    A row that vanishes (Krylov space invariant: exact eigenpairs found) is replaced by a random
+    direction ⟂ Q, whose B row is ~0: the relation A Q = Q H + N B stays exact and the search goes on."""
+    N, R = torch.linalg.qr(W.T)  # (n, b), (b, b)
+    N = N.T.contiguous()
+    dead = R.diagonal().abs() <= 1e-10 * max(scale, 1e-300)
+    if dead.any():
+        for i in dead.nonzero().flatten().tolist():
+            fresh = torch.randn(W.shape[1], generator=generator, dtype=W.dtype).to(W.device)[None]
+            others = torch.cat([Q, N[:i], N[i + 1:]])
+            fresh, _ = _cgs2(fresh, others)
+            N[i] = fresh[0] / fresh[0].norm()
+    return N, N @ W.T
+
+
+def certify(theta: torch.Tensor, res: torch.Tensor, k: int, tol: float, gap_frac: float) -> torch.Tensor:
+    """Which of the top-k Ritz values (θ descending, all of them given) pass the certificate."""
+    t = theta.double()
+    up = torch.cat([torch.tensor([torch.inf], dtype=t.dtype), t[:-1] - t[1:]])  # θ_{i-1} − θ_i
+    down = torch.cat([t[:-1] - t[1:], torch.tensor([torch.inf], dtype=t.dtype)])  # θ_i − θ_{i+1}
+    gap = torch.minimum(up, down)[:k]
+    scale = t[:k].abs().max().clamp_min(1e-300)  # |λ1| of the reported ones: a large negative λ_min must not loosen it
+    return (res[:k] <= tol * scale) & (res[:k] <= gap_frac * gap)
+
+
+def block_lanczos(matvec: Matvec, V0: torch.Tensor, k: int, *, tol: float = 1e-4, gap_frac: float = 0.1,
+                  max_matvecs: int = 400, min_matvecs: int = 0, max_basis: int | None = None,
+                  generator: torch.Generator | None = None,
+                  on_matvec: Callable[[int], None] | None = None) -> BlockLanczosResult:
+    """Top-`k` (largest algebraic) eigenpairs of a symmetric operator, iterated until certified.
+
+    Block Lanczos with full reorthogonalization (CGS2) and thick restarts. matvec maps a block of
+    row vectors (b, n) -> (b, n) — b vectors through the operator at once, e.g. one batched double
+    backward. V0 (b, n) is the start block (its dtype/device are the basis'). Stops as soon as all k
+    Ritz pairs pass `certify`, or after `max_matvecs` operator applications (the budget: then
+    `certified` says which did not make it), or when the Krylov space is the whole space (exact).
+    min_matvecs: keep going until this many even when certified (a bigger first Krylov space: a
+    finer spectral density for spectra.density; the basis then holds at least that many vectors).
+    max_basis: vectors held (memory b·n·max_basis); when full, restart from the top Ritz vectors.
+    on_matvec: called with the number of vectors applied (progress bars).
+    """
+    b, n = V0.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n = {n}, got k={k}")
+    cap = min(n, max(max_basis or 4 * (k + b) + 32, k + 3 * b, min_matvecs + b))  # room for k Ritz vectors + 2 blocks
+    Q = torch.zeros(cap + b, n, dtype=V0.dtype, device=V0.device)
+    H = torch.zeros(cap + b, cap + b, dtype=torch.float64)
+    N, _ = _orthonormal_block(V0, Q[:0], generator, 1.0)
+    Q[:b] = N
+    m, matvecs, restarts, krylov, scale = b, 0, 0, None, 0.0
+    while True:
+        W = matvec(Q[m - b:m])
+        matvecs += b
+        if on_matvec is not None:
+            on_matvec(b)
+        W, h = _cgs2(W, Q[:m])
+        H[:m, m - b:m] = h.double().cpu()
+        Hs = 0.5 * (H[:m, :m] + H[:m, :m].T)
+        theta, S = torch.linalg.eigh(Hs)
+        theta, S = theta.flip(0), S.flip(1)  # descending
+        scale = max(scale, float(theta.abs().max()))
+        N, B = _orthonormal_block(W, Q[:m], generator, scale)
+        Bd = B.double().cpu()
+        res = (Bd @ S[m - b:m]).norm(dim=0)  # ‖A y_i − θ_i y_i‖ = ‖B E_mᵀ s_i‖
+        ok = certify(theta, res, k, tol, gap_frac) if m > k else torch.zeros(k, dtype=torch.bool)  # needs θ_{k+1}
+        exact = m >= n
+        done = (ok.all() and matvecs >= min_matvecs) or matvecs >= max_matvecs or exact
+        if restarts == 0 and (done or m + b > cap):
+            krylov = Hs.clone()
+        if done:
+            if exact:
+                res, ok = torch.zeros_like(res), torch.ones(k, dtype=torch.bool)
+            Y = S[:, :k].T.to(Q.dtype).to(Q.device) @ Q[:m]
+            return BlockLanczosResult(theta[:k], Y, res[:k], ok, matvecs, restarts, krylov, b)
+        if m + b > cap:  # thick restart: keep the best Ritz vectors, continue from the residual block
+            keep = min(m - b, max(k + b, (cap - b) // 2))
+            Y = S[:, :keep].T.to(Q.dtype).to(Q.device) @ Q[:m]
+            Q[:keep] = Y
+            H.zero_()
+            H[:keep, :keep] = torch.diag(theta[:keep])
+            H[keep:keep + b, :keep] = Bd @ S[m - b:m, :keep]
+            m, restarts = keep, restarts + 1
+        else:
+            H[m:m + b, m - b:m] = Bd
+        Q[m:m + b] = N
+        m += b

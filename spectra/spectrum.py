@@ -1,8 +1,9 @@
 """`spectra spectrum`: singular-value spectra and heavy-tail metrics of every decoder linear,
 per snapshot step, from a run's `snapshots.zarr` or from any HF causal-LM checkpoint folder.
 
-One SVD per matrix: matrices of the same shape at the same step are stacked and go through a
-single batched `svdvals` (on the GPU when there is one). Writes group `spectrum` of
+One exact singular-value computation per matrix, by the fastest path for the device
+(`spectra.heavytail.many_singular_values`: float64 Gram eigenvalues over all cores on CPU, one
+batched `svdvals` per shape on GPU). Writes group `spectrum` of
 `analysis.zarr` with dims (step, layer, component, index); see `spectra.heavytail` for how every
 metric is defined.
 """
@@ -10,7 +11,6 @@ metric is defined.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
@@ -22,7 +22,7 @@ import xarray as xr
 from tqdm import tqdm
 
 from spectra.errors import SpectraError
-from spectra.heavytail import normalized_singular_values, singular_values, spectrum_metrics
+from spectra.heavytail import many_singular_values, map_matrices, normalized_singular_values, spectrum_metrics
 from spectra.models import COMPONENTS, analysis_store_for, resolve_device
 
 METRICS = ("full_rank", "stable_rank", "effective_rank", "entropy", "energy_top_r", "alpha",
@@ -124,16 +124,9 @@ def checkpoint_weights(path: Path) -> tuple[list[int], Iterator[tuple[int, Weigh
 
 # --------------------------------------------------------------------------- analysis
 def batched_singular_values(weights: Weights, device: torch.device) -> dict[tuple[int, str], torch.Tensor]:
-    """σ of every matrix, one stacked svdvals per distinct shape (e.g. all q/k/v/o together)."""
-    by_shape: dict[tuple[int, ...], list] = defaultdict(list)
-    for key, w in weights.items():
-        by_shape[tuple(w.shape)].append(key)
-    out = {}
-    for keys in by_shape.values():
-        stack = torch.stack([weights[k] for k in keys]).to(device, torch.float32)
-        for k, s in zip(keys, singular_values(stack)):
-            out[k] = s
-    return out
+    """σ of every matrix by the fastest exact path for `device` (spectra.heavytail.many_singular_values)."""
+    keys = list(weights)
+    return dict(zip(keys, many_singular_values([weights[k].to(device) for k in keys])))
 
 
 def spectrum_dataset(steps: list[int], weights_per_step: Iterator[tuple[int, Weights]], *, top_r: int,
@@ -145,9 +138,11 @@ def spectrum_dataset(steps: list[int], weights_per_step: Iterator[tuple[int, Wei
         for (layer, comp), w in weights.items():
             if not torch.isfinite(w).all():  # checked up front: LAPACK would fail with a cryptic message
                 raise SpectraError(f"non-finite weights in layer {layer} {comp} at step {step}")
-        for (layer, comp), s in batched_singular_values(weights, device).items():
+        svs = batched_singular_values(weights, device)
+        fits = map_matrices(lambda s: spectrum_metrics(s, top_r), [s.cpu() for s in svs.values()])
+        for ((layer, comp), s), m in zip(svs.items(), fits):
             sig[(step, layer, comp)] = s.cpu().numpy()
-            metrics[(step, layer, comp)] = spectrum_metrics(s, top_r)
+            metrics[(step, layer, comp)] = m
     layers = sorted({l for _, l, _ in sig})
     comps = [c for c in COMPONENTS if any(k[2] == c for k in sig)]
     n_index = max(v.size for v in sig.values())

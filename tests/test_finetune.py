@@ -241,3 +241,32 @@ def test_gpu_bf16_autocast_welore_uses_less_memory_than_full(pretrained, data):
         assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 masters under autocast
         peaks[method] = m["peak_memory_bytes"]
     assert peaks["welore"] < peaks["full"]
+
+
+@pytest.mark.parametrize("method", ["welore", "full"])
+def test_frozen_n_lrcs_keep_no_grads_state_or_weight_grad_activations(pretrained, data, method):
+    """WeLore-PEFT materializes nothing for the frozen N-LRCs: no .grad, no optimizer state, and
+    autograd does not save their inputs (needed only for their weight gradients). `full` is the
+    control: there the same input of down_proj is saved."""
+    from spectra.finetune import FinetuneConfig, prepare
+    from spectra.lm_loss import causal_lm_loss
+
+    model, opt = prepare(copy.deepcopy(pretrained), FinetuneConfig(method=method), torch.device("cpu"))
+    downs = [layer.mlp.down_proj for layer in model.model.layers]  # N-LRCs (dense, frozen under welore)
+    inputs, saved = [], set()
+    hooks = [d.register_forward_hook(lambda _m, args, _o: inputs.append(args[0])) for d in downs]
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.add(t.data_ptr()) or t, lambda t: t):
+        loss = causal_lm_loss(model, data[0][0][:2])
+    for h in hooks:
+        h.remove()
+    loss.backward()
+    opt.step()
+    assert len(inputs) == len(downs)
+    kept = [x.data_ptr() in saved for x in inputs]
+    state = {id(p) for p in opt.state}
+    if method == "welore":
+        assert not any(kept)
+        assert all(d.weight.grad is None and id(d.weight) not in state for d in downs)
+        assert state == {id(p) for p in model.parameters() if p.requires_grad}  # LRC factors only
+    else:
+        assert all(kept) and all(d.weight.grad is not None and id(d.weight) in state for d in downs)

@@ -13,7 +13,10 @@ from spectra.heavytail import (
     effective_rank,
     energy_fraction,
     fit_power_law,
+    gram_singular_values,
     log_norm,
+    many_singular_values,
+    map_matrices,
     matrix_entropy,
     normalized_singular_values,
     singular_values,
@@ -133,3 +136,32 @@ def test_spectrum_metrics_consistent():
     assert m["log_norm"] == pytest.approx(math.log10(float((s.double() ** 2).sum())))
     assert m["energy_top_r"] == pytest.approx(float((s[:8].double() ** 2).sum() / (s.double() ** 2).sum()))
     assert 1 <= m["stable_rank"] <= m["effective_rank"] <= 64  # heavy tail: stable rank is the smaller
+
+
+def _trained_like(m: int, n: int, seed: int) -> torch.Tensor:
+    """Noise plus a strong low-rank part: a wide σ range like trained weights, float32."""
+    g = torch.Generator().manual_seed(seed)
+    return (0.02 * torch.randn(m, n, generator=g) + torch.randn(m, 6, generator=g) @ torch.randn(6, n, generator=g) / 20)
+
+
+@pytest.mark.parametrize("shape", [(96, 96), (160, 64), (64, 160)])
+def test_gram_singular_values_are_more_accurate_than_a_float32_svd(shape):
+    W = _trained_like(*shape, seed=sum(shape))
+    ref = torch.linalg.svdvals(W.double())  # LAPACK gesdd in float64 on the same float32 entries
+    gram = gram_singular_values(W)
+    assert gram.dtype == torch.float64 and gram.shape == ref.shape
+    err_gram = (gram - ref).abs().max() / ref[0]
+    err_f32 = (torch.linalg.svdvals(W).double() - ref).abs().max() / ref[0]
+    assert err_gram < 1e-10 and err_gram < err_f32
+    big = ref > 1e-3 * ref[0]
+    assert ((gram[big] - ref[big]).abs() / ref[big]).max() < 1e-9
+
+
+def test_many_singular_values_keeps_order_over_threads_and_shapes():
+    mats = [_trained_like(*s, seed=i) for i, s in enumerate([(48, 32), (32, 48), (48, 32), (40, 40)])]
+    threads = torch.get_num_threads()
+    out = many_singular_values(mats)
+    for W, s in zip(mats, out):
+        assert torch.allclose(s, torch.linalg.svdvals(W.double()), rtol=0, atol=1e-9)
+    assert map_matrices(lambda x: x * 2, list(range(7)), workers=2) == [0, 2, 4, 6, 8, 10, 12]
+    assert torch.get_num_threads() == threads  # the pool's one-thread setting is undone

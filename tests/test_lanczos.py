@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spectra.lanczos import lanczos
+from spectra.lanczos import block_lanczos, certify, lanczos
 
 pytestmark = pytest.mark.unit  # fast pure-library tests: part of `pytest -m unit`
 
@@ -80,3 +80,42 @@ def test_float32_basis_and_bad_arguments():
         lanczos(lambda V: V @ A, torch.randn(200), k=10, iterations=5)
     with pytest.raises(ValueError):
         lanczos(lambda V: V @ A, torch.randn(200), k=1, iterations=5, which="SA")
+
+
+# --------------------------------------------------------------------------- block Lanczos to a certificate
+
+
+@pytest.mark.parametrize(("b", "max_basis"), [(1, None), (3, None), (2, 24)])
+def test_block_lanczos_certified_top_k_equals_eigvalsh(b, max_basis):
+    A = _sym(400, [12.0, 10.0, 9.0, 8.2, 7.5, 6.0, 5.5, 5.0, 4.0])
+    V0 = torch.randn(b, 400, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    r = block_lanczos(lambda V: V @ A, V0, 9, tol=1e-8, max_basis=max_basis)
+    ref = torch.linalg.eigvalsh(A).flip(0)[:9]
+    assert r.certified.all() and r.matvecs < 200 and r.block == b
+    assert (r.restarts > 0) == (max_basis is not None)  # a 24-vector basis must restart to get there
+    assert torch.allclose(r.values, ref, rtol=1e-10, atol=0)
+    # the free residual ‖B E_mᵀ s_i‖ is the explicit ‖A y − θ y‖, also after thick restarts
+    explicit = (r.vectors @ A - r.values[:, None] * r.vectors).norm(dim=1)
+    assert torch.allclose(r.residuals, explicit, atol=1e-12) and r.residuals.max() < 1e-8 * 12.0
+
+
+def test_block_lanczos_budget_leaves_close_pair_uncertified():
+    # λ2, λ3 0.001 apart: 20 matvecs cannot resolve them to a tenth of their gap
+    A = _sym(300, [5.0, 4.0, 3.999, 3.0], bulk=(0.0, 2.9))
+    r = block_lanczos(lambda V: V @ A, torch.randn(1, 300, generator=torch.Generator().manual_seed(2),
+                                                   dtype=torch.float64), 4, tol=1e-6, max_matvecs=20)
+    assert r.matvecs == 20 and r.certified[0] and not r.certified[1:3].any()
+    # with budget it gets there, each value certified is within residual²/gap of the truth
+    r = block_lanczos(lambda V: V @ A, torch.randn(2, 300, generator=torch.Generator().manual_seed(2),
+                                                   dtype=torch.float64), 4, tol=1e-6, max_matvecs=600)
+    assert r.certified.all()
+    assert torch.allclose(r.values, torch.tensor([5.0, 4.0, 3.999, 3.0], dtype=torch.float64), atol=1e-9)
+
+
+def test_certificate_scale_is_the_reported_top_not_a_large_negative_eigenvalue():
+    theta = torch.tensor([1.0, 0.5, 0.2, -20.0], dtype=torch.float64)
+    res = torch.tensor([1e-6, 1e-6, 1e-3, 0.0], dtype=torch.float64)
+    # 1e-3 ≤ 1e-4 · 20 would pass if the scale were max|θ|; relative to λ1 = 1 it must not
+    assert certify(theta, res, 3, 1e-4, 0.1).tolist() == [True, True, False]
+    # the gap condition alone (tol 1): 0.04 ≤ 0.5/10 for λ1, but > min(0.5, 0.3)/10 for λ2
+    assert certify(theta, torch.full((4,), 0.04, dtype=torch.float64), 2, 1.0, 0.1).tolist() == [True, False]
