@@ -12,7 +12,8 @@ import numpy as np
 import plotly.graph_objects as go
 import xarray as xr
 
-from reports.figures import _components, _finite, _grid_figure, _layer_colors
+from reports.figures import _components, _grid_figure, _layer_colors
+from reports.style import finite as _finite
 
 FLOOR = 1e-6  # log axis: densities below FLOOR × the curve's peak are not drawn
 
