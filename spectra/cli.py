@@ -63,6 +63,8 @@ def _locked(name: str, func):
         if isinstance(src, (list, tuple)):
             src = src[0] if len(src) == 1 else None
         run_dir = run_dir_of(src) if src is not None and Path(str(src)).exists() else None
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 holds the lock for all ranks
+            run_dir = None
         with run_lock(run_dir, name):
             return func(**kwargs)
 
@@ -129,6 +131,25 @@ def _root(
         set_override(components)
 
 
+def _close_bars() -> None:
+    """Close progress bars still open (an error mid-loop), so the error line starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", []) or []):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+
+
+def _usage_message(text: str) -> str:
+    """click's choice error, said the way spectra's own checks say it: "unknown --method 'dora'; choose ..."."""
+    import re
+
+    text = _one_line(text)
+    m = re.fullmatch(r"Invalid value for '(--[\w-]+)': (?:Value error, )?'(.*)' is not one of (.*?)\.?", text)
+    return f"unknown {m[1]} {m[2]!r}; choose one of {m[3]}" if m else text
+
+
 def _one_line(text: str, limit: int = 1000) -> str:
     """Messages from libraries can span lines; the CLI promises exactly one."""
     text = " ".join(text.split())
@@ -143,12 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = app(args=argv, prog_name="spectra", standalone_mode=False)  # --help still prints and returns
     except SpectraError as e:
+        _close_bars()
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - click's own exceptions (typer may vendor click: match by name)
+        _close_bars()
         kinds = {c.__name__ for c in type(e).__mro__}
         if "UsageError" in kinds:  # bad option value, unknown option, missing argument: one line
-            print(f"error: {_one_line(e.format_message())}", file=sys.stderr)
+            print(f"error: {_usage_message(e.format_message())}", file=sys.stderr)
             return 2
         if "Abort" in kinds:
             print("interrupted", file=sys.stderr)

@@ -30,14 +30,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import typer
 from torch import nn
 
 from spectra.errors import SpectraError
-from spectra.evaluate import autocast_for, check_vocab, model_label, perplexity, quiet_transformers
+from spectra.evaluate import autocast_for, check_vocab, model_label, model_tokenizer, perplexity, quiet_transformers
 from spectra.lm_loss import causal_lm_loss
 from spectra.lowrank import LowRankLinear
 from spectra.models import iter_components, resolve_device, run_dir_of
@@ -336,25 +336,25 @@ def save_model(model: nn.Module, src: Path, dest: Path) -> None:
 
 def finetune_command(
     model: Annotated[str, typer.Option(..., help="Compressed model folder (`spectra compress` output); lora/galore/full also take a dense one. A run folder uses its latest checkpoint.")],
-    method: Annotated[str, typer.Option(help="welore (train LRC factors only), lora, galore or full.")] = "welore",
+    method: Annotated[Literal["welore", "lora", "galore", "full"], typer.Option(help="welore (train LRC factors only), lora, galore or full.")] = "welore",
     data: Annotated[Optional[str], typer.Option(help="Training text: json/jsonl(.gz)/txt/parquet files, globs or folders. Default: hub C4 en train.")] = None,
     val_data: Annotated[Optional[str], typer.Option(help="Eval text. Default: hub C4 validation, or 5% of --data's documents held out.")] = None,
-    tokenizer: Annotated[str, typer.Option(help="Tokenizer hub name, local folder or bytes.")] = "t5-base",
-    steps: Annotated[int, typer.Option(help="Optimizer steps (identical for every method).")] = 1000,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. Default: 1e-4 (welore, galore, full), 1e-3 (lora).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step.")] = 16,
-    micro_batch: Annotated[int, typer.Option(help="Sequences per forward pass (gradient accumulation up to --batch-size).")] = 16,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
-    warmup: Annotated[int, typer.Option(help="Linear warmup steps before the cosine decay to 0.1 lr.")] = 100,
-    lora_rank: Annotated[int, typer.Option(help="LoRA adapter rank (alpha = 2 x rank).")] = 8,
-    galore_rank: Annotated[int, typer.Option(help="GaLore projection rank (clamped to each matrix's size).")] = 128,
-    galore_gap: Annotated[int, typer.Option(help="GaLore: steps between projector SVD refreshes.")] = 200,
-    galore_scale: Annotated[float, typer.Option(help="GaLore: scale of the projected-back update.")] = 0.25,
-    eval_tokens: Annotated[int, typer.Option(help="Token budget of the before/after perplexity.")] = 65536,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer hub name, local folder or bytes. Default: the one saved with the model, else t5-base.")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps (identical for every method).", min=1)] = 1000,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. Default: 1e-4 (welore, galore, full), 1e-3 (lora).", min=0.0, max=10.0)] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step.", min=1)] = 16,
+    micro_batch: Annotated[int, typer.Option(help="Sequences per forward pass (gradient accumulation up to --batch-size).", min=1)] = 16,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence (at most the model's positions).", min=2)] = 256,
+    warmup: Annotated[int, typer.Option(help="Linear warmup steps before the cosine decay to 0.1 lr.", min=0)] = 100,
+    lora_rank: Annotated[int, typer.Option(help="LoRA adapter rank (alpha = 2 x rank).", min=1)] = 8,
+    galore_rank: Annotated[int, typer.Option(help="GaLore projection rank (clamped to each matrix's size).", min=1)] = 128,
+    galore_gap: Annotated[int, typer.Option(help="GaLore: steps between projector SVD refreshes.", min=1)] = 200,
+    galore_scale: Annotated[float, typer.Option(help="GaLore: scale of the projected-back update.", min=0.0)] = 0.25,
+    eval_tokens: Annotated[int, typer.Option(help="Token budget of the before/after perplexity.", min=1)] = 65536,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 autocast on GPU, fp32 on CPU), bf16 (autocast; fp32 master weights) or fp32.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Output folder. Default: runs/<id>/finetune/<method>-err<NN>/ (NN from the model's rank map).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for data order.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for data order.", min=0)] = 0,
     save: Annotated[bool, typer.Option(help="Also save the finetuned model (LoRA merged) under <out>/model.")] = False,
     cache_dir: Annotated[Path, typer.Option(help="Where tokenized evaluation windows are cached.")] = Path(".cache/spectra"),
 ) -> None:
@@ -363,7 +363,6 @@ def finetune_command(
     One harness for welore, lora, galore and full: same data, steps, AdamW and warmup+cosine
     schedule. Writes metrics.json (trainable params, peak memory, tokens/s, loss curve, eval ppl).
     """
-    from spectra.data import load_tokenizer
     from spectra.models import find_checkpoint
     from spectra.loading import load_causal_lm
 
@@ -382,7 +381,12 @@ def finetune_command(
     lm = load_causal_lm(path, device=dev)
     if method == "welore" and not lrc_modules(lm):
         raise SpectraError(f"{path} is not a compressed model (no LowRankLinear layers); run spectra compress first")
-    tok = load_tokenizer(tokenizer)
+    max_pos = getattr(lm.config, "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise SpectraError(f"--seq-len {seq_len} exceeds the model's {max_pos} positions")
+    if lr is not None and lr <= 0:
+        raise SpectraError(f"--lr must be > 0, not {lr}")
+    tok = model_tokenizer(path, tokenizer)
     check_vocab(lm, tok)
     batches, val = data_streams(data, val_data, tok, seq_len, micro_batch, eval_tokens, seed, cache_dir)
     lm, metrics = finetune(lm, batches, cfg, dev, val, progress=True)

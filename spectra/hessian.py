@@ -162,12 +162,13 @@ def hessian_gaps(model: nn.Module, weights: dict[tuple[int, str], torch.Tensor],
 # --------------------------------------------------------------------------- command
 
 
-def token_batches(data: str | None, tokenizer: str, seq_len: int, batches: int, batch_size: int,
+def token_batches(data: str | None, tokenizer, seq_len: int, batches: int, batch_size: int,
                   vocab_size: int) -> list[torch.Tensor]:
-    """`batches` disjoint [batch_size, seq_len] token batches (local files, or hub C4 validation)."""
+    """`batches` disjoint [batch_size, seq_len] token batches (local files, or hub C4 validation);
+    `tokenizer` is a loaded tokenizer or a name."""
     from spectra.data import load_tokenizer, text_windows
 
-    tok = load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     need = batches * batch_size
     windows = text_windows(data, tok, seq_len, need * seq_len, split="validation")
     if len(windows) < need:
@@ -218,7 +219,7 @@ def print_table(ds: xr.Dataset, k: int) -> None:
 def hessian_gap_command(
     ckpt: Annotated[str, typer.Option(help="Model folder, or a run folder (uses checkpoints/latest).")],
     data: Annotated[str | None, typer.Option(help="Local text files (json/jsonl(.gz)/txt/parquet, globs); default: hub C4 validation.")] = None,
-    tokenizer: Annotated[str, typer.Option(help="Tokenizer name, folder or bytes (the one the model was trained with).")] = "t5-base",
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer name, folder or bytes. Default: the one saved with the model, else t5-base.")] = None,
     layers: Annotated[list[str] | None, typer.Option("--layers", help="Only these layers: 0,11 (or repeat the option).")] = None,
     components: Annotated[list[str] | None, typer.Option("--components", help="Only these components of q k v o gate up down: q,down (or repeat).")] = None,
     k: Annotated[int, typer.Option(help="Gap between the k-th and (k+1)-th Hessian eigenvalue.")] = 8,
@@ -262,11 +263,18 @@ def hessian_gap_command(
     model = load_causal_lm(path, device=dev, attn_implementation="eager")
     set_attention(model, "eager")  # fused SDPA kernels have no double backward
     model.requires_grad_(False)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise SpectraError(f"--seq-len {seq_len} exceeds the model's {max_pos} positions")
+    from spectra.evaluate import check_vocab, model_tokenizer
+
+    tok = model_tokenizer(path, tokenizer)
+    check_vocab(model, tok)
     weights = select_components(model, layers, components)
     if not weights:
         raise SpectraError("no component matches --layers/--components")
     with dist_utils.rank0_first():  # rank 0 fills the token-window cache; the others then read it
-        ids = [b.to(dev) for b in token_batches(data, tokenizer, seq_len, batches, batch_size, model.config.vocab_size)]
+        ids = [b.to(dev) for b in token_batches(data, tok, seq_len, batches, batch_size, model.config.vocab_size)]
     parts = dist_utils.gather(hessian_gaps(model, weights, ids, k=k, max_hvps=iterations, tol=tol, gap_frac=gap_frac,
                                            block=block_size, min_hvps=density_hvps, seed=seed, rank=rank,
                                            world=world))
@@ -283,9 +291,14 @@ def hessian_gap_command(
              "certified": "1 = residual ≤ tol·|λ1| and ≤ gap_frac·(gap to the neighbouring Ritz values) on every batch",
              "uncertified": bad, "hvps_total": int(sum(r.hvps.sum() for r in results)), "density_hvps": density_hvps}
     store = Path(out) if out else analysis_store_for(path)
-    dest = write_analysis(store, "hessian_gap", ds, attrs)
+    # a partial run (--layers/--components) updates its entries and keeps the other stored results
+    merge = ("layer", "component") if (layers or components) else ()
+    dest = write_analysis(store, "hessian_gap", ds, attrs, merge=merge)
     dens = density_dataset(results)
-    write_analysis(store, "hessian_density", dens, {"checkpoint": str(path), **dens.attrs})
+    try:
+        write_analysis(store, "hessian_density", dens, {"checkpoint": str(path), **dens.attrs}, merge=merge)
+    except SpectraError as e:  # another quadrature size than the stored densities: keep those, say so
+        print(f"hessian_density not updated: {e}")
     print_table(ds, k)
     if bad:
         print(f"NOT certified within --iterations {iterations} HVPs per batch: {'; '.join(bad)}")

@@ -87,6 +87,8 @@ class MatrixSpectrum:
 
 
 def _spectrum(layer: int, comp: str, W: torch.Tensor, device=None) -> MatrixSpectrum:
+    if not bool(torch.isfinite(W).all()):
+        raise SpectraError(f"non-finite weights (NaN/Inf) in layer {layer} {comp}; refusing to rank them")
     sigma = singular_values(W.to(device) if device else W).double()
     return MatrixSpectrum(layer, comp, tuple(W.shape), normalized_singular_values(sigma).cpu().numpy(),
                           sigma.cpu().numpy())

@@ -168,8 +168,8 @@ def _cases(w) -> list[tuple[list[str], str]]:
         (["pipeline", "--preset", "gigantic"], "gigantic"),
         (["pipeline", "--preset", "quickstart", "--run-id", "../x"], "--run-id"),
         # NaN weights are refused by every loader, naming the tensor
-        (["spectrum", str(r / "nan-ckpt"), "--out", str(r / "nan.zarr")], "up_proj"),
-        (["ranks", "--ckpt", str(r / "nan-ckpt"), "--out", str(r / "nan.json")], "up_proj"),
+        (["spectrum", str(r / "nan-ckpt"), "--out", str(r / "nan.zarr")], "layer 0 up"),
+        (["ranks", "--ckpt", str(r / "nan-ckpt"), "--out", str(r / "nan.json")], "layer 0 up"),
         (["eval", "--model", str(r / "nan-ckpt"), "--data", docs, "--seq-len", "32", "--tokens", "256"], "up_proj"),
         # the CLI itself
         (["no-such-command"], "no-such-command"),
