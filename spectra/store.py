@@ -463,6 +463,10 @@ def write_analysis(path: str | Path, name: str, ds: xr.Dataset, attrs: dict | No
                                    f"({list(old[dim].values)[:6]}) than this one; write to another --out")
         ds = ds.combine_first(old)
         new_attrs = {**old.attrs, **new_attrs}
+    from spectra.variables import attrs_for
+
+    for k in ds.data_vars:  # units, long_name, description on every variable (spectra/variables.py)
+        ds[k].attrs = {**attrs_for(str(k)), **ds[k].attrs}
     # fixed-width numpy strings ('<U4') have no Zarr v3 spec (zarr warns on every write); the
     # variable-length UTF-8 type does, and reads back as the same strings
     ds = ds.assign({k: v.astype(object) for k, v in ds.data_vars.items() if v.dtype.kind == "U"})

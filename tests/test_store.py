@@ -8,6 +8,8 @@ import torch
 
 from conftest import make_tiny, train_steps
 from spectra.errors import SpectraError
+import xarray as xr
+
 from spectra.store import SnapshotWriter, open_run, read_analysis, write_analysis
 
 
@@ -93,3 +95,27 @@ def test_bad_stores_are_one_clear_error(tmp_path):
     assert read_analysis(tmp_path / "a.zarr", "spectrum")["x"].values.tolist() == [1.0, 2.0]
     with pytest.raises(SpectraError, match="spectra hessian-gap"):
         read_analysis(tmp_path / "a.zarr", "hessian_gap")
+
+
+def test_every_stored_variable_is_described():
+    """Each variable an analysis writes has long_name, units and description from spectra/variables.py."""
+    import re
+    from pathlib import Path
+
+    from spectra.variables import VARIABLES
+
+    src = "".join(p.read_text() for p in Path(__file__).resolve().parents[1].joinpath("spectra").glob("*.py"))
+    written = {"alpha_weighted", "xmin", "stable_rank", "entropy", "ks_distance", "effective_rank", "alpha", "sigma",
+               "sigma_norm", "full_rank", "log_norm", "energy_top_r", "principal_angles", "overlap_final",
+               "grassmann_prev", "grassmann_final", "overlap_prev", "energy_in_weight_subspace", "hvps", "gap",
+               "eigenvalues_se", "gap_se", "residuals", "eigenvalues", "eigenvalues_batch", "certified", "rel_gap",
+               "density", "nodes", "t", "weights", "lrc", "rank", "xtx", "grad_sq", "ppl", "loss", "dense_ppl",
+               "dense_loss", "linear_params", "err_rank", "err_params", "estimated_cost", "input"}
+    assert written <= set(VARIABLES), sorted(written - set(VARIABLES))
+    assert all(VARIABLES[k][0] and VARIABLES[k][2] for k in written)
+    assert all(re.search(rf"\b{k}\b", src) for k in written)  # each is still a name the code uses
+    ds = xr.Dataset({"gap": (("layer",), [1.0]), "mystery": (("layer",), [2.0])})
+    p = write_analysis(Path(__import__("tempfile").mkdtemp()) / "a.zarr", "hessian_gap", ds)
+    got = read_analysis(p, "hessian_gap")
+    assert got["gap"].attrs["units"] == "loss / weight units²" and got["gap"].attrs["long_name"].startswith("eigengap")
+    assert got["mystery"].attrs["long_name"] == "mystery"
