@@ -35,9 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from spectra.errors import SpectraError
+from spectra.progress import progress_bar
 from spectra.models import iter_components
 
 GROUP = "calibration"
@@ -115,7 +115,7 @@ def collect(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device
     try:
         for p, _ in flags:
             p.requires_grad_(False)  # gradients flow through activations only: no weight grads kept
-        for i in tqdm(range(0, len(windows), batch_size), desc="calibrate", disable=not progress, leave=False):
+        for i in progress_bar(range(0, len(windows), batch_size), desc="calibrate", unit="batch", disable=not progress, leave=False):
             ids = windows[i: i + batch_size].to(device)
             if with_grad:
                 emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)

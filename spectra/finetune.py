@@ -37,6 +37,7 @@ import typer
 from torch import nn
 
 from spectra.errors import SpectraError
+from spectra.progress import progress_bar
 from spectra.evaluate import autocast_for, check_vocab, model_label, model_tokenizer, perplexity, quiet_transformers
 from spectra.lm_loss import causal_lm_loss
 from spectra.lowrank import LowRankLinear
@@ -224,14 +225,13 @@ def train(model: nn.Module, optimizer, batches: Iterator[torch.Tensor], cfg: Fin
     forward/backward/optimizer time of steps 2..N (step 1 pays one-off allocation and GaLore's
     first SVDs); fetching/tokenizing data is excluded, so methods compare on compute alone.
     """
-    from tqdm.auto import tqdm
 
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_micro = cfg.batch_size // cfg.micro_batch
     model.train()
     curve, timed_s, timed_tok = [], 0.0, 0
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"finetune {cfg.method}", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(range(1, cfg.steps + 1), desc=f"finetune {cfg.method}", unit="step", disable=not progress)
     with PeakMemory(model, device) as mem:
         for step in bar:
             micro = [_next_batch(batches) for _ in range(n_micro)]

@@ -21,11 +21,12 @@ import torch
 import typer
 import xarray as xr
 from torch import nn
-from tqdm.auto import tqdm
+
 
 from spectra import distributed as dist_utils
 from spectra.density import density_dataset
 from spectra.errors import SpectraError
+from spectra.progress import is_tty, overall, progress_bar
 from spectra.hvp import BlockHVP, choose_block, keep_freed_memory
 from spectra.lanczos import block_lanczos
 
@@ -55,7 +56,7 @@ def start_vector(n: int, seed: int, layer: int, comp_index: int, batch: int, dty
 def component_gap(model: nn.Module, layer: int, comp: str, weight: torch.Tensor, batches: list[torch.Tensor], *,
                   k: int, max_hvps: int = 300, tol: float = 1e-4, gap_frac: float = 0.1, block: int = 1,
                   min_hvps: int = 0, max_basis: int | None = None, seed: int = 0, reuse: bool = True,
-                  progress: tqdm | None = None) -> ComponentGap:
+                  progress=None) -> ComponentGap:
     """Block Lanczos on H_W for each token batch, run until its top k+1 Ritz pairs are certified
     (spectra.lanczos.block_lanczos) or `max_hvps` HVPs are spent; `min_hvps` grows the first Krylov
     space for a finer SLQ density (spectra.density)."""
@@ -149,10 +150,11 @@ def hessian_gaps(model: nn.Module, weights: dict[tuple[int, str], torch.Tensor],
         block = choose_block(probe, w.numel())
         probe.release()
     out = []
-    for layer, comp in keys:
-        desc = f"[rank {rank}] " if world > 1 else ""
-        with tqdm(total=max_hvps * len(batches), desc=f"{desc}L{layer}.{comp}", unit="hvp", leave=False,
-                  disable=not show_progress, position=rank) as bar:
+    # one overall bar (N of M components, ETA); per-component HVP bars only on a terminal
+    for layer, comp in overall(keys, f"hessian-gap{f' [rank {rank}]' if world > 1 else ''}", unit="component",
+                               label=lambda lc: f"L{lc[0]}.{lc[1]}", disable=not show_progress):
+        with progress_bar(total=max_hvps * len(batches), desc=f"L{layer}.{comp}", unit="hvp", leave=False,
+                          disable=not show_progress or not is_tty(), position=1 + rank) as bar:
             out.append(component_gap(model, layer, comp, weights[(layer, comp)], batches, k=k, max_hvps=max_hvps,
                                      tol=tol, gap_frac=gap_frac, block=block, min_hvps=min_hvps, seed=seed,
                                      progress=bar))

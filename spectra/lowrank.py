@@ -39,12 +39,12 @@ from typing import Annotated, Optional
 import torch
 import typer
 from torch import nn
-from tqdm import tqdm
 
 from spectra.components import Part, is_conv1d, module_dims
 from spectra.compressed import MODELING_FILE, copy_tokenizer, load_compressed, save_compressed
 from spectra.rankmap import RANK_MAP_FILE, by_module, entries_for, plan
 from spectra.errors import SpectraError
+from spectra.progress import progress_bar
 from spectra.modeling_spectra import FusedLinear, LowRankLinear, build_module
 from spectra.models import component_parts, find_checkpoint, resolve_device
 
@@ -150,7 +150,7 @@ def compress_model(model: nn.Module, rank_map: dict, device: str | torch.device 
     config.json needs for the folder to load as a Hugging Face model)."""
     entries = entries_for(model, rank_map)
     structure = plan(model, rank_map)
-    for name, plist in tqdm(list(by_module(model).items()), desc="compress", disable=not progress, leave=False):
+    for name, plist in progress_bar(list(by_module(model).items()), desc="compress", unit="module", disable=not progress):
         mod = model.get_submodule(name)
         if name not in structure:  # every part dense: truncate in place
             for p in plist:

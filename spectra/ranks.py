@@ -60,9 +60,9 @@ import numpy as np
 import torch
 import typer
 from torch import nn
-from tqdm import tqdm
 
 from spectra.errors import SpectraError
+from spectra.progress import progress_bar
 from spectra.heavytail import normalized_singular_values, singular_values
 from spectra.rankmap import load_rank_map, map_entries, map_name  # noqa: F401 - re-exported
 from spectra.models import (COMPONENTS, analysis_store_for, component_parts, find_checkpoint, iter_components,
@@ -102,7 +102,7 @@ def _order(spectra: list[MatrixSpectrum]) -> list[MatrixSpectrum]:
 def model_spectra(model: nn.Module, device=None) -> list[MatrixSpectrum]:
     """Spectra of every component of a loaded model (spectra.components; one svdvals per matrix)."""
     return _order([_spectrum(p.layer, p.component, p.weight(m).detach(), device)
-                   for p, m in tqdm(component_parts(model), desc="svd", leave=False)])
+                   for p, m in progress_bar(component_parts(model), desc="svd", unit="matrix", leave=False)])
 
 
 def checkpoint_spectra(path: Path, device=None) -> list[MatrixSpectrum]:
@@ -113,7 +113,7 @@ def checkpoint_spectra(path: Path, device=None) -> list[MatrixSpectrum]:
     if (path / RANK_MAP_FILE).is_file():
         raise SpectraError(f"{path} is already compressed; rank its dense original (or spectra compress --merge it)")
     n, weights = stream_component_weights(path)
-    return _order([_spectrum(layer, comp, W, device) for layer, comp, W in tqdm(weights, total=n, desc="svd", leave=False)])
+    return _order([_spectrum(layer, comp, W, device) for layer, comp, W in progress_bar(weights, total=n, desc="svd", unit="matrix", leave=False)])
 
 
 # --------------------------------------------------------------------------- ranks and ERR

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import typer
 import xarray as xr
-from tqdm import tqdm
 
 from spectra.errors import SpectraError
+from spectra.progress import progress_bar
 from spectra.heavytail import many_singular_values, map_matrices, normalized_singular_values, spectrum_metrics
 from spectra.models import COMPONENTS, analysis_store_for, resolve_device
 
@@ -134,7 +134,7 @@ def spectrum_dataset(steps: list[int], weights_per_step: Iterator[tuple[int, Wei
     """Build the `spectrum` dataset: sigma / sigma_norm (NaN-padded along index) and metrics."""
     sig: dict[tuple[int, int, str], np.ndarray] = {}
     metrics: dict[tuple[int, int, str], dict[str, float]] = {}
-    for step, weights in tqdm(weights_per_step, total=len(steps), desc="spectrum", unit="step", disable=not progress):
+    for step, weights in progress_bar(weights_per_step, total=len(steps), desc="spectrum", unit="step", disable=not progress):
         for (layer, comp), w in weights.items():
             if not torch.isfinite(w).all():  # checked up front: LAPACK would fail with a cryptic message
                 raise SpectraError(f"non-finite weights in layer {layer} {comp} at step {step}")

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import typer
 import xarray as xr
-from tqdm import tqdm
 
 from spectra.errors import SpectraError
+from spectra.progress import progress_bar
 from spectra.models import COMPONENTS, analysis_store_for, resolve_device
 from spectra.spectrum import is_snapshot_store
 
@@ -122,7 +122,7 @@ def grad_subspace_dataset(run, rank: int, side: str, device: torch.device, progr
     for (layer, comp), ds in params.items():
         if rank > min(ds.sizes["out"], ds.sizes["in"]):
             raise SpectraError(f"--rank {rank} exceeds min(out, in) = {min(ds.sizes['out'], ds.sizes['in'])} of {layer}.{comp}")
-    for (layer, comp), ds in tqdm(params.items(), desc="grad-subspace", unit="matrix", disable=not progress):
+    for (layer, comp), ds in progress_bar(params.items(), desc="grad-subspace", unit="matrix", disable=not progress):
         res = component_subspace(ds, rank, side, device)
         j, c = layers.index(layer), comps.index(comp)
         for k in names:
