@@ -272,8 +272,20 @@ def _model_params(inp: RunInputs, metrics: dict) -> str:
     return _param_reduction(F.map_params(rmap)[2]) if rmap else "–"
 
 
+def sweep_section(inp: RunInputs) -> Section:
+    sec, ds = _analysis_section(
+        inp, "sweep", "sweep", "Compression methods compared (spectra sweep)",
+        "Perplexity after compressing with every rank map (WeLore, uniform, energy, loss-aware, diagnostic), "
+        "plain SVD or whitened by the layer inputs, at each ERR, by rank and by parameters.")
+    if ds is not None:
+        from reports.sweep_figure import sweep_figure
+
+        sec.figures.append(("sweep", sweep_figure(ds)))
+    return sec
+
+
 SECTIONS = (pretrain_section, hessian_section, subspace_section, spectrum_section, heavy_tail_section,
-            ranks_section, eval_section, finetune_section)
+            ranks_section, eval_section, sweep_section, finetune_section)
 
 
 def build_report(run: str | Path, title: str | None = None) -> str:

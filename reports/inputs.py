@@ -17,7 +17,7 @@ import xarray as xr
 from spectra.errors import SpectraError
 from spectra.store import open_run, read_analysis, read_json
 
-ANALYSES = ("spectrum", "grad_subspace", "hessian_gap", "hessian_density")
+ANALYSES = ("spectrum", "grad_subspace", "hessian_gap", "hessian_density", "sweep")
 
 
 @dataclass
