@@ -43,9 +43,9 @@ from spectra.finetune import (
 
 
 def compressed_model(args) -> torch.nn.Module:
+    from spectra.loading import load_causal_lm
     from spectra.lowrank import compress_model
     from spectra.models import find_checkpoint
-    from spectra.loading import load_causal_lm
 
     if args.model:
         model = load_causal_lm(find_checkpoint(args.model))
@@ -108,7 +108,8 @@ def main() -> None:
     batches = [torch.randint(0, vocab, (args.micro_batch, args.seq_len), generator=g) for _ in range(n_micro)]
     n_lrc = sum(p.numel() for m in lrc_modules(base) for p in m.parameters())
     n_all = sum(p.numel() for p in base.parameters())
-    print(f"model: {args.model or args.config} map {args.map} vocab {vocab} ({n_all / 1e6:.1f}M params, {n_lrc / 1e6:.1f}M in "
+    print(f"model: {args.model or args.config} map {args.map} vocab {vocab} ({n_all / 1e6:.1f}M params, "
+          f"{n_lrc / 1e6:.1f}M in "
           f"{len(lrc_modules(base))} LRCs), device {args.device}, {args.steps} steps x "
           f"{args.batch_size}x{args.seq_len} tokens, threads {torch.get_num_threads()}")
     methods = args.methods.split(",")
@@ -125,7 +126,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="finetuning cost, last repeat (ratios vs full finetuning with the same loss path, same process)")
+    table = Table(title="finetuning cost, last repeat (ratios vs full finetuning with the same loss path, same "
+                        "process)")
     for col in ("method", "loss", "trainable", "tokens/s", "peak MiB", "tok/s vs full", "memory vs full", "last loss"):
         table.add_column(col, justify="right")
     for (m, c), r in results.items():

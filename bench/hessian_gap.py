@@ -1,6 +1,6 @@
 """Certified Hessian top-(k+1) per component: spectra vs scipy `eigsh` (and PyHessian) on a trained model.
 
-    python bench/hessian_gap.py                                  # 20m on bytes, 40 train steps, 4×128 tokens (CPU minutes)
+    python bench/hessian_gap.py        # 20m on bytes, 40 train steps, 4×128 tokens (CPU minutes)
     python bench/hessian_gap.py --scaling                        # + per-HVP cost vs tokens and width
     python bench/hessian_gap.py --config 130m --batch 32 --seq 256 --layers all --components all \
         --repeats 1 --train-steps 100              # GPU: all 84 components of a 130m
@@ -74,7 +74,7 @@ def trained_model(config: str, steps: int, seq: int, dev, lr: float = 3e-3):
         data = windows(seq, 8 * steps, "train").to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         for s in range(steps):
-            x = data[8 * s: 8 * (s + 1)]
+            x = data[8 * s : 8 * (s + 1)]
             loss = model(input_ids=x, labels=x).loss
             loss.backward()
             opt.step()
@@ -134,8 +134,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, scipy {scipy.__version__}, {dev}, {torch.get_num_threads()} threads")
     model = trained_model(a.config, a.train_steps, a.seq, dev)
     x = windows(a.seq, a.batch, "validation").to(dev)
-    weights = select_components(model, None if a.layers == "all" else [int(v) for v in a.layers.split(",")],
-                                None if a.components == "all" else a.components.split(","))
+    weights = select_components(
+        model,
+        None if a.layers == "all" else [int(v) for v in a.layers.split(",")],
+        None if a.components == "all" else a.components.split(","),
+    )
     keys = sorted(weights, key=lambda lc: (lc[0], list(COMPONENTS).index(lc[1])))
     k1 = a.k + 1
     print(f"{a.config}: {len(keys)} components, top-{a.k}+1, tol {a.tol}, {a.batch}×{a.seq} tokens")
@@ -152,7 +155,9 @@ def main() -> None:
     for rep in range(a.repeats):
         for key in keys:
             W = weights[key]
-            r, t_ours = timed(lambda key=key, W=W: component_gap(model, *key, W, [x], k=a.k, tol=a.tol, block=block), dev)
+            r, t_ours = timed(
+                lambda key=key, W=W: component_gap(model, *key, W, [x], k=a.k, tol=a.tol, block=block), dev
+            )
             c_ours = CPU_TIME[0]
             v0 = start_vector(W.numel(), 0, key[0], list(COMPONENTS).index(key[1]), 0, W.dtype, dev)[0]
 
@@ -171,20 +176,41 @@ def main() -> None:
             ratios.append(t_e / t_ours)
             cpu_ratios.append(c_e / c_ours)
             hvp_ratios.append(n_e / r.hvps[0])
-            rows.append((rep, key, t_ours, r.hvps[0], bool(r.certified.all()), t_e, n_e, bool(cert_e.all()), rel.max(),
-                         (np.abs(ours - ev) / np.abs(ev)).max()))
-            print(f"  rep {rep} L{key[0]}.{key[1]:<4} spectra {t_ours:6.2f} s {r.hvps[0]:4d} HVPs certified "
-                  f"{r.certified.sum()}/{k1} | eigsh {t_e:6.2f} s {n_e:4d} HVPs passes cert {int(cert_e.sum())}/{k1} "
-                  f"| max |Δλ|/|λ1| {rel.max():.1e}, per-λ {rows[-1][-1]:.1e} | ratio wall {t_e / t_ours:.2f}x "
-                  f"CPU {c_e / c_ours:.2f}x")
+            rows.append(
+                (
+                    rep,
+                    key,
+                    t_ours,
+                    r.hvps[0],
+                    bool(r.certified.all()),
+                    t_e,
+                    n_e,
+                    bool(cert_e.all()),
+                    rel.max(),
+                    (np.abs(ours - ev) / np.abs(ev)).max(),
+                )
+            )
+            print(
+                f"  rep {rep} L{key[0]}.{key[1]:<4} spectra {t_ours:6.2f} s {r.hvps[0]:4d} HVPs certified "
+                f"{r.certified.sum()}/{k1} | eigsh {t_e:6.2f} s {n_e:4d} HVPs passes cert {int(cert_e.sum())}/{k1} "
+                f"| max |Δλ|/|λ1| {rel.max():.1e}, per-λ {rows[-1][-1]:.1e} | ratio wall {t_e / t_ours:.2f}x "
+                f"CPU {c_e / c_ours:.2f}x"
+            )
             if rep == 0 and key == keys[0]:
-                print(f"    λ spectra {np.array2string(ours, precision=5)}\n    λ eigsh   {np.array2string(ev, precision=5)}")
+                print(
+                    f"    λ spectra {np.array2string(ours, precision=5)}\n    λ eigsh   "
+                    f"{np.array2string(ev, precision=5)}"
+                )
     for name, rr in (("wall", ratios), ("CPU-time", cpu_ratios)):
         q = np.quantile(rr, [0.25, 0.75])
-        print(f"eigsh / spectra {name}: median {statistics.median(rr):.2f}x [IQR {q[0]:.2f}–{q[1]:.2f}] over "
-              f"{len(rr)} (component, repeat)")
-    print(f"HVP count eigsh / spectra: median {statistics.median(hvp_ratios):.2f}x; block-size probe "
-          f"{t_choose:.2f} s once per command; all spectra certified: {all(r_[4] for r_ in rows)}")
+        print(
+            f"eigsh / spectra {name}: median {statistics.median(rr):.2f}x [IQR {q[0]:.2f}–{q[1]:.2f}] over "
+            f"{len(rr)} (component, repeat)"
+        )
+    print(
+        f"HVP count eigsh / spectra: median {statistics.median(hvp_ratios):.2f}x; block-size probe "
+        f"{t_choose:.2f} s once per command; all spectra certified: {all(r_[4] for r_ in rows)}"
+    )
 
     if a.pyhessian:
         key = keys[0]
@@ -192,8 +218,10 @@ def main() -> None:
         vals, t_p = timed(lambda: pyhessian_eigenvalues(model, W, x, top_n=k1, max_iter=100, tol=1e-6), dev)
         t_o = statistics.median(r_[2] for r_ in rows if r_[1] == key)
         ours = component_gap(model, *key, W, [x], k=a.k, tol=a.tol, block=block).eigenvalues[0]
-        print(f"PyHessian L{key[0]}.{key[1]}: {t_p:.1f} s vs spectra {t_o:.2f} s -> {t_p / t_o:.1f}x; "
-              f"λ1 {vals[0]:.6g} vs {ours[0]:.6g} (PyHessian ranks by |λ|)")
+        print(
+            f"PyHessian L{key[0]}.{key[1]}: {t_p:.1f} s vs spectra {t_o:.2f} s -> {t_p / t_o:.1f}x; "
+            f"λ1 {vals[0]:.6g} vs {ours[0]:.6g} (PyHessian ranks by |λ|)"
+        )
 
     if a.scaling:
         scaling(a, dev)
@@ -202,8 +230,14 @@ def main() -> None:
 def scaling(a, dev) -> None:
     """Seconds per HVP (layer-0 q, single vector and the chosen block) vs tokens and vs width."""
     print("cost per HVP (layer 0 q_proj, untrained weights fine for timing):")
-    for config, seq, batch in [(a.config, 64, a.batch), (a.config, 128, a.batch), (a.config, 256, a.batch),
-                               ("9m", a.seq, a.batch), ("20m", a.seq, a.batch), ("35m", a.seq, a.batch)]:
+    for config, seq, batch in [
+        (a.config, 64, a.batch),
+        (a.config, 128, a.batch),
+        (a.config, 256, a.batch),
+        ("9m", a.seq, a.batch),
+        ("20m", a.seq, a.batch),
+        ("35m", a.seq, a.batch),
+    ]:
         model = build_model(config, vocab_size=384, seed=0, attn_implementation="eager").to(dev).eval()
         model.requires_grad_(False)
         x = torch.randint(0, 384, (batch, seq), generator=torch.Generator().manual_seed(0)).to(dev)
@@ -213,8 +247,10 @@ def scaling(a, dev) -> None:
         hvp(v[:1])
         t1 = min(timed(lambda h=hvp, v=v: h(v[:1]), dev)[1] for _ in range(3))
         t4 = min(timed(lambda h=hvp, v=v: h(v), dev)[1] for _ in range(2)) / 4
-        print(f"  {config:>4} hidden {model.config.hidden_size:4d} tokens {batch}×{seq:<4}: first-order graph "
-              f"{t_first * 1e3:7.1f} ms | HVP {t1 * 1e3:7.1f} ms | batched ×4 {t4 * 1e3:7.1f} ms/vector")
+        print(
+            f"  {config:>4} hidden {model.config.hidden_size:4d} tokens {batch}×{seq:<4}: first-order graph "
+            f"{t_first * 1e3:7.1f} ms | HVP {t1 * 1e3:7.1f} ms | batched ×4 {t4 * 1e3:7.1f} ms/vector"
+        )
         hvp.release()
 
 

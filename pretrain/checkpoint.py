@@ -60,7 +60,9 @@ def _encode(obj, name: str, tensors: dict):
         tensors[name] = obj.detach().cpu().contiguous().clone()
         return {"__tensor__": name}
     if isinstance(obj, np.ndarray):
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(obj).astype(np.int64 if obj.dtype.kind in "iu" else obj.dtype))
+        tensors[name] = torch.from_numpy(
+            np.ascontiguousarray(obj).astype(np.int64 if obj.dtype.kind in "iu" else obj.dtype)
+        )
         return {"__ndarray__": name, "dtype": obj.dtype.str}
     if isinstance(obj, tuple):
         return {"__tuple__": [_encode(v, f"{name}.{i}", tensors) for i, v in enumerate(obj)]}
@@ -69,9 +71,12 @@ def _encode(obj, name: str, tensors: dict):
     if isinstance(obj, dict):  # keys keep their type (optimizer state is keyed by int)
         return {"__dict__": [[k, _encode(v, f"{name}.{k}", tensors)] for k, v in obj.items()]}
     if dataclasses.is_dataclass(obj):
-        return {"__dataclass__": type(obj).__name__,
-                "fields": {f.name: _encode(getattr(obj, f.name), f"{name}.{f.name}", tensors)
-                           for f in dataclasses.fields(obj)}}
+        return {
+            "__dataclass__": type(obj).__name__,
+            "fields": {
+                f.name: _encode(getattr(obj, f.name), f"{name}.{f.name}", tensors) for f in dataclasses.fields(obj)
+            },
+        }
     raise TypeError(f"cannot store {type(obj).__name__} at {name} in a trainer state")
 
 
@@ -111,8 +116,10 @@ def load_trainer_state(ckpt: Path) -> dict:
     from safetensors.torch import load_file
 
     if not (ckpt / STATE_JSON).is_file() and (ckpt / "trainer_state.pt").is_file():
-        raise SpectraError(f"{ckpt} was written by an older spectra (pickled trainer_state.pt), which is not "
-                           "loaded for safety; restart the run or resume from a newer checkpoint")
+        raise SpectraError(
+            f"{ckpt} was written by an older spectra (pickled trainer_state.pt), which is not "
+            "loaded for safety; restart the run or resume from a newer checkpoint"
+        )
     try:
         doc = json.loads((ckpt / STATE_JSON).read_text())
         if doc.get("format") != STATE_FORMAT:
@@ -165,8 +172,10 @@ def _prune(ckpt_root: Path, keep: int, current: Path) -> None:
     if keep <= 0:
         return
     step = int(current.name.split("_")[1])
-    done = sorted((p for p in ckpt_root.glob("step_*") if p.is_dir() and int(p.name.split("_")[1]) < step),
-                  key=lambda p: int(p.name.split("_")[1]))
+    done = sorted(
+        (p for p in ckpt_root.glob("step_*") if p.is_dir() and int(p.name.split("_")[1]) < step),
+        key=lambda p: int(p.name.split("_")[1]),
+    )
     for old in done[: max(0, len(done) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -190,4 +199,6 @@ def load_weights(model, ckpt: Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
-        raise SpectraError(f"checkpoint {ckpt} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise SpectraError(
+            f"checkpoint {ckpt} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )

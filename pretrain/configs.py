@@ -7,7 +7,6 @@ Every config builds a Hugging Face `LlamaForCausalLM`, so checkpoints are ordina
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # transformers takes seconds to import; keep `spectra --help` fast
@@ -77,7 +76,9 @@ def llama_config(name: str, vocab_size: int = 32000, attn_implementation: str = 
     return cfg
 
 
-def build_model(name: str, vocab_size: int = 32000, seed: int = 0, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
+def build_model(
+    name: str, vocab_size: int = 32000, seed: int = 0, attn_implementation: str = "sdpa"
+) -> LlamaForCausalLM:
     """A freshly initialised, seeded LLaMA of size `name` (float32 parameters)."""
     import torch
     from transformers import LlamaForCausalLM

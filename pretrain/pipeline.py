@@ -37,38 +37,102 @@ def shared_data() -> Path:
 PRESETS: dict[str, dict] = {
     # a few CPU minutes: the README's first command
     "quickstart": dict(
-        pretrain=dict(model="tiny", steps=150, seq_len=128, batch_size=8, micro_batch=8, lr=3e-3, warmup=15,
-                      eval_every=50, save_every=50, snapshot_every=25, snapshot_grad="full", val_tokens=16384),
-        grad_rank=8, hessian=dict(k=4, batches=2, batch_size=2, seq_len=64),
-        errs=(0.1, 0.3, 0.5), eval_tokens=8192, eval_seq=128,
-        finetune=dict(steps=10, batch_size=4, micro_batch=4, seq_len=128, eval_tokens=4096), finetune_errs=(0.5,),
+        pretrain=dict(
+            model="tiny",
+            steps=150,
+            seq_len=128,
+            batch_size=8,
+            micro_batch=8,
+            lr=3e-3,
+            warmup=15,
+            eval_every=50,
+            save_every=50,
+            snapshot_every=25,
+            snapshot_grad="full",
+            val_tokens=16384,
+        ),
+        grad_rank=8,
+        hessian=dict(k=4, batches=2, batch_size=2, seq_len=64),
+        errs=(0.1, 0.3, 0.5),
+        eval_tokens=8192,
+        eval_seq=128,
+        finetune=dict(steps=10, batch_size=4, micro_batch=4, seq_len=128, eval_tokens=4096),
+        finetune_errs=(0.5,),
     ),
     # the reference run when no GPU is lent: the largest config 2 CPU cores train in ~10 minutes
     "cpu-reference": dict(
-        pretrain=dict(model="9m", steps=240, seq_len=128, batch_size=16, micro_batch=16, lr=3e-3, warmup=24,
-                      eval_every=40, save_every=60, snapshot_every=30, snapshot_grad="full", val_tokens=32768),
-        grad_rank=8, hessian=dict(k=4, batches=2, batch_size=2, seq_len=128),
-        errs=(0.1, 0.2, 0.3, 0.4, 0.5), eval_tokens=16384, eval_seq=128,
-        finetune=dict(steps=20, batch_size=8, micro_batch=8, seq_len=128, eval_tokens=8192), finetune_errs=(0.3, 0.5),
+        pretrain=dict(
+            model="9m",
+            steps=240,
+            seq_len=128,
+            batch_size=16,
+            micro_batch=16,
+            lr=3e-3,
+            warmup=24,
+            eval_every=40,
+            save_every=60,
+            snapshot_every=30,
+            snapshot_grad="full",
+            val_tokens=32768,
+        ),
+        grad_rank=8,
+        hessian=dict(k=4, batches=2, batch_size=2, seq_len=128),
+        errs=(0.1, 0.2, 0.3, 0.4, 0.5),
+        eval_tokens=16384,
+        eval_seq=128,
+        finetune=dict(steps=20, batch_size=8, micro_batch=8, seq_len=128, eval_tokens=8192),
+        finetune_errs=(0.3, 0.5),
     ),
     # the same 9m on UTF-8 bytes (384 ids): without a 32k embedding the CPU's ~10 minutes go into the
     # decoder linears WeLore compresses (~3.3 M tokens, 7x the T5 run), so compression shows in ppl
     "cpu-bytes": dict(
         tokenizer="bytes",
-        pretrain=dict(model="9m", steps=800, seq_len=256, batch_size=16, micro_batch=16, lr=3e-3, warmup=80,
-                      eval_every=100, save_every=200, snapshot_every=100, snapshot_grad="full", val_tokens=65536),
-        grad_rank=8, hessian=dict(k=4, batches=2, batch_size=2, seq_len=256),
+        pretrain=dict(
+            model="9m",
+            steps=800,
+            seq_len=256,
+            batch_size=16,
+            micro_batch=16,
+            lr=3e-3,
+            warmup=80,
+            eval_every=100,
+            save_every=200,
+            snapshot_every=100,
+            snapshot_grad="full",
+            val_tokens=65536,
+        ),
+        grad_rank=8,
+        hessian=dict(k=4, batches=2, batch_size=2, seq_len=256),
         # 70/90% too: below 50% a model this small loses < 0.2% ppl whatever the map
-        errs=(0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9), eval_tokens=65536, eval_seq=256,
-        finetune=dict(steps=40, batch_size=16, micro_batch=16, seq_len=256, eval_tokens=16384), finetune_errs=(0.3, 0.5),
+        errs=(0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9),
+        eval_tokens=65536,
+        eval_seq=256,
+        finetune=dict(steps=40, batch_size=16, micro_batch=16, seq_len=256, eval_tokens=16384),
+        finetune_errs=(0.3, 0.5),
     ),
     # the GPU reference run (one H100: about 20 minutes end to end)
     "130m": dict(
-        pretrain=dict(model="130m", steps=2000, seq_len=256, batch_size=512, micro_batch=128, lr=1e-3, warmup=200,
-                      eval_every=250, save_every=500, snapshot_every=250, snapshot_grad="sketch", val_tokens=1 << 20),
-        grad_rank=16, hessian=dict(k=8, batches=2, batch_size=32, seq_len=256),
-        errs=(0.1, 0.2, 0.3, 0.4, 0.5), eval_tokens=1 << 20, eval_seq=256,
-        finetune=dict(steps=200, batch_size=64, micro_batch=32, seq_len=256, eval_tokens=1 << 18), finetune_errs=(0.3, 0.5),
+        pretrain=dict(
+            model="130m",
+            steps=2000,
+            seq_len=256,
+            batch_size=512,
+            micro_batch=128,
+            lr=1e-3,
+            warmup=200,
+            eval_every=250,
+            save_every=500,
+            snapshot_every=250,
+            snapshot_grad="sketch",
+            val_tokens=1 << 20,
+        ),
+        grad_rank=16,
+        hessian=dict(k=8, batches=2, batch_size=32, seq_len=256),
+        errs=(0.1, 0.2, 0.3, 0.4, 0.5),
+        eval_tokens=1 << 20,
+        eval_seq=256,
+        finetune=dict(steps=200, batch_size=64, micro_batch=32, seq_len=256, eval_tokens=1 << 18),
+        finetune_errs=(0.3, 0.5),
     ),
 }
 
@@ -110,8 +174,17 @@ def pipeline_command(
     run = Path(runs_dir) / run_id
     pre = {**p["pretrain"], **({"steps": steps} if steps else {})}
     if not skip_pretrain:
-        _stage("pretrain", lambda **kw: pretrain(PretrainConfig(**kw)), data=train, val_data=val, tokenizer=tok, device=device,
-               runs_dir=runs_dir, run_id=run_id, **pre)
+        _stage(
+            "pretrain",
+            lambda **kw: pretrain(PretrainConfig(**kw)),
+            data=train,
+            val_data=val,
+            tokenizer=tok,
+            device=device,
+            runs_dir=runs_dir,
+            run_id=run_id,
+            **pre,
+        )
     _stage("spectrum", spectrum_command, run=str(run), device=device)
     _stage("grad-subspace", grad_subspace_command, run=str(run), rank=p["grad_rank"], device=device)
     _stage("hessian-gap", hessian_gap_command, ckpt=str(run), data=val, tokenizer=tok, device=device, **p["hessian"])
@@ -126,21 +199,51 @@ def pipeline_command(
         for err in p["errs"]:
             tag = f"{method}-err{round(100 * err):02d}"
             rank_map = run / "ranks" / f"{tag}.json"
-            _stage(f"ranks {tag}", ranks_command, ckpt=str(run), err=err, method=method, analysis=analysis,
-                   out=str(rank_map), device=device)
+            _stage(
+                f"ranks {tag}",
+                ranks_command,
+                ckpt=str(run),
+                err=err,
+                method=method,
+                analysis=analysis,
+                out=str(rank_map),
+                device=device,
+            )
             folder = run / "compressed" / tag
-            _stage(f"compress {tag}", compress_command, ckpt=str(run), out=str(folder), rank_map=str(rank_map),
-                   device=device)
+            _stage(
+                f"compress {tag}",
+                compress_command,
+                ckpt=str(run),
+                out=str(folder),
+                rank_map=str(rank_map),
+                device=device,
+            )
             for dataset in (val, c4):
-                _stage(f"eval {tag} on {Path(dataset).name}", eval_command, model=str(folder), data=dataset,
-                       out=eval_out, **ev)
+                _stage(
+                    f"eval {tag} on {Path(dataset).name}",
+                    eval_command,
+                    model=str(folder),
+                    data=dataset,
+                    out=eval_out,
+                    **ev,
+                )
     for err in p["finetune_errs"]:
         folder = run / "compressed" / f"welore-err{round(100 * err):02d}"
         for method in ("welore", "lora", "galore", "full"):
-            _stage(f"finetune {method} @ ERR {err:.0%}", finetune_command, model=str(folder), method=method, data=train,
-                   val_data=val, tokenizer=tok, device=device,
-                   out=run / "finetune" / f"{method}-err{round(100 * err):02d}", **p["finetune"])
+            _stage(
+                f"finetune {method} @ ERR {err:.0%}",
+                finetune_command,
+                model=str(folder),
+                method=method,
+                data=train,
+                val_data=val,
+                tokenizer=tok,
+                device=device,
+                out=run / "finetune" / f"{method}-err{round(100 * err):02d}",
+                **p["finetune"],
+            )
     _stage("report", report_command, run=run, title=f"spectra {preset} run {run_id}")
-    (run / "pipeline.json").write_text(json.dumps({"preset": preset, "stages": p, "data": str(data), "tokenizer": tok},
-                                                  indent=2))
+    (run / "pipeline.json").write_text(
+        json.dumps({"preset": preset, "stages": p, "data": str(data), "tokenizer": tok}, indent=2)
+    )
     print(f"\nreport: {run / 'report.html'}")

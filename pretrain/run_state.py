@@ -63,7 +63,10 @@ def config_changes(saved: dict, cfg: dict) -> dict:
     for k in TRAJECTORY:
         a, b = saved.get(k), cfg.get(k)
         if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-            a, b = [list(x) if isinstance(x, tuple) else x for x in a], [list(x) if isinstance(x, tuple) else x for x in b]
+            a, b = (
+                [list(x) if isinstance(x, tuple) else x for x in a],
+                [list(x) if isinstance(x, tuple) else x for x in b],
+            )
         if a != b and k in saved:
             out[k] = [a, b]
     return out
@@ -73,8 +76,10 @@ def check_resume_config(saved: dict, cfg: dict, allow: bool) -> dict:
     changes = config_changes(saved, cfg)
     if changes and not allow:
         diff = ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in changes.items())
-        raise SpectraError(f"--resume would change the run's trajectory ({diff}); "
-                           "pass --allow-config-change to accept (it is recorded in run_config.json)")
+        raise SpectraError(
+            f"--resume would change the run's trajectory ({diff}); "
+            "pass --allow-config-change to accept (it is recorded in run_config.json)"
+        )
     return changes
 
 
@@ -117,6 +122,7 @@ def has_run(run_dir: Path) -> bool:
 def terminate_as_exception():
     """SIGTERM (a scheduler's preemption, `kill`) unwinds like Ctrl-C does: `finally` blocks run,
     the snapshot in flight is committed, and the CLI exits 143 (Ctrl-C: 130)."""
+
     def handler(signum, frame):
         raise Terminated()
 

@@ -17,8 +17,8 @@ from reports import curves as C
 from reports import figures as F
 from reports.datasets import dataset_keys, dataset_labels
 from reports.html import Section, page, table
-from reports.style import esc, fmt, num
 from reports.inputs import RunInputs, load_run
+from reports.style import esc, fmt, num
 
 HEAVY_TAIL = ("alpha", "alpha_weighted", "stable_rank", "effective_rank", "log_norm")
 METHOD_ORDER = ("welore", "diagnostic", "uniform")

@@ -153,7 +153,8 @@ def page(title: str, summary: list[tuple[str, str]], sections: list[Section]) ->
     specs = [figure_spec(name, fig) for s in sections for name, fig in s.figures]
     figures = json.dumps(specs, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<meta name=\"generator\" content=\"spectra report\">\n"
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<meta name=\"generator\" "
+        "content=\"spectra report\">\n"
         f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n"
         "<script type=\"text/javascript\">window.PlotlyConfig = {MathJaxConfig: 'local'};</script>\n</head>\n<body>\n"
         "<noscript><p class=\"problem\">figures need JavaScript; the tables below do not</p></noscript>\n"

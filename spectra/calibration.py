@@ -30,6 +30,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,8 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from spectra.errors import SpectraError
-from spectra.progress import progress_bar
+
+if TYPE_CHECKING:  # whiten imports nothing of calibration, but keep the annotation lazy anyway
+    from spectra.whiten import Whitener
 from spectra.models import iter_components
+from spectra.progress import progress_bar
 
 GROUP = "calibration"
 DEFAULT_SEQS, DEFAULT_SEQ_LEN = 256, 256
@@ -115,14 +119,18 @@ def collect(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device
     try:
         for p, _ in flags:
             p.requires_grad_(False)  # gradients flow through activations only: no weight grads kept
-        for i in progress_bar(range(0, len(windows), batch_size), desc="calibrate", unit="batch", disable=not progress, leave=False):
-            ids = windows[i: i + batch_size].to(device)
+        for i in progress_bar(
+            range(0, len(windows), batch_size), desc="calibrate", unit="batch", disable=not progress, leave=False
+        ):
+            ids = windows[i : i + batch_size].to(device)
             if with_grad:
                 emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
                 with torch.enable_grad():
                     if lm:
                         logits = model(inputs_embeds=emb, use_cache=False).logits
-                        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+                        loss = F.cross_entropy(
+                            logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"
+                        )
                     else:  # Gauss–Newton of the output distortion: E_z ‖Jᵀz‖² = tr(JᵀJ) with one z ~ N(0, I) per token
                         out = model(inputs_embeds=emb, output_hidden_states=True)
                         h = getattr(out, "last_hidden_state", None)
@@ -144,8 +152,9 @@ def collect(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device
     if missing:
         raise SpectraError(f"calibration forward never reached {missing[:4]} (does the model run these linears?)")
     kind = ("lm-fisher" if lm else "output-gauss-newton") if with_grad else "none"
-    return Calibration(tokens, xtx, input_of, {k: (v if with_grad else float("nan")) for k, v in grad_sq.items()},
-                       {"grad_kind": kind})
+    return Calibration(
+        tokens, xtx, input_of, {k: (v if with_grad else float("nan")) for k, v in grad_sq.items()}, {"grad_kind": kind}
+    )
 
 
 # --------------------------------------------------------------------------- store
@@ -162,9 +171,14 @@ def save(store: str | Path, cal: Calibration) -> None:
         if GROUP in root:
             del root[GROUP]
     keys = sorted(cal.input_of)
-    meta = xr.Dataset({"layer": ("matrix", [l for l, _ in keys]), "component": ("matrix", [c for _, c in keys]),
-                       "input": ("matrix", [cal.input_of[k] for k in keys]),
-                       "grad_sq": ("matrix", [cal.grad_sq.get(k, float("nan")) for k in keys])})
+    meta = xr.Dataset(
+        {
+            "layer": ("matrix", [l for l, _ in keys]),
+            "component": ("matrix", [c for _, c in keys]),
+            "input": ("matrix", [cal.input_of[k] for k in keys]),
+            "grad_sq": ("matrix", [cal.grad_sq.get(k, float("nan")) for k in keys]),
+        }
+    )
     for key, C in cal.xtx.items():
         write_analysis(p, f"{GROUP}/xtx/{key}", xr.Dataset({"xtx": (("in_row", "in_col"), C.cpu().numpy())}))
     write_analysis(p, f"{GROUP}/meta", meta, {**cal.attrs, "tokens": cal.tokens})  # last: the commit record
@@ -176,11 +190,14 @@ def load(store: str | Path) -> Calibration:
     meta = read_analysis(store, f"{GROUP}/meta")
     keys = [(int(l), str(c)) for l, c in zip(meta["layer"].values, meta["component"].values)]
     input_of = {k: str(v) for k, v in zip(keys, meta["input"].values)}
-    xtx = {g: torch.from_numpy(read_analysis(store, f"{GROUP}/xtx/{g}")["xtx"].values.astype(np.float64))
-           for g in sorted(set(input_of.values()))}
+    xtx = {
+        g: torch.from_numpy(read_analysis(store, f"{GROUP}/xtx/{g}")["xtx"].values.astype(np.float64))
+        for g in sorted(set(input_of.values()))
+    }
     attrs = dict(meta.attrs)
-    return Calibration(int(attrs.pop("tokens")), xtx, input_of,
-                       {k: float(v) for k, v in zip(keys, meta["grad_sq"].values)}, attrs)
+    return Calibration(
+        int(attrs.pop("tokens")), xtx, input_of, {k: float(v) for k, v in zip(keys, meta["grad_sq"].values)}, attrs
+    )
 
 
 def check_options(data: str | None, seqs: int, seq_len: int, damping: float, weight: str = "auto") -> None:
@@ -215,9 +232,18 @@ def model_tokenizer(src: Path, tokenizer: str | None) -> str:
     raise SpectraError(f"cannot tell which tokenizer {src} was trained with; pass --tokenizer")
 
 
-def calibration(store: str | Path | None, src: Path, model: nn.Module, data: str | None, tokenizer: str | None,
-                seqs: int = DEFAULT_SEQS, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 8,
-                device: str | torch.device | None = None, cache_dir: str | Path = ".cache/spectra") -> Calibration:
+def calibration(
+    store: str | Path | None,
+    src: Path,
+    model: nn.Module,
+    data: str | None,
+    tokenizer: str | None,
+    seqs: int = DEFAULT_SEQS,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    cache_dir: str | Path = ".cache/spectra",
+) -> Calibration:
     """The calibration of `model` on `data`: reused from `store` when it was made the same way, else computed
     (and written there when `store` is given)."""
     from spectra.data import expand_files, load_tokenizer, text_windows
@@ -226,9 +252,14 @@ def calibration(store: str | Path | None, src: Path, model: nn.Module, data: str
         raise SpectraError(f"need --calib-seqs >= 1 and --calib-seq-len >= 2 (got {seqs}, {seq_len})")
     tok_name = model_tokenizer(src, tokenizer)
     files = "|".join(expand_files(data)) if data else "c4-en-train"  # the file list, hashed: stored attrs stay short
-    attrs = {"data": data or "c4-en-train", "data_files": hashlib.sha1(files.encode()).hexdigest()[:16],
-             "tokenizer": tok_name, "seqs": seqs,
-             "seq_len": seq_len, "source": str(Path(src).resolve())}
+    attrs = {
+        "data": data or "c4-en-train",
+        "data_files": hashlib.sha1(files.encode()).hexdigest()[:16],
+        "tokenizer": tok_name,
+        "seqs": seqs,
+        "seq_len": seq_len,
+        "source": str(Path(src).resolve()),
+    }
     if store is not None and Path(store).exists():
         try:
             cal = load(store)
@@ -249,8 +280,14 @@ def calibration(store: str | Path | None, src: Path, model: nn.Module, data: str
 
 
 # --------------------------------------------------------------------------- loss estimates
-def loss_direction_scores(model: nn.Module, cal: Calibration, keys: list[tuple[int, str]], weight: str = "auto",
-                          damping: float | None = None, device=None) -> tuple[list[np.ndarray], str]:
+def loss_direction_scores(
+    model: nn.Module,
+    cal: Calibration,
+    keys: list[tuple[int, str]],
+    weight: str = "auto",
+    damping: float | None = None,
+    device=None,
+) -> tuple[list[np.ndarray], str]:
     """Per matrix (in `keys` order), the estimated cost of dropping each whitened direction, descending.
 
     cost_i = w · σ_i(W S)² with w per matrix (`weight`):
@@ -272,7 +309,9 @@ def loss_direction_scores(model: nn.Module, cal: Calibration, keys: list[tuple[i
     out = []
     for key in keys:
         W = mods[key].weight
-        S, _ = damped_cholesky(cal.covariance(*key).to(device or W.device), DEFAULT_DAMPING if damping is None else damping)
+        S, _ = damped_cholesky(
+            cal.covariance(*key).to(device or W.device), DEFAULT_DAMPING if damping is None else damping
+        )
         sig2 = whitened_svd(W.to(S.device), S)[1].pow(2).cpu().numpy()
         if weight == "fisher":
             w = 0.5 * cal.grad_sq[key] / (n * W.shape[0]) / n
@@ -284,8 +323,9 @@ def loss_direction_scores(model: nn.Module, cal: Calibration, keys: list[tuple[i
     return out, weight
 
 
-def whitener_for(src, model: nn.Module, data: str | None, tokenizer: str | None, seqs: int, seq_len: int,
-                 damping: float, device=None) -> Whitener:
+def whitener_for(
+    src, model: nn.Module, data: str | None, tokenizer: str | None, seqs: int, seq_len: int, damping: float, device=None
+) -> Whitener:
     """A `Whitener` from the calibration of `model` (reused from / stored in its analysis store)."""
     from spectra.models import analysis_store_for, run_dir_of
     from spectra.whiten import Whitener

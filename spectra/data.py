@@ -183,7 +183,8 @@ class PackedStream:
         self.state = state or PackState()
 
     def _order(self, epoch: int) -> np.ndarray:
-        perm = np.random.default_rng(self.seed + epoch).permutation(len(self.indices)) if self.seed >= 0 else np.arange(len(self.indices))
+        n = len(self.indices)
+        perm = np.random.default_rng(self.seed + epoch).permutation(n) if self.seed >= 0 else np.arange(n)
         return self.indices[perm][self.rank :: self.world]
 
     def _encode(self, texts: list[str]) -> np.ndarray:
@@ -255,8 +256,9 @@ class PackedStream:
 
 
 # --------------------------------------------------------------------------- fixed eval windows
-def eval_windows(docs, tokenizer, seq_len: int, max_tokens: int, *, cache_dir: str | Path | None = None,
-                 cache_key: str = "") -> torch.Tensor:
+def eval_windows(
+    docs, tokenizer, seq_len: int, max_tokens: int, *, cache_dir: str | Path | None = None, cache_key: str = ""
+) -> torch.Tensor:
     """Non-overlapping [n, seq_len] windows over the first documents (in file order), joined
     with EOS, up to `max_tokens` tokens: the fixed token budget every perplexity and every
     Hessian batch in spectra uses. Cached on disk (safetensors, never a pickle) keyed by the data's
@@ -320,13 +322,26 @@ def tokenizer_digest(tokenizer) -> str:
     return hashlib.sha256(repr((type(tokenizer).__name__, vocab, special)).encode()).hexdigest()[:16]
 
 
-def text_windows(data: str | None, tokenizer, seq_len: int, max_tokens: int, *, split: str = "validation",
-                 cache_dir: str | Path | None = ".cache/spectra") -> torch.Tensor:
+def text_windows(
+    data: str | None,
+    tokenizer,
+    seq_len: int,
+    max_tokens: int,
+    *,
+    split: str = "validation",
+    cache_dir: str | Path | None = ".cache/spectra",
+) -> torch.Tensor:
     """Eval/Hessian windows from `--data` files, or the hub C4 `split` when `data` is None."""
     if data:
         docs = load_local_docs(data)
-        return eval_windows(docs, tokenizer, seq_len, max_tokens, cache_dir=cache_dir,
-                            cache_key="|".join(file_digest(f) for f in expand_files(data)))
+        return eval_windows(
+            docs,
+            tokenizer,
+            seq_len,
+            max_tokens,
+            cache_dir=cache_dir,
+            cache_key="|".join(file_digest(f) for f in expand_files(data)),
+        )
     docs = load_hub_c4(split)
     return eval_windows(docs, tokenizer, seq_len, max_tokens, cache_dir=cache_dir, cache_key=f"c4-en-{split}")
 

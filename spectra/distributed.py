@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 
 
-
 def setup(device: str = "auto") -> tuple[int, int, torch.device]:
     """(rank, world, device): under torchrun one process group (NCCL on GPUs, gloo on CPU) and
     one GPU per local rank; in a single process (0, 1, the resolved --device)."""

@@ -119,17 +119,50 @@ def append_jsonl(path: Path, row: dict) -> None:
 
 
 def eval_command(
-    model: Annotated[str, typer.Option(..., help="Model folder (dense or `spectra compress` output) or a run folder (uses its latest checkpoint).")],
-    data: Annotated[Optional[str], typer.Option(help="Local text: json/jsonl(.gz)/txt/parquet files, globs or folders (e.g. ../shared/data/c4). Default: hub C4 en validation.")] = None,
-    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer hub name, local folder (e.g. ../shared/data/tokenizers/t5) or bytes. Default: the one saved with the model, else t5-base.")] = None,
+    model: Annotated[
+        str,
+        typer.Option(
+            ..., help="Model folder (dense or `spectra compress` output) or a run folder (uses its latest checkpoint)."
+        ),
+    ],
+    data: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Local text: json/jsonl(.gz)/txt/parquet files, globs or folders "
+            "(e.g. ../shared/data/c4). Default: hub C4 en validation."
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Tokenizer hub name, local folder (e.g. "
+            "../shared/data/tokenizers/t5) or bytes. Default: the one "
+            "saved with the model, else t5-base."
+        ),
+    ] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 256,
-    tokens: Annotated[int, typer.Option(help="Token budget: the first TOKENS tokens of the data, cut into non-overlapping windows.")] = 262144,
+    tokens: Annotated[
+        int, typer.Option(help="Token budget: the first TOKENS tokens of the data, cut into non-overlapping windows.")
+    ] = 262144,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass (does not change the result).")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (bf16 autocast on GPU).")] = "auto",
-    method: Annotated[Optional[str], typer.Option(help="Label for the eval row. Default: the rank map's method, or 'dense'.")] = None,
-    err: Annotated[Optional[float], typer.Option(help="ERR label for the eval row. Default: the rank map's target_err, or 0.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Append the result row to this jsonl. Default: runs/<id>/eval.jsonl when the model lives in a run folder, else print only.")] = None,
-    cache_dir: Annotated[Path, typer.Option(help="Where tokenized evaluation windows are cached.")] = Path(".cache/spectra"),
+    method: Annotated[
+        Optional[str], typer.Option(help="Label for the eval row. Default: the rank map's method, or 'dense'.")
+    ] = None,
+    err: Annotated[
+        Optional[float], typer.Option(help="ERR label for the eval row. Default: the rank map's target_err, or 0.")
+    ] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Append the result row to this jsonl. Default: "
+            "runs/<id>/eval.jsonl when the model lives in a run folder, else "
+            "print only."
+        ),
+    ] = None,
+    cache_dir: Annotated[Path, typer.Option(help="Where tokenized evaluation windows are cached.")] = Path(
+        ".cache/spectra"
+    ),
 ) -> None:
     """Perplexity of a dense or compressed model on C4 (hub or local) or any local text.
 
@@ -137,12 +170,13 @@ def eval_command(
     cached by dataset + tokenizer + seq_len + budget so every model is scored on identical tokens.
     """
     from spectra.data import text_windows
-    from spectra.models import find_checkpoint
     from spectra.loading import load_causal_lm
+    from spectra.models import find_checkpoint
 
     if seq_len < 2 or tokens < seq_len or batch_size < 1:
-        raise SpectraError(f"need --seq-len >= 2, --tokens >= --seq-len and --batch-size >= 1 "
-                           f"(got {seq_len}, {tokens}, {batch_size})")
+        raise SpectraError(
+            f"need --seq-len >= 2, --tokens >= --seq-len and --batch-size >= 1 (got {seq_len}, {tokens}, {batch_size})"
+        )
     quiet_transformers()
     path = find_checkpoint(model)
     dev = resolve_device(device)
@@ -152,8 +186,16 @@ def eval_command(
     check_vocab(lm, tok)
     loss, ppl, n_tok = perplexity(lm, windows, batch_size, dev)
     auto_method, auto_err = model_label(path)
-    row = {"model": str(path), "method": method or auto_method, "err": auto_err if err is None else err,
-           "dataset": data or "c4-en-validation", "seq_len": seq_len, "tokens": n_tok, "loss": loss, "ppl": ppl}
+    row = {
+        "model": str(path),
+        "method": method or auto_method,
+        "err": auto_err if err is None else err,
+        "dataset": data or "c4-en-validation",
+        "seq_len": seq_len,
+        "tokens": n_tok,
+        "loss": loss,
+        "ppl": ppl,
+    }
     run = run_dir_of(path)
     target = out if out is not None else (run / "eval.jsonl" if run is not None else None)
     if target is not None:

@@ -37,11 +37,11 @@ import typer
 from torch import nn
 
 from spectra.errors import SpectraError
-from spectra.progress import progress_bar
 from spectra.evaluate import autocast_for, check_vocab, model_label, model_tokenizer, perplexity, quiet_transformers
 from spectra.lm_loss import causal_lm_loss
 from spectra.lowrank import LowRankLinear
 from spectra.models import iter_components, resolve_device, run_dir_of
+from spectra.progress import progress_bar
 
 METHODS = ("welore", "lora", "galore", "full")
 # Defaults for the tiny..350m models spectra pretrains (trained at lr 1e-3): a tenth of that for
@@ -241,7 +241,8 @@ def train(model: nn.Module, optimizer, batches: Iterator[torch.Tensor], cfg: Fin
             for x in micro:
                 x = x.to(device, non_blocking=True)
                 with autocast_for(device, cfg.autocast):
-                    loss = (causal_lm_loss(model, x) if cfg.chunked_loss else model(input_ids=x, labels=x).loss) / n_micro
+                    full = causal_lm_loss(model, x) if cfg.chunked_loss else model(input_ids=x, labels=x).loss
+                    loss = full / n_micro
                 loss.backward()
                 loss_sum += loss.detach()
             if cfg.grad_clip > 0:
@@ -258,8 +259,13 @@ def train(model: nn.Module, optimizer, batches: Iterator[torch.Tensor], cfg: Fin
             if step > 1 or cfg.steps == 1:
                 timed_s, timed_tok = timed_s + dt, timed_tok + tokens
             bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{timed_tok / max(timed_s, 1e-9):.0f}")
-    return {"loss_curve": curve, "tokens_per_s": timed_tok / max(timed_s, 1e-9), "peak_memory_bytes": mem.peak_bytes,
-            "peak_memory_kind": mem.kind, "tokens": cfg.steps * cfg.batch_size * micro[0].shape[1]}
+    return {
+        "loss_curve": curve,
+        "tokens_per_s": timed_tok / max(timed_s, 1e-9),
+        "peak_memory_bytes": mem.peak_bytes,
+        "peak_memory_kind": mem.kind,
+        "tokens": cfg.steps * cfg.batch_size * micro[0].shape[1],
+    }
 
 
 def _next_batch(batches: Iterator[torch.Tensor]) -> torch.Tensor:
@@ -274,8 +280,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def finetune(model: nn.Module, batches: Iterator[torch.Tensor], cfg: FinetuneConfig, device: torch.device,
-             val_windows: torch.Tensor | None = None, progress: bool = False) -> tuple[nn.Module, dict]:
+def finetune(
+    model: nn.Module,
+    batches: Iterator[torch.Tensor],
+    cfg: FinetuneConfig,
+    device: torch.device,
+    val_windows: torch.Tensor | None = None,
+    progress: bool = False,
+) -> tuple[nn.Module, dict]:
     """Prepare `model` for `cfg.method`, evaluate, train, evaluate again: (trained model, metrics)."""
     model.to(device)
     model, opt = prepare(model, cfg, device)
@@ -299,8 +311,16 @@ def default_out(path: Path, method: str, err: float | None) -> Path:
     return base / "finetune" / f"{method}-err{nn_:02d}"
 
 
-def data_streams(data: str | None, val_data: str | None, tok, seq_len: int, micro_batch: int, eval_tokens: int,
-                 seed: int, cache_dir: Path) -> tuple[Iterator[torch.Tensor], torch.Tensor]:
+def data_streams(
+    data: str | None,
+    val_data: str | None,
+    tok,
+    seq_len: int,
+    micro_batch: int,
+    eval_tokens: int,
+    seed: int,
+    cache_dir: Path,
+) -> tuple[Iterator[torch.Tensor], torch.Tensor]:
     """(training batches, eval windows). Local --data without --val-data holds out 5% of its
     documents for evaluation, so the reported perplexity is never measured on training text."""
     from spectra.data import PackedStream, eval_windows, load_hub_c4, load_local_docs, split_docs, text_windows
@@ -311,8 +331,10 @@ def data_streams(data: str | None, val_data: str | None, tok, seq_len: int, micr
         return train_stream.batches(micro_batch), val
     docs = load_local_docs(data)
     if val_data is not None:
-        return (PackedStream(docs, tok, seq_len, seed=seed).batches(micro_batch),
-                text_windows(val_data, tok, seq_len, eval_tokens, cache_dir=cache_dir))
+        return (
+            PackedStream(docs, tok, seq_len, seed=seed).batches(micro_batch),
+            text_windows(val_data, tok, seq_len, eval_tokens, cache_dir=cache_dir),
+        )
     train_idx, val_idx = split_docs(docs, 0.05, seed)
     val = eval_windows(docs.select(val_idx), tok, seq_len, eval_tokens)
     return PackedStream(docs, tok, seq_len, seed=seed, indices=train_idx).batches(micro_batch), val
@@ -335,43 +357,93 @@ def save_model(model: nn.Module, src: Path, dest: Path) -> None:
 
 
 def finetune_command(
-    model: Annotated[str, typer.Option(..., help="Compressed model folder (`spectra compress` output); lora/galore/full also take a dense one. A run folder uses its latest checkpoint.")],
-    method: Annotated[Literal["welore", "lora", "galore", "full"], typer.Option(help="welore (train LRC factors only), lora, galore or full.")] = "welore",
-    data: Annotated[Optional[str], typer.Option(help="Training text: json/jsonl(.gz)/txt/parquet files, globs or folders. Default: hub C4 en train.")] = None,
-    val_data: Annotated[Optional[str], typer.Option(help="Eval text. Default: hub C4 validation, or 5% of --data's documents held out.")] = None,
-    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer hub name, local folder or bytes. Default: the one saved with the model, else t5-base.")] = None,
+    model: Annotated[
+        str,
+        typer.Option(
+            ...,
+            help="Compressed model folder (`spectra compress` output); "
+            "lora/galore/full also take a dense one. A run folder uses its latest "
+            "checkpoint.",
+        ),
+    ],
+    method: Annotated[
+        Literal["welore", "lora", "galore", "full"],
+        typer.Option(help="welore (train LRC factors only), lora, galore or full."),
+    ] = "welore",
+    data: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Training text: json/jsonl(.gz)/txt/parquet files, globs or folders. Default: hub C4 en train."
+        ),
+    ] = None,
+    val_data: Annotated[
+        Optional[str], typer.Option(help="Eval text. Default: hub C4 validation, or 5% of --data's documents held out.")
+    ] = None,
+    tokenizer: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Tokenizer hub name, local folder or bytes. Default: the one saved with the model, else t5-base."
+        ),
+    ] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps (identical for every method).", min=1)] = 1000,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. Default: 1e-4 (welore, galore, full), 1e-3 (lora).", min=0.0, max=10.0)] = None,
+    lr: Annotated[
+        Optional[float],
+        typer.Option(help="Peak learning rate. Default: 1e-4 (welore, galore, full), 1e-3 (lora).", min=0.0, max=10.0),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step.", min=1)] = 16,
-    micro_batch: Annotated[int, typer.Option(help="Sequences per forward pass (gradient accumulation up to --batch-size).", min=1)] = 16,
+    micro_batch: Annotated[
+        int, typer.Option(help="Sequences per forward pass (gradient accumulation up to --batch-size).", min=1)
+    ] = 16,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence (at most the model's positions).", min=2)] = 256,
     warmup: Annotated[int, typer.Option(help="Linear warmup steps before the cosine decay to 0.1 lr.", min=0)] = 100,
     lora_rank: Annotated[int, typer.Option(help="LoRA adapter rank (alpha = 2 x rank).", min=1)] = 8,
-    galore_rank: Annotated[int, typer.Option(help="GaLore projection rank (clamped to each matrix's size).", min=1)] = 128,
+    galore_rank: Annotated[
+        int, typer.Option(help="GaLore projection rank (clamped to each matrix's size).", min=1)
+    ] = 128,
     galore_gap: Annotated[int, typer.Option(help="GaLore: steps between projector SVD refreshes.", min=1)] = 200,
     galore_scale: Annotated[float, typer.Option(help="GaLore: scale of the projected-back update.", min=0.0)] = 0.25,
     eval_tokens: Annotated[int, typer.Option(help="Token budget of the before/after perplexity.", min=1)] = 65536,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 autocast on GPU, fp32 on CPU), bf16 (autocast; fp32 master weights) or fp32.")] = "auto",
-    out: Annotated[Optional[Path], typer.Option(help="Output folder. Default: runs/<id>/finetune/<method>-err<NN>/ (NN from the model's rank map).")] = None,
+    dtype: Annotated[
+        str,
+        typer.Option(help="auto (bf16 autocast on GPU, fp32 on CPU), bf16 (autocast; fp32 master weights) or fp32."),
+    ] = "auto",
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Output folder. Default: runs/<id>/finetune/<method>-err<NN>/ (NN from the model's rank map)."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for data order.", min=0)] = 0,
     save: Annotated[bool, typer.Option(help="Also save the finetuned model (LoRA merged) under <out>/model.")] = False,
-    cache_dir: Annotated[Path, typer.Option(help="Where tokenized evaluation windows are cached.")] = Path(".cache/spectra"),
+    cache_dir: Annotated[Path, typer.Option(help="Where tokenized evaluation windows are cached.")] = Path(
+        ".cache/spectra"
+    ),
 ) -> None:
     """Continual finetuning of a compressed model: WeLore-PEFT (LRC factors only) or a baseline.
 
     One harness for welore, lora, galore and full: same data, steps, AdamW and warmup+cosine
     schedule. Writes metrics.json (trainable params, peak memory, tokens/s, loss curve, eval ppl).
     """
-    from spectra.models import find_checkpoint
     from spectra.loading import load_causal_lm
+    from spectra.models import find_checkpoint
 
     if dtype not in ("auto", "bf16", "fp32"):
         raise SpectraError(f"unknown --dtype {dtype!r}; choose auto, bf16 or fp32")
-    cfg = FinetuneConfig(method=method, steps=steps, lr=lr, batch_size=batch_size, micro_batch=micro_batch,
-                         warmup=min(warmup, steps), lora_rank=lora_rank, lora_alpha=2 * lora_rank,
-                         galore_rank=galore_rank, galore_gap=galore_gap, galore_scale=galore_scale,
-                         autocast=dtype != "fp32")
+    cfg = FinetuneConfig(
+        method=method,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        micro_batch=micro_batch,
+        warmup=min(warmup, steps),
+        lora_rank=lora_rank,
+        lora_alpha=2 * lora_rank,
+        galore_rank=galore_rank,
+        galore_gap=galore_gap,
+        galore_scale=galore_scale,
+        autocast=dtype != "fp32",
+    )
     quiet_transformers()
     path = find_checkpoint(model)
     dev = resolve_device(device)
@@ -399,6 +471,9 @@ def finetune_command(
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if save:
         save_model(lm, path, out / "model")
-    print(f"{method}: eval ppl {metrics['eval_ppl_before']:.2f} -> {metrics['eval_ppl']:.2f}, "
-          f"trainable {metrics['trainable_params']:,}/{metrics['total_params']:,}, "
-          f"{metrics['tokens_per_s']:.0f} tok/s, peak {metrics['peak_memory_bytes'] / 2**20:.0f} MiB -> {out / 'metrics.json'}")
+    print(
+        f"{method}: eval ppl {metrics['eval_ppl_before']:.2f} -> {metrics['eval_ppl']:.2f}, "
+        f"trainable {metrics['trainable_params']:,}/{metrics['total_params']:,}, "
+        f"{metrics['tokens_per_s']:.0f} tok/s, peak {metrics['peak_memory_bytes'] / 2**20:.0f} MiB -> "
+        f"{out / 'metrics.json'}"
+    )

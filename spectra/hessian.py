@@ -22,13 +22,12 @@ import typer
 import xarray as xr
 from torch import nn
 
-
 from spectra import distributed as dist_utils
 from spectra.density import density_dataset
 from spectra.errors import SpectraError
-from spectra.progress import is_tty, overall, progress_bar
 from spectra.hvp import BlockHVP, choose_block, keep_freed_memory
 from spectra.lanczos import block_lanczos
+from spectra.progress import is_tty, overall, progress_bar
 
 # --------------------------------------------------------------------------- the analyzer
 
@@ -220,23 +219,42 @@ def print_table(ds: xr.Dataset, k: int) -> None:
 
 def hessian_gap_command(
     ckpt: Annotated[str, typer.Option(help="Model folder, or a run folder (uses checkpoints/latest).")],
-    data: Annotated[str | None, typer.Option(help="Local text files (json/jsonl(.gz)/txt/parquet, globs); default: hub C4 validation.")] = None,
-    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer name, folder or bytes. Default: the one saved with the model, else t5-base.")] = None,
-    layers: Annotated[list[str] | None, typer.Option("--layers", help="Only these layers: 0,11 (or repeat the option).")] = None,
-    components: Annotated[list[str] | None, typer.Option("--components", help="Only these components of q k v o gate up down: q,down (or repeat).")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Local text files (json/jsonl(.gz)/txt/parquet, globs); default: hub C4 validation."),
+    ] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(help="Tokenizer name, folder or bytes. Default: the one saved with the model, else t5-base."),
+    ] = None,
+    layers: Annotated[
+        list[str] | None, typer.Option("--layers", help="Only these layers: 0,11 (or repeat the option).")
+    ] = None,
+    components: Annotated[
+        list[str] | None,
+        typer.Option("--components", help="Only these components of q k v o gate up down: q,down (or repeat)."),
+    ] = None,
     k: Annotated[int, typer.Option(help="Gap between the k-th and (k+1)-th Hessian eigenvalue.")] = 8,
     iterations: Annotated[int, typer.Option(help="HVP budget per batch: Lanczos stops earlier once certified.")] = 400,
     batches: Annotated[int, typer.Option(help="Independent data batches (mean ± standard error).")] = 4,
     batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 32,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the Lanczos start vectors.")] = 0,
-    tol: Annotated[float, typer.Option(help="Certificate: every residual ≤ tol·|λ1| (and ≤ gap-frac × its gap).")] = 1e-4,
-    gap_frac: Annotated[float, typer.Option(help="Certificate: every residual ≤ this × the gap to its neighbours.")] = 0.1,
+    tol: Annotated[
+        float, typer.Option(help="Certificate: every residual ≤ tol·|λ1| (and ≤ gap-frac × its gap).")
+    ] = 1e-4,
+    gap_frac: Annotated[
+        float, typer.Option(help="Certificate: every residual ≤ this × the gap to its neighbours.")
+    ] = 0.1,
     block_size: Annotated[int, typer.Option(help="Vectors per batched HVP (block Lanczos); 0 = pick by timing.")] = 0,
-    density_hvps: Annotated[int, typer.Option(help="At least this many HVPs per batch: more quadrature nodes for the spectral density.")] = 0,
+    density_hvps: Annotated[
+        int, typer.Option(help="At least this many HVPs per batch: more quadrature nodes for the spectral density.")
+    ] = 0,
     tf32: Annotated[bool, typer.Option(help="Allow TF32 matmuls on CUDA (faster; residuals still certify).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    out: Annotated[str | None, typer.Option(help="Analysis store (default: <run>/analysis.zarr or <ckpt>/analysis.zarr).")] = None,
+    out: Annotated[
+        str | None, typer.Option(help="Analysis store (default: <run>/analysis.zarr or <ckpt>/analysis.zarr).")
+    ] = None,
 ) -> None:
     """Top-k Hessian eigenvalues and the k/k+1 eigen-gap of every weight matrix, by Lanczos.
 
@@ -247,15 +265,16 @@ def hessian_gap_command(
     density `hessian_density` of the analysis store. Under `torchrun --nproc_per_node N` the
     components are split over ranks.
     """
-    from spectra.models import analysis_store_for, find_checkpoint, select_components, set_attention
     from spectra.loading import load_causal_lm
+    from spectra.models import analysis_store_for, find_checkpoint, select_components, set_attention
     from spectra.store import write_analysis
 
     path = find_checkpoint(ckpt)
     keep_freed_memory()
     if k < 1 or iterations < k + 2 or batches < 1 or batch_size < 1 or seq_len < 2 or block_size < 0:
-        raise SpectraError("need k ≥ 1, --iterations ≥ k+2, --batches ≥ 1, --batch-size ≥ 1, --seq-len ≥ 2, "
-                           "--block-size ≥ 0")
+        raise SpectraError(
+            "need k ≥ 1, --iterations ≥ k+2, --batches ≥ 1, --batch-size ≥ 1, --seq-len ≥ 2, --block-size ≥ 0"
+        )
     if not (tol > 0 and 0 < gap_frac <= 1) or not 0 <= density_hvps <= iterations:
         raise SpectraError("need --tol > 0, 0 < --gap-frac ≤ 1 and 0 ≤ --density-hvps ≤ --iterations")
     rank, world, dev = dist_utils.setup(device)
@@ -277,21 +296,48 @@ def hessian_gap_command(
         raise SpectraError("no component matches --layers/--components")
     with dist_utils.rank0_first():  # rank 0 fills the token-window cache; the others then read it
         ids = [b.to(dev) for b in token_batches(data, tok, seq_len, batches, batch_size, model.config.vocab_size)]
-    parts = dist_utils.gather(hessian_gaps(model, weights, ids, k=k, max_hvps=iterations, tol=tol, gap_frac=gap_frac,
-                                           block=block_size, min_hvps=density_hvps, seed=seed, rank=rank,
-                                           world=world))
+    parts = dist_utils.gather(
+        hessian_gaps(
+            model,
+            weights,
+            ids,
+            k=k,
+            max_hvps=iterations,
+            tol=tol,
+            gap_frac=gap_frac,
+            block=block_size,
+            min_hvps=density_hvps,
+            seed=seed,
+            rank=rank,
+            world=world,
+        )
+    )
     dist_utils.teardown()
     results = [r for part in parts for r in part]
     if rank != 0:
         return
     ds = gaps_dataset(results, k)
     bad = uncertified(ds)
-    attrs = {"k": k, "iterations": iterations, "batches": batches, "batch_size": batch_size, "seq_len": seq_len,
-             "seed": seed, "tol": tol, "gap_frac": gap_frac, "block_size": sorted({r.block for r in results}),
-             "tf32": tf32, "checkpoint": str(path), "data": data or "hub:allenai/c4 validation",
-             "rel_gap": "(λ_k − λ_{k+1}) / |λ_1|, mean over batches", "residuals": "max over batches of ‖H y − θ y‖",
-             "certified": "1 = residual ≤ tol·|λ1| and ≤ gap_frac·(gap to the neighbouring Ritz values) on every batch",
-             "uncertified": bad, "hvps_total": int(sum(r.hvps.sum() for r in results)), "density_hvps": density_hvps}
+    attrs = {
+        "k": k,
+        "iterations": iterations,
+        "batches": batches,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "seed": seed,
+        "tol": tol,
+        "gap_frac": gap_frac,
+        "block_size": sorted({r.block for r in results}),
+        "tf32": tf32,
+        "checkpoint": str(path),
+        "data": data or "hub:allenai/c4 validation",
+        "rel_gap": "(λ_k − λ_{k+1}) / |λ_1|, mean over batches",
+        "residuals": "max over batches of ‖H y − θ y‖",
+        "certified": "1 = residual ≤ tol·|λ1| and ≤ gap_frac·(gap to the neighbouring Ritz values) on every batch",
+        "uncertified": bad,
+        "hvps_total": int(sum(r.hvps.sum() for r in results)),
+        "density_hvps": density_hvps,
+    }
     store = Path(out) if out else analysis_store_for(path)
     # a partial run (--layers/--components) updates its entries and keeps the other stored results
     merge = ("layer", "component") if (layers or components) else ()

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from spectra.components import is_conv1d
 from spectra.compressed import RANK_MAP_FILE, load_compressed
 from spectra.errors import SpectraError
-from spectra.components import is_conv1d
 from spectra.models import model_class, parts
 
 
@@ -49,7 +49,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         model.to(device)
         parts(model)  # one clear error for a model the registry does not know
     if causal and not is_causal_lm(model):
-        raise SpectraError(f"{path} holds a {type(model).__name__}, not a causal LM (this command needs next-token logits)")
+        raise SpectraError(f"{path} holds a {type(model).__name__}, not a causal LM (this command needs next-token "
+                           "logits)")
     check_finite(model.named_parameters(), path)
     model.eval()
     return model

@@ -40,13 +40,12 @@ import torch
 import typer
 from torch import nn
 
-from spectra.components import Part, is_conv1d, module_dims
 from spectra.compressed import MODELING_FILE, copy_tokenizer, load_compressed, save_compressed
-from spectra.rankmap import RANK_MAP_FILE, by_module, entries_for, plan
 from spectra.errors import SpectraError
-from spectra.progress import progress_bar
 from spectra.modeling_spectra import FusedLinear, LowRankLinear, build_module
 from spectra.models import component_parts, find_checkpoint, resolve_device
+from spectra.progress import progress_bar
+from spectra.rankmap import RANK_MAP_FILE, by_module, entries_for, plan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,7 +55,9 @@ __all__ = ["LowRankLinear", "FusedLinear", "compress_model", "factorize", "load_
 
 # --------------------------------------------------------------------------- one matrix
 def _svd(W: torch.Tensor, device: str | torch.device | None):
-    W32 = W.detach().to(device or W.device, torch.float32)  # svd has no half kernels; f32 keeps the factors exact enough
+    W32 = W.detach().to(
+        device or W.device, torch.float32
+    )  # svd has no half kernels; f32 keeps the factors exact enough
     return torch.linalg.svd(W32, full_matrices=False)
 
 
@@ -139,8 +140,9 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- whole model
-def compress_model(model: nn.Module, rank_map: dict, device: str | torch.device | None = None, progress: bool = True,
-                   whiten=None) -> nn.Module:
+def compress_model(
+    model: nn.Module, rank_map: dict, device: str | torch.device | None = None, progress: bool = True, whiten=None
+) -> nn.Module:
     """Apply a rank map in place, one module at a time (SVD on `device`, default the weight's).
 
     `whiten`: a `spectra.whiten.Whitener`; truncation then happens in the space of the layer's input
@@ -150,7 +152,9 @@ def compress_model(model: nn.Module, rank_map: dict, device: str | torch.device 
     config.json needs for the folder to load as a Hugging Face model)."""
     entries = entries_for(model, rank_map)
     structure = plan(model, rank_map)
-    for name, plist in progress_bar(list(by_module(model).items()), desc="compress", unit="module", disable=not progress):
+    for name, plist in progress_bar(
+        list(by_module(model).items()), desc="compress", unit="module", disable=not progress
+    ):
         mod = model.get_submodule(name)
         if name not in structure:  # every part dense: truncate in place
             for p in plist:
@@ -221,20 +225,55 @@ def _load_dense(ckpt: Path, dtype: torch.dtype | None) -> nn.Module:
 
 
 def compress_command(
-    ckpt: Annotated[str, typer.Option(..., help="Model folder (any supported architecture), or a run folder (uses its latest checkpoint). With --merge: a compressed folder.")],
-    out: Annotated[str, typer.Option(..., help="Output folder: a Hugging Face model (load with trust_remote_code=True) + spectra_rank_map.json.")],
-    rank_map: Annotated[Optional[str], typer.Option(help="Rank map JSON from `spectra ranks`. Default: a WeLore map computed on the fly for --err.")] = None,
-    err: Annotated[float, typer.Option(help="Target effective rank reduction for the on-the-fly WeLore map (by rank, params break-even LRC rule).")] = 0.5,
-    merge: Annotated[bool, typer.Option(help="Turn a compressed folder back into dense weights (W = B·A) instead.")] = False,
-    dtype: Annotated[str, typer.Option(help="Weights dtype of the output: auto (as stored), float32, bfloat16 or float16.")] = "auto",
-    device: Annotated[str, typer.Option(help="Where the per-matrix SVDs run (auto: cuda when available). Weights stay on CPU.")] = "auto",
-    whiten: Annotated[bool, typer.Option(help="Activation-aware truncation (SVD of W·S, C = XᵀX = S·Sᵀ from --calib-data; spectra/whiten.py).")] = False,
-    calib_data: Annotated[str | None, typer.Option(help="--whiten: calibration text files/globs/folders (default hub C4 train).")] = None,
+    ckpt: Annotated[
+        str,
+        typer.Option(
+            ...,
+            help="Model folder (any supported architecture), or a run folder (uses its "
+            "latest checkpoint). With --merge: a compressed folder.",
+        ),
+    ],
+    out: Annotated[
+        str,
+        typer.Option(
+            ..., help="Output folder: a Hugging Face model (load with trust_remote_code=True) + spectra_rank_map.json."
+        ),
+    ],
+    rank_map: Annotated[
+        Optional[str],
+        typer.Option(help="Rank map JSON from `spectra ranks`. Default: a WeLore map computed on the fly for --err."),
+    ] = None,
+    err: Annotated[
+        float,
+        typer.Option(
+            help="Target effective rank reduction for the on-the-fly WeLore map (by rank, params break-even LRC rule)."
+        ),
+    ] = 0.5,
+    merge: Annotated[
+        bool, typer.Option(help="Turn a compressed folder back into dense weights (W = B·A) instead.")
+    ] = False,
+    dtype: Annotated[
+        str, typer.Option(help="Weights dtype of the output: auto (as stored), float32, bfloat16 or float16.")
+    ] = "auto",
+    device: Annotated[
+        str, typer.Option(help="Where the per-matrix SVDs run (auto: cuda when available). Weights stay on CPU.")
+    ] = "auto",
+    whiten: Annotated[
+        bool,
+        typer.Option(
+            help="Activation-aware truncation (SVD of W·S, C = XᵀX = S·Sᵀ from --calib-data; spectra/whiten.py)."
+        ),
+    ] = False,
+    calib_data: Annotated[
+        str | None, typer.Option(help="--whiten: calibration text files/globs/folders (default hub C4 train).")
+    ] = None,
     tokenizer: Annotated[str | None, typer.Option(help="--whiten: the model's tokenizer (default: the run's).")] = None,
     calib_seqs: Annotated[int, typer.Option(help="--whiten: calibration sequences.")] = 256,
     calib_seq_len: Annotated[int, typer.Option(help="--whiten: tokens per calibration sequence.")] = 256,
     damping: Annotated[float, typer.Option(help="--whiten: relative damping, C + d·mean(diag C)·I.")] = 0.01,
-    overwrite: Annotated[bool, typer.Option(help="Write into a non-empty --out folder (its files may be replaced).")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Write into a non-empty --out folder (its files may be replaced).")
+    ] = False,
 ) -> None:
     """WeLore-COMP: replace LRC linears with low-rank factors (or --merge them back to dense)."""
     from rich.console import Console
@@ -288,6 +327,9 @@ def compress_command(
     after = _param_count(model)
     save_compressed(model, rmap, dst, tokenizer_from=src)
     n_lrc = sum(bool(e["lrc"]) for e in rmap["components"])
-    console.print(f"{rmap['method']} map, ERR {rmap['achieved_err']:.4f} ({rmap['err_by']}): {n_lrc}/{len(rmap['components'])} "
-                  f"linears low-rank; decoder-linear params {before[0]:,} -> {after[0]:,} "
-                  f"({after[0] / before[0]:.3f}x), model {before[1]:,} -> {after[1]:,}; saved {dst}")
+    console.print(
+        f"{rmap['method']} map, ERR {rmap['achieved_err']:.4f} ({rmap['err_by']}): "
+        f"{n_lrc}/{len(rmap['components'])} "
+        f"linears low-rank; decoder-linear params {before[0]:,} -> {after[0]:,} "
+        f"({after[0] / before[0]:.3f}x), model {before[1]:,} -> {after[1]:,}; saved {dst}"
+    )

@@ -147,7 +147,8 @@ class FusedLinear(_ChildrenFirst, nn.Linear):
             self.get_submodule(n).reset_parameters()
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, parts={[n for n, _ in self.spectra_parts]}"
+        parts = [n for n, _ in self.spectra_parts]
+        return f"in_features={self.in_features}, out_features={self.out_features}, parts={parts}"
 
 
 def build_module(spec: dict, *, dtype=None, device=None) -> nn.Module:
@@ -162,8 +163,9 @@ def build_module(spec: dict, *, dtype=None, device=None) -> nn.Module:
     parts = spec["parts"]
     if len(parts) == 1 and parts[0].get("rows") is None:
         return one(parts[0], spec["out"])
-    return FusedLinear(n_in, spec["out"], [(p["name"], p["rows"], one(p, sum(b - a for a, b in p["rows"])))
-                                           for p in parts])
+    return FusedLinear(
+        n_in, spec["out"], [(p["name"], p["rows"], one(p, sum(b - a for a, b in p["rows"]))) for p in parts]
+    )
 
 
 def _resolve(model: nn.Module, name: str) -> str:
@@ -175,7 +177,7 @@ def _resolve(model: nn.Module, name: str) -> str:
         return name
     except AttributeError:
         if prefix and name.startswith(prefix + "."):
-            return name[len(prefix) + 1:]
+            return name[len(prefix) + 1 :]
         raise
 
 

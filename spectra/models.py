@@ -64,12 +64,16 @@ def select_components(model: nn.Module, layers: list[int | str] | None = None, c
         bad = [l for l in layers if not 0 <= l < n_layers]
         if bad:
             raise SpectraError(f"layer(s) {bad} out of range: the model has {n_layers} layers")
-    picked = [(p, m) for p, m in found if (not layers or p.layer in layers) and (not components or p.component in components)]
+    picked = [
+        (p, m) for p, m in found if (not layers or p.layer in layers) and (not components or p.component in components)
+    ]
     fused = sorted({p.component for p, _ in picked if p.fused})
     if fused:
         whole = sorted({p.component for p, _ in found if not p.fused}, key=COMPONENTS.index)
-        raise SpectraError(f"{', '.join(fused)} are rows of a fused {type(model).__name__} projection, not parameters "
-                           f"of their own; pick unfused components with --components {','.join(whole)}")
+        raise SpectraError(
+            f"{', '.join(fused)} are rows of a fused {type(model).__name__} projection, not parameters "
+            f"of their own; pick unfused components with --components {','.join(whole)}"
+        )
     # a compressed component's weight is a product of factors, no parameter: it has no Hessian block of its own
     return {(p.layer, p.component): m.weight for p, m in picked if isinstance(m.weight, nn.Parameter)}
 
@@ -111,7 +115,11 @@ def model_class(path: Path):
     if cls is None:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-        cls = transformers.AutoModelForCausalLM if cfg.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else transformers.AutoModel
+        cls = (
+            transformers.AutoModelForCausalLM
+            if cfg.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            else transformers.AutoModel
+        )
     return cls, cfg
 
 
@@ -156,5 +164,7 @@ def hub_checkpoint(name: str) -> Path:
     try:
         return Path(snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES))
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated: one line naming the model
-        raise SpectraError(f"{name} is no local folder, and the hub did not provide it "
-                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise SpectraError(
+            f"{name} is no local folder, and the hub did not provide it "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None

@@ -9,7 +9,8 @@
 
 The command gets `--steps` (with `[x>=1]` in --help) and `--config FILE` (YAML or JSON with the
 same field names); options given on the command line override the file, the file overrides the
-defaults (every option is None until given, which is how "given" is told apart from "default"). Closed choices are `Literal`s, so typer lists and checks them. Lists take comma-separated
+defaults (every option is None until given, which is how "given" is told apart from "default").
+Closed choices are `Literal`s, so typer lists and checks them. Lists take comma-separated
 values (`--snapshot-steps 0,100,1000`), pairs too (`--betas 0.9,0.95`).
 """
 
@@ -29,8 +30,15 @@ from spectra.errors import SpectraError
 _MISSING = dataclasses.MISSING
 
 
-def opt(default: Any, help: str, *, min: float | None = None, max: float | None = None, cli: bool = True,
-        flag: str | None = None) -> Any:
+def opt(
+    default: Any,
+    help: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    cli: bool = True,
+    flag: str | None = None,
+) -> Any:
     """A dataclass field that is also a CLI option (`cli=False`: config file only)."""
     meta = {"help": help, "min": min, "max": max, "cli": cli, "flag": flag}
     if isinstance(default, (list, dict, set)):
@@ -53,8 +61,9 @@ def _parse_seq(value: str | None, container: type, elem: type, name: str):
     try:
         items = [elem(v.strip()) for v in str(value).split(",") if v.strip()]
     except ValueError:
-        raise SpectraError(f"--{name.replace('_', '-')} takes comma-separated {elem.__name__}s, "
-                           f"not {value!r}") from None
+        raise SpectraError(
+            f"--{name.replace('_', '-')} takes comma-separated {elem.__name__}s, not {value!r}"
+        ) from None
     return container(items)
 
 
@@ -84,8 +93,11 @@ def load_config_file(path: Path, cls) -> dict:
         else:
             data = json.loads(text)
     except Exception as e:  # noqa: BLE001 - a parse error is one line
-        raise SpectraError(f"--config {path} is not valid {'YAML' if Path(path).suffix in ('.yaml', '.yml') else 'JSON'}: "
-                           f"{' '.join(str(e).split())[:200]}") from None
+        raise SpectraError(
+            f"--config {path} is not valid "
+            f"{'YAML' if Path(path).suffix in ('.yaml', '.yml') else 'JSON'}: "
+            f"{' '.join(str(e).split())[:200]}"
+        ) from None
     if not isinstance(data, dict):
         raise SpectraError(f"--config {path} must hold a mapping of option names to values")
     known = {f.name for f in dataclasses.fields(cls)}
@@ -123,8 +135,9 @@ def build(cls, values: dict):
     return cls(**out)
 
 
-def command_from(cls, run: Callable[[Any], Any], doc: str, *, config: bool = True,
-                 extra: list[inspect.Parameter] | None = None) -> Callable:
+def command_from(
+    cls, run: Callable[[Any], Any], doc: str, *, config: bool = True, extra: list[inspect.Parameter] | None = None
+) -> Callable:
     """A typer command whose options are the fields of dataclass `cls`; it calls run(cls(...), **extra)."""
     params = list(extra or [])
     for f, t in config_fields(cls):
@@ -132,16 +145,32 @@ def command_from(cls, run: Callable[[Any], Any], doc: str, *, config: bool = Tru
             continue
         default = f.default if f.default is not _MISSING else f.default_factory()
         seq = _seq_type(t)
-        shown = (",".join(map(str, default)) if seq else default)
+        shown = ",".join(map(str, default)) if seq else default
         # every option defaults to None ("not given"), so a --config file can fill it; --help shows the real default
-        info = typer.Option(*([f.metadata["flag"]] if f.metadata.get("flag") else []), help=f.metadata.get("help"),
-                            min=f.metadata.get("min"), max=f.metadata.get("max"),
-                            show_default=str(shown) if shown not in (None, "") else False)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                        annotation=Annotated[Optional[_cli_type(t)], info]))
+        info = typer.Option(
+            *([f.metadata["flag"]] if f.metadata.get("flag") else []),
+            help=f.metadata.get("help"),
+            min=f.metadata.get("min"),
+            max=f.metadata.get("max"),
+            show_default=str(shown) if shown not in (None, "") else False,
+        )
+        params.append(
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[_cli_type(t)], info]
+            )
+        )
     if config:
-        params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-            Optional[Path], typer.Option(help="YAML or JSON file of these options (the command line overrides it)")]))
+        params.append(
+            inspect.Parameter(
+                "config",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[
+                    Optional[Path],
+                    typer.Option(help="YAML or JSON file of these options (the command line overrides it)"),
+                ],
+            )
+        )
     extra_names = {p.name for p in extra or []}
 
     def command(**kwargs):
@@ -155,5 +184,3 @@ def command_from(cls, run: Callable[[Any], Any], doc: str, *, config: bool = Tru
     command.__doc__ = doc
     command.__name__ = getattr(run, "__name__", "command")
     return command
-
-

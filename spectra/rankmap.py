@@ -55,11 +55,13 @@ def entries_for(model: nn.Module, rank_map: dict) -> dict[tuple[int, str], dict]
     found = {(p.layer, p.component): (p, mod) for p, mod in component_parts(model)}
     missing, extra = sorted(set(found) - set(entries)), sorted(set(entries) - set(found))
     if missing or extra:
-        raise SpectraError(f"rank map does not fit this model: missing {missing[:4]}, unknown {extra[:4]} (layer, component)")
+        raise SpectraError(f"rank map does not fit this model: missing {missing[:4]}, unknown {extra[:4]} (layer, "
+                           "component)")
     for key, (p, mod) in found.items():
         shape = list(p.shape(mod))
         if list(entries[key]["shape"]) != shape:
-            raise SpectraError(f"rank map shape {entries[key]['shape']} != model shape {shape} at layer {key[0]} {key[1]}")
+            raise SpectraError(f"rank map shape {entries[key]['shape']} != model shape {shape} at layer {key[0]} "
+                               f"{key[1]}")
     return entries
 
 

@@ -62,11 +62,17 @@ import typer
 from torch import nn
 
 from spectra.errors import SpectraError
-from spectra.progress import progress_bar
 from spectra.heavytail import normalized_singular_values, singular_values
+from spectra.models import (
+    COMPONENTS,
+    analysis_store_for,
+    component_parts,
+    find_checkpoint,
+    resolve_device,
+    run_dir_of,
+)
+from spectra.progress import progress_bar
 from spectra.rankmap import load_rank_map, map_entries, map_name  # noqa: F401 - re-exported
-from spectra.models import (COMPONENTS, analysis_store_for, component_parts, find_checkpoint, iter_components,
-                            resolve_device, run_dir_of)
 
 METHODS = ("welore", "uniform", "diagnostic", "energy", "loss")
 THRESHOLD_METHODS = ("welore", "energy", "loss")  # one global threshold k on a per-direction score
@@ -107,13 +113,18 @@ def model_spectra(model: nn.Module, device=None) -> list[MatrixSpectrum]:
 
 def checkpoint_spectra(path: Path, device=None) -> list[MatrixSpectrum]:
     """Spectra straight from the checkpoint's safetensors, one tensor in memory at a time."""
-    from spectra.rankmap import RANK_MAP_FILE
     from spectra.loading import stream_component_weights
+    from spectra.rankmap import RANK_MAP_FILE
 
     if (path / RANK_MAP_FILE).is_file():
         raise SpectraError(f"{path} is already compressed; rank its dense original (or spectra compress --merge it)")
     n, weights = stream_component_weights(path)
-    return _order([_spectrum(layer, comp, W, device) for layer, comp, W in progress_bar(weights, total=n, desc="svd", unit="matrix", leave=False)])
+    return _order(
+        [
+            _spectrum(layer, comp, W, device)
+            for layer, comp, W in progress_bar(weights, total=n, desc="svd", unit="matrix", leave=False)
+        ]
+    )
 
 
 # --------------------------------------------------------------------------- ranks and ERR
@@ -133,7 +144,7 @@ def energy_scores(spectra: list[MatrixSpectrum]) -> list[np.ndarray]:
     for s in spectra:
         if s.sigma is None:
             raise SpectraError("the energy method needs singular values (MatrixSpectrum.sigma)")
-        e = s.sigma ** 2
+        e = s.sigma**2
         out.append(e / e.sum() if e.sum() > 0 else e)
     return out
 
@@ -200,9 +211,15 @@ def check_options(method: str, err: float, err_by: str, lrc_rule: str) -> None:
     reduction(np.ones(1, int), np.ones((1, 2), int), err_by, lrc_rule)  # names of err_by / rule
 
 
-def build_rank_map(spectra: list[MatrixSpectrum], method: str = "welore", err: float = 0.5, err_by: str = "rank",
-                   lrc_rule: str = "params", scores: np.ndarray | None = None,
-                   direction_scores: list[np.ndarray] | None = None) -> dict:
+def build_rank_map(
+    spectra: list[MatrixSpectrum],
+    method: str = "welore",
+    err: float = 0.5,
+    err_by: str = "rank",
+    lrc_rule: str = "params",
+    scores: np.ndarray | None = None,
+    direction_scores: list[np.ndarray] | None = None,
+) -> dict:
     """The rank map (shared JSON contract) hitting `err` with `method`.
 
     `scores`: per-matrix diagnostic scores (diagnostic). `direction_scores`: per-direction loss
@@ -215,8 +232,11 @@ def build_rank_map(spectra: list[MatrixSpectrum], method: str = "welore", err: f
     if method in THRESHOLD_METHODS:
         if method == "loss" and direction_scores is None:
             raise SpectraError("the loss method needs per-direction loss estimates (--calib-data)")
-        values = {"welore": lambda: [s.snorm for s in spectra], "energy": lambda: energy_scores(spectra),
-                  "loss": lambda: [np.asarray(v, float) for v in direction_scores]}[method]()
+        values = {
+            "welore": lambda: [s.snorm for s in spectra],
+            "energy": lambda: energy_scores(spectra),
+            "loss": lambda: [np.asarray(v, float) for v in direction_scores],
+        }[method]()
         if method == "loss" and err_by == "params":  # cost per parameter saved: a direction is worth m + n
             values = [v / (m + n) for v, (m, n) in zip(values, shapes)]
         # at k = hi every matrix is at rank 1 (WeLore: ŝ ≤ 1, its search interval stays the paper's [0, 1])
@@ -234,15 +254,31 @@ def build_rank_map(spectra: list[MatrixSpectrum], method: str = "welore", err: f
     lrc = is_lrc(ranks, shapes, lrc_rule)
     if err_by == "params":  # a dense N-LRC saves nothing by truncation: keep it whole
         ranks = np.where(lrc, ranks, full)
-    comps = [{"layer": s.layer, "component": s.component, "shape": list(map(int, s.shape)), "full_rank": int(f),
-              "rank": int(r), "lrc": bool(c)} for s, f, r, c in zip(spectra, full, ranks, lrc)]
+    comps = [
+        {
+            "layer": s.layer,
+            "component": s.component,
+            "shape": list(map(int, s.shape)),
+            "full_rank": int(f),
+            "rank": int(r),
+            "lrc": bool(c),
+        }
+        for s, f, r, c in zip(spectra, full, ranks, lrc)
+    ]
     if scores is not None:
         for c, sc in zip(comps, scores):
             c["score"] = float(sc)
-    out = {"method": method, "target_err": float(err), "achieved_err": float(reduction(ranks, shapes, err_by, lrc_rule)),
-           "k": None if k is None else float(k), "err_by": err_by, "lrc_rule": lrc_rule,
-           "err_rank": float(reduction(ranks, shapes, "rank", lrc_rule)),
-           "err_params": float(reduction(ranks, shapes, "params", lrc_rule)), "components": comps}
+    out = {
+        "method": method,
+        "target_err": float(err),
+        "achieved_err": float(reduction(ranks, shapes, err_by, lrc_rule)),
+        "k": None if k is None else float(k),
+        "err_by": err_by,
+        "lrc_rule": lrc_rule,
+        "err_rank": float(reduction(ranks, shapes, "rank", lrc_rule)),
+        "err_params": float(reduction(ranks, shapes, "params", lrc_rule)),
+        "components": comps,
+    }
     if direction_scores is not None:  # what the estimate says this map costs (sum over dropped directions)
         out["estimated_cost"] = float(sum(np.sum(np.asarray(v, float)[r:]) for v, r in zip(direction_scores, ranks)))
     return out
@@ -286,9 +322,15 @@ def diagnostic_scores(analysis: str | Path, keys: list[tuple[int, str]]) -> np.n
         trusted = ds["residuals"].max("eig") < ds["gap"]  # Davis–Kahan: residual must be below the gap
         signals.append(_percentile(_lookup(ds["rel_gap"].where(trusted), keys)))
     if not signals:
-        raise SpectraError(f"{p} has no grad_subspace or hessian_gap analysis; run `spectra grad-subspace` "
-                           "and/or `spectra hessian-gap` on this run first")
-    mean = np.nanmean(np.vstack(signals), axis=0) if any(np.isfinite(s).any() for s in signals) else np.full(len(keys), np.nan)
+        raise SpectraError(
+            f"{p} has no grad_subspace or hessian_gap analysis; run `spectra grad-subspace` "
+            "and/or `spectra hessian-gap` on this run first"
+        )
+    mean = (
+        np.nanmean(np.vstack(signals), axis=0)
+        if any(np.isfinite(s).any() for s in signals)
+        else np.full(len(keys), np.nan)
+    )
     return np.where(np.isnan(mean), 0.5, mean)
 
 
@@ -306,8 +348,10 @@ def rank_map_dataset(rank_map: dict):
         i, j = layers.index(l), comps.index(c)
         arr["full_rank"][i, j], arr["rank"][i, j], lrc[i, j] = e["full_rank"], e["rank"], e["lrc"]
     dims = ("layer", "component")
-    return xr.Dataset({"full_rank": (dims, arr["full_rank"]), "rank": (dims, arr["rank"]), "lrc": (dims, lrc)},
-                      coords={"layer": layers, "component": comps})
+    return xr.Dataset(
+        {"full_rank": (dims, arr["full_rank"]), "rank": (dims, arr["rank"]), "lrc": (dims, lrc)},
+        coords={"layer": layers, "component": comps},
+    )
 
 
 def print_table(rank_map: dict, console=None) -> None:
@@ -317,8 +361,11 @@ def print_table(rank_map: dict, console=None) -> None:
 
     entries = map_entries(rank_map)
     comps = [c for c in COMPONENTS if any(c == cc for _, cc in entries)]
-    table = Table(title=f"{rank_map['method']} ranks, ERR {rank_map['achieved_err']:.4f} by {rank_map['err_by']} "
-                        f"(target {rank_map['target_err']:.2f})", caption="green* = LRC (two factors), plain = N-LRC (dense)")
+    table = Table(
+        title=f"{rank_map['method']} ranks, ERR {rank_map['achieved_err']:.4f} by {rank_map['err_by']} "
+        f"(target {rank_map['target_err']:.2f})",
+        caption="green* = LRC (two factors), plain = N-LRC (dense)",
+    )
     table.add_column("layer", justify="right")
     for c in comps:
         table.add_column(f"{c} /{next(e['full_rank'] for (l, cc), e in entries.items() if cc == c)}", justify="right")
@@ -332,34 +379,83 @@ def print_table(rank_map: dict, console=None) -> None:
 
 
 # --------------------------------------------------------------------------- command
-def _loss_scores(src: Path, spectra: list[MatrixSpectrum], store: Path | None, dev, data, tokenizer, seqs, seq_len,
-                 weight: str, damping: float) -> tuple[list[np.ndarray], dict]:
+def _loss_scores(
+    src: Path,
+    spectra: list[MatrixSpectrum],
+    store: Path | None,
+    dev,
+    data,
+    tokenizer,
+    seqs,
+    seq_len,
+    weight: str,
+    damping: float,
+) -> tuple[list[np.ndarray], dict]:
     """Per-direction loss estimates for --method loss (calibration reused from / written to `store`)."""
     from spectra import calibration
     from spectra.loading import load_causal_lm
 
     model = load_causal_lm(src, device=dev)
     cal = calibration.calibration(store, src, model, data, tokenizer, seqs, seq_len, device=dev)
-    scores, used = calibration.loss_direction_scores(model, cal, [(s.layer, s.component) for s in spectra], weight,
-                                                     damping)
+    scores, used = calibration.loss_direction_scores(
+        model, cal, [(s.layer, s.component) for s in spectra], weight, damping
+    )
     return scores, {"loss_weight": used, "damping": damping, "calibration": {**cal.attrs, "tokens": cal.tokens}}
 
 
 def ranks_command(
-    ckpt: Annotated[str, typer.Option(..., help="Model folder (save_pretrained) or a run folder (uses its latest checkpoint).")],
+    ckpt: Annotated[
+        str, typer.Option(..., help="Model folder (save_pretrained) or a run folder (uses its latest checkpoint).")
+    ],
     err: Annotated[float, typer.Option(help="Target effective rank reduction ERR in [0, 1).")] = 0.5,
-    method: Annotated[str, typer.Option(help="welore (global normalized-σ threshold), uniform (same rank fraction), diagnostic (Hessian gap / gradient-subspace stability), energy (global σ²/‖W‖_F² threshold) or loss (estimated loss per unit saved; needs --calib-data).")] = "welore",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="welore (global normalized-σ threshold), uniform (same rank fraction), "
+            "diagnostic (Hessian gap / gradient-subspace stability), energy (global "
+            "σ²/‖W‖_F² threshold) or loss (estimated loss per unit saved; needs "
+            "--calib-data)."
+        ),
+    ] = "welore",
     err_by: Annotated[str, typer.Option(help="Measure ERR by rank (paper) or by parameter count.")] = "rank",
-    analysis: Annotated[str | None, typer.Option(help="analysis.zarr for --method diagnostic (default: <run>/analysis.zarr); the map is also written there as group ranks/<name>.")] = None,
-    lrc_rule: Annotated[str, typer.Option(help="LRC = r(m+n) < m·n (params, per-shape break-even) or r < 0.5·rank (paper).")] = "params",
-    out: Annotated[str | None, typer.Option(help="Rank map JSON path (default: <run>/ranks/<method>-err<NN>[-params].json, else <ckpt>/ranks/...).")] = None,
+    analysis: Annotated[
+        str | None,
+        typer.Option(
+            help="analysis.zarr for --method diagnostic (default: "
+            "<run>/analysis.zarr); the map is also written there as group "
+            "ranks/<name>."
+        ),
+    ] = None,
+    lrc_rule: Annotated[
+        str, typer.Option(help="LRC = r(m+n) < m·n (params, per-shape break-even) or r < 0.5·rank (paper).")
+    ] = "params",
+    out: Annotated[
+        str | None,
+        typer.Option(
+            help="Rank map JSON path (default: <run>/ranks/<method>-err<NN>[-params].json, else <ckpt>/ranks/...)."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="Where the SVDs run (auto: cuda when available).")] = "auto",
-    calib_data: Annotated[str | None, typer.Option(help="--method loss: calibration text (json/jsonl(.gz)/txt/parquet files, globs or folders); default hub C4 train.")] = None,
-    tokenizer: Annotated[str | None, typer.Option(help="--method loss: the model's tokenizer (default: the run's, from run_config.json).")] = None,
+    calib_data: Annotated[
+        str | None,
+        typer.Option(
+            help="--method loss: calibration text (json/jsonl(.gz)/txt/parquet "
+            "files, globs or folders); default hub C4 train."
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(help="--method loss: the model's tokenizer (default: the run's, from run_config.json)."),
+    ] = None,
     calib_seqs: Annotated[int, typer.Option(help="--method loss: calibration sequences.")] = 256,
     calib_seq_len: Annotated[int, typer.Option(help="--method loss: tokens per calibration sequence.")] = 256,
-    loss_weight: Annotated[str, typer.Option(help="--method loss: output error -> loss weight per matrix: auto, fisher, relative or output.")] = "auto",
-    damping: Annotated[float, typer.Option(help="--method loss: relative damping of the input covariance (C + d·mean(diag C)·I).")] = 0.01,
+    loss_weight: Annotated[
+        str,
+        typer.Option(help="--method loss: output error -> loss weight per matrix: auto, fisher, relative or output."),
+    ] = "auto",
+    damping: Annotated[
+        float, typer.Option(help="--method loss: relative damping of the input covariance (C + d·mean(diag C)·I).")
+    ] = 0.01,
 ) -> None:
     """WeLore rank map (or uniform / diagnostic baseline) for a target ERR, with a per-layer table.
 
@@ -379,35 +475,57 @@ def ranks_command(
     if analysis and not store.exists():
         raise SpectraError(f"no analysis store at {store}")
     if method == "diagnostic" and not store.exists():
-        raise SpectraError("--method diagnostic needs an analysis store: pass --analysis runs/<id>/analysis.zarr "
-                           "(made by `spectra grad-subspace` / `spectra hessian-gap`)")
+        raise SpectraError(
+            "--method diagnostic needs an analysis store: pass --analysis runs/<id>/analysis.zarr "
+            "(made by `spectra grad-subspace` / `spectra hessian-gap`)"
+        )
     dev = resolve_device(device)
     spectra = checkpoint_spectra(src, dev)
     scores = diagnostic_scores(store, [(s.layer, s.component) for s in spectra]) if method == "diagnostic" else None
     directions, extra = None, {}
     if method == "loss":
-        directions, extra = _loss_scores(src, spectra, store if (store.exists() or run is not None) else None, dev,
-                                         calib_data, tokenizer, calib_seqs, calib_seq_len, loss_weight, damping)
+        directions, extra = _loss_scores(
+            src,
+            spectra,
+            store if (store.exists() or run is not None) else None,
+            dev,
+            calib_data,
+            tokenizer,
+            calib_seqs,
+            calib_seq_len,
+            loss_weight,
+            damping,
+        )
     rank_map = build_rank_map(spectra, method, err, err_by, lrc_rule, scores, directions)
     rank_map.update(extra)
     rank_map["source"] = str(src)
     name = map_name(method, err, err_by)
     from spectra.runs import check_own_output, is_rank_map
 
-    dest = check_own_output(Path(out) if out else (run if run is not None else src) / "ranks" / f"{name}.json",
-                            is_rank_map)
+    dest = check_own_output(
+        Path(out) if out else (run if run is not None else src) / "ranks" / f"{name}.json", is_rank_map
+    )
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(rank_map, indent=1))
     console = Console()
     print_table(rank_map, console)
     n_lrc = sum(e["lrc"] for e in rank_map["components"])
-    k = "" if rank_map["k"] is None else f", k = {rank_map['k']:.5f}" if method != "loss" else f", k = {rank_map['k']:.4g}"
+    k = (
+        ""
+        if rank_map["k"] is None
+        else f", k = {rank_map['k']:.5f}"
+        if method != "loss"
+        else f", k = {rank_map['k']:.4g}"
+    )
     if "estimated_cost" in rank_map:
         k += f", estimated cost {rank_map['estimated_cost']:.4g}"
-    console.print(f"ERR by rank {rank_map['err_rank']:.4f}, by params {rank_map['err_params']:.4f}{k}; "
-                  f"{n_lrc}/{len(spectra)} LRCs -> {dest}")
+    console.print(
+        f"ERR by rank {rank_map['err_rank']:.4f}, by params {rank_map['err_params']:.4f}{k}; "
+        f"{n_lrc}/{len(spectra)} LRCs -> {dest}"
+    )
     if store.exists() or run is not None:  # a bare checkpoint gets no analysis store just for this
         from spectra.store import write_analysis
 
-        write_analysis(store, f"ranks/{name}", rank_map_dataset(rank_map),
-                       {k: v for k, v in rank_map.items() if k != "components"})
+        write_analysis(
+            store, f"ranks/{name}", rank_map_dataset(rank_map), {k: v for k, v in rank_map.items() if k != "components"}
+        )

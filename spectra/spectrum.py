@@ -21,9 +21,9 @@ import typer
 import xarray as xr
 
 from spectra.errors import SpectraError
-from spectra.progress import progress_bar
 from spectra.heavytail import many_singular_values, map_matrices, normalized_singular_values, spectrum_metrics
 from spectra.models import COMPONENTS, analysis_store_for, resolve_device
+from spectra.progress import progress_bar
 
 METRICS = ("full_rank", "stable_rank", "effective_rank", "entropy", "energy_top_r", "alpha",
            "alpha_weighted", "log_norm", "xmin", "ks_distance")
@@ -90,8 +90,8 @@ def expand_paths(args: list[str]) -> list[Path]:
 def checkpoint_series(paths: list[Path], steps: list[int] | None) -> tuple[list[int], Iterator[tuple[int, Weights]]]:
     """Steps of a series of HF checkpoint folders (from their names, or --steps in the same order)
     and a lazy iterator that reads one checkpoint at a time, straight from its safetensors."""
-    from spectra.models import find_checkpoint
     from spectra.loading import stream_component_weights
+    from spectra.models import find_checkpoint
 
     ckpts = [find_checkpoint(p) for p in paths]
     if steps:
@@ -100,11 +100,15 @@ def checkpoint_series(paths: list[Path], steps: list[int] | None) -> tuple[list[
     elif len(ckpts) == 1:
         steps = [checkpoint_step(paths[0]) or checkpoint_step(ckpts[0]) or 0]
     else:
-        steps = [checkpoint_step(p) if checkpoint_step(p) is not None else checkpoint_step(c) for p, c in zip(paths, ckpts)]
+        steps = [
+            checkpoint_step(p) if checkpoint_step(p) is not None else checkpoint_step(c) for p, c in zip(paths, ckpts)
+        ]
         unnamed = [str(p) for p, s in zip(paths, steps) if s is None]
         if unnamed:
-            raise SpectraError(f"cannot tell the training step of {unnamed[0]}: name the folders step<N> / step_<N> "
-                               "or pass --steps in the same order")
+            raise SpectraError(
+                f"cannot tell the training step of {unnamed[0]}: name the folders step<N> / step_<N> "
+                "or pass --steps in the same order"
+            )
     if len(set(steps)) != len(steps):
         raise SpectraError(f"two checkpoints share a step: {sorted(steps)}")
     order = sorted(range(len(ckpts)), key=steps.__getitem__)
@@ -129,12 +133,20 @@ def batched_singular_values(weights: Weights, device: torch.device) -> dict[tupl
     return dict(zip(keys, many_singular_values([weights[k].to(device) for k in keys])))
 
 
-def spectrum_dataset(steps: list[int], weights_per_step: Iterator[tuple[int, Weights]], *, top_r: int,
-                     device: torch.device, progress: bool = True) -> xr.Dataset:
+def spectrum_dataset(
+    steps: list[int],
+    weights_per_step: Iterator[tuple[int, Weights]],
+    *,
+    top_r: int,
+    device: torch.device,
+    progress: bool = True,
+) -> xr.Dataset:
     """Build the `spectrum` dataset: sigma / sigma_norm (NaN-padded along index) and metrics."""
     sig: dict[tuple[int, int, str], np.ndarray] = {}
     metrics: dict[tuple[int, int, str], dict[str, float]] = {}
-    for step, weights in progress_bar(weights_per_step, total=len(steps), desc="spectrum", unit="step", disable=not progress):
+    for step, weights in progress_bar(
+        weights_per_step, total=len(steps), desc="spectrum", unit="step", disable=not progress
+    ):
         for (layer, comp), w in weights.items():
             if not torch.isfinite(w).all():  # checked up front: LAPACK would fail with a cryptic message
                 raise SpectraError(f"non-finite weights in layer {layer} {comp} at step {step}")
@@ -158,10 +170,17 @@ def spectrum_dataset(steps: list[int], weights_per_step: Iterator[tuple[int, Wei
             vals[m][idx] = v
     dims = ("step", "layer", "component")
     ds = xr.Dataset(
-        {"sigma": (dims + ("index",), sigma), "sigma_norm": (dims + ("index",), sigma_norm),
-         **{m: (dims, v) for m, v in vals.items()}},
-        coords={"step": np.asarray(steps, dtype=np.int64), "layer": layers, "component": np.array(comps, dtype=object),
-                "index": np.arange(n_index)},
+        {
+            "sigma": (dims + ("index",), sigma),
+            "sigma_norm": (dims + ("index",), sigma_norm),
+            **{m: (dims, v) for m, v in vals.items()},
+        },
+        coords={
+            "step": np.asarray(steps, dtype=np.int64),
+            "layer": layers,
+            "component": np.array(comps, dtype=object),
+            "index": np.arange(n_index),
+        },
     )
     ds.attrs["top_r"] = top_r
     return ds
@@ -184,17 +203,48 @@ def print_spectrum_table(ds: xr.Dataset) -> None:
         return f"{b:{fmt}}" if ds.sizes["step"] == 1 else f"{a:{fmt}}→{b:{fmt}}"
 
     for c in ds.component.values:
-        t.add_row(str(c), f"{float(last.full_rank.sel(component=c).mean()):.0f}", cell("stable_rank", c, ".1f"),
-                  cell("effective_rank", c, ".1f"), cell("alpha", c, ".2f"), cell("energy_top_r", c, ".3f"))
+        t.add_row(
+            str(c),
+            f"{float(last.full_rank.sel(component=c).mean()):.0f}",
+            cell("stable_rank", c, ".1f"),
+            cell("effective_rank", c, ".1f"),
+            cell("alpha", c, ".2f"),
+            cell("energy_top_r", c, ".3f"),
+        )
     Console().print(t)
 
 
 # --------------------------------------------------------------------------- command
 def spectrum_command(
-    run: Annotated[list[str], typer.Argument(help="A run folder or its snapshots.zarr (every snapshot step); or one or more HF checkpoint folders, a quoted glob or hub names (a checkpoint series: 'pythia/step*', EleutherAI/pythia-160m@step1000 ...), steps from their names (step1000, step_1000) or --steps.")],
-    out: Annotated[Optional[Path], typer.Option(help="Analysis store to write. Default: <run>/analysis.zarr (a series: <common parent>/analysis.zarr; one checkpoint: <checkpoint>/analysis.zarr).")] = None,
-    steps: Annotated[Optional[list[int]], typer.Option("--steps", help="Snapshot steps to analyze (default: all); for checkpoint folders, the step of each folder in order (repeat the option).")] = None,
-    top_r: Annotated[int, typer.Option(help="r for energy_top_r, the share of ||W||_F^2 in the top-r singular directions.")] = 32,
+    run: Annotated[
+        list[str],
+        typer.Argument(
+            help="A run folder or its snapshots.zarr (every snapshot step); or one or "
+            "more HF checkpoint folders, a quoted glob or hub names (a "
+            "checkpoint series: 'pythia/step*', EleutherAI/pythia-160m@step1000 "
+            "...), steps from their names (step1000, step_1000) or --steps."
+        ),
+    ],
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Analysis store to write. Default: <run>/analysis.zarr (a series: "
+            "<common parent>/analysis.zarr; one checkpoint: "
+            "<checkpoint>/analysis.zarr)."
+        ),
+    ] = None,
+    steps: Annotated[
+        Optional[list[int]],
+        typer.Option(
+            "--steps",
+            help="Snapshot steps to analyze (default: all); for "
+            "checkpoint folders, the step of each folder in "
+            "order (repeat the option).",
+        ),
+    ] = None,
+    top_r: Annotated[
+        int, typer.Option(help="r for energy_top_r, the share of ||W||_F^2 in the top-r singular directions.")
+    ] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N for the SVDs and fits.")] = "auto",
 ) -> None:
     """Singular values and heavy-tail metrics (stable/effective rank, energy, power-law alpha) of every decoder linear.
@@ -217,8 +267,9 @@ def spectrum_command(
 
     for path in paths:
         if not path.exists() and not HUB_NAME.fullmatch(str(path)):
-            raise SpectraError(f"{path} does not exist (expected a run folder, snapshots.zarr, checkpoint folders "
-                               "or hub model names)")
+            raise SpectraError(
+                f"{path} does not exist (expected a run folder, snapshots.zarr, checkpoint folders or hub model names)"
+            )
     dev = resolve_device(device)
     if len(paths) == 1 and is_snapshot_store(paths[0]):
         chosen, source = run_weights(paths[0], steps)

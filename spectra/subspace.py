@@ -25,8 +25,8 @@ import typer
 import xarray as xr
 
 from spectra.errors import SpectraError
-from spectra.progress import progress_bar
 from spectra.models import COMPONENTS, analysis_store_for, resolve_device
+from spectra.progress import progress_bar
 from spectra.spectrum import is_snapshot_store
 
 
@@ -121,7 +121,8 @@ def grad_subspace_dataset(run, rank: int, side: str, device: torch.device, progr
     params = {k: run.param(*k) for k in keys}  # lazy; validated before any work starts
     for (layer, comp), ds in params.items():
         if rank > min(ds.sizes["out"], ds.sizes["in"]):
-            raise SpectraError(f"--rank {rank} exceeds min(out, in) = {min(ds.sizes['out'], ds.sizes['in'])} of {layer}.{comp}")
+            raise SpectraError(f"--rank {rank} exceeds min(out, in) = {min(ds.sizes['out'], ds.sizes['in'])} of "
+                               f"{layer}.{comp}")
     for (layer, comp), ds in progress_bar(params.items(), desc="grad-subspace", unit="matrix", disable=not progress):
         res = component_subspace(ds, rank, side, device)
         j, c = layers.index(layer), comps.index(comp)
@@ -130,9 +131,14 @@ def grad_subspace_dataset(run, rank: int, side: str, device: torch.device, progr
         angles[:, j, c] = res["principal_angles"]
     dims = ("step", "layer", "component")
     ds = xr.Dataset({**{k: (dims, v) for k, v in vals.items()}, "principal_angles": (dims + ("angle",), angles)},
-                    coords={"step": steps, "layer": layers, "component": np.array(comps, dtype=object), "angle": np.arange(rank)})
-    ds.attrs.update(rank=rank, side=side, grad_mode=run.grad_mode,
-                    principal_angles="to the previous snapshot's gradient subspace (NaN at the first step)")
+                    coords={"step": steps, "layer": layers, "component": np.array(comps, dtype=object),
+                            "angle": np.arange(rank)})
+    ds.attrs.update(
+        rank=rank,
+        side=side,
+        grad_mode=run.grad_mode,
+        principal_angles="to the previous snapshot's gradient subspace (NaN at the first step)",
+    )
     return ds
 
 
@@ -143,25 +149,38 @@ def print_subspace_table(ds: xr.Dataset) -> None:
     from rich.table import Table
 
     first, last = ds.isel(step=0), ds.isel(step=-1)
-    t = Table(title=f"gradient-subspace overlap, rank {ds.attrs['rank']} ({ds.attrs['side']}), "
-                    f"steps {int(first.step)}..{int(last.step)}, mean over {ds.sizes['layer']} layers")
+    t = Table(
+        title=f"gradient-subspace overlap, rank {ds.attrs['rank']} ({ds.attrs['side']}), "
+        f"steps {int(first.step)}..{int(last.step)}, mean over {ds.sizes['layer']} layers"
+    )
     for col in ("component", "prev, last step", "prev, mean", "final, first step", "grad energy in W top-r"):
         t.add_column(col, justify="left" if col == "component" else "right")
     for c in ds.component.values:
         sel = ds.sel(component=c)
-        e0, e1 = float(sel.energy_in_weight_subspace.isel(step=0).mean()), float(sel.energy_in_weight_subspace.isel(step=-1).mean())
-        t.add_row(str(c), f"{float(sel.overlap_prev.isel(step=-1).mean()):.3f}",
-                  f"{float(sel.overlap_prev.mean(skipna=True)):.3f}",
-                  f"{float(sel.overlap_final.isel(step=0).mean()):.3f}", f"{e0:.3f}→{e1:.3f}")
+        e0, e1 = (
+            float(sel.energy_in_weight_subspace.isel(step=0).mean()),
+            float(sel.energy_in_weight_subspace.isel(step=-1).mean()),
+        )
+        t.add_row(
+            str(c),
+            f"{float(sel.overlap_prev.isel(step=-1).mean()):.3f}",
+            f"{float(sel.overlap_prev.mean(skipna=True)):.3f}",
+            f"{float(sel.overlap_final.isel(step=0).mean()):.3f}",
+            f"{e0:.3f}→{e1:.3f}",
+        )
     Console().print(t)
 
 
 # --------------------------------------------------------------------------- command
 def grad_subspace_command(
     run: Annotated[str, typer.Argument(help="A run folder or its snapshots.zarr with gradients (full or sketch).")],
-    rank: Annotated[int, typer.Option(help="r: dimension of the compared top-r gradient / weight singular subspaces.")] = 8,
+    rank: Annotated[
+        int, typer.Option(help="r: dimension of the compared top-r gradient / weight singular subspaces.")
+    ] = 8,
     out: Annotated[Optional[Path], typer.Option(help="Analysis store to write. Default: <run>/analysis.zarr.")] = None,
-    side: Annotated[str, typer.Option(help="left (output-space, U) or right (input-space, V) singular vectors.")] = "left",
+    side: Annotated[
+        str, typer.Option(help="left (output-space, U) or right (input-space, V) singular vectors.")
+    ] = "left",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N for the SVDs.")] = "auto",
 ) -> None:
     """Gradient-subspace stabilization across snapshots: overlap with the previous and final top-r subspace.
@@ -182,7 +201,9 @@ def grad_subspace_command(
     if not path.exists():
         raise SpectraError(f"{path} does not exist (expected a run folder or its snapshots.zarr)")
     if not is_snapshot_store(path):
-        raise SpectraError(f"{path} has no snapshots.zarr: gradient subspaces need a `spectra pretrain` run with gradient snapshots")
+        raise SpectraError(
+            f"{path} has no snapshots.zarr: gradient subspaces need a `spectra pretrain` run with gradient snapshots"
+        )
     dev = resolve_device(device)
     ds = grad_subspace_dataset(open_run(path), rank, side, dev)
     dest = write_analysis(out or analysis_store_for(path), "grad_subspace", ds, {"source": str(path)})

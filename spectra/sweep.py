@@ -89,12 +89,25 @@ def run_sweep(model, spectra, cal, windows: dict, methods: list[str], errs: list
                         + f"  ({time.perf_counter() - t0:.1f}s)")
     five = ("method", "variant", "err_by", "err", "dataset")
     three = ("method", "err_by", "err")
-    ds = xr.Dataset({"ppl": (five, ppl), "loss": (five, loss), **{k: (three, v) for k, v in achieved.items()},
-                     "dense_ppl": (("dataset",), [d[1] for d in dense]), "dense_loss": (("dataset",), [d[0] for d in dense])},
-                    coords={"method": methods, "variant": variants, "err_by": err_bys, "err": errs, "dataset": names})
-    ds.attrs.update({"damping": damping, "loss_weight": loss_weight if directions is not None else None,
-                     "lrc_rule": lrc_rule, "tokens": {n: int(windows[n][:, 1:].numel()) for n in names},
-                     "calibration": {**cal.attrs, "tokens": cal.tokens}})
+    ds = xr.Dataset(
+        {
+            "ppl": (five, ppl),
+            "loss": (five, loss),
+            **{k: (three, v) for k, v in achieved.items()},
+            "dense_ppl": (("dataset",), [d[1] for d in dense]),
+            "dense_loss": (("dataset",), [d[0] for d in dense]),
+        },
+        coords={"method": methods, "variant": variants, "err_by": err_bys, "err": errs, "dataset": names},
+    )
+    ds.attrs.update(
+        {
+            "damping": damping,
+            "loss_weight": loss_weight if directions is not None else None,
+            "lrc_rule": lrc_rule,
+            "tokens": {n: int(windows[n][:, 1:].numel()) for n in names},
+            "calibration": {**cal.attrs, "tokens": cal.tokens},
+        }
+    )
     return ds
 
 
@@ -111,11 +124,22 @@ def verdicts(ds, candidate: str = "loss", baselines=BASELINES) -> list[dict]:
                 cand = p.sel({"method": candidate})
                 best_b = {b: float(p.sel({"method": b}).min()) for b in base}
                 c = float(cand.min())
-                rows.append({"err_by": str(err_by), "err": float(err), "dataset": str(d), "candidate": c,
-                             "variant": str(cand["variant"].values[int(np.nanargmin(cand.values))]) if np.isfinite(c) else "",
-                             **best_b, "wins": bool(np.isfinite(c) and all(c < v for v in best_b.values())),
-                             "whitened_wins": bool(float(cand.sel(variant="whitened")) < float(cand.sel(variant="plain")))
-                             if "whitened" in ds["variant"].values and "plain" in ds["variant"].values else None})
+                rows.append(
+                    {
+                        "err_by": str(err_by),
+                        "err": float(err),
+                        "dataset": str(d),
+                        "candidate": c,
+                        "variant": str(cand["variant"].values[int(np.nanargmin(cand.values))])
+                        if np.isfinite(c)
+                        else "",
+                        **best_b,
+                        "wins": bool(np.isfinite(c) and all(c < v for v in best_b.values())),
+                        "whitened_wins": bool(float(cand.sel(variant="whitened")) < float(cand.sel(variant="plain")))
+                        if "whitened" in ds["variant"].values and "plain" in ds["variant"].values
+                        else None,
+                    }
+                )
     return rows
 
 
@@ -124,8 +148,11 @@ def markdown(ds, dataset: str, err_by: str) -> str:
     sub = ds["ppl"].sel(dataset=dataset, err_by=err_by)
     cols = [(m, v) for m in ds["method"].values for v in ds["variant"].values]
     head = "| ERR | " + " | ".join(f"{m} {v}" for m, v in cols) + " |"
-    lines = [head, "|---" * (len(cols) + 1) + "|",
-             f"| dense | {float(ds['dense_ppl'].sel(dataset=dataset)):.4f} |" + " |" * (len(cols) - 1)]
+    lines = [
+        head,
+        "|---" * (len(cols) + 1) + "|",
+        f"| dense | {float(ds['dense_ppl'].sel(dataset=dataset)):.4f} |" + " |" * (len(cols) - 1),
+    ]
     for err in ds["err"].values:
         vals = [float(sub.sel({"method": m, "variant": v, "err": err})) for m, v in cols]
         best = np.nanmin(vals) if np.isfinite(vals).any() else np.nan
@@ -147,7 +174,10 @@ def print_tables(ds, console=None) -> None:
             for m, v in cols:
                 t.add_column(f"{m}\n{v}", justify="right")
             for err in ds["err"].values:
-                vals = [float(ds["ppl"].sel({"dataset": d, "err_by": err_by, "err": err, "method": m, "variant": v})) for m, v in cols]
+                vals = [
+                    float(ds["ppl"].sel({"dataset": d, "err_by": err_by, "err": err, "method": m, "variant": v}))
+                    for m, v in cols
+                ]
                 best = np.nanmin(vals) if np.isfinite(vals).any() else np.nan
                 t.add_row(f"{err:.0%}", *[("[bold green]%.4f[/]" if x == best else "%.4f") % x for x in vals])
             console.print(t)
@@ -155,10 +185,25 @@ def print_tables(ds, console=None) -> None:
 
 def sweep_command(
     ckpt: Annotated[str, typer.Option(..., help="Model folder or a run folder (uses its latest checkpoint).")],
-    calib_data: Annotated[str | None, typer.Option(help="Calibration text for whitening and --method loss (files/globs/folders; default hub C4 train).")] = None,
-    eval_data: Annotated[list[str] | None, typer.Option(help="NAME=FILES eval set (repeatable). Default: Wikipedia validation and the C4 sample from shared/data.")] = None,
-    tokenizer: Annotated[str | None, typer.Option(help="The model's tokenizer (default: the run's, from run_config.json).")] = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated rank maps (diagnostic is added when the analysis store has its signals).")] = "welore,uniform,energy,loss",
+    calib_data: Annotated[
+        str | None,
+        typer.Option(
+            help="Calibration text for whitening and --method loss (files/globs/folders; default hub C4 train)."
+        ),
+    ] = None,
+    eval_data: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=FILES eval set (repeatable). Default: Wikipedia validation and the C4 sample from shared/data."
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="The model's tokenizer (default: the run's, from run_config.json).")
+    ] = None,
+    methods: Annotated[
+        str,
+        typer.Option(help="Comma-separated rank maps (diagnostic is added when the analysis store has its signals)."),
+    ] = "welore,uniform,energy,loss",
     errs: Annotated[str, typer.Option(help="Comma-separated target ERRs.")] = ",".join(str(e) for e in DEFAULT_ERRS),
     err_by: Annotated[str, typer.Option(help="rank, params, or rank,params.")] = "rank,params",
     variants: Annotated[str, typer.Option(help="plain, whitened, or plain,whitened.")] = "plain,whitened",
@@ -166,10 +211,18 @@ def sweep_command(
     seq_len: Annotated[int, typer.Option(help="Tokens per eval window.")] = 256,
     calib_seqs: Annotated[int, typer.Option(help="Calibration sequences.")] = 256,
     calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
-    damping: Annotated[float, typer.Option(help="Relative covariance damping for whitening and loss estimates.")] = 0.01,
+    damping: Annotated[
+        float, typer.Option(help="Relative covariance damping for whitening and loss estimates.")
+    ] = 0.01,
     loss_weight: Annotated[str, typer.Option(help="--method loss weight: auto, fisher, relative or output.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Eval windows per forward pass.")] = 8,
-    analysis: Annotated[str | None, typer.Option(help="Analysis store (default <run>/analysis.zarr): calibration reused from and the table written to group `sweep`.")] = None,
+    analysis: Annotated[
+        str | None,
+        typer.Option(
+            help="Analysis store (default <run>/analysis.zarr): calibration "
+            "reused from and the table written to group `sweep`."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Every rank map × {plain, whitened} × ERR, by rank and by params: perplexity table in the analysis store."""
@@ -178,8 +231,8 @@ def sweep_command(
     from spectra.calibration import calibration, check_options
     from spectra.data import load_tokenizer, text_windows
     from spectra.evaluate import check_vocab, quiet_transformers
-    from spectra.models import analysis_store_for, find_checkpoint, resolve_device
     from spectra.loading import load_causal_lm
+    from spectra.models import analysis_store_for, find_checkpoint, resolve_device
     from spectra.ranks import METHODS, diagnostic_scores, model_spectra, reduction
     from spectra.store import write_analysis
 
@@ -189,7 +242,9 @@ def sweep_command(
     var_list = _parse_list(variants, str, "variants")
     bad = [m for m in method_list if m not in METHODS] + [v for v in var_list if v not in VARIANTS]
     if bad:
-        raise SpectraError(f"unknown method/variant {bad}; methods: {', '.join(METHODS)}; variants: {', '.join(VARIANTS)}")
+        raise SpectraError(
+            f"unknown method/variant {bad}; methods: {', '.join(METHODS)}; variants: {', '.join(VARIANTS)}"
+        )
     if any(not 0 < e < 1 for e in err_list):
         raise SpectraError(f"--errs must lie in (0, 1), got {err_list}")
     for b in by_list:
@@ -207,8 +262,10 @@ def sweep_command(
         from spectra.pipeline import shared_data
 
         data = shared_data()
-        sets = {"wikipedia": str(data / "wikipedia" / "validation"),
-                "c4": str(data / "c4" / "c4-train.00000-of-01024.first1000.jsonl.gz")}
+        sets = {
+            "wikipedia": str(data / "wikipedia" / "validation"),
+            "c4": str(data / "c4" / "c4-train.00000-of-01024.first1000.jsonl.gz"),
+        }
     quiet_transformers()
     src = find_checkpoint(ckpt)
     store = Path(analysis) if analysis else analysis_store_for(src)
@@ -232,14 +289,31 @@ def sweep_command(
                 raise
     cal = calibration(store, src, model, calib_data, tok_name, calib_seqs, calib_seq_len, device=dev)
     console = Console()
-    ds = run_sweep(model, spectra, cal, windows, method_list, err_list, by_list, var_list, damping, loss_weight, diag,
-                   batch_size=batch_size, device=dev, log=console.print)
+    ds = run_sweep(
+        model,
+        spectra,
+        cal,
+        windows,
+        method_list,
+        err_list,
+        by_list,
+        var_list,
+        damping,
+        loss_weight,
+        diag,
+        batch_size=batch_size,
+        device=dev,
+        log=console.print,
+    )
     ds.attrs.update({"source": str(src), "eval_data": sets, "seq_len": seq_len})
     write_analysis(store, "sweep", ds)
     print_tables(ds, console)
     for r in verdicts(ds):
         verdict = "WIN " if r["wins"] else "loss"
-        console.print(f"{verdict} {r['err_by']:6s} ERR {r['err']:.0%} {r['dataset']}: loss ({r['variant']}) "
-                      f"{r['candidate']:.4f} vs " + ", ".join(f"{b} {r[b]:.4f}" for b in BASELINES if b in r)
-                      + f"; whitened < plain: {r['whitened_wins']}")
+        console.print(
+            f"{verdict} {r['err_by']:6s} ERR {r['err']:.0%} {r['dataset']}: loss ({r['variant']}) "
+            f"{r['candidate']:.4f} vs "
+            + ", ".join(f"{b} {r[b]:.4f}" for b in BASELINES if b in r)
+            + f"; whitened < plain: {r['whitened_wins']}"
+        )
     console.print(f"table -> {store} (group sweep)")

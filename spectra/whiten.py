@@ -94,7 +94,8 @@ class Whitener:
             dev = self.device or W.device
             C = self.covariances(layer, comp)
             if C.shape != (W.shape[1], W.shape[1]):
-                raise SpectraError(f"calibration input size {C.shape[0]} != layer {layer} {comp} input size {W.shape[1]}")
+                raise SpectraError(f"calibration input size {C.shape[0]} != layer {layer} {comp} input size "
+                                   f"{W.shape[1]}")
             S, d = damped_cholesky(C.to(dev), self.damping)
             self.used[(layer, comp)] = d
             hit = self._cache[(layer, comp)] = (stamp, (*whitened_svd(W.to(dev), S), S))
@@ -128,6 +129,11 @@ class Whitener:
     def metadata(self) -> dict:
         """What a compressed folder records about its whitening (in its rank map)."""
         used = sorted(set(self.used.values()))
-        return {"whitened": True, "damping": self.damping, "damping_rule": "C + damping * mean(diag C) * I",
-                "damping_used": used, "raised_for": [f"{l}.{c}" for (l, c), d in self.used.items() if d != self.damping],
-                "calibration": self.calibration}
+        return {
+            "whitened": True,
+            "damping": self.damping,
+            "damping_rule": "C + damping * mean(diag C) * I",
+            "damping_used": used,
+            "raised_for": [f"{l}.{c}" for (l, c), d in self.used.items() if d != self.damping],
+            "calibration": self.calibration,
+        }

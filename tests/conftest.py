@@ -9,7 +9,9 @@ import pytest
 import torch
 
 # $SPECTRA_DATA points elsewhere (e.g. .devdata/ carried to a GPU machine, bench/device/README.md)
-SHARED = Path(os.environ.get("SPECTRA_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data").resolve()
+SHARED = Path(
+    os.environ.get("SPECTRA_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+).resolve()
 T5_DIR = SHARED / "tokenizers" / "t5"
 WIKI_TRAIN = SHARED / "wikipedia" / "train"
 WIKI_VAL = SHARED / "wikipedia" / "validation"

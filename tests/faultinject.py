@@ -6,8 +6,9 @@ code knows nothing of them. An event is one such call on a path inside the runs 
 kills itself with SIGKILL *before* event k runs, which leaves the disk exactly as a kill -9 at that
 moment would. Writes to temporary names (zarr's `*.partial`, spectra's `.*.tmp`, a checkpoint's
 `.tmp_step_N/`), creating a folder (an empty folder is never read as data) and zarr's exclusive
-create of a file that exists (it fails), and replacing a file by identical bytes are not events: nothing visible changes there, so
-a kill before them equals a kill before the next event (whose state includes the leftover).
+create of a file that exists (it fails), and replacing a file by identical bytes are not events:
+nothing visible changes there, so a kill before them equals a kill before the next event (whose state
+includes the leftover).
 
 A fork server keeps it affordable: this process imports torch and spectra once, runs nothing,
 and forks one child per trial (a fresh fork has no threads, so it is safe). Each trial:
@@ -105,13 +106,18 @@ def install(root: str, fault_at: int | None, log: list | None, sig: int = signal
     wrap(os, "link", "link", pick=lambda a, k: a[1])
     wrap(shutil, "rmtree", "rmtree")
     wrap(safetensors.torch, "save_file", "safetensors", pick=lambda a, k: a[1] if len(a) > 1 else k.get("filename"))
-    wrap(os, "open", "os.open", when=lambda a, k: bool((a[1] if len(a) > 1 else k.get("flags", 0))
-                                                        & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)))
+    wrap(
+        os,
+        "open",
+        "os.open",
+        when=lambda a, k: bool((a[1] if len(a) > 1 else k.get("flags", 0)) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)),
+    )
 
 
 # --------------------------------------------------------------------------- running
-def run_cli(argv: list[str], runs: Path, fault_at: int | None = None, log_file: Path | None = None,
-            sig: int = signal.SIGKILL) -> int:
+def run_cli(
+    argv: list[str], runs: Path, fault_at: int | None = None, log_file: Path | None = None, sig: int = signal.SIGKILL
+) -> int:
     """Fork a child running `spectra <argv> --runs-dir runs`; its exit code (-9: killed)."""
     pid = os.fork()
     if pid == 0:  # child
@@ -140,13 +146,21 @@ def snapshot_of(run: Path) -> dict:
 
     from spectra.store import open_run
 
-    rows = [{k: v for k, v in r.items() if k not in TIMING} for r in
-            (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())]
+    rows = [
+        {k: v for k, v in r.items() if k not in TIMING}
+        for r in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+    ]
     store = open_run(run)
     arrays = {f"{l}.{c}": store.param(l, c).load() for l, c in store.keys()}
     final = max((run / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    return {"rows": rows, "steps": [int(s) for s in store.steps], "arrays": arrays,
-            "meta": store.meta, "weights": load_file(str(final / "model.safetensors")), "final": final.name}
+    return {
+        "rows": rows,
+        "steps": [int(s) for s in store.steps],
+        "arrays": arrays,
+        "meta": store.meta,
+        "weights": load_file(str(final / "model.safetensors")),
+        "final": final.name,
+    }
 
 
 def visible_prefix_ok(run: Path, ref: dict) -> str | None:
@@ -285,14 +299,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--resume-kill-at", default=None,
-                    help="also sweep every event of a --resume started from the state killed at this event "
-                         "(auto: halfway between the first checkpoint and the end)")
-    ap.add_argument("--signal", choices=["TERM", "INT"], default=None,
-                    help="instead of the sweep: send this signal at the first snapshot write after the first "
-                         "checkpoint (a snapshot in flight), then check the exit code, the store and --resume")
-    ap.add_argument("--kill-on", default=None, metavar="TEXT",
-                    help="instead of the sweep: run once, SIGKILL before the --nth event containing TEXT")
+    ap.add_argument(
+        "--resume-kill-at",
+        default=None,
+        help="also sweep every event of a --resume started from the state killed at this event "
+        "(auto: halfway between the first checkpoint and the end)",
+    )
+    ap.add_argument(
+        "--signal",
+        choices=["TERM", "INT"],
+        default=None,
+        help="instead of the sweep: send this signal at the first snapshot write after the first "
+        "checkpoint (a snapshot in flight), then check the exit code, the store and --resume",
+    )
+    ap.add_argument(
+        "--kill-on",
+        default=None,
+        metavar="TEXT",
+        help="instead of the sweep: run once, SIGKILL before the --nth event containing TEXT",
+    )
     ap.add_argument("--nth", type=int, default=1)
     ap.add_argument("--runs-dir", type=Path, default=None, help="with --kill-on: where the run goes")
     ap.add_argument("argv", nargs=argparse.REMAINDER)

@@ -63,23 +63,79 @@ ARCHS = {
     "gemma": (lambda: T.GemmaConfig(**LL, head_dim=8), T.GemmaForCausalLM, None, ["q_proj"], True),
     "gemma2": (lambda: T.Gemma2Config(**LL, head_dim=8), T.Gemma2ForCausalLM, None, ["o_proj"], True),
     "phi3": (lambda: T.Phi3Config(**LL, pad_token_id=0), T.Phi3ForCausalLM, "phi3", ["qkv_proj", "gate_up_proj"], True),
-    "gpt2": (lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=V, activation_function="relu"),
-             T.GPT2LMHeadModel, "gpt2", ["c_attn"], True),
-    "gpt_neox": (lambda: T.GPTNeoXConfig(**D, intermediate_size=64, hidden_act="relu"), T.GPTNeoXForCausalLM, "neox",
-                 ["query_key_value"], True),
-    "opt": (lambda: T.OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, vocab_size=V,
-                                word_embed_proj_dim=32, max_position_embeddings=64), T.OPTForCausalLM, None, ["q_proj"], True),
-    "falcon": (lambda: T.FalconConfig(**D, new_decoder_architecture=True, num_kv_heads=2, activation="relu"),
-               T.FalconForCausalLM, "falcon", ["query_key_value"], True),
-    "falcon_mq": (lambda: T.FalconConfig(**D, multi_query=True, activation="relu", bias=True), T.FalconForCausalLM,
-                  "falcon", ["query_key_value"], True),
-    "falcon_mha": (lambda: T.FalconConfig(**D, multi_query=False, activation="relu"), T.FalconForCausalLM, "falcon",
-                   ["query_key_value"], True),
-    "bert": (lambda: T.BertConfig(**D, intermediate_size=64, hidden_act="relu", initializer_range=0.2), T.BertForMaskedLM, None, ["query"], True),
-    "roberta": (lambda: T.RobertaConfig(**D, intermediate_size=64, hidden_act="relu", pad_token_id=1, initializer_range=0.2),
-                T.RobertaForMaskedLM, None, ["value"], True),
-    "distilbert": (lambda: T.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=V,
-                                              activation="relu", initializer_range=0.2), T.DistilBertForMaskedLM, None, ["q_lin"], True),
+    "gpt2": (
+        lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=V, activation_function="relu"),
+        T.GPT2LMHeadModel,
+        "gpt2",
+        ["c_attn"],
+        True,
+    ),
+    "gpt_neox": (
+        lambda: T.GPTNeoXConfig(**D, intermediate_size=64, hidden_act="relu"),
+        T.GPTNeoXForCausalLM,
+        "neox",
+        ["query_key_value"],
+        True,
+    ),
+    "opt": (
+        lambda: T.OPTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=64,
+            vocab_size=V,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+        ),
+        T.OPTForCausalLM,
+        None,
+        ["q_proj"],
+        True,
+    ),
+    "falcon": (
+        lambda: T.FalconConfig(**D, new_decoder_architecture=True, num_kv_heads=2, activation="relu"),
+        T.FalconForCausalLM,
+        "falcon",
+        ["query_key_value"],
+        True,
+    ),
+    "falcon_mq": (
+        lambda: T.FalconConfig(**D, multi_query=True, activation="relu", bias=True),
+        T.FalconForCausalLM,
+        "falcon",
+        ["query_key_value"],
+        True,
+    ),
+    "falcon_mha": (
+        lambda: T.FalconConfig(**D, multi_query=False, activation="relu"),
+        T.FalconForCausalLM,
+        "falcon",
+        ["query_key_value"],
+        True,
+    ),
+    "bert": (
+        lambda: T.BertConfig(**D, intermediate_size=64, hidden_act="relu", initializer_range=0.2),
+        T.BertForMaskedLM,
+        None,
+        ["query"],
+        True,
+    ),
+    "roberta": (
+        lambda: T.RobertaConfig(**D, intermediate_size=64, hidden_act="relu", pad_token_id=1, initializer_range=0.2),
+        T.RobertaForMaskedLM,
+        None,
+        ["value"],
+        True,
+    ),
+    "distilbert": (
+        lambda: T.DistilBertConfig(
+            dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=V, activation="relu", initializer_range=0.2
+        ),
+        T.DistilBertForMaskedLM,
+        None,
+        ["q_lin"],
+        True,
+    ),
 }
 ENCODERS = {"bert", "roberta", "distilbert"}
 
@@ -195,7 +251,10 @@ def test_analyze_rank_compress_reload_generate_peft(name, tmp_path, capsys):
     assert abs(rmap["achieved_err"] - ERR) < 0.05
 
     # compress: every LRC part is B·A = its truncated SVD; N-LRCs hold their truncation
-    assert main(["compress", "--ckpt", str(dense), "--out", str(comp), "--rank-map", str(rmap_path), "--device", "cpu"]) == 0
+    assert (
+        main(["compress", "--ckpt", str(dense), "--out", str(comp), "--rank-map", str(rmap_path), "--device", "cpu"])
+        == 0
+    )
     low = load_model(comp)
     weights = component_weights(low)
     lrc = [k for k, e in entries.items() if e["lrc"]]
@@ -218,8 +277,9 @@ def test_analyze_rank_compress_reload_generate_peft(name, tmp_path, capsys):
     hf = auto.from_pretrained(comp, trust_remote_code=True).eval()
     with torch.no_grad():
         if encoder:
-            torch.testing.assert_close(hf(input_ids=X).last_hidden_state, low.base_model(input_ids=X).last_hidden_state,
-                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                hf(input_ids=X).last_hidden_state, low.base_model(input_ids=X).last_hidden_state, atol=1e-5, rtol=0
+            )
             head = T.AutoModelForMaskedLM.from_pretrained(comp, trust_remote_code=True).eval()
             torch.testing.assert_close(out(head), out(low), atol=1e-5, rtol=0)
         else:
@@ -258,8 +318,11 @@ def test_analyze_rank_compress_reload_generate_peft(name, tmp_path, capsys):
                     p.normal_(0, 0.1)
             y = pm(input_ids=X)
             y = y.last_hidden_state if encoder else y.logits
-        on_lowrank = any(type(m.get_base_layer()).__name__ in ("LowRankLinear", "FusedLinear")  # remote-code classes
-                         for n, m in pm.named_modules() if n in wrapped)
+        on_lowrank = any(
+            type(m.get_base_layer()).__name__ in ("LowRankLinear", "FusedLinear")  # remote-code classes
+            for n, m in pm.named_modules()
+            if n in wrapped
+        )
         if on_lowrank:
             with pytest.raises(RuntimeError, match="cannot merge into a spectra low-rank module"):
                 pm.merge_and_unload()
@@ -289,18 +352,50 @@ def test_unsupported_model_one_line_then_components_override(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "encoder.block.0.layer.0.SelfAttention.q" in err and "--components q=REGEX" in err
     enc = r"^encoder\.block\.(\d+)\.layer\.{}$"
-    spec = ",".join(f"{c}={enc.format(n)}" for c, n in (("q", r"0\.SelfAttention\.q"), ("k", r"0\.SelfAttention\.k"),
-                                                       ("v", r"0\.SelfAttention\.v"), ("o", r"0\.SelfAttention\.o"),
-                                                       ("up", r"1\.DenseReluDense\.wi"), ("down", r"1\.DenseReluDense\.wo")))
+    spec = ",".join(
+        f"{c}={enc.format(n)}"
+        for c, n in (
+            ("q", r"0\.SelfAttention\.q"),
+            ("k", r"0\.SelfAttention\.k"),
+            ("v", r"0\.SelfAttention\.v"),
+            ("o", r"0\.SelfAttention\.o"),
+            ("up", r"1\.DenseReluDense\.wi"),
+            ("down", r"1\.DenseReluDense\.wo"),
+        )
+    )
     try:
-        assert main(["--components", spec, "ranks", "--ckpt", str(t5), "--out", str(tmp_path / "m.json"), "--err", "0.5"]) == 0
+        assert (
+            main(["--components", spec, "ranks", "--ckpt", str(t5), "--out", str(tmp_path / "m.json"), "--err", "0.5"])
+            == 0
+        )
         rmap = json.loads((tmp_path / "m.json").read_text())
-        assert len(rmap["components"]) == 12 and {e["component"] for e in rmap["components"]} == set(COMPONENTS) - {"gate"}
-        assert main(["--components", spec, "compress", "--ckpt", str(t5), "--out", str(tmp_path / "c"),
-                     "--rank-map", str(tmp_path / "m.json")]) == 0
+        assert len(rmap["components"]) == 12 and {e["component"] for e in rmap["components"]} == set(COMPONENTS) - {
+            "gate"
+        }
+        assert (
+            main(
+                [
+                    "--components",
+                    spec,
+                    "compress",
+                    "--ckpt",
+                    str(t5),
+                    "--out",
+                    str(tmp_path / "c"),
+                    "--rank-map",
+                    str(tmp_path / "m.json"),
+                ]
+            )
+            == 0
+        )
         assert (tmp_path / "c" / "modeling_spectra.py").is_file()
-        assert_one_error_line([["--components", "q=(", "ranks", "--ckpt", str(t5)],
-                               ["--components", "x=foo", "ranks", "--ckpt", str(t5)]], capsys)
+        assert_one_error_line(
+            [
+                ["--components", "q=(", "ranks", "--ckpt", str(t5)],
+                ["--components", "x=foo", "ranks", "--ckpt", str(t5)],
+            ],
+            capsys,
+        )
     finally:  # the next test runs without the override
         from spectra.components import set_override
 
@@ -336,15 +431,36 @@ def test_checkpoint_series_spectrum_then_report(tmp_path, capsys):
     blob = re.search(r'id="figures-gz">([A-Za-z0-9+/=]+)</script>', html).group(1)
     assert "3000" in unpacked(blob) and len(html) > 10_000  # the figures (packed in the page) span the series
     # explicit steps, in the order given; a folder without a step in its name needs them
-    assert main(["spectrum", str(series / "step1000"), str(series / "step_2000"), "--steps", "10", "--steps", "5",
-                 "--out", str(tmp_path / "b.zarr"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "spectrum",
+                str(series / "step1000"),
+                str(series / "step_2000"),
+                "--steps",
+                "10",
+                "--steps",
+                "5",
+                "--out",
+                str(tmp_path / "b.zarr"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert read_analysis(tmp_path / "b.zarr", "spectrum").step.values.tolist() == [5, 10]
     (series / "final").symlink_to(series / "step3000")
     from conftest import assert_one_error_line
 
-    assert_one_error_line([["spectrum", str(series / "step1000"), str(series / "final"), "--device", "cpu"],
-                           ["spectrum", str(series / "step1000"), str(series / "final"), "--steps", "1"],
-                           ["spectrum", str(series / "nothing*")]], capsys)
+    assert_one_error_line(
+        [
+            ["spectrum", str(series / "step1000"), str(series / "final"), "--device", "cpu"],
+            ["spectrum", str(series / "step1000"), str(series / "final"), "--steps", "1"],
+            ["spectrum", str(series / "nothing*")],
+        ],
+        capsys,
+    )
 
 
 def test_hub_names_resolve_through_snapshot_download(tmp_path, monkeypatch, capsys):
@@ -365,11 +481,16 @@ def test_hub_names_resolve_through_snapshot_download(tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
     monkeypatch.chdir(tmp_path)
-    assert main(["spectrum", "EleutherAI/pythia-14m@step1000", "EleutherAI/pythia-14m@step3000", "--device", "cpu"]) == 0
+    assert (
+        main(["spectrum", "EleutherAI/pythia-14m@step1000", "EleutherAI/pythia-14m@step3000", "--device", "cpu"]) == 0
+    )
     assert calls == [("EleutherAI/pythia-14m", "step1000"), ("EleutherAI/pythia-14m", "step3000")]
     from spectra.store import read_analysis
 
-    assert read_analysis(tmp_path / "EleutherAI/pythia-14m/analysis.zarr", "spectrum").step.values.tolist() == [1000, 3000]
+    assert read_analysis(tmp_path / "EleutherAI/pythia-14m/analysis.zarr", "spectrum").step.values.tolist() == [
+        1000,
+        3000,
+    ]
 
     def offline(*a, **k):
         raise OSError("Name or service not known")
@@ -398,7 +519,10 @@ def test_fused_mixed_plans_gradients_and_merge(name):
     for p, mod in parts(model):
         if p.fused and p.component in "qkv":
             g = mod.weight.grad.t() if is_conv1d(mod) else mod.weight.grad
-            grads[(p.layer, p.component)] = (p.grad(mod), _ref_qkv_rows(g, kind, model.config)["qkv".index(p.component)])
+            grads[(p.layer, p.component)] = (
+                p.grad(mod),
+                _ref_qkv_rows(g, kind, model.config)["qkv".index(p.component)],
+            )
     assert grads and all(torch.equal(a, b) for a, b in grads.values())
     model.zero_grad()
 
@@ -406,8 +530,14 @@ def test_fused_mixed_plans_gradients_and_merge(name):
     fused_mod = {p.component: p.module_name for p, _ in parts(model) if p.fused and p.layer == 0 and p.component == "q"}
     dense_type = type(model.get_submodule(fused_mod["q"]))
     rm = build_rank_map(model_spectra(model), "welore", 0.3)
-    plan = {(0, "q"): (False, -3), (0, "k"): (False, -3), (0, "v"): (False, -3),
-            (1, "q"): (True, 3), (1, "k"): (False, -1), (1, "v"): (False, 0)}
+    plan = {
+        (0, "q"): (False, -3),
+        (0, "k"): (False, -3),
+        (0, "v"): (False, -3),
+        (1, "q"): (True, 3),
+        (1, "k"): (False, -1),
+        (1, "v"): (False, 0),
+    }
     for e in rm["components"]:
         lrc, r = plan.get((e["layer"], e["component"]), (e["lrc"], None))
         if r is not None:
@@ -416,7 +546,9 @@ def test_fused_mixed_plans_gradients_and_merge(name):
     compress_model(model, rm, progress=False)
     for key, W in component_weights(model).items():
         r, full = ranks[key]
-        torch.testing.assert_close(W.detach(), _truncated(refs[key], r) if r < full else refs[key], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            W.detach(), _truncated(refs[key], r) if r < full else refs[key], atol=2e-5, rtol=1e-4
+        )
     assert type(model.get_submodule(fused_mod["q"])) is dense_type
     fused1 = model.get_submodule(fused_mod["q"].replace(".0.", ".1."))
     assert isinstance(fused1, FusedLinear) and isinstance(fused1.q, LowRankLinear) and fused1.q.rank == 3

@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import T5_DIR, WIKI_VAL
+
 from spectra.cli import main
 
 pytestmark = pytest.mark.slow

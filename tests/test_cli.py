@@ -63,7 +63,9 @@ def test_command_help(name, capsys):
     want = {o for p in params if p.param_type_name == "option" for o in p.opts + p.secondary_opts} | {"--help"}
     assert listed == want and len(rows) == len(want) - sum(bool(p.secondary_opts) for p in params)
     args = [p for p in params if p.param_type_name == "argument"]
-    shown = re.findall(r"^  (\w+)(?:\.\.\.)? ", out.split("Arguments:", 1)[1].split("Options:")[0], re.M) if args else []
+    shown = (
+        re.findall(r"^  (\w+)(?:\.\.\.)? ", out.split("Arguments:", 1)[1].split("Options:")[0], re.M) if args else []
+    )
     assert shown == [p.name for p in args]  # every positional argument, in order
     for p in params:
         if p.help:

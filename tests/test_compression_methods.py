@@ -199,11 +199,16 @@ def test_collect_matches_direct_xtx_and_shares_inputs(tmp_path):
     assert all(v > 0 for v in cal.grad_sq.values())
     # independent: down's output adds straight into the last layer's output, so ∂ℓ/∂y is that output's gradient
     kept = {}
-    h = model.model.layers[-1].register_forward_hook(lambda m, i, o: kept.setdefault("h", o[0] if isinstance(o, tuple) else o))
+    def keep(m, i, o):
+        kept.setdefault("h", o[0] if isinstance(o, tuple) else o)
+
+    h = model.model.layers[-1].register_forward_hook(keep)
     try:
         logits = model(input_ids=ids).logits
         kept["h"].retain_grad()
-        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
+        torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"
+        ).backward()
     finally:
         h.remove()
         model.zero_grad(set_to_none=True)
@@ -233,9 +238,19 @@ def test_whitened_compress_lowers_output_error():
     W = model.model.layers[0].self_attn.q_proj.weight.detach().double().clone()
     x = _hidden_inputs(model, ids)
     keys = [(l, c) for l, c, _, _ in iter_components(model)]
-    rmap = {"components": [{"layer": l, "component": c, "shape": [m.out_features, m.in_features],
-                            "full_rank": min(m.weight.shape), "rank": 8, "lrc": True}
-                           for l, c, _, m in iter_components(model)]}
+    rmap = {
+        "components": [
+            {
+                "layer": l,
+                "component": c,
+                "shape": [m.out_features, m.in_features],
+                "full_rank": min(m.weight.shape),
+                "rank": 8,
+                "lrc": True,
+            }
+            for l, c, _, m in iter_components(model)
+        ]
+    }
     assert len(rmap["components"]) == len(keys)
     errs = {}
     for name, wh in (("plain", None), ("whitened", Whitener(cal.covariance, damping=1e-6))):
@@ -258,8 +273,9 @@ def bytes_run(tmp_path_factory):
     (run / "checkpoints" / "latest").write_text("step_5")
     (run / "run_config.json").write_text(json.dumps({"tokenizer": "bytes"}))
     text = run.parent / "calib.jsonl"
-    text.write_text("\n".join(json.dumps({"text": f"The {i}th sentence of calibration text, about spectra."})
-                              for i in range(40)))
+    text.write_text(
+        "\n".join(json.dumps({"text": f"The {i}th sentence of calibration text, about spectra."}) for i in range(40))
+    )
     return run, text
 
 
@@ -279,8 +295,22 @@ def test_cli_loss_map_and_whitened_compress(bytes_run, capsys):
 
     real, calibration_module.collect = calibration_module.collect, no_recompute
     try:
-        assert main(["compress", "--ckpt", str(run), "--out", str(out), "--rank-map", str(run / "ranks" / "loss-err50.json"),
-                     "--whiten", *calib]) == 0
+        assert (
+            main(
+                [
+                    "compress",
+                    "--ckpt",
+                    str(run),
+                    "--out",
+                    str(out),
+                    "--rank-map",
+                    str(run / "ranks" / "loss-err50.json"),
+                    "--whiten",
+                    *calib,
+                ]
+            )
+            == 0
+        )
     finally:
         calibration_module.collect = real
     saved = json.loads((out / "spectra_rank_map.json").read_text())
@@ -293,13 +323,26 @@ def test_cli_loss_map_and_whitened_compress(bytes_run, capsys):
 
 def test_cli_bad_inputs_are_one_line(bytes_run, tmp_path, capsys):
     run, text = bytes_run
-    assert_one_error_line([
-        ["ranks", "--ckpt", str(run), "--method", "loss", "--loss-weight", "nope", "--calib-data", str(text)],
-        ["ranks", "--ckpt", str(run), "--method", "loss", "--calib-data", str(tmp_path / "none.jsonl")],
-        ["ranks", "--ckpt", str(run), "--method", "loss", "--calib-data", str(text), "--calib-seqs", "0"],
-        ["compress", "--ckpt", str(run), "--out", str(tmp_path / "o"), "--whiten", "--damping", "-1",
-         "--calib-data", str(text)],
-    ], capsys)
+    assert_one_error_line(
+        [
+            ["ranks", "--ckpt", str(run), "--method", "loss", "--loss-weight", "nope", "--calib-data", str(text)],
+            ["ranks", "--ckpt", str(run), "--method", "loss", "--calib-data", str(tmp_path / "none.jsonl")],
+            ["ranks", "--ckpt", str(run), "--method", "loss", "--calib-data", str(text), "--calib-seqs", "0"],
+            [
+                "compress",
+                "--ckpt",
+                str(run),
+                "--out",
+                str(tmp_path / "o"),
+                "--whiten",
+                "--damping",
+                "-1",
+                "--calib-data",
+                str(text),
+            ],
+        ],
+        capsys,
+    )
 
 
 def test_sweep_table_on_tiny_model(tmp_path):
@@ -307,8 +350,17 @@ def test_sweep_table_on_tiny_model(tmp_path):
     g = torch.Generator().manual_seed(2)
     cal = collect(model, torch.randint(0, 64, (4, 32), generator=g), progress=False)
     windows = {"a": torch.randint(0, 64, (2, 32), generator=g), "b": torch.randint(0, 64, (2, 32), generator=g)}
-    ds = run_sweep(model, model_spectra(model), cal, windows, ["welore", "uniform", "energy", "loss"], [0.3, 0.99],
-                   ["rank", "params"], ["plain", "whitened"], log=lambda *_: None)
+    ds = run_sweep(
+        model,
+        model_spectra(model),
+        cal,
+        windows,
+        ["welore", "uniform", "energy", "loss"],
+        [0.3, 0.99],
+        ["rank", "params"],
+        ["plain", "whitened"],
+        log=lambda *_: None,
+    )
     assert ds["ppl"].shape == (4, 2, 2, 2, 2) and ds.attrs["loss_weight"] == "fisher"
     ok = ds["ppl"].sel(err=0.3)
     assert np.isfinite(ok.values).all() and np.isnan(ds["ppl"].sel(err_by="params", err=0.99).values).all()
@@ -317,8 +369,9 @@ def test_sweep_table_on_tiny_model(tmp_path):
     dense = float(ds["dense_ppl"].sel(dataset="a"))
     rm = build_rank_map(model_spectra(model), "uniform", 0.3)
     m = compress_model(copy.deepcopy(model), rm, progress=False)
-    assert float(ds["ppl"].sel({"method": "uniform", "variant": "plain", "err_by": "rank", "err": 0.3, "dataset": "a"})) \
-        == pytest.approx(perplexity(m, windows["a"])[1], rel=1e-6)
+    assert float(
+        ds["ppl"].sel({"method": "uniform", "variant": "plain", "err_by": "rank", "err": 0.3, "dataset": "a"})
+    ) == pytest.approx(perplexity(m, windows["a"])[1], rel=1e-6)
     assert dense > 1
     rows = verdicts(ds)
     assert len(rows) == 2 * 2 * 2 and {"welore", "uniform", "energy", "wins", "whitened_wins"} <= set(rows[0])
@@ -328,11 +381,20 @@ def test_sweep_table_on_tiny_model(tmp_path):
 def _family(name: str):
     import transformers as tf
 
-    kw = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    kw = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    }
     cfg = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[name](**kw)
     torch.manual_seed(0)
-    return {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM}[name](cfg).eval()
+    return {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM}[name](
+        cfg
+    ).eval()
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
@@ -344,8 +406,19 @@ def test_families_calibrate_allocate_and_whiten(family):
     sp = model_spectra(model)
     scores, used = loss_direction_scores(model, cal, [(s.layer, s.component) for s in sp])
     assert used == "fisher" and all(np.all(np.diff(v) <= 1e-12) for v in scores)
-    full = {"components": [{"layer": s.layer, "component": s.component, "shape": list(s.shape), "full_rank": s.full_rank,
-                            "rank": s.full_rank, "lrc": True} for s in sp]}
+    full = {
+        "components": [
+            {
+                "layer": s.layer,
+                "component": s.component,
+                "shape": list(s.shape),
+                "full_rank": s.full_rank,
+                "rank": s.full_rank,
+                "lrc": True,
+            }
+            for s in sp
+        ]
+    }
     with torch.no_grad():
         want = model(input_ids=ids).logits
         got = compress_model(copy.deepcopy(model), full, progress=False, whiten=Whitener(cal.covariance)).eval()

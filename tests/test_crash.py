@@ -18,7 +18,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import WIKI_VAL
 
 REPO = Path(__file__).resolve().parents[1]

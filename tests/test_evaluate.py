@@ -8,9 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
-
 from conftest import C4_SAMPLE, T5_DIR, make_tiny
+from torch import nn
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny graphs; not a module-level set_num_threads
 

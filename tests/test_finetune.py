@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import C4_SAMPLE, T5_DIR, make_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny graphs; not a module-level set_num_threads
@@ -42,7 +41,10 @@ VOCAB = 256  # T5 ids folded mod 256: real text statistics at a 125x smaller (fa
 def folded(docs_path, tokenizer, seq_len=64, batch=8):
     from spectra.data import PackedStream, load_local_docs
 
-    return [x % VOCAB for x in PackedStream(load_local_docs(str(docs_path)), tokenizer, seq_len, seed=0, loop=False).batches(batch)]
+    return [
+        x % VOCAB
+        for x in PackedStream(load_local_docs(str(docs_path)), tokenizer, seq_len, seed=0, loop=False).batches(batch)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +71,17 @@ def data(tokenizer):
 def run_method(pretrained, data, method, steps=20, **kw):
     from spectra.finetune import FinetuneConfig, finetune
 
-    cfg = FinetuneConfig(method=method, steps=steps, lr=TEST_LR[method], batch_size=4, micro_batch=2, warmup=2,
-                         galore_rank=2, lora_rank=4, **kw)
+    cfg = FinetuneConfig(
+        method=method,
+        steps=steps,
+        lr=TEST_LR[method],
+        batch_size=4,
+        micro_batch=2,
+        warmup=2,
+        galore_rank=2,
+        lora_rank=4,
+        **kw,
+    )
     model = copy.deepcopy(pretrained)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = iter([b for x in data[0] for b in x.split(2)] * 2)
@@ -176,18 +187,52 @@ def test_cli_welore_writes_metrics_json_and_model(t5_run, tmp_path, capsys):
     from spectra.cli import main
     from spectra.data import load_tokenizer, text_windows
     from spectra.evaluate import perplexity
-    from spectra.lowrank import LowRankLinear
     from spectra.loading import load_causal_lm
+    from spectra.lowrank import LowRankLinear
 
     model = t5_run / "compressed" / "uniform-err30"
-    args = ["finetune", "--model", str(model), "--data", str(TRAIN), "--val-data", str(VAL),
-            "--tokenizer", str(T5_DIR), "--steps", "3", "--batch-size", "4", "--micro-batch", "2", "--seq-len", "32",
-            "--warmup", "1", "--eval-tokens", "512", "--device", "cpu", "--cache-dir", str(tmp_path), "--save"]
+    args = [
+        "finetune",
+        "--model",
+        str(model),
+        "--data",
+        str(TRAIN),
+        "--val-data",
+        str(VAL),
+        "--tokenizer",
+        str(T5_DIR),
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--micro-batch",
+        "2",
+        "--seq-len",
+        "32",
+        "--warmup",
+        "1",
+        "--eval-tokens",
+        "512",
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(tmp_path),
+        "--save",
+    ]
     assert main(args) == 0
     out = t5_run / "finetune" / "welore-err30"  # err from the model's rank map
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"method", "err", "steps", "trainable_params", "total_params", "peak_memory_bytes", "tokens_per_s",
-            "loss_curve", "eval_ppl"} <= set(metrics)
+    assert {
+        "method",
+        "err",
+        "steps",
+        "trainable_params",
+        "total_params",
+        "peak_memory_bytes",
+        "tokens_per_s",
+        "loss_curve",
+        "eval_ppl",
+    } <= set(metrics)
     assert (metrics["method"], metrics["err"], metrics["steps"]) == ("welore", 0.3, 3)
     assert [s for s, _ in metrics["loss_curve"]] == [1, 2, 3] and metrics["tokens"] == 3 * 4 * 32
     assert metrics["trainable_params"] == 2 * (2 * 16 * (64 + 64) + 2 * 16 * (64 + 176))
@@ -205,10 +250,43 @@ def test_cli_lora_on_dense_checkpoint_saves_merged_model(t5_run, tmp_path):
     from spectra.loading import load_causal_lm
 
     out = tmp_path / "lora"
-    assert main(["finetune", "--model", str(t5_run), "--method", "lora", "--data", str(TRAIN), "--val-data", str(VAL),
-                 "--tokenizer", str(T5_DIR), "--steps", "2", "--batch-size", "2", "--micro-batch", "2",
-                 "--seq-len", "16", "--warmup", "1", "--eval-tokens", "64", "--device", "cpu",
-                 "--cache-dir", str(tmp_path), "--out", str(out), "--save"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(t5_run),
+                "--method",
+                "lora",
+                "--data",
+                str(TRAIN),
+                "--val-data",
+                str(VAL),
+                "--tokenizer",
+                str(T5_DIR),
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--micro-batch",
+                "2",
+                "--seq-len",
+                "16",
+                "--warmup",
+                "1",
+                "--eval-tokens",
+                "64",
+                "--device",
+                "cpu",
+                "--cache-dir",
+                str(tmp_path),
+                "--out",
+                str(out),
+                "--save",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["method"], metrics["err"]) == ("lora", 0.0)
     assert metrics["trainable_params"] == 2 * 8 * (4 * (64 + 64) + 2 * (64 + 176) + (176 + 64))
@@ -220,10 +298,12 @@ def test_cli_bad_inputs_exit_2_one_line(t5_run, tmp_path, capsys):
     from spectra.cli import main
 
     common = ["--data", str(TRAIN), "--tokenizer", str(T5_DIR), "--steps", "1", "--device", "cpu"]
-    for args, msg in [(["--model", str(tmp_path / "missing")], "does not exist"),
-                      (["--model", str(t5_run), "--method", "welore"], "not a compressed model"),
-                      (["--model", str(t5_run), "--method", "dora"], "unknown --method"),
-                      (["--model", str(t5_run), "--batch-size", "3", "--micro-batch", "2"], "multiple of --micro-batch")]:
+    for args, msg in [
+        (["--model", str(tmp_path / "missing")], "does not exist"),
+        (["--model", str(t5_run), "--method", "welore"], "not a compressed model"),
+        (["--model", str(t5_run), "--method", "dora"], "unknown --method"),
+        (["--model", str(t5_run), "--batch-size", "3", "--micro-batch", "2"], "multiple of --micro-batch"),
+    ]:
         assert main(["finetune", *args, *common]) == 2, args
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and msg in err and len(err.splitlines()) == 1, err

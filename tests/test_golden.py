@@ -8,8 +8,8 @@ import gzip
 import json
 
 import pytest
-
 from conftest import WIKI_VAL
+
 from spectra.cli import main
 
 pytestmark = pytest.mark.slow

@@ -141,7 +141,8 @@ def test_spectrum_metrics_consistent():
 def _trained_like(m: int, n: int, seed: int) -> torch.Tensor:
     """Noise plus a strong low-rank part: a wide σ range like trained weights, float32."""
     g = torch.Generator().manual_seed(seed)
-    return (0.02 * torch.randn(m, n, generator=g) + torch.randn(m, 6, generator=g) @ torch.randn(6, n, generator=g) / 20)
+    low = torch.randn(m, 6, generator=g) @ torch.randn(6, n, generator=g) / 20
+    return 0.02 * torch.randn(m, n, generator=g) + low
 
 
 @pytest.mark.parametrize("shape", [(96, 96), (160, 64), (64, 160)])

@@ -1,6 +1,6 @@
 """Per-component Hessian eigenvalues vs exact references: the dense Hessian of one weight matrix
-(torch.autograd.functional.hessian + eigvalsh, float64 but for HF's float32 RMSNorm) and PyHessian's power iteration; then the
-`spectra hessian-gap` command end to end, on one process and split over 2 gloo ranks."""
+(torch.autograd.functional.hessian + eigvalsh, float64 but for HF's float32 RMSNorm) and PyHessian's
+power iteration; then the `spectra hessian-gap` command end to end, on one process and split over 2 gloo ranks."""
 
 from __future__ import annotations
 
@@ -38,9 +38,18 @@ def micro():
     A wide init (std 0.3) gives an O(1) curvature whose top eigenvalue is also the largest in
     magnitude, so PyHessian's power iteration converges to the same one."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2,
-                      num_hidden_layers=2, max_position_embeddings=64, tie_word_embeddings=False, use_cache=False,
-                      initializer_range=0.3)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        use_cache=False,
+        initializer_range=0.3,
+    )
     cfg._attn_implementation = "eager"
     model = LlamaForCausalLM(cfg).double().eval().requires_grad_(False)
     x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
@@ -148,9 +157,34 @@ def run_dir(tmp_path_factory, shared_data) -> Path:
 def _args(shared_data, ckpt, *extra):
     from conftest import C4_SAMPLE, T5_DIR
 
-    return ["hessian-gap", "--ckpt", str(ckpt), "--data", str(C4_SAMPLE), "--tokenizer", str(T5_DIR),
-            "--layers", "1", "--components", "v", "--components", "down", "--k", "2", "--block-size", "1",
-            "--batches", "2", "--batch-size", "2", "--seq-len", "16", "--device", "cpu", *extra]
+    return [
+        "hessian-gap",
+        "--ckpt",
+        str(ckpt),
+        "--data",
+        str(C4_SAMPLE),
+        "--tokenizer",
+        str(T5_DIR),
+        "--layers",
+        "1",
+        "--components",
+        "v",
+        "--components",
+        "down",
+        "--k",
+        "2",
+        "--block-size",
+        "1",
+        "--batches",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +203,15 @@ def test_cli_writes_the_contract_group(single_store, run_dir, shared_data):
     assert list(ds.layer.values) == [1] and list(ds.component.values) == ["v", "down"]
     assert ds.eigenvalues.dims == ("layer", "component", "eig") and list(ds.eig.values) == [1, 2, 3]
     assert ds.eigenvalues_batch.dims == ("layer", "component", "batch", "eig") and ds.sizes["batch"] == 2
-    assert {a: ds.attrs[a] for a in ("k", "iterations", "batches", "batch_size", "seq_len", "seed", "tol")} == \
-        {"k": 2, "iterations": 400, "batches": 2, "batch_size": 2, "seq_len": 16, "seed": 0, "tol": 1e-4}
+    assert {a: ds.attrs[a] for a in ("k", "iterations", "batches", "batch_size", "seq_len", "seed", "tol")} == {
+        "k": 2,
+        "iterations": 400,
+        "batches": 2,
+        "batch_size": 2,
+        "seq_len": 16,
+        "seed": 0,
+        "tol": 1e-4,
+    }
     assert ds.certified.values.all() and ds.attrs["uncertified"] == [] and (ds.hvps.values >= 2 * 4).all()
     dens = read_analysis(run_dir / "analysis.zarr", "hessian_density")  # SLQ from the same Krylov spaces
     assert dens.density.dims == ("layer", "component", "grid") and list(dens.component.values) == ["v", "down"]
@@ -202,8 +243,16 @@ def test_torchrun_two_gloo_ranks_match_one_process(single_store, run_dir, shared
     with socket.socket() as sock:  # a free port: other suites may run their own process groups
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), "-m", "spectra.cli",
-           *_args(shared_data, run_dir, "--out", str(out))]
+    cmd = [
+        str(torchrun),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "spectra.cli",
+        *_args(shared_data, run_dir, "--out", str(out)),
+    ]
     proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ds = read_analysis(out, "hessian_gap")
@@ -224,8 +273,10 @@ def test_uncertified_components_reach_the_table_store_and_report():
     res = np.array([[1e-9, 1e-9, 1e-9]])
     ok, bad = np.ones((1, 3), bool), np.array([[True, False, True]])
     kry = [np.eye(3)]
-    results = [ComponentGap(0, "q", ev, res, ok, np.array([10]), kry, 1),
-               ComponentGap(0, "k", ev, res, bad, np.array([400]), kry, 1)]
+    results = [
+        ComponentGap(0, "q", ev, res, ok, np.array([10]), kry, 1),
+        ComponentGap(0, "k", ev, res, bad, np.array([400]), kry, 1),
+    ]
     ds = gaps_dataset(results, k=2)
     assert ds.certified.sel(component="q").values.tolist() == [[1.0, 1.0, 1.0]]
     assert ds.certified.sel(component="k").values.tolist() == [[1.0, 0.0, 1.0]]

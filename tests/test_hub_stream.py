@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import C4_SAMPLE, T5_DIR
+
 from spectra.data import HUB_C4, PackedStream, load_hub_c4
 
 

@@ -15,7 +15,12 @@ def _sym(n: int, top: list[float], seed: int = 0, bulk=(-1.0, 2.0)) -> torch.Ten
     g = torch.Generator().manual_seed(seed)
     U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     lo, hi = bulk
-    ev = torch.cat([torch.tensor(top, dtype=torch.float64), lo + (hi - lo) * torch.rand(n - len(top), generator=g, dtype=torch.float64)])
+    ev = torch.cat(
+        [
+            torch.tensor(top, dtype=torch.float64),
+            lo + (hi - lo) * torch.rand(n - len(top), generator=g, dtype=torch.float64),
+        ]
+    )
     return U @ torch.diag(ev) @ U.T
 
 
@@ -54,8 +59,13 @@ def test_batched_problems_breakdown_and_early_stop():
     U, _ = torch.linalg.qr(torch.randn(n, 3, generator=g, dtype=torch.float64))
     B = U @ torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)) @ U.T  # rank 3: Krylov breaks down at step 3
     M = torch.stack([A, B])
-    r = lanczos(lambda V: torch.einsum("bij,bj->bi", M, V), torch.randn(2, n, generator=g, dtype=torch.float64),
-                k=4, iterations=60, tol=1e-10)
+    r = lanczos(
+        lambda V: torch.einsum("bij,bj->bi", M, V),
+        torch.randn(2, n, generator=g, dtype=torch.float64),
+        k=4,
+        iterations=60,
+        tol=1e-10,
+    )
     assert r.iterations < 60  # stopped early once both problems certified
     for i, mat in enumerate(M):
         assert torch.allclose(r.values[i], torch.linalg.eigvalsh(mat).flip(0)[:4], atol=1e-8)
@@ -102,12 +112,22 @@ def test_block_lanczos_certified_top_k_equals_eigvalsh(b, max_basis):
 def test_block_lanczos_budget_leaves_close_pair_uncertified():
     # λ2, λ3 0.001 apart: 20 matvecs cannot resolve them to a tenth of their gap
     A = _sym(300, [5.0, 4.0, 3.999, 3.0], bulk=(0.0, 2.9))
-    r = block_lanczos(lambda V: V @ A, torch.randn(1, 300, generator=torch.Generator().manual_seed(2),
-                                                   dtype=torch.float64), 4, tol=1e-6, max_matvecs=20)
+    r = block_lanczos(
+        lambda V: V @ A,
+        torch.randn(1, 300, generator=torch.Generator().manual_seed(2), dtype=torch.float64),
+        4,
+        tol=1e-6,
+        max_matvecs=20,
+    )
     assert r.matvecs == 20 and r.certified[0] and not r.certified[1:3].any()
     # with budget it gets there, each value certified is within residual²/gap of the truth
-    r = block_lanczos(lambda V: V @ A, torch.randn(2, 300, generator=torch.Generator().manual_seed(2),
-                                                   dtype=torch.float64), 4, tol=1e-6, max_matvecs=600)
+    r = block_lanczos(
+        lambda V: V @ A,
+        torch.randn(2, 300, generator=torch.Generator().manual_seed(2), dtype=torch.float64),
+        4,
+        tol=1e-6,
+        max_matvecs=600,
+    )
     assert r.certified.all()
     assert torch.allclose(r.values, torch.tensor([5.0, 4.0, 3.999, 3.0], dtype=torch.float64), atol=1e-9)
 

@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import WIKI_VAL
 
 lm_eval = pytest.importorskip("lm_eval")

@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import assert_one_error_line, make_tiny
+from conftest import assert_one_error_line
 from safetensors import safe_open
 from torch import nn
 
 from spectra.cli import main
 from spectra.errors import SpectraError
+from spectra.loading import load_causal_lm
 from spectra.lowrank import (
     LowRankLinear,
     compress_model,
@@ -22,7 +23,6 @@ from spectra.lowrank import (
     truncate_,
 )
 from spectra.models import iter_components
-from spectra.loading import load_causal_lm
 from spectra.ranks import build_rank_map, model_spectra
 
 X = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -88,7 +88,9 @@ def test_compress_save_load_identical_and_merge(dense, tmp_path):
     with safe_open(tmp_path / "c" / "model.safetensors", "pt") as f:
         keys = set(f.keys())
     lrc0 = next(e for e in rm["components"] if e["lrc"])
-    name = f"model.layers.{lrc0['layer']}.{'self_attn' if lrc0['component'] in 'qkvo' else 'mlp'}.{lrc0['component']}_proj"
+    name = (
+        f"model.layers.{lrc0['layer']}.{'self_attn' if lrc0['component'] in 'qkvo' else 'mlp'}.{lrc0['component']}_proj"
+    )
     assert {f"{name}.A.weight", f"{name}.B.weight"} <= keys and f"{name}.weight" not in keys
     loaded = load_causal_lm(tmp_path / "c", attn_implementation="eager")  # via models -> load_compressed
     assert torch.equal(logits(loaded), got)
@@ -112,8 +114,16 @@ def test_qwen_style_bias_and_tied_embeddings(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, tie_word_embeddings=True, attn_implementation="eager")
+    cfg = Qwen2Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        attn_implementation="eager",
+    )
     model = Qwen2ForCausalLM(cfg).eval()
     assert model.model.layers[0].self_attn.q_proj.bias is not None
     rm = build_rank_map(model_spectra(model), "welore", 0.5, "params")
@@ -137,8 +147,18 @@ def test_rank_map_must_fit_the_model(dense):
 
 # --------------------------------------------------------------------------- CLI
 def test_cli_compress_ranks_merge_end_to_end(tiny_ckpt, tmp_path):
-    assert main(["ranks", "--ckpt", str(tiny_ckpt), "--err", "0.3", "--err-by", "params", "--out", str(tmp_path / "m.json")]) == 0
-    assert main(["compress", "--ckpt", str(tiny_ckpt), "--rank-map", str(tmp_path / "m.json"), "--out", str(tmp_path / "c")]) == 0
+    assert (
+        main(
+            ["ranks", "--ckpt", str(tiny_ckpt), "--err", "0.3", "--err-by", "params", "--out", str(tmp_path / "m.json")]
+        )
+        == 0
+    )
+    assert (
+        main(
+            ["compress", "--ckpt", str(tiny_ckpt), "--rank-map", str(tmp_path / "m.json"), "--out", str(tmp_path / "c")]
+        )
+        == 0
+    )
     rm = json.loads((tmp_path / "c" / "spectra_rank_map.json").read_text())
     assert rm == json.loads((tmp_path / "m.json").read_text())
     comp = load_causal_lm(tmp_path / "c", attn_implementation="eager")
@@ -150,7 +170,12 @@ def test_cli_compress_ranks_merge_end_to_end(tiny_ckpt, tmp_path):
     assert not any(isinstance(m, LowRankLinear) for *_, m in iter_components(merged))
     torch.testing.assert_close(logits(merged), logits(comp), atol=1e-5, rtol=0)
     # on-the-fly WeLore map (no --rank-map), bfloat16 output
-    assert main(["compress", "--ckpt", str(tiny_ckpt), "--err", "0.5", "--out", str(tmp_path / "b"), "--dtype", "bfloat16"]) == 0
+    assert (
+        main(
+            ["compress", "--ckpt", str(tiny_ckpt), "--err", "0.5", "--out", str(tmp_path / "b"), "--dtype", "bfloat16"]
+        )
+        == 0
+    )
     rm = json.loads((tmp_path / "b" / "spectra_rank_map.json").read_text())
     assert rm["method"] == "welore" and abs(rm["achieved_err"] - 0.5) <= 0.5 / 896
     loaded = load_compressed(tmp_path / "b", dtype=None)
@@ -163,7 +188,15 @@ def test_cli_compress_bad_input_is_one_line(tiny_ckpt, tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{not json")
     cases = [
         ["compress", "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
-        ["compress", "--ckpt", str(tiny_ckpt), "--rank-map", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")],
+        [
+            "compress",
+            "--ckpt",
+            str(tiny_ckpt),
+            "--rank-map",
+            str(tmp_path / "missing.json"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
         ["compress", "--ckpt", str(tiny_ckpt), "--rank-map", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o")],
         ["compress", "--ckpt", str(tiny_ckpt), "--merge", "--out", str(tmp_path / "o")],  # not compressed
         ["compress", "--ckpt", str(tiny_ckpt), "--out", str(tiny_ckpt)],
@@ -195,8 +228,10 @@ def test_tokenizer_travels_and_legacy_folders_still_load(tiny_ckpt, tmp_path):
     from spectra.store import read_analysis
 
     e = next(e for e in json.loads((tmp_path / "c" / "spectra_rank_map.json").read_text())["components"] if e["lrc"])
-    sigma = read_analysis(tmp_path / "a.zarr", "spectrum").sigma.sel(layer=e["layer"], component=e["component"])[0].values
-    assert (sigma[: e["rank"]] > 1e-3).all() and (sigma[e["rank"]: e["full_rank"]] < 1e-5).all()
+    sigma = (
+        read_analysis(tmp_path / "a.zarr", "spectrum").sigma.sel(layer=e["layer"], component=e["component"])[0].values
+    )
+    assert (sigma[: e["rank"]] > 1e-3).all() and (sigma[e["rank"] : e["full_rank"]] < 1e-5).all()
     legacy = tmp_path / "legacy"
     shutil.copytree(tmp_path / "c", legacy)
     cfg = json.loads((legacy / "config.json").read_text())

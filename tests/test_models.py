@@ -43,6 +43,7 @@ def test_outside_a_run(tmp_path):
 
 def test_component_filters_take_commas_or_repeats():
     from conftest import make_tiny
+
     from spectra.models import select_components
 
     model = make_tiny()

@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import WIKI_VAL
+
 from spectra.cli import main
 
 pytestmark = pytest.mark.slow

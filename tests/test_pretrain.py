@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-
 from conftest import T5_DIR, WIKI_VAL
+
 from spectra.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

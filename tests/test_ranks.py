@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-
 from conftest import assert_one_error_line
+
 from spectra.cli import main
 from spectra.errors import SpectraError
 from spectra.ranks import (
@@ -75,7 +75,11 @@ def test_lrc_rule_non_square_break_even():
         assert is_lrc(ranks, shapes, "params").tolist() == [True, True, True, False]
         assert is_lrc(ranks, shapes, "paper").tolist() == [True, False, False, False]
     sq = np.array([[64, 64]] * 2)
-    assert is_lrc(np.array([31, 32]), sq, "params").tolist() == is_lrc(np.array([31, 32]), sq, "paper").tolist() == [True, False]
+    assert (
+        is_lrc(np.array([31, 32]), sq, "params").tolist()
+        == is_lrc(np.array([31, 32]), sq, "paper").tolist()
+        == [True, False]
+    )
 
 
 def test_bisect_picks_the_closest_step():
@@ -139,7 +143,8 @@ def test_uniform_same_fraction_same_err(tiny_spectra, err_by):
         else:  # LRC flags flip per shape, so the closest reachable ERR is coarser; still hit it
             assert abs(u["achieved_err"] - target) < 0.06
             assert [e["rank"] for e in u["components"] if e["lrc"]] and all(
-                e["rank"] == e["full_rank"] for e in u["components"] if not e["lrc"])
+                e["rank"] == e["full_rank"] for e in u["components"] if not e["lrc"]
+            )
 
 
 # --------------------------------------------------------------------------- diagnostics
@@ -149,17 +154,32 @@ def _write_diagnostics(path, keys, stability, rel_gap=None, residual=0.0):
     ov = np.full((3, len(layers), len(comps)), np.nan)
     for (l, c), s in zip(keys, stability):
         ov[1:, layers.index(l), comps.index(c)] = s  # step 0 has no previous subspace: NaN
-    write_analysis(path, "grad_subspace", xr.Dataset(
-        {"overlap_prev": (("step", "layer", "component"), ov)},
-        coords={"step": [2, 4, 6], "layer": layers, "component": comps}), {"rank": 4})
+    write_analysis(
+        path,
+        "grad_subspace",
+        xr.Dataset(
+            {"overlap_prev": (("step", "layer", "component"), ov)},
+            coords={"step": [2, 4, 6], "layer": layers, "component": comps},
+        ),
+        {"rank": 4},
+    )
     if rel_gap is not None:
         g = np.zeros((len(layers), len(comps)))
         for (l, c), s in zip(keys, rel_gap):
             g[layers.index(l), comps.index(c)] = s
-        write_analysis(path, "hessian_gap", xr.Dataset(
-            {"rel_gap": (("layer", "component"), g), "gap": (("layer", "component"), g),
-             "residuals": (("layer", "component", "eig"), np.full(g.shape + (2,), residual))},
-            coords={"layer": layers, "component": comps, "eig": [1, 2]}), {"k": 1})
+        write_analysis(
+            path,
+            "hessian_gap",
+            xr.Dataset(
+                {
+                    "rel_gap": (("layer", "component"), g),
+                    "gap": (("layer", "component"), g),
+                    "residuals": (("layer", "component", "eig"), np.full(g.shape + (2,), residual)),
+                },
+                coords={"layer": layers, "component": comps, "eig": [1, 2]},
+            ),
+            {"k": 1},
+        )
 
 
 def test_diagnostic_scores_and_map(tiny_spectra, tmp_path):
@@ -173,7 +193,9 @@ def test_diagnostic_scores_and_map(tiny_spectra, tmp_path):
     scores = diagnostic_scores(store, keys)
     np.testing.assert_allclose(scores, 0.5)
     d = build_rank_map(tiny_spectra, "diagnostic", 0.3, scores=scores)
-    assert [e["rank"] for e in d["components"]] == [e["rank"] for e in build_rank_map(tiny_spectra, "uniform", 0.3)["components"]]
+    assert [e["rank"] for e in d["components"]] == [
+        e["rank"] for e in build_rank_map(tiny_spectra, "uniform", 0.3)["components"]
+    ]
     # untrusted gaps (Ritz residual above the gap) are ignored: back to the stability ranking
     _write_diagnostics(store, keys, np.linspace(0.1, 0.9, n), rel_gap=np.linspace(0.9, 0.1, n), residual=1.0)
     scores = diagnostic_scores(store, keys)
@@ -197,7 +219,14 @@ def test_cli_ranks_end_to_end(tiny_ckpt, tmp_path, capsys):
     rm = json.loads(out.read_text())
     assert set(rm) >= {"method", "target_err", "achieved_err", "k", "err_by", "components"}
     assert rm["method"] == "welore" and rm["err_by"] == "rank" and abs(rm["achieved_err"] - 0.3) < 1 / 896
-    assert len(rm["components"]) == 14 and set(rm["components"][0]) >= {"layer", "component", "shape", "full_rank", "rank", "lrc"}
+    assert len(rm["components"]) == 14 and set(rm["components"][0]) >= {
+        "layer",
+        "component",
+        "shape",
+        "full_rank",
+        "rank",
+        "lrc",
+    }
     assert rm["components"][4]["shape"] == [176, 64]  # layer 0 gate_proj: (out, in)
     printed = capsys.readouterr().out
     assert "welore ranks" in printed and "gate /64" in printed

@@ -525,16 +525,22 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 def test_sweep_figure_plots_every_method_variant_and_dense():
     from reports.sweep_figure import sweep_figure
 
-    methods, variants, err_bys, errs, dsets = ["welore", "loss"], ["plain", "whitened"], ["rank", "params"], [0.1, 0.5], ["wiki", "c4"]
+    methods, variants, err_bys = ["welore", "loss"], ["plain", "whitened"], ["rank", "params"]
+    errs, dsets = [0.1, 0.5], ["wiki", "c4"]
     ppl = np.arange(2 * 2 * 2 * 2 * 2, dtype=float).reshape(2, 2, 2, 2, 2) + 10
-    ds = xr.Dataset({"ppl": (("method", "variant", "err_by", "err", "dataset"), ppl),
-                     "linear_params": (("method", "err_by", "err"), np.full((2, 2, 2), 1000.0)),
-                     "dense_ppl": (("dataset",), [9.0, 9.5])},
-                    coords={"method": methods, "variant": variants, "err_by": err_bys, "err": errs, "dataset": dsets})
+    ds = xr.Dataset(
+        {
+            "ppl": (("method", "variant", "err_by", "err", "dataset"), ppl),
+            "linear_params": (("method", "err_by", "err"), np.full((2, 2, 2), 1000.0)),
+            "dense_ppl": (("dataset",), [9.0, 9.5]),
+        },
+        coords={"method": methods, "variant": variants, "err_by": err_bys, "err": errs, "dataset": dsets},
+    )
     fig = sweep_figure(ds)
     lines = [t for t in fig.data if t.name != "dense"]
     assert len(lines) == 2 * 2 * 2 * 2 and sum(t.name == "dense" for t in fig.data) == 4
     t = next(t for t in lines if t.name == "loss (whitened)" and t.xaxis == "x4")  # row 2 (params), col 2 (c4)
     assert list(t.y) == list(ppl[1, 1, 1, :, 1]) and list(t.x) == [10.0, 50.0] and t.line.dash == "dot"
-    assert {t.line.color for t in lines if t.name.startswith("welore")} != {t.line.color for t in lines
-                                                                            if t.name.startswith("loss")}
+    assert {t.line.color for t in lines if t.name.startswith("welore")} != {
+        t.line.color for t in lines if t.name.startswith("loss")
+    }

@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import gpu
+
 from spectra.cli import main
 from spectra.errors import SpectraError
 from spectra.heavytail import fit_power_law
@@ -72,8 +72,8 @@ def test_spectrum_step_filter_and_default_out(tiny_store, tmp_path):
 
 
 def test_spectrum_command_on_checkpoint(tiny_store, tmp_path):
-    from spectra.models import component_weights
     from spectra.loading import load_causal_lm
+    from spectra.models import component_weights
 
     ckpt = tiny_store / "checkpoints" / "step_12"
     out = tmp_path / "a.zarr"

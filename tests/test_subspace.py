@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-
 from conftest import make_tiny, train_steps
+
 from spectra.cli import main
 from spectra.store import SnapshotWriter, open_run, read_analysis
 from spectra.subspace import energy_in_subspace, grassmann_distance, principal_angles, subspace_overlap
@@ -57,7 +57,9 @@ def test_principal_angles_match_scipy_batched_and_small():
     eps = 1e-7
     R = torch.stack([E[:, 0], math.cos(eps) * E[:, 1] + math.sin(eps) * E[:, 3]], dim=1)
     ang = principal_angles(E[:, :2], R)
-    np.testing.assert_allclose(ang.numpy(), np.sort(scipy.linalg.subspace_angles(E[:, :2].numpy(), R.numpy())), rtol=1e-6)
+    np.testing.assert_allclose(
+        ang.numpy(), np.sort(scipy.linalg.subspace_angles(E[:, :2].numpy(), R.numpy())), rtol=1e-6
+    )
     assert ang[1].item() == pytest.approx(eps, rel=1e-6)
 
 
@@ -102,8 +104,12 @@ def test_grad_subspace_command_against_direct_svd(tiny_store, tmp_path):
     assert np.isnan(cell.overlap_prev.values[0]) and np.isnan(cell.principal_angles.values[0]).all()
     np.testing.assert_allclose(cell.overlap_final.values, [np.linalg.norm(u.T @ U[-1]) ** 2 / 4 for u in U], atol=1e-4)
     assert cell.overlap_final.values[-1] == pytest.approx(1.0, abs=1e-5)
-    np.testing.assert_allclose(cell.principal_angles.values[3], np.sort(scipy.linalg.subspace_angles(U[3], U[2])), atol=1e-3)
-    np.testing.assert_allclose(cell.grassmann_prev.values[3], np.sqrt((cell.principal_angles.values[3] ** 2).sum()), rtol=1e-6)
+    np.testing.assert_allclose(
+        cell.principal_angles.values[3], np.sort(scipy.linalg.subspace_angles(U[3], U[2])), atol=1e-3
+    )
+    np.testing.assert_allclose(
+        cell.grassmann_prev.values[3], np.sqrt((cell.principal_angles.values[3] ** 2).sum()), rtol=1e-6
+    )
     Uw = [np.linalg.svd(w)[0][:, :4] for w in W]
     energy = [np.linalg.norm(uw.T @ g) ** 2 / np.linalg.norm(g) ** 2 for uw, g in zip(Uw, G)]
     np.testing.assert_allclose(cell.energy_in_weight_subspace.values, energy, atol=1e-4)
@@ -115,19 +121,25 @@ def test_sketches_give_the_full_gradient_answer(twin_stores, tmp_path):
         res = []
         for run in (full, sketch):
             out = tmp_path / f"{run.name}-{side}.zarr"
-            assert main(["grad-subspace", str(run), "--rank", "6", "--side", side, "--out", str(out), "--device", "cpu"]) == 0
+            assert (
+                main(["grad-subspace", str(run), "--rank", "6", "--side", side, "--out", str(out), "--device", "cpu"])
+                == 0
+            )
             res.append(read_analysis(out, "grad_subspace"))
         a, b = res
         for name in ("overlap_prev", "overlap_final", "energy_in_weight_subspace"):
             np.testing.assert_allclose(a[name].values, b[name].values, atol=2e-4, err_msg=f"{side} {name}")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["grad-subspace", "/nonexistent/run"], "does not exist"),
-    (["grad-subspace", "{ckpt}"], "has no snapshots.zarr"),
-    (["grad-subspace", "{store}", "--side", "up"], "--side must be left or right"),
-    (["grad-subspace", "{store}", "--rank", "65"], "exceeds min(out, in) = 64"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["grad-subspace", "/nonexistent/run"], "does not exist"),
+        (["grad-subspace", "{ckpt}"], "has no snapshots.zarr"),
+        (["grad-subspace", "{store}", "--side", "up"], "--side must be left or right"),
+        (["grad-subspace", "{store}", "--rank", "65"], "exceeds min(out, in) = 64"),
+    ],
+)
 def test_grad_subspace_bad_input_is_one_error_line(tiny_store, tmp_path, capsys, args, message):
     subs = {"{store}": str(tiny_store), "{ckpt}": str(tiny_store / "checkpoints" / "step_12")}
     args = [subs.get(a, a) for a in args] + ["--out", str(tmp_path / "x.zarr")]
