@@ -61,6 +61,7 @@ class PretrainConfig:
     sketch_rank: int = 32
     snapshot_embeddings: bool = False
     compile: bool = False
+    cpu_bf16: bool = False         # bf16 autocast on CPU too (GPU always uses it); see bench/README.md
     device: str = "auto"
     seed: int = 0
     runs_dir: str = "runs"
@@ -116,13 +117,16 @@ class Trainer:
         self.model = build_model(cfg.model, vocab_for(len(self.tok)), cfg.seed).to(self.device)
         self.train_stream, self.val_windows = _data(cfg, self.tok, self.rank, self.world)
         self.data_files = data_fingerprint(cfg.data) if cfg.data else None
-        fused = self.device.type == "cuda"
+        # fused AdamW: one kernel per parameter group instead of a dozen per tensor (CPU too since torch 2.4)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
-                                     weight_decay=cfg.weight_decay, fused=fused)
+                                     weight_decay=cfg.weight_decay, fused=self.device.type in ("cuda", "cpu"))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.step, self.tokens = 0, 0
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext())
-        self.net = dist_utils.wrap(self.model, self.device, self.world)
+        bf16 = self.device.type == "cuda" or cfg.cpu_bf16
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        # the loss goes through the chunked lm_head + cross-entropy (no [tokens, vocab] logits kept for
+        # backward); the wrapper is what DDP and compile see, so both keep working on the whole step
+        self.net = dist_utils.wrap(_LMLoss(self.model), self.device, self.world)
         self.forward = torch.compile(self.net) if cfg.compile else self.net
         self.writer = None
 
@@ -173,16 +177,18 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def accumulate(self, batches) -> float:
         """Forward/backward `accum` micro-batches; grads are the mean over the global batch."""
-        total = 0.0
+        # summed on the device in float64 (what the former per-micro-batch `float += loss.item()` did)
+        # and read once per step: a .item() per micro-batch is a host sync that stalls a GPU queue
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i in range(self.accum):
             x = next(batches).to(self.device, non_blocking=True)
             sync = dist_utils.no_sync(self.net) if i < self.accum - 1 else nullcontext()
             with sync, self.autocast:
-                loss = self.forward(input_ids=x, labels=x).loss / self.accum
+                loss = self.forward(x) / self.accum
             loss.backward()
-            total += loss.item()
+            total += loss.detach()
             self.tokens += x.numel() * self.world
-        loss = dist_utils.mean(total, self.device)
+        loss = dist_utils.mean(total.item(), self.device)
         if not math.isfinite(loss):
             good = last_finite_checkpoint(self.run_dir, self.step)
             raise SpectraError(f"loss is {loss} at step {self.step}; last checkpoint with a finite loss: "
@@ -289,6 +295,20 @@ class Trainer:
             append_metrics(self.run_dir / METRICS, row)
 
 
+class _LMLoss(torch.nn.Module):
+    """x -> mean next-token loss of the wrapped causal LM, equal to `model(input_ids=x, labels=x).loss`
+    (tests/test_lm_loss.py) but through `spectra.lm_loss`'s chunked lm_head + cross-entropy."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.lm = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from spectra.lm_loss import causal_lm_loss
+
+        return causal_lm_loss(self.lm, input_ids)
+
+
 def _grad_norm(model) -> float:
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else float("nan")
@@ -386,6 +406,7 @@ def pretrain_command(
     sketch_rank: Annotated[int, typer.Option(help="r of the gradient sketch", min=1)] = 32,
     snapshot_embeddings: Annotated[bool, typer.Option(help="also snapshot embed_tokens and lm_head")] = False,
     compile: Annotated[bool, typer.Option(help="torch.compile the model")] = False,
+    cpu_bf16: Annotated[bool, typer.Option(help="bf16 autocast on CPU as well (needs native bf16, e.g. AVX512-BF16)")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     seed: Annotated[int, typer.Option(help="seed for init and data order", min=0)] = 0,
     runs_dir: Annotated[str, typer.Option(help="parent folder of runs")] = "runs",
@@ -410,7 +431,7 @@ def pretrain_command(
                          eval_every=eval_every, val_tokens=val_tokens, save_every=save_every,
                          keep_checkpoints=keep_checkpoints, snapshot_every=snapshot_every, snapshot_steps=snaps,
                          snapshot_grad=snapshot_grad, sketch_rank=sketch_rank, snapshot_embeddings=snapshot_embeddings,
-                         compile=compile, device=device, seed=seed, runs_dir=runs_dir, run_id=run_id, resume=resume,
+                         compile=compile, cpu_bf16=cpu_bf16, device=device, seed=seed, runs_dir=runs_dir, run_id=run_id, resume=resume,
                          overwrite=overwrite, allow_config_change=allow_config_change)
     run_dir = pretrain(cfg)
     print(f"run written to {run_dir}")

@@ -6,6 +6,8 @@ registered here by name, so `spectra --help` lists every command with a one-line
 
 from __future__ import annotations
 
+import spectra.threads  # noqa: F401, I001 - OpenMP wait policy and thread count, before anything loads torch
+
 import importlib
 import os
 import sys
