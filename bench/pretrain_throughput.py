@@ -13,8 +13,8 @@ over rounds is printed. tokens/s of a spectra mode comes from its own metrics.js
 Modes:
   plain      the anchor: HF LlamaForCausalLM (default SDPA attention), `labels=` loss, torch AdamW
              (default foreach), clipping 1.0, `loss.item()` per micro-batch: what a researcher writes
-  spectra    `spectra pretrain` defaults, no snapshots, no checkpoints
-  bf16       spectra with --cpu-bf16 (bf16 autocast on CPU)
+  spectra    `spectra pretrain` in fp32 (--no-cpu-bf16), no snapshots, no checkpoints; all modes but bf16 are fp32
+  bf16       spectra with --cpu-bf16 (bf16 autocast on CPU; the default where the CPU has native bf16)
   compiled   spectra with --compile
   snap5      spectra, sketch snapshots every 5 steps (the per-snapshot cost also gives every-100)
   safe       snapshots and checkpoints every 5 steps, with the crash-safety machinery
@@ -101,6 +101,49 @@ def crash_safety_off():
         store.atomic_write_bytes, loop.append_metrics, loop.Trainer.checkpoint = saved_write, saved_append, saved
 
 
+@contextmanager
+def crash_safety_clock(acc: dict):
+    """Time the crash-safety acts where they happen: on the training thread the metrics append+flush
+    and the writer wait before a checkpoint; on the writer thread the commit record (_publish)."""
+    import pretrain.loop as loop
+    from spectra.store import SnapshotWriter
+
+    def timed(key, f):
+        def g(*a, **k):
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                acc[key] = acc.get(key, 0.0) + time.perf_counter() - t
+        return g
+
+    def checkpoint(self):
+        acc["checkpoints"] = acc.get("checkpoints", 0) + 1
+        if self.writer is not None:
+            timed("checkpoint_wait", self.writer.wait)()
+        saved(self)
+
+    def writer_cpu(self, *a):  # CPU seconds the writer thread takes (sketch + Zarr + commit record)
+        t = time.thread_time()
+        try:
+            return saved_guarded(self, *a)
+        finally:
+            acc["writer_cpu"] = acc.get("writer_cpu", 0.0) + time.thread_time() - t
+            acc["snapshots"] = acc.get("snapshots", 0) + 1
+
+    saved, saved_append, saved_publish = loop.Trainer.checkpoint, loop.append_metrics, SnapshotWriter._publish
+    saved_write, saved_guarded = SnapshotWriter.write, SnapshotWriter._write_guarded
+    loop.Trainer.checkpoint, loop.append_metrics = checkpoint, timed("metrics", saved_append)
+    SnapshotWriter._publish = timed("commit_record", saved_publish)
+    SnapshotWriter.write = timed("snapshot_call", saved_write)  # on the training thread: host copies + backpressure
+    SnapshotWriter._write_guarded = writer_cpu
+    try:
+        yield
+    finally:
+        loop.Trainer.checkpoint, loop.append_metrics, SnapshotWriter._publish = saved, saved_append, saved_publish
+        SnapshotWriter.write, SnapshotWriter._write_guarded = saved_write, saved_guarded
+
+
 def spectra_run(cfg: PretrainConfig, warmup: int) -> tuple[float, list[dict]]:
     Trainer(cfg).fit()
     rows = [json.loads(line) for line in (Path(cfg.runs_dir) / cfg.run_id / "metrics.jsonl").read_text().splitlines()]
@@ -152,18 +195,20 @@ def main() -> None:
             base = dict(model=args.model, data=args.data, tokenizer=args.tokenizer, seq_len=args.seq_len,
                         batch_size=args.batch_size, micro_batch=args.micro_batch, steps=args.steps, warmup=2,
                         eval_every=0, save_every=0, snapshot_every=0, val_tokens=args.seq_len * 2, runs_dir=tmp,
-                        run_id=name, device=args.device, overwrite=True)
+                        run_id=name, device=args.device, overwrite=True, cpu_bf16=False)
             return PretrainConfig(**{**base, **kw})
 
         if args.curve:
             return loss_curve(args, cfg)
         variants = {
-            "spectra": {}, "bf16": {"cpu_bf16": True}, "compiled": {"compile": True},
-            "snap5": {"snapshot_every": 5}, "safe": {"snapshot_every": 5, "save_every": 5},
+            "spectra": {}, "bf16": {"cpu_bf16": True}, "compiled": {"compile": True, "cpu_bf16": False},
+            "snap5": {"snapshot_every": 5}, "safe": {"snapshot_every": 5, "save_every": 5},  # all fp32 but bf16
             "unsafe": {"snapshot_every": 5, "save_every": 5},
         }
         modes = args.modes.split(",")
         tps: dict[str, list[float]] = {m: [] for m in modes}
+        clocks: list[dict] = []
+        snaps: list[dict] = []
         for r in range(args.rounds):
             for m in modes:
                 if m == "plain":
@@ -171,13 +216,20 @@ def main() -> None:
                 elif m == "unsafe":
                     with crash_safety_off():
                         tps[m].append(spectra_run(cfg(m, **variants[m]), args.warmup)[0])
+                elif m in ("safe", "snap5"):
+                    acc: dict = {}
+                    with crash_safety_clock(acc):
+                        t, rows = spectra_run(cfg(m, **variants[m]), args.warmup)
+                    tps[m].append(t)
+                    (clocks if m == "safe" else snaps).append({**acc, "elapsed": rows[-1]["elapsed_s"],
+                                                                "steps": len(rows)})
                 else:
                     tps[m].append(spectra_run(cfg(m, **variants[m]), args.warmup)[0])
                 print(f"round {r} {m:>9}: {tps[m][-1]:>9,.0f} tokens/s", flush=True)
-    report(args, tps, dev)
+    report(args, tps, dev, clocks, snaps)
 
 
-def report(args, tps: dict[str, list[float]], dev: torch.device) -> None:
+def report(args, tps: dict[str, list[float]], dev: torch.device, clocks=(), snaps=()) -> None:
     import transformers
 
     def ratio(a: str, b: str) -> str:
@@ -202,10 +254,34 @@ def report(args, tps: dict[str, list[float]], dev: torch.device) -> None:
         per = [1 - x / y for x, y in zip(tps["safe"], tps["unsafe"])]
         print(f"crash safety (commit record, writer wait, metrics flush; snapshots+checkpoints every 5): "
               f"cost {100 * statistics.median(per):.2f}% [{100 * min(per):.2f} to {100 * max(per):.2f}]")
+    if snaps:
+        step_s = args.batch_size * args.seq_len / statistics.median(tps["spectra" if "spectra" in tps else "snap5"])
+        cpu = statistics.median(c.get("writer_cpu", 0) / max(c.get("snapshots", 1), 1) for c in snaps)
+        call = statistics.median(c.get("snapshot_call", 0) / max(c.get("snapshots", 1), 1) for c in snaps)
+        print(f"per snapshot: writer thread {cpu:.2f} CPU s, training thread in write() {call:.2f} s; a step "
+              f"takes {step_s:.2f} s, so with both cores busy training, snapshots cost at most "
+              + ", ".join(f"{100 * (cpu + call) / (every * step_s):.1f}% every {every} steps" for every in (5, 100)))
+        block = [(c.get("metrics", 0) + c.get("checkpoint_wait", 0)) / c["elapsed"] for c in clocks]
+        commit = [c.get("commit_record", 0) / c["elapsed"] for c in clocks]
+        print(f"crash safety, clocked in the safe runs (snapshots+checkpoints every 5): training thread blocked "
+              f"{100 * statistics.median(block):.2f}% [{100 * min(block):.2f}-{100 * max(block):.2f}] of the run "
+              f"(metrics append+flush {1e3 * statistics.median(c.get('metrics', 0) / c['steps'] for c in clocks):.2f}"
+              f" ms/step, writer wait before checkpoints "
+              f"{statistics.median(c.get('checkpoint_wait', 0) for c in clocks):.2f} s/run); commit record on the "
+              f"writer thread {100 * statistics.median(commit):.2f}% of the run's wall time")
+        # the wait is one snapshot write per checkpoint (snapshot and checkpoint fall on the same step
+        # here); amortized over realistic checkpoint intervals:
+        wait = statistics.median(c.get("checkpoint_wait", 0) / max(c.get("checkpoints", 1), 1) for c in clocks)
+        step_s = args.batch_size * args.seq_len / statistics.median(tps["safe"])
+        met = statistics.median(c.get("metrics", 0) / c["steps"] for c in clocks) / step_s
+        for every in (100, 1000):
+            print(f"  at --save-every {every}: writer wait {100 * wait / (every * step_s):.3f}% + metrics "
+                  f"{100 * met:.3f}% of training time ({wait:.2f} s per checkpoint, {step_s:.2f} s per step)")
     if dev.type == "cpu":
         from pretrain.configs import vocab_for
+        from spectra.data import load_tokenizer
 
-        fpt = flops_per_token(args.model, vocab_for(256 + 3), args.seq_len)
+        fpt = flops_per_token(args.model, vocab_for(len(load_tokenizer(args.tokenizer))), args.seq_len)
         p32, p16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
         print(f"matmul peak (2048^3, best of 5): fp32 {p32:.0f} GFLOP/s, bf16 {p16:.0f} GFLOP/s")
         for m in ("plain", "spectra", "bf16"):
@@ -217,7 +293,7 @@ def report(args, tps: dict[str, list[float]], dev: torch.device) -> None:
 def loss_curve(args, cfg) -> None:
     """Same seed and data in fp32 and with bf16 autocast: training loss per step, validation at the end."""
     curves, val = {}, {}
-    for name, kw in (("fp32", {}), ("bf16", {"cpu_bf16": True})):
+    for name, kw in (("fp32", {"cpu_bf16": False}), ("bf16", {"cpu_bf16": True})):
         c = cfg(f"curve-{name}", steps=args.curve, warmup=max(1, args.curve // 10), eval_every=args.curve,
                 val_tokens=64 * args.seq_len, **kw)
         _, rows = spectra_run(c, args.warmup)
