@@ -1,7 +1,8 @@
 """`spectra pretrain`: the LLaMA pretraining loop that writes weight/gradient snapshots.
 
 GaLore's 130m recipe is the default: AdamW lr 1e-3, 512 x 256-token sequences per step (by
-gradient accumulation), linear warmup then cosine to 0.1 x lr, bf16 autocast on GPU, clipping 1.0.
+gradient accumulation), linear warmup then cosine to 0.1 x lr, bf16 autocast on GPU and on CPUs with
+native bf16 (AVX512-BF16, AMX), clipping 1.0. The loss goes through spectra.lm_loss (chunked lm_head + CE).
 Single process or `torchrun --nproc_per_node N -m spectra.cli pretrain ...` (DDP; nodes alike).
 
 Snapshot convention: snapshot `s` holds the weights after `s` optimizer updates (so it equals
