@@ -1,7 +1,8 @@
 """`spectra pretrain`: the LLaMA pretraining loop that writes weight/gradient snapshots.
 
 GaLore's 130m recipe is the default: AdamW lr 1e-3, 512 x 256-token sequences per step (by
-gradient accumulation), linear warmup then cosine to 0.1 x lr, bf16 autocast on GPU, clipping 1.0.
+gradient accumulation), linear warmup then cosine to 0.1 x lr, bf16 autocast on GPU and on CPUs with
+native bf16 (AVX512-BF16, AMX), clipping 1.0. The loss goes through spectra.lm_loss (chunked lm_head + CE).
 Single process or `torchrun --nproc_per_node N -m spectra.cli pretrain ...` (DDP; nodes alike).
 
 Snapshot convention: snapshot `s` holds the weights after `s` optimizer updates (so it equals
@@ -11,9 +12,7 @@ gradient of update s+1, after the DDP all-reduce and before clipping and the opt
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -22,11 +21,26 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from pretrain.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, rng_state, save_checkpoint,
-                                 set_rng_state)
+
+from pretrain.checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    load_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from pretrain.configs import MAX_POSITIONS, MODEL_NAMES, SIZES, build_model, vocab_for
-from pretrain.run_state import (METRICS, append_metrics, check_resume_config, has_run, record_run_config,
-                                start_over, terminate_as_exception, truncate_metrics)
+from pretrain.run_state import (
+    METRICS,
+    append_metrics,
+    check_resume_config,
+    has_run,
+    record_run_config,
+    start_over,
+    terminate_as_exception,
+    truncate_metrics,
+)
 from spectra import distributed as dist_utils
 from spectra.errors import SpectraError
 from spectra.options import command_from, opt
@@ -67,7 +81,9 @@ class PretrainConfig:
                                                                      "sketch, or none")
     sketch_rank: int = opt(32, "r of the gradient sketch", min=1)
     snapshot_embeddings: bool = opt(False, "also snapshot embed_tokens and lm_head")
-    compile: bool = opt(False, "torch.compile the model")
+    compile: bool = opt(False, "torch.compile the model (faster steps, ~30 s to start; bench/README.md)")
+    cpu_bf16: Optional[bool] = opt(None, "bf16 autocast on CPU (default: on where the CPU has native bf16, "
+                                         "off elsewhere; bench/README.md compares the loss curves)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     seed: int = opt(0, "seed for init and data order", min=0)
     runs_dir: str = opt("runs", "parent folder of runs")
@@ -124,13 +140,16 @@ class Trainer:
         self.model = build_model(cfg.model, vocab_for(len(self.tok)), cfg.seed).to(self.device)
         self.train_stream, self.val_windows = _data(cfg, self.tok, self.rank, self.world)
         self.data_files = data_fingerprint(cfg.data) if cfg.data else None
-        fused = self.device.type == "cuda"
+        # fused AdamW: one kernel per parameter group instead of a dozen per tensor (CPU too since torch 2.4)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
-                                     weight_decay=cfg.weight_decay, fused=fused)
+                                     weight_decay=cfg.weight_decay, fused=self.device.type in ("cuda", "cpu"))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.step, self.tokens = 0, 0
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext())
-        self.net = dist_utils.wrap(self.model, self.device, self.world)
+        self.bf16 = bf16 = self.device.type == "cuda" or (native_cpu_bf16() if cfg.cpu_bf16 is None else cfg.cpu_bf16)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        # the loss goes through the chunked lm_head + cross-entropy (no [tokens, vocab] logits kept for
+        # backward); the wrapper is what DDP and compile see, so both keep working on the whole step
+        self.net = dist_utils.wrap(_LMLoss(self.model), self.device, self.world)
         self.forward = torch.compile(self.net) if cfg.compile else self.net
         self.writer = None
 
@@ -177,22 +196,25 @@ class Trainer:
         dist_utils.barrier()
 
     def config_record(self) -> dict:
-        """The run's settings as saved in checkpoints and run_config.json (plus the data files' sizes)."""
-        return {**asdict(self.cfg), "data_files": self.data_files}
+        """The run's settings as saved in checkpoints and run_config.json (plus the data files' sizes, and the
+        precision actually used: a resume on a CPU without native bf16 would otherwise change it silently)."""
+        return {**asdict(self.cfg), "data_files": self.data_files, "cpu_bf16": self.bf16}
 
     # ------------------------------------------------------------------ one step
     def accumulate(self, batches) -> float:
         """Forward/backward `accum` micro-batches; grads are the mean over the global batch."""
-        total = 0.0
+        # summed on the device in float64 (what the former per-micro-batch `float += loss.item()` did)
+        # and read once per step: a .item() per micro-batch is a host sync that stalls a GPU queue
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i in range(self.accum):
             x = next(batches).to(self.device, non_blocking=True)
             sync = dist_utils.no_sync(self.net) if i < self.accum - 1 else nullcontext()
             with sync, self.autocast:
-                loss = self.forward(input_ids=x, labels=x).loss / self.accum
+                loss = self.forward(x) / self.accum
             loss.backward()
-            total += loss.item()
+            total += loss.detach()
             self.tokens += x.numel() * self.world
-        loss = dist_utils.mean(total, self.device)
+        loss = dist_utils.mean(total.item(), self.device)
         if not math.isfinite(loss):
             good = last_finite_checkpoint(self.run_dir, self.step)
             raise SpectraError(f"loss is {loss} at step {self.step}; last checkpoint with a finite loss: "
@@ -297,6 +319,31 @@ class Trainer:
     def log(self, row: dict) -> None:
         if self.rank == 0:
             append_metrics(self.run_dir / METRICS, row)
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 autocast runs the
+    matmuls 2-4x faster with a loss curve within 3e-4 of fp32 (bench/README.md); elsewhere bf16 is
+    emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class _LMLoss(torch.nn.Module):
+    """x -> mean next-token loss of the wrapped causal LM, equal to `model(input_ids=x, labels=x).loss`
+    (tests/test_lm_loss.py) but through `spectra.lm_loss`'s chunked lm_head + cross-entropy."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.lm = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from spectra.lm_loss import causal_lm_loss
+
+        return causal_lm_loss(self.lm, input_ids)
 
 
 def _grad_norm(model) -> float:

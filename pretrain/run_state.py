@@ -25,7 +25,8 @@ METRICS = "metrics.jsonl"
 RUN_CONFIG = "run_config.json"
 # settings that change which weights a run produces; --resume refuses to change them silently
 TRAJECTORY = ("model", "data", "val_data", "val_fraction", "tokenizer", "seq_len", "batch_size", "micro_batch",
-              "steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "betas", "grad_clip", "seed", "data_files")
+              "steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "betas", "grad_clip", "seed", "data_files",
+              "cpu_bf16")
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -12,34 +12,80 @@ import sys
 
 import typer
 
+import spectra.threads  # noqa: F401 - OpenMP wait policy and thread count (spectra/threads.py), before torch loads
 from spectra.errors import SpectraError, Terminated
 
 # (command, module, function, one-line summary) -- the order is the order in `spectra --help`.
 # The summary is the first docstring line of the function (tests/test_cli.py keeps them equal);
 # it lives here too so `spectra --help` lists commands without importing torch (4 s -> 0.3 s).
 COMMANDS: list[tuple[str, str, str, str]] = [
-    ("pretrain", "pretrain.loop", "pretrain_command",
-     "Pretrain a LLaMA (GaLore sizes) and write weight/gradient snapshots to runs/<id>/snapshots.zarr."),
-    ("spectrum", "spectra.spectrum", "spectrum_command",
-     "Singular values and heavy-tail metrics (stable/effective rank, energy, power-law alpha) of every decoder linear."),
-    ("grad-subspace", "spectra.subspace", "grad_subspace_command",
-     "Gradient-subspace stabilization across snapshots: overlap with the previous and final top-r subspace."),
-    ("hessian-gap", "spectra.hessian", "hessian_gap_command",
-     "Top-k Hessian eigenvalues and the k/k+1 eigen-gap of every weight matrix, by Lanczos."),
-    ("ranks", "spectra.ranks", "ranks_command",
-     "WeLore rank map (or uniform / diagnostic baseline) for a target ERR, with a per-layer table."),
-    ("compress", "spectra.lowrank", "compress_command",
-     "WeLore-COMP: replace LRC linears with low-rank factors (or --merge them back to dense)."),
-    ("sweep", "spectra.sweep", "sweep_command",
-     "Every rank map × {plain, whitened} × ERR, by rank and by params: perplexity table in the analysis store."),
-    ("eval", "spectra.evaluate", "eval_command",
-     "Perplexity of a dense or compressed model on C4 (hub or local) or any local text."),
-    ("finetune", "spectra.finetune", "finetune_command",
-     "Continual finetuning of a compressed model: WeLore-PEFT (LRC factors only) or a baseline."),
-    ("report", "reports.build", "report_command",
-     "Interactive offline HTML report of a run: the paper figures 1-7 and Table 1."),
-    ("pipeline", "pretrain.pipeline", "pipeline_command",
-     "Run the whole WeLore pipeline (pretrain, analyze, rank, compress, eval, finetune, report) from a preset."),
+    (
+        "pretrain",
+        "pretrain.loop",
+        "pretrain_command",
+        "Pretrain a LLaMA (GaLore sizes) and write weight/gradient snapshots to runs/<id>/snapshots.zarr.",
+    ),
+    (
+        "spectrum",
+        "spectra.spectrum",
+        "spectrum_command",
+        "Singular values and heavy-tail metrics (stable/effective rank, energy, power-law alpha) of every "
+        "decoder linear.",
+    ),
+    (
+        "grad-subspace",
+        "spectra.subspace",
+        "grad_subspace_command",
+        "Gradient-subspace stabilization across snapshots: overlap with the previous and final top-r subspace.",
+    ),
+    (
+        "hessian-gap",
+        "spectra.hessian",
+        "hessian_gap_command",
+        "Top-k Hessian eigenvalues and the k/k+1 eigen-gap of every weight matrix, by Lanczos.",
+    ),
+    (
+        "ranks",
+        "spectra.ranks",
+        "ranks_command",
+        "WeLore rank map (or uniform / diagnostic baseline) for a target ERR, with a per-layer table.",
+    ),
+    (
+        "compress",
+        "spectra.lowrank",
+        "compress_command",
+        "WeLore-COMP: replace LRC linears with low-rank factors (or --merge them back to dense).",
+    ),
+    (
+        "sweep",
+        "spectra.sweep",
+        "sweep_command",
+        "Every rank map × {plain, whitened} × ERR, by rank and by params: perplexity table in the analysis store.",
+    ),
+    (
+        "eval",
+        "spectra.evaluate",
+        "eval_command",
+        "Perplexity of a dense or compressed model on C4 (hub or local) or any local text.",
+    ),
+    (
+        "finetune",
+        "spectra.finetune",
+        "finetune_command",
+        "Continual finetuning of a compressed model: WeLore-PEFT (LRC factors only) or a baseline.",
+    ),
+    (
+        "report",
+        "reports.build",
+        "report_command",
+        "Interactive offline HTML report of a run: the paper figures 1-7 and Table 1.",
+    ),
+    (
+        "pipeline",
+        "pretrain.pipeline",
+        "pipeline_command",
+        "Run the whole WeLore pipeline (pretrain, analyze, rank, compress, eval, finetune, report) from a preset.",
+    ),
 ]
 _SETTINGS = dict(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
@@ -99,7 +145,8 @@ class _LazyGroup(typer.core.TyperGroup):
 app = typer.Typer(
     name="spectra",
     cls=_LazyGroup,
-    help="Why LLM weights become low-rank (WeLore): pretrain with snapshots, analyze, rank, compress, finetune, report.",
+    help="Why LLM weights become low-rank (WeLore): pretrain with snapshots, analyze, rank, compress, finetune, "
+    "report.",
     no_args_is_help=True,
     **_SETTINGS,
 )
@@ -119,12 +166,20 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    components: str = typer.Option(None, "--components", metavar="q=REGEX,k=REGEX,...",
-                                   help="Map the paper's components onto module names yourself (models the registry "
-                                        "does not know): each regex is searched in module names, its first group is the layer."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    components: str = typer.Option(
+        None,
+        "--components",
+        metavar="q=REGEX,k=REGEX,...",
+        help="Map the paper's components onto module names yourself (models the registry "
+        "does not know): each regex is searched in module names, its first group is "
+        "the layer.",
+    ),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
-    """spectra: pretrain with snapshots, analyze (spectrum, grad-subspace, hessian-gap), rank, compress, eval, finetune, report."""
+    """spectra: pretrain with snapshots, analyze (spectrum, grad-subspace, hessian-gap), rank, compress, eval,
+    finetune, report."""
     if components or "spectra.components" in sys.modules:  # torch only when needed: --help stays fast
         from spectra.components import set_override
 
@@ -158,9 +213,6 @@ def _one_line(text: str, limit: int = 1000) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input becomes one `error: ...` line and exit code 2, never a traceback."""
-    # Idle OpenMP threads sleep instead of spinning: on a shared CPU spinning made one HVP 30x slower
-    # (bench/README.md). Must be set before torch starts its OpenMP runtime, i.e. before importing it.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         code = app(args=argv, prog_name="spectra", standalone_mode=False)  # --help still prints and returns
     except SpectraError as e:
@@ -180,8 +232,10 @@ def main(argv: list[str] | None = None) -> int:
             return getattr(e, "exit_code", 0)
         if os.environ.get("SPECTRA_DEBUG"):
             raise
-        print(f"error: {type(e).__name__}: {_one_line(str(e), 300)} (set SPECTRA_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(
+            f"error: {type(e).__name__}: {_one_line(str(e), 300)} (set SPECTRA_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

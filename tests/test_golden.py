@@ -15,7 +15,8 @@ from spectra.cli import main
 pytestmark = pytest.mark.slow
 
 # recorded on the 2-core CPU box (fp32; OMP_NUM_THREADS=1 or 2 give the same to 1e-5)
-PRETRAIN_LOSS = None
+PRETRAIN_LOSS = [5.931886196136475, 5.8641815185546875, 5.809742450714111, 5.692077875137329,
+                 5.6190807819366455, 5.494088172912598, 5.432412147521973, 5.409870624542236]
 FINETUNE_LOSS = [5.552854061126709, 5.466527938842773, 5.410746097564697, 5.440006732940674]
 
 
@@ -38,7 +39,7 @@ def runs(tmp_path_factory, shared_data):
     return root, docs
 
 
-FP32: list[str] = []  # the pretraining options that pin fp32 math on CPU (set below when the option exists)
+FP32 = ["--no-cpu-bf16"]  # fp32 math on CPU whatever the CPU: the numbers must not depend on its bf16 support
 
 
 def test_pretrain_golden_loss(runs):
@@ -46,8 +47,7 @@ def test_pretrain_golden_loss(runs):
     losses = [r["loss"] for r in map(json.loads, (root / "g" / "metrics.jsonl").read_text().splitlines())]
     print("pretrain losses", losses)
     assert len(losses) == 8
-    if PRETRAIN_LOSS is not None:
-        assert losses == pytest.approx(PRETRAIN_LOSS, abs=1e-4)
+    assert losses == pytest.approx(PRETRAIN_LOSS, abs=1e-4)
 
 
 def test_finetune_golden_loss(runs):
@@ -56,5 +56,4 @@ def test_finetune_golden_loss(runs):
     curve = [float(loss) for _, loss in m["loss_curve"]]
     print("finetune losses", curve)
     assert len(curve) == 4
-    if FINETUNE_LOSS is not None:
-        assert curve == pytest.approx(FINETUNE_LOSS, abs=1e-4)
+    assert curve == pytest.approx(FINETUNE_LOSS, abs=1e-4)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tiny
+
 from spectra.lm_loss import causal_lm_loss, linear_cross_entropy
 
 pytestmark = pytest.mark.unit  # fast pure-library tests: part of `pytest -m unit`
@@ -42,3 +42,17 @@ def test_chunking_and_scaling():
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(h.grad, gh)
     torch.testing.assert_close(w.grad, gw)
+
+
+def test_pretraining_loss_module_matches_hf_labels():
+    from pretrain.loop import _LMLoss
+
+    x = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(5))
+    ref_model, model = make_tiny(seed=4), make_tiny(seed=4)
+    ref = ref_model(input_ids=x, labels=x).loss
+    ref.backward()
+    got = _LMLoss(model)(x)  # what `spectra pretrain` backpropagates
+    got.backward()
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)

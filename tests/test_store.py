@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from conftest import make_tiny, train_steps
-from spectra.errors import SpectraError
 import xarray as xr
+from conftest import make_tiny, train_steps
 
-from spectra.store import SnapshotWriter, open_run, read_analysis, write_analysis
+from spectra.errors import SpectraError
+from spectra.store import SnapshotWriter, open_run, randomized_svd, read_analysis, write_analysis
 
 
 def _grads(model, seed=0):
@@ -23,11 +22,13 @@ def test_sketch_is_the_top_singular_triplets(tmp_path):
     model = make_tiny()
     _grads(model)
     w = SnapshotWriter(tmp_path / "s.zarr", grad_mode="sketch", sketch_rank=5, background=True)
+    w.sketch_method = "exact"  # the default is randomized: tested against this one below
     w.write(model, step=0, tokens=0, lr=1e-3, loss=5.0)
     w.close()
     run = open_run(tmp_path / "s.zarr")
     g = model.model.layers[1].mlp.up_proj.weight.grad
     ds = run.param(1, "up").isel(step=0)
+    assert ds.attrs["sketch_method"] == "exact"
     u, s, v = (torch.from_numpy(ds[k].values) for k in ("grad_u", "grad_s", "grad_v"))
     ref = torch.linalg.svdvals(g)
     assert torch.allclose(s, ref[:5], rtol=1e-5)
@@ -35,6 +36,48 @@ def test_sketch_is_the_top_singular_triplets(tmp_path):
     err = torch.linalg.matrix_norm(g - u @ torch.diag(s) @ v.T) ** 2
     assert torch.allclose(err, (ref[5:] ** 2).sum(), rtol=1e-3)
     assert ds.attrs["dtype"] == "float32" and ds.attrs["shape"] == [176, 64]
+
+
+def test_randomized_sketch_error_is_measured_and_small(tmp_path):
+    model = make_tiny()
+    _grads(model)
+    rng = torch.get_rng_state()
+    w = SnapshotWriter(tmp_path / "s.zarr", grad_mode="sketch", sketch_rank=5, background=False)
+    w.SKETCH_CHECK_EVERY = 2
+    for step in (0, 5, 10):
+        w.write(model, step=step, tokens=0, lr=1e-3, loss=5.0)
+    w.close()
+    assert torch.equal(torch.get_rng_state(), rng)  # the probes come from a private generator
+    g = model.model.layers[1].mlp.up_proj.weight.grad.double()
+    ds = open_run(tmp_path / "s.zarr").param(1, "up")
+    a = ds.attrs
+    assert a["sketch_method"] == "randomized" and a["sketch_oversample"] == 10 and a["sketch_power_iters"] == 2
+    assert a["sketch_error_step"] == 10  # measured at the writer's 1st and 3rd snapshot (the attrs hold the latest)
+    u, s, v = (torch.from_numpy(ds[k].isel(step=-1).values).double() for k in ("grad_u", "grad_s", "grad_v"))
+    ref = torch.linalg.svdvals(g)
+    # the stored figures, recomputed independently from the stored factors in float64
+    excess = ((torch.linalg.matrix_norm(g - u @ torch.diag(s) @ v.T) ** 2 - (ref[5:] ** 2).sum())
+              / (ref ** 2).sum())
+    assert a["sketch_tail_excess"] == pytest.approx(float(excess), abs=1e-5)
+    assert a["sketch_sv_rel_err"] == pytest.approx(float((s - ref[:5]).abs().max() / ref[0]), abs=1e-5)
+    # the measured bound is what the sketch achieves here: < 1% of the energy beyond the optimal tail,
+    # singular values within 1% of sigma_1, orthonormal factors
+    assert 0 <= a["sketch_tail_excess"] < 1e-2 and a["sketch_sv_rel_err"] < 1e-2
+    torch.testing.assert_close(u.T @ u, torch.eye(5, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(v.T @ v, torch.eye(5, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert 0 <= a["sketch_sin_theta_u"] <= 1 and 0 <= a["sketch_sin_theta_v"] <= 1
+
+
+def test_randomized_svd_is_exact_on_a_low_rank_matrix():
+    gen = torch.Generator().manual_seed(0)
+    a = (
+        torch.randn(120, 6, generator=gen)
+        @ torch.diag(torch.tensor([9.0, 7, 5, 3, 2, 1]))
+        @ torch.randn(6, 80, generator=gen)
+    )
+    u, s, v = randomized_svd(a, 6, 4, 1, seed=3)
+    torch.testing.assert_close(s, torch.linalg.svdvals(a)[:6], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(u @ torch.diag(s) @ v.T, a, rtol=1e-4, atol=1e-3)
 
 
 def test_half_written_snapshot_is_invisible_and_cut_on_reopen(tmp_path):
@@ -49,8 +92,10 @@ def test_half_written_snapshot_is_invisible_and_cut_on_reopen(tmp_path):
     for key, rec in list(params.items())[:3]:
         import xarray as xr
 
-        ds = xr.Dataset({k: (("step", "out", "in"), v[None]) for k, v in rec.items() if k in ("weight", "grad")},
-                        coords={"step": [5]})
+        ds = xr.Dataset(
+            {k: (("step", "out", "in"), v[None]) for k, v in rec.items() if k in ("weight", "grad")},
+            coords={"step": [5]},
+        )
         ds.to_zarr(path, group=f"params/{key}", mode="a", append_dim="step", consolidated=False)
     run = open_run(path)
     assert list(run.steps) == [0] and run.weight(0, "q").shape[0] == 1
@@ -64,7 +109,9 @@ def test_half_written_snapshot_is_invisible_and_cut_on_reopen(tmp_path):
     w2.write(model, step=5, tokens=10, lr=1e-3, loss=4.0)
     run = open_run(path)
     assert list(run.steps) == [0, 5]
-    assert np.array_equal(run.weight(1, "down").sel(step=5).values, model.model.layers[1].mlp.down_proj.weight.detach().numpy())
+    assert np.array_equal(
+        run.weight(1, "down").sel(step=5).values, model.model.layers[1].mlp.down_proj.weight.detach().numpy()
+    )
 
 
 def test_steps_must_increase_and_nan_gradients_are_refused(tmp_path):
@@ -105,12 +152,52 @@ def test_every_stored_variable_is_described():
     from spectra.variables import VARIABLES
 
     src = "".join(p.read_text() for p in Path(__file__).resolve().parents[1].joinpath("spectra").glob("*.py"))
-    written = {"alpha_weighted", "xmin", "stable_rank", "entropy", "ks_distance", "effective_rank", "alpha", "sigma",
-               "sigma_norm", "full_rank", "log_norm", "energy_top_r", "principal_angles", "overlap_final",
-               "grassmann_prev", "grassmann_final", "overlap_prev", "energy_in_weight_subspace", "hvps", "gap",
-               "eigenvalues_se", "gap_se", "residuals", "eigenvalues", "eigenvalues_batch", "certified", "rel_gap",
-               "density", "nodes", "t", "weights", "lrc", "rank", "xtx", "grad_sq", "ppl", "loss", "dense_ppl",
-               "dense_loss", "linear_params", "err_rank", "err_params", "estimated_cost", "input"}
+    written = {
+        "alpha_weighted",
+        "xmin",
+        "stable_rank",
+        "entropy",
+        "ks_distance",
+        "effective_rank",
+        "alpha",
+        "sigma",
+        "sigma_norm",
+        "full_rank",
+        "log_norm",
+        "energy_top_r",
+        "principal_angles",
+        "overlap_final",
+        "grassmann_prev",
+        "grassmann_final",
+        "overlap_prev",
+        "energy_in_weight_subspace",
+        "hvps",
+        "gap",
+        "eigenvalues_se",
+        "gap_se",
+        "residuals",
+        "eigenvalues",
+        "eigenvalues_batch",
+        "certified",
+        "rel_gap",
+        "density",
+        "nodes",
+        "t",
+        "weights",
+        "lrc",
+        "rank",
+        "xtx",
+        "grad_sq",
+        "ppl",
+        "loss",
+        "dense_ppl",
+        "dense_loss",
+        "linear_params",
+        "err_rank",
+        "err_params",
+        "estimated_cost",
+        "input",
+    }
     assert written <= set(VARIABLES), sorted(written - set(VARIABLES))
     assert all(VARIABLES[k][0] and VARIABLES[k][2] for k in written)
     assert all(re.search(rf"\b{k}\b", src) for k in written)  # each is still a name the code uses
