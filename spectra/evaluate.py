@@ -119,12 +119,17 @@ def append_jsonl(path: Path, row: dict) -> None:
 
 
 def eval_command(
-    model: Annotated[
-        str,
-        typer.Option(
-            ..., help="Model folder (dense or `spectra compress` output) or a run folder (uses its latest checkpoint)."
+    path: Annotated[
+        Optional[str],
+        typer.Argument(
+            help="Model folder (dense or `spectra compress` output), a run "
+            "folder (its latest checkpoint) or a hub name.",
+            show_default=False,
         ),
-    ],
+    ] = None,
+    model: Annotated[
+        Optional[str], typer.Option("--model", help="Same as PATH (the older spelling; scripts keep working).")
+    ] = None,
     data: Annotated[
         Optional[str],
         typer.Option(
@@ -169,6 +174,9 @@ def eval_command(
     Token-weighted mean NLL over a fixed token budget of non-overlapping windows; the windows are
     cached by dataset + tokenizer + seq_len + budget so every model is scored on identical tokens.
     """
+    from spectra.runs import input_path
+
+    model = input_path(path, model, "--model")
     from spectra.data import text_windows
     from spectra.loading import load_causal_lm
     from spectra.models import find_checkpoint

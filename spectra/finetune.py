@@ -357,15 +357,11 @@ def save_model(model: nn.Module, src: Path, dest: Path) -> None:
 
 
 def finetune_command(
-    model: Annotated[
-        str,
-        typer.Option(
-            ...,
-            help="Compressed model folder (`spectra compress` output); "
-            "lora/galore/full also take a dense one. A run folder uses its latest "
-            "checkpoint.",
-        ),
-    ],
+    path: Annotated[Optional[str], typer.Argument(help='Compressed model folder (`spectra compress` output); '
+                                                       'lora/galore/full also take a dense one. A run folder uses its '
+                                                       'latest checkpoint.', show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Same as PATH (the older spelling; scripts keep "
+                                                                 "working).")] = None,
     method: Annotated[
         Literal["welore", "lora", "galore", "full"],
         typer.Option(help="welore (train LRC factors only), lora, galore or full."),
@@ -425,6 +421,9 @@ def finetune_command(
     One harness for welore, lora, galore and full: same data, steps, AdamW and warmup+cosine
     schedule. Writes metrics.json (trainable params, peak memory, tokens/s, loss curve, eval ppl).
     """
+    from spectra.runs import input_path
+
+    model = input_path(path, model, "--model")
     from spectra.loading import load_causal_lm
     from spectra.models import find_checkpoint
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import numpy as np
 import torch
@@ -218,7 +218,10 @@ def print_table(ds: xr.Dataset, k: int) -> None:
 
 
 def hessian_gap_command(
-    ckpt: Annotated[str, typer.Option(help="Model folder, or a run folder (uses checkpoints/latest).")],
+    path: Annotated[Optional[str], typer.Argument(help='Model folder, a run folder (its latest checkpoint) or a hub '
+                                                       'name.', show_default=False)] = None,
+    ckpt: Annotated[Optional[str], typer.Option("--ckpt", help="Same as PATH (the older spelling; scripts keep "
+                                                               "working).")] = None,
     data: Annotated[
         str | None,
         typer.Option(help="Local text files (json/jsonl(.gz)/txt/parquet, globs); default: hub C4 validation."),
@@ -265,6 +268,9 @@ def hessian_gap_command(
     density `hessian_density` of the analysis store. Under `torchrun --nproc_per_node N` the
     components are split over ranks.
     """
+    from spectra.runs import input_path
+
+    ckpt = input_path(path, ckpt, "--ckpt")
     from spectra.loading import load_causal_lm
     from spectra.models import analysis_store_for, find_checkpoint, select_components, set_attention
     from spectra.store import write_analysis

@@ -225,20 +225,17 @@ def _load_dense(ckpt: Path, dtype: torch.dtype | None) -> nn.Module:
 
 
 def compress_command(
-    ckpt: Annotated[
-        str,
-        typer.Option(
-            ...,
-            help="Model folder (any supported architecture), or a run folder (uses its "
-            "latest checkpoint). With --merge: a compressed folder.",
-        ),
-    ],
     out: Annotated[
         str,
         typer.Option(
             ..., help="Output folder: a Hugging Face model (load with trust_remote_code=True) + spectra_rank_map.json."
         ),
     ],
+    path: Annotated[Optional[str], typer.Argument(help='Model folder (any supported architecture), a run folder (its '
+                                                       'latest checkpoint) or a hub name. With --merge: a compressed '
+                                                       'folder.', show_default=False)] = None,
+    ckpt: Annotated[Optional[str], typer.Option("--ckpt", help="Same as PATH (the older spelling; scripts keep "
+                                                               "working).")] = None,
     rank_map: Annotated[
         Optional[str],
         typer.Option(help="Rank map JSON from `spectra ranks`. Default: a WeLore map computed on the fly for --err."),
@@ -276,6 +273,9 @@ def compress_command(
     ] = False,
 ) -> None:
     """WeLore-COMP: replace LRC linears with low-rank factors (or --merge them back to dense)."""
+    from spectra.runs import input_path
+
+    ckpt = input_path(path, ckpt, "--ckpt")
     from rich.console import Console
 
     from spectra.runs import check_new_output

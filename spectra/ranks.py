@@ -54,7 +54,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import numpy as np
 import torch
@@ -404,9 +404,10 @@ def _loss_scores(
 
 
 def ranks_command(
-    ckpt: Annotated[
-        str, typer.Option(..., help="Model folder (save_pretrained) or a run folder (uses its latest checkpoint).")
-    ],
+    path: Annotated[Optional[str], typer.Argument(help='Model folder (save_pretrained), a run folder (its latest '
+                                                       'checkpoint) or a hub name.', show_default=False)] = None,
+    ckpt: Annotated[Optional[str], typer.Option("--ckpt", help="Same as PATH (the older spelling; scripts keep "
+                                                               "working).")] = None,
     err: Annotated[float, typer.Option(help="Target effective rank reduction ERR in [0, 1).")] = 0.5,
     method: Annotated[
         str,
@@ -462,6 +463,9 @@ def ranks_command(
     Also: --method energy (global threshold on σ²/‖W‖_F², data-free) and --method loss (estimated loss
     increase per unit saved, from calibration activations; see spectra/ranks.py).
     """
+    from spectra.runs import input_path
+
+    ckpt = input_path(path, ckpt, "--ckpt")
     from rich.console import Console
 
     check_options(method, err, err_by, lrc_rule)

@@ -147,3 +147,12 @@ def is_finetune_dir(p: Path) -> bool:
     import json
 
     return p.is_dir() and "method" in json.loads((p / "metrics.json").read_text())
+
+
+def input_path(path: str | None, alias: str | None, flag: str) -> str:
+    """Every command takes its input as a positional PATH; `--ckpt`/`--model` stay as aliases."""
+    if path and alias and path != alias:
+        raise SpectraError(f"give the input once: as PATH or as {flag}, not both")
+    if not (path or alias):
+        raise SpectraError(f"missing the input: pass PATH (or {flag} PATH)")
+    return str(path or alias)

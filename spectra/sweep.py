@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import numpy as np
 import typer
@@ -184,7 +184,12 @@ def print_tables(ds, console=None) -> None:
 
 
 def sweep_command(
-    ckpt: Annotated[str, typer.Option(..., help="Model folder or a run folder (uses its latest checkpoint).")],
+    path: Annotated[
+        Optional[str], typer.Argument(help="Model folder or a run folder (its latest checkpoint).", show_default=False)
+    ] = None,
+    ckpt: Annotated[
+        Optional[str], typer.Option("--ckpt", help="Same as PATH (the older spelling; scripts keep working).")
+    ] = None,
     calib_data: Annotated[
         str | None,
         typer.Option(
@@ -226,6 +231,9 @@ def sweep_command(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Every rank map × {plain, whitened} × ERR, by rank and by params: perplexity table in the analysis store."""
+    from spectra.runs import input_path
+
+    ckpt = input_path(path, ckpt, "--ckpt")
     from rich.console import Console
 
     from spectra.calibration import calibration, check_options

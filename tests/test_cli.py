@@ -76,3 +76,17 @@ def test_command_help(name, capsys):
 def test_required_options_are_keyword(capsys):
     assert main(["hessian-gap"]) == 2  # click usage error: --ckpt missing
     assert "--ckpt" in capsys.readouterr().err
+
+
+def test_input_is_a_positional_path_with_the_old_flags_as_aliases(tiny_ckpt, tmp_path, capsys):
+    import json
+
+    assert main(["ranks", str(tiny_ckpt), "--err", "0.3", "--out", str(tmp_path / "a.json")]) == 0
+    assert main(["ranks", "--ckpt", str(tiny_ckpt), "--err", "0.3", "--out", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert a["components"] == b["components"] and len(a["components"]) == 14
+    capsys.readouterr()
+    assert main(["ranks", str(tiny_ckpt), "--ckpt", str(tmp_path), "--out", str(tmp_path / "c.json")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["eval"]) == 2 and "missing the input" in capsys.readouterr().err
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("spectra ")
