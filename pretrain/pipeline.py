@@ -21,6 +21,7 @@ from typing import Annotated, Optional
 import typer
 
 from spectra.errors import SpectraError
+from spectra.options import CONFIG_OPTION
 
 
 def shared_data() -> Path:
@@ -151,6 +152,7 @@ def pipeline_command(
     steps: Annotated[Optional[int], typer.Option(help="override the preset's pretraining steps")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     skip_pretrain: Annotated[bool, typer.Option(help="reuse the run's existing checkpoint and snapshots")] = False,
+    config: Annotated[Optional[Path], CONFIG_OPTION] = None,
 ) -> None:
     """Run the whole WeLore pipeline (pretrain, analyze, rank, compress, eval, finetune, report) from a preset."""
     from pretrain.loop import PretrainConfig, pretrain

@@ -41,6 +41,7 @@ from spectra.evaluate import autocast_for, check_vocab, model_label, model_token
 from spectra.lm_loss import causal_lm_loss
 from spectra.lowrank import LowRankLinear
 from spectra.models import iter_components, resolve_device, run_dir_of
+from spectra.options import CONFIG_OPTION
 from spectra.progress import progress_bar
 
 METHODS = ("welore", "lora", "galore", "full")
@@ -415,6 +416,7 @@ def finetune_command(
     cache_dir: Annotated[Path, typer.Option(help="Where tokenized evaluation windows are cached.")] = Path(
         ".cache/spectra"
     ),
+    config: Annotated[Optional[Path], CONFIG_OPTION] = None,
 ) -> None:
     """Continual finetuning of a compressed model: WeLore-PEFT (LRC factors only) or a baseline.
 

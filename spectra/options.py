@@ -184,3 +184,33 @@ def command_from(
     command.__doc__ = doc
     command.__name__ = getattr(run, "__name__", "command")
     return command
+
+
+def _config_callback(ctx, param, value):
+    """--config FILE for a hand-written command: the file's values become click's default_map, so an
+    option given on the command line still wins and an option in neither keeps its default."""
+    if value is None:
+        return value
+    known = {p.name for p in ctx.command.params}
+    try:
+        text = Path(value).read_text(encoding="utf-8")
+        if Path(value).suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - unreadable or unparsable: one line
+        raise SpectraError(f"cannot read --config {value}: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(data, dict):
+        raise SpectraError(f"--config {value} must hold a mapping of option names to values")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - known - {"config"})
+    if unknown:
+        raise SpectraError(f"--config {value}: unknown option(s) {', '.join(unknown)}")
+    ctx.default_map = {**(ctx.default_map or {}), **data}
+    return value
+
+
+CONFIG_OPTION = typer.Option("--config", is_eager=True, callback=_config_callback, expose_value=True,
+                             help="YAML or JSON file of this command's options (the command line overrides it)")

@@ -90,3 +90,35 @@ def test_input_is_a_positional_path_with_the_old_flags_as_aliases(tiny_ckpt, tmp
     assert "not both" in capsys.readouterr().err
     assert main(["eval"]) == 2 and "missing the input" in capsys.readouterr().err
     assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("spectra ")
+
+
+@pytest.mark.slow
+def test_config_file_sets_options_and_the_command_line_wins(tmp_path, shared_data, capsys):
+    import gzip
+    import json
+
+    from conftest import WIKI_VAL
+
+    docs = tmp_path / "docs.jsonl"
+    with gzip.open(WIKI_VAL / "wiki_00.jsonl.gz", "rt") as f:
+        docs.write_text("".join(next(f) for _ in range(40)))
+    cfg = tmp_path / "pre.yaml"
+    cfg.write_text(f"model: micro\ntokenizer: bytes\ndata: {docs}\nseq-len: 32\nbatch_size: 2\nmicro_batch: 2\n"
+                   f"val_tokens: 256\nwarmup: 1\nsteps: 5\neval_every: 0\nsave_every: 3\nsnapshot_every: 0\n"
+                   f"runs_dir: {tmp_path}\nrun_id: fromfile\n")
+    assert main(["pretrain", "--config", str(cfg), "--steps", "3"]) == 0  # the command line wins over the file
+    run = tmp_path / "fromfile"
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    saved = json.loads((run / "run_config.json").read_text())
+    assert len(rows) == 3 and saved["seq_len"] == 32 and saved["model"] == "micro" and saved["steps"] == 3
+    ft = tmp_path / "ft.json"
+    ft.write_text(json.dumps({"data": str(docs), "steps": 2, "batch_size": 2, "micro_batch": 2, "seq_len": 32,
+                              "eval_tokens": 256, "device": "cpu", "method": "full", "out": str(tmp_path / "ft")}))
+    assert main(["finetune", str(run), "--config", str(ft)]) == 0
+    m = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert m["method"] == "full" and m["steps"] == 2 and m["seq_len"] == 32
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"stepz": 1}))
+    capsys.readouterr()
+    assert main(["finetune", str(run), "--config", str(bad)]) == 2
+    assert "stepz" in capsys.readouterr().err
