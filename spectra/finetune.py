@@ -402,7 +402,7 @@ def finetune_command(
     eval_tokens: Annotated[int, typer.Option(help="Token budget of the before/after perplexity.", min=1)] = 65536,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[
-        str,
+        Literal["auto", "bf16", "fp32"],
         typer.Option(help="auto (bf16 autocast on GPU, fp32 on CPU), bf16 (autocast; fp32 master weights) or fp32."),
     ] = "auto",
     out: Annotated[

@@ -34,7 +34,7 @@ here), and loading never recomputes an SVD.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import typer
@@ -250,7 +250,8 @@ def compress_command(
         bool, typer.Option(help="Turn a compressed folder back into dense weights (W = B·A) instead.")
     ] = False,
     dtype: Annotated[
-        str, typer.Option(help="Weights dtype of the output: auto (as stored), float32, bfloat16 or float16.")
+        Literal["auto", "float32", "bfloat16", "float16"],
+        typer.Option(help="Weights dtype of the output: auto (as stored), float32, bfloat16 or float16."),
     ] = "auto",
     device: Annotated[
         str, typer.Option(help="Where the per-matrix SVDs run (auto: cuda when available). Weights stay on CPU.")

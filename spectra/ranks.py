@@ -54,7 +54,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import torch
@@ -410,7 +410,7 @@ def ranks_command(
                                                                "working).")] = None,
     err: Annotated[float, typer.Option(help="Target effective rank reduction ERR in [0, 1).")] = 0.5,
     method: Annotated[
-        str,
+        Literal["welore", "uniform", "diagnostic", "energy", "loss"],
         typer.Option(
             help="welore (global normalized-σ threshold), uniform (same rank fraction), "
             "diagnostic (Hessian gap / gradient-subspace stability), energy (global "
@@ -418,7 +418,9 @@ def ranks_command(
             "--calib-data)."
         ),
     ] = "welore",
-    err_by: Annotated[str, typer.Option(help="Measure ERR by rank (paper) or by parameter count.")] = "rank",
+    err_by: Annotated[
+        Literal["rank", "params"], typer.Option(help="Measure ERR by rank (paper) or by parameter count.")
+    ] = "rank",
     analysis: Annotated[
         str | None,
         typer.Option(
@@ -428,7 +430,7 @@ def ranks_command(
         ),
     ] = None,
     lrc_rule: Annotated[
-        str, typer.Option(help="LRC = r(m+n) < m·n (params, per-shape break-even) or r < 0.5·rank (paper).")
+        Literal["params", "paper"], typer.Option(help="LRC = r(m+n) < m·n (params, per-shape break-even) or r < 0.5·rank (paper).")
     ] = "params",
     out: Annotated[
         str | None,
