@@ -404,10 +404,16 @@ def _loss_scores(
 
 
 def ranks_command(
-    path: Annotated[Optional[str], typer.Argument(help='Model folder (save_pretrained), a run folder (its latest '
-                                                       'checkpoint) or a hub name.', show_default=False)] = None,
-    ckpt: Annotated[Optional[str], typer.Option("--ckpt", help="Same as PATH (the older spelling; scripts keep "
-                                                               "working).")] = None,
+    path: Annotated[
+        Optional[str],
+        typer.Argument(
+            help="Model folder (save_pretrained), a run folder (its latest checkpoint) or a hub name.",
+            show_default=False,
+        ),
+    ] = None,
+    ckpt: Annotated[
+        Optional[str], typer.Option("--ckpt", help="Same as PATH (the older spelling; scripts keep working).")
+    ] = None,
     err: Annotated[float, typer.Option(help="Target effective rank reduction ERR in [0, 1).")] = 0.5,
     method: Annotated[
         Literal["welore", "uniform", "diagnostic", "energy", "loss"],
@@ -430,7 +436,8 @@ def ranks_command(
         ),
     ] = None,
     lrc_rule: Annotated[
-        Literal["params", "paper"], typer.Option(help="LRC = r(m+n) < m·n (params, per-shape break-even) or r < 0.5·rank (paper).")
+        Literal["params", "paper"],
+        typer.Option(help="LRC = r(m+n) < m·n (params, per-shape break-even) or r < 0.5·rank (paper)."),
     ] = "params",
     out: Annotated[
         str | None,
