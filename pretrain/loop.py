@@ -92,6 +92,8 @@ class PretrainConfig:
     overwrite: bool = opt(False, "start over in an existing run folder, deleting its content")
     allow_config_change: bool = opt(False, "let --resume change lr, data, seed, batch, ... (recorded in "
                                            "run_config.json)")
+    log_to: Literal["none", "tensorboard", "wandb"] = opt("none", "also mirror the metrics to TensorBoard "
+                                                                  "(<run>/tensorboard) or W&B")
 
     def snapshot_at(self, step: int) -> bool:
         if self.snapshot_steps:
@@ -152,6 +154,7 @@ class Trainer:
         self.net = dist_utils.wrap(_LMLoss(self.model), self.device, self.world)
         self.forward = torch.compile(self.net) if cfg.compile else self.net
         self.writer = None
+        self.tracker = None
 
     # ------------------------------------------------------------------ setup/resume
     def prepare_run(self) -> None:
@@ -276,6 +279,10 @@ class Trainer:
 
         cfg = self.cfg
         self.model.train()
+        if self.rank == 0 and cfg.log_to != "none":
+            from spectra.tracking import Tracker
+
+            self.tracker = Tracker(cfg.log_to, self.run_dir, self.run_dir.name, self.config_record())
         self.batches = batches = Prefetcher(self.train_stream, cfg.micro_batch)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0, desc=f"pretrain {cfg.model}",
                    unit="step", dynamic_ncols=True, file=sys.stderr)
@@ -315,10 +322,14 @@ class Trainer:
         finally:  # also on errors: the prefetch thread must not outlive the loop
             bar.close()
             batches.close()
+            if self.tracker is not None:
+                self.tracker.close()
 
     def log(self, row: dict) -> None:
         if self.rank == 0:
             append_metrics(self.run_dir / METRICS, row)
+            if self.tracker is not None:
+                self.tracker.log(row, row["step"])
 
 
 def native_cpu_bf16() -> bool:

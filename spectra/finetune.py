@@ -416,6 +416,10 @@ def finetune_command(
     cache_dir: Annotated[Path, typer.Option(help="Where tokenized evaluation windows are cached.")] = Path(
         ".cache/spectra"
     ),
+    log_to: Annotated[
+        Literal["none", "tensorboard", "wandb"],
+        typer.Option(help="Also mirror the loss curve and evals to TensorBoard (<out>/tensorboard) or W&B."),
+    ] = "none",
     config: Annotated[Optional[Path], CONFIG_OPTION] = None,
 ) -> None:
     """Continual finetuning of a compressed model: WeLore-PEFT (LRC factors only) or a baseline.
@@ -462,13 +466,21 @@ def finetune_command(
     tok = model_tokenizer(path, tokenizer)
     check_vocab(lm, tok)
     batches, val = data_streams(data, val_data, tok, seq_len, micro_batch, eval_tokens, seed, cache_dir)
-    lm, metrics = finetune(lm, batches, cfg, dev, val, progress=True)
     _, err = model_label(path)
     from spectra.runs import check_own_output, is_finetune_dir
 
     out = check_own_output(out or default_out(path, method, err), is_finetune_dir)
+    lm, metrics = finetune(lm, batches, cfg, dev, val, progress=True)
     out.mkdir(parents=True, exist_ok=True)
     metrics = {"method": method, "err": err, **metrics, "model": str(path), "data": data or "c4-en", "seq_len": seq_len}
+    if log_to != "none":  # mirror the curve and the before/after evals (metrics.json stays the record)
+        from spectra.tracking import Tracker
+
+        tracker = Tracker(log_to, out, f"finetune-{method}", metrics.get("config"))
+        for step, loss in metrics.get("loss_curve", []):
+            tracker.log({"loss": loss}, step)
+        tracker.log({k: v for k, v in metrics.items() if k.startswith("eval_")}, cfg.steps)
+        tracker.close()
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if save:
         save_model(lm, path, out / "model")

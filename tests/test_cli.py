@@ -122,3 +122,28 @@ def test_config_file_sets_options_and_the_command_line_wins(tmp_path, shared_dat
     capsys.readouterr()
     assert main(["finetune", str(run), "--config", str(bad)]) == 2
     assert "stepz" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tensorboard_mirrors_the_metrics(tmp_path, shared_data):
+    pytest.importorskip("tensorboard")
+    import gzip
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import WIKI_VAL
+
+    docs = tmp_path / "docs.jsonl"
+    with gzip.open(WIKI_VAL / "wiki_00.jsonl.gz", "rt") as f:
+        docs.write_text("".join(next(f) for _ in range(40)))
+    assert main(["pretrain", "--model", "micro", "--tokenizer", "bytes", "--data", str(docs), "--seq-len", "32",
+                 "--batch-size", "2", "--micro-batch", "2", "--val-tokens", "256", "--warmup", "1", "--steps", "3",
+                 "--eval-every", "3", "--save-every", "0", "--snapshot-every", "0", "--log-to", "tensorboard",
+                 "--runs-dir", str(tmp_path), "--run-id", "tb"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert got == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows]
+    assert [e.value for e in acc.Scalars("val_ppl")] == [pytest.approx(rows[-1]["val_ppl"], rel=1e-6)]
