@@ -130,9 +130,8 @@ def test_tensorboard_mirrors_the_metrics(tmp_path, shared_data):
     import gzip
     import json
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from conftest import WIKI_VAL
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     docs = tmp_path / "docs.jsonl"
     with gzip.open(WIKI_VAL / "wiki_00.jsonl.gz", "rt") as f:
