@@ -45,6 +45,7 @@ from spectra import distributed as dist_utils
 from spectra.errors import SpectraError
 from spectra.options import command_from, opt
 from spectra.runs import run_lock, validate_run_id
+from spectra.schedule import warmup_cosine
 
 
 @dataclass
@@ -102,15 +103,8 @@ class PretrainConfig:
 
 
 def lr_lambda(cfg: PretrainConfig):
-    warmup = min(cfg.warmup, max(1, cfg.steps // 10))
-
-    def f(step: int) -> float:  # step = number of updates done so far
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
+    """GaLore's schedule; warmup clamped to 10% of the steps so short runs still decay."""
+    return warmup_cosine(min(cfg.warmup, max(1, cfg.steps // 10)), cfg.steps, cfg.min_lr_ratio)
 
 
 class Trainer:

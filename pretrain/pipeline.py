@@ -22,6 +22,7 @@ import typer
 
 from spectra.errors import SpectraError
 from spectra.options import CONFIG_OPTION
+from spectra.rankmap import err_tag
 
 
 def shared_data() -> Path:
@@ -199,7 +200,7 @@ def pipeline_command(
     analysis = str(run / "analysis.zarr")
     for method in ("welore", "uniform", "diagnostic"):
         for err in p["errs"]:
-            tag = f"{method}-err{round(100 * err):02d}"
+            tag = f"{method}-{err_tag(err)}"
             rank_map = run / "ranks" / f"{tag}.json"
             _stage(
                 f"ranks {tag}",
@@ -230,7 +231,7 @@ def pipeline_command(
                     **ev,
                 )
     for err in p["finetune_errs"]:
-        folder = run / "compressed" / f"welore-err{round(100 * err):02d}"
+        folder = run / "compressed" / f"welore-{err_tag(err)}"
         for method in ("welore", "lora", "galore", "full"):
             _stage(
                 f"finetune {method} @ ERR {err:.0%}",
@@ -241,7 +242,7 @@ def pipeline_command(
                 val_data=val,
                 tokenizer=tok,
                 device=device,
-                out=run / "finetune" / f"{method}-err{round(100 * err):02d}",
+                out=run / "finetune" / f"{method}-{err_tag(err)}",
                 **p["finetune"],
             )
     _stage("report", report_command, run=run, title=f"spectra {preset} run {run_id}")

@@ -7,7 +7,6 @@ leaves its section with a one-line hint instead of failing the report.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -241,8 +240,9 @@ def _param_reduction(ratio: float) -> str:
 
 def _err_of(name: str) -> float | None:
     """ERR from a `<method>-errNN` folder name (metrics.json need not repeat it)."""
-    m = re.search(r"-err(\d+)$", name)
-    return int(m.group(1)) / 100 if m else None
+    from spectra.rankmap import err_of_name
+
+    return err_of_name(name)
 
 
 def finetune_section(inp: RunInputs) -> Section:

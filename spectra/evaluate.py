@@ -95,7 +95,9 @@ def model_tokenizer(path: Path, name: str | None):
 
 def model_label(path: Path) -> tuple[str, float | None]:
     """(method, err) of a model folder: from its rank map when compressed, ("dense", 0.0) otherwise."""
-    rank_map = path / "spectra_rank_map.json"
+    from spectra.rankmap import RANK_MAP_FILE
+
+    rank_map = path / RANK_MAP_FILE
     if rank_map.is_file():
         from spectra.store import read_json
 

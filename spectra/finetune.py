@@ -43,6 +43,7 @@ from spectra.lowrank import LowRankLinear
 from spectra.models import iter_components, resolve_device, run_dir_of
 from spectra.options import CONFIG_OPTION
 from spectra.progress import progress_bar
+from spectra.schedule import warmup_cosine
 
 METHODS = ("welore", "lora", "galore", "full")
 # Defaults for the tiny..350m models spectra pretrains (trained at lr 1e-3): a tenth of that for
@@ -148,16 +149,6 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def lr_lambda(warmup: int, steps: int, min_ratio: float):
-    """Linear warmup then cosine to `min_ratio` (GaLore / WeLore schedule), as a LambdaLR factor."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return f
-
-
 # --------------------------------------------------------------------------- peak memory
 class PeakMemory:
     """Peak training memory. GPU: `torch.cuda.max_memory_allocated` (weights, grads, optimizer
@@ -227,7 +218,7 @@ def train(model: nn.Module, optimizer, batches: Iterator[torch.Tensor], cfg: Fin
     first SVDs); fetching/tokenizing data is excluded, so methods compare on compute alone.
     """
 
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_micro = cfg.batch_size // cfg.micro_batch
     model.train()
@@ -307,9 +298,10 @@ def finetune(
 # --------------------------------------------------------------------------- CLI
 def default_out(path: Path, method: str, err: float | None) -> Path:
     """<run>/finetune/<method>-err<NN> for a model inside runs/<id>/, else next to the model folder."""
-    nn_ = round(100 * err) if err is not None else 0
+    from spectra.rankmap import err_tag
+
     base = run_dir_of(path) or path.parent
-    return base / "finetune" / f"{method}-err{nn_:02d}"
+    return base / "finetune" / f"{method}-{err_tag(err or 0.0)}"
 
 
 def data_streams(

@@ -84,7 +84,7 @@ def stream_component_weights(path: str | Path) -> tuple[int, Iterator[tuple[int,
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-    compressed = (path / "spectra_rank_map.json").is_file()  # factors, not weights, are stored: load it
+    compressed = (path / RANK_MAP_FILE).is_file()  # factors, not weights, are stored: load it
     if files and not compressed:
         cls, cfg = model_class(path)
         with init_empty_weights(include_buffers=False):

@@ -46,7 +46,20 @@ def load_rank_map(path: str | Path) -> dict:
 
 
 def map_name(method: str, err: float, err_by: str) -> str:
-    return f"{method}-err{round(100 * err):02d}" + ("-params" if err_by == "params" else "")
+    return f"{method}-{err_tag(err)}" + ("-params" if err_by == "params" else "")
+
+
+def err_tag(err: float) -> str:
+    """The `errNN` part of every name spectra derives from an ERR (rank maps, compressed and finetune folders)."""
+    return f"err{round(100 * err):02d}"
+
+
+def err_of_name(name: str) -> float | None:
+    """The ERR a `<method>-errNN[-params]` name encodes (the inverse of `err_tag`), None if none."""
+    import re
+
+    m = re.search(r"-err(\d+)(?:-params)?$", name)
+    return int(m.group(1)) / 100 if m else None
 
 
 def entries_for(model: nn.Module, rank_map: dict) -> dict[tuple[int, str], dict]:

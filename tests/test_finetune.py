@@ -163,7 +163,7 @@ def test_welore_refuses_dense_model():
 
 
 def test_schedule_warmup_then_cosine_to_tenth():
-    from spectra.finetune import lr_lambda
+    from spectra.schedule import warmup_cosine as lr_lambda
 
     f = lr_lambda(warmup=4, steps=14, min_ratio=0.1)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
