@@ -345,7 +345,7 @@ def main() -> None:
     events = log.read_text().splitlines()
     ref = ref_runs / RUN_ID  # read by each trial child: zarr starts threads, this process must stay forkable
     if a.signal:
-        first_ckpt = next(i for i, e in enumerate(events) if e.startswith("symlink"))
+        first_ckpt = next(i for i, e in enumerate(events) if e.endswith("checkpoints/latest"))  # published
         k = next(i for i, e in enumerate(events) if i > first_ckpt and "snapshots.zarr/params/" in e)
         print(json.dumps(signal_trial(argv, base, ref, k, getattr(signal, f"SIG{a.signal}"))))
         return
@@ -353,7 +353,7 @@ def main() -> None:
     res = sweep(argv, base, ref, len(events), a.workers, None)
     report["training"] = res
     if a.resume_kill_at is not None:
-        first_ckpt = next(i for i, e in enumerate(events) if e.startswith("symlink"))
+        first_ckpt = next(i for i, e in enumerate(events) if e.endswith("checkpoints/latest"))  # published
         at = (first_ckpt + len(events)) // 2 if a.resume_kill_at == "auto" else int(a.resume_kill_at)
         report["resume_from_event"] = at
         killed = base / "killed"

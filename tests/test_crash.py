@@ -54,7 +54,8 @@ def test_kill_at_every_write_event_of_a_run_and_of_its_resume(docs, tmp_path):
     print(f"\nfault injection: {rep['events']} training events, {rep['resume_events']} resume events, "
           f"kinds {rep['kinds']}, outcomes {dict(outcomes)}, {rep['seconds']} s")
     assert rep["events"] > 100 and rep["resume_events"] > 20  # snapshots, checkpoints, metrics, config
-    assert {"replace", "safetensors", "symlink", "write"} <= set(rep["kinds"])
+    assert {"replace", "safetensors", "write"} <= set(rep["kinds"])
+    assert any(e.endswith("checkpoints/latest") for e in rep["event_log"])  # the checkpoint publish is one
     bad = [r for r in rep["training"] + rep["resume"] if r["error"]]
     assert not bad, bad[:5]
     assert len(rep["training"]) == rep["events"] and len(rep["resume"]) == rep["resume_events"]
