@@ -50,6 +50,15 @@ def tokenizer(shared_data):
     return load_tokenizer(str(T5_DIR))
 
 
+def wiki_docs(path: Path, n: int) -> Path:
+    """The first `n` real Wikipedia validation documents as a small jsonl file at `path`."""
+    import gzip
+
+    with gzip.open(WIKI_VAL / "wiki_00.jsonl.gz", "rt") as f:
+        path.write_text("".join(next(f) for _ in range(n)))
+    return path
+
+
 def assert_one_error_line(cases: list[list[str]], capsys) -> None:
     """Each argv exits 2 with exactly one `error: ...` line on stderr (no traceback wall)."""
     from spectra.cli import main

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-from conftest import T5_DIR, WIKI_VAL
+from conftest import T5_DIR, wiki_docs
 
 from spectra.cli import main
 
@@ -21,8 +20,7 @@ pytestmark = pytest.mark.slow
 def w(tmp_path_factory, shared_data) -> dict:
     root = tmp_path_factory.mktemp("bad")
     docs = root / "docs.jsonl"
-    with gzip.open(WIKI_VAL / "wiki_00.jsonl.gz", "rt") as f:
-        docs.write_text("".join(next(f) for _ in range(60)))
+    wiki_docs(docs, 60)
     (root / "empty.jsonl").write_text("")
     (root / "binary.txt").write_bytes(b"\xff\xfe\x00garbage\x80" * 10)
     (root / "bad.json").write_text("{not json")

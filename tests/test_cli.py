@@ -94,14 +94,12 @@ def test_input_is_a_positional_path_with_the_old_flags_as_aliases(tiny_ckpt, tmp
 
 @pytest.mark.slow
 def test_config_file_sets_options_and_the_command_line_wins(tmp_path, shared_data, capsys):
-    import gzip
     import json
 
-    from conftest import WIKI_VAL
+    from conftest import wiki_docs
 
     docs = tmp_path / "docs.jsonl"
-    with gzip.open(WIKI_VAL / "wiki_00.jsonl.gz", "rt") as f:
-        docs.write_text("".join(next(f) for _ in range(40)))
+    wiki_docs(docs, 40)
     cfg = tmp_path / "pre.yaml"
     cfg.write_text(f"model: micro\ntokenizer: bytes\ndata: {docs}\nseq-len: 32\nbatch_size: 2\nmicro_batch: 2\n"
                    f"val_tokens: 256\nwarmup: 1\nsteps: 5\neval_every: 0\nsave_every: 3\nsnapshot_every: 0\n"
@@ -127,15 +125,13 @@ def test_config_file_sets_options_and_the_command_line_wins(tmp_path, shared_dat
 @pytest.mark.slow
 def test_tensorboard_mirrors_the_metrics(tmp_path, shared_data):
     pytest.importorskip("tensorboard")
-    import gzip
     import json
 
-    from conftest import WIKI_VAL
+    from conftest import wiki_docs
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     docs = tmp_path / "docs.jsonl"
-    with gzip.open(WIKI_VAL / "wiki_00.jsonl.gz", "rt") as f:
-        docs.write_text("".join(next(f) for _ in range(40)))
+    wiki_docs(docs, 40)
     assert main(["pretrain", "--model", "micro", "--tokenizer", "bytes", "--data", str(docs), "--seq-len", "32",
                  "--batch-size", "2", "--micro-batch", "2", "--val-tokens", "256", "--warmup", "1", "--steps", "3",
                  "--eval-every", "3", "--save-every", "0", "--snapshot-every", "0", "--log-to", "tensorboard",

@@ -8,7 +8,6 @@ the uninterrupted run, and `--resume` must reproduce that run bit for bit.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import subprocess
@@ -18,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import WIKI_VAL
+from conftest import wiki_docs
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -27,8 +26,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory, shared_data) -> Path:
     path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
-    with gzip.open(WIKI_VAL / "wiki_00.jsonl.gz", "rt") as f:
-        path.write_text("".join(next(f) for _ in range(150)))
+    wiki_docs(path, 150)
     return path
 
 

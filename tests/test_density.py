@@ -13,14 +13,7 @@ from spectra.errors import SpectraError
 from spectra.hessian import component_gap
 from spectra.lanczos import block_lanczos
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny graphs: one intra-op thread (conftest)
 
 def ks(nodes: np.ndarray, weights: np.ndarray, eigs: np.ndarray) -> float:
     """Kolmogorov distance between the quadrature's CDF and the exact eigenvalue CDF."""

@@ -4,11 +4,10 @@ or the schedule moves these numbers; if the change is intended, re-record them (
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import pytest
-from conftest import WIKI_VAL
+from conftest import wiki_docs
 
 from spectra.cli import main
 
@@ -24,8 +23,7 @@ FINETUNE_LOSS = [5.552854061126709, 5.466527938842773, 5.410746097564697, 5.4400
 def runs(tmp_path_factory, shared_data):
     root = tmp_path_factory.mktemp("golden")
     docs = root / "docs.jsonl"
-    with gzip.open(WIKI_VAL / "wiki_00.jsonl.gz", "rt") as f:
-        docs.write_text("".join(next(f) for _ in range(80)))
+    wiki_docs(docs, 80)
     argv = ["pretrain", "--model", "micro", "--tokenizer", "bytes", "--data", str(docs), "--seq-len", "32",
             "--batch-size", "4", "--micro-batch", "2", "--val-tokens", "256", "--warmup", "2", "--steps", "8",
             "--lr", "3e-3", "--eval-every", "4", "--save-every", "8", "--snapshot-every", "0", "--seed", "1",

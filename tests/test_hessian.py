@@ -20,16 +20,11 @@ from spectra.hessian import component_gap
 from spectra.hvp import BlockHVP, only_grad, pyhessian_eigenvalues
 from spectra.store import read_analysis
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny graphs: one intra-op thread (conftest)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These graphs are tiny: one intra-op thread avoids OpenMP oversubscription (50× slower on a busy box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

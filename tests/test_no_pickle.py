@@ -8,13 +8,12 @@ that the command either fails with one error line or (for a cache) rebuilds and 
 
 from __future__ import annotations
 
-import gzip
 import pickle
 import shutil
 from pathlib import Path
 
 import pytest
-from conftest import WIKI_VAL
+from conftest import wiki_docs
 
 from spectra.cli import main
 
@@ -33,8 +32,7 @@ class _Boom:
 def world(tmp_path_factory, shared_data):
     root = tmp_path_factory.mktemp("pickle")
     docs = root / "docs.jsonl"
-    with gzip.open(WIKI_VAL / "wiki_00.jsonl.gz", "rt") as f:
-        docs.write_text("".join(next(f) for _ in range(60)))
+    wiki_docs(docs, 60)
     argv = ["pretrain", "--model", "micro", "--tokenizer", "bytes", "--data", str(docs), "--seq-len", "32",
             "--batch-size", "2", "--micro-batch", "2", "--val-tokens", "256", "--warmup", "1", "--steps", "3",
             "--eval-every", "3", "--save-every", "3", "--snapshot-every", "3", "--snapshot-grad", "full",
