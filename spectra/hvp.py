@@ -41,7 +41,7 @@ def only_grad(model: nn.Module, weight: torch.Tensor):
             p.requires_grad_(flag)
 
 
-def lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def hvp_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of a causal LM on a [batch, seq] token tensor.
 
     The same loss as HF's `labels=` path, but kept in the model's dtype: HF upcasts logits to
@@ -97,7 +97,7 @@ class BlockHVP:
 
     def _first_order(self) -> torch.Tensor:
         with only_grad(self.model, self.weight):
-            loss = lm_loss(self.model, self.input_ids)
+            loss = hvp_loss(self.model, self.input_ids)
             (g,) = torch.autograd.grad(loss, self.weight, create_graph=True)
         return g
 

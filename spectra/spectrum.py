@@ -236,10 +236,10 @@ def spectrum_command(
     steps: Annotated[
         Optional[list[int]],
         typer.Option(
+            "--snapshot-steps",
             "--steps",
-            help="Snapshot steps to analyze (default: all); for "
-            "checkpoint folders, the step of each folder in "
-            "order (repeat the option).",
+            help="Snapshot steps to analyze (default: all); for checkpoint folders, the training step of each "
+            "folder in order (repeat the option). --steps is the older spelling.",
         ),
     ] = None,
     top_r: Annotated[
