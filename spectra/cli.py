@@ -202,7 +202,11 @@ def _usage_message(text: str) -> str:
 
     text = _one_line(text)
     m = re.fullmatch(r"Invalid value for '(--[\w-]+)': (?:Value error, )?'(.*)' is not one of (.*?)\.?", text)
-    return f"unknown {m[1]} {m[2]!r}; choose one of {m[3]}" if m else text
+    if not m:
+        return text
+    choices = [c.strip().strip("'") for c in m[3].split(",")]
+    said = ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
+    return f"unknown {m[1]} {m[2]!r}: {m[1]} must be {said}"
 
 
 def _one_line(text: str, limit: int = 1000) -> str:

@@ -23,12 +23,13 @@ bf16, whose 8-bit mantissa swallows small LRC updates).
 from __future__ import annotations
 
 import ctypes
+import inspect
 import json
 import math
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -41,7 +42,7 @@ from spectra.evaluate import autocast_for, check_vocab, model_label, model_token
 from spectra.lm_loss import causal_lm_loss
 from spectra.lowrank import LowRankLinear
 from spectra.models import iter_components, resolve_device, run_dir_of
-from spectra.options import CONFIG_OPTION
+from spectra.options import command_from, opt
 from spectra.progress import progress_bar
 from spectra.schedule import warmup_cosine
 
@@ -54,22 +55,28 @@ DEFAULT_LR = {"welore": 1e-4, "lora": 1e-3, "galore": 1e-4, "full": 1e-4}
 
 @dataclass
 class FinetuneConfig:
-    method: str = "welore"
-    steps: int = 1000
-    lr: float | None = None  # None -> DEFAULT_LR[method]
-    batch_size: int = 16  # sequences per optimizer step
-    micro_batch: int = 16  # sequences per forward pass (gradient accumulation in between)
-    warmup: int = 100
-    min_lr_ratio: float = 0.1  # cosine decays to 0.1 * lr, GaLore's schedule
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    galore_rank: int = 128
-    galore_gap: int = 200
-    galore_scale: float = 0.25
-    autocast: bool = True  # bf16 autocast on GPU; ignored on CPU
-    chunked_loss: bool = True  # lm_head + CE in token chunks (spectra.lm_loss): no [tokens, vocab] logits kept
+    """The training recipe shared by every method; each field is also a `spectra finetune` option."""
+
+    method: Literal["welore", "lora", "galore", "full"] = opt(
+        "welore", "welore (train LRC factors only), lora, galore or full")
+    steps: int = opt(1000, "optimizer steps (identical for every method)", min=1)
+    lr: Optional[float] = opt(None, "peak learning rate; default 1e-4 (welore, galore, full), 1e-3 (lora)",
+                              min=0.0, max=10.0)
+    batch_size: int = opt(16, "sequences per optimizer step", min=1)
+    micro_batch: int = opt(16, "sequences per forward pass (gradient accumulation up to --batch-size)", min=1)
+    warmup: int = opt(100, "linear warmup steps before the cosine decay (clamped to --steps)", min=0)
+    min_lr_ratio: float = opt(0.1, "the cosine decays to this fraction of the peak lr (GaLore's schedule)",
+                              min=0.0, max=1.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
+    grad_clip: float = opt(1.0, "max gradient norm (0: off)", min=0.0)
+    lora_rank: int = opt(8, "LoRA adapter rank", min=1)
+    lora_alpha: Optional[int] = opt(None, "LoRA alpha (default: 2 x --lora-rank)", min=1)
+    galore_rank: int = opt(128, "GaLore projection rank (clamped to each matrix's size)", min=1)
+    galore_gap: int = opt(200, "GaLore: steps between projector SVD refreshes", min=1)
+    galore_scale: float = opt(0.25, "GaLore: scale of the projected-back update", min=0.0)
+    autocast: bool = opt(True, "bf16 autocast on GPU; ignored on CPU", cli=False)  # the command sets it from --dtype
+    chunked_loss: bool = opt(True, "lm_head + CE in token chunks (spectra.lm_loss): no [tokens, vocab] logits kept",
+                             cli=False)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -79,6 +86,10 @@ class FinetuneConfig:
                                f"(got {self.steps}, {self.batch_size}, {self.micro_batch})")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.method]
+        if self.lr <= 0:
+            raise SpectraError(f"--lr must be > 0, not {self.lr}")
+        if self.lora_alpha is None:
+            self.lora_alpha = 2 * self.lora_rank
 
 
 # --------------------------------------------------------------------------- which params train
@@ -349,119 +360,60 @@ def save_model(model: nn.Module, src: Path, dest: Path) -> None:
         copy_tokenizer(src, dest)  # the tokenizer travels with every folder spectra writes
 
 
-def finetune_command(
-    path: Annotated[Optional[str], typer.Argument(help='Compressed model folder (`spectra compress` output); '
-                                                       'lora/galore/full also take a dense one. A run folder uses its '
-                                                       'latest checkpoint.', show_default=False)] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Same as PATH (the older spelling; scripts keep "
-                                                                 "working).")] = None,
-    method: Annotated[
-        Literal["welore", "lora", "galore", "full"],
-        typer.Option(help="welore (train LRC factors only), lora, galore or full."),
-    ] = "welore",
-    data: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Training text: json/jsonl(.gz)/txt/parquet files, globs or folders. Default: hub C4 en train."
-        ),
-    ] = None,
-    val_data: Annotated[
-        Optional[str], typer.Option(help="Eval text. Default: hub C4 validation, or 5% of --data's documents held out.")
-    ] = None,
-    tokenizer: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Tokenizer hub name, local folder or bytes. Default: the one saved with the model, else t5-base."
-        ),
-    ] = None,
-    steps: Annotated[int, typer.Option(help="Optimizer steps (identical for every method).", min=1)] = 1000,
-    lr: Annotated[
-        Optional[float],
-        typer.Option(help="Peak learning rate. Default: 1e-4 (welore, galore, full), 1e-3 (lora).", min=0.0, max=10.0),
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step.", min=1)] = 16,
-    micro_batch: Annotated[
-        int, typer.Option(help="Sequences per forward pass (gradient accumulation up to --batch-size).", min=1)
-    ] = 16,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence (at most the model's positions).", min=2)] = 256,
-    warmup: Annotated[int, typer.Option(help="Linear warmup steps before the cosine decay to 0.1 lr.", min=0)] = 100,
-    lora_rank: Annotated[int, typer.Option(help="LoRA adapter rank (alpha = 2 x rank).", min=1)] = 8,
-    galore_rank: Annotated[
-        int, typer.Option(help="GaLore projection rank (clamped to each matrix's size).", min=1)
-    ] = 128,
-    galore_gap: Annotated[int, typer.Option(help="GaLore: steps between projector SVD refreshes.", min=1)] = 200,
-    galore_scale: Annotated[float, typer.Option(help="GaLore: scale of the projected-back update.", min=0.0)] = 0.25,
-    eval_tokens: Annotated[int, typer.Option(help="Token budget of the before/after perplexity.", min=1)] = 65536,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[
-        Literal["auto", "bf16", "fp32"],
-        typer.Option(help="auto (bf16 autocast on GPU, fp32 on CPU), bf16 (autocast; fp32 master weights) or fp32."),
-    ] = "auto",
-    out: Annotated[
-        Optional[Path],
-        typer.Option(
-            help="Output folder. Default: runs/<id>/finetune/<method>-err<NN>/ (NN from the model's rank map)."
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed for data order.", min=0)] = 0,
-    save: Annotated[bool, typer.Option(help="Also save the finetuned model (LoRA merged) under <out>/model.")] = False,
-    cache_dir: Annotated[Path, typer.Option(help="Where tokenized evaluation windows are cached.")] = Path(
-        ".cache/spectra"
-    ),
-    log_to: Annotated[
-        Literal["none", "tensorboard", "wandb"],
-        typer.Option(help="Also mirror the loss curve and evals to TensorBoard (<out>/tensorboard) or W&B."),
-    ] = "none",
-    config: Annotated[Optional[Path], CONFIG_OPTION] = None,
-) -> None:
-    """Continual finetuning of a compressed model: WeLore-PEFT (LRC factors only) or a baseline.
+@dataclass
+class FinetuneOptions(FinetuneConfig):
+    """`spectra finetune`: the recipe (FinetuneConfig) plus where data, model and results live."""
 
-    One harness for welore, lora, galore and full: same data, steps, AdamW and warmup+cosine
-    schedule. Writes metrics.json (trainable params, peak memory, tokens/s, loss curve, eval ppl).
-    """
-    from spectra.runs import input_path
+    model: Optional[str] = opt(None, "same as PATH (the older spelling; scripts keep working)")
+    data: Optional[str] = opt(None, "training text: json/jsonl(.gz)/txt/parquet files, globs or folders; "
+                                    "default: hub C4 en train")
+    val_data: Optional[str] = opt(None, "eval text; default: hub C4 validation, or 5% of --data's documents held out")
+    tokenizer: Optional[str] = opt(None, "tokenizer hub name, local folder or bytes; default: the one saved with "
+                                         "the model, else t5-base")
+    seq_len: int = opt(256, "tokens per sequence (at most the model's positions)", min=2)
+    eval_tokens: int = opt(65536, "token budget of the before/after perplexity", min=1)
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 (autocast; "
+                                                         "fp32 master weights) or fp32")
+    out: Optional[str] = opt(None, "output folder; default runs/<id>/finetune/<method>-err<NN>/ (NN from the "
+                                   "model's rank map)")
+    seed: int = opt(0, "seed for data order", min=0)
+    save: bool = opt(False, "also save the finetuned model (LoRA merged) under <out>/model")
+    cache_dir: str = opt(".cache/spectra", "where tokenized evaluation windows are cached")
+    log_to: Literal["none", "tensorboard", "wandb"] = opt("none", "also mirror the loss curve and evals to "
+                                                                  "TensorBoard (<out>/tensorboard) or W&B")
 
-    model = input_path(path, model, "--model")
+    def recipe(self) -> FinetuneConfig:
+        """The FinetuneConfig part, with warmup clamped to the steps and autocast from --dtype."""
+        own = {f.name: getattr(self, f.name) for f in fields(FinetuneConfig)}
+        return FinetuneConfig(**{**own, "warmup": min(self.warmup, self.steps), "autocast": self.dtype != "fp32"})
+
+
+def _finetune(o: FinetuneOptions, path: str | None = None) -> None:
     from spectra.loading import load_causal_lm
     from spectra.models import find_checkpoint
+    from spectra.runs import check_own_output, input_path, is_finetune_dir
 
-    if dtype not in ("auto", "bf16", "fp32"):
-        raise SpectraError(f"unknown --dtype {dtype!r}; choose auto, bf16 or fp32")
-    cfg = FinetuneConfig(
-        method=method,
-        steps=steps,
-        lr=lr,
-        batch_size=batch_size,
-        micro_batch=micro_batch,
-        warmup=min(warmup, steps),
-        lora_rank=lora_rank,
-        lora_alpha=2 * lora_rank,
-        galore_rank=galore_rank,
-        galore_gap=galore_gap,
-        galore_scale=galore_scale,
-        autocast=dtype != "fp32",
-    )
+    cfg = o.recipe()
     quiet_transformers()
-    path = find_checkpoint(model)
-    dev = resolve_device(device)
-    if dtype == "bf16" and dev.type == "cpu":
+    path = find_checkpoint(input_path(path, o.model, "--model"))
+    dev = resolve_device(o.device)
+    if o.dtype == "bf16" and dev.type == "cpu":
         raise SpectraError("--dtype bf16 (autocast) is for GPUs; use --dtype fp32 or auto on CPU")
-    torch.manual_seed(seed)
+    torch.manual_seed(o.seed)
     lm = load_causal_lm(path, device=dev)
-    if method == "welore" and not lrc_modules(lm):
+    if o.method == "welore" and not lrc_modules(lm):
         raise SpectraError(f"{path} is not a compressed model (no LowRankLinear layers); run spectra compress first")
     max_pos = getattr(lm.config, "max_position_embeddings", None)
-    if max_pos is not None and seq_len > max_pos:
-        raise SpectraError(f"--seq-len {seq_len} exceeds the model's {max_pos} positions")
-    if lr is not None and lr <= 0:
-        raise SpectraError(f"--lr must be > 0, not {lr}")
-    tok = model_tokenizer(path, tokenizer)
+    if max_pos is not None and o.seq_len > max_pos:
+        raise SpectraError(f"--seq-len {o.seq_len} exceeds the model's {max_pos} positions")
+    tok = model_tokenizer(path, o.tokenizer)
     check_vocab(lm, tok)
-    batches, val = data_streams(data, val_data, tok, seq_len, micro_batch, eval_tokens, seed, cache_dir)
+    batches, val = data_streams(o.data, o.val_data, tok, o.seq_len, o.micro_batch, o.eval_tokens, o.seed,
+                                Path(o.cache_dir))
     _, err = model_label(path)
-    from spectra.runs import check_own_output, is_finetune_dir
-
-    out = check_own_output(out or default_out(path, method, err), is_finetune_dir)
+    out = check_own_output(Path(o.out) if o.out else default_out(path, o.method, err), is_finetune_dir)
+    method, data, seq_len, save, log_to = o.method, o.data, o.seq_len, o.save, o.log_to
     lm, metrics = finetune(lm, batches, cfg, dev, val, progress=True)
     out.mkdir(parents=True, exist_ok=True)
     metrics = {"method": method, "err": err, **metrics, "model": str(path), "data": data or "c4-en", "seq_len": seq_len}
@@ -482,3 +434,16 @@ def finetune_command(
         f"{metrics['tokens_per_s']:.0f} tok/s, peak {metrics['peak_memory_bytes'] / 2**20:.0f} MiB -> "
         f"{out / 'metrics.json'}"
     )
+
+
+finetune_command = command_from(
+    FinetuneOptions, _finetune,
+    """Continual finetuning of a compressed model: WeLore-PEFT (LRC factors only) or a baseline.
+
+    One harness for welore, lora, galore and full: same data, steps, AdamW and warmup+cosine
+    schedule. Writes metrics.json (trainable params, peak memory, tokens/s, loss curve, eval ppl).
+    Every option can also come from --config FILE (YAML or JSON); the command line wins.""",
+    extra=[inspect.Parameter("path", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[str], typer.Argument(help="Compressed model folder (`spectra compress` output); lora/galore/full "
+                                           "also take a dense one. A run folder uses its latest checkpoint.",
+                                      show_default=False)])])

@@ -177,7 +177,7 @@ def command_from(
         path = kwargs.pop("config", None)
         values = load_config_file(path, cls) if path else {}
         values.update({k: v for k, v in kwargs.items() if v is not None and k not in extra_names})
-        return run(build(cls, values), **{k: kwargs[k] for k in extra_names})
+        return run(build(cls, values), **{k: kwargs.get(k) for k in extra_names})
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}

@@ -17,7 +17,7 @@ one's; the energy term uses P = the weight's own top-r singular vectors (same si
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import torch
@@ -179,7 +179,8 @@ def grad_subspace_command(
     ] = 8,
     out: Annotated[Optional[Path], typer.Option(help="Analysis store to write. Default: <run>/analysis.zarr.")] = None,
     side: Annotated[
-        str, typer.Option(help="left (output-space, U) or right (input-space, V) singular vectors.")
+        Literal["left", "right"],
+        typer.Option(help="left (output-space, U) or right (input-space, V) singular vectors."),
     ] = "left",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N for the SVDs.")] = "auto",
 ) -> None:
