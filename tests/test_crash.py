@@ -46,6 +46,7 @@ def injector(work: Path, *extra: str, argv: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.timeout(1800)  # ~470 real processes killed and resumed: minutes on 2 cores, more on a busy box
 def test_kill_at_every_write_event_of_a_run_and_of_its_resume(docs, tmp_path):
     rep = injector(tmp_path, "--workers", "2", "--resume-kill-at", "auto", argv=args(docs))
     outcomes = Counter((r["killed"], r["error"]) for r in rep["training"] + rep["resume"])
