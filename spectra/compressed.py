@@ -124,7 +124,7 @@ def _base_config(path: Path):
 
     cfg = json.loads((path / "config.json").read_text())
     if cfg.get("model_type") != MODEL_TYPE:  # written before compressed folders were HF models
-        conf = AutoConfig.from_pretrained(path)
+        conf = AutoConfig.from_pretrained(path, trust_remote_code=False)
         return conf, (conf.architectures or ["AutoModelForCausalLM"])[0]
     base = {k: v for k, v in cfg.items() if k not in ("model_type", "auto_map", "architectures", "spectra_structure",
                                                       "spectra_base_model_type", "spectra_base_architecture")}

@@ -55,7 +55,7 @@ def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER):
 
 def _load_tokenizer(name_or_path: str, p: Path, AutoTokenizer):
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)  # never prompt or run code
     except Exception as first:  # noqa: BLE001
         if p.is_dir():
             from transformers import LlamaTokenizer, T5Tokenizer
@@ -64,7 +64,7 @@ def _load_tokenizer(name_or_path: str, p: Path, AutoTokenizer):
                 if (p / fname).is_file():
                     return cls.from_pretrained(str(p))
             if (p / "converted_tokenizer_json").is_dir():
-                return AutoTokenizer.from_pretrained(str(p / "converted_tokenizer_json"))
+                return AutoTokenizer.from_pretrained(str(p / "converted_tokenizer_json"), trust_remote_code=False)
         where = "local folder" if p.exists() else "hub name (is the hub reachable?)"
         raise SpectraError(f"cannot load tokenizer {name_or_path!r} as a {where}: {str(first).splitlines()[0]}; "
                            "pass --tokenizer PATH to a local tokenizer folder") from None

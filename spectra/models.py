@@ -107,7 +107,7 @@ def model_class(path: Path):
     from transformers import AutoConfig
 
     try:
-        cfg = AutoConfig.from_pretrained(path)
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - any parse failure is one user-facing line
         raise SpectraError(f"cannot read model config in {path}: {e}") from None
     arch = (getattr(cfg, "architectures", None) or [None])[0]
