@@ -213,7 +213,9 @@ def _threshold_shapes(n: int, thresholds: list[tuple[str, float]]) -> tuple[list
     several small k overlapped each other)."""
     shapes = []
     # the other k: brown to orange (the layer lines use Viridis, the bands red/green)
-    shades = sample_colorscale("YlOrBr", [0.95 - 0.5 * j / max(len(thresholds) - 2, 1) for j in range(len(thresholds))])
+    # positions spread over [0.45, 0.95] whatever the count (3 maps once gave -0.05: PlotlyError)
+    spread = max(len(thresholds) - 1, 1)
+    shades = sample_colorscale("YlOrBr", [min(1.0, max(0.0, 0.95 - 0.5 * j / spread)) for j in range(len(thresholds))])
     for i in range(n):
         ax = "" if i == 0 else str(i + 1)
         span = dict(xref=f"x{ax} domain", yref=f"y{ax}", x0=0, x1=1, layer="below")

@@ -544,3 +544,10 @@ def test_sweep_figure_plots_every_method_variant_and_dense():
     assert {t.line.color for t in lines if t.name.startswith("welore")} != {
         t.line.color for t in lines if t.name.startswith("loss")
     }
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("n", range(1, 12))
+def test_threshold_shades_for_any_number_of_maps(n):
+    shapes, _ = F._threshold_shapes(2, [(f"k{j}", 0.1 * (j + 1)) for j in range(n)])
+    assert len(shapes) >= 2 * n  # a band or line per k in each subplot, whatever n (3 once raised PlotlyError)
