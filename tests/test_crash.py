@@ -53,7 +53,7 @@ def test_kill_at_every_write_event_of_a_run_and_of_its_resume(docs, tmp_path):
     print(f"\nfault injection: {rep['events']} training events, {rep['resume_events']} resume events, "
           f"kinds {rep['kinds']}, outcomes {dict(outcomes)}, {rep['seconds']} s")
     assert rep["events"] > 100 and rep["resume_events"] > 20  # snapshots, checkpoints, metrics, config
-    assert {"replace", "safetensors", "write"} <= set(rep["kinds"])
+    assert {"replace", "write", "link"} <= set(rep["kinds"])  # (safetensors go to a temporary folder first)
     assert any(e.endswith("checkpoints/latest") for e in rep["event_log"])  # the checkpoint publish is one
     bad = [r for r in rep["training"] + rep["resume"] if r["error"]]
     assert not bad, bad[:5]
