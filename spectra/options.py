@@ -79,8 +79,8 @@ def config_fields(cls) -> list[tuple[dataclasses.Field, Any]]:
     return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
 
 
-def load_config_file(path: Path, cls) -> dict:
-    """Field values from a YAML or JSON file; unknown keys are one clear error."""
+def load_config_file(path: Path, known: set[str]) -> dict:
+    """Option values from a YAML or JSON file; a key not in `known` is one clear error."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -100,8 +100,7 @@ def load_config_file(path: Path, cls) -> dict:
         ) from None
     if not isinstance(data, dict):
         raise SpectraError(f"--config {path} must hold a mapping of option names to values")
-    known = {f.name for f in dataclasses.fields(cls)}
-    data = {k.replace("-", "_"): v for k, v in data.items()}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - known)
     if unknown:
         raise SpectraError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
@@ -175,7 +174,7 @@ def command_from(
 
     def command(**kwargs):
         path = kwargs.pop("config", None)
-        values = load_config_file(path, cls) if path else {}
+        values = load_config_file(path, {f.name for f in dataclasses.fields(cls)}) if path else {}
         values.update({k: v for k, v in kwargs.items() if v is not None and k not in extra_names})
         return run(build(cls, values), **{k: kwargs.get(k) for k in extra_names})
 
@@ -191,23 +190,7 @@ def _config_callback(ctx, param, value):
     option given on the command line still wins and an option in neither keeps its default."""
     if value is None:
         return value
-    known = {p.name for p in ctx.command.params}
-    try:
-        text = Path(value).read_text(encoding="utf-8")
-        if Path(value).suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as e:  # noqa: BLE001 - unreadable or unparsable: one line
-        raise SpectraError(f"cannot read --config {value}: {' '.join(str(e).split())[:200]}") from None
-    if not isinstance(data, dict):
-        raise SpectraError(f"--config {value} must hold a mapping of option names to values")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - known - {"config"})
-    if unknown:
-        raise SpectraError(f"--config {value}: unknown option(s) {', '.join(unknown)}")
+    data = load_config_file(value, {p.name for p in ctx.command.params})
     ctx.default_map = {**(ctx.default_map or {}), **data}
     return value
 
