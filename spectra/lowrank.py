@@ -279,12 +279,12 @@ def compress_command(
     ckpt = input_path(path, ckpt, "--ckpt")
     from rich.console import Console
 
-    from spectra.runs import check_new_output
+    from spectra.runs import check_own_output
 
     src, dst = find_checkpoint(ckpt), Path(out)
     if dst.resolve() == src.resolve():
         raise SpectraError("--out must differ from the input folder (its weights are read while writing)")
-    check_new_output(dst, overwrite)
+    check_own_output(dst, overwrite=overwrite)
     want = _dtype(dtype)
     console = Console()
     if merge:

@@ -84,23 +84,15 @@ def run_lock(run_dir: str | Path | None, command: str):
         os.close(fd)  # closing releases the flock
 
 
-def check_new_output(path: str | Path, overwrite: bool, what: str = "--out") -> Path:
-    """An output a command creates: refuse to replace an existing non-empty file or folder that the
-    user did not ask to replace (`--overwrite`)."""
-    p = Path(path)
-    if overwrite or not p.exists():
-        return p
-    if p.is_dir() and not any(p.iterdir()):
-        return p
-    raise SpectraError(f"{what} {p} already exists and is not empty; choose another path or pass --overwrite")
-
-
-def check_own_output(path: str | Path, owned, overwrite: bool = False, what: str = "--out") -> Path:
-    """An output a command may replace or extend only if it is its own product (`owned(path)` says
-    so, e.g. an HTML report or a jsonl of eval rows); anything else needs `--overwrite`."""
+def check_own_output(path: str | Path, owned=None, overwrite: bool = False, what: str = "--out") -> Path:
+    """An output a command creates, or replaces/extends only if it is its own product (`owned(path)`
+    says so, e.g. an HTML report or a jsonl of eval rows; `owned=None`: nothing that exists is).
+    A missing path or an empty folder is always fine; anything else needs `--overwrite`."""
     p = Path(path)
     if overwrite or not p.exists() or (p.is_dir() and not any(p.iterdir())):
         return p
+    if owned is None:
+        raise SpectraError(f"{what} {p} already exists and is not empty; choose another path or pass --overwrite")
     try:
         ok = bool(owned(p))
     except Exception:  # noqa: BLE001 - unreadable means "not ours"
