@@ -22,7 +22,6 @@ damped C; damping = 0 gives the plain SVD-LLM whitening on a full-rank C.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from spectra.errors import SpectraError
 
@@ -105,26 +104,6 @@ class Whitener:
         """(A, B), float64, of the rank-`rank` whitened truncation of component (layer, comp) with weight W."""
         U, sig, Vh, S = self.decomposition(layer, comp, W)
         return factors_from_svd(U, sig, Vh, S, rank)
-
-    def apply(self, layer: int, comp: str, mod: nn.Linear, entry: dict) -> nn.Module:
-        """A `LowRankLinear` for an LRC entry, else `mod` itself holding the whitened rank-r weight."""
-        from spectra.modeling_spectra import LowRankLinear
-
-        rank = int(entry["rank"])
-        W = mod.weight
-        if not entry["lrc"] and rank >= min(W.shape):
-            return mod
-        A, B = self.factors(layer, comp, W, rank)
-        with torch.no_grad():
-            if not entry["lrc"]:
-                mod.weight.copy_((B @ A).to(W.dtype))
-                return mod
-            lr = LowRankLinear(W.shape[1], W.shape[0], rank, bias=mod.bias is not None, dtype=W.dtype, device=W.device)
-            lr.A.weight.copy_(A.to(W.dtype))
-            lr.B.weight.copy_(B.to(W.dtype))
-            if mod.bias is not None:
-                lr.B.bias.copy_(mod.bias)
-        return lr
 
     def metadata(self) -> dict:
         """What a compressed folder records about its whitening (in its rank map)."""

@@ -163,20 +163,49 @@ def test_whitened_truncation_error_is_dropped_whitened_sigma(rank):
     assert dropped <= float(((W - plain) @ X.T).pow(2).sum()) + 1e-9
 
 
-def test_whitener_dense_truncation_and_lrc_agree():
-    """An N-LRC entry keeps a dense linear holding B·A; an LRC entry becomes those factors (bias kept)."""
-    W, X = _wc(out=6, inp=8, tokens=30, seed=4)
+@pytest.mark.parametrize("lrc", [False, True])
+def test_whitened_compress_model_dense_and_lrc(lrc):
+    """Through compress_model(whiten=Whitener): an N-LRC entry stays dense holding B·A, an LRC entry becomes
+    exactly those factors; either way the output error on the calibration tokens is the dropped whitened σ²,
+    and the full-rank whitened factors give W back."""
+    model = make_tiny(vocab=64).double()
+    W = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    g = torch.Generator().manual_seed(4)
+    n = W.shape[1]
+    X = torch.randn(100, n, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, n, dtype=torch.float64)
     C = X.T @ X
-    A, B = whitened_factors(W, C, 3, damping=0.01)
-    for lrc in (False, True):
-        lin = torch.nn.Linear(8, 6, bias=True).double()
-        with torch.no_grad():
-            lin.weight.copy_(W)
-        new = Whitener(lambda l, c: C).apply(0, "q", lin, {"rank": 3, "lrc": lrc})
-        assert (new is lin) is (not lrc)
-        torch.testing.assert_close(new.weight.detach(), B @ A, rtol=0, atol=1e-10)
-        x = torch.randn(4, 8, dtype=torch.float64)
-        torch.testing.assert_close(new(x), x @ (B @ A).T + lin.bias, rtol=0, atol=1e-10)
+
+    def q_at(rank: int, q_lrc: bool) -> dict:  # every other component untouched (full rank, dense)
+        comps = []
+        for l, c, _, m in iter_components(model):
+            full = min(m.weight.shape)
+            is_q = (l, c) == (0, "q")
+            comps.append({"layer": l, "component": c, "shape": [m.out_features, m.in_features], "full_rank": full,
+                          "rank": rank if is_q else full, "lrc": q_lrc and is_q})
+        return {"components": comps}
+
+    def q_of(rank: int, q_lrc: bool) -> torch.nn.Module:
+        wh = Whitener(lambda l, c: C if (l, c) == (0, "q") else pytest.fail(f"asked for {l} {c}"), damping=0.0)
+        m = compress_model(copy.deepcopy(model), q_at(rank, q_lrc), progress=False, whiten=wh)
+        return m.model.layers[0].self_attn.q_proj
+
+    new = q_of(3, lrc)
+    assert isinstance(new, LowRankLinear) is lrc
+    S, _ = damped_cholesky(C, 0.0)
+    sig = whitened_svd(W, S)[1]
+    err = float(((W - new.weight.detach()) @ X.T).pow(2).sum())
+    assert err == pytest.approx(float(sig[3:].pow(2).sum()), rel=1e-9)
+    u, s, vh = torch.linalg.svd(W)  # a real truncation, better on these tokens than the plain SVD's
+    assert 0 < err < float(((W - (u[:, :3] * s[:3]) @ vh[:3]) @ X.T).pow(2).sum())
+    A, B = whitened_factors(W, C, 3, damping=0.0)
+    torch.testing.assert_close(new.weight.detach(), B @ A, rtol=0, atol=1e-10)
+    if lrc:
+        torch.testing.assert_close(new.A.weight.detach(), A, rtol=0, atol=1e-10)
+        torch.testing.assert_close(new.B.weight.detach(), B, rtol=0, atol=1e-10)
+    x = torch.randn(4, n, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(new(x), x @ (B @ A).T, rtol=0, atol=1e-10)
+    if lrc:  # full rank: factors of W·S un-whitened give W back
+        torch.testing.assert_close(q_of(n, True).weight.detach(), W, rtol=0, atol=1e-9)
 
 
 # --------------------------------------------------------------------------- calibration on a model
