@@ -142,3 +142,30 @@ def test_bytes_tokenizer_needs_no_files():
     ids = tok("é!")["input_ids"]
     assert ids == [0xC3 + 3, 0xA9 + 3, ord("!") + 3, tok.eos_token_id]  # UTF-8 bytes shifted past 3 specials
     assert vocab_for(len(tok)) == 384 and tok.name_or_path == "bytes"
+
+
+def test_tokenizer_digest_is_memoized_and_follows_changes(monkeypatch):
+    """The digest is the hash of (class, sorted vocab, specials), computed once per tokenizer object, and
+    recomputed when the tokenizer gains a token or a special token is reassigned."""
+    import hashlib
+
+    from spectra.data import load_tokenizer, tokenizer_digest
+
+    def direct(t) -> str:  # independent: the definition, no cache
+        raw = repr((type(t).__name__, sorted(t.get_vocab().items()), list(t.all_special_tokens)))
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+    tok, other = load_tokenizer("bytes"), load_tokenizer("bytes")
+    calls = []
+    real = type(tok).get_vocab
+    monkeypatch.setattr(type(tok), "get_vocab", lambda self: calls.append(self) or real(self))
+    first = tokenizer_digest(tok)
+    assert len(calls) == 1 and first == direct(tok)
+    calls.clear()
+    assert tokenizer_digest(tok) == tokenizer_digest(tok) == first and not calls  # repeats read no vocabulary
+    assert tokenizer_digest(other) == first and calls  # an equal tokenizer: same digest, its own entry
+    tok.add_tokens(["<spectra-new>"])
+    assert tokenizer_digest(tok) == direct(tok) != first
+    before = tokenizer_digest(tok)
+    tok.pad_token = tok.eos_token
+    assert tokenizer_digest(tok) == direct(tok) != before
