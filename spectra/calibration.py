@@ -159,17 +159,11 @@ def collect(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device
 
 # --------------------------------------------------------------------------- store
 def save(store: str | Path, cal: Calibration) -> None:
-    """Replace the store's calibration group with `cal`."""
+    """Replace the store's calibration group with `cal` (the new group is complete before the old one goes)."""
     import xarray as xr
-    import zarr
 
-    from spectra.store import write_analysis
+    from spectra.store import write_analysis_tree
 
-    p = Path(store)
-    if p.exists():
-        root = zarr.open_group(p, mode="a")
-        if GROUP in root:
-            del root[GROUP]
     keys = sorted(cal.input_of)
     meta = xr.Dataset(
         {
@@ -179,9 +173,10 @@ def save(store: str | Path, cal: Calibration) -> None:
             "grad_sq": ("matrix", [cal.grad_sq.get(k, float("nan")) for k in keys]),
         }
     )
-    for key, C in cal.xtx.items():
-        write_analysis(p, f"{GROUP}/xtx/{key}", xr.Dataset({"xtx": (("in_row", "in_col"), C.cpu().numpy())}))
-    write_analysis(p, f"{GROUP}/meta", meta, {**cal.attrs, "tokens": cal.tokens})  # last: the commit record
+    parts = {f"xtx/{key}": (xr.Dataset({"xtx": (("in_row", "in_col"), C.cpu().numpy())}), None)
+             for key, C in cal.xtx.items()}
+    parts["meta"] = (meta, {**cal.attrs, "tokens": cal.tokens})
+    write_analysis_tree(store, GROUP, parts)
 
 
 def load(store: str | Path) -> Calibration:

@@ -25,9 +25,10 @@ Commit protocol (crash safety under kill -9, Ctrl-C, SIGTERM or an exception at 
    Resume truncation (`truncate_after`) publishes the shorter record first and shrinks the arrays
    after, so no committed byte is deleted before the new state is durable.
 
-Analysis stores (`analysis.zarr`) hold one xarray group per analysis; a group is written under a
-temporary name and swapped in by renames, and `merge=` updates only the given coordinates of a
-stored group (a partial `hessian-gap` keeps the other layers' results).
+Analysis stores (`analysis.zarr`) hold one xarray group per analysis; a group (or a tree of them,
+`write_analysis_tree`, e.g. the calibration) is written under a temporary name and swapped in by
+renames, never deleted before its replacement is complete, and `merge=` updates only the given
+coordinates of a stored group (a partial `hessian-gap` keeps the other layers' results).
 """
 
 from __future__ import annotations
@@ -519,6 +520,20 @@ def write_analysis(path: str | Path, name: str, ds: xr.Dataset, attrs: dict | No
     other stored entry is kept (all other coordinates must agree). The group is written under a
     temporary name and swapped in, so a kill leaves the old result or the new one.
     """
+    p = _analysis_root(path)
+    return _swap_in(p, name, {"": _prepared(p, name, ds, attrs, merge)})
+
+
+def write_analysis_tree(path: str | Path, name: str, parts: dict[str, tuple[xr.Dataset, dict | None]]) -> Path:
+    """Replace group `name` by a tree of datasets, `parts` = {"meta": (ds, attrs), "xtx/0.q": (ds, None), ...},
+    all written under one temporary name and swapped in together: a kill leaves the whole old tree or
+    the whole new one, never a mix, and the old one is not deleted before the new one is complete."""
+    p = _analysis_root(path)
+    return _swap_in(p, name, {sub: _prepared(p, f"{name}/{sub}", ds, attrs) for sub, (ds, attrs) in parts.items()})
+
+
+def _analysis_root(path: str | Path) -> Path:
+    """The analysis store at `path`, created if missing; anything else there is one error line."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise SpectraError(f"{p} is a file, not an analysis store; choose another --out")
@@ -530,6 +545,12 @@ def write_analysis(path: str | Path, name: str, ds: xr.Dataset, attrs: dict | No
                                              "attributes": {"kind": ANALYSIS_KIND}})
     elif _root_metadata(p).get("attributes", {}).get("kind") not in (None, ANALYSIS_KIND):
         raise SpectraError(f"{p} is not a spectra analysis store")
+    return p
+
+
+def _prepared(p: Path, name: str, ds: xr.Dataset, attrs: dict | None, merge: tuple[str, ...] = ()) -> xr.Dataset:
+    """`ds` as it is stored: merged with the stored group (`merge`), variables described, strings and attrs
+    in types Zarr v3 keeps."""
     ds = ds.copy()
     new_attrs = {k: _jsonable(v) for k, v in {**ds.attrs, **(attrs or {})}.items()}
     if merge and _group_dir(p, name).is_dir():
@@ -551,11 +572,20 @@ def write_analysis(path: str | Path, name: str, ds: xr.Dataset, attrs: dict | No
     ds = ds.assign({k: v.astype(object) for k, v in ds.data_vars.items() if v.dtype.kind == "U"})
     ds = ds.assign_coords({k: v.astype(object) for k, v in ds.coords.items() if v.dtype.kind == "U"})
     ds.attrs = {k: (_to_json(v) if isinstance(v, dict) else v) for k, v in new_attrs.items()}
+    return ds
+
+
+def _swap_in(p: Path, name: str, parts: dict[str, xr.Dataset]) -> Path:
+    """Write `parts` (sub-path -> dataset; "" is the group itself) under a temporary name beside group
+    `name`, then swap it in: old -> .old-<name>, temporary -> name, drop .old-<name>. Between the two
+    renames only .old-<name> exists, and read_analysis reads it."""
     final = _group_dir(p, name)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     old_dir = final.with_name(f".old-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    ds.to_zarr(p, group=tmp.relative_to(p).as_posix(), mode="w", consolidated=False)
+    for sub, ds in parts.items():
+        group = tmp.relative_to(p).as_posix() + (f"/{sub}" if sub else "")
+        ds.to_zarr(p, group=group, mode="w", consolidated=False)
     if final.is_dir():
         shutil.rmtree(old_dir, ignore_errors=True)
         os.replace(final, old_dir)
@@ -578,11 +608,18 @@ def read_analysis(path: str | Path, name: str) -> xr.Dataset:
     p = Path(path)
     if not p.exists():
         raise SpectraError(f"no analysis store at {p}")
-    group = name
-    final = _group_dir(p, name)
-    if not (final / "zarr.json").is_file() and (final.with_name(f".old-{final.name}") / "zarr.json").is_file():
-        group = final.with_name(f".old-{final.name}").relative_to(p).as_posix()  # killed mid-swap
     try:
-        return xr.open_zarr(p, group=group, consolidated=False).load()
+        return xr.open_zarr(p, group=_live_group(p, name), consolidated=False).load()
     except Exception:  # noqa: BLE001
         raise SpectraError(f"{p} has no analysis {name!r} (run `spectra {name.replace('_', '-')}` first)") from None
+
+
+def _live_group(p: Path, name: str) -> str:
+    """The path of group `name`, through `.old-<part>` where a writer was killed mid-swap of that part
+    (`name` itself, or a tree holding it, e.g. the calibration group of calibration/meta)."""
+    cur = p
+    for part in name.split("/"):
+        if not (cur / part / "zarr.json").is_file() and (cur / f".old-{part}" / "zarr.json").is_file():
+            part = f".old-{part}"
+        cur = cur / part
+    return cur.relative_to(p).as_posix()

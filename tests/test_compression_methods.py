@@ -260,6 +260,46 @@ def test_collect_matches_direct_xtx_and_shares_inputs(tmp_path):
     assert used == "relative" and scores[0].sum() == pytest.approx(1.0)
 
 
+def _cal(seed: int, keys: list[tuple[int, str]]) -> Calibration:
+    g = torch.Generator().manual_seed(seed)
+    xtx = {f"{l}.{c}": torch.randn(3, 3, generator=g, dtype=torch.float64) for l, c in keys}
+    return Calibration(10 + seed, xtx, {k: f"{k[0]}.{k[1]}" for k in keys}, {k: float(seed) for k in keys},
+                       {"data": f"d{seed}"})
+
+
+def test_calibration_save_replaces_whole_and_never_deletes_first(tmp_path, monkeypatch):
+    """A second save replaces the whole group (no stale xtx of the first); a save that fails midway leaves
+    the stored calibration exactly as it was, and a kill between the swap's two renames still reads it."""
+    import xarray as xr
+
+    store = tmp_path / "a.zarr"
+    first, second = _cal(1, [(0, "q"), (0, "up"), (1, "q")]), _cal(2, [(0, "q")])
+    save(store, first)
+    save(store, second)
+    back = load(store)
+    assert back.tokens == 12 and back.input_of == {(0, "q"): "0.q"} and back.attrs["data"] == "d2"
+    torch.testing.assert_close(back.xtx["0.q"], second.xtx["0.q"], rtol=0, atol=0)
+    assert sorted(p.name for p in (store / "calibration" / "xtx").iterdir() if p.is_dir()) == ["0.q"]
+    real, calls = xr.Dataset.to_zarr, []
+
+    def fail_third(self, *a, **k):
+        calls.append(k.get("group"))
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", fail_third)
+    with pytest.raises(OSError, match="disk full"):
+        save(store, first)
+    monkeypatch.undo()
+    assert all(g.startswith(".tmp-calibration-") for g in calls)  # only ever written beside the stored one
+    back = load(store)
+    assert back.tokens == 12 and back.input_of == {(0, "q"): "0.q"}
+    torch.testing.assert_close(back.xtx["0.q"], second.xtx["0.q"], rtol=0, atol=0)
+    (store / "calibration").rename(store / ".old-calibration")  # killed between the two renames
+    assert load(store).tokens == 12
+
+
 def test_whitened_compress_lowers_output_error():
     model = train_steps(make_tiny(vocab=64), 3, vocab=64)
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
