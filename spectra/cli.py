@@ -188,12 +188,8 @@ def _root(
 
 def _close_bars() -> None:
     """Close progress bars still open (an error mid-loop), so the error line starts a line of its own."""
-    tqdm = sys.modules.get("tqdm")
-    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", []) or []):
-        try:
-            bar.close()
-        except Exception:  # noqa: BLE001 - best effort on the way out
-            pass
+    if "spectra.progress" in sys.modules:  # no bar can be open if no command made one
+        sys.modules["spectra.progress"].close_open_bars()
 
 
 def _usage_message(text: str) -> str:

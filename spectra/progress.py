@@ -12,6 +12,11 @@ there the same calls write plain lines instead, at most one every `every` second
 `close`, iteration and `with`, so a call site swaps `tqdm(...)` for `progress_bar(...)`.
 `overall(items, desc)` is the bar over many items of work (components, ERRs, runs): it names the
 item being worked on and gives N-of-M and an ETA; per-item bars go under it with `position=1`.
+
+`close_open_bars()` closes every bar `progress_bar` made that is still open. A bar iterated by a
+loop that raised stays open while the traceback holds the loop's frame (its `finally` runs only
+when the generator is collected), so the CLI calls it before printing its one error line: the
+line then starts a line of its own instead of being glued to a half-drawn bar.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from __future__ import annotations
 import os
 import sys
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
 DEFAULT_EVERY = 30.0  # seconds between plain lines
+_MADE: weakref.WeakSet = weakref.WeakSet()  # bars progress_bar made (closing twice is a no-op for both kinds)
 
 
 def _hms(seconds: float) -> str:
@@ -148,8 +155,21 @@ def progress_bar(iterable: Iterable | None = None, *, tty: bool | None = None, e
         from tqdm.auto import tqdm
 
         kwargs.setdefault("dynamic_ncols", True)
-        return tqdm(iterable, file=file, **kwargs)
-    return LineBar(iterable, every=every, file=file, **kwargs)
+        bar = tqdm(iterable, file=file, **kwargs)
+    else:
+        bar = LineBar(iterable, every=every, file=file, **kwargs)
+    _MADE.add(bar)
+    return bar
+
+
+def close_open_bars() -> None:
+    """Close every bar `progress_bar` made that is still open (see the module docstring)."""
+    for bar in list(_MADE):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+    _MADE.clear()
 
 
 def overall(items: Iterable, desc: str, *, unit: str = "item", label=str, **kwargs) -> Iterator:

@@ -98,3 +98,34 @@ def test_every_from_environment(monkeypatch):
     monkeypatch.setenv("SPECTRA_PROGRESS_EVERY", "soon")
     assert LineBar(total=1, file=io.StringIO()).every == 30.0
     assert _hms(3725.4) == "1:02:05" and _hms(-1) == "0:00:00"
+
+
+def test_close_open_bars_closes_what_an_error_left_open():
+    """A command whose loop raises leaves its bar open (the traceback keeps the command's frame, and so the
+    bar, alive); close_open_bars ends both kinds, a log bar with its "stopped" line, before the CLI
+    writes its error line."""
+    from spectra.progress import close_open_bars
+
+    def command(file, **kw):
+        bar = progress_bar(total=5, desc="svd", file=file, **kw)
+        for i in range(5):
+            if i == 2:
+                raise ValueError("bad weight")
+            bar.update(1)
+
+    log, tty, clock = io.StringIO(), TTY(), Clock()
+    held = []
+    for file, kw in ((log, {"clock": clock, "every": 1e9}), (tty, {})):
+        try:
+            command(file, **kw)
+        except ValueError as e:
+            held.append(e)  # as the CLI's except clause does
+    assert log.getvalue().splitlines() == ["svd: 0/5 (0%), elapsed 0:00:00"]
+    drawn = tty.getvalue()
+    assert not drawn.endswith("\n")
+    close_open_bars()
+    assert log.getvalue().splitlines()[-1] == "svd: 2/5 (40%), elapsed 0:00:00, stopped"
+    assert tty.getvalue().startswith(drawn) and tty.getvalue().endswith("\n")  # tqdm's close ends its line
+    n = (len(log.getvalue()), len(tty.getvalue()))
+    close_open_bars()  # nothing left open: nothing more written
+    assert (len(log.getvalue()), len(tty.getvalue())) == n
