@@ -38,7 +38,7 @@ import os
 import shutil
 import threading
 import time
-import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +129,7 @@ def _members(path: Path, prefix: str = "") -> dict[str, dict]:
         md = json.loads(md_file.read_text())
         key = f"{prefix}{child.name}"
         if md.get("node_type") == "group":
-            md["consolidated_metadata"] = dict(_CM_EMPTY)
+            md["consolidated_metadata"] = dict(_CM_EMPTY)  # as zarr.consolidate_metadata writes it
             out[key] = md
             out.update(_members(child, key + "/"))
         else:
@@ -586,18 +586,56 @@ def _swap_in(p: Path, name: str, parts: dict[str, xr.Dataset]) -> Path:
     for sub, ds in parts.items():
         group = tmp.relative_to(p).as_posix() + (f"/{sub}" if sub else "")
         ds.to_zarr(p, group=group, mode="w", consolidated=False)
-    if final.is_dir():
+    with _store_lock(p):  # two writers of one store: swaps and root-metadata updates take turns
+        if final.is_dir():
+            shutil.rmtree(old_dir, ignore_errors=True)
+            os.replace(final, old_dir)
+        os.replace(tmp, final)
         shutil.rmtree(old_dir, ignore_errors=True)
-        os.replace(final, old_dir)
-    os.replace(tmp, final)
-    shutil.rmtree(old_dir, ignore_errors=True)
-    try:  # plain xr.open_zarr(store, group=...) then needs no fallback (and prints no warning)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            zarr.consolidate_metadata(p)
-    except Exception:  # noqa: BLE001 - a convenience for other readers; spectra reads unconsolidated
-        pass
+        _reconsolidate(p, name)
     return p
+
+
+@contextmanager
+def _store_lock(p: Path):
+    import fcntl
+
+    fd = os.open(p, os.O_RDONLY)  # the store folder itself: no lock file for Zarr to trip over
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock (a killed writer's lock goes with its process)
+
+
+def _reconsolidate(p: Path, name: str) -> None:
+    """Update the root's consolidated metadata for group `name` only (its entries dropped and reread, its
+    parent groups added if missing); the other groups' entries are kept as they are. It is what plain
+    `xr.open_zarr(store, group=...)` and `zarr.open_group` read, so it is replaced atomically; spectra's
+    own reader (read_analysis) reads each group's own metadata and never depends on it. A store whose
+    root has no consolidated metadata yet is scanned whole once."""
+    md = _root_metadata(p)
+    known = (md.get("consolidated_metadata") or {}).get("metadata")
+    if known is None:
+        members = _members(p)
+    else:
+        members = {k: v for k, v in known.items() if k != name and not k.startswith(f"{name}/")}
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent not in members:
+                members[parent] = _group_md(p / parent)
+        final = _group_dir(p, name)
+        members[name] = _group_md(final)
+        members.update(_members(final, f"{name}/"))
+    md["consolidated_metadata"] = {**_CM_EMPTY, "metadata": dict(sorted(members.items()))}
+    atomic_write_json(p / "zarr.json", md)
+
+
+def _group_md(path: Path) -> dict:
+    md = json.loads((path / "zarr.json").read_text())
+    md["consolidated_metadata"] = dict(_CM_EMPTY)
+    return md
 
 
 def _group_dir(p: Path, name: str) -> Path:

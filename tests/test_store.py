@@ -206,3 +206,42 @@ def test_every_stored_variable_is_described():
     got = read_analysis(p, "hessian_gap")
     assert got["gap"].attrs["units"] == "loss / weight units²" and got["gap"].attrs["long_name"].startswith("eigengap")
     assert got["mystery"].attrs["long_name"] == "mystery"
+
+
+@pytest.mark.filterwarnings("ignore:Consolidated metadata is currently not part")
+def test_analysis_consolidated_metadata_is_updated_per_group(tmp_path, monkeypatch):
+    """Each write updates only its own group's consolidated entries, and the result equals a full
+    zarr.consolidate_metadata of the same store, after replacing, nesting, merging and tree writes."""
+    import json
+    import shutil
+
+    import zarr
+
+    import spectra.store as store
+    from spectra.store import write_analysis_tree
+
+    p = tmp_path / "a.zarr"
+    scanned = []
+    real = store._members
+    monkeypatch.setattr(store, "_members", lambda path, prefix="": scanned.append(prefix) or real(path, prefix))
+    write_analysis(p, "spectrum", xr.Dataset({"x": ("layer", [1.0, 2.0])}, coords={"layer": [0, 1]}), {"a": 1})
+    write_analysis(p, "ranks/u20", xr.Dataset({"rank": ("i", [3, 4])}))
+    write_analysis(p, "ranks/u30", xr.Dataset({"rank": ("i", [1, 2, 5])}))
+    write_analysis(p, "spectrum", xr.Dataset({"x": ("layer", [7.0])}, coords={"layer": [2]}), merge=("layer",))
+    write_analysis_tree(p, "calibration", {"meta": (xr.Dataset({"grad_sq": ("m", [1.0])}), {"tokens": 3}),
+                                           "xtx/0.q": (xr.Dataset({"xtx": (("r", "c"), np.eye(2))}), None)})
+    write_analysis(p, "ranks/u20", xr.Dataset({"rank": ("i", [9, 9, 9, 9])}))  # a new shape replaces the old
+    # the first write scanned the new store once (root, then spectrum); every later one only its own group
+    assert scanned == ["", "spectrum/", "ranks/u20/", "ranks/u30/", "spectrum/", "calibration/", "calibration/meta/",
+                       "calibration/xtx/", "calibration/xtx/0.q/", "ranks/u20/"]
+    ours = json.loads((p / "zarr.json").read_text())
+    ref = tmp_path / "ref.zarr"
+    shutil.copytree(p, ref)
+    zarr.consolidate_metadata(ref)
+    theirs = json.loads((ref / "zarr.json").read_text())
+    assert ours["consolidated_metadata"]["metadata"] == theirs["consolidated_metadata"]["metadata"]
+    assert len(ours["consolidated_metadata"]["metadata"]) == 14 and ours["attributes"] == theirs["attributes"]
+    assert sorted(zarr.open_group(p, mode="r").group_keys()) == ["calibration", "ranks", "spectrum"]
+    got = xr.open_zarr(p, group="ranks/u20", consolidated=True)  # what other readers see
+    assert got["rank"].values.tolist() == [9, 9, 9, 9]
+    assert xr.open_zarr(p, group="spectrum", consolidated=True)["x"].values.tolist() == [1.0, 2.0, 7.0]
