@@ -200,6 +200,7 @@ class SnapshotWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._dirty = False  # a failed write may have left torn tails: cut them before the next one
+        self._cache: dict[str, dict] | None = None  # member metadata for _publish (see _noted)
         if (self.path / "zarr.json").is_file():
             a = _root_metadata(self.path).get("attributes", {})
             if a.get("kind") != STORE_KIND:
@@ -355,6 +356,7 @@ class SnapshotWriter:
             self._repair()
             self._dirty = False
         step, append = meta["step"], bool(self.committed)
+        n = len(self.committed) + 1
         dims = {"weight": ("step", "out", "in"), "grad": ("step", "out", "in"),
                 "grad_u": ("step", "out", "rank"), "grad_s": ("step", "rank"), "grad_v": ("step", "in", "rank")}
         for key, rec in params.items():
@@ -364,24 +366,52 @@ class SnapshotWriter:
             ds.attrs.update(rec["attrs"])
             ds.to_zarr(self.path, group=f"params/{key}", mode="a" if append else "w",
                        append_dim="step" if append else None, consolidated=False)
+            self._noted(f"params/{key}", ds, n)
         m = xr.Dataset({k: ("step", [v]) for k, v in meta.items() if k != "step"}, coords={"step": [step]})
         m.to_zarr(self.path, group="meta", mode="a" if append else "w", append_dim="step" if append else None,
                   consolidated=False)
+        self._noted("meta", m, n)
         self._publish(self.committed + [step])  # the one atomic act that makes this snapshot exist
         self.committed = self.committed + [step]
+
+    def _noted(self, group: str, ds: xr.Dataset, n: int) -> None:
+        """Bring the cached metadata of `group` up to date after `ds` was appended to it (now n snapshots).
+
+        Appending one step changes, in the group's files, only the arrays' step length (now n, which is
+        what _publish writes for them anyway) and the group's attributes (replaced by ds.attrs): so only
+        the group's own zarr.json is reread, not every array's. A group or variable the cache does not
+        know yet is read whole. Groups not written this time keep their cached (true) lengths, so
+        _publish still refuses to commit a step some array does not hold. The cache is dropped whenever
+        arrays are cut (_repair) and rebuilt by one full scan at the next publish."""
+        if self._cache is None:
+            return  # the next publish scans everything
+        names = {str(k) for k in ds.variables}  # the arrays xarray writes: data variables and the step coordinate
+        mine = [k for k in self._cache if k.startswith(f"{group}/")]
+        if group not in self._cache or {k.rpartition("/")[2] for k in mine} != names:
+            for k in [*mine, group]:
+                self._cache.pop(k, None)
+            self._cache.update({group: _group_md(self.path / group), **_members(self.path / group, f"{group}/")})
+            return
+        self._cache[group] = _group_md(self.path / group)
+        for k in mine:
+            a = self._cache[k]
+            if (a.get("dimension_names") or [None])[0] == "step":
+                self._cache[k] = {**a, "shape": [n, *a["shape"][1:]]}
 
     def _publish(self, steps: list[int]) -> None:
         """Rewrite the root metadata (commit record + consolidated metadata at len(steps)) atomically."""
         md = _root_metadata(self.path)
         n = len(steps)
-        members = _members(self.path) if n else {}
+        if n and self._cache is None:
+            self._cache = _members(self.path)
+        members = dict(self._cache) if n else {}
         for key, m in members.items():
             dims = m.get("dimension_names") or [None]
             if m.get("node_type") == "array" and dims[0] == "step":
                 if m["shape"][0] < n:
                     raise SpectraError(f"{self.path}/{key} holds {m['shape'][0]} snapshots, fewer than the {n} to "
                                        "commit")
-                m["shape"] = [n, *m["shape"][1:]]
+                members[key] = {**m, "shape": [n, *m["shape"][1:]]}
         md["attributes"][COMMIT_KEY] = [int(s) for s in steps]
         md["attributes"]["format_version"] = FORMAT_VERSION
         md["consolidated_metadata"] = {**_CM_EMPTY, "metadata": members}
@@ -389,6 +419,7 @@ class SnapshotWriter:
 
     def _repair(self) -> None:
         """Cut every array back to the committed length (only uncommitted data is removed)."""
+        self._cache = None  # lengths change here: the next publish reads them from disk
         n = len(self.committed)
         if n == 0:
             self._publish([])

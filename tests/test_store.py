@@ -245,3 +245,72 @@ def test_analysis_consolidated_metadata_is_updated_per_group(tmp_path, monkeypat
     got = xr.open_zarr(p, group="ranks/u20", consolidated=True)  # what other readers see
     assert got["rank"].values.tolist() == [9, 9, 9, 9]
     assert xr.open_zarr(p, group="spectrum", consolidated=True)["x"].values.tolist() == [1.0, 2.0, 7.0]
+
+
+def test_publish_reads_only_the_written_groups_and_equals_a_full_scan(tmp_path, monkeypatch):
+    """The commit record each snapshot publishes is built from cached member metadata, with only each written
+    group's own zarr.json reread; it equals a publish from a full scan of the store, through sketch attrs that
+    change every snapshot, a failed write, truncate_after and a reopen."""
+    import json
+
+    import spectra.store as store
+
+    model = make_tiny()
+    path = tmp_path / "s.zarr"
+    scans = []
+    real = store._members
+    monkeypatch.setattr(store, "_members", lambda p, prefix="": scans.append(prefix) or real(p, prefix))
+
+    def root() -> dict:
+        return json.loads((path / "zarr.json").read_text())
+
+    def full_scan_root(w) -> dict:  # the same publish from a fresh scan of every member
+        w._cache = None
+        w._publish(w.committed)
+        return root()
+
+    w = SnapshotWriter(path, grad_mode="sketch", sketch_rank=3, background=False)
+    w.SKETCH_CHECK_EVERY = 2  # sketch-error attrs change between snapshots
+    for step in (0, 2, 4, 6):
+        _grads(model, step)
+        w.write(model, step=step, tokens=step, lr=1e-3, loss=5.0 - step)
+    assert [p for p in scans if p == ""] == [""]  # one full scan (the first publish), then cached
+    cached = root()
+    assert cached["attributes"]["committed_steps"] == [0, 2, 4, 6]
+    assert cached == full_scan_root(w)
+    attrs = cached["consolidated_metadata"]["metadata"]["params/1.up"]["attributes"]
+    assert attrs["sketch_error_step"] == 4  # the group attrs written at step 6 (re-measured at steps 0, 4)
+    assert cached["consolidated_metadata"]["metadata"]["params/1.up/grad_u"]["shape"][0] == 4
+    # a write that fails after some groups were appended: nothing published, the next write repairs and rescans
+    real_to_zarr, calls = xr.Dataset.to_zarr, []
+
+    def fail_third(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real_to_zarr(self, *a, **k)
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", fail_third)
+    with pytest.raises(SpectraError, match="disk full"):
+        w.write(model, step=8, tokens=8, lr=1e-3, loss=1.0)
+    monkeypatch.setattr(xr.Dataset, "to_zarr", real_to_zarr)
+    assert root() == cached and list(open_run(path).steps) == [0, 2, 4, 6]
+    n = len(scans)
+    w.write(model, step=8, tokens=8, lr=1e-3, loss=1.0)
+    assert [p for p in scans[n:] if p == ""] == [""]  # the repair cut arrays: lengths reread from disk
+    assert root()["attributes"]["committed_steps"] == [0, 2, 4, 6, 8] and root() == full_scan_root(w)
+    w.write(model, step=10, tokens=10, lr=1e-3, loss=1.0)
+    n = len(scans)
+    w.truncate_after(4)
+    w.write(model, step=5, tokens=5, lr=1e-3, loss=1.0)
+    assert [p for p in scans[n:] if p == ""] == [""]  # likewise after truncation
+    after = root()
+    assert after["attributes"]["committed_steps"] == [0, 2, 4, 5] and after == full_scan_root(w)
+    assert after["consolidated_metadata"]["metadata"]["meta/loss"]["shape"] == [4]
+    w.close()
+    w2 = SnapshotWriter(path, background=False)  # reopened: the first publish scans, later ones do not
+    n = len(scans)
+    w2.write(model, step=7, tokens=7, lr=1e-3, loss=1.0)
+    w2.write(model, step=9, tokens=9, lr=1e-3, loss=1.0)
+    assert [p for p in scans[n:] if p == ""] == [""] and root() == full_scan_root(w2)
+    assert list(open_run(path).steps) == [0, 2, 4, 5, 7, 9]
