@@ -3,6 +3,7 @@
     python bench/spectrum_bench.py                    # 130m shape: 84 matrices (768², 2048×768, 768×2048)
     python bench/spectrum_bench.py --model tiny       # seconds
     python bench/spectrum_bench.py --svd-paths        # + σ per path: torch svdvals, scipy gesdd, float64 Gram
+    python bench/spectrum_bench.py --checkpoint-memory  # peak RSS: streamed from safetensors vs loaded first
 
 * spectra: `spectra.spectrum.spectrum_dataset` on the weights of one step (σ by the float64 Gram
   path over all cores, every metric of `spectra.heavytail`), the work of `spectra spectrum`.
@@ -13,12 +14,18 @@
 
 Methods alternate within each repeat; the figure is the median of per-repeat time ratios (a shared
 box: both suffer alike). Metrics compared: alpha, alpha_weighted, stable_rank, entropy, log_norm.
+
+--checkpoint-memory saves the model as a safetensors checkpoint and runs, each in a fresh process
+(peak RSS = ru_maxrss), `spectra spectrum`'s work on it two ways: "streamed" (the command: each
+matrix read from the file as the σ workers take it) and "loaded" (what the command did before:
+every decoder matrix of the checkpoint read into memory first, then the same σ and metrics).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import time
@@ -104,6 +111,71 @@ def svd_paths(weights: dict) -> None:
         print(f"  {shape[0]}×{shape[1]}: " + " | ".join(cells))
 
 
+def _rss_mb() -> tuple[float, float]:
+    """(current, peak) resident set size of this process in MiB."""
+    import resource
+
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def checkpoint_child(mode: str, path: str) -> None:
+    """One `spectra spectrum` pass over the checkpoint at `path`; prints a JSON line of its costs."""
+    import json
+
+    import accelerate  # noqa: F401 - imported up front so "after imports" counts every library the pass loads
+    import safetensors.torch  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import LlamaForCausalLM  # noqa: F401
+
+    from spectra.loading import stream_component_weights
+    from spectra.spectrum import checkpoint_weights
+
+    import_rss, _ = _rss_mb()
+    cpu = torch.device("cpu")
+    t, c = time.perf_counter(), time.process_time()
+    if mode == "streamed":
+        steps, source = checkpoint_weights(Path(path))
+    else:
+        steps, source = [0], iter([(0, {(l, k): w for l, k, w in stream_component_weights(path)[1]})])
+    ds = spectrum_dataset(steps, source, top_r=32, device=cpu, progress=False)
+    wall, cpu_s = time.perf_counter() - t, time.process_time() - c
+    print(json.dumps({"mode": mode, "wall": wall, "cpu": cpu_s, "import_rss": import_rss, "peak_rss": _rss_mb()[1],
+                      "sigma_sum": float(np.nansum(ds.sigma.values.astype(np.float64)))}))
+
+
+def checkpoint_memory(model_name: str, repeats: int) -> None:
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_model(model_name, vocab_size=384, seed=0, attn_implementation="eager")
+        n_bytes = sum(w.numel() * w.element_size() for w in component_weights(model).values())
+        model.save_pretrained(tmp)  # float32 safetensors
+        del model
+        print(f"{model_name} checkpoint: decoder linears {n_bytes / 2**20:.0f} MiB float32")
+        rows: dict[str, list[dict]] = {"loaded": [], "streamed": []}
+        for rep in range(repeats):
+            for mode in (("loaded", "streamed") if rep % 2 == 0 else ("streamed", "loaded")):
+                out = subprocess.run([sys.executable, __file__, "--checkpoint-child", mode, tmp], capture_output=True,
+                                     text=True, check=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                rows[mode].append(r)
+                print(f"  rep {rep} {mode:<8}: {r['wall']:6.2f} s (CPU {r['cpu']:6.2f}) | peak RSS "
+                      f"{r['peak_rss']:6.0f} MiB (after imports {r['import_rss']:.0f}) | Σσ {r['sigma_sum']:.6f}")
+        med = {m: {k: statistics.median(r[k] for r in v) for k in ("wall", "cpu", "peak_rss", "import_rss")}
+               for m, v in rows.items()}
+        for m, v in med.items():
+            print(f"{m:<8} median: {v['wall']:.2f} s wall, {v['cpu']:.2f} s CPU, peak RSS {v['peak_rss']:.0f} MiB "
+                  f"(+{v['peak_rss'] - v['import_rss']:.0f} over the imports)")
+        lo, st = med["loaded"], med["streamed"]
+        wall = [a["wall"] / b["wall"] for a, b in zip(rows["loaded"], rows["streamed"])]
+        print(f"loaded / streamed: peak RSS {lo['peak_rss'] / st['peak_rss']:.2f}x, above imports "
+              f"{(lo['peak_rss'] - lo['import_rss']) / max(st['peak_rss'] - st['import_rss'], 1):.2f}x; wall "
+              f"median {statistics.median(wall):.2f}x [{min(wall):.2f}–{max(wall):.2f}]")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="130m")
@@ -113,7 +185,14 @@ def main() -> None:
                     help="weightwatcher, or spectra's previous implementation (f32 batched svdvals, serial metrics)")
     ap.add_argument("--powerlaw-path", default=None,
                     help="a folder holding another powerlaw (e.g. pip install --target DIR 'powerlaw<2')")
+    ap.add_argument("--checkpoint-memory", action="store_true",
+                    help="peak RSS and time, streamed from safetensors vs loaded first (fresh process each)")
+    ap.add_argument("--checkpoint-child", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.checkpoint_child:
+        return checkpoint_child(*a.checkpoint_child)
+    if a.checkpoint_memory:
+        return checkpoint_memory(a.model, a.repeats)
     if a.powerlaw_path:
         sys.path.insert(0, a.powerlaw_path)
     import powerlaw

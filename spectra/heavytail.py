@@ -22,7 +22,9 @@ estimator the WeLore/HT-SR papers state, so alpha is one formula for every layer
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,11 +67,35 @@ def map_matrices(fn: Callable, items: Sequence, workers: int | None = None) -> l
     """fn over items, one Python thread per core, each with one intra-op thread: LAPACK's
     symmetric eigensolvers barely use a second OpenMP thread at these sizes (768: 13.8 s → 5.8 s
     wall for the 84 matrices of a 130m model with 2 workers × 1 thread instead of 1 × 2)."""
+    if len(items) <= 1:
+        return [fn(x) for x in items]  # one matrix keeps every intra-op thread
+    return list(imap_matrices(fn, items, workers, ahead=len(items)))
+
+
+def imap_matrices(fn: Callable, items: Iterable, workers: int | None = None, ahead: int | None = None) -> Iterator:
+    """`map_matrices` over a stream, results in order, with at most `ahead` items (default 2 per worker)
+    submitted and not yet handed back: the next item is pulled (e.g. read from a safetensors file, on
+    the calling thread, while the workers compute) only as a result comes back, so a stream of
+    matrices is never all in memory. While this generator is suspended torch runs one intra-op thread
+    on the calling thread too (the workers' setting; restored when the stream ends or is closed)."""
     workers = workers or torch.get_num_threads()  # = the cores torch was given (OMP_NUM_THREADS)
-    if workers <= 1 or len(items) <= 1:
-        return [fn(x) for x in items]
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    ahead = max(ahead or 2 * workers, 1)
     with _intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(fn, items))
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                del item  # the queue's future holds it until its result is taken
+                if len(pending) >= ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:  # an error (or a closed stream): start nothing more
+                f.cancel()
 
 
 def many_singular_values(mats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -88,6 +114,23 @@ def many_singular_values(mats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
                 out[i] = sv
         return out  # type: ignore[return-value]
     return map_matrices(gram_singular_values, mats)
+
+
+def stream_singular_values(mats: Iterable[torch.Tensor], gpu_batch: int = 32) -> Iterator[torch.Tensor]:
+    """`many_singular_values` over a stream of matrices, in order, holding only a few at a time: on CPU
+    2 per core in flight (`imap_matrices`, the same float64 Gram path), on GPU batches of `gpu_batch`."""
+    it = iter(mats)
+    first = next(it, None)
+    if first is None:
+        return
+    on_cpu = first.device.type == "cpu"
+    it = itertools.chain([first], it)
+    del first
+    if on_cpu:
+        yield from imap_matrices(gram_singular_values, it)
+        return
+    while chunk := list(itertools.islice(it, gpu_batch)):
+        yield from many_singular_values(chunk)
 
 
 def normalized_singular_values(sigma: torch.Tensor) -> torch.Tensor:

@@ -2,16 +2,20 @@
 per snapshot step, from a run's `snapshots.zarr` or from any HF causal-LM checkpoint folder.
 
 One exact singular-value computation per matrix, by the fastest path for the device
-(`spectra.heavytail.many_singular_values`: float64 Gram eigenvalues over all cores on CPU, one
+(`spectra.heavytail.stream_singular_values`: float64 Gram eigenvalues over all cores on CPU, one
 batched `svdvals` per shape on GPU). Writes group `spectrum` of
 `analysis.zarr` with dims (step, layer, component, index); see `spectra.heavytail` for how every
 metric is defined.
+
+Streaming: a step's matrices are read one at a time (a checkpoint's straight from its safetensors,
+a snapshot's from its Zarr chunks) and handed to the σ workers as they are read, at most two per
+core in flight; only σ is kept. A 130m checkpoint never has all of its decoder weights in memory.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,14 +25,14 @@ import typer
 import xarray as xr
 
 from spectra.errors import SpectraError
-from spectra.heavytail import many_singular_values, map_matrices, normalized_singular_values, spectrum_metrics
+from spectra.heavytail import map_matrices, normalized_singular_values, spectrum_metrics, stream_singular_values
 from spectra.models import COMPONENTS, analysis_store_for, resolve_device
 from spectra.progress import progress_bar
 
 METRICS = ("full_rank", "stable_rank", "effective_rank", "entropy", "energy_top_r", "alpha",
            "alpha_weighted", "log_norm", "xmin", "ks_distance")
 
-Weights = dict[tuple[int, str], torch.Tensor]
+Weights = Iterable[tuple[tuple[int, str], torch.Tensor]]  # ((layer, component), W), read as iterated
 
 
 # --------------------------------------------------------------------------- sources
@@ -37,7 +41,7 @@ def is_snapshot_store(path: Path) -> bool:
 
 
 def run_weights(path: Path, steps: list[int] | None) -> tuple[list[int], Iterator[tuple[int, Weights]]]:
-    """The selected steps of a snapshot store and a lazy iterator of {(layer, comp): W} per step."""
+    """The selected steps of a snapshot store and, per step, a lazy stream of ((layer, comp), W)."""
     from spectra.store import open_run
 
     run = open_run(path)
@@ -56,7 +60,7 @@ def run_weights(path: Path, steps: list[int] | None) -> tuple[list[int], Iterato
     def gen():
         for step in sorted(chosen):
             i = stored.index(step)
-            yield step, {k: torch.from_numpy(a.isel(step=i).values) for k, a in arrays.items()}
+            yield step, ((k, torch.from_numpy(a.isel(step=i).values)) for k, a in arrays.items())
 
     return sorted(chosen), gen()
 
@@ -89,7 +93,7 @@ def expand_paths(args: list[str]) -> list[Path]:
 
 def checkpoint_series(paths: list[Path], steps: list[int] | None) -> tuple[list[int], Iterator[tuple[int, Weights]]]:
     """Steps of a series of HF checkpoint folders (from their names, or --steps in the same order)
-    and a lazy iterator that reads one checkpoint at a time, straight from its safetensors."""
+    and, per checkpoint, a lazy stream of its matrices read straight from its safetensors."""
     from spectra.loading import stream_component_weights
     from spectra.models import find_checkpoint
 
@@ -116,7 +120,7 @@ def checkpoint_series(paths: list[Path], steps: list[int] | None) -> tuple[list[
     def gen():
         for i in order:
             _, weights = stream_component_weights(ckpts[i])
-            yield steps[i], {(layer, comp): w for layer, comp, w in weights}
+            yield steps[i], (((layer, comp), w) for layer, comp, w in weights)
 
     return [steps[i] for i in order], gen()
 
@@ -127,15 +131,30 @@ def checkpoint_weights(path: Path) -> tuple[list[int], Iterator[tuple[int, Weigh
 
 
 # --------------------------------------------------------------------------- analysis
-def batched_singular_values(weights: Weights, device: torch.device) -> dict[tuple[int, str], torch.Tensor]:
-    """σ of every matrix by the fastest exact path for `device` (spectra.heavytail.many_singular_values)."""
-    keys = list(weights)
-    return dict(zip(keys, many_singular_values([weights[k].to(device) for k in keys])))
+def batched_singular_values(
+    weights: Weights | Mapping[tuple[int, str], torch.Tensor], device: torch.device, step: int | None = None
+) -> dict[tuple[int, str], torch.Tensor]:
+    """σ of every matrix by the fastest exact path for `device`, streamed
+    (spectra.heavytail.stream_singular_values): each matrix is checked finite, moved and decomposed
+    as it is read, so only a few are in memory at once."""
+    items = weights.items() if isinstance(weights, Mapping) else weights
+    keys: list[tuple[int, str]] = []
+
+    def checked():
+        for (layer, comp), w in items:
+            if not torch.isfinite(w).all():  # LAPACK would fail with a cryptic message
+                at = f" at step {step}" if step is not None else ""
+                raise SpectraError(f"non-finite weights in layer {layer} {comp}{at}")
+            keys.append((layer, comp))
+            yield w.to(device)
+
+    svs = list(stream_singular_values(checked()))
+    return dict(zip(keys, svs))
 
 
 def spectrum_dataset(
     steps: list[int],
-    weights_per_step: Iterator[tuple[int, Weights]],
+    weights_per_step: Iterator[tuple[int, Weights | Mapping[tuple[int, str], torch.Tensor]]],
     *,
     top_r: int,
     device: torch.device,
@@ -147,10 +166,7 @@ def spectrum_dataset(
     for step, weights in progress_bar(
         weights_per_step, total=len(steps), desc="spectrum", unit="step", disable=not progress
     ):
-        for (layer, comp), w in weights.items():
-            if not torch.isfinite(w).all():  # checked up front: LAPACK would fail with a cryptic message
-                raise SpectraError(f"non-finite weights in layer {layer} {comp} at step {step}")
-        svs = batched_singular_values(weights, device)
+        svs = batched_singular_values(weights, device, step)
         fits = map_matrices(lambda s: spectrum_metrics(s, top_r), [s.cpu() for s in svs.values()])
         for ((layer, comp), s), m in zip(svs.items(), fits):
             sig[(step, layer, comp)] = s.cpu().numpy()

@@ -105,3 +105,48 @@ def test_spectrum_cuda_matches_cpu(tiny_store, tmp_path):
     a, b = (read_analysis(tmp_path / f"{d}.zarr", "spectrum") for d in ("cpu", "cuda"))
     np.testing.assert_allclose(a.sigma.values, b.sigma.values, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(a.stable_rank.values, b.stable_rank.values, rtol=1e-4)
+
+
+def test_streamed_checkpoint_gives_the_in_memory_sigma(tiny_ckpt):
+    """The command's stream (safetensors, one matrix at a time) and the whole model in memory give the same
+    σ and metrics bit for bit, and σ equals a float64 SVD of each weight."""
+    from spectra.loading import load_causal_lm
+    from spectra.models import component_weights
+    from spectra.spectrum import checkpoint_weights
+
+    cpu = torch.device("cpu")
+    steps, stream = checkpoint_weights(tiny_ckpt)
+    streamed = spectrum_dataset(steps, stream, top_r=8, device=cpu, progress=False)
+    weights = {k: w.detach().clone() for k, w in component_weights(load_causal_lm(tiny_ckpt)).items()}
+    in_memory = spectrum_dataset(steps, iter([(steps[0], weights)]), top_r=8, device=cpu, progress=False)
+    assert streamed.sizes == in_memory.sizes and streamed.sizes["layer"] * streamed.sizes["component"] == 14
+    for name in streamed.data_vars:
+        np.testing.assert_array_equal(streamed[name].values, in_memory[name].values, err_msg=name)
+    for (layer, comp), w in weights.items():
+        s = np.linalg.svd(w.double().numpy(), compute_uv=False)
+        got = streamed.sigma.sel(step=steps[0], layer=layer, component=comp).values[: s.size]
+        np.testing.assert_allclose(got, s, rtol=1e-6, atol=1e-7 * s[0])
+
+
+def test_stream_holds_only_a_few_matrices():
+    """σ come back in order while the source is read lazily: when result i is handed back, at most
+    i + 1 + 2·workers matrices have been pulled from the source."""
+    from spectra.heavytail import many_singular_values, stream_singular_values
+
+    g = torch.Generator().manual_seed(1)
+    mats = [torch.randn(24 + 8 * (i % 3), 24, generator=g) for i in range(16)]
+    pulled = []
+
+    def source():
+        for i, m in enumerate(mats):
+            pulled.append(i)
+            yield m
+
+    workers = torch.get_num_threads()
+    out = []
+    for i, s in enumerate(stream_singular_values(source())):
+        assert len(pulled) <= i + 1 + (2 * workers if workers > 1 else 0), (i, len(pulled))
+        out.append(s)
+    assert len(out) == 16
+    for s, ref in zip(out, many_singular_values(mats)):
+        assert torch.equal(s, ref)
