@@ -245,8 +245,9 @@ class SnapshotWriter:
         meta = dict(step=step, tokens=tokens, lr=lr, loss=loss, grad_norm=grad_norm, wall_time=time.time())
         self.steps.append(step)
         if self.background:
-            self._thread = threading.Thread(target=self._write_guarded, args=(params, meta), daemon=False,
-                                            name="spectra-snapshot")
+            self._done = threading.Event()
+            self._thread = threading.Thread(target=self._write_guarded, args=(params, meta, self._done),
+                                            daemon=False, name="spectra-snapshot")
             self._thread.start()
         else:
             self._write_guarded(params, meta)
@@ -255,6 +256,12 @@ class SnapshotWriter:
     def wait(self) -> None:
         """Block until the snapshot in flight is committed (or raise why it was not)."""
         if self._thread is not None:
+            # Wait on our own event, not on join() alone: in Python 3.11 a Ctrl-C that interrupts
+            # Thread.join() marks the still-running thread as stopped (the bpo-45274 cleanup releases
+            # its tstate lock), so the next join() -- ours in the error path, or the interpreter's at
+            # exit -- returns at once and the process can end mid-snapshot. An interrupted
+            # Event.wait() leaves nothing behind, and the next call waits again.
+            self._done.wait()
             self._thread.join()
             self._thread = None
         self._raise_pending()
@@ -344,12 +351,15 @@ class SnapshotWriter:
         rec["grad_s"] = s.contiguous().numpy()
         rec["grad_v"] = v.contiguous().numpy()
 
-    def _write_guarded(self, params, meta):
+    def _write_guarded(self, params, meta, done: threading.Event | None = None):
         try:
             self._write(params, meta)
         except BaseException as e:  # noqa: BLE001 - surfaced by wait()
             self._dirty = True
             self._error = e
+        finally:
+            if done is not None:
+                done.set()
 
     def _write(self, params: dict, meta: dict) -> None:
         if self._dirty:

@@ -314,3 +314,29 @@ def test_publish_reads_only_the_written_groups_and_equals_a_full_scan(tmp_path, 
     w2.write(model, step=9, tokens=9, lr=1e-3, loss=1.0)
     assert [p for p in scans[n:] if p == ""] == [""] and root() == full_scan_root(w2)
     assert list(open_run(path).steps) == [0, 2, 4, 5, 7, 9]
+
+
+def test_ctrl_c_during_wait_still_waits_for_the_snapshot_in_flight(tmp_path, monkeypatch):
+    """Python 3.11's Thread.join() marks a still-running thread stopped when Ctrl-C interrupts it, so
+    a second join returns at once; the writer must still finish (commit) the snapshot in flight."""
+    import os
+    import signal
+    import threading
+    import time
+
+    model = make_tiny()
+    _grads(model)
+    w = SnapshotWriter(tmp_path / "s.zarr", grad_mode="full", background=True)
+    real = SnapshotWriter._write
+
+    def slow(self, params, meta):
+        time.sleep(1.5)
+        real(self, params, meta)
+
+    monkeypatch.setattr(SnapshotWriter, "_write", slow)
+    w.write(model, step=0, tokens=0, lr=1e-3, loss=5.0)
+    threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        w.wait()
+    w.close()  # what the pretraining loop's error path does
+    assert w.committed == [0] and list(open_run(tmp_path / "s.zarr").steps) == [0]
