@@ -69,7 +69,7 @@ def compressed_model(args) -> torch.nn.Module:
     rank_map = build_rank_map(model_spectra(model, device=args.device), method="welore", err=args.err)
     if args.map == "attention-lrc":
         for e in rank_map["components"]:  # the trained-model pattern: low-rank attention, dense MLP
-            attn = e["component"] in ("q", "k", "v", "o")
+            attn = e["component"] in ("q", "k", "v", "o") and int(e["layer"]) >= args.lrc_from_layer
             e["lrc"], e["rank"] = attn, max(1, int(e["full_rank"]) // 4) if attn else int(e["full_rank"])
     return compress_model(model, rank_map, device=args.device, progress=False)
 
@@ -96,6 +96,9 @@ def main() -> None:
     p.add_argument("--map", default="welore", choices=("welore", "attention-lrc"),
                    help="welore: the WeLore map of the random weights (nearly every matrix an LRC); attention-lrc: "
                         "q,k,v,o LRCs at 1/4 rank, MLP dense frozen N-LRCs, as WeLore finds on trained LLaMAs")
+    p.add_argument("--lrc-from-layer", type=int, default=0,
+                   help="attention-lrc map: LRCs only in layers >= K; below them nothing trains, so backward "
+                        "stops at layer K (trained LLaMAs have LRCs in the first blocks too: K=0 is the realistic map)")
     p.add_argument("--vocab", type=int, default=32128, help="vocab of the built model (T5: 32128)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=6)
