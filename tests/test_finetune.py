@@ -332,16 +332,24 @@ def test_frozen_n_lrcs_keep_no_grads_state_or_weight_grad_activations(pretrained
     from spectra.lm_loss import causal_lm_loss
 
     model, opt = prepare(copy.deepcopy(pretrained), FinetuneConfig(method=method), torch.device("cpu"))
+    assert opt.defaults["fused"]  # the same fused AdamW for both (a per-tensor loop would flatter welore)
     downs = [layer.mlp.down_proj for layer in model.model.layers]  # N-LRCs (dense, frozen under welore)
     inputs, saved = [], set()
     hooks = [d.register_forward_hook(lambda _m, args, _o: inputs.append(args[0])) for d in downs]
+    first = model.model.layers[0].self_attn.q_proj  # an LRC in the lowest layer
+    below = []
+    hooks.append(first.register_forward_hook(lambda _m, args, _o: below.append(args[0])))
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.add(t.data_ptr()) or t, lambda t: t):
         loss = causal_lm_loss(model, data[0][0][:2])
     for h in hooks:
         h.remove()
     loss.backward()
     opt.step()
-    assert len(inputs) == len(downs)
+    assert len(inputs) == len(downs) and len(below) == 1
+    # under welore nothing below the lowest LRC trains (frozen embedding and norm): no gradient
+    # flows into the embedding output, so autograd's backward ends at layer 0's factor weights
+    assert below[0].requires_grad == (method == "full")
+    assert (model.lm_head.weight.grad is None) == (method == "welore")  # lm_loss skips the frozen head's grad
     kept = [x.data_ptr() in saved for x in inputs]
     state = {id(p) for p in opt.state}
     if method == "welore":
@@ -350,3 +358,54 @@ def test_frozen_n_lrcs_keep_no_grads_state_or_weight_grad_activations(pretrained
         assert state == {id(p) for p in model.parameters() if p.requires_grad}  # LRC factors only
     else:
         assert all(kept) and all(d.weight.grad is not None and id(d.weight) in state for d in downs)
+
+
+def _welore_curve(pretrained, batches, steps=5, **kw):
+    from spectra.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(method="welore", steps=steps, lr=3e-3, batch_size=4, micro_batch=2, warmup=2, **kw)
+    model, m = finetune(copy.deepcopy(pretrained), iter(batches), cfg, torch.device("cpu"))
+    return model, [loss for _, loss in m["loss_curve"]], m
+
+
+def test_welore_curve_equals_the_plain_unfused_loop(pretrained, data):
+    """The harness (fused AdamW, chunked loss, one sync per step) trains exactly as the textbook
+    loop did before it: HF's labels= loss, per-tensor AdamW, LRC factors only, same schedule/clip."""
+    from spectra.finetune import lrc_modules
+    from spectra.schedule import warmup_cosine
+
+    batches = [b for x in data[0] for b in x.split(2)][:10]
+    model, curve, m = _welore_curve(pretrained, batches)
+    assert m["tokens_per_cpu_s"] > 0
+    ref_model = copy.deepcopy(pretrained).requires_grad_(False)
+    params = [p for lr in lrc_modules(ref_model) for p in (lr.A.weight, lr.B.weight)]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0, eps=1e-8, foreach=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(2, 5, 0.1))
+    ref, it = [], iter(batches)
+    for _ in range(5):
+        total = 0.0
+        for x in (next(it), next(it)):
+            loss = ref_model(input_ids=x, labels=x).loss / 2
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        ref.append(total)
+    assert curve == pytest.approx(ref, abs=1e-6)
+    assert not torch.equal(lrc_modules(model)[0].A.weight, lrc_modules(pretrained)[0].A.weight)  # it did train
+    for a, b in zip(lrc_modules(model), lrc_modules(ref_model)):
+        torch.testing.assert_close(a.A.weight, b.A.weight, rtol=0, atol=1e-5)  # <1% of one lr=3e-3 step
+        torch.testing.assert_close(a.B.weight, b.B.weight, rtol=0, atol=1e-5)  # <1% of one lr=3e-3 step
+
+
+def test_cpu_bf16_autocast_tracks_fp32_with_fp32_masters(pretrained, data):
+    batches = [b for x in data[0] for b in x.split(2)][:6]
+    _, fp32, _ = _welore_curve(pretrained, batches, steps=3)
+    model, bf16, _ = _welore_curve(pretrained, batches, steps=3, cpu_bf16=True)
+    diffs = [abs(a - b) for a, b in zip(fp32, bf16)]
+    assert 0 < max(diffs) < 2e-2  # bf16 matmuls really ran, and stayed within bf16's rounding of fp32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
