@@ -408,3 +408,14 @@ class Prefetcher:
             except queue.Empty:
                 pass
             self._thread.join(timeout=0.05)
+
+
+def shared_data() -> Path:
+    """The offline data folder: $SPECTRA_DATA, else shared/data next to the checkout (or the current folder's).
+    `spectra pipeline` presets and `spectra sweep`'s default eval sets read it."""
+    if os.environ.get("SPECTRA_DATA"):
+        return Path(os.environ["SPECTRA_DATA"])
+    for base in (Path(__file__).resolve().parents[2], Path.cwd().parent, Path.cwd()):
+        if (base / "shared" / "data").is_dir():
+            return base / "shared" / "data"
+    raise SpectraError("cannot find shared/data next to the checkout; pass the data files to the command")
