@@ -71,8 +71,9 @@ def _load_tokenizer(name_or_path: str, p: Path, AutoTokenizer):
 
 
 # --------------------------------------------------------------------------- documents
-def expand_files(spec: str | list[str]) -> list[str]:
-    """Files named by paths, globs or folders (recursively), sorted for determinism."""
+def expand_files(spec: str | list[str], flag: str = "--data") -> list[str]:
+    """Files named by paths, globs or folders (recursively), sorted for determinism (`flag`: the option
+    that named them, for the error line)."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     files: list[str] = []
     for s in specs:
@@ -87,7 +88,7 @@ def expand_files(spec: str | list[str]) -> list[str]:
             else:
                 hits = glob.glob(part, recursive=True)
             if not hits:
-                raise SpectraError(f"--data {part!r} matches no files")
+                raise SpectraError(f"{flag} {part!r} matches no files")
             files += hits
     files = sorted(set(files))
     builders = {_builder(f) for f in files}
@@ -95,7 +96,7 @@ def expand_files(spec: str | list[str]) -> list[str]:
         bad = [f for f in files if _builder(f) is None][:3]
         raise SpectraError(f"unsupported data file type: {bad} (use json/jsonl(.gz)/txt/parquet)")
     if len(builders) > 1:
-        raise SpectraError(f"--data mixes file types {sorted(builders)}; give one kind at a time")
+        raise SpectraError(f"{flag} mixes file types {sorted(builders)}; give one kind at a time")
     return files
 
 

@@ -295,8 +295,12 @@ class SweepOptions:
                                      ("--variants whitened", "whitened" in self.variants),
                                      ("--recover-steps", self.recover_steps > 0)) if on]
         if needs and not self.calib_data:
-            raise SpectraError(f"{' and '.join(needs)} need --calib-data FILES (calibration text, e.g. the "
-                               "model's training data)")
+            raise SpectraError(f"{' and '.join(needs)} {'need' if len(needs) > 1 else 'needs'} --calib-data FILES "
+                               "(calibration text, e.g. the model's training data)")
+        if self.calib_data:
+            from spectra.data import expand_files
+
+            expand_files(self.calib_data, "--calib-data")
         check_options(self.calib_data, self.calib_seqs, self.calib_seq_len, self.damping, self.loss_weight)
 
 
@@ -311,7 +315,7 @@ def eval_sets(specs: list[str] | None) -> dict[str, str]:
             raise SpectraError(f"--eval-data takes NAME=FILES, not {spec!r}")
         if name in sets:
             raise SpectraError(f"--eval-data names {name!r} twice")
-        expand_files(files)  # a path that matches nothing fails here, before the model loads
+        expand_files(files, "--eval-data")  # a path that matches nothing fails here, before the model loads
         sets[name] = files
     if not sets:
         data = shared_data()
@@ -363,15 +367,15 @@ def _sweep(o: SweepOptions, path: str | None = None, eval_data: list[str] | None
         except SpectraError:
             if "diagnostic" in methods:
                 raise
-    cal = calibration(store, src, model, o.calib_data, tok_name, o.calib_seqs, o.calib_seq_len, device=dev)
     recovery = None
-    if o.recover_steps > 0:
+    if o.recover_steps > 0:  # before the calibration: too little text must fail before anything is written
         need = o.recover_steps * o.recover_batch_size
         rec = text_windows(o.calib_data, tok, o.calib_seq_len, need * o.calib_seq_len, split="train")
         if len(rec) < need:
             raise SpectraError(f"--calib-data holds {len(rec)} windows of {o.calib_seq_len} tokens; --recover-steps "
                                f"{o.recover_steps} x --recover-batch-size {o.recover_batch_size} need {need}")
         recovery = Recovery(o.recover_steps, rec, o.recover_batch_size, o.recover_lr)
+    cal = calibration(store, src, model, o.calib_data, tok_name, o.calib_seqs, o.calib_seq_len, device=dev)
     console = Console()
     ds = run_sweep(model, spectra, cal, windows, methods, list(o.errs), list(o.err_by), list(o.variants), o.damping,
                    o.loss_weight, diag, batch_size=o.batch_size, device=dev, log=console.print, recovery=recovery)
