@@ -27,7 +27,7 @@ import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 import numpy as np
 import typer
@@ -35,6 +35,9 @@ import typer
 from spectra.calibration import DEFAULT_SEQ_LEN, DEFAULT_SEQS
 from spectra.errors import SpectraError
 from spectra.options import command_from, opt
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_ERRS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 BASELINES = ("welore", "uniform", "energy")
@@ -48,7 +51,7 @@ class Recovery:
     windows of `windows` (the same windows, in the same order, for every configuration)."""
 
     steps: int
-    windows: "torch.Tensor"  # noqa: F821 - [n, seq_len] token windows, n >= steps * batch_size
+    windows: torch.Tensor  # [n, seq_len] token windows, n >= steps * batch_size
     batch_size: int = 8
     lr: float | None = None  # None: spectra finetune's WeLore default
 
