@@ -153,7 +153,7 @@ def pipeline_command(
     preset: Annotated[str, typer.Option(help=f"embedded configuration: {', '.join(PRESETS)}")] = "quickstart",
     runs_dir: Annotated[str, typer.Option(help="parent folder of runs")] = "runs",
     run_id: Annotated[Optional[str], typer.Option(help="run folder name (default: <preset>-<timestamp>)")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="override the preset's pretraining steps")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="override the preset's pretraining steps", min=1)] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     skip_pretrain: Annotated[bool, typer.Option(help="reuse the run's existing checkpoint and snapshots")] = False,
     config: Annotated[Optional[Path], CONFIG_OPTION] = None,
@@ -179,7 +179,7 @@ def pipeline_command(
     tok = p.get("tokenizer") or str(data / "tokenizers" / "t5")
     run_id = run_id or f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = Path(runs_dir) / run_id
-    pre = {**p["pretrain"], **({"steps": steps} if steps else {})}
+    pre = {**p["pretrain"], **({"steps": steps} if steps is not None else {})}
     if not skip_pretrain:
         _stage(
             "pretrain",

@@ -209,6 +209,7 @@ def _cases(w) -> list[tuple[list[str], str]]:
         # pipeline
         (["pipeline", "--preset", "gigantic"], "gigantic"),
         (["pipeline", "--preset", "quickstart", "--run-id", "../x"], "--run-id"),
+        (["pipeline", "--preset", "quickstart", "--steps", "0"], "--steps"),  # 0 was silently the preset's steps
         # NaN weights are refused by every loader, naming the tensor
         (["spectrum", str(r / "nan-ckpt"), "--out", str(r / "nan.zarr")], "layer 0 up"),
         (["ranks", "--ckpt", str(r / "nan-ckpt"), "--out", str(r / "nan.json")], "layer 0 up"),
