@@ -1,9 +1,16 @@
 """`spectra pipeline`: the whole data path in one command, from an embedded preset.
 
 pretrain -> snapshots.zarr -> spectrum / grad-subspace / hessian-gap (analysis.zarr) -> rank maps
-(WeLore, uniform, diagnostic at several ERRs) -> compressed models -> perplexity -> finetuning
-comparison (WeLore-PEFT vs LoRA vs GaLore vs full) -> report.html. Every stage is the same
-command a user would type; this file only chooses their arguments.
+at several ERRs -> compressed models -> perplexity -> finetuning comparison (WeLore-PEFT vs LoRA vs
+GaLore vs full) -> report.html. Every stage is the same command a user would type; this file only
+chooses their arguments.
+
+The rank maps are the ones that earned their place in `spectra sweep` (reports/README.md): WeLore
+(the paper's), uniform (its baseline), energy (the data-free threshold any new map must beat) and
+loss with whitened truncation (the best map at 10-70% ERR), calibrated on the preset's training
+text (`calib`: sequences x tokens, stored once in the analysis store and reused by ranks and
+compress). `diagnostic` stays available as `spectra ranks --method diagnostic`; it lost every
+cell from 40 to 80% ERR, so the pipeline no longer spends time on it.
 
 Presets use the offline data in ../shared/data (Wikipedia for pretraining, the real C4 sample
 for C4 perplexity) and the real T5 tokenizer. The model therefore saw Wikipedia, not C4: C4
@@ -13,7 +20,6 @@ perplexities are out-of-domain and not comparable with published C4-pretraining 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -24,16 +30,9 @@ from spectra.errors import SpectraError
 from spectra.options import CONFIG_OPTION
 from spectra.rankmap import err_tag
 
-
-def shared_data() -> Path:
-    """$SPECTRA_DATA, else ../shared/data next to the checkout (or the current folder's)."""
-    if os.environ.get("SPECTRA_DATA"):
-        return Path(os.environ["SPECTRA_DATA"])
-    for base in (Path(__file__).resolve().parents[2], Path.cwd().parent, Path.cwd()):
-        if (base / "shared" / "data").is_dir():
-            return base / "shared" / "data"
-    raise SpectraError("cannot find shared/data next to the checkout; pass --data/--tokenizer to the single commands")
-
+# (rank map method, label of its eval rows): the maps the pipeline compresses with, in report order
+MAPS = (("welore", "welore"), ("uniform", "uniform"), ("energy", "energy"), ("loss", "loss-whitened"))
+WHITENED = {"loss"}  # maps whose compression truncates in the whitened basis (compress --whiten)
 
 # name -> stage arguments; `tiny` runs in a few CPU minutes, `130m` is the GPU reference run
 PRESETS: dict[str, dict] = {
@@ -55,6 +54,7 @@ PRESETS: dict[str, dict] = {
         ),
         grad_rank=8,
         hessian=dict(k=4, batches=2, batch_size=2, seq_len=64),
+        calib=dict(seqs=64, seq_len=128),  # 8 k tokens: seconds on the tiny model
         errs=(0.1, 0.3, 0.5),
         eval_tokens=8192,
         eval_seq=128,
@@ -79,6 +79,7 @@ PRESETS: dict[str, dict] = {
         ),
         grad_rank=8,
         hessian=dict(k=4, batches=2, batch_size=2, seq_len=128),
+        calib=dict(seqs=256, seq_len=128),
         errs=(0.1, 0.2, 0.3, 0.4, 0.5),
         eval_tokens=16384,
         eval_seq=128,
@@ -105,6 +106,7 @@ PRESETS: dict[str, dict] = {
         ),
         grad_rank=8,
         hessian=dict(k=4, batches=2, batch_size=2, seq_len=256),
+        calib=dict(seqs=256, seq_len=256),  # spectra sweep's default, the setting of reports/README.md
         # 70/90% too: below 50% a model this small loses < 0.2% ppl whatever the map
         errs=(0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9),
         eval_tokens=65536,
@@ -130,6 +132,7 @@ PRESETS: dict[str, dict] = {
         ),
         grad_rank=16,
         hessian=dict(k=8, batches=2, batch_size=32, seq_len=256),
+        calib=dict(seqs=256, seq_len=256),
         errs=(0.1, 0.2, 0.3, 0.4, 0.5),
         eval_tokens=1 << 20,
         eval_seq=256,
@@ -150,7 +153,7 @@ def pipeline_command(
     preset: Annotated[str, typer.Option(help=f"embedded configuration: {', '.join(PRESETS)}")] = "quickstart",
     runs_dir: Annotated[str, typer.Option(help="parent folder of runs")] = "runs",
     run_id: Annotated[Optional[str], typer.Option(help="run folder name (default: <preset>-<timestamp>)")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="override the preset's pretraining steps")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="override the preset's pretraining steps", min=1)] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     skip_pretrain: Annotated[bool, typer.Option(help="reuse the run's existing checkpoint and snapshots")] = False,
     config: Annotated[Optional[Path], CONFIG_OPTION] = None,
@@ -158,6 +161,7 @@ def pipeline_command(
     """Run the whole WeLore pipeline (pretrain, analyze, rank, compress, eval, finetune, report) from a preset."""
     from pretrain.loop import PretrainConfig, pretrain
     from reports.build import report_command
+    from spectra.data import shared_data
     from spectra.evaluate import eval_command
     from spectra.finetune import finetune_command
     from spectra.hessian import hessian_gap_command
@@ -175,7 +179,7 @@ def pipeline_command(
     tok = p.get("tokenizer") or str(data / "tokenizers" / "t5")
     run_id = run_id or f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = Path(runs_dir) / run_id
-    pre = {**p["pretrain"], **({"steps": steps} if steps else {})}
+    pre = {**p["pretrain"], **({"steps": steps} if steps is not None else {})}
     if not skip_pretrain:
         _stage(
             "pretrain",
@@ -198,7 +202,10 @@ def pipeline_command(
     for dataset in (val, c4):
         _stage(f"eval dense on {Path(dataset).name}", eval_command, model=str(run), data=dataset, out=eval_out, **ev)
     analysis = str(run / "analysis.zarr")
-    for method in ("welore", "uniform", "diagnostic"):
+    # the preset's training text calibrates the loss map and its whitened truncation (one pass, stored)
+    cal = dict(calib_data=train, tokenizer=tok, calib_seqs=p["calib"]["seqs"], calib_seq_len=p["calib"]["seq_len"])
+    for method, label in MAPS:
+        whiten = method in WHITENED
         for err in p["errs"]:
             tag = f"{method}-{err_tag(err)}"
             rank_map = run / "ranks" / f"{tag}.json"
@@ -211,15 +218,17 @@ def pipeline_command(
                 analysis=analysis,
                 out=str(rank_map),
                 device=device,
+                **(cal if method == "loss" else {}),
             )
             folder = run / "compressed" / tag
             _stage(
-                f"compress {tag}",
+                f"compress {tag}{' (whitened)' if whiten else ''}",
                 compress_command,
                 ckpt=str(run),
                 out=str(folder),
                 rank_map=str(rank_map),
                 device=device,
+                **(dict(whiten=True, **cal) if whiten else {}),
             )
             for dataset in (val, c4):
                 _stage(
@@ -228,6 +237,7 @@ def pipeline_command(
                     model=str(folder),
                     data=dataset,
                     out=eval_out,
+                    method=label,
                     **ev,
                 )
     for err in p["finetune_errs"]:

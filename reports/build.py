@@ -20,7 +20,7 @@ from reports.inputs import RunInputs, load_run
 from reports.style import esc, fmt, num
 
 HEAVY_TAIL = ("alpha", "alpha_weighted", "stable_rank", "effective_rank", "log_norm")
-METHOD_ORDER = ("welore", "diagnostic", "uniform")
+METHOD_ORDER = ("welore", "uniform", "energy", "loss", "diagnostic")  # the pipeline's maps first
 SUBSPACE = ("overlap_prev", "overlap_final", "energy_in_weight_subspace")
 
 

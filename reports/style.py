@@ -12,7 +12,9 @@ GREEN, RED = "rgba(44,160,44,{a})", "rgba(214,39,40,{a})"
 # one colour family per method, the same in every figure: (dark, light) -- the light shade is the
 # method's second dataset (ColorBrewer "Paired"; grey for the dense / full-finetuning reference)
 METHOD_COLORS = {"welore": ("#33a02c", "#b2df8a"), "uniform": ("#1f78b4", "#a6cee3"),
-                 "diagnostic": ("#6a3d9a", "#cab2d6"), "dense": ("#444444", "#aaaaaa"), "full": ("#444444", "#aaaaaa"),
+                 "diagnostic": ("#6a3d9a", "#cab2d6"),
+                 "energy": ("#8c510a", "#d8b365"), "loss-whitened": ("#b2182b", "#ef8a62"),
+                 "dense": ("#444444", "#aaaaaa"), "full": ("#444444", "#aaaaaa"),
                  "lora": ("#ff7f00", "#fdbf6f"), "galore": ("#e31a1c", "#fb9a99")}
 SPARE_COLORS = [("#b15928", "#dfc27d"), ("#01665e", "#80cdc1"), ("#c51b7d", "#f1b6da")]
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")

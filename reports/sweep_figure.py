@@ -1,9 +1,11 @@
 """The `spectra sweep` figure: perplexity vs ERR for every rank method, plain and whitened, by rank and
 by parameters, one panel per dataset, with the parameters kept on a second x axis (hover) and the
-dense model as a dashed line."""
+dense model as a dashed line. A sweep run with --recover-steps adds the perplexity after the short
+WeLore-PEFT recovery, same colour, dashed (plain) or dash-dotted (whitened), where it was measured."""
 
 from __future__ import annotations
 
+import numpy as np
 import plotly.graph_objects as go
 import xarray as xr
 from plotly.subplots import make_subplots
@@ -27,17 +29,21 @@ def sweep_figure(ds: xr.Dataset) -> go.Figure:
     for r, err_by in enumerate(err_bys, start=1):
         for c, dname in enumerate(datasets, start=1):
             for i, m in enumerate(methods):
+                params = (ds["linear_params"].sel({"method": m, "err_by": err_by}).values
+                          if "linear_params" in ds else [float("nan")] * len(errs))
                 for v in variants:
-                    y = ds["ppl"].sel({"method": m, "variant": v, "err_by": err_by, "dataset": dname}).values
-                    params = (ds["linear_params"].sel({"method": m, "err_by": err_by}).values
-                              if "linear_params" in ds else [float("nan")] * len(errs))
-                    fig.add_trace(go.Scatter(
-                        x=[100 * e for e in errs], y=finite(y), mode="lines+markers",
-                        name=f"{m} ({v})", legendgroup=f"{m}-{v}", showlegend=(r == 1 and c == 1),
-                        line=dict(color=PALETTE[i % len(PALETTE)], dash="solid" if v == "plain" else "dot"),
-                        customdata=finite(params),
-                        hovertemplate=f"{m} ({v})<br>ERR %{{x:.0f}}%<br>ppl %{{y:.4f}}"
-                                      "<br>decoder-linear params %{customdata:,.0f}<extra></extra>"), row=r, col=c)
+                    cell = {"method": m, "variant": v, "err_by": err_by, "dataset": dname}
+                    curves = [("ppl", v, "solid" if v == "plain" else "dot")]
+                    if "ppl_recovered" in ds and np.isfinite(ds["ppl_recovered"].sel(cell).values).any():
+                        curves.append(("ppl_recovered", f"{v}, recovered", "dash" if v == "plain" else "dashdot"))
+                    for var, label, dash in curves:
+                        fig.add_trace(go.Scatter(
+                            x=[100 * e for e in errs], y=finite(ds[var].sel(cell).values), mode="lines+markers",
+                            name=f"{m} ({label})", legendgroup=f"{m}-{label}", showlegend=(r == 1 and c == 1),
+                            line=dict(color=PALETTE[i % len(PALETTE)], dash=dash),
+                            customdata=finite(params),
+                            hovertemplate=f"{m} ({label})<br>ERR %{{x:.0f}}%<br>ppl %{{y:.4f}}"
+                                          "<br>decoder-linear params %{customdata:,.0f}<extra></extra>"), row=r, col=c)
             if "dense_ppl" in ds:
                 dense = float(ds["dense_ppl"].sel(dataset=dname))
                 fig.add_trace(go.Scatter(x=[100 * errs[0], 100 * errs[-1]], y=[dense, dense], mode="lines",
@@ -46,7 +52,10 @@ def sweep_figure(ds: xr.Dataset) -> go.Figure:
                                          hovertemplate=f"dense ppl {dense:.4f}<extra></extra>"), row=r, col=c)
             fig.update_xaxes(title_text="target ERR (%)", row=r, col=c)
             fig.update_yaxes(title_text="perplexity (log)", type="log", row=r, col=c)
-    fig.update_layout(title="Perplexity vs ERR, every method (colour) plain (solid) or whitened (dotted); "
-                            "hover shows the decoder-linear parameters kept",
+    recovered = ""
+    if "ppl_recovered" in ds and np.isfinite(ds["ppl_recovered"].values).any():
+        recovered = f"; after {ds.attrs.get('recover_steps', '')} WeLore-PEFT steps dashed / dash-dotted"
+    fig.update_layout(title="Perplexity vs ERR, every method (colour) plain (solid) or whitened (dotted)"
+                            f"{recovered}; hover shows the decoder-linear parameters kept",
                       height=420 * len(err_bys), legend=dict(orientation="h", y=-0.08))
     return fig

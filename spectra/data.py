@@ -72,8 +72,9 @@ def _load_tokenizer(name_or_path: str, p: Path, AutoTokenizer):
 
 
 # --------------------------------------------------------------------------- documents
-def expand_files(spec: str | list[str]) -> list[str]:
-    """Files named by paths, globs or folders (recursively), sorted for determinism."""
+def expand_files(spec: str | list[str], flag: str = "--data") -> list[str]:
+    """Files named by paths, globs or folders (recursively), sorted for determinism (`flag`: the option
+    that named them, for the error line)."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     files: list[str] = []
     for s in specs:
@@ -88,7 +89,7 @@ def expand_files(spec: str | list[str]) -> list[str]:
             else:
                 hits = glob.glob(part, recursive=True)
             if not hits:
-                raise SpectraError(f"--data {part!r} matches no files")
+                raise SpectraError(f"{flag} {part!r} matches no files")
             files += hits
     files = sorted(set(files))
     builders = {_builder(f) for f in files}
@@ -96,7 +97,7 @@ def expand_files(spec: str | list[str]) -> list[str]:
         bad = [f for f in files if _builder(f) is None][:3]
         raise SpectraError(f"unsupported data file type: {bad} (use json/jsonl(.gz)/txt/parquet)")
     if len(builders) > 1:
-        raise SpectraError(f"--data mixes file types {sorted(builders)}; give one kind at a time")
+        raise SpectraError(f"{flag} mixes file types {sorted(builders)}; give one kind at a time")
     return files
 
 
@@ -430,3 +431,14 @@ class Prefetcher:
             except queue.Empty:
                 pass
             self._thread.join(timeout=0.05)
+
+
+def shared_data() -> Path:
+    """The offline data folder: $SPECTRA_DATA, else shared/data next to the checkout (or the current folder's).
+    `spectra pipeline` presets and `spectra sweep`'s default eval sets read it."""
+    if os.environ.get("SPECTRA_DATA"):
+        return Path(os.environ["SPECTRA_DATA"])
+    for base in (Path(__file__).resolve().parents[2], Path.cwd().parent, Path.cwd()):
+        if (base / "shared" / "data").is_dir():
+            return base / "shared" / "data"
+    raise SpectraError("cannot find shared/data next to the checkout; pass the data files to the command")

@@ -4,10 +4,14 @@ One process, one dense model in memory: the spectra (one svdvals per matrix), th
 statistics (spectra.calibration, reused from the analysis store) and the per-direction loss
 estimates are computed once; each configuration compresses a fresh copy of the dense model in
 memory (plain SVD or spectra.whiten, whose per-matrix decompositions are cached across ERRs) and
-evaluates it on the same fixed windows of every eval set (spectra.evaluate.perplexity). The
-result is one xarray table, written to the analysis store as group `sweep`:
+evaluates it on the same fixed windows of every eval set (spectra.evaluate.perplexity). With
+`--recover-steps N`, each compressed configuration then gets N steps of WeLore-PEFT (the
+spectra.finetune harness: LRC factors train, everything else frozen) on the same fixed windows of
+the calibration text, and is evaluated again. The result is one xarray table, written to the
+analysis store as group `sweep`:
 
     ppl, loss      (method, variant, err_by, err, dataset)
+    ppl_recovered, loss_recovered   the same after the WeLore-PEFT recovery (NaN where it did not run)
     err_rank, err_params, linear_params   (method, err_by, err)   what each map actually achieved
     estimated_cost (method, err_by, err)  loss: the map's own estimate (mean per-token loss increase for
                                           the fisher weight: compare with loss − dense_loss, whitened)
@@ -19,34 +23,59 @@ result is one xarray table, written to the analysis store as group `sweep`:
 from __future__ import annotations
 
 import copy
+import inspect
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 import numpy as np
 import typer
 
+from spectra.calibration import DEFAULT_SEQ_LEN, DEFAULT_SEQS
 from spectra.errors import SpectraError
+from spectra.options import command_from, opt
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_ERRS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 BASELINES = ("welore", "uniform", "energy")
 VARIANTS = ("plain", "whitened")
+ERR_BYS = ("rank", "params")
 
 
-def _parse_list(text: str, cast, what: str) -> list:
-    try:
-        out = [cast(x.strip()) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SpectraError(f"--{what} takes a comma-separated list, not {text!r}") from None
-    if not out:
-        raise SpectraError(f"--{what} is empty")
-    return out
+@dataclass
+class Recovery:
+    """A short WeLore-PEFT recovery after each compression: `steps` optimizer steps on [batch_size, seq_len]
+    windows of `windows` (the same windows, in the same order, for every configuration)."""
+
+    steps: int
+    windows: torch.Tensor  # [n, seq_len] token windows, n >= steps * batch_size
+    batch_size: int = 8
+    lr: float | None = None  # None: spectra finetune's WeLore default
+
+    def config(self):
+        from spectra.finetune import FinetuneConfig
+
+        # a tenth of the steps as warmup: the default 100 would never reach the peak lr in a short recovery
+        return FinetuneConfig(method="welore", steps=self.steps, lr=self.lr, batch_size=self.batch_size,
+                              micro_batch=self.batch_size, warmup=self.steps // 10)
+
+    def run(self, model, device):
+        """Train `model` (a compressed copy) in place; the training-loss curve [[step, loss]]."""
+        from spectra.finetune import finetune
+
+        batches = iter(self.windows[: self.steps * self.batch_size].split(self.batch_size))
+        _, metrics = finetune(model, batches, self.config(), device)
+        return metrics["loss_curve"]
 
 
 def run_sweep(model, spectra, cal, windows: dict, methods: list[str], errs: list[float], err_bys: list[str],
               variants: list[str], damping: float = 0.01, loss_weight: str = "auto", diag_scores=None,
-              lrc_rule: str = "params", batch_size: int = 8, device=None, log=print):
-    """The sweep table (see module docstring) for an in-memory dense `model`."""
+              lrc_rule: str = "params", batch_size: int = 8, device=None, log=print, recovery: Recovery | None = None):
+    """The sweep table (see module docstring) for an in-memory dense `model`; `recovery`: also the
+    perplexity after a short WeLore-PEFT run on each compressed configuration."""
     import xarray as xr
 
     from spectra.calibration import loss_direction_scores
@@ -63,6 +92,8 @@ def run_sweep(model, spectra, cal, windows: dict, methods: list[str], errs: list
     names = list(windows)
     shape = (len(methods), len(variants), len(err_bys), len(errs), len(names))
     ppl, loss = np.full(shape, np.nan), np.full(shape, np.nan)
+    ppl_rec, loss_rec = np.full(shape, np.nan), np.full(shape, np.nan)
+    train_dev = device if device is not None else next(model.parameters()).device
     achieved = {k: np.full(shape[:1] + shape[2:4], np.nan)
                 for k in ("err_rank", "err_params", "linear_params", "estimated_cost")}
     dense = [perplexity(model, windows[n], batch_size, device) for n in names]
@@ -87,12 +118,29 @@ def run_sweep(model, spectra, cal, windows: dict, methods: list[str], errs: list
                     log(f"{method:10s} {variant:8s} by {err_by:6s} ERR {err:.0%}: "
                         + ", ".join(f"{n} {ppl[i, v, b, e, d]:.4f}" for d, n in enumerate(names))
                         + f"  ({time.perf_counter() - t0:.1f}s)")
+                    if recovery is None or recovery.steps < 1:
+                        continue
+                    t0 = time.perf_counter()
+                    try:
+                        curve = recovery.run(m, train_dev)
+                    except SpectraError as ex:  # e.g. a map with no low-rank matrix: nothing to train
+                        log(f"{method} {variant} {err_by} {err:.0%}: no recovery ({ex})")
+                        continue
+                    for d, n in enumerate(names):
+                        loss_rec[i, v, b, e, d], ppl_rec[i, v, b, e, d], _ = perplexity(m, windows[n], batch_size,
+                                                                                        device)
+                    log(f"{'':10s} {'':8s}    recovered ({recovery.steps} steps, train loss {curve[0][1]:.4f} -> "
+                        f"{curve[-1][1]:.4f}): "
+                        + ", ".join(f"{n} {ppl_rec[i, v, b, e, d]:.4f}" for d, n in enumerate(names))
+                        + f"  ({time.perf_counter() - t0:.1f}s)")
     five = ("method", "variant", "err_by", "err", "dataset")
     three = ("method", "err_by", "err")
     ds = xr.Dataset(
         {
             "ppl": (five, ppl),
             "loss": (five, loss),
+            "ppl_recovered": (five, ppl_rec),
+            "loss_recovered": (five, loss_rec),
             **{k: (three, v) for k, v in achieved.items()},
             "dense_ppl": (("dataset",), [d[1] for d in dense]),
             "dense_loss": (("dataset",), [d[0] for d in dense]),
@@ -106,8 +154,13 @@ def run_sweep(model, spectra, cal, windows: dict, methods: list[str], errs: list
             "lrc_rule": lrc_rule,
             "tokens": {n: int(windows[n][:, 1:].numel()) for n in names},
             "calibration": {**cal.attrs, "tokens": cal.tokens},
+            "recover_steps": recovery.steps if recovery is not None else 0,
         }
     )
+    if recovery is not None and recovery.steps > 0:
+        cfg = recovery.config()
+        ds.attrs["recovery"] = {"method": "welore", "steps": cfg.steps, "lr": cfg.lr, "warmup": cfg.warmup,
+                                "batch_size": cfg.batch_size, "seq_len": int(recovery.windows.shape[1])}
     return ds
 
 
@@ -161,161 +214,179 @@ def markdown(ds, dataset: str, err_by: str) -> str:
     return "\n".join(lines)
 
 
-def print_tables(ds, console=None) -> None:
+def print_tables(ds, console=None, var: str = "ppl") -> None:
+    """One rich table per dataset and ERR measure of `var` (ppl, or ppl_recovered after --recover-steps)."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
+    what = "perplexity" if var == "ppl" else f"perplexity after {ds.attrs.get('recover_steps')} WeLore-PEFT steps"
     for d in ds["dataset"].values:
         for err_by in ds["err_by"].values:
-            t = Table(title=f"perplexity on {d}, ERR by {err_by} (dense {float(ds['dense_ppl'].sel(dataset=d)):.4f})")
+            t = Table(title=f"{what} on {d}, ERR by {err_by} (dense {float(ds['dense_ppl'].sel(dataset=d)):.4f})")
             t.add_column("ERR", justify="right")
             cols = [(m, v) for m in ds["method"].values for v in ds["variant"].values]
             for m, v in cols:
                 t.add_column(f"{m}\n{v}", justify="right")
             for err in ds["err"].values:
                 vals = [
-                    float(ds["ppl"].sel({"dataset": d, "err_by": err_by, "err": err, "method": m, "variant": v}))
+                    float(ds[var].sel({"dataset": d, "err_by": err_by, "err": err, "method": m, "variant": v}))
                     for m, v in cols
                 ]
                 best = np.nanmin(vals) if np.isfinite(vals).any() else np.nan
-                t.add_row(f"{err:.0%}", *[("[bold green]%.4f[/]" if x == best else "%.4f") % x for x in vals])
+                t.add_row(f"{err:.0%}", *[("[bold green]%.4f[/]" if x == best else "%.4f") % x if np.isfinite(x)
+                                          else "–" for x in vals])
             console.print(t)
 
 
-def sweep_command(
-    path: Annotated[
-        Optional[str], typer.Argument(help="Model folder or a run folder (its latest checkpoint).", show_default=False)
-    ] = None,
-    ckpt: Annotated[
-        Optional[str], typer.Option("--ckpt", help="Same as PATH (the older spelling; scripts keep working).")
-    ] = None,
-    calib_data: Annotated[
-        str | None,
-        typer.Option(
-            help="Calibration text for whitening and --method loss (files/globs/folders; default hub C4 train)."
-        ),
-    ] = None,
-    eval_data: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="NAME=FILES eval set (repeatable). Default: Wikipedia validation and the C4 sample from shared/data."
-        ),
-    ] = None,
-    tokenizer: Annotated[
-        str | None, typer.Option(help="The model's tokenizer (default: the run's, from run_config.json).")
-    ] = None,
-    methods: Annotated[
-        str,
-        typer.Option(help="Comma-separated rank maps (diagnostic is added when the analysis store has its signals)."),
-    ] = "welore,uniform,energy,loss",
-    errs: Annotated[str, typer.Option(help="Comma-separated target ERRs.")] = ",".join(str(e) for e in DEFAULT_ERRS),
-    err_by: Annotated[str, typer.Option(help="rank, params, or rank,params.")] = "rank,params",
-    variants: Annotated[str, typer.Option(help="plain, whitened, or plain,whitened.")] = "plain,whitened",
-    eval_tokens: Annotated[int, typer.Option(help="Token budget per eval set.")] = 32768,
-    seq_len: Annotated[int, typer.Option(help="Tokens per eval window.")] = 256,
-    calib_seqs: Annotated[int, typer.Option(help="Calibration sequences.")] = 256,
-    calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
-    damping: Annotated[
-        float, typer.Option(help="Relative covariance damping for whitening and loss estimates.")
-    ] = 0.01,
-    loss_weight: Annotated[str, typer.Option(help="--method loss weight: auto, fisher, relative or output.")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Eval windows per forward pass.")] = 8,
-    analysis: Annotated[
-        str | None,
-        typer.Option(
-            help="Analysis store (default <run>/analysis.zarr): calibration "
-            "reused from and the table written to group `sweep`."
-        ),
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-) -> None:
-    """Every rank map × {plain, whitened} × ERR, by rank and by params: perplexity table in the analysis store."""
-    from spectra.runs import input_path
 
-    ckpt = input_path(path, ckpt, "--ckpt")
-    from rich.console import Console
 
-    from spectra.calibration import calibration, check_options
-    from spectra.data import load_tokenizer, text_windows
-    from spectra.evaluate import check_vocab, quiet_transformers
-    from spectra.loading import load_causal_lm
-    from spectra.models import analysis_store_for, find_checkpoint, resolve_device
-    from spectra.ranks import METHODS, diagnostic_scores, model_spectra, reduction
-    from spectra.store import write_analysis
+@dataclass
+class SweepOptions:
+    """`spectra sweep`'s options: one definition each (type, default, range, help)."""
 
-    method_list = _parse_list(methods, str, "methods")
-    err_list = _parse_list(errs, float, "errs")
-    by_list = _parse_list(err_by, str, "err-by")
-    var_list = _parse_list(variants, str, "variants")
-    bad = [m for m in method_list if m not in METHODS] + [v for v in var_list if v not in VARIANTS]
-    if bad:
-        raise SpectraError(
-            f"unknown method/variant {bad}; methods: {', '.join(METHODS)}; variants: {', '.join(VARIANTS)}"
-        )
-    if any(not 0 < e < 1 for e in err_list):
-        raise SpectraError(f"--errs must lie in (0, 1), got {err_list}")
-    for b in by_list:
-        reduction(np.ones(1, int), np.ones((1, 2), int), b)
-    if seq_len < 2 or eval_tokens < seq_len or batch_size < 1:
-        raise SpectraError("need --seq-len >= 2, --eval-tokens >= --seq-len, --batch-size >= 1")
-    check_options(calib_data, calib_seqs, calib_seq_len, damping, loss_weight)
+    ckpt: Optional[str] = opt(None, "same as PATH (the older spelling; scripts keep working)")
+    calib_data: Optional[str] = opt(None, "calibration text (json/jsonl(.gz)/txt/parquet files, globs or folders) "
+                                          "for whitening, --methods loss and --recover-steps; required by those")
+    tokenizer: Optional[str] = opt(None, "the model's tokenizer (default: the run's, from run_config.json)")
+    methods: list[str] = opt(["welore", "uniform", "energy", "loss"], "comma-separated rank maps: welore, uniform, "
+                             "energy, loss, diagnostic (diagnostic joins by itself when the analysis store has "
+                             "its signals)")
+    errs: list[float] = opt(list(DEFAULT_ERRS), "comma-separated target ERRs, each in (0, 1)")
+    err_by: list[str] = opt(list(ERR_BYS), "rank, params, or rank,params")
+    variants: list[str] = opt(list(VARIANTS), "plain (SVD of W), whitened (SVD of W·S), or plain,whitened")
+    eval_tokens: int = opt(32768, "token budget per eval set (at least --seq-len)", min=2)
+    seq_len: int = opt(256, "tokens per eval window (at most the model's positions)", min=2)
+    calib_seqs: int = opt(DEFAULT_SEQS, "calibration sequences", min=1)
+    calib_seq_len: int = opt(DEFAULT_SEQ_LEN, "tokens per calibration (and recovery) sequence", min=2)
+    damping: float = opt(0.01, "relative covariance damping for whitening and loss estimates, "
+                               "C + d·mean(diag C)·I", min=0.0)
+    loss_weight: Literal["auto", "fisher", "relative", "output"] = opt(
+        "auto", "--methods loss: output error -> loss weight per matrix")
+    batch_size: int = opt(8, "eval windows per forward pass (does not change the result)", min=1)
+    analysis: Optional[str] = opt(None, "analysis store (default <run>/analysis.zarr): calibration reused from it "
+                                        "and the table written to its group `sweep`")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    recover_steps: int = opt(0, "after each compression, this many WeLore-PEFT steps (LRC factors only, "
+                                "spectra finetune's harness) on --calib-data, then perplexity again "
+                                "(ppl_recovered); 0: off", min=0, max=100000)
+    recover_lr: Optional[float] = opt(None, "--recover-steps: peak learning rate (default: spectra finetune's "
+                                            "WeLore default, 1e-4; warmup a tenth of the steps, then cosine)",
+                                      min=0.0, max=10.0)
+    recover_batch_size: int = opt(8, "--recover-steps: sequences of --calib-seq-len tokens per step", min=1)
+
+    def check(self) -> None:
+        """Every option that can be wrong, before a model loads."""
+        from spectra.calibration import check_options
+        from spectra.ranks import METHODS
+
+        for name in ("methods", "errs", "err_by", "variants"):
+            if not getattr(self, name):
+                raise SpectraError(f"--{name.replace('_', '-')} is empty")
+        for name, got, known in (("methods", self.methods, METHODS), ("err-by", self.err_by, ERR_BYS),
+                                 ("variants", self.variants, VARIANTS)):
+            bad = [x for x in got if x not in known]
+            if bad:
+                raise SpectraError(f"unknown --{name} {', '.join(map(repr, bad))}; choose from {', '.join(known)}")
+        if any(not 0 < e < 1 for e in self.errs):
+            raise SpectraError(f"--errs must each lie in (0, 1), got {', '.join(map(str, self.errs))}")
+        if self.eval_tokens < self.seq_len:
+            raise SpectraError(f"--eval-tokens {self.eval_tokens} is less than one --seq-len {self.seq_len} window")
+        if self.recover_lr is not None and not self.recover_lr > 0:
+            raise SpectraError(f"--recover-lr must be > 0, not {self.recover_lr}")
+        needs = [why for why, on in (("--methods loss", "loss" in self.methods),
+                                     ("--variants whitened", "whitened" in self.variants),
+                                     ("--recover-steps", self.recover_steps > 0)) if on]
+        if needs and not self.calib_data:
+            raise SpectraError(f"{' and '.join(needs)} {'need' if len(needs) > 1 else 'needs'} --calib-data FILES "
+                               "(calibration text, e.g. the model's training data)")
+        if self.calib_data:
+            from spectra.data import expand_files
+
+            expand_files(self.calib_data, "--calib-data")
+        check_options(self.calib_data, self.calib_seqs, self.calib_seq_len, self.damping, self.loss_weight)
+
+
+def eval_sets(specs: list[str] | None) -> dict[str, str]:
+    """{name: files} from NAME=FILES specs; none given: Wikipedia validation and the C4 sample of shared/data."""
+    from spectra.data import expand_files, shared_data
+
     sets = {}
-    for spec in eval_data or []:
+    for spec in specs or []:
         name, sep, files = spec.partition("=")
         if not sep or not name or not files:
             raise SpectraError(f"--eval-data takes NAME=FILES, not {spec!r}")
+        if name in sets:
+            raise SpectraError(f"--eval-data names {name!r} twice")
+        expand_files(files, "--eval-data")  # a path that matches nothing fails here, before the model loads
         sets[name] = files
     if not sets:
-        from spectra.pipeline import shared_data
-
         data = shared_data()
         sets = {
             "wikipedia": str(data / "wikipedia" / "validation"),
             "c4": str(data / "c4" / "c4-train.00000-of-01024.first1000.jsonl.gz"),
         }
-    quiet_transformers()
-    src = find_checkpoint(ckpt)
-    store = Path(analysis) if analysis else analysis_store_for(src)
-    dev = resolve_device(device)
-    from spectra.calibration import model_tokenizer
+    return sets
 
-    tok_name = model_tokenizer(src, tokenizer)
+
+def _sweep(o: SweepOptions, path: str | None = None, eval_data: list[str] | None = None) -> None:
+    from rich.console import Console
+
+    from spectra.calibration import calibration, model_tokenizer
+    from spectra.data import load_tokenizer, text_windows
+    from spectra.evaluate import check_vocab, quiet_transformers
+    from spectra.loading import load_causal_lm
+    from spectra.models import analysis_store_for, find_checkpoint, resolve_device
+    from spectra.rankmap import RANK_MAP_FILE
+    from spectra.ranks import diagnostic_scores, model_spectra
+    from spectra.runs import check_own_output, input_path, is_analysis_store
+    from spectra.store import write_analysis
+
+    o.check()
+    sets = eval_sets(eval_data)
+    src = find_checkpoint(input_path(path, o.ckpt, "--ckpt"))
+    if (src / RANK_MAP_FILE).is_file():
+        raise SpectraError(f"{src} is already compressed; sweep a dense model (spectra compress --merge gives one)")
+    store = check_own_output(Path(o.analysis) if o.analysis else analysis_store_for(src), is_analysis_store,
+                             what="--analysis")
+    quiet_transformers()
+    dev = resolve_device(o.device)
+    tok_name = model_tokenizer(src, o.tokenizer)
     tok = load_tokenizer(tok_name)
-    windows = {n: text_windows(f, tok, seq_len, eval_tokens, split="validation") for n, f in sets.items()}
     model = load_causal_lm(src, device=dev)
     check_vocab(model, tok)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    longest = max(o.seq_len, o.calib_seq_len)
+    if max_pos is not None and longest > max_pos:
+        raise SpectraError(f"--seq-len/--calib-seq-len {longest} exceeds the model's {max_pos} positions")
+    windows = {n: text_windows(f, tok, o.seq_len, o.eval_tokens, split="validation") for n, f in sets.items()}
     spectra = model_spectra(model, dev)
-    diag = None
-    if "diagnostic" in method_list or store.exists():
+    methods, diag = list(o.methods), None
+    if "diagnostic" in methods or store.exists():
         try:
             diag = diagnostic_scores(store, [(s.layer, s.component) for s in spectra])
-            if "diagnostic" not in method_list:
-                method_list.append("diagnostic")
+            if "diagnostic" not in methods:
+                methods.append("diagnostic")
         except SpectraError:
-            if "diagnostic" in method_list:
+            if "diagnostic" in methods:
                 raise
-    cal = calibration(store, src, model, calib_data, tok_name, calib_seqs, calib_seq_len, device=dev)
+    recovery = None
+    if o.recover_steps > 0:  # before the calibration: too little text must fail before anything is written
+        need = o.recover_steps * o.recover_batch_size
+        rec = text_windows(o.calib_data, tok, o.calib_seq_len, need * o.calib_seq_len, split="train")
+        if len(rec) < need:
+            raise SpectraError(f"--calib-data holds {len(rec)} windows of {o.calib_seq_len} tokens; --recover-steps "
+                               f"{o.recover_steps} x --recover-batch-size {o.recover_batch_size} need {need}")
+        recovery = Recovery(o.recover_steps, rec, o.recover_batch_size, o.recover_lr)
+    cal = calibration(store, src, model, o.calib_data, tok_name, o.calib_seqs, o.calib_seq_len, device=dev)
     console = Console()
-    ds = run_sweep(
-        model,
-        spectra,
-        cal,
-        windows,
-        method_list,
-        err_list,
-        by_list,
-        var_list,
-        damping,
-        loss_weight,
-        diag,
-        batch_size=batch_size,
-        device=dev,
-        log=console.print,
-    )
-    ds.attrs.update({"source": str(src), "eval_data": sets, "seq_len": seq_len})
+    ds = run_sweep(model, spectra, cal, windows, methods, list(o.errs), list(o.err_by), list(o.variants), o.damping,
+                   o.loss_weight, diag, batch_size=o.batch_size, device=dev, log=console.print, recovery=recovery)
+    ds.attrs.update({"source": str(src), "eval_data": sets, "seq_len": o.seq_len})
     write_analysis(store, "sweep", ds)
     print_tables(ds, console)
+    if recovery is not None:
+        print_tables(ds, console, "ppl_recovered")
     for r in verdicts(ds):
         verdict = "WIN " if r["wins"] else "loss"
         console.print(
@@ -325,3 +396,21 @@ def sweep_command(
             + f"; whitened < plain: {r['whitened_wins']}"
         )
     console.print(f"table -> {store} (group sweep)")
+
+
+sweep_command = command_from(
+    SweepOptions, _sweep,
+    """Every rank map × {plain, whitened} × ERR, by rank and by params: perplexity table in the analysis store.
+
+    One process: spectra, calibration and loss estimates once, then per configuration a compressed
+    copy of the dense model in memory, evaluated on fixed windows of every eval set; optionally a short
+    WeLore-PEFT recovery (--recover-steps) and a second evaluation. Writes group `sweep` of the
+    analysis store; `spectra report` plots it. Every option can also come from --config FILE.""",
+    extra=[
+        inspect.Parameter("path", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Optional[str], typer.Argument(help="Model folder or a run folder (its latest checkpoint).",
+                                          show_default=False)]),
+        inspect.Parameter("eval_data", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Optional[list[str]], typer.Option(help="NAME=FILES eval set (repeatable). Default: Wikipedia validation "
+                                                   "and the C4 sample from shared/data.")]),
+    ])

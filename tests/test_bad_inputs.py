@@ -64,6 +64,20 @@ def _cases(w) -> list[tuple[list[str], str]]:
     ev = ["eval", "--model", run, "--data", docs, "--seq-len", "32", "--tokens", "256", "--cache-dir", str(r / "cache")]
     hg = ["hessian-gap", "--ckpt", run, "--data", docs, "--seq-len", "32", "--batch-size", "2", "--batches", "1",
           "--k", "2", "--iterations", "4", "--device", "cpu"]
+    sw = ["sweep", run, "--calib-data", docs, "--eval-data", f"docs={docs}", "--methods", "welore,loss",
+          "--errs", "0.5", "--err-by", "rank", "--seq-len", "32", "--eval-tokens", "256", "--calib-seqs", "4",
+          "--calib-seq-len", "32", "--device", "cpu"]
+
+    def sweep(*kv):  # the valid sweep above with options replaced (value None: the option left out)
+        out = list(sw)
+        for k, v in zip(kv[::2], kv[1::2]):
+            if k in out:
+                i = out.index(k)
+                out[i:i + 2] = [] if v is None else [k, v]
+            else:
+                out += [k, v]
+        return out
+
     ft = ["finetune", "--model", comp, "--data", docs, "--tokenizer", "bytes", "--steps", "2", "--batch-size", "2",
           "--micro-batch", "2", "--seq-len", "32", "--eval-tokens", "256", "--device", "cpu"]
     return [
@@ -159,12 +173,43 @@ def _cases(w) -> list[tuple[list[str], str]]:
         ([*ft, "--batch-size", "0"], "--batch-size"),
         ([*ft, "--seq-len", "5000"], "5000"),
         ([*ft, "--out", run], "--out"),
+        # sweep
+        (sweep("--errs", "1.5"), "--errs"),
+        (sweep("--errs", "0,0.5"), "--errs"),
+        (sweep("--errs", ""), "--errs is empty"),
+        (sweep("--errs", "a,b"), "--errs"),
+        (sweep("--methods", "welore,magic"), "magic"),
+        (sweep("--methods", ","), "--methods is empty"),
+        (sweep("--variants", "fuzzy"), "fuzzy"),
+        (sweep("--err-by", "bits"), "bits"),
+        (sweep("--calib-data", None), "--calib-data"),  # loss (and whitened) need calibration text
+        (sweep("--calib-data", None, "--methods", "welore", "--variants", "plain", "--recover-steps", "2"),
+         "--calib-data"),
+        (sweep("--calib-data", str(r / "nope.jsonl")), "--calib-data"),
+        (sweep("--eval-data", "docs"), "NAME=FILES"),
+        (sweep("--eval-data", f"x={r / 'nope.txt'}"), "--eval-data"),
+        (sweep("--eval-tokens", "8"), "--eval-tokens"),
+        (sweep("--seq-len", "5000", "--eval-tokens", "8192"), "positions"),
+        (sweep("--calib-seqs", "0"), "--calib-seqs"),
+        (sweep("--damping", "-1"), "--damping"),
+        (sweep("--loss-weight", "magic"), "--loss-weight"),
+        (sweep("--recover-steps", "-1"), "--recover-steps"),
+        (sweep("--recover-lr", "0", "--recover-steps", "2"), "--recover-lr"),
+        (sweep("--recover-steps", "500", "--recover-batch-size", "64"), "--recover-steps"),  # more than the text
+        (sweep("--tokenizer", str(T5_DIR)), "tokenizer"),
+        (["sweep", str(r / "nope"), "--calib-data", docs], "nope"),
+        (["sweep", str(r), "--calib-data", docs], "no model checkpoint"),  # a folder, but not a model
+        (["sweep", comp, "--calib-data", docs], "already compressed"),
+        (sweep("--analysis", str(Path(run) / "metrics.jsonl")), "metrics.jsonl"),  # exists, not an analysis store
+        (sweep("--analysis", ckpt), "analysis store"),
+        (sweep("--config", str(r / "cfg-unknown.json")), "stepz"),
         # report
         (["report", str(r / "nope")], "nope"),
         (["report", run, "--out", str(Path(run) / "metrics.jsonl")], "metrics.jsonl"),
         # pipeline
         (["pipeline", "--preset", "gigantic"], "gigantic"),
         (["pipeline", "--preset", "quickstart", "--run-id", "../x"], "--run-id"),
+        (["pipeline", "--preset", "quickstart", "--steps", "0"], "--steps"),  # 0 was silently the preset's steps
         # NaN weights are refused by every loader, naming the tensor
         (["spectrum", str(r / "nan-ckpt"), "--out", str(r / "nan.zarr")], "layer 0 up"),
         (["ranks", "--ckpt", str(r / "nan-ckpt"), "--out", str(r / "nan.json")], "layer 0 up"),
@@ -189,10 +234,10 @@ def test_table_has_every_command(w):
     cases = _cases(w)
     assert len(cases) >= 60
     named = {argv[0] for argv, _ in cases}
-    assert {name for name, *_ in COMMANDS} - {"sweep"} <= named
+    assert {name for name, *_ in COMMANDS} <= named
 
 
-@pytest.mark.parametrize("i", range(93))
+@pytest.mark.parametrize("i", range(125))
 def test_bad_input_is_one_error_line_and_touches_nothing(w, i, capsys):
     cases = _cases(w)
     if i >= len(cases):

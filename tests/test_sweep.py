@@ -1,0 +1,149 @@
+"""`spectra sweep`'s optional WeLore-PEFT recovery and its figure; the pipeline's rank maps end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from conftest import make_tiny, train_steps, wiki_docs
+
+from spectra.calibration import collect
+from spectra.evaluate import perplexity
+from spectra.finetune import finetune
+from spectra.lowrank import compress_model
+from spectra.ranks import build_rank_map, model_spectra
+from spectra.sweep import Recovery, run_sweep
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = train_steps(make_tiny(vocab=64), 5, vocab=64)
+    g = torch.Generator().manual_seed(4)
+    text = torch.randint(0, 64, (12, 32), generator=g)  # the recovery's finetuning text
+    return model, text, collect(model, text[:4], progress=False)
+
+
+@pytest.mark.unit
+def test_recovery_lowers_the_loss_on_its_text_and_matches_the_finetune_harness(tiny, one_thread):
+    model, text, cal = tiny
+    windows = {"train": text[:6], "other": torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(5))}
+    rec = Recovery(steps=6, windows=text, batch_size=2, lr=1e-2)
+    ds = run_sweep(model, model_spectra(model), cal, windows, ["uniform"], [0.5, 0.99], ["rank", "params"], ["plain"],
+                   log=lambda *_: None, recovery=rec)
+    cell = {"method": "uniform", "variant": "plain", "err_by": "rank", "err": 0.5, "dataset": "train"}
+    before, after = float(ds["loss"].sel(cell)), float(ds["loss_recovered"].sel(cell))
+    assert after < before - 0.05, (before, after)  # 6 steps at lr 1e-2 on the very windows evaluated
+    # the recovered number is what spectra.finetune gives the same compressed model on the same batches
+    m = compress_model(copy.deepcopy(model), build_rank_map(model_spectra(model), "uniform", 0.5), progress=False)
+    before_ref = perplexity(m, text[:6])[0]
+    finetune(m, iter(text.split(2)), rec.config(), torch.device("cpu"))
+    assert before == pytest.approx(before_ref, rel=1e-6)
+    assert after == pytest.approx(perplexity(m, text[:6])[0], rel=1e-5)
+    assert float(ds["ppl_recovered"].sel(cell)) == pytest.approx(np.exp(after), rel=1e-9)
+    # unreachable configuration (99% by params): neither compressed nor recovered
+    assert np.isnan(ds["ppl_recovered"].sel(err_by="params", err=0.99).values).all()
+    assert ds.attrs["recover_steps"] == 6 and ds.attrs["recovery"]["warmup"] == 0 and ds.attrs["recovery"]["lr"] == 1e-2
+
+
+@pytest.mark.unit
+def test_without_recovery_the_variable_is_nan(tiny, one_thread):
+    model, text, cal = tiny
+    ds = run_sweep(model, model_spectra(model), cal, {"a": text[:2]}, ["welore"], [0.5], ["rank"], ["plain"],
+                   log=lambda *_: None)
+    assert np.isfinite(ds["ppl"].values).all() and np.isnan(ds["ppl_recovered"].values).all()
+    assert ds.attrs["recover_steps"] == 0 and "recovery" not in ds.attrs
+
+
+def _table(recovered: bool) -> xr.Dataset:
+    five = ("method", "variant", "err_by", "err", "dataset")
+    ppl = np.arange(16, dtype=float).reshape(2, 2, 1, 2, 2) + 10
+    rec = ppl - 1 if recovered else np.full_like(ppl, np.nan)
+    rec[1, 1] = np.nan  # loss whitened: recovery not run
+    return xr.Dataset(
+        {"ppl": (five, ppl), "ppl_recovered": (five, rec), "dense_ppl": (("dataset",), [9.0, 9.5])},
+        coords={"method": ["welore", "loss"], "variant": ["plain", "whitened"], "err_by": ["rank"], "err": [0.1, 0.5],
+                "dataset": ["wiki", "c4"]},
+    )
+
+
+@pytest.mark.unit
+def test_sweep_figure_draws_recovered_lines_dashed_only_where_they_exist():
+    from reports.sweep_figure import sweep_figure
+
+    fig = sweep_figure(_table(True))
+    rec = [t for t in fig.data if "recovered" in (t.name or "")]
+    assert {t.name for t in rec} == {"welore (plain, recovered)", "welore (whitened, recovered)",
+                                     "loss (plain, recovered)"}
+    t = next(t for t in rec if t.name == "loss (plain, recovered)" and t.xaxis == "x2")  # the c4 panel
+    want = _table(True)["ppl_recovered"].values[1, 0, 0, :, 1]  # loss, plain, by rank, both ERRs, c4
+    assert list(t.y) == list(want) == [18.0, 20.0] and t.line.dash == "dash"
+    plain = next(t for t in fig.data if t.name == "loss (plain)" and t.xaxis == "x2")
+    assert t.line.color == plain.line.color and t.line.dash != plain.line.dash
+    assert not [t for t in sweep_figure(_table(False)).data if "recovered" in (t.name or "")]
+
+
+@pytest.mark.slow
+def test_sweep_cli_recovers_and_the_report_shows_it(tmp_path, shared_data):
+    from reports.build import build_report, sweep_section
+    from reports.inputs import load_run
+    from spectra.cli import main
+    from spectra.store import read_analysis
+
+    docs = wiki_docs(tmp_path / "docs.jsonl", 40)
+    assert main(["pretrain", "--model", "micro", "--tokenizer", "bytes", "--data", str(docs), "--seq-len", "32",
+                 "--batch-size", "4", "--micro-batch", "4", "--val-tokens", "256", "--warmup", "1", "--steps", "20",
+                 "--lr", "1e-2", "--eval-every", "20", "--save-every", "20", "--snapshot-every", "20",
+                 "--runs-dir", str(tmp_path), "--run-id", "run"]) == 0
+    run = tmp_path / "run"
+    argv = ["sweep", str(run), "--calib-data", str(docs), "--eval-data", f"docs={docs}", "--methods", "welore,loss",
+            "--errs", "0.5", "--err-by", "rank", "--seq-len", "32", "--eval-tokens", "512", "--calib-seqs", "8",
+            "--calib-seq-len", "32", "--recover-steps", "4", "--recover-lr", "0.003", "--recover-batch-size", "2",
+            "--device", "cpu"]
+    assert main(argv) == 0
+    ds = read_analysis(run / "analysis.zarr", "sweep")
+    assert ds["ppl_recovered"].shape == ds["ppl"].shape == (2, 2, 1, 1, 1)
+    # WeLore-PEFT on the model's own text lowers its loss there (eval text = the finetuning text here)
+    assert (ds["loss_recovered"].values < ds["loss"].values).all(), (ds["loss"].values, ds["loss_recovered"].values)
+    rec = ds.attrs["recovery"]
+    assert (json.loads(rec) if isinstance(rec, str) else rec)["steps"] == 4
+    assert "Compression methods compared" in build_report(run)
+    (name, fig), = sweep_section(load_run(run)).figures
+    assert name == "sweep" and sum("recovered" in t.name for t in fig.data) == 4  # 2 maps x 2 variants
+
+
+@pytest.mark.slow
+def test_pipeline_runs_the_four_maps_and_whitens_the_loss_map(tmp_path, shared_data, monkeypatch):
+    """A micro preset through the real pipeline: the maps, labels and report the quickstart preset gets."""
+    from pretrain import pipeline
+
+    preset = dict(
+        tokenizer="bytes",
+        pretrain=dict(model="micro", steps=6, seq_len=32, batch_size=4, micro_batch=4, lr=1e-2, warmup=1,
+                      eval_every=6, save_every=6, snapshot_every=3, snapshot_grad="full", val_tokens=512),
+        grad_rank=2,
+        hessian=dict(k=2, batches=1, batch_size=2, seq_len=32),
+        calib=dict(seqs=8, seq_len=32),
+        errs=(0.5,),
+        eval_tokens=512,
+        eval_seq=32,
+        finetune=dict(steps=2, batch_size=2, micro_batch=2, seq_len=32, eval_tokens=256),
+        finetune_errs=(0.5,),
+    )
+    monkeypatch.setitem(pipeline.PRESETS, "micro-test", preset)
+    pipeline.pipeline_command(preset="micro-test", runs_dir=str(tmp_path), run_id="p", device="cpu")
+    run = tmp_path / "p"
+    rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert sorted({r["method"] for r in rows}) == ["dense", "energy", "loss-whitened", "uniform", "welore"]
+    assert len(rows) == 2 * 5  # every model on Wikipedia validation and the C4 sample
+    assert sorted(p.stem for p in (run / "ranks").glob("*.json")) == [
+        "energy-err50", "loss-err50", "uniform-err50", "welore-err50"]
+    loss_map = json.loads((run / "compressed" / "loss-err50" / "spectra_rank_map.json").read_text())
+    assert loss_map["method"] == "loss" and loss_map["whiten"]
+    assert "whiten" not in json.loads((run / "compressed" / "energy-err50" / "spectra_rank_map.json").read_text())
+    html = (run / "report.html").read_text()
+    assert "loss-whitened" in html and "energy" in html
