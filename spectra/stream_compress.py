@@ -299,9 +299,10 @@ def stream_compress(src: str | Path, dst: str | Path, *, rank_map: dict | None =
     dtype = dtype or ckpt.dtype
     if rank_map is not None:
         entries_for(ckpt.skeleton, rank_map)  # a map of another model fails before any work
-    staging = dst / STAGING
+    staging, created = dst / STAGING, not dst.exists()
     shutil.rmtree(staging, ignore_errors=True)  # ours by name: a crashed run's leftovers
     staging.mkdir(parents=True)
+    done = False
     try:
         spill = staging / "spill"
         if rank_map is None:
@@ -356,8 +357,11 @@ def stream_compress(src: str | Path, dst: str | Path, *, rank_map: dict | None =
             stale.unlink(missing_ok=True)  # --overwrite: an old single-file model would shadow the index
         for f in staging.iterdir():
             f.replace(dst / f.name)
+        done = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not done and created and not any(dst.iterdir()):
+            dst.rmdir()  # a failed run leaves no folder it made
     return rank_map, counts
 
 
