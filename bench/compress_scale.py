@@ -106,8 +106,8 @@ def naive(ckpt: Path, out: Path, err: float, layers: int | None) -> None:
         root = S[:r].sqrt()
         base = k[: -len(".weight")]
         if e["lrc"]:
-            out_t[f"{base}.A.weight"] = (root[:, None] * Vh[:r]).bfloat16()
-            out_t[f"{base}.B.weight"] = (U[:, :r] * root).bfloat16()
+            out_t[f"{base}.A.weight"] = (root[:, None] * Vh[:r]).bfloat16().contiguous()
+            out_t[f"{base}.B.weight"] = (U[:, :r] * root).bfloat16().contiguous()
         else:
             out_t[k] = ((U[:, :r] * S[:r]) @ Vh[:r]).bfloat16()
         del weights[k], U, S, Vh
