@@ -86,8 +86,6 @@ def save_compressed(model: nn.Module, rank_map: dict, out: str | Path,
                     tokenizer_from: str | Path | None = None) -> Path:
     """Write a compressed model as a Hugging Face folder that loads with trust_remote_code (see
     module docstring), plus the rank map `load_compressed` uses, and the tokenizer of `tokenizer_from`."""
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-
     out = Path(out)
     if getattr(model.config, "spectra_structure", None) is None:
         if any(isinstance(m, (LowRankLinear, FusedLinear)) for m in model.modules()):
@@ -102,6 +100,17 @@ def save_compressed(model: nn.Module, rank_map: dict, out: str | Path,
     if "save_original_format" not in inspect.signature(model.save_pretrained).parameters:  # transformers 4
         kw = {}
     model.save_pretrained(out, **kw)
+    return write_metadata(out, model, rank_map, tokenizer_from)
+
+
+def write_metadata(out: str | Path, model: nn.Module, rank_map: dict, tokenizer_from: str | Path | None = None) -> Path:
+    """Everything of a compressed folder but its tensors, beside the config.json that `save_pretrained`
+    (or `config.save_pretrained`, spectra.stream_compress) wrote: the rank map, modeling_spectra.py,
+    the config turned into a spectra_lowrank one with its auto_map, and the tokenizer. `model` may be
+    a meta-device skeleton: only its classes and config are read."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    out = Path(out)
     (out / RANK_MAP_FILE).write_text(json.dumps(rank_map, indent=1))
     cfg = json.loads((out / "config.json").read_text())
     base_type = cfg.get("spectra_base_model_type") or cfg["model_type"]

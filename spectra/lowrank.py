@@ -24,8 +24,11 @@ analysis reports. A fused module with no LRC part stays fused and dense (N-LRC p
 GPT-2's Conv1D stores W transposed (in, out); components are always read as (out, in), so the
 factors are ordinary nn.Linear (A: in -> r, B: r -> out), and merging gives back a Conv1D.
 
-Streaming: one matrix at a time is copied to float32, decomposed (one SVD), replaced and freed, so
-peak extra memory is one matrix's factors, never a second model. What replaced what is
+In memory (`compress_model`): one matrix at a time is copied to float32, decomposed (one SVD),
+replaced and freed, so peak extra memory is one matrix's factors, never a second model. `spectra
+compress` on a safetensors checkpoint does not load the model at all: spectra.stream_compress reads
+and writes one decoder layer at a time and derives the rank map in the same pass (one decomposition
+per matrix); --whiten and other formats take the in-memory path. What replaced what is
 `plan(model, rank_map)`, the structure both loaders rebuild (spectra.modeling_spectra); a
 compressed folder is a first-class Hugging Face model (spectra.compressed: save / load, re-exported
 here), and loading never recomputes an SVD.
@@ -42,10 +45,11 @@ from torch import nn
 
 from spectra.compressed import MODELING_FILE, copy_tokenizer, load_compressed, save_compressed
 from spectra.errors import SpectraError
-from spectra.modeling_spectra import FusedLinear, LowRankLinear, build_module
+from spectra.modeling_spectra import FusedLinear, LowRankLinear
 from spectra.models import component_parts, find_checkpoint, resolve_device
 from spectra.progress import progress_bar
 from spectra.rankmap import RANK_MAP_FILE, by_module, entries_for, plan
+from spectra.stream_compress import compress_module, config_dtype, set_factors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,26 +65,16 @@ def _svd(W: torch.Tensor, device: str | torch.device | None):
     return torch.linalg.svd(W32, full_matrices=False)
 
 
+def _svd_factors(W: torch.Tensor, rank: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) = (√σ Vh[:r], U[:, :r] √σ) of the (out, in) weight W, from one SVD."""
+    U, S, Vh = _svd(W, device)
+    root = S[:rank].sqrt()
+    return root[:, None] * Vh[:rank], U[:, :rank] * root[None, :]
+
+
 def _fill_factors(lr: LowRankLinear, W: torch.Tensor, bias: torch.Tensor | None, device=None) -> LowRankLinear:
     """Set lr's factors to the rank-lr.rank SVD of the (out, in) weight W, √σ on both sides."""
-    U, S, Vh = _svd(W, device)
-    r = lr.rank
-    root = S[:r].sqrt()
-    with torch.no_grad():
-        lr.A.weight.copy_(root[:, None] * Vh[:r])
-        lr.B.weight.copy_(U[:, :r] * root[None, :])
-        if bias is not None:
-            lr.B.bias.copy_(bias)
-    return lr
-
-
-def _set_factors(lr: LowRankLinear, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> LowRankLinear:
-    with torch.no_grad():
-        lr.A.weight.copy_(A.to(lr.A.weight.dtype))
-        lr.B.weight.copy_(B.to(lr.B.weight.dtype))
-        if bias is not None:
-            lr.B.bias.copy_(bias)
-    return lr
+    return set_factors(lr, *_svd_factors(W, lr.rank, device), bias)
 
 
 def _truncate(p, W: torch.Tensor, rank: int, device=None, whiten=None) -> torch.Tensor:
@@ -152,34 +146,23 @@ def compress_model(
     config.json needs for the folder to load as a Hugging Face model)."""
     entries = entries_for(model, rank_map)
     structure = plan(model, rank_map)
+
+    def factors(p, W, rank):
+        if whiten is not None:
+            return whiten.factors(p.layer, p.component, W, rank)
+        return _svd_factors(W, rank, device)
+
+    def truncate(p, W, rank):
+        return _truncate(p, W, rank, device, whiten)
+
     for name, plist in progress_bar(
         list(by_module(model).items()), desc="compress", unit="module", disable=not progress
     ):
         mod = model.get_submodule(name)
-        if name not in structure:  # every part dense: truncate in place
-            for p in plist:
-                e = entries[(p.layer, p.component)]
-                if int(e["rank"]) < int(e["full_rank"]):
-                    p.set_weight(mod, _truncate(p, p.weight(mod), int(e["rank"]), device, whiten))
-            continue
-        new = build_module(structure[name], dtype=mod.weight.dtype, device=mod.weight.device)
-        for p in plist:  # each part: factors from its own SVD, or its dense (truncated) rows
-            e = entries[(p.layer, p.component)]
-            W, bias = p.weight(mod), p.bias(mod)
-            target = new.get_submodule(p.component) if p.fused else new
-            if e["lrc"]:
-                if whiten is not None:
-                    _set_factors(target, *whiten.factors(p.layer, p.component, W, target.rank), bias)
-                else:
-                    _fill_factors(target, W, bias, device)
-                continue
-            rank = int(e["rank"])
-            with torch.no_grad():
-                target.weight.copy_(_truncate(p, W, rank, device, whiten) if rank < int(e["full_rank"]) else W)
-                if bias is not None:
-                    target.bias.copy_(bias)
-        _replace(model, name, new)
-        del mod, W  # the dense weight goes as soon as nothing references it
+        new = compress_module(mod, plist, entries, structure.get(name), factors, truncate)
+        if new is not mod:
+            _replace(model, name, new)
+        del mod, new  # the dense weight goes as soon as nothing references it
     model.config.spectra_structure = structure
     return model
 
@@ -219,8 +202,7 @@ def _load_dense(ckpt: Path, dtype: torch.dtype | None) -> nn.Module:
     from spectra.loading import load_model
 
     if dtype is None:  # auto: the dtype the checkpoint was saved in
-        stored = getattr(AutoConfig.from_pretrained(ckpt), "dtype", None) or torch.float32
-        dtype = getattr(torch, stored) if isinstance(stored, str) else stored
+        dtype = config_dtype(AutoConfig.from_pretrained(ckpt))
     return load_model(ckpt, dtype=dtype)
 
 
@@ -238,14 +220,21 @@ def compress_command(
                                                                "working).")] = None,
     rank_map: Annotated[
         Optional[str],
-        typer.Option(help="Rank map JSON from `spectra ranks`. Default: a WeLore map computed on the fly for --err."),
+        typer.Option(help="Rank map JSON from `spectra ranks`. Default: a --method map for --err, derived in the same "
+                          "pass as the factors (one decomposition per matrix)."),
     ] = None,
     err: Annotated[
         float,
         typer.Option(
-            help="Target effective rank reduction for the on-the-fly WeLore map (by rank, params break-even LRC rule)."
+            help="Target effective rank reduction for the map derived on the fly (by rank, params break-even LRC "
+            "rule, as `spectra ranks`)."
         ),
     ] = 0.5,
+    method: Annotated[
+        Literal["welore", "uniform", "energy"],
+        typer.Option(help="Method of the map derived on the fly (see `spectra ranks`); diagnostic and loss maps "
+                          "come from `spectra ranks` (--rank-map)."),
+    ] = "welore",
     merge: Annotated[
         bool, typer.Option(help="Turn a compressed folder back into dense weights (W = B·A) instead.")
     ] = False,
@@ -259,7 +248,8 @@ def compress_command(
     whiten: Annotated[
         bool,
         typer.Option(
-            help="Activation-aware truncation (SVD of W·S, C = XᵀX = S·Sᵀ from --calib-data; spectra/whiten.py)."
+            help="Activation-aware truncation (SVD of W·S, C = XᵀX = S·Sᵀ from --calib-data; spectra/whiten.py). "
+            "Loads the whole model (not streamed)."
         ),
     ] = False,
     calib_data: Annotated[
@@ -273,7 +263,12 @@ def compress_command(
         bool, typer.Option(help="Write into a non-empty --out folder (its files may be replaced).")
     ] = False,
 ) -> None:
-    """WeLore-COMP: replace LRC linears with low-rank factors (or --merge them back to dense)."""
+    """WeLore-COMP: replace LRC linears with low-rank factors (or --merge them back to dense).
+
+    A safetensors checkpoint (sharded or not) is streamed: one decoder layer at a time is read and
+    written, and without --rank-map the map is derived in the same pass, one decomposition per
+    matrix (spectra/stream_compress.py). --whiten, and checkpoints in other formats, load the model.
+    """
     from spectra.runs import input_path
 
     ckpt = input_path(path, ckpt, "--ckpt")
@@ -299,34 +294,42 @@ def compress_command(
         return
     if (src / RANK_MAP_FILE).is_file():
         raise SpectraError(f"{src} is already compressed; use --merge to get dense weights back first")
-    from spectra.ranks import (
-        build_rank_map,
-        check_options,
-        load_rank_map,
-        model_spectra,
-    )
+    from spectra.ranks import build_rank_map, check_options, load_rank_map, model_spectra
+    from spectra.stream_compress import NotStreamable, stream_compress
 
     rmap = load_rank_map(rank_map) if rank_map is not None else None  # bad input fails before the model loads
-    check_options("welore", err, "rank", "params")
+    check_options(method, err, "rank", "params")
     if whiten:
         from spectra.calibration import check_options as check_calibration
 
         check_calibration(calib_data, calib_seqs, calib_seq_len, damping)
-    model = _load_dense(src, want)
     svd_device = resolve_device(device)
-    if rmap is None:  # the global threshold needs every spectrum before any matrix is cut: a cheap svdvals pass first
-        rmap = build_rank_map(model_spectra(model, svd_device), "welore", err)
-    before = _param_count(model)
-    whitener = None
-    if whiten:  # the calibration lives in (and is reused from) the run's analysis store
-        from spectra.calibration import whitener_for
+    streamed = False
+    if not whiten:  # the whitener needs the loaded model's activations
+        try:
+            rmap, counts = stream_compress(src, dst, rank_map=rmap, method=method, err=err, dtype=want,
+                                           device=svd_device)
+            before = (counts["linear_before"], counts["total_before"])
+            after = (counts["linear_after"], counts["total_after"])
+            streamed = True
+        except NotStreamable:  # not safetensors under the modules' names: load it
+            pass
+    if not streamed:
+        model = _load_dense(src, want)
+        if rmap is None:  # the global threshold needs every spectrum before any matrix is cut
+            rmap = build_rank_map(model_spectra(model, svd_device), method, err)
+        before = _param_count(model)
+        whitener = None
+        if whiten:  # the calibration lives in (and is reused from) the run's analysis store
+            from spectra.calibration import whitener_for
 
-        whitener = whitener_for(src, model, calib_data, tokenizer, calib_seqs, calib_seq_len, damping, svd_device)
-    compress_model(model, rmap, svd_device, whiten=whitener)
-    if whitener is not None:
-        rmap = {**rmap, "whiten": whitener.metadata()}
-    after = _param_count(model)
-    save_compressed(model, rmap, dst, tokenizer_from=src)
+            whitener = whitener_for(src, model, calib_data, tokenizer, calib_seqs, calib_seq_len, damping,
+                                    svd_device)
+        compress_model(model, rmap, svd_device, whiten=whitener)
+        if whitener is not None:
+            rmap = {**rmap, "whiten": whitener.metadata()}
+        after = _param_count(model)
+        save_compressed(model, rmap, dst, tokenizer_from=src)
     n_lrc = sum(bool(e["lrc"]) for e in rmap["components"])
     console.print(
         f"{rmap['method']} map, ERR {rmap['achieved_err']:.4f} ({rmap['err_by']}): "

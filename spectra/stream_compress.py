@@ -1,0 +1,375 @@
+"""Streaming WeLore-COMP of a checkpoint on disk: one decomposition per matrix, one layer at a time.
+
+`spectra compress` on a safetensors checkpoint (one file, or shards with model.safetensors.index.json)
+never loads the model: it reads tensors with `safe_open`, one module or one decoder layer at a time,
+and writes the compressed Hugging Face folder incrementally, one safetensors shard per decoder layer
+plus one for everything else (embeddings, final norm, lm_head, copied through), with the same
+tensor names, config.json, rank map, modeling_spectra.py and tokenizer as
+`spectra.compressed.save_compressed`, so `load_compressed` and
+`AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)` load it unchanged.
+
+The "no decomposition twice" contract:
+    compress --err E [--method welore|uniform|energy]   derives the map in the SAME pass. Each matrix
+        is decomposed once (pass 1); its σ feed the global threshold (spectra.ranks.build_rank_map,
+        ERR by rank, params LRC rule: the `spectra ranks` defaults), its eigenvectors are spilled
+        to <out>/.spectra-staging, and pass 2 slices them into factors once the map is known. All of
+        them are spilled, not only the r_max = ⌊mn/(m+n)⌋ an LRC can use: by rank ERR an N-LRC is
+        truncated to its rank too (W_r = W·V_r·V_rᵀ, or W − W·V_t·V_tᵀ with the n − r tail).
+    compress --rank-map F   one decomposition per matrix the map cuts (LRC, or N-LRC below full
+        rank); full-rank N-LRCs are copied through.
+    ranks, then compress --rank-map   `spectra ranks` computes σ only (svdvals), which cannot give
+        factors, so the cut matrices are decomposed a second time. Use `compress --err` for one
+        pass; the map it used is stored in the output (spectra_rank_map.json) for later tools.
+    --whiten, --method diagnostic/loss and checkpoints that are not safetensors under their modules'
+        names stay on the in-memory path (spectra.lowrank.compress_model): they need the loaded model.
+
+Decomposition (`decompose`; measured against a float64 SVD in bench/compress_scale.py --decompositions):
+the float64 Gram matrix of the smaller side, G = WᵀW (or WWᵀ for a wide W), built from 1024-row
+float64 blocks, and its eigendecomposition: σ_i = √λ_i, V (or U) the eigenvectors. The other side
+is computed only for the kept directions, U_r = W·V_r/σ_r, so A = √σ_r·V_rᵀ and B = U_r·√σ_r = W·V_r/√σ_r
+(`factors`) -- the same √σ split as spectra.lowrank.factorize. float64 because the map needs every
+σ down to σ_min (WeLore's min-max normalization): in float32, λ = σ² loses σ below √ε·σ_1 ≈ 3e-4·σ_1.
+On this CPU it costs less than a float32 SVD (gesdd) and is more accurate.
+
+Resident at most: pass 1, two modules' weights and their two decompositions in flight (one per core,
+spectra.heavytail.map_matrices); pass 2, one layer's output and one module's source tensors. Every
+file goes to <out>/.spectra-staging first and is moved into <out> only when the folder is complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from spectra.components import COMPONENTS, is_conv1d
+from spectra.compressed import write_metadata
+from spectra.errors import SpectraError
+from spectra.modeling_spectra import LowRankLinear, build_module
+from spectra.rankmap import by_module, entries_for, plan
+
+STAGING = ".spectra-staging"
+ROWS = 1024  # rows per float64 block of the Gram product: never a float64 copy of a whole matrix
+
+
+class NotStreamable(Exception):
+    """The checkpoint cannot be read tensor by tensor under its modules' names (no safetensors, or a
+    legacy key layout that transformers renames on load): the caller loads the model instead."""
+
+
+# --------------------------------------------------------------------------- one matrix
+@dataclass
+class Eig:
+    """W = U·diag(σ)·Vᵀ through the Gram matrix of W's smaller side."""
+
+    sigma: torch.Tensor  # float64, descending, min(m, n) values
+    vecs: torch.Tensor  # float32 (k, k): column i goes with sigma[i]; V (W tall or square) or U (W wide)
+    wide: bool
+
+
+def decompose(W: torch.Tensor, device: str | torch.device | None = None) -> Eig:
+    """The one exact decomposition of an (out, in) weight (see module docstring)."""
+    X = W.detach().to(device or W.device)
+    wide = X.shape[0] < X.shape[1]
+    X = X.mT if wide else X  # G = XᵀX over the long side
+    G = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
+    for i in range(0, X.shape[0], ROWS):
+        block = X[i:i + ROWS].double()
+        G.addmm_(block.mT, block)
+    lam, vec = torch.linalg.eigh(G)
+    del G
+    return Eig(lam.flip(0).clamp(min=0).sqrt().cpu(), vec.flip(1).float().cpu().contiguous(), wide)
+
+
+def factors(W: torch.Tensor, e: Eig, rank: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) = (√σ_r·V_rᵀ, U_r·√σ_r) in float32, the unkept side from W itself. A direction with σ
+    below 1e-7·σ_1 (float32 noise) gets zero in the computed factor instead of noise / √σ."""
+    dev = device or W.device
+    W32, Q = W.to(dev, torch.float32), e.vecs[:, :rank].to(dev)
+    sig = e.sigma[:rank].to(dev)
+    root = sig.sqrt().float()
+    inv = torch.where(sig > 1e-7 * e.sigma[0].item(), 1 / root, torch.zeros_like(root))
+    if e.wide:  # Q = U_r
+        return ((Q.mT @ W32) * inv[:, None]).cpu(), (Q * root).cpu()
+    return (root[:, None] * Q.mT).cpu(), ((W32 @ Q) * inv).cpu()
+
+
+def truncated(W: torch.Tensor, e: Eig, rank: int, device=None) -> torch.Tensor:
+    """The best rank-`rank` approximation of W (float32), projecting on the kept directions, or
+    removing the tail when that is the smaller side (n − r < r)."""
+    dev = device or W.device
+    W32, k = W.to(dev, torch.float32), e.vecs.shape[0]
+    if rank >= k:
+        return W32.cpu()
+    keep = rank <= k - rank
+    Q = (e.vecs[:, :rank] if keep else e.vecs[:, rank:]).to(dev)
+    part = Q @ (Q.mT @ W32) if e.wide else (W32 @ Q) @ Q.mT
+    return (part if keep else W32 - part).cpu()
+
+
+# --------------------------------------------------------------------------- one module
+def set_factors(lr: LowRankLinear, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> LowRankLinear:
+    with torch.no_grad():
+        lr.A.weight.copy_(A.to(lr.A.weight.dtype))
+        lr.B.weight.copy_(B.to(lr.B.weight.dtype))
+        if bias is not None:
+            lr.B.bias.copy_(bias)
+    return lr
+
+
+def compress_module(mod: nn.Module, plist: list, entries: dict, spec: dict | None, factors_of, truncate) -> nn.Module:
+    """What replaces one component module under a rank map: `mod` itself (spec None: every part
+    dense, N-LRC parts truncated in place) or the planned low-rank / per-part module (spec).
+
+    `factors_of(part, W, rank) -> (A, B)` and `truncate(part, W, rank) -> W_r` do the linear algebra,
+    so the in-memory path (spectra.lowrank.compress_model: an SVD per matrix, or whitened) and this
+    streaming one (factors from the decomposition kept in pass 1) share one structure."""
+    if spec is None:
+        for p in plist:
+            e = entries[(p.layer, p.component)]
+            if int(e["rank"]) < int(e["full_rank"]):
+                p.set_weight(mod, truncate(p, p.weight(mod), int(e["rank"])))
+        return mod
+    new = build_module(spec, dtype=mod.weight.dtype, device=mod.weight.device)
+    for p in plist:  # each part: factors from its own decomposition, or its dense (truncated) rows
+        e = entries[(p.layer, p.component)]
+        W, bias = p.weight(mod), p.bias(mod)
+        target = new.get_submodule(p.component) if p.fused else new
+        if e["lrc"]:
+            set_factors(target, *factors_of(p, W, target.rank), bias)
+            continue
+        rank = int(e["rank"])
+        with torch.no_grad():
+            target.weight.copy_(truncate(p, W, rank) if rank < int(e["full_rank"]) else W)
+            if bias is not None:
+                target.bias.copy_(bias)
+    return new
+
+
+# --------------------------------------------------------------------------- the checkpoint
+def config_dtype(cfg) -> torch.dtype:
+    """The dtype a checkpoint was saved in (its config's), float32 when it does not say."""
+    stored = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
+    return getattr(torch, stored) if isinstance(stored, str) else stored
+
+
+class Checkpoint:
+    """A dense safetensors checkpoint, read tensor by tensor, and its meta-device skeleton."""
+
+    def __init__(self, path: Path):
+        from accelerate import init_empty_weights
+        from safetensors import safe_open
+
+        from spectra.models import model_class
+
+        self.path = path
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                files = {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise SpectraError(f"{index} is not a safetensors index ({e})") from None
+            missing = sorted({f.name for f in files.values() if not f.is_file()})
+            if missing:
+                raise SpectraError(f"{path}: shard {missing[0]} named in {index.name} does not exist")
+            self.where = files
+        else:
+            self.where = {}
+            for f in sorted(path.glob("*.safetensors")):
+                with safe_open(f, "pt") as st:
+                    self.where.update(dict.fromkeys(st.keys(), f))
+        if not self.where:
+            raise NotStreamable(f"{path} has no safetensors")
+        cls, cfg = model_class(path)
+        with init_empty_weights(include_buffers=False):
+            self.skeleton = cls.from_config(cfg) if cls.__name__.startswith("Auto") else cls._from_config(cfg)
+        self.modules = by_module(self.skeleton)  # also: one clear error for an unknown architecture
+        names = set(self.skeleton.state_dict())
+        if set(self.where) - names or any(f"{m}.weight" not in self.where for m in self.modules):
+            raise NotStreamable(f"{path}: tensor names differ from the model's module names")
+        self.dtype = config_dtype(cfg)
+
+    def read(self, keys: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.where[k], []).append(k)
+        out = {}
+        try:
+            for f, ks in by_file.items():
+                with safe_open(f, "pt") as st:
+                    for k in ks:
+                        t = st.get_tensor(k)
+                        out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        except Exception as e:  # noqa: BLE001 - a truncated or corrupt shard is one line
+            raise SpectraError(f"cannot read {keys[0]} from {self.path}: {e}") from None
+        return out
+
+    def module(self, name: str, dtype: torch.dtype) -> nn.Module:
+        """A real copy of one component module of the skeleton, holding its weights from disk."""
+        mod = copy.deepcopy(self.skeleton.get_submodule(name)).to_empty(device="cpu").to(dtype)
+        state = self.read([f"{name}.{k}" for k in mod.state_dict()], dtype)
+        mod.load_state_dict({k[len(name) + 1:]: v for k, v in state.items()})
+        return mod
+
+    def layers(self) -> dict[int, tuple[str, list[str]]]:
+        """{layer: (its tensor-name prefix, its component modules)}: the prefix is the modules'
+        longest common dotted path (model.layers.3), so the layer's norms travel with it."""
+        out: dict[int, list[str]] = {}
+        for name, plist in self.modules.items():
+            out.setdefault(plist[0].layer, []).append(name)
+        result = {}
+        for layer, names in sorted(out.items()):
+            common: list[str] = []
+            for level in zip(*(n.split(".") for n in names)):
+                if len(set(level)) > 1:
+                    break
+                common.append(level[0])
+            if ".".join(common) in names:  # a layer of one module: its parent holds the rest
+                common = common[:-1]
+            result[layer] = (".".join(common), names)
+        return result
+
+
+# --------------------------------------------------------------------------- the two passes
+def _spill_name(layer: int, component: str) -> str:
+    return f"{layer}.{component}.safetensors"
+
+
+def spectra_pass(ckpt: Checkpoint, spill: Path, dtype: torch.dtype, device=None, progress: bool = True) -> list:
+    """Pass 1: decompose every component once (two modules in flight), spill the eigenvectors,
+    return the spectra (spectra.ranks.MatrixSpectrum) for the rank map."""
+    from safetensors.torch import save_file
+
+    from spectra.heavytail import map_matrices, normalized_singular_values
+    from spectra.progress import progress_bar
+    from spectra.ranks import MatrixSpectrum
+
+    spill.mkdir(parents=True, exist_ok=True)
+    bar = progress_bar(total=len(ckpt.modules), desc="decompose", unit="module", disable=not progress)
+
+    def one(name: str) -> list:
+        stored = ckpt.read([f"{name}.weight"], dtype)[f"{name}.weight"]
+        out = []
+        for p in ckpt.modules[name]:
+            W = p.of_tensor(stored, is_conv1d(ckpt.skeleton.get_submodule(name)))
+            if not bool(torch.isfinite(W).all()):
+                raise SpectraError(f"non-finite weights (NaN/Inf) in layer {p.layer} {p.component} ({name})")
+            e = decompose(W, device)
+            save_file({"sigma": e.sigma, "vecs": e.vecs}, spill / _spill_name(p.layer, p.component),
+                      metadata={"wide": str(int(e.wide))})
+            out.append(MatrixSpectrum(p.layer, p.component, tuple(W.shape),
+                                      normalized_singular_values(e.sigma).numpy(), e.sigma.numpy()))
+        bar.update(1)
+        return out
+
+    try:
+        found = [s for group in map_matrices(one, list(ckpt.modules)) for s in group]
+    finally:
+        bar.close()
+    return sorted(found, key=lambda s: (s.layer, COMPONENTS.index(s.component)))
+
+
+def load_spilled(spill: Path, layer: int, component: str) -> Eig:
+    from safetensors import safe_open
+
+    with safe_open(spill / _spill_name(layer, component), "pt") as st:
+        return Eig(st.get_tensor("sigma"), st.get_tensor("vecs"), st.metadata()["wide"] == "1")
+
+
+def stream_compress(src: str | Path, dst: str | Path, *, rank_map: dict | None = None, method: str = "welore",
+                    err: float = 0.5, dtype: torch.dtype | None = None, device=None,
+                    progress: bool = True) -> tuple[dict, dict[str, int]]:
+    """Compress the checkpoint folder `src` into the Hugging Face folder `dst` (see module docstring):
+    with `rank_map`, or deriving a `method` map for `err` in the same pass. Returns (the rank map,
+    parameter counts {linear_before, linear_after, total_before, total_after})."""
+    from safetensors.torch import save_file
+
+    from spectra.progress import progress_bar
+    from spectra.ranks import build_rank_map
+
+    src, dst = Path(src), Path(dst)
+    ckpt = Checkpoint(src)
+    dtype = dtype or ckpt.dtype
+    if rank_map is not None:
+        entries_for(ckpt.skeleton, rank_map)  # a map of another model fails before any work
+    staging, created = dst / STAGING, not dst.exists()
+    shutil.rmtree(staging, ignore_errors=True)  # ours by name: a crashed run's leftovers
+    staging.mkdir(parents=True)
+    done = False
+    try:
+        spill = staging / "spill"
+        if rank_map is None:
+            rank_map = build_rank_map(spectra_pass(ckpt, spill, dtype, device, progress), method, err)
+
+            def eig_of(p, W):
+                return load_spilled(spill, p.layer, p.component)
+        else:
+            def eig_of(p, W):
+                return decompose(W, device)
+        entries, structure = entries_for(ckpt.skeleton, rank_map), plan(ckpt.skeleton, rank_map)
+        layers = ckpt.layers()
+        n_shards = len(layers) + 1
+        shard = "model-{:05d}-of-{:05d}.safetensors".format
+        weight_map: dict[str, str] = {}
+        counts = dict.fromkeys(("linear_before", "linear_after", "total_before", "total_after"), 0)
+        placed: set[str] = set()
+        for i, (layer, (prefix, names)) in enumerate(progress_bar(layers.items(), desc="compress", unit="layer",
+                                                                  disable=not progress)):
+            out: dict[str, torch.Tensor] = {}
+            for name in names:
+                mod = ckpt.module(name, dtype)
+                new = compress_module(mod, ckpt.modules[name], entries, structure.get(name),
+                                      lambda p, W, r: factors(W, eig_of(p, W), r, device),
+                                      lambda p, W, r: truncated(W, eig_of(p, W), r, device))
+                before = mod.state_dict()
+                out.update({f"{name}.{k}": v.contiguous() for k, v in new.state_dict().items()})
+                placed.update(f"{name}.{k}" for k in before)
+                counts["linear_before"] += sum(v.numel() for v in before.values())
+                counts["linear_after"] += sum(v.numel() for v in new.state_dict().values())
+                del mod, new, before
+            rest = [k for k in ckpt.where if k.startswith(prefix + ".") and k not in placed]
+            out.update(ckpt.read(rest, dtype))
+            placed.update(rest)
+            save_file(out, staging / shard(i + 1, n_shards), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(out, shard(i + 1, n_shards)))
+            counts["total_after"] += sum(v.numel() for v in out.values())
+            del out
+        rest = [k for k in ckpt.where if k not in placed]
+        out = ckpt.read(rest, dtype)
+        save_file(out, staging / shard(n_shards, n_shards), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(out, shard(n_shards, n_shards)))
+        counts["total_after"] += sum(v.numel() for v in out.values())
+        size = sum((staging / f).stat().st_size for f in set(weight_map.values()))
+        (staging / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        counts["total_before"] = counts["total_after"] - counts["linear_after"] + counts["linear_before"]
+        _write_config(ckpt, structure, dtype, staging)
+        write_metadata(staging, ckpt.skeleton, rank_map, tokenizer_from=src)
+        shutil.rmtree(spill, ignore_errors=True)
+        for stale in [*dst.glob("model*.safetensors"), dst / "model.safetensors.index.json"]:
+            stale.unlink(missing_ok=True)  # --overwrite: an old single-file model would shadow the index
+        for f in staging.iterdir():
+            f.replace(dst / f.name)
+        done = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not done and created and not any(dst.iterdir()):
+            dst.rmdir()  # a failed run leaves no folder it made
+    return rank_map, counts
+
+
+def _write_config(ckpt: Checkpoint, structure: dict, dtype: torch.dtype, out: Path) -> None:
+    """config.json (and generation_config.json) as `save_pretrained` of the compressed model writes them."""
+    cfg = copy.deepcopy(ckpt.skeleton.config)
+    cfg.spectra_structure = structure
+    cfg.dtype = dtype
+    cfg.save_pretrained(out)
+    if (ckpt.path / "generation_config.json").is_file():
+        shutil.copy2(ckpt.path / "generation_config.json", out / "generation_config.json")
