@@ -54,7 +54,18 @@ def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER):
     return tok
 
 
+def _skip_config_class_warning(record) -> bool:
+    # Without remote code, AutoTokenizer reads a compressed folder's config (model_type spectra_lowrank)
+    # through the base config class and warns, per load, that the types differ: true and harmless, since
+    # only the tokenizer files are used. Every other transformers warning still shows.
+    return "to instantiate a model of type" not in record.getMessage()
+
+
 def _load_tokenizer(name_or_path: str, p: Path, AutoTokenizer):
+    from transformers.utils import logging as hf_logging
+
+    log = hf_logging.get_logger("transformers.configuration_utils")
+    log.addFilter(_skip_config_class_warning)
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)  # never prompt or run code
     except Exception as first:  # noqa: BLE001
@@ -69,6 +80,8 @@ def _load_tokenizer(name_or_path: str, p: Path, AutoTokenizer):
         where = "local folder" if p.exists() else "hub name (is the hub reachable?)"
         raise SpectraError(f"cannot load tokenizer {name_or_path!r} as a {where}: {str(first).splitlines()[0]}; "
                            "pass --tokenizer PATH to a local tokenizer folder") from None
+    finally:
+        log.removeFilter(_skip_config_class_warning)
 
 
 # --------------------------------------------------------------------------- documents

@@ -169,3 +169,39 @@ def test_tokenizer_digest_is_memoized_and_follows_changes(monkeypatch):
     before = tokenizer_digest(tok)
     tok.pad_token = tok.eos_token
     assert tokenizer_digest(tok) == direct(tok) != before
+
+
+
+def test_tokenizer_of_a_compressed_folder_loads_without_the_config_type_warning(shared_data, tmp_path):
+    """A compressed folder's config says model_type spectra_lowrank; loading its tokenizer without remote
+    code must not print transformers' "model of type ... to instantiate" warning once per load (28 lines in
+    the quickstart log), and the filter must not outlive the call."""
+    import logging
+    import shutil
+
+    from conftest import T5_DIR
+    from transformers.utils import logging as hf_logging
+
+    from spectra.data import load_tokenizer
+
+    folder = tmp_path / "compressed"
+    shutil.copytree(T5_DIR, folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "spectra_lowrank", "vocab_size": 32128}))
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    log = hf_logging.get_logger("transformers.configuration_utils")
+    handler = Keep(level=logging.WARNING)
+    log.addHandler(handler)
+    try:
+        tok = load_tokenizer(str(folder))
+        assert tok("hello world")["input_ids"] == load_tokenizer(str(T5_DIR))("hello world")["input_ids"]
+        assert not [m for m in seen if "to instantiate a model of type" in m], seen
+        assert not log.filters  # only while spectra loads a tokenizer
+        log.warning("You are using a model of type x to instantiate a model of type y.")  # others still show
+        assert seen and "to instantiate" in seen[-1]
+    finally:
+        log.removeHandler(handler)
