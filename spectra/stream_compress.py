@@ -328,12 +328,12 @@ def stream_compress(src: str | Path, dst: str | Path, *, rank_map: dict | None =
                 new = compress_module(mod, ckpt.modules[name], entries, structure.get(name),
                                       lambda p, W, r: factors(W, eig_of(p, W), r, device),
                                       lambda p, W, r: truncated(W, eig_of(p, W), r, device))
-                before = mod.state_dict()
-                out.update({f"{name}.{k}": v.contiguous() for k, v in new.state_dict().items()})
+                before, after = mod.state_dict(), new.state_dict()
+                out.update({f"{name}.{k}": v.contiguous() for k, v in after.items()})
                 placed.update(f"{name}.{k}" for k in before)
                 counts["linear_before"] += sum(v.numel() for v in before.values())
-                counts["linear_after"] += sum(v.numel() for v in new.state_dict().values())
-                del mod, new, before
+                counts["linear_after"] += sum(v.numel() for v in after.values())
+                del mod, new, before, after
             rest = [k for k in ckpt.where if k.startswith(prefix + ".") and k not in placed]
             out.update(ckpt.read(rest, dtype))
             placed.update(rest)
