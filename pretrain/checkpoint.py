@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +143,7 @@ def _fsync_tree(folder: Path) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, keep: int = 3, tokenizer=None) -> Path:
     ckpt_root = run_dir / "checkpoints"
+    check_publishable(model, step, ckpt_root)
     final = ckpt_root / f"step_{step}"
     tmp = ckpt_root / f".tmp_step_{step}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -159,6 +161,7 @@ def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, keep: 
         os.replace(final, aside)
         shutil.rmtree(aside, ignore_errors=True)
     os.replace(tmp, final)
+    _unfold_copied_latest(ckpt_root)
     link_tmp = ckpt_root / ".latest.tmp"
     if link_tmp.is_symlink() or link_tmp.exists():
         link_tmp.unlink()
@@ -166,6 +169,36 @@ def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, keep: 
     os.replace(link_tmp, ckpt_root / LATEST)
     _prune(ckpt_root, keep, final)
     return final
+
+
+def check_publishable(model, step: int, ckpt_root: Path) -> None:
+    """Every tensor finite (embedding rows the data never reaches included) before step_N can become
+    `latest`: a NaN checkpoint there would make every later --resume refuse."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            good = latest_checkpoint(ckpt_root.parent)
+            raise SpectraError(f"step {step}: {name} holds NaN/Inf, so no checkpoint was published; last finite "
+                               f"checkpoint: {good or 'none'} (lower --lr or check the data)")
+
+
+def _unfold_copied_latest(ckpt_root: Path) -> None:
+    """A `latest` that is a real folder (a run copied with shutil.copytree / cp -L) becomes the step_N
+    folder it is a copy of (or, when step_N is there too, goes), so the symlink can be published."""
+    latest = ckpt_root / LATEST
+    if latest.is_symlink() or not latest.is_dir():
+        return
+    try:
+        step = int(json.loads((latest / STATE_JSON).read_text())["step"])
+    except Exception:  # noqa: BLE001 - not a checkpoint of ours: keep it, under a name that says so
+        os.replace(latest, ckpt_root / f"latest.unknown.{time.time_ns()}")
+        return
+    twin = ckpt_root / f"step_{step}"
+    if not twin.exists():
+        os.replace(latest, twin)
+        return
+    aside = ckpt_root / f".old_latest_{time.time_ns()}"
+    os.replace(latest, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _prune(ckpt_root: Path, keep: int, current: Path) -> None:

@@ -37,6 +37,7 @@ from pretrain.run_state import (
     check_resume_config,
     has_run,
     record_run_config,
+    refuse_restart,
     start_over,
     terminate_as_exception,
     truncate_metrics,
@@ -44,7 +45,7 @@ from pretrain.run_state import (
 from spectra import distributed as dist_utils
 from spectra.errors import SpectraError
 from spectra.options import command_from, opt
-from spectra.runs import run_lock, validate_run_id
+from spectra.runs import run_folder, run_lock
 from spectra.schedule import warmup_cosine
 
 
@@ -130,7 +131,7 @@ class Trainer:
             raise SpectraError(f"batch {cfg.batch_size} / micro {cfg.micro_batch} = {per_rank} micro-batches "
                                f"does not split over {self.world} ranks")
         self.accum = per_rank // self.world
-        self.run_dir = Path(cfg.runs_dir) / validate_run_id(dist_utils.agree_run_id(cfg))
+        self.run_dir = run_folder(cfg.runs_dir, dist_utils.agree_run_id(cfg))
         self.tok = load_tokenizer(cfg.tokenizer)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, vocab_for(len(self.tok)), cfg.seed).to(self.device)
@@ -170,10 +171,14 @@ class Trainer:
             load_weights(self.model, ckpt)
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
+            if {"lr", "warmup", "steps", "min_lr_ratio"} & set(changes):  # accepted: it applies from this step on
+                self.apply_schedule()
             set_rng_state(state["rng"])
             self.train_stream.state = state["data"][self.rank]
             self.step, self.tokens = state["step"], state["tokens"]
         if self.rank == 0:
+            if exists and ckpt is None and cfg.resume:
+                refuse_restart(run, cfg.save_every)  # only a run killed before its first checkpoint restarts
             if exists and ckpt is None:  # --overwrite, or a resume of a run killed before its first checkpoint
                 print(f"{run}: {'no checkpoint yet, starting over' if cfg.resume else 'overwriting'}", file=sys.stderr)
                 start_over(run)
@@ -191,6 +196,16 @@ class Trainer:
                 # after the checkpoint), so the store goes back to what precedes it
                 self.writer.truncate_after(self.step - 1 if self.step else -1)
         dist_utils.barrier()
+
+    def apply_schedule(self) -> None:
+        """The schedule of the current config at the current step: a resume's accepted --lr (or warmup,
+        steps, min ratio) change replaces the saved base lr, which LambdaLR would otherwise keep."""
+        lam = lr_lambda(self.cfg)
+        self.sched.base_lrs = [self.cfg.lr for _ in self.opt.param_groups]
+        for g in self.opt.param_groups:
+            g["initial_lr"] = self.cfg.lr
+            g["lr"] = self.cfg.lr * lam(self.sched.last_epoch)
+        self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
 
     def config_record(self) -> dict:
         """The run's settings as saved in checkpoints and run_config.json (plus the data files' sizes, and the

@@ -115,6 +115,30 @@ def start_over(run_dir: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def refuse_restart(run_dir: Path, save_every: int) -> None:
+    """`--resume` found no complete checkpoint. Starting over is only right for a run killed before its
+    first checkpoint (all it has is re-made bit for bit); anything else would delete a run's data, so it
+    is refused, naming what is there."""
+    from spectra.runs import has_checkpoint_folders
+    from spectra.store import _committed
+
+    ckpts = run_dir / "checkpoints"
+    if has_checkpoint_folders(ckpts):
+        names = ", ".join(sorted(p.name for p in ckpts.iterdir())[:4])
+        raise SpectraError(f"--resume: {ckpts} holds no complete checkpoint ({names}); nothing was deleted; "
+                           "repair or remove those folders, or pass --overwrite to start the run over")
+    steps = [r.get("step", 0) for r in read_rows(run_dir / METRICS)] if (run_dir / METRICS).is_file() else []
+    store = run_dir / "snapshots.zarr"
+    try:
+        snaps = _committed(store) if store.is_dir() else []
+    except Exception:  # noqa: BLE001 - an unreadable store is data too
+        snaps = [float("inf")]
+    last = max([*steps, *snaps], default=0)
+    if last > max(save_every, 0):
+        raise SpectraError(f"--resume: {run_dir} has no checkpoint to continue from, but holds training up to step "
+                           f"{last} (metrics/snapshots); nothing was deleted; pass --overwrite to start it over")
+
+
 def has_run(run_dir: Path) -> bool:
     return run_dir.is_dir() and any(p.name not in (LOCK, ".trash") for p in run_dir.iterdir())
 

@@ -40,7 +40,7 @@ def active() -> bool:
 
 def agree_run_id(cfg) -> str:
     """All ranks use rank 0's run id (the default one contains a timestamp)."""
-    run_id = [cfg.run_id or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    run_id = [cfg.run_id if cfg.run_id is not None else f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"]
     if active():
         dist.broadcast_object_list(run_id, src=0)
     return run_id[0]

@@ -139,8 +139,8 @@ def find_checkpoint(path: str | Path) -> Path:
     from spectra.runs import checkpoint_of_latest
 
     p = Path(path)
-    cand = checkpoint_of_latest(p / "checkpoints")  # a run folder: its newest checkpoint
-    if cand is not None and (cand / "config.json").is_file():
+    cand = checkpoint_of_latest(p / "checkpoints", resumable=False)  # a run folder: its newest checkpoint
+    if cand is not None:
         return cand
     if (p / "config.json").is_file():
         return p

@@ -29,25 +29,86 @@ def validate_run_id(run_id: str) -> str:
     return run_id
 
 
-def checkpoint_of_latest(ckpt_root: Path) -> Path | None:
-    """The folder `checkpoints/latest` names: a symlink (this version) or a text file (older runs)."""
+def run_folder(runs_dir: str | Path, run_id: str) -> Path:
+    """`runs_dir/run_id`, refused when that is a symlink: a run writes inside --runs-dir, never where a link
+    points (the link may name another run, or a folder outside the runs)."""
+    path = Path(runs_dir) / validate_run_id(run_id)
+    if path.is_symlink():
+        raise SpectraError(f"{path} is a symlink (to {os.readlink(path)}); a run folder must be a real folder "
+                           "inside --runs-dir: remove the link or choose another --run-id")
+    return path
+
+
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def is_complete_checkpoint(path: Path, resumable: bool = True) -> bool:
+    """A published checkpoint: config and weights (and, for `resumable`, the trainer state) present, which
+    is what save_checkpoint renames into place in one step."""
+    if not (path.is_dir() and (path / "config.json").is_file()
+            and ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file())):
+        return False
+    # trainer_state.pt (pickled, older spectra) counts, so resume can refuse it by name
+    return not resumable or (path / "trainer_state.json").is_file() or (path / "trainer_state.pt").is_file()
+
+
+def _step_of(path: Path) -> int | None:
+    """The optimizer step a checkpoint folder holds: its name (step_N), else its trainer_state.json."""
+    m = _STEP_DIR.fullmatch(path.name)
+    if m:
+        return int(m[1])
+    try:
+        import json
+
+        return int(json.loads((path / "trainer_state.json").read_text())["step"])
+    except Exception:  # noqa: BLE001 - unreadable: not a usable checkpoint
+        return None
+
+
+def checkpoint_candidates(ckpt_root: Path, resumable: bool = True) -> list[tuple[int, Path]]:
+    """Every complete checkpoint under `checkpoints/`, oldest first: the step_N folders and a `latest`
+    that is a real folder (what shutil.copytree / cp -L make of the symlink)."""
+    if not ckpt_root.is_dir():
+        return []
+    found: dict[int, Path] = {}
+    latest = ckpt_root / LATEST
+    if latest.is_dir() and not latest.is_symlink() and is_complete_checkpoint(latest, resumable):
+        step = _step_of(latest)
+        if step is not None:
+            found[step] = latest
+    for p in ckpt_root.iterdir():
+        if _STEP_DIR.fullmatch(p.name) and not p.is_symlink() and is_complete_checkpoint(p, resumable):
+            found[int(p.name[5:])] = p  # a step_N folder wins over a copied `latest` of the same step
+    return sorted(found.items())
+
+
+def checkpoint_of_latest(ckpt_root: Path, resumable: bool = True) -> Path | None:
+    """The checkpoint to continue from (or, `resumable=False`, to analyze): what `latest` names when that
+    is complete (a symlink, or a text file in older runs), else the newest complete one, whether `latest`
+    is a real folder (a copied run), dangling or missing. Never None while a complete checkpoint exists,
+    so a run is never mistaken for one without checkpoints."""
     pointer = ckpt_root / LATEST
+    target = None
     if pointer.is_symlink():
-        return ckpt_root / os.readlink(pointer)
-    if pointer.is_file():
-        return ckpt_root / pointer.read_text().strip()
-    return None
+        target = ckpt_root / os.readlink(pointer)
+    elif pointer.is_file():
+        target = ckpt_root / pointer.read_text(errors="replace").strip()
+    if target is not None and is_complete_checkpoint(target, resumable):
+        return target
+    cands = checkpoint_candidates(ckpt_root, resumable)
+    return cands[-1][1] if cands else None
+
+
+def has_checkpoint_folders(ckpt_root: Path) -> bool:
+    """Anything that looks like a checkpoint, complete or not (step_N folders, a `latest` entry)."""
+    if not ckpt_root.is_dir():
+        return False
+    return any(_STEP_DIR.fullmatch(p.name) or p.name == LATEST for p in ckpt_root.iterdir())
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run, or None when it has none yet."""
-    path = checkpoint_of_latest(run_dir / "checkpoints")
-    if path is None:
-        return None
-    if not (path / "trainer_state.json").is_file() and not (path / "trainer_state.pt").is_file():
-        raise SpectraError(f"{run_dir / 'checkpoints' / LATEST} names {path.name}, which is incomplete; "
-                           "remove it or point latest elsewhere")
-    return path
+    return checkpoint_of_latest(run_dir / "checkpoints")
 
 
 def run_dir_of(path: str | Path) -> Path | None:
@@ -56,7 +117,7 @@ def run_dir_of(path: str | Path) -> Path | None:
     p = Path(path).resolve()
     for cand in (p, *p.parents):
         if ((cand / "run_config.json").is_file() or (cand / "snapshots.zarr").is_dir()
-                or checkpoint_of_latest(cand / "checkpoints") is not None):
+                or checkpoint_of_latest(cand / "checkpoints", resumable=False) is not None):
             return cand
     return None
 
