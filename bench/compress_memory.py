@@ -25,8 +25,8 @@ import time
 import torch
 
 from pretrain.configs import build_model
-from spectra.lowrank import compress_model
-from spectra.ranks import build_rank_map, model_spectra
+from spectra.compression.lowrank import compress_model
+from spectra.compression.ranks import build_rank_map, model_spectra
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

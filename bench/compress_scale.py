@@ -82,8 +82,8 @@ def naive(ckpt: Path, out: Path, err: float, layers: int | None) -> None:
     """The anchor: load everything, one f32 SVD per matrix reused for map and factors, save."""
     from safetensors.torch import load_file, save_file
 
-    from spectra.heavytail import normalized_singular_values
-    from spectra.ranks import MatrixSpectrum, build_rank_map
+    from spectra.analysis.heavytail import normalized_singular_values
+    from spectra.compression.ranks import MatrixSpectrum, build_rank_map
 
     weights = {}
     for f in sorted(ckpt.glob("*.safetensors")):
@@ -130,7 +130,7 @@ def run_child(argv: list[str]) -> dict:
 def decompositions(shapes: list[tuple[int, int]]) -> None:
     import scipy.linalg
 
-    from spectra.stream_compress import decompose, truncated
+    from spectra.compression.stream import decompose, truncated
 
     def timed(fn):
         c = time.process_time()
@@ -158,7 +158,7 @@ def decompositions(shapes: list[tuple[int, int]]) -> None:
                     return decompose(W)
                 X = W if m >= n else W.mT
                 lam, vec = torch.linalg.eigh(X.mT @ X)
-                from spectra.stream_compress import Eig
+                from spectra.compression.stream import Eig
                 return Eig(lam.flip(0).clamp(min=0).double().sqrt(), vec.flip(1), m < n)
             e, t = timed(gram_eig)
             rows[label] = (t, e.sigma, {r: truncated(W, e, r).double() for r in ref})

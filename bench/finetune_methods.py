@@ -9,13 +9,13 @@
     python bench/finetune_methods.py --config 60m --vocab 384 --map attention-lrc --phases   # where time goes
 
 `--loss both` (default) also runs every method with HF's `labels=` loss, to show what the chunked
-linear cross-entropy of `spectra.lm_loss` (the harness default) saves.
+linear cross-entropy of `spectra.lm.loss` (the harness default) saves.
 
 One process, one compressed model (deep-copied per method), the same pre-generated token batches,
-the same `spectra.finetune` harness (fused AdamW for every method, warmup+cosine, bf16 autocast on
+the same `spectra.lm.finetune` harness (fused AdamW for every method, warmup+cosine, bf16 autocast on
 GPU; on CPU fp32 or, with --dtype bf16, bf16 autocast).
 Without --model, a freshly initialised --config model is compressed by WeLore-COMP at --err
-(`spectra.ranks.build_rank_map` + `spectra.lowrank.compress_model`); random weights have flat
+(`spectra.compression.ranks.build_rank_map` + `spectra.compression.lowrank.compress_model`); random weights have flat
 spectra, so that map is close to uniform: square attention matrices stay dense (truncated N-LRCs),
 rectangular MLP matrices become LRCs. Pass a real compressed checkpoint for the paper's setting.
 
@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spectra.finetune import (
+from spectra.lm.finetune import (
     METHODS,
     FinetuneConfig,
     _malloc_trim,
@@ -53,9 +53,9 @@ from spectra.finetune import (
 
 
 def compressed_model(args) -> torch.nn.Module:
-    from spectra.loading import load_causal_lm
-    from spectra.lowrank import compress_model
-    from spectra.models import find_checkpoint
+    from spectra.compression.lowrank import compress_model
+    from spectra.models.loading import load_causal_lm
+    from spectra.models.parts import find_checkpoint
 
     if args.model:
         model = load_causal_lm(find_checkpoint(args.model))
@@ -63,7 +63,7 @@ def compressed_model(args) -> torch.nn.Module:
             sys.exit(f"error: {args.model} is not a compressed model; run spectra compress first")
         return model
     from pretrain.configs import build_model
-    from spectra.ranks import build_rank_map, model_spectra
+    from spectra.compression.ranks import build_rank_map, model_spectra
 
     model = build_model(args.config, vocab_size=args.vocab, seed=0, attn_implementation="sdpa")
     rank_map = build_rank_map(model_spectra(model, device=args.device), method="welore", err=args.err)
@@ -108,7 +108,7 @@ def main() -> None:
     p.add_argument("--galore-rank", type=int, default=128)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--loss", default="both", choices=("chunked", "hf", "both"),
-                   help="lm_head+CE in chunks (spectra.lm_loss, the harness default), HF's labels= path, or both")
+                   help="lm_head+CE in chunks (spectra.lm.loss, the harness default), HF's labels= path, or both")
     p.add_argument("--repeats", type=int, default=1, help="alternating rounds of all methods (median ratios)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 on a shared CPU box)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="CPU precision: fp32 or bf16 autocast "
@@ -182,7 +182,7 @@ PHASES = ("forward", "backward", "clip", "optimizer", "zero_grad")
 def phases(base, args) -> None:
     """Thread CPU ms per step phase of welore and full (one intra-op thread, so thread CPU time is
     all the work): what each method still spends, independent of the neighbours' load."""
-    from spectra.lm_loss import causal_lm_loss
+    from spectra.lm.loss import causal_lm_loss
 
     torch.set_num_threads(1)
     vocab = base.get_input_embeddings().weight.shape[0]

@@ -5,8 +5,8 @@
     python bench/spectrum_bench.py --svd-paths        # + σ per path: torch svdvals, scipy gesdd, float64 Gram
     python bench/spectrum_bench.py --checkpoint-memory  # peak RSS: streamed from safetensors vs loaded first
 
-* spectra: `spectra.spectrum.spectrum_dataset` on the weights of one step (σ by the float64 Gram
-  path over all cores, every metric of `spectra.heavytail`), the work of `spectra spectrum`.
+* spectra: `spectra.analysis.spectrum.spectrum_dataset` on the weights of one step (σ by the float64 Gram
+  path over all cores, every metric of `spectra.analysis.heavytail`), the work of `spectra spectrum`.
 * weightwatcher 0.7.7: `WeightWatcher(model).analyze()` on the same 84 `nn.Linear` (on a CPU-only
   torch it falls back to its "accurate" scipy SVD; `powerlaw` fit with x_min by KS and xmax = λ_max).
   Its cost depends on the `powerlaw` version: `pip install weightwatcher` brings powerlaw 2.0 today,
@@ -39,9 +39,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.configs import build_model
-from spectra.heavytail import gram_singular_values
-from spectra.models import component_weights
-from spectra.spectrum import spectrum_dataset
+from spectra.analysis.heavytail import gram_singular_values
+from spectra.analysis.spectrum import spectrum_dataset
+from spectra.models.parts import component_weights
 
 METRICS = ("alpha", "alpha_weighted", "stable_rank", "entropy", "log_norm")
 
@@ -77,7 +77,7 @@ def run_spectra(weights: dict) -> dict:
 def run_previous(weights: dict) -> dict:
     """The implementation before this change: one float32 batched torch svdvals per shape, then the
     metrics matrix by matrix on one thread pool (torch's own)."""
-    from spectra.heavytail import spectrum_metrics
+    from spectra.analysis.heavytail import spectrum_metrics
 
     out, by_shape = {}, {}
     for k, w in weights.items():
@@ -128,8 +128,8 @@ def checkpoint_child(mode: str, path: str) -> None:
     import transformers  # noqa: F401
     from transformers import LlamaForCausalLM  # noqa: F401
 
-    from spectra.loading import stream_component_weights
-    from spectra.spectrum import checkpoint_weights
+    from spectra.analysis.spectrum import checkpoint_weights
+    from spectra.models.loading import stream_component_weights
 
     import_rss, _ = _rss_mb()
     cpu = torch.device("cpu")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from spectra.errors import SpectraError
-from spectra.runs import LATEST, latest_checkpoint  # noqa: F401 - re-exported for the loop
+from spectra.io.runs import LATEST, latest_checkpoint  # noqa: F401 - re-exported for the loop
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -226,7 +226,7 @@ def load_weights(model, ckpt: Path) -> None:
             state.update(load_file(f))
         except Exception as e:  # noqa: BLE001
             raise SpectraError(f"cannot read {f} ({type(e).__name__}: {e})") from None
-    from spectra.loading import check_finite
+    from spectra.models.loading import check_finite
 
     check_finite(state.items(), ckpt)
     missing, unexpected = model.load_state_dict(state, strict=False)

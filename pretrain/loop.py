@@ -2,7 +2,7 @@
 
 GaLore's 130m recipe is the default: AdamW lr 1e-3, 512 x 256-token sequences per step (by
 gradient accumulation), linear warmup then cosine to 0.1 x lr, bf16 autocast on GPU and on CPUs with
-native bf16 (AVX512-BF16, AMX), clipping 1.0. The loss goes through spectra.lm_loss (chunked lm_head + CE).
+native bf16 (AVX512-BF16, AMX), clipping 1.0. The loss goes through spectra.lm.loss (chunked lm_head + CE).
 Single process or `torchrun --nproc_per_node N -m spectra.cli pretrain ...` (DDP; nodes alike).
 
 Snapshot convention: snapshot `s` holds the weights after `s` optimizer updates (so it equals
@@ -43,9 +43,9 @@ from pretrain.run_state import (
     truncate_metrics,
 )
 from spectra import distributed as dist_utils
+from spectra.cli.options import command_from, opt
 from spectra.errors import SpectraError
-from spectra.options import command_from, opt
-from spectra.runs import run_folder, run_lock
+from spectra.io.runs import run_folder, run_lock
 from spectra.schedule import warmup_cosine
 
 
@@ -187,7 +187,7 @@ class Trainer:
             record_run_config(run, self.config_record(), event, self.step, changes)
             truncate_metrics(run / METRICS, self.step)
             if cfg.snapshot_every > 0 or cfg.snapshot_steps:
-                from spectra.store import SnapshotWriter
+                from spectra.io.store import SnapshotWriter
 
                 self.writer = SnapshotWriter(run / "snapshots.zarr", _store_attrs(cfg, self.model),
                                              grad_mode=cfg.snapshot_grad, sketch_rank=cfg.sketch_rank,
@@ -235,7 +235,7 @@ class Trainer:
 
     def validate(self) -> tuple[float, float]:
         """Token-weighted mean loss over the fixed validation windows (sharded across ranks)."""
-        from spectra.evaluate import perplexity
+        from spectra.lm.evaluate import perplexity
 
         shard = self.val_windows[self.rank :: self.world]
         mean, n = 0.0, 0
@@ -354,14 +354,14 @@ def native_cpu_bf16() -> bool:
 
 class _LMLoss(torch.nn.Module):
     """x -> mean next-token loss of the wrapped causal LM, equal to `model(input_ids=x, labels=x).loss`
-    (tests/test_lm_loss.py) but through `spectra.lm_loss`'s chunked lm_head + cross-entropy."""
+    (tests/test_lm_loss.py) but through `spectra.lm.loss`'s chunked lm_head + cross-entropy."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.lm = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        from spectra.lm_loss import causal_lm_loss
+        from spectra.lm.loss import causal_lm_loss
 
         return causal_lm_loss(self.lm, input_ids)
 

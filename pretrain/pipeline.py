@@ -26,9 +26,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from spectra.cli.options import CONFIG_OPTION
+from spectra.compression.rankmap import err_tag
 from spectra.errors import SpectraError
-from spectra.options import CONFIG_OPTION
-from spectra.rankmap import err_tag
 
 # (rank map method, label of its eval rows): the maps the pipeline compresses with, in report order
 MAPS = (("welore", "welore"), ("uniform", "uniform"), ("energy", "energy"), ("loss", "loss-whitened"))
@@ -161,14 +161,14 @@ def pipeline_command(
     """Run the whole WeLore pipeline (pretrain, analyze, rank, compress, eval, finetune, report) from a preset."""
     from pretrain.loop import PretrainConfig, pretrain
     from reports.build import report_command
+    from spectra.analysis.hessian import hessian_gap_command
+    from spectra.analysis.spectrum import spectrum_command
+    from spectra.analysis.subspace import grad_subspace_command
+    from spectra.compression.lowrank import compress_command
+    from spectra.compression.ranks import ranks_command
     from spectra.data import shared_data
-    from spectra.evaluate import eval_command
-    from spectra.finetune import finetune_command
-    from spectra.hessian import hessian_gap_command
-    from spectra.lowrank import compress_command
-    from spectra.ranks import ranks_command
-    from spectra.spectrum import spectrum_command
-    from spectra.subspace import grad_subspace_command
+    from spectra.lm.evaluate import eval_command
+    from spectra.lm.finetune import finetune_command
 
     if preset not in PRESETS:
         raise SpectraError(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")

@@ -18,8 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from spectra.errors import SpectraError, Terminated
-from spectra.runs import LOCK
-from spectra.store import atomic_write_bytes, atomic_write_json
+from spectra.io.runs import LOCK
+from spectra.io.store import atomic_write_bytes, atomic_write_json
 
 METRICS = "metrics.jsonl"
 RUN_CONFIG = "run_config.json"
@@ -119,8 +119,8 @@ def refuse_restart(run_dir: Path, save_every: int) -> None:
     """`--resume` found no complete checkpoint. Starting over is only right for a run killed before its
     first checkpoint (all it has is re-made bit for bit); anything else would delete a run's data, so it
     is refused, naming what is there."""
-    from spectra.runs import has_checkpoint_folders
-    from spectra.store import _committed
+    from spectra.io.runs import has_checkpoint_folders
+    from spectra.io.store import _committed
 
     ckpts = run_dir / "checkpoints"
     if has_checkpoint_folders(ckpts):

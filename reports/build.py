@@ -240,7 +240,7 @@ def _param_reduction(ratio: float) -> str:
 
 def _err_of(name: str) -> float | None:
     """ERR from a `<method>-errNN` folder name (metrics.json need not repeat it)."""
-    from spectra.rankmap import err_of_name
+    from spectra.compression.rankmap import err_of_name
 
     return err_of_name(name)
 
@@ -311,7 +311,7 @@ def report_command(
     inputs are not computed yet say which command makes them; plotly.js is embedded once
     (compressed), so the file opens without network. Building twice gives identical bytes.
     """
-    from spectra.runs import check_own_output, is_report
+    from spectra.io.runs import check_own_output, is_report
 
     dest = check_own_output(Path(out) if out is not None else Path(run) / "report.html", is_report)
     text = build_report(run, title)

@@ -1,4 +1,4 @@
-"""Report figure for the `hessian_density` analysis group (spectra.density): the SLQ spectral density
+"""Report figure for the `hessian_density` analysis group (spectra.analysis.density): the SLQ spectral density
 of each component's Hessian block, one subplot per component, one line per layer.
 
 The densities of different layers span very different eigenvalue ranges, so each curve is drawn

@@ -22,7 +22,7 @@ from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
 from reports.style import DASHES, GREEN, RED, esc, finite, fmt
-from spectra.models import COMPONENTS
+from spectra.models.parts import COMPONENTS
 
 COLS = 4  # subplots per row in per-component grids
 MAX_POINTS = 1024  # per singular-value curve; longer spectra are thinned for the page

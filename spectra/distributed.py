@@ -18,7 +18,7 @@ import torch.distributed as dist
 def setup(device: str = "auto") -> tuple[int, int, torch.device]:
     """(rank, world, device): under torchrun one process group (NCCL on GPUs, gloo on CPU) and
     one GPU per local rank; in a single process (0, 1, the resolved --device)."""
-    from spectra.models import resolve_device
+    from spectra.models.parts import resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -1,4 +1,4 @@
-"""Thread settings for every spectra command; imported first by spectra/cli.py, before torch.
+"""Thread settings for every spectra command; imported first by spectra/cli/__init__.py, before torch.
 
 Why: OpenMP (and so torch's CPU kernels) spin-waits between parallel regions by default. On a
 shared box that spin steals the cores another process (or spectra's own snapshot writer and data

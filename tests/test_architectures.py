@@ -18,8 +18,8 @@ import torch
 import transformers as T
 
 from spectra.cli import main
-from spectra.components import COMPONENTS, is_conv1d, parts
-from spectra.loading import load_model
+from spectra.models.components import COMPONENTS, is_conv1d, parts
+from spectra.models.loading import load_model
 
 V = 96  # vocab
 X = torch.randint(3, V, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -221,9 +221,9 @@ def _welore_ranks(refs: dict, k: float) -> dict:
 def test_analyze_rank_compress_reload_generate_peft(name, tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
 
-    from spectra.modeling_spectra import FusedLinear, LowRankLinear
-    from spectra.models import component_weights
-    from spectra.store import read_analysis
+    from spectra.io.store import read_analysis
+    from spectra.models.modeling_spectra import FusedLinear, LowRankLinear
+    from spectra.models.parts import component_weights
 
     _, cls, kind, targets, _ = ARCHS[name]
     encoder = name in ENCODERS
@@ -397,7 +397,7 @@ def test_unsupported_model_one_line_then_components_override(tmp_path, capsys):
             capsys,
         )
     finally:  # the next test runs without the override
-        from spectra.components import set_override
+        from spectra.models.components import set_override
 
         set_override(None)
 
@@ -415,7 +415,7 @@ def test_checkpoint_series_spectrum_then_report(tmp_path, capsys):
         model.save_pretrained(series / name)
         qs[step] = reference_components(model, "neox")[(1, "q")]
     assert main(["spectrum", str(series / "step*"), "--device", "cpu"]) == 0
-    from spectra.store import read_analysis
+    from spectra.io.store import read_analysis
 
     ds = read_analysis(series / "analysis.zarr", "spectrum")
     assert ds.step.values.tolist() == [1000, 2000, 3000]
@@ -485,7 +485,7 @@ def test_hub_names_resolve_through_snapshot_download(tmp_path, monkeypatch, caps
         main(["spectrum", "EleutherAI/pythia-14m@step1000", "EleutherAI/pythia-14m@step3000", "--device", "cpu"]) == 0
     )
     assert calls == [("EleutherAI/pythia-14m", "step1000"), ("EleutherAI/pythia-14m", "step3000")]
-    from spectra.store import read_analysis
+    from spectra.io.store import read_analysis
 
     assert read_analysis(tmp_path / "EleutherAI/pythia-14m/analysis.zarr", "spectrum").step.values.tolist() == [
         1000,
@@ -507,10 +507,10 @@ def test_fused_mixed_plans_gradients_and_merge(name):
     low-rank, k dense truncated, v untouched (a FusedLinear with mixed children). Weights equal the
     truncated SVDs of the forward-split weights, merging restores the original module type (Conv1D
     for GPT-2) with the same outputs, and Part.grad is the forward-split gradient."""
-    from spectra.lowrank import compress_model, merge_model
-    from spectra.modeling_spectra import FusedLinear, LowRankLinear
-    from spectra.models import component_weights
-    from spectra.ranks import build_rank_map, model_spectra
+    from spectra.compression.lowrank import compress_model, merge_model
+    from spectra.compression.ranks import build_rank_map, model_spectra
+    from spectra.models.modeling_spectra import FusedLinear, LowRankLinear
+    from spectra.models.parts import component_weights
 
     kind = ARCHS[name][2]
     model = build(name)
@@ -564,10 +564,10 @@ def test_fused_mixed_plans_gradients_and_merge(name):
 def test_finetune_targets_leaves_of_compressed_fused_models(name):
     """spectra finetune's LoRA / WeLore-PEFT on a compressed fused model train the factors and dense
     parts (never a computed product), and the LoRA model merges back (what finetune saves)."""
-    from spectra.finetune import FinetuneConfig, decoder_linears, prepare
-    from spectra.lowrank import compress_model
-    from spectra.modeling_spectra import FusedLinear
-    from spectra.ranks import build_rank_map, model_spectra
+    from spectra.compression.lowrank import compress_model
+    from spectra.compression.ranks import build_rank_map, model_spectra
+    from spectra.lm.finetune import FinetuneConfig, decoder_linears, prepare
+    from spectra.models.modeling_spectra import FusedLinear
 
     model = build(name)
     compress_model(model, build_rank_map(model_spectra(model), "welore", ERR), progress=False)

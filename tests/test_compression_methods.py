@@ -10,21 +10,21 @@ import pytest
 import torch
 from conftest import assert_one_error_line, make_tiny, train_steps
 
-from spectra.calibration import Calibration, collect, load, loss_direction_scores, save
 from spectra.cli import main
-from spectra.errors import SpectraError
-from spectra.evaluate import perplexity
-from spectra.lowrank import LowRankLinear, compress_model, load_compressed
-from spectra.models import iter_components
-from spectra.ranks import _spectrum, build_rank_map, energy_scores, model_spectra
-from spectra.sweep import markdown, run_sweep, verdicts
-from spectra.whiten import (
+from spectra.compression.calibration import Calibration, collect, load, loss_direction_scores, save
+from spectra.compression.lowrank import LowRankLinear, compress_model, load_compressed
+from spectra.compression.ranks import _spectrum, build_rank_map, energy_scores, model_spectra
+from spectra.compression.sweep import markdown, run_sweep, verdicts
+from spectra.compression.whiten import (
     Whitener,
     damped_cholesky,
     factors_from_svd,
     whitened_factors,
     whitened_svd,
 )
+from spectra.errors import SpectraError
+from spectra.lm.evaluate import perplexity
+from spectra.models.parts import iter_components
 
 
 def diag(out: int, inp: int, sigma: list[float]) -> torch.Tensor:
@@ -357,7 +357,7 @@ def test_cli_loss_map_and_whitened_compress(bytes_run, capsys):
     assert abs(rm["achieved_err"] - 0.5) < 0.02
     assert load(run / "analysis.zarr").attrs["tokenizer"] == "bytes"  # stored for compress to reuse
     out = run / "compressed" / "loss-w"
-    import spectra.calibration as calibration_module  # compress must reuse the stored statistics, not recompute
+    import spectra.compression.calibration as calibration_module  # compress reuses the stored statistics
 
     def no_recompute(*a, **k):
         raise AssertionError("calibration recomputed")

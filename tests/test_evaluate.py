@@ -29,7 +29,7 @@ class Bigram(nn.Module):
 
 
 def test_perplexity_is_token_weighted_mean():
-    from spectra.evaluate import perplexity
+    from spectra.lm.evaluate import perplexity
 
     model = Bigram(7)
     windows = torch.randint(0, 7, (3, 6), generator=torch.Generator().manual_seed(1))
@@ -50,7 +50,7 @@ def test_perplexity_is_token_weighted_mean():
 
 def test_perplexity_rejects_bad_windows():
     from spectra.errors import SpectraError
-    from spectra.evaluate import perplexity
+    from spectra.lm.evaluate import perplexity
 
     with pytest.raises(SpectraError, match="seq_len>=2"):
         perplexity(Bigram(5), torch.zeros(4, 1, dtype=torch.long))
@@ -88,8 +88,8 @@ def t5_ckpt(tmp_path_factory):
 def test_eval_cli_appends_row_to_run(t5_ckpt, tokenizer, tmp_path, capsys):
     from spectra.cli import main
     from spectra.data import text_windows
-    from spectra.evaluate import perplexity
-    from spectra.loading import load_causal_lm
+    from spectra.lm.evaluate import perplexity
+    from spectra.models.loading import load_causal_lm
 
     args = ["eval", "--model", str(t5_ckpt.parents[1]), "--data", str(OLMO_C4), "--tokenizer", str(T5_DIR),
             "--seq-len", "64", "--tokens", "640", "--batch-size", "3", "--device", "cpu", "--cache-dir", str(tmp_path)]
@@ -123,8 +123,8 @@ def test_eval_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
 @pytest.mark.gpu
 def test_perplexity_bf16_autocast_matches_fp32(t5_ckpt, tokenizer, tmp_path):
     from spectra.data import text_windows
-    from spectra.evaluate import perplexity
-    from spectra.loading import load_causal_lm
+    from spectra.lm.evaluate import perplexity
+    from spectra.models.loading import load_causal_lm
 
     windows = text_windows(str(OLMO_C4), tokenizer, 64, 2048, cache_dir=tmp_path)
     cpu = perplexity(load_causal_lm(t5_ckpt), windows, batch_size=8, device="cpu")

@@ -21,8 +21,8 @@ TEST_LR = {"welore": 3e-3, "lora": 1e-2, "galore": 3e-3, "full": 3e-3}
 def compress(model, components=LRC, frac=0.25):
     """WeLore-COMP through `compress_model` with a hand-made rank map: `components` become
     rank-(frac * full) `LowRankLinear`s (LRCs), the rest stay dense at full rank (N-LRCs)."""
-    from spectra.lowrank import compress_model
-    from spectra.models import iter_components
+    from spectra.compression.lowrank import compress_model
+    from spectra.models.parts import iter_components
 
     entries = []
     for layer, comp, _, mod in iter_components(model):
@@ -69,7 +69,7 @@ def data(tokenizer):
 
 
 def run_method(pretrained, data, method, steps=20, **kw):
-    from spectra.finetune import FinetuneConfig, finetune
+    from spectra.lm.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(
         method=method,
@@ -96,7 +96,7 @@ def changed(model, before) -> set[str]:
 
 
 def lrc_keys(model) -> set[str]:
-    from spectra.lowrank import LowRankLinear
+    from spectra.compression.lowrank import LowRankLinear
 
     return {f"{n}.{f}.weight" for n, m in model.named_modules() if isinstance(m, LowRankLinear) for f in "AB"}
 
@@ -133,7 +133,7 @@ def test_lora_leaves_base_weights_unchanged(pretrained, data):
 
 
 def test_galore_updates_decoder_linears_in_rank_r_subspace(pretrained, data):
-    from spectra.finetune import decoder_linears
+    from spectra.lm.finetune import decoder_linears
 
     model, before, m = run_method(pretrained, data, "galore")
     assert_learned(m)
@@ -156,7 +156,7 @@ def test_full_updates_every_parameter(pretrained, data):
 
 def test_welore_refuses_dense_model():
     from spectra.errors import SpectraError
-    from spectra.finetune import FinetuneConfig, prepare
+    from spectra.lm.finetune import FinetuneConfig, prepare
 
     with pytest.raises(SpectraError, match="not a compressed model.*spectra compress"):
         prepare(make_tiny(), FinetuneConfig(method="welore"), torch.device("cpu"))
@@ -174,7 +174,7 @@ def test_schedule_warmup_then_cosine_to_tenth():
 def t5_run(tmp_path_factory, tokenizer):
     """runs/xyz with a dense tiny checkpoint over the T5 vocab and its compressed copy."""
     from pretrain.configs import vocab_for
-    from spectra.lowrank import save_compressed
+    from spectra.compression.lowrank import save_compressed
 
     run = tmp_path_factory.mktemp("proj") / "runs" / "xyz"
     make_tiny(vocab=vocab_for(len(tokenizer))).save_pretrained(run / "checkpoints" / "step_3")
@@ -185,10 +185,10 @@ def t5_run(tmp_path_factory, tokenizer):
 
 def test_cli_welore_writes_metrics_json_and_model(t5_run, tmp_path, capsys):
     from spectra.cli import main
+    from spectra.compression.lowrank import LowRankLinear
     from spectra.data import load_tokenizer, text_windows
-    from spectra.evaluate import perplexity
-    from spectra.loading import load_causal_lm
-    from spectra.lowrank import LowRankLinear
+    from spectra.lm.evaluate import perplexity
+    from spectra.models.loading import load_causal_lm
 
     model = t5_run / "compressed" / "uniform-err30"
     args = [
@@ -247,7 +247,7 @@ def test_cli_welore_writes_metrics_json_and_model(t5_run, tmp_path, capsys):
 
 def test_cli_lora_on_dense_checkpoint_saves_merged_model(t5_run, tmp_path):
     from spectra.cli import main
-    from spectra.loading import load_causal_lm
+    from spectra.models.loading import load_causal_lm
 
     out = tmp_path / "lora"
     assert (
@@ -311,7 +311,7 @@ def test_cli_bad_inputs_exit_2_one_line(t5_run, tmp_path, capsys):
 
 @pytest.mark.gpu
 def test_gpu_bf16_autocast_welore_uses_less_memory_than_full(pretrained, data):
-    from spectra.finetune import FinetuneConfig, finetune
+    from spectra.lm.finetune import FinetuneConfig, finetune
 
     peaks = {}
     for method in ("welore", "full"):
@@ -328,8 +328,8 @@ def test_frozen_n_lrcs_keep_no_grads_state_or_weight_grad_activations(pretrained
     """WeLore-PEFT materializes nothing for the frozen N-LRCs: no .grad, no optimizer state, and
     autograd does not save their inputs (needed only for their weight gradients). `full` is the
     control: there the same input of down_proj is saved."""
-    from spectra.finetune import FinetuneConfig, prepare
-    from spectra.lm_loss import causal_lm_loss
+    from spectra.lm.finetune import FinetuneConfig, prepare
+    from spectra.lm.loss import causal_lm_loss
 
     model, opt = prepare(copy.deepcopy(pretrained), FinetuneConfig(method=method), torch.device("cpu"))
     assert opt.defaults["fused"]  # the same fused AdamW for both (a per-tensor loop would flatter welore)
@@ -361,7 +361,7 @@ def test_frozen_n_lrcs_keep_no_grads_state_or_weight_grad_activations(pretrained
 
 
 def _welore_curve(pretrained, batches, steps=5, **kw):
-    from spectra.finetune import FinetuneConfig, finetune
+    from spectra.lm.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(method="welore", steps=steps, lr=3e-3, batch_size=4, micro_batch=2, warmup=2, **kw)
     model, m = finetune(copy.deepcopy(pretrained), iter(batches), cfg, torch.device("cpu"))
@@ -371,7 +371,7 @@ def _welore_curve(pretrained, batches, steps=5, **kw):
 def test_welore_curve_equals_the_plain_unfused_loop(pretrained, data):
     """The harness (fused AdamW, chunked loss, one sync per step) trains exactly as the textbook
     loop did before it: HF's labels= loss, per-tensor AdamW, LRC factors only, same schedule/clip."""
-    from spectra.finetune import lrc_modules
+    from spectra.lm.finetune import lrc_modules
     from spectra.schedule import warmup_cosine
 
     batches = [b for x in data[0] for b in x.split(2)][:10]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from spectra.heavytail import (
+from spectra.analysis.heavytail import (
     effective_rank,
     energy_fraction,
     fit_power_law,

@@ -15,10 +15,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from spectra.analysis.hessian import component_gap
 from spectra.cli import main
-from spectra.hessian import component_gap
-from spectra.hvp import BlockHVP, only_grad, pyhessian_eigenvalues
-from spectra.store import read_analysis
+from spectra.io.store import read_analysis
+from spectra.linalg.hvp import BlockHVP, only_grad, pyhessian_eigenvalues
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny graphs: one intra-op thread (conftest)
 
@@ -191,8 +191,8 @@ def single_store(run_dir, shared_data):
 def test_cli_writes_the_contract_group(single_store, run_dir, shared_data):
     from conftest import C4_SAMPLE, T5_DIR
 
-    from spectra.hessian import token_batches
-    from spectra.loading import load_causal_lm
+    from spectra.analysis.hessian import token_batches
+    from spectra.models.loading import load_causal_lm
 
     ds = single_store
     assert list(ds.layer.values) == [1] and list(ds.component.values) == ["v", "down"]
@@ -262,7 +262,7 @@ def test_bad_checkpoint_is_one_error_line(tmp_path, capsys):
 
 def test_uncertified_components_reach_the_table_store_and_report():
     from reports.figures import hessian_gap_figure
-    from spectra.hessian import ComponentGap, gaps_dataset, uncertified
+    from spectra.analysis.hessian import ComponentGap, gaps_dataset, uncertified
 
     ev = np.array([[3.0, 2.0, 1.0]])
     res = np.array([[1e-9, 1e-9, 1e-9]])
@@ -296,7 +296,7 @@ class _BusyHVP:
 
 
 def test_block_size_is_chosen_by_cost_per_vector():
-    from spectra.hvp import choose_block
+    from spectra.linalg.hvp import choose_block
 
     assert choose_block(_BusyHVP(0.02, 0.0), 64, candidates=(1, 2, 4)) == 4  # batching is free: take the biggest
     assert choose_block(_BusyHVP(0.0, 0.01), 64, candidates=(1, 2, 4)) == 1  # linear in b: no gain

@@ -1,6 +1,6 @@
 """The import graph: spectra/ is acyclic (function-level imports included; `if TYPE_CHECKING:` blocks
 are not imports) and the library never imports the recipes (pretrain/) or the report builders
-(reports/). A command is registered by module name in spectra/cli.py, not imported."""
+(reports/). A command is registered by module name in spectra/cli/__init__.py, not imported."""
 
 from __future__ import annotations
 

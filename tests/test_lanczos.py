@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spectra.lanczos import block_lanczos, certify, lanczos
+from spectra.linalg.lanczos import block_lanczos, certify, lanczos
 
 pytestmark = pytest.mark.unit  # fast pure-library tests: part of `pytest -m unit`
 

@@ -1,6 +1,6 @@
 """lm-evaluation-harness reads a spectra-compressed folder as the model spectra itself loads: its HFLM
 loglikelihoods on requests built from local Wikipedia text equal a direct computation with
-`spectra.loading.load_causal_lm` (no downloads; skipped when lm-eval is not installed)."""
+`spectra.models.loading.load_causal_lm` (no downloads; skipped when lm-eval is not installed)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def test_hflm_loglikelihoods_equal_spectras_loader(tmp_path, shared_data):
     from lm_eval.models.huggingface import HFLM
 
     from spectra.cli import main
-    from spectra.loading import load_causal_lm
+    from spectra.models.loading import load_causal_lm
 
     docs = tmp_path / "docs.jsonl"
     with gzip.open(WIKI_VAL / "wiki_00.jsonl.gz", "rt") as f:

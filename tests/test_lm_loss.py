@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from spectra.lm_loss import causal_lm_loss, linear_cross_entropy
+from spectra.lm.loss import causal_lm_loss, linear_cross_entropy
 
 pytestmark = pytest.mark.unit  # fast pure-library tests: part of `pytest -m unit`
 

@@ -11,9 +11,7 @@ from safetensors import safe_open
 from torch import nn
 
 from spectra.cli import main
-from spectra.errors import SpectraError
-from spectra.loading import load_causal_lm
-from spectra.lowrank import (
+from spectra.compression.lowrank import (
     LowRankLinear,
     compress_model,
     factorize,
@@ -22,8 +20,10 @@ from spectra.lowrank import (
     save_compressed,
     truncate_,
 )
-from spectra.models import iter_components
-from spectra.ranks import build_rank_map, model_spectra
+from spectra.compression.ranks import build_rank_map, model_spectra
+from spectra.errors import SpectraError
+from spectra.models.loading import load_causal_lm
+from spectra.models.parts import iter_components
 
 X = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
 
@@ -225,7 +225,7 @@ def test_tokenizer_travels_and_legacy_folders_still_load(tiny_ckpt, tmp_path):
     comp = load_compressed(tmp_path / "c")
     # spectrum of a compressed folder: an LRC component of rank r has exactly r nonzero singular values
     assert main(["spectrum", str(tmp_path / "c"), "--out", str(tmp_path / "a.zarr"), "--device", "cpu"]) == 0
-    from spectra.store import read_analysis
+    from spectra.io.store import read_analysis
 
     e = next(e for e in json.loads((tmp_path / "c" / "spectra_rank_map.json").read_text())["components"] if e["lrc"])
     sigma = (

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spectra.errors import SpectraError
-from spectra.models import analysis_store_for, find_checkpoint, run_dir_of, select_components
+from spectra.models.parts import analysis_store_for, find_checkpoint, run_dir_of, select_components
 
 
 @pytest.fixture()
@@ -44,7 +44,7 @@ def test_outside_a_run(tmp_path):
 def test_component_filters_take_commas_or_repeats():
     from conftest import make_tiny
 
-    from spectra.models import select_components
+    from spectra.models.parts import select_components
 
     model = make_tiny()
     picked = select_components(model, ["1"], ["q,down"])
@@ -62,7 +62,7 @@ def test_fused_parts_are_no_hessian_parameters_but_conv1d_is():
     the transposed layout)."""
     import transformers as T
 
-    from spectra.models import component_weights
+    from spectra.models.parts import component_weights
 
     torch.manual_seed(0)
     phi = T.Phi3ForCausalLM(T.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

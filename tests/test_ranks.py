@@ -12,8 +12,7 @@ import xarray as xr
 from conftest import assert_one_error_line
 
 from spectra.cli import main
-from spectra.errors import SpectraError
-from spectra.ranks import (
+from spectra.compression.ranks import (
     _spectrum,
     bisect,
     build_rank_map,
@@ -23,7 +22,8 @@ from spectra.ranks import (
     reduction,
     threshold_ranks,
 )
-from spectra.store import read_analysis, write_analysis
+from spectra.errors import SpectraError
+from spectra.io.store import read_analysis, write_analysis
 
 TARGETS = (0.1, 0.2, 0.3, 0.4, 0.5)
 
@@ -35,7 +35,7 @@ def diag(out: int, inp: int, sigma: list[float]) -> torch.Tensor:
 
 
 def err_by_hand(entries: list[dict], by: str) -> float:
-    """ERR straight from the contract's definitions (independent of spectra.ranks.reduction)."""
+    """ERR straight from the contract's definitions (independent of spectra.compression.ranks.reduction)."""
     if by == "rank":
         return 1 - sum(e["rank"] for e in entries) / sum(min(e["shape"]) for e in entries)
     m_n = [(e["shape"][0], e["shape"][1]) for e in entries]

@@ -21,7 +21,7 @@ from reports.build import build_report, report_command
 from reports.datasets import dataset_keys, dataset_labels
 from reports.html import unpacked
 from spectra.errors import SpectraError
-from spectra.store import write_analysis
+from spectra.io.store import write_analysis
 
 COMPS = ["q", "k", "v", "o", "gate", "up", "down"]
 LAYERS = [0, 1]
@@ -88,7 +88,7 @@ NO_LRC_MAP = {**rank_map("uniform", 0.1, None), "achieved_err": 0.09,
 
 
 def finetune_metrics(method, err, mem) -> dict:
-    # as spectra.finetune writes it: no "err" (the folder name carries it), ppl before and after
+    # as spectra.lm.finetune writes it: no "err" (the folder name carries it), ppl before and after
     return {"method": method, "steps": 3, "trainable_params": 1000, "total_params": 4000,
             "peak_memory_bytes": mem, "tokens_per_s": 512.0, "loss_curve": [[1, 3.0], [2, 2.5], [3, 2.25]],
             "eval_ppl_before": 11.0, "eval_ppl": 9.5}
@@ -100,7 +100,7 @@ def write_run(root: Path, *, snapshots: bool = True) -> Path:
     if snapshots:
         import torch.nn as nn
 
-        from spectra.store import SnapshotWriter
+        from spectra.io.store import SnapshotWriter
 
         # one layer of 8x8 linears is enough for the summary (steps, attrs) and skips importing transformers
         attn = nn.ModuleDict({"self_attn": nn.ModuleDict({f"{c}_proj": nn.Linear(8, 8) for c in "qkvo"}),

@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import gpu
 
+from spectra.analysis.heavytail import fit_power_law
+from spectra.analysis.spectrum import batched_singular_values, spectrum_dataset
 from spectra.cli import main
 from spectra.errors import SpectraError
-from spectra.heavytail import fit_power_law
-from spectra.spectrum import batched_singular_values, spectrum_dataset
-from spectra.store import open_run, read_analysis
+from spectra.io.store import open_run, read_analysis
 
 COMPS = ["q", "k", "v", "o", "gate", "up", "down"]
 
@@ -72,8 +72,8 @@ def test_spectrum_step_filter_and_default_out(tiny_store, tmp_path):
 
 
 def test_spectrum_command_on_checkpoint(tiny_store, tmp_path):
-    from spectra.loading import load_causal_lm
-    from spectra.models import component_weights
+    from spectra.models.loading import load_causal_lm
+    from spectra.models.parts import component_weights
 
     ckpt = tiny_store / "checkpoints" / "step_12"
     out = tmp_path / "a.zarr"
@@ -110,9 +110,9 @@ def test_spectrum_cuda_matches_cpu(tiny_store, tmp_path):
 def test_streamed_checkpoint_gives_the_in_memory_sigma(tiny_ckpt):
     """The command's stream (safetensors, one matrix at a time) and the whole model in memory give the same
     σ and metrics bit for bit, and σ equals a float64 SVD of each weight."""
-    from spectra.loading import load_causal_lm
-    from spectra.models import component_weights
-    from spectra.spectrum import checkpoint_weights
+    from spectra.analysis.spectrum import checkpoint_weights
+    from spectra.models.loading import load_causal_lm
+    from spectra.models.parts import component_weights
 
     cpu = torch.device("cpu")
     steps, stream = checkpoint_weights(tiny_ckpt)
@@ -131,7 +131,7 @@ def test_streamed_checkpoint_gives_the_in_memory_sigma(tiny_ckpt):
 def test_stream_holds_only_a_few_matrices():
     """σ come back in order while the source is read lazily: when result i is handed back, at most
     i + 1 + 2·workers matrices have been pulled from the source."""
-    from spectra.heavytail import many_singular_values, stream_singular_values
+    from spectra.analysis.heavytail import many_singular_values, stream_singular_values
 
     g = torch.Generator().manual_seed(1)
     mats = [torch.randn(24 + 8 * (i % 3), 24, generator=g) for i in range(16)]

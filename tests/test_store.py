@@ -9,7 +9,7 @@ import xarray as xr
 from conftest import make_tiny, train_steps
 
 from spectra.errors import SpectraError
-from spectra.store import SnapshotWriter, open_run, randomized_svd, read_analysis, write_analysis
+from spectra.io.store import SnapshotWriter, open_run, randomized_svd, read_analysis, write_analysis
 
 
 def _grads(model, seed=0):
@@ -145,11 +145,11 @@ def test_bad_stores_are_one_clear_error(tmp_path):
 
 
 def test_every_stored_variable_is_described():
-    """Each variable an analysis writes has long_name, units and description from spectra/variables.py."""
+    """Each variable an analysis writes has long_name, units and description from spectra/io/variables.py."""
     import re
     from pathlib import Path
 
-    from spectra.variables import VARIABLES
+    from spectra.io.variables import VARIABLES
 
     src = "".join(p.read_text() for p in Path(__file__).resolve().parents[1].joinpath("spectra").glob("*.py"))
     written = {
@@ -217,8 +217,8 @@ def test_analysis_consolidated_metadata_is_updated_per_group(tmp_path, monkeypat
 
     import zarr
 
-    import spectra.store as store
-    from spectra.store import write_analysis_tree
+    import spectra.io.store as store
+    from spectra.io.store import write_analysis_tree
 
     p = tmp_path / "a.zarr"
     scanned = []
@@ -253,7 +253,7 @@ def test_publish_reads_only_the_written_groups_and_equals_a_full_scan(tmp_path, 
     change every snapshot, a failed write, truncate_after and a reopen."""
     import json
 
-    import spectra.store as store
+    import spectra.io.store as store
 
     model = make_tiny()
     path = tmp_path / "s.zarr"

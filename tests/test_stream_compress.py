@@ -1,4 +1,4 @@
-"""Streaming compress (spectra.stream_compress): equal to the in-memory path, one decomposition per
+"""Streaming compress (spectra.compression.stream): equal to the in-memory path, one decomposition per
 matrix, at most ~2 layers resident, sharded input, the derived map equal to `spectra ranks`' map."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import torch
 from conftest import assert_one_error_line
 from safetensors import safe_open
 
-from spectra import stream_compress as sc
 from spectra.cli import main
+from spectra.compression import stream as sc
+from spectra.compression.lowrank import compress_model, load_compressed, save_compressed
+from spectra.compression.rankmap import RANK_MAP_FILE
 from spectra.errors import SpectraError
-from spectra.lowrank import compress_model, load_compressed, save_compressed
-from spectra.rankmap import RANK_MAP_FILE
 
 X = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
 
@@ -52,7 +52,7 @@ def logits(model):
 
 
 def in_memory(ckpt, rank_map, out):
-    from spectra.loading import load_model
+    from spectra.models.loading import load_model
 
     model = load_model(ckpt)
     compress_model(model, rank_map, progress=False)

@@ -10,9 +10,9 @@ import scipy.linalg
 import torch
 from conftest import make_tiny, train_steps
 
+from spectra.analysis.subspace import energy_in_subspace, grassmann_distance, principal_angles, subspace_overlap
 from spectra.cli import main
-from spectra.store import SnapshotWriter, open_run, read_analysis
-from spectra.subspace import energy_in_subspace, grassmann_distance, principal_angles, subspace_overlap
+from spectra.io.store import SnapshotWriter, open_run, read_analysis
 
 E = torch.eye(4, dtype=torch.float64)
 
@@ -156,8 +156,8 @@ def test_store_without_gradients_is_an_error(twin_stores, tmp_path, capsys):
 def test_sketch_rank_too_small_is_an_error(twin_stores):
     _, sketch = twin_stores
     # min(out, in) is 64 = the sketch rank here, so ask the analyzer directly for more than stored
+    from spectra.analysis.subspace import gradient_factors
     from spectra.errors import SpectraError
-    from spectra.subspace import gradient_factors
 
     with pytest.raises(SpectraError, match="exceeds the stored gradient sketch rank 64"):
         gradient_factors(open_run(sketch).param(0, "q"), 65, "left", torch.device("cpu"))

@@ -11,12 +11,12 @@ import torch
 import xarray as xr
 from conftest import make_tiny, train_steps, wiki_docs
 
-from spectra.calibration import collect
-from spectra.evaluate import perplexity
-from spectra.finetune import finetune
-from spectra.lowrank import compress_model
-from spectra.ranks import build_rank_map, model_spectra
-from spectra.sweep import Recovery, run_sweep
+from spectra.compression.calibration import collect
+from spectra.compression.lowrank import compress_model
+from spectra.compression.ranks import build_rank_map, model_spectra
+from spectra.compression.sweep import Recovery, run_sweep
+from spectra.lm.evaluate import perplexity
+from spectra.lm.finetune import finetune
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_recovery_lowers_the_loss_on_its_text_and_matches_the_finetune_harness(t
     cell = {"method": "uniform", "variant": "plain", "err_by": "rank", "err": 0.5, "dataset": "train"}
     before, after = float(ds["loss"].sel(cell)), float(ds["loss_recovered"].sel(cell))
     assert after < before - 0.05, (before, after)  # 6 steps at lr 1e-2 on the very windows evaluated
-    # the recovered number is what spectra.finetune gives the same compressed model on the same batches
+    # the recovered number is what spectra.lm.finetune gives the same compressed model on the same batches
     m = compress_model(copy.deepcopy(model), build_rank_map(model_spectra(model), "uniform", 0.5), progress=False)
     before_ref = perplexity(m, text[:6])[0]
     finetune(m, iter(text.split(2)), rec.config(), torch.device("cpu"))
@@ -92,7 +92,7 @@ def test_sweep_cli_recovers_and_the_report_shows_it(tmp_path, shared_data):
     from reports.build import build_report, sweep_section
     from reports.inputs import load_run
     from spectra.cli import main
-    from spectra.store import read_analysis
+    from spectra.io.store import read_analysis
 
     docs = wiki_docs(tmp_path / "docs.jsonl", 40)
     assert main(["pretrain", "--model", "micro", "--tokenizer", "bytes", "--data", str(docs), "--seq-len", "32",

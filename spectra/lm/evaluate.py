@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import typer
 
 from spectra.errors import SpectraError
-from spectra.models import resolve_device, run_dir_of
+from spectra.models.parts import resolve_device, run_dir_of
 
 
 def autocast_for(device: torch.device, enabled: bool = True):
@@ -95,11 +95,11 @@ def model_tokenizer(path: Path, name: str | None):
 
 def model_label(path: Path) -> tuple[str, float | None]:
     """(method, err) of a model folder: from its rank map when compressed, ("dense", 0.0) otherwise."""
-    from spectra.rankmap import RANK_MAP_FILE
+    from spectra.compression.rankmap import RANK_MAP_FILE
 
     rank_map = path / RANK_MAP_FILE
     if rank_map.is_file():
-        from spectra.store import read_json
+        from spectra.io.store import read_json
 
         meta = read_json(rank_map)
         err = meta.get("target_err", meta.get("achieved_err"))
@@ -176,12 +176,12 @@ def eval_command(
     Token-weighted mean NLL over a fixed token budget of non-overlapping windows; the windows are
     cached by dataset + tokenizer + seq_len + budget so every model is scored on identical tokens.
     """
-    from spectra.runs import input_path
+    from spectra.io.runs import input_path
 
     model = input_path(path, model, "--model")
     from spectra.data import text_windows
-    from spectra.loading import load_causal_lm
-    from spectra.models import find_checkpoint
+    from spectra.models.loading import load_causal_lm
+    from spectra.models.parts import find_checkpoint
 
     if seq_len < 2 or tokens < seq_len or batch_size < 1:
         raise SpectraError(
@@ -209,7 +209,7 @@ def eval_command(
     run = run_dir_of(path)
     target = out if out is not None else (run / "eval.jsonl" if run is not None else None)
     if target is not None:
-        from spectra.runs import check_own_output, is_jsonl_of
+        from spectra.io.runs import check_own_output, is_jsonl_of
 
         append_jsonl(check_own_output(target, is_jsonl_of("ppl")), row)
     where = f" -> {target}" if target is not None else ""

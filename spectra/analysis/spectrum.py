@@ -2,9 +2,9 @@
 per snapshot step, from a run's `snapshots.zarr` or from any HF causal-LM checkpoint folder.
 
 One exact singular-value computation per matrix, by the fastest path for the device
-(`spectra.heavytail.stream_singular_values`: float64 Gram eigenvalues over all cores on CPU, one
+(`spectra.analysis.heavytail.stream_singular_values`: float64 Gram eigenvalues over all cores on CPU, one
 batched `svdvals` per shape on GPU). Writes group `spectrum` of
-`analysis.zarr` with dims (step, layer, component, index); see `spectra.heavytail` for how every
+`analysis.zarr` with dims (step, layer, component, index); see `spectra.analysis.heavytail` for how every
 metric is defined.
 
 Streaming: a step's matrices are read one at a time (a checkpoint's straight from its safetensors,
@@ -24,9 +24,14 @@ import torch
 import typer
 import xarray as xr
 
+from spectra.analysis.heavytail import (
+    map_matrices,
+    normalized_singular_values,
+    spectrum_metrics,
+    stream_singular_values,
+)
 from spectra.errors import SpectraError
-from spectra.heavytail import map_matrices, normalized_singular_values, spectrum_metrics, stream_singular_values
-from spectra.models import COMPONENTS, analysis_store_for, resolve_device
+from spectra.models.parts import COMPONENTS, analysis_store_for, resolve_device
 from spectra.progress import progress_bar
 
 METRICS = ("full_rank", "stable_rank", "effective_rank", "entropy", "energy_top_r", "alpha",
@@ -42,7 +47,7 @@ def is_snapshot_store(path: Path) -> bool:
 
 def run_weights(path: Path, steps: list[int] | None) -> tuple[list[int], Iterator[tuple[int, Weights]]]:
     """The selected steps of a snapshot store and, per step, a lazy stream of ((layer, comp), W)."""
-    from spectra.store import open_run
+    from spectra.io.store import open_run
 
     run = open_run(path)
     stored = [int(s) for s in run.steps]
@@ -94,8 +99,8 @@ def expand_paths(args: list[str]) -> list[Path]:
 def checkpoint_series(paths: list[Path], steps: list[int] | None) -> tuple[list[int], Iterator[tuple[int, Weights]]]:
     """Steps of a series of HF checkpoint folders (from their names, or --steps in the same order)
     and, per checkpoint, a lazy stream of its matrices read straight from its safetensors."""
-    from spectra.loading import stream_component_weights
-    from spectra.models import find_checkpoint
+    from spectra.models.loading import stream_component_weights
+    from spectra.models.parts import find_checkpoint
 
     ckpts = [find_checkpoint(p) for p in paths]
     if steps:
@@ -135,7 +140,7 @@ def batched_singular_values(
     weights: Weights | Mapping[tuple[int, str], torch.Tensor], device: torch.device, step: int | None = None
 ) -> dict[tuple[int, str], torch.Tensor]:
     """σ of every matrix by the fastest exact path for `device`, streamed
-    (spectra.heavytail.stream_singular_values): each matrix is checked finite, moved and decomposed
+    (spectra.analysis.heavytail.stream_singular_values): each matrix is checked finite, moved and decomposed
     as it is read, so only a few are in memory at once."""
     items = weights.items() if isinstance(weights, Mapping) else weights
     keys: list[tuple[int, str]] = []
@@ -268,18 +273,18 @@ def spectrum_command(
     For each layer x q/k/v/o/gate/up/down and each snapshot step (or checkpoint of a series):
     sigma, WeLore's min-max normalized sigma, stable rank, effective rank, energy in the top-r
     directions and the weightwatcher power-law alpha (MLE, x_min by KS distance). Any supported
-    architecture (spectra.components). Writes group `spectrum` of analysis.zarr and prints how the
+    architecture (spectra.models.components). Writes group `spectrum` of analysis.zarr and prints how the
     metrics moved from the first to the last step. A series is read one checkpoint at a time.
     """
     import os
 
-    from spectra.models import run_dir_of
-    from spectra.store import write_analysis
+    from spectra.io.store import write_analysis
+    from spectra.models.parts import run_dir_of
 
     if top_r < 1:
         raise SpectraError(f"--top-r must be >= 1, not {top_r}")
     paths = expand_paths([run] if isinstance(run, (str, Path)) else run)  # pipeline passes one path
-    from spectra.models import HUB_NAME
+    from spectra.models.parts import HUB_NAME
 
     for path in paths:
         if not path.exists() and not HUB_NAME.fullmatch(str(path)):

@@ -2,11 +2,11 @@
 
 For each decoder linear W (other parameters fixed) we take the Hessian block H_W = ∂²L/∂W² of the
 LM loss on a token batch, find its top k+1 eigenvalues by block Lanczos on (batched)
-Hessian-vector products (spectra.hvp), run until certified (spectra.lanczos.block_lanczos), and
+Hessian-vector products (spectra.linalg.hvp), run until certified (spectra.linalg.lanczos.block_lanczos), and
 report the gap λ_k − λ_{k+1}, the relative gap (λ_k − λ_{k+1}) / |λ_1|, the Ritz residuals and
 which eigenvalues stayed uncertified (a gap is only trustworthy when the residuals are ≪ the gap).
 Mean and standard error are over several independent data batches. The same Krylov spaces give
-the spectral density of each block (spectra.density).
+the spectral density of each block (spectra.analysis.density).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import xarray as xr
 from torch import nn
 
 from spectra import distributed as dist_utils
-from spectra.density import density_dataset
+from spectra.analysis.density import density_dataset
 from spectra.errors import SpectraError
-from spectra.hvp import BlockHVP, choose_block, keep_freed_memory
-from spectra.lanczos import block_lanczos
+from spectra.linalg.hvp import BlockHVP, choose_block, keep_freed_memory
+from spectra.linalg.lanczos import block_lanczos
 from spectra.progress import is_tty, overall, progress_bar
 
 # --------------------------------------------------------------------------- the analyzer
@@ -40,9 +40,9 @@ class ComponentGap:
     component: str
     eigenvalues: np.ndarray  # (batches, k+1), descending
     residuals: np.ndarray  # (batches, k+1) Ritz residual norms ‖H y − θ y‖
-    certified: np.ndarray  # (batches, k+1) bool: residual ≤ tol·|λ1| and ≤ gap_frac · gap (spectra.lanczos.certify)
+    certified: np.ndarray  # (batches, k+1) bool: residual ≤ tol·|λ1| and ≤ gap_frac · gap (lanczos.certify)
     hvps: np.ndarray  # (batches,) Hessian-vector products spent
-    krylov: list[np.ndarray]  # per batch: projected matrix of the first Krylov space (for spectra.density)
+    krylov: list[np.ndarray]  # per batch: projected matrix of the first Krylov space (for spectra.analysis.density)
     block: int  # vectors per batched HVP (the Lanczos block size)
 
 
@@ -57,9 +57,9 @@ def component_gap(model: nn.Module, layer: int, comp: str, weight: torch.Tensor,
                   min_hvps: int = 0, max_basis: int | None = None, seed: int = 0, reuse: bool = True,
                   progress=None) -> ComponentGap:
     """Block Lanczos on H_W for each token batch, run until its top k+1 Ritz pairs are certified
-    (spectra.lanczos.block_lanczos) or `max_hvps` HVPs are spent; `min_hvps` grows the first Krylov
-    space for a finer SLQ density (spectra.density)."""
-    from spectra.models import COMPONENTS
+    (spectra.linalg.lanczos.block_lanczos) or `max_hvps` HVPs are spent; `min_hvps` grows the first Krylov
+    space for a finer SLQ density (spectra.analysis.density)."""
+    from spectra.models.parts import COMPONENTS
 
     n = weight.numel()
     if k + 1 > n or k < 1:
@@ -97,7 +97,7 @@ def gaps_dataset(results: list[ComponentGap], k: int) -> xr.Dataset:
 
     `certified` is 1 where that eigenvalue passed the certificate on every batch, 0 where it did not
     within the HVP budget (its value and the gaps next to it are then not trustworthy), NaN where not run."""
-    from spectra.models import COMPONENTS
+    from spectra.models.parts import COMPONENTS
 
     layers = sorted({r.layer for r in results})
     comps = [c for c in COMPONENTS if any(r.component == c for r in results)]
@@ -139,7 +139,7 @@ def hessian_gaps(model: nn.Module, weights: dict[tuple[int, str], torch.Tensor],
                  show_progress: bool = True) -> list[ComponentGap]:
     """Run `component_gap` on this rank's share of the components (round-robin: keys[rank::world]).
     block = 0 picks the HVP block size by timing on the first component (`choose_block`)."""
-    from spectra.models import COMPONENTS
+    from spectra.models.parts import COMPONENTS
 
     order = list(COMPONENTS)
     keys = sorted(weights, key=lambda lc: (lc[0], order.index(lc[1])))[rank::world]
@@ -268,12 +268,12 @@ def hessian_gap_command(
     density `hessian_density` of the analysis store. Under `torchrun --nproc_per_node N` the
     components are split over ranks.
     """
-    from spectra.runs import input_path
+    from spectra.io.runs import input_path
 
     ckpt = input_path(path, ckpt, "--ckpt")
-    from spectra.loading import load_causal_lm
-    from spectra.models import analysis_store_for, find_checkpoint, select_components, set_attention
-    from spectra.store import write_analysis
+    from spectra.io.store import write_analysis
+    from spectra.models.loading import load_causal_lm
+    from spectra.models.parts import analysis_store_for, find_checkpoint, select_components, set_attention
 
     path = find_checkpoint(ckpt)
     keep_freed_memory()
@@ -293,7 +293,7 @@ def hessian_gap_command(
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
         raise SpectraError(f"--seq-len {seq_len} exceeds the model's {max_pos} positions")
-    from spectra.evaluate import check_vocab, model_tokenizer
+    from spectra.lm.evaluate import check_vocab, model_tokenizer
 
     tok = model_tokenizer(path, tokenizer)
     check_vocab(model, tok)

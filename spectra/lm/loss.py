@@ -11,7 +11,7 @@ logits -> cross_entropy path (no recomputation).
 This is the "fused linear cross-entropy" of Liger-Kernel / Cut-Cross-Entropy written in plain
 torch: those ship Triton kernels only, and spectra must run the same path on CPU. Training only:
 the gradient is computed eagerly, so there is no double backward (Hessian-vector products use
-`spectra.hvp.hvp_loss`).
+`spectra.linalg.hvp.hvp_loss`).
 """
 
 from __future__ import annotations

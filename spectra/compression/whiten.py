@@ -8,7 +8,7 @@ the whitened space (SVD-LLM, Wang et al. 2024) minimizes exactly that:
     W S = U Σ Vᵀ,   W_r = U_r Σ_r V_rᵀ S⁻¹,   ‖(W − W_r) S‖_F² = Σ_{i>r} σ_i(WS)²
 
 so each dropped whitened singular value costs its square in summed squared output error, and at
-full rank W_r = W S S⁻¹ = W. The factors carry √Σ on both sides like `spectra.lowrank.factorize`:
+full rank W_r = W S S⁻¹ = W. The factors carry √Σ on both sides like `spectra.compression.lowrank.factorize`:
 B = U_r Σ_r^{1/2} (out × r), A = Σ_r^{1/2} V_rᵀ S⁻¹ (r × in), W_r = B A.
 
 Damping. C is rank-deficient whenever an input feature never fires on the calibration text, or
@@ -72,7 +72,7 @@ def whitened_factors(W: torch.Tensor, C: torch.Tensor, rank: int,
 
 
 class Whitener:
-    """Whitened replacement of decoder linears for `spectra.lowrank.compress_model(..., whiten=...)`.
+    """Whitened replacement of decoder linears for `spectra.compression.lowrank.compress_model(..., whiten=...)`.
 
     `covariances(layer, component)` returns the input second moment XᵀX of that linear. The
     Cholesky and SVD of each matrix are cached, so a sweep over ranks decomposes each once.

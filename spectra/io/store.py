@@ -276,7 +276,7 @@ class SnapshotWriter:
             raise SpectraError(f"snapshot write to {self.path} failed: {err}")
 
     def _collect(self, model) -> dict[str, dict]:
-        from spectra.models import iter_components
+        from spectra.models.parts import iter_components
 
         named = [(l, c, m.weight) for l, c, _, m in iter_components(model) if hasattr(m, "weight")]
         if self.embeddings:
@@ -492,7 +492,7 @@ class Run:
 
     def keys(self) -> list[tuple[int, str]]:
         """(layer, component) of every stored decoder linear, in layer then q,k,v,o,gate,up,down order."""
-        from spectra.models import COMPONENTS
+        from spectra.models.parts import COMPONENTS
 
         order = list(COMPONENTS)
         if self.consolidated:
@@ -604,9 +604,9 @@ def _prepared(p: Path, name: str, ds: xr.Dataset, attrs: dict | None, merge: tup
                                    f"({list(old[dim].values)[:6]}) than this one; write to another --out")
         ds = ds.combine_first(old)
         new_attrs = {**old.attrs, **new_attrs}
-    from spectra.variables import attrs_for
+    from spectra.io.variables import attrs_for
 
-    for k in ds.data_vars:  # units, long_name, description on every variable (spectra/variables.py)
+    for k in ds.data_vars:  # units, long_name, description on every variable (spectra/io/variables.py)
         ds[k].attrs = {**attrs_for(str(k)), **ds[k].attrs}
     # fixed-width numpy strings ('<U4') have no Zarr v3 spec (zarr warns on every write); the
     # variable-length UTF-8 type does, and reads back as the same strings

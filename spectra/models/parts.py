@@ -2,7 +2,7 @@
 
 A *component* is one of the paper's q/k/v/o (attention) and gate/up/down (MLP) weights of one
 layer. Which module (or which rows of a fused module) holds it is the component registry's job
-(spectra.components: Llama, Mistral, Qwen2, Gemma, Phi-3, GPT-2, GPT-NeoX, OPT, Falcon, BERT-style
+(spectra.models.components: Llama, Mistral, Qwen2, Gemma, Phi-3, GPT-2, GPT-NeoX, OPT, Falcon, BERT-style
 encoders, or the user's `--components q=REGEX,...`); this module is the API every command uses:
 `component_parts` (Part + module, with get/set of the (out, in) weight), `component_weights`
 and the model loaders.
@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spectra.components import ATTENTION, COMPONENTS, MLP, Part, is_conv1d, parts  # noqa: F401 - re-exported
 from spectra.errors import SpectraError
-from spectra.runs import run_dir_of  # noqa: F401 - re-exported (commands import it from here)
+from spectra.io.runs import run_dir_of  # noqa: F401 - re-exported (commands import it from here)
+from spectra.models.components import ATTENTION, COMPONENTS, MLP, Part, is_conv1d, parts  # noqa: F401 - re-exported
 
 
 def component_parts(model: nn.Module) -> list[tuple[Part, nn.Module]]:
@@ -136,7 +136,7 @@ def analysis_store_for(path: str | Path) -> Path:
 def find_checkpoint(path: str | Path) -> Path:
     """Resolve a model folder from a checkpoint folder, a run folder (its latest checkpoint) or
     a `runs/<id>` path, so `--ckpt runs/abc` works as users expect."""
-    from spectra.runs import checkpoint_of_latest
+    from spectra.io.runs import checkpoint_of_latest
 
     p = Path(path)
     cand = checkpoint_of_latest(p / "checkpoints", resumable=False)  # a run folder: its newest checkpoint

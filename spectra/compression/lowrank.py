@@ -1,10 +1,10 @@
 """WeLore-COMP: low-rank replacements for LRC components (compress, save/load, merge back).
 
-`LowRankLinear` (spectra.modeling_spectra) is y = B(A(x)) with A: in -> r and B: r -> out; from the
+`LowRankLinear` (spectra.models.modeling_spectra) is y = B(A(x)) with A: in -> r and B: r -> out; from the
 SVD W = U S Vh, A.weight = sqrt(S) Vh[:r] and B.weight = U[:, :r] sqrt(S), so the two factors carry
 equal scale (better conditioned for finetuning than putting all of S on one side).
 
-What `compress_model` does with each component (spectra.components), following the rank map:
+What `compress_model` does with each component (spectra.models.components), following the rank map:
     LRC                      -> LowRankLinear of rank r (r(m+n) parameters instead of m·n)
     N-LRC, rank < full rank  -> stays dense, holding the rank-r truncation U_r S_r Vh_r
                                 (the paper's ERR counts rank removed from every matrix)
@@ -26,11 +26,11 @@ factors are ordinary nn.Linear (A: in -> r, B: r -> out), and merging gives back
 
 In memory (`compress_model`): one matrix at a time is copied to float32, decomposed (one SVD),
 replaced and freed, so peak extra memory is one matrix's factors, never a second model. `spectra
-compress` on a safetensors checkpoint does not load the model at all: spectra.stream_compress reads
+compress` on a safetensors checkpoint does not load the model at all: spectra.compression.stream reads
 and writes one decoder layer at a time and derives the rank map in the same pass (one decomposition
 per matrix); --whiten and other formats take the in-memory path. What replaced what is
-`plan(model, rank_map)`, the structure both loaders rebuild (spectra.modeling_spectra); a
-compressed folder is a first-class Hugging Face model (spectra.compressed: save / load, re-exported
+`plan(model, rank_map)`, the structure both loaders rebuild (spectra.models.modeling_spectra); a
+compressed folder is a first-class Hugging Face model (spectra.models.compressed: save / load, re-exported
 here), and loading never recomputes an SVD.
 """
 
@@ -43,13 +43,13 @@ import torch
 import typer
 from torch import nn
 
-from spectra.compressed import MODELING_FILE, copy_tokenizer, load_compressed, save_compressed
+from spectra.compression.rankmap import RANK_MAP_FILE, by_module, entries_for, plan
+from spectra.compression.stream import compress_module, config_dtype, set_factors
 from spectra.errors import SpectraError
-from spectra.modeling_spectra import FusedLinear, LowRankLinear
-from spectra.models import component_parts, find_checkpoint, resolve_device
+from spectra.models.compressed import MODELING_FILE, copy_tokenizer, load_compressed, save_compressed
+from spectra.models.modeling_spectra import FusedLinear, LowRankLinear
+from spectra.models.parts import component_parts, find_checkpoint, resolve_device
 from spectra.progress import progress_bar
-from spectra.rankmap import RANK_MAP_FILE, by_module, entries_for, plan
-from spectra.stream_compress import compress_module, config_dtype, set_factors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -139,7 +139,7 @@ def compress_model(
 ) -> nn.Module:
     """Apply a rank map in place, one module at a time (SVD on `device`, default the weight's).
 
-    `whiten`: a `spectra.whiten.Whitener`; truncation then happens in the space of the layer's input
+    `whiten`: a `spectra.compression.whiten.Whitener`; truncation then happens in the space of the layer's input
     activations (SVD of W·S) instead of a plain SVD of W, for factors and dense truncation alike.
 
     The structure of what was replaced is kept as `model.config.spectra_structure` (it is what
@@ -199,7 +199,7 @@ def _dtype(name: str) -> torch.dtype | None:
 def _load_dense(ckpt: Path, dtype: torch.dtype | None) -> nn.Module:
     from transformers import AutoConfig
 
-    from spectra.loading import load_model
+    from spectra.models.loading import load_model
 
     if dtype is None:  # auto: the dtype the checkpoint was saved in
         dtype = config_dtype(AutoConfig.from_pretrained(ckpt))
@@ -248,7 +248,7 @@ def compress_command(
     whiten: Annotated[
         bool,
         typer.Option(
-            help="Activation-aware truncation (SVD of W·S, C = XᵀX = S·Sᵀ from --calib-data; spectra/whiten.py). "
+            help="Activation-aware truncation (SVD of W·S, C = XᵀX = S·Sᵀ from --calib-data; compression/whiten.py). "
             "Loads the whole model (not streamed)."
         ),
     ] = False,
@@ -267,14 +267,14 @@ def compress_command(
 
     A safetensors checkpoint (sharded or not) is streamed: one decoder layer at a time is read and
     written, and without --rank-map the map is derived in the same pass, one decomposition per
-    matrix (spectra/stream_compress.py). --whiten, and checkpoints in other formats, load the model.
+    matrix (spectra/compression/stream.py). --whiten, and checkpoints in other formats, load the model.
     """
-    from spectra.runs import input_path
+    from spectra.io.runs import input_path
 
     ckpt = input_path(path, ckpt, "--ckpt")
     from rich.console import Console
 
-    from spectra.runs import check_own_output
+    from spectra.io.runs import check_own_output
 
     src, dst = find_checkpoint(ckpt), Path(out)
     if dst.resolve() == src.resolve():
@@ -294,13 +294,13 @@ def compress_command(
         return
     if (src / RANK_MAP_FILE).is_file():
         raise SpectraError(f"{src} is already compressed; use --merge to get dense weights back first")
-    from spectra.ranks import build_rank_map, check_options, load_rank_map, model_spectra
-    from spectra.stream_compress import NotStreamable, stream_compress
+    from spectra.compression.ranks import build_rank_map, check_options, load_rank_map, model_spectra
+    from spectra.compression.stream import NotStreamable, stream_compress
 
     rmap = load_rank_map(rank_map) if rank_map is not None else None  # bad input fails before the model loads
     check_options(method, err, "rank", "params")
     if whiten:
-        from spectra.calibration import check_options as check_calibration
+        from spectra.compression.calibration import check_options as check_calibration
 
         check_calibration(calib_data, calib_seqs, calib_seq_len, damping)
     svd_device = resolve_device(device)
@@ -321,7 +321,7 @@ def compress_command(
         before = _param_count(model)
         whitener = None
         if whiten:  # the calibration lives in (and is reused from) the run's analysis store
-            from spectra.calibration import whitener_for
+            from spectra.compression.calibration import whitener_for
 
             whitener = whitener_for(src, model, calib_data, tokenizer, calib_seqs, calib_seq_len, damping,
                                     svd_device)

@@ -6,7 +6,7 @@ batches) through the dense model, with a forward hook on every component:
     xtx[l, c]      = Σ_t x_t x_tᵀ   (in × in, float64)  the input second moment C = XᵀX
     grad_sq[l, c]  = Σ_t ‖∂ℓ_t/∂y_t‖²                     output-gradient energy
 
-C is all that whitened truncation (spectra.whiten) and the loss allocation need: dropping whitened
+C is all that whitened truncation (spectra.compression.whiten) and the loss allocation need: dropping whitened
 direction i of W costs σ_i(W S)² summed squared output error, C = S Sᵀ. grad_sq is the trace of
 the empirical Fisher of the layer's output (the per-token loss ℓ_t, summed, not averaged): with
 it, a squared output error e turns into an estimated loss increase ½ · grad_sq/(N·m) · e/N per
@@ -40,8 +40,8 @@ from torch import nn
 from spectra.errors import SpectraError
 
 if TYPE_CHECKING:  # whiten imports nothing of calibration, but keep the annotation lazy anyway
-    from spectra.whiten import Whitener
-from spectra.models import iter_components
+    from spectra.compression.whiten import Whitener
+from spectra.models.parts import iter_components
 from spectra.progress import progress_bar
 
 GROUP = "calibration"
@@ -162,7 +162,7 @@ def save(store: str | Path, cal: Calibration) -> None:
     """Replace the store's calibration group with `cal` (the new group is complete before the old one goes)."""
     import xarray as xr
 
-    from spectra.store import write_analysis_tree
+    from spectra.io.store import write_analysis_tree
 
     keys = sorted(cal.input_of)
     meta = xr.Dataset(
@@ -180,7 +180,7 @@ def save(store: str | Path, cal: Calibration) -> None:
 
 
 def load(store: str | Path) -> Calibration:
-    from spectra.store import read_analysis
+    from spectra.io.store import read_analysis
 
     meta = read_analysis(store, f"{GROUP}/meta")
     keys = [(int(l), str(c)) for l, c in zip(meta["layer"].values, meta["component"].values)]
@@ -213,11 +213,11 @@ def model_tokenizer(src: Path, tokenizer: str | None) -> str:
     """--tokenizer, else the one the run was pretrained with (run_config.json), else one error line."""
     if tokenizer:
         return tokenizer
-    from spectra.models import run_dir_of
+    from spectra.models.parts import run_dir_of
 
     run = run_dir_of(src)
     if run is not None and (run / "run_config.json").is_file():
-        from spectra.store import read_json
+        from spectra.io.store import read_json
 
         tok = read_json(run / "run_config.json").get("tokenizer")
         if tok:
@@ -291,7 +291,7 @@ def loss_direction_scores(
         output    1 / N                      mean squared output error per token
         auto      fisher when the calibration has gradients, else relative
     """
-    from spectra.whiten import DEFAULT_DAMPING, damped_cholesky, whitened_svd
+    from spectra.compression.whiten import DEFAULT_DAMPING, damped_cholesky, whitened_svd
 
     if weight not in LOSS_WEIGHTS:
         raise SpectraError(f"--loss-weight must be one of {', '.join(LOSS_WEIGHTS)}, not {weight!r}")
@@ -322,8 +322,8 @@ def whitener_for(
     src, model: nn.Module, data: str | None, tokenizer: str | None, seqs: int, seq_len: int, damping: float, device=None
 ) -> Whitener:
     """A `Whitener` from the calibration of `model` (reused from / stored in its analysis store)."""
-    from spectra.models import analysis_store_for, run_dir_of
-    from spectra.whiten import Whitener
+    from spectra.compression.whiten import Whitener
+    from spectra.models.parts import analysis_store_for, run_dir_of
 
     check_options(data, seqs, seq_len, damping)
     store = analysis_store_for(src) if run_dir_of(src) is not None else None

@@ -25,10 +25,10 @@ the same map; only the reported k differs.) Unlike WeLore's min-max ŝ it keeps 
 bulk: a flat spectrum has every e_i ≈ 1/n, not a spread over [0, 1].
 
 loss (`--method loss --calib-data FILES`): one global threshold on the estimated loss increase per
-unit saved, from the layer inputs' second moment C = XᵀX (spectra.calibration) and the whitened
+unit saved, from the layer inputs' second moment C = XᵀX (spectra.compression.calibration) and the whitened
 singular values σ_i(W·S), C = S·Sᵀ: dropping whitened direction i adds exactly σ_i(WS)² to the
 summed squared output error Σ_t ‖(W − W_r)x_t‖² (SVD-LLM). Each is weighted per matrix into a
-loss estimate (spectra.calibration.loss_weights: the output-gradient Fisher of a causal LM, else
+loss estimate (spectra.compression.calibration.loss_weights: the output-gradient Fisher of a causal LM, else
 the relative output error) and divided by what the direction saves (1 rank, or m + n parameters
 by --err-by params): the Lagrangian / greedy allocation, exact for a separable cost because each
 matrix's costs rise monotonically toward its head, so the cheapest-first greedy order is a
@@ -61,9 +61,10 @@ import torch
 import typer
 from torch import nn
 
+from spectra.analysis.heavytail import normalized_singular_values, singular_values
+from spectra.compression.rankmap import load_rank_map, map_entries, map_name  # noqa: F401 - re-exported
 from spectra.errors import SpectraError
-from spectra.heavytail import normalized_singular_values, singular_values
-from spectra.models import (
+from spectra.models.parts import (
     COMPONENTS,
     analysis_store_for,
     component_parts,
@@ -72,7 +73,6 @@ from spectra.models import (
     run_dir_of,
 )
 from spectra.progress import progress_bar
-from spectra.rankmap import load_rank_map, map_entries, map_name  # noqa: F401 - re-exported
 
 METHODS = ("welore", "uniform", "diagnostic", "energy", "loss")
 THRESHOLD_METHODS = ("welore", "energy", "loss")  # one global threshold k on a per-direction score
@@ -106,15 +106,15 @@ def _order(spectra: list[MatrixSpectrum]) -> list[MatrixSpectrum]:
 
 
 def model_spectra(model: nn.Module, device=None) -> list[MatrixSpectrum]:
-    """Spectra of every component of a loaded model (spectra.components; one svdvals per matrix)."""
+    """Spectra of every component of a loaded model (spectra.models.components; one svdvals per matrix)."""
     return _order([_spectrum(p.layer, p.component, p.weight(m).detach(), device)
                    for p, m in progress_bar(component_parts(model), desc="svd", unit="matrix", leave=False)])
 
 
 def checkpoint_spectra(path: Path, device=None) -> list[MatrixSpectrum]:
     """Spectra straight from the checkpoint's safetensors, one tensor in memory at a time."""
-    from spectra.loading import stream_component_weights
-    from spectra.rankmap import RANK_MAP_FILE
+    from spectra.compression.rankmap import RANK_MAP_FILE
+    from spectra.models.loading import stream_component_weights
 
     if (path / RANK_MAP_FILE).is_file():
         raise SpectraError(f"{path} is already compressed; rank its dense original (or spectra compress --merge it)")
@@ -311,12 +311,12 @@ def diagnostic_scores(analysis: str | Path, keys: list[tuple[int, str]]) -> np.n
     groups = set(zarr.open_group(p, mode="r").group_keys()) if p.exists() else set()
     signals = []
     if "grad_subspace" in groups:
-        from spectra.store import read_analysis
+        from spectra.io.store import read_analysis
 
         ds = read_analysis(p, "grad_subspace")
         signals.append(_percentile(_lookup(ds["overlap_prev"].mean("step", skipna=True), keys)))
     if "hessian_gap" in groups:
-        from spectra.store import read_analysis
+        from spectra.io.store import read_analysis
 
         ds = read_analysis(p, "hessian_gap")
         trusted = ds["residuals"].max("eig") < ds["gap"]  # Davis–Kahan: residual must be below the gap
@@ -392,8 +392,8 @@ def _loss_scores(
     damping: float,
 ) -> tuple[list[np.ndarray], dict]:
     """Per-direction loss estimates for --method loss (calibration reused from / written to `store`)."""
-    from spectra import calibration
-    from spectra.loading import load_causal_lm
+    from spectra.compression import calibration
+    from spectra.models.loading import load_causal_lm
 
     model = load_causal_lm(src, device=dev)
     cal = calibration.calibration(store, src, model, data, tokenizer, seqs, seq_len, device=dev)
@@ -470,16 +470,16 @@ def ranks_command(
     """WeLore rank map (or uniform / diagnostic baseline) for a target ERR, with a per-layer table.
 
     Also: --method energy (global threshold on σ²/‖W‖_F², data-free) and --method loss (estimated loss
-    increase per unit saved, from calibration activations; see spectra/ranks.py).
+    increase per unit saved, from calibration activations; see spectra/compression/ranks.py).
     """
-    from spectra.runs import input_path
+    from spectra.io.runs import input_path
 
     ckpt = input_path(path, ckpt, "--ckpt")
     from rich.console import Console
 
     check_options(method, err, err_by, lrc_rule)
     if method == "loss":
-        from spectra.calibration import check_options as check_calibration
+        from spectra.compression.calibration import check_options as check_calibration
 
         check_calibration(calib_data, calib_seqs, calib_seq_len, damping, loss_weight)
     src = find_checkpoint(ckpt)
@@ -513,7 +513,7 @@ def ranks_command(
     rank_map.update(extra)
     rank_map["source"] = str(src)
     name = map_name(method, err, err_by)
-    from spectra.runs import check_own_output, is_rank_map
+    from spectra.io.runs import check_own_output, is_rank_map
 
     dest = check_own_output(
         Path(out) if out else (run if run is not None else src) / "ranks" / f"{name}.json", is_rank_map
@@ -537,7 +537,7 @@ def ranks_command(
         f"{n_lrc}/{len(spectra)} LRCs -> {dest}"
     )
     if store.exists() or run is not None:  # a bare checkpoint gets no analysis store just for this
-        from spectra.store import write_analysis
+        from spectra.io.store import write_analysis
 
         write_analysis(
             store, f"ranks/{name}", rank_map_dataset(rank_map), {k: v for k, v in rank_map.items() if k != "components"}

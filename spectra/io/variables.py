@@ -1,6 +1,6 @@
 """What every stored analysis variable means: long_name, units, description (CF-style attrs).
 
-`spectra.store.write_analysis` puts these on each data variable it writes, so `xr.open_zarr` users
+`spectra.io.store.write_analysis` puts these on each data variable it writes, so `xr.open_zarr` users
 (and the report's hovers) see what a number is without reading the code. One table for all analyses;
 tests/test_store.py checks that every variable a command writes is described here.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 # name -> (long_name, units, description)
 VARIABLES: dict[str, tuple[str, str, str]] = {
-    # spectrum (spectra/spectrum.py, spectra/heavytail.py)
+    # spectrum (spectra/analysis/spectrum.py, spectra/analysis/heavytail.py)
     "sigma": ("singular values", "weight units", "singular values of W, descending (NaN past the matrix's rank)"),
     "sigma_norm": ("min-max normalized singular values", "1", "WeLore's (σ - σ_min) / (σ_max - σ_min), in [0, 1]"),
     "full_rank": ("full rank", "count", "min(out, in): the number of singular values"),
@@ -22,7 +22,7 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
     "alpha_weighted": ("weighted alpha", "1", "alpha · log10 λ_max (weightwatcher)"),
     "xmin": ("power-law x_min", "weight units²", "start of the fitted ESD tail (KS-distance choice)"),
     "ks_distance": ("KS distance of the power-law fit", "1", "Kolmogorov-Smirnov distance, fit vs empirical tail"),
-    # grad-subspace (spectra/subspace.py)
+    # grad-subspace (spectra/analysis/subspace.py)
     "overlap_prev": ("overlap with the previous snapshot", "1",
                      "‖P_tᵀ P_{t-1}‖_F² / r of the top-r gradient singular subspaces (1: identical)"),
     "overlap_final": ("overlap with the final snapshot", "1", "‖P_tᵀ P_T‖_F² / r of the top-r gradient subspaces"),
@@ -31,7 +31,7 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
     "grassmann_final": ("Grassmann distance to the final subspace", "rad", "‖principal angles‖_2 to the last step"),
     "energy_in_weight_subspace": ("gradient energy in the weight's top-r subspace", "1",
                                   "‖P_Wᵀ G‖_F² / ‖G‖_F², P_W the weight's top-r singular vectors"),
-    # hessian-gap (spectra/hessian.py)
+    # hessian-gap (spectra/analysis/hessian.py)
     "eigenvalues": ("top Hessian eigenvalues", "loss / weight units²", "λ_1 ≥ … ≥ λ_{k+1}, mean over batches"),
     "eigenvalues_se": ("standard error of the eigenvalues", "loss / weight units²", "over the data batches"),
     "eigenvalues_batch": ("top Hessian eigenvalues per batch", "loss / weight units²", "Lanczos Ritz values"),
@@ -41,18 +41,18 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
     "residuals": ("Ritz residuals", "loss / weight units²", "max over batches of ‖H y - θ y‖"),
     "certified": ("certified", "bool", "every residual ≤ tol·|λ_1| and ≤ gap_frac × the gap to its neighbours"),
     "hvps": ("Hessian-vector products", "count", "HVPs spent per batch"),
-    # hessian density (spectra/density.py)
+    # hessian density (spectra/analysis/density.py)
     "nodes": ("quadrature nodes", "loss / weight units²", "Gauss nodes of stochastic Lanczos quadrature"),
     "weights": ("quadrature weights", "1", "per start vector; they sum to 1"),
     "t": ("eigenvalue grid", "loss / weight units²", "where the smoothed density is evaluated"),
     "density": ("Hessian spectral density", "1 / (loss / weight units²)", "Gaussian-smoothed SLQ density"),
-    # rank maps (spectra/rankmap.py, spectra/ranks.py)
+    # rank maps (spectra/compression/rankmap.py, spectra/compression/ranks.py)
     "rank": ("kept rank", "count", "rank the map keeps for this matrix"),
     "lrc": ("low-rank component", "bool", "factorized into two linears (else kept dense, possibly truncated)"),
-    # calibration (spectra/calibration.py)
+    # calibration (spectra/compression/calibration.py)
     "xtx": ("input second moment XᵀX", "activation units²", "Σ_t x_t x_tᵀ over the calibration tokens (float64)"),
     "grad_sq": ("output-gradient energy", "loss² / activation units²", "Σ_t ‖∂ℓ_t/∂y_t‖² over calibration tokens"),
-    # sweep (spectra/sweep.py)
+    # sweep (spectra/compression/sweep.py)
     "ppl": ("perplexity", "1", "exp of the token-weighted mean next-token loss"),
     "loss": ("mean next-token loss", "nats / token", "token-weighted mean cross-entropy"),
     "dense_ppl": ("perplexity of the dense model", "1", "the uncompressed reference"),

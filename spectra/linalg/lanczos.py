@@ -132,7 +132,7 @@ class BlockLanczosResult:
     values) — then |θ_i − λ_i| ≤ residual²/gap (Kato–Temple) and the gaps between certified values are
     exact to that accuracy. `krylov` is the projected matrix of the first Krylov space (before any
     restart) and `block` its block size: the first `block` rows of its eigenvectors are the Gauss
-    quadrature weights of the random start block (stochastic Lanczos quadrature, spectra.density).
+    quadrature weights of the random start block (stochastic Lanczos quadrature, spectra.analysis.density).
     """
 
     values: torch.Tensor  # (k,) float64
@@ -195,7 +195,7 @@ def block_lanczos(matvec: Matvec, V0: torch.Tensor, k: int, *, tol: float = 1e-4
     Ritz pairs pass `certify`, or after `max_matvecs` operator applications (the budget: then
     `certified` says which did not make it), or when the Krylov space is the whole space (exact).
     min_matvecs: keep going until this many even when certified (a bigger first Krylov space: a
-    finer spectral density for spectra.density; the basis then holds at least that many vectors).
+    finer spectral density for spectra.analysis.density; the basis then holds at least that many vectors).
     max_basis: vectors held (memory b·n·max_basis); when full, restart from the top Ritz vectors.
     on_matvec: called with the number of vectors applied (progress bars).
     """

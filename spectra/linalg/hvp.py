@@ -88,7 +88,7 @@ def pyhessian_eigenvalues(model: nn.Module, weight: torch.Tensor, input_ids: tor
 class BlockHVP:
     """v -> H_W v for one weight W at one token batch, the first-order graph built once and reused.
 
-    Callable on flat vectors (b, n) (n = W.numel()), the shape `spectra.lanczos` expects.
+    Callable on flat vectors (b, n) (n = W.numel()), the shape `spectra.linalg.lanczos` expects.
     """
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, weight: torch.Tensor, *, reuse: bool = True):

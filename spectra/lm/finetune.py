@@ -40,12 +40,12 @@ import torch
 import typer
 from torch import nn
 
+from spectra.cli.options import command_from, opt
+from spectra.compression.lowrank import LowRankLinear
 from spectra.errors import SpectraError
-from spectra.evaluate import autocast_for, check_vocab, model_label, model_tokenizer, perplexity, quiet_transformers
-from spectra.lm_loss import causal_lm_loss
-from spectra.lowrank import LowRankLinear
-from spectra.models import iter_components, resolve_device, run_dir_of
-from spectra.options import command_from, opt
+from spectra.lm.evaluate import autocast_for, check_vocab, model_label, model_tokenizer, perplexity, quiet_transformers
+from spectra.lm.loss import causal_lm_loss
+from spectra.models.parts import iter_components, resolve_device, run_dir_of
 from spectra.progress import progress_bar
 from spectra.schedule import warmup_cosine
 
@@ -79,7 +79,7 @@ class FinetuneConfig:
     galore_scale: float = opt(0.25, "GaLore: scale of the projected-back update", min=0.0)
     autocast: bool = opt(True, "bf16 autocast on GPU; ignored on CPU", cli=False)  # the command sets it from --dtype
     cpu_bf16: bool = opt(False, "bf16 autocast on CPU as well (training only; evals stay fp32)", cli=False)
-    chunked_loss: bool = opt(True, "lm_head + CE in token chunks (spectra.lm_loss): no [tokens, vocab] logits kept",
+    chunked_loss: bool = opt(True, "lm_head + CE in token chunks (spectra.lm.loss): no [tokens, vocab] logits kept",
                              cli=False)
 
     def __post_init__(self):
@@ -104,8 +104,8 @@ def lrc_modules(model: nn.Module) -> list[LowRankLinear]:
 def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
     """{module name: linear} for every component's trainable linear leaf: a dense component
     (nn.Linear, or GPT-2's Conv1D), or the factors A, B and dense parts of a compressed one."""
-    from spectra.components import is_conv1d
-    from spectra.lowrank import FusedLinear
+    from spectra.compression.lowrank import FusedLinear
+    from spectra.models.components import is_conv1d
 
     out: dict[str, nn.Module] = {}
     for _, _, name, mod in iter_components(model):
@@ -324,7 +324,7 @@ def finetune(
 # --------------------------------------------------------------------------- CLI
 def default_out(path: Path, method: str, err: float | None) -> Path:
     """<run>/finetune/<method>-err<NN> for a model inside runs/<id>/, else next to the model folder."""
-    from spectra.rankmap import err_tag
+    from spectra.compression.rankmap import err_tag
 
     base = run_dir_of(path) or path.parent
     return base / "finetune" / f"{method}-{err_tag(err or 0.0)}"
@@ -362,8 +362,8 @@ def data_streams(
 def save_model(model: nn.Module, src: Path, dest: Path) -> None:
     """Save the finetuned model where `spectra eval` / `load_causal_lm` can read it (LoRA merged;
     a compressed model stays compressed, with its rank map)."""
-    from spectra.lowrank import copy_tokenizer, save_compressed
-    from spectra.rankmap import RANK_MAP_FILE
+    from spectra.compression.lowrank import copy_tokenizer, save_compressed
+    from spectra.compression.rankmap import RANK_MAP_FILE
 
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
@@ -407,9 +407,9 @@ class FinetuneOptions(FinetuneConfig):
 
 
 def _finetune(o: FinetuneOptions, path: str | None = None) -> None:
-    from spectra.loading import load_causal_lm
-    from spectra.models import find_checkpoint
-    from spectra.runs import check_own_output, input_path, is_finetune_dir
+    from spectra.io.runs import check_own_output, input_path, is_finetune_dir
+    from spectra.models.loading import load_causal_lm
+    from spectra.models.parts import find_checkpoint
 
     cfg = o.recipe()
     quiet_transformers()

@@ -5,12 +5,12 @@ never loads the model: it reads tensors with `safe_open`, one module or one deco
 and writes the compressed Hugging Face folder incrementally, one safetensors shard per decoder layer
 plus one for everything else (embeddings, final norm, lm_head, copied through), with the same
 tensor names, config.json, rank map, modeling_spectra.py and tokenizer as
-`spectra.compressed.save_compressed`, so `load_compressed` and
+`spectra.models.compressed.save_compressed`, so `load_compressed` and
 `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)` load it unchanged.
 
 The "no decomposition twice" contract:
     compress --err E [--method welore|uniform|energy]   derives the map in the SAME pass. Each matrix
-        is decomposed once (pass 1); its σ feed the global threshold (spectra.ranks.build_rank_map,
+        is decomposed once (pass 1); its σ feed the global threshold (spectra.compression.ranks.build_rank_map,
         ERR by rank, params LRC rule: the `spectra ranks` defaults), its eigenvectors are spilled
         to <out>/.spectra-staging, and pass 2 slices them into factors once the map is known. All of
         them are spilled, not only the r_max = ⌊mn/(m+n)⌋ an LRC can use: by rank ERR an N-LRC is
@@ -21,18 +21,18 @@ The "no decomposition twice" contract:
         factors, so the cut matrices are decomposed a second time. Use `compress --err` for one
         pass; the map it used is stored in the output (spectra_rank_map.json) for later tools.
     --whiten, --method diagnostic/loss and checkpoints that are not safetensors under their modules'
-        names stay on the in-memory path (spectra.lowrank.compress_model): they need the loaded model.
+        names stay on the in-memory path (spectra.compression.lowrank.compress_model): they need the loaded model.
 
 Decomposition (`decompose`; measured against a float64 SVD in bench/compress_scale.py --decompositions):
 the float64 Gram matrix of the smaller side, G = WᵀW (or WWᵀ for a wide W), built from 1024-row
 float64 blocks, and its eigendecomposition: σ_i = √λ_i, V (or U) the eigenvectors. The other side
 is computed only for the kept directions, U_r = W·V_r/σ_r, so A = √σ_r·V_rᵀ and B = U_r·√σ_r = W·V_r/√σ_r
-(`factors`) -- the same √σ split as spectra.lowrank.factorize. float64 because the map needs every
+(`factors`) -- the same √σ split as spectra.compression.lowrank.factorize. float64 because the map needs every
 σ down to σ_min (WeLore's min-max normalization): in float32, λ = σ² loses σ below √ε·σ_1 ≈ 3e-4·σ_1.
 On this CPU it costs less than a float32 SVD (gesdd) and is more accurate.
 
 Resident at most: pass 1, two modules' weights and their two decompositions in flight (one per core,
-spectra.heavytail.map_matrices); pass 2, one layer's output and one module's source tensors. Every
+spectra.analysis.heavytail.map_matrices); pass 2, one layer's output and one module's source tensors. Every
 file goes to <out>/.spectra-staging first and is moved into <out> only when the folder is complete.
 """
 
@@ -47,11 +47,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spectra.components import COMPONENTS, is_conv1d
-from spectra.compressed import write_metadata
+from spectra.compression.rankmap import by_module, entries_for, plan
 from spectra.errors import SpectraError
-from spectra.modeling_spectra import LowRankLinear, build_module
-from spectra.rankmap import by_module, entries_for, plan
+from spectra.models.components import COMPONENTS, is_conv1d
+from spectra.models.compressed import write_metadata
+from spectra.models.modeling_spectra import LowRankLinear, build_module
 
 STAGING = ".spectra-staging"
 ROWS = 1024  # rows per float64 block of the Gram product: never a float64 copy of a whole matrix
@@ -127,7 +127,7 @@ def compress_module(mod: nn.Module, plist: list, entries: dict, spec: dict | Non
     dense, N-LRC parts truncated in place) or the planned low-rank / per-part module (spec).
 
     `factors_of(part, W, rank) -> (A, B)` and `truncate(part, W, rank) -> W_r` do the linear algebra,
-    so the in-memory path (spectra.lowrank.compress_model: an SVD per matrix, or whitened) and this
+    so the in-memory path (spectra.compression.lowrank.compress_model: an SVD per matrix, or whitened) and this
     streaming one (factors from the decomposition kept in pass 1) share one structure."""
     if spec is None:
         for p in plist:
@@ -165,7 +165,7 @@ class Checkpoint:
         from accelerate import init_empty_weights
         from safetensors import safe_open
 
-        from spectra.models import model_class
+        from spectra.models.parts import model_class
 
         self.path = path
         index = path / "model.safetensors.index.json"
@@ -244,12 +244,12 @@ def _spill_name(layer: int, component: str) -> str:
 
 def spectra_pass(ckpt: Checkpoint, spill: Path, dtype: torch.dtype, device=None, progress: bool = True) -> list:
     """Pass 1: decompose every component once (two modules in flight), spill the eigenvectors,
-    return the spectra (spectra.ranks.MatrixSpectrum) for the rank map."""
+    return the spectra (spectra.compression.ranks.MatrixSpectrum) for the rank map."""
     from safetensors.torch import save_file
 
-    from spectra.heavytail import map_matrices, normalized_singular_values
+    from spectra.analysis.heavytail import map_matrices, normalized_singular_values
+    from spectra.compression.ranks import MatrixSpectrum
     from spectra.progress import progress_bar
-    from spectra.ranks import MatrixSpectrum
 
     spill.mkdir(parents=True, exist_ok=True)
     bar = progress_bar(total=len(ckpt.modules), desc="decompose", unit="module", disable=not progress)
@@ -291,8 +291,8 @@ def stream_compress(src: str | Path, dst: str | Path, *, rank_map: dict | None =
     parameter counts {linear_before, linear_after, total_before, total_after})."""
     from safetensors.torch import save_file
 
+    from spectra.compression.ranks import build_rank_map
     from spectra.progress import progress_bar
-    from spectra.ranks import build_rank_map
 
     src, dst = Path(src), Path(dst)
     ckpt = Checkpoint(src)

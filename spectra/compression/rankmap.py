@@ -4,7 +4,7 @@ A rank map is a JSON object: `method`, `target_err`, `achieved_err`, `err_by`, `
 `components`, one entry per (layer, component) with `shape` [out, in], `full_rank`, `rank`
 (1..full_rank) and `lrc` (factorized into two linears, or kept dense). A compressed folder keeps
 its map as `spectra_rank_map.json`; `plan` turns a map into the module structure
-(spectra.modeling_spectra) it gives a model. A leaf of the import graph: everything above reads
+(spectra.models.modeling_spectra) it gives a model. A leaf of the import graph: everything above reads
 maps through here.
 """
 
@@ -14,10 +14,10 @@ from pathlib import Path
 
 from torch import nn
 
-from spectra.components import Part, is_conv1d, module_dims
 from spectra.errors import SpectraError
-from spectra.modeling_spectra import FusedLinear, LowRankLinear
-from spectra.models import component_parts
+from spectra.models.components import Part, is_conv1d, module_dims
+from spectra.models.modeling_spectra import FusedLinear, LowRankLinear
+from spectra.models.parts import component_parts
 
 RANK_MAP_FILE = "spectra_rank_map.json"
 
@@ -38,7 +38,7 @@ def load_rank_map(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise SpectraError(f"rank map {p} does not exist")
-    from spectra.store import read_json  # noqa: PLC0415 - store imports models; keep this leaf light
+    from spectra.io.store import read_json  # noqa: PLC0415 - store imports models; keep this leaf light
 
     rank_map = read_json(p)
     map_entries(rank_map)
@@ -88,7 +88,7 @@ def by_module(model: nn.Module) -> dict[str, list[Part]]:
 
 
 def plan(model: nn.Module, rank_map: dict) -> dict[str, dict]:
-    """The structure (spectra.modeling_spectra) a rank map gives `model`: every module holding an
+    """The structure (spectra.models.modeling_spectra) a rank map gives `model`: every module holding an
     LRC component, with its parts' ranks (None = the part stays dense). Works on meta models."""
     entries = entries_for(model, rank_map)
     structure = {}

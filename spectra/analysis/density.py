@@ -25,7 +25,7 @@ import xarray as xr
 from spectra.errors import SpectraError
 
 if TYPE_CHECKING:
-    from spectra.hessian import ComponentGap
+    from spectra.analysis.hessian import ComponentGap
 
 GRID = 256
 
@@ -69,7 +69,7 @@ def default_grid(nodes: np.ndarray, points: int = GRID, rel_sigma: float = 0.01)
 def density_dataset(results: list[ComponentGap], points: int = GRID, rel_sigma: float = 0.01) -> xr.Dataset:
     """The `hessian_density` analysis group: dims (layer, component, node) for the quadrature and
     (layer, component, grid) for the broadened density; NaN where a component was not run."""
-    from spectra.models import COMPONENTS
+    from spectra.models.parts import COMPONENTS
 
     layers = sorted({r.layer for r in results})
     comps = [c for c in COMPONENTS if any(r.component == c for r in results)]

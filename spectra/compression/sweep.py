@@ -1,12 +1,12 @@
 """`spectra sweep`: every rank map × {plain, whitened} truncation × ERR × {by rank, by params}, scored by perplexity.
 
 One process, one dense model in memory: the spectra (one svdvals per matrix), the calibration
-statistics (spectra.calibration, reused from the analysis store) and the per-direction loss
+statistics (spectra.compression.calibration, reused from the analysis store) and the per-direction loss
 estimates are computed once; each configuration compresses a fresh copy of the dense model in
-memory (plain SVD or spectra.whiten, whose per-matrix decompositions are cached across ERRs) and
-evaluates it on the same fixed windows of every eval set (spectra.evaluate.perplexity). With
+memory (plain SVD or spectra.compression.whiten, whose per-matrix decompositions are cached across ERRs) and
+evaluates it on the same fixed windows of every eval set (spectra.lm.evaluate.perplexity). With
 `--recover-steps N`, each compressed configuration then gets N steps of WeLore-PEFT (the
-spectra.finetune harness: LRC factors train, everything else frozen) on the same fixed windows of
+spectra.lm.finetune harness: LRC factors train, everything else frozen) on the same fixed windows of
 the calibration text, and is evaluated again. The result is one xarray table, written to the
 analysis store as group `sweep`:
 
@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Annotated, Literal, Optional
 import numpy as np
 import typer
 
-from spectra.calibration import DEFAULT_SEQ_LEN, DEFAULT_SEQS
+from spectra.cli.options import command_from, opt
+from spectra.compression.calibration import DEFAULT_SEQ_LEN, DEFAULT_SEQS
 from spectra.errors import SpectraError
-from spectra.options import command_from, opt
 
 if TYPE_CHECKING:
     import torch
@@ -56,7 +56,7 @@ class Recovery:
     lr: float | None = None  # None: spectra finetune's WeLore default
 
     def config(self):
-        from spectra.finetune import FinetuneConfig
+        from spectra.lm.finetune import FinetuneConfig
 
         # a tenth of the steps as warmup: the default 100 would never reach the peak lr in a short recovery
         return FinetuneConfig(method="welore", steps=self.steps, lr=self.lr, batch_size=self.batch_size,
@@ -64,7 +64,7 @@ class Recovery:
 
     def run(self, model, device):
         """Train `model` (a compressed copy) in place; the training-loss curve [[step, loss]]."""
-        from spectra.finetune import finetune
+        from spectra.lm.finetune import finetune
 
         batches = iter(self.windows[: self.steps * self.batch_size].split(self.batch_size))
         _, metrics = finetune(model, batches, self.config(), device)
@@ -78,11 +78,11 @@ def run_sweep(model, spectra, cal, windows: dict, methods: list[str], errs: list
     perplexity after a short WeLore-PEFT run on each compressed configuration."""
     import xarray as xr
 
-    from spectra.calibration import loss_direction_scores
-    from spectra.evaluate import perplexity
-    from spectra.lowrank import _param_count, compress_model
-    from spectra.ranks import build_rank_map
-    from spectra.whiten import Whitener
+    from spectra.compression.calibration import loss_direction_scores
+    from spectra.compression.lowrank import _param_count, compress_model
+    from spectra.compression.ranks import build_rank_map
+    from spectra.compression.whiten import Whitener
+    from spectra.lm.evaluate import perplexity
 
     keys = [(s.layer, s.component) for s in spectra]
     directions = None
@@ -277,8 +277,8 @@ class SweepOptions:
 
     def check(self) -> None:
         """Every option that can be wrong, before a model loads."""
-        from spectra.calibration import check_options
-        from spectra.ranks import METHODS
+        from spectra.compression.calibration import check_options
+        from spectra.compression.ranks import METHODS
 
         for name in ("methods", "errs", "err_by", "variants"):
             if not getattr(self, name):
@@ -332,15 +332,15 @@ def eval_sets(specs: list[str] | None) -> dict[str, str]:
 def _sweep(o: SweepOptions, path: str | None = None, eval_data: list[str] | None = None) -> None:
     from rich.console import Console
 
-    from spectra.calibration import calibration, model_tokenizer
+    from spectra.compression.calibration import calibration, model_tokenizer
+    from spectra.compression.rankmap import RANK_MAP_FILE
+    from spectra.compression.ranks import diagnostic_scores, model_spectra
     from spectra.data import load_tokenizer, text_windows
-    from spectra.evaluate import check_vocab, quiet_transformers
-    from spectra.loading import load_causal_lm
-    from spectra.models import analysis_store_for, find_checkpoint, resolve_device
-    from spectra.rankmap import RANK_MAP_FILE
-    from spectra.ranks import diagnostic_scores, model_spectra
-    from spectra.runs import check_own_output, input_path, is_analysis_store
-    from spectra.store import write_analysis
+    from spectra.io.runs import check_own_output, input_path, is_analysis_store
+    from spectra.io.store import write_analysis
+    from spectra.lm.evaluate import check_vocab, quiet_transformers
+    from spectra.models.loading import load_causal_lm
+    from spectra.models.parts import analysis_store_for, find_checkpoint, resolve_device
 
     o.check()
     sets = eval_sets(eval_data)

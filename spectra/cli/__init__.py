@@ -1,6 +1,6 @@
 """`spectra` command line: one typed function per command; its docstring is the --help text.
 
-Each command lives next to the concept it runs (pretrain/loop.py, spectra/hessian.py, ...) and is
+Each command lives next to the concept it runs (pretrain/loop.py, spectra/analysis/hessian.py, ...) and is
 registered here by name, so `spectra --help` lists every command with a one-line summary.
 """
 
@@ -27,50 +27,50 @@ COMMANDS: list[tuple[str, str, str, str]] = [
     ),
     (
         "spectrum",
-        "spectra.spectrum",
+        "spectra.analysis.spectrum",
         "spectrum_command",
         "Singular values and heavy-tail metrics (stable/effective rank, energy, power-law alpha) of every "
         "decoder linear.",
     ),
     (
         "grad-subspace",
-        "spectra.subspace",
+        "spectra.analysis.subspace",
         "grad_subspace_command",
         "Gradient-subspace stabilization across snapshots: overlap with the previous and final top-r subspace.",
     ),
     (
         "hessian-gap",
-        "spectra.hessian",
+        "spectra.analysis.hessian",
         "hessian_gap_command",
         "Top-k Hessian eigenvalues and the k/k+1 eigen-gap of every weight matrix, by Lanczos.",
     ),
     (
         "ranks",
-        "spectra.ranks",
+        "spectra.compression.ranks",
         "ranks_command",
         "WeLore rank map (or uniform / diagnostic baseline) for a target ERR, with a per-layer table.",
     ),
     (
         "compress",
-        "spectra.lowrank",
+        "spectra.compression.lowrank",
         "compress_command",
         "WeLore-COMP: replace LRC linears with low-rank factors (or --merge them back to dense).",
     ),
     (
         "sweep",
-        "spectra.sweep",
+        "spectra.compression.sweep",
         "sweep_command",
         "Every rank map × {plain, whitened} × ERR, by rank and by params: perplexity table in the analysis store.",
     ),
     (
         "eval",
-        "spectra.evaluate",
+        "spectra.lm.evaluate",
         "eval_command",
         "Perplexity of a dense or compressed model on C4 (hub or local) or any local text.",
     ),
     (
         "finetune",
-        "spectra.finetune",
+        "spectra.lm.finetune",
         "finetune_command",
         "Continual finetuning of a compressed model: WeLore-PEFT (LRC factors only) or a baseline.",
     ),
@@ -103,7 +103,7 @@ def _locked(name: str, func):
     def run(**kwargs):
         from pathlib import Path
 
-        from spectra.runs import run_dir_of, run_lock
+        from spectra.io.runs import run_dir_of, run_lock
 
         src = next((kwargs[k] for k in INPUTS if kwargs.get(k)), None)
         if isinstance(src, (list, tuple)):
@@ -180,8 +180,8 @@ def _root(
 ) -> None:
     """spectra: pretrain with snapshots, analyze (spectrum, grad-subspace, hessian-gap), rank, compress, eval,
     finetune, report."""
-    if components or "spectra.components" in sys.modules:  # torch only when needed: --help stays fast
-        from spectra.components import set_override
+    if components or "spectra.models.components" in sys.modules:  # torch only when needed: --help stays fast
+        from spectra.models.components import set_override
 
         set_override(components)
 

@@ -24,10 +24,10 @@ import torch
 import typer
 import xarray as xr
 
+from spectra.analysis.spectrum import is_snapshot_store
 from spectra.errors import SpectraError
-from spectra.models import COMPONENTS, analysis_store_for, resolve_device
+from spectra.models.parts import COMPONENTS, analysis_store_for, resolve_device
 from spectra.progress import progress_bar
-from spectra.spectrum import is_snapshot_store
 
 
 # --------------------------------------------------------------------------- subspace math
@@ -192,7 +192,7 @@ def grad_subspace_command(
     own top-r subspace. Uses stored full gradients or their sketches. Writes group
     `grad_subspace` of analysis.zarr.
     """
-    from spectra.store import open_run, write_analysis
+    from spectra.io.store import open_run, write_analysis
 
     if side not in ("left", "right"):
         raise SpectraError(f"--side must be left or right, not {side!r}")

@@ -1,6 +1,6 @@
 """Loading a model folder (dense, or compressed by `spectra compress`) of any supported architecture.
 
-Above `spectra.models` (which finds components and folders) and `spectra.compressed` (the
+Above `spectra.models.parts` (which finds components and folders) and `spectra.models.compressed` (the
 compressed-folder format), so neither has to import the other: every command loads through here.
 """
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spectra.components import is_conv1d
-from spectra.compressed import RANK_MAP_FILE, load_compressed
 from spectra.errors import SpectraError
-from spectra.models import model_class, parts
+from spectra.models.components import is_conv1d
+from spectra.models.compressed import RANK_MAP_FILE, load_compressed
+from spectra.models.parts import model_class, parts
 
 
 def is_causal_lm(model: nn.Module) -> bool:

@@ -1,0 +1,7 @@
+"""`python -m spectra.cli ...` (torchrun, tests)."""
+
+import sys
+
+from spectra.cli import main
+
+sys.exit(main())

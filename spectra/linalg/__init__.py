@@ -1,0 +1,1 @@
+"""Linear algebra over tensors and operators: Lanczos (single and block), Hessian-vector products, SVDs."""

@@ -1,0 +1,1 @@
+"""Language-model objectives over a model in memory: chunked loss, perplexity, finetuning."""

@@ -1,0 +1,1 @@
+"""Models of any supported architecture: the component registry, loading, and the compressed-folder format."""
