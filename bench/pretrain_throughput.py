@@ -78,7 +78,7 @@ def plain_hf_loop(cfg: PretrainConfig, steps: int, warmup: int, dev: torch.devic
 def crash_safety_off():
     """Swap the crash-safety acts for their unsafe equivalents (this process only)."""
     import pretrain.loop as loop
-    import spectra.io.store as store
+    import spectra.io.atomic as store
 
     def plain_write(path, data: bytes) -> None:  # no temp file, no fsync, no rename
         Path(path).write_bytes(data)
@@ -111,7 +111,7 @@ def crash_safety_clock(acc: dict):
     """Time the crash-safety acts where they happen: on the training thread the metrics append+flush
     and the writer wait before a checkpoint; on the writer thread the commit record (_publish)."""
     import pretrain.loop as loop
-    from spectra.io.store import SnapshotWriter
+    from spectra.io.snapshots import SnapshotWriter
 
     def timed(key, f):
         def g(*a, **k):

@@ -187,7 +187,7 @@ class Trainer:
             record_run_config(run, self.config_record(), event, self.step, changes)
             truncate_metrics(run / METRICS, self.step)
             if cfg.snapshot_every > 0 or cfg.snapshot_steps:
-                from spectra.io.store import SnapshotWriter
+                from spectra.io.snapshots import SnapshotWriter
 
                 self.writer = SnapshotWriter(run / "snapshots.zarr", _store_attrs(cfg, self.model),
                                              grad_mode=cfg.snapshot_grad, sketch_rank=cfg.sketch_rank,

@@ -18,8 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from spectra.errors import SpectraError, Terminated
+from spectra.io.atomic import atomic_write_bytes, atomic_write_json
 from spectra.io.runs import LOCK
-from spectra.io.store import atomic_write_bytes, atomic_write_json
 
 METRICS = "metrics.jsonl"
 RUN_CONFIG = "run_config.json"
@@ -120,7 +120,7 @@ def refuse_restart(run_dir: Path, save_every: int) -> None:
     first checkpoint (all it has is re-made bit for bit); anything else would delete a run's data, so it
     is refused, naming what is there."""
     from spectra.io.runs import has_checkpoint_folders
-    from spectra.io.store import _committed
+    from spectra.io.snapshots import _committed
 
     ckpts = run_dir / "checkpoints"
     if has_checkpoint_folders(ckpts):

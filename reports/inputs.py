@@ -15,7 +15,9 @@ from pathlib import Path
 import xarray as xr
 
 from spectra.errors import SpectraError
-from spectra.io.store import open_run, read_analysis, read_json
+from spectra.io.analysis_store import read_analysis
+from spectra.io.atomic import read_json
+from spectra.io.snapshots import open_run
 
 ANALYSES = ("spectrum", "grad_subspace", "hessian_gap", "hessian_density", "sweep")
 
@@ -25,7 +27,7 @@ class RunInputs:
     """The parsed inputs of one run folder; None means "not produced yet"."""
 
     root: Path
-    snapshots: object | None = None          # spectra.io.store.Run
+    snapshots: object | None = None          # spectra.io.snapshots.Run
     analysis: dict[str, xr.Dataset] = field(default_factory=dict)
     rank_maps: dict[str, dict] = field(default_factory=dict)   # file stem -> rank map JSON
     evals: list[dict] | None = None

@@ -104,7 +104,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory) -> Path:
     """A snapshots.zarr with full gradients at steps 2, 4, ..., 12 of a tiny training run."""
-    from spectra.io.store import SnapshotWriter
+    from spectra.io.snapshots import SnapshotWriter
 
     run = tmp_path_factory.mktemp("run")
     writer = SnapshotWriter(run / "snapshots.zarr", {"config": {"model": "tiny"}}, grad_mode="full", background=False)

@@ -144,7 +144,7 @@ def snapshot_of(run: Path) -> dict:
     """Everything compared bit for bit: metrics (minus timings), snapshot steps and arrays, final weights."""
     from safetensors.torch import load_file
 
-    from spectra.io.store import open_run
+    from spectra.io.snapshots import open_run
 
     rows = [
         {k: v for k, v in r.items() if k not in TIMING}
@@ -166,7 +166,7 @@ def snapshot_of(run: Path) -> dict:
 def visible_prefix_ok(run: Path, ref: dict) -> str | None:
     """After a kill: the store (if any) opens, shows a prefix of the reference steps, and equals it."""
     from spectra.errors import SpectraError
-    from spectra.io.store import open_run
+    from spectra.io.snapshots import open_run
 
     if not (run / "snapshots.zarr" / "zarr.json").is_file():
         return None
@@ -235,7 +235,7 @@ def signal_trial(argv: list[str], base: Path, ref_run: Path, k: int, sig: int) -
     out = {"event": k, "code": code}
     pid = os.fork()  # reading the store starts zarr threads: do it in a child, report through a file
     if pid == 0:
-        from spectra.io.store import open_run
+        from spectra.io.snapshots import open_run
 
         res = {}
         try:
@@ -291,7 +291,8 @@ def warm_imports() -> None:
     import pretrain.loop  # noqa: F401
     import spectra.cli  # noqa: F401
     import spectra.data  # noqa: F401
-    import spectra.io.store  # noqa: F401
+    import spectra.io.analysis_store  # noqa: F401
+    import spectra.io.snapshots  # noqa: F401
     import spectra.lm.evaluate  # noqa: F401
 
 

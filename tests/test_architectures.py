@@ -221,7 +221,7 @@ def _welore_ranks(refs: dict, k: float) -> dict:
 def test_analyze_rank_compress_reload_generate_peft(name, tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
 
-    from spectra.io.store import read_analysis
+    from spectra.io.analysis_store import read_analysis
     from spectra.models.modeling_spectra import FusedLinear, LowRankLinear
     from spectra.models.parts import component_weights
 
@@ -415,7 +415,7 @@ def test_checkpoint_series_spectrum_then_report(tmp_path, capsys):
         model.save_pretrained(series / name)
         qs[step] = reference_components(model, "neox")[(1, "q")]
     assert main(["spectrum", str(series / "step*"), "--device", "cpu"]) == 0
-    from spectra.io.store import read_analysis
+    from spectra.io.analysis_store import read_analysis
 
     ds = read_analysis(series / "analysis.zarr", "spectrum")
     assert ds.step.values.tolist() == [1000, 2000, 3000]
@@ -485,7 +485,7 @@ def test_hub_names_resolve_through_snapshot_download(tmp_path, monkeypatch, caps
         main(["spectrum", "EleutherAI/pythia-14m@step1000", "EleutherAI/pythia-14m@step3000", "--device", "cpu"]) == 0
     )
     assert calls == [("EleutherAI/pythia-14m", "step1000"), ("EleutherAI/pythia-14m", "step3000")]
-    from spectra.io.store import read_analysis
+    from spectra.io.analysis_store import read_analysis
 
     assert read_analysis(tmp_path / "EleutherAI/pythia-14m/analysis.zarr", "spectrum").step.values.tolist() == [
         1000,

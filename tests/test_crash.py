@@ -73,7 +73,7 @@ def test_signal_with_a_snapshot_in_flight_commits_it(docs, tmp_path, sig, code):
 def test_two_pretrains_on_one_run_id(docs, tmp_path):
     import signal
 
-    from spectra.io.store import open_run
+    from spectra.io.snapshots import open_run
 
     argv = args(docs, steps=100_000) + ["--runs-dir", str(tmp_path), "--run-id", "one"]
     first = subprocess.Popen([sys.executable, "-m", "spectra.cli", *argv], cwd=REPO, stdout=subprocess.PIPE,

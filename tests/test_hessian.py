@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from spectra.analysis.hessian import component_gap
 from spectra.cli import main
-from spectra.io.store import read_analysis
+from spectra.io.analysis_store import read_analysis
 from spectra.linalg.hvp import BlockHVP, only_grad, pyhessian_eigenvalues
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny graphs: one intra-op thread (conftest)

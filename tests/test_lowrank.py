@@ -225,7 +225,7 @@ def test_tokenizer_travels_and_legacy_folders_still_load(tiny_ckpt, tmp_path):
     comp = load_compressed(tmp_path / "c")
     # spectrum of a compressed folder: an LRC component of rank r has exactly r nonzero singular values
     assert main(["spectrum", str(tmp_path / "c"), "--out", str(tmp_path / "a.zarr"), "--device", "cpu"]) == 0
-    from spectra.io.store import read_analysis
+    from spectra.io.analysis_store import read_analysis
 
     e = next(e for e in json.loads((tmp_path / "c" / "spectra_rank_map.json").read_text())["components"] if e["lrc"])
     sigma = (

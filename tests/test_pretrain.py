@@ -52,7 +52,7 @@ def test_validation_loss_goes_down(full_run):
 def test_snapshots_round_trip_checkpoints_bit_exactly(full_run):
     from safetensors.torch import load_file
 
-    from spectra.io.store import open_run
+    from spectra.io.snapshots import open_run
 
     run, _ = full_run
     store = open_run(run)
@@ -94,7 +94,7 @@ def test_resume_after_kill_reproduces_the_curve(full_run, tmp_path):
         assert ("val_loss" in a) == ("val_loss" in b)
         if "val_loss" in a:
             assert abs(a["val_loss"] - b["val_loss"]) < 1e-5
-    from spectra.io.store import open_run
+    from spectra.io.snapshots import open_run
 
     assert list(open_run(tmp_path / "killed").steps) == [0, 4, 8, 12]
     w_ref = open_run(run).weight(0, "q").sel(step=12).values
@@ -118,7 +118,7 @@ def test_ddp_two_cpu_processes(tmp_path, shared_data):
     state = load_trainer_state(tmp_path / "ddp" / "checkpoints" / "step_3")
     assert state["world"] == 2 and len(state["data"]) == 2
     assert state["data"][0].index != 0 and not np.array_equal(state["data"][0].buffer, state["data"][1].buffer)
-    from spectra.io.store import open_run
+    from spectra.io.snapshots import open_run
 
     assert list(open_run(tmp_path / "ddp").steps) == [0, 3]
 

@@ -23,7 +23,7 @@ from spectra.compression.ranks import (
     threshold_ranks,
 )
 from spectra.errors import SpectraError
-from spectra.io.store import read_analysis, write_analysis
+from spectra.io.analysis_store import read_analysis, write_analysis
 
 TARGETS = (0.1, 0.2, 0.3, 0.4, 0.5)
 

@@ -21,7 +21,7 @@ from reports.build import build_report, report_command
 from reports.datasets import dataset_keys, dataset_labels
 from reports.html import unpacked
 from spectra.errors import SpectraError
-from spectra.io.store import write_analysis
+from spectra.io.analysis_store import write_analysis
 
 COMPS = ["q", "k", "v", "o", "gate", "up", "down"]
 LAYERS = [0, 1]
@@ -100,7 +100,7 @@ def write_run(root: Path, *, snapshots: bool = True) -> Path:
     if snapshots:
         import torch.nn as nn
 
-        from spectra.io.store import SnapshotWriter
+        from spectra.io.snapshots import SnapshotWriter
 
         # one layer of 8x8 linears is enough for the summary (steps, attrs) and skips importing transformers
         attn = nn.ModuleDict({"self_attn": nn.ModuleDict({f"{c}_proj": nn.Linear(8, 8) for c in "qkvo"}),

@@ -30,7 +30,7 @@ def rows(run: Path) -> list[dict]:
 
 
 def snapshot_steps(run: Path) -> list[int]:
-    from spectra.io.store import open_run
+    from spectra.io.snapshots import open_run
 
     return [int(s) for s in open_run(run).steps]
 

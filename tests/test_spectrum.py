@@ -14,7 +14,8 @@ from spectra.analysis.heavytail import fit_power_law
 from spectra.analysis.spectrum import batched_singular_values, spectrum_dataset
 from spectra.cli import main
 from spectra.errors import SpectraError
-from spectra.io.store import open_run, read_analysis
+from spectra.io.analysis_store import read_analysis
+from spectra.io.snapshots import open_run
 
 COMPS = ["q", "k", "v", "o", "gate", "up", "down"]
 

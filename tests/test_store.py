@@ -9,7 +9,9 @@ import xarray as xr
 from conftest import make_tiny, train_steps
 
 from spectra.errors import SpectraError
-from spectra.io.store import SnapshotWriter, open_run, randomized_svd, read_analysis, write_analysis
+from spectra.io.analysis_store import read_analysis, write_analysis
+from spectra.io.snapshots import SnapshotWriter, open_run
+from spectra.linalg.svd import randomized_svd
 
 
 def _grads(model, seed=0):
@@ -151,7 +153,7 @@ def test_every_stored_variable_is_described():
 
     from spectra.io.variables import VARIABLES
 
-    src = "".join(p.read_text() for p in Path(__file__).resolve().parents[1].joinpath("spectra").glob("*.py"))
+    src = "".join(p.read_text() for p in Path(__file__).resolve().parents[1].joinpath("spectra").rglob("*.py"))
     written = {
         "alpha_weighted",
         "xmin",
@@ -217,8 +219,8 @@ def test_analysis_consolidated_metadata_is_updated_per_group(tmp_path, monkeypat
 
     import zarr
 
-    import spectra.io.store as store
-    from spectra.io.store import write_analysis_tree
+    import spectra.io.analysis_store as store
+    from spectra.io.analysis_store import write_analysis_tree
 
     p = tmp_path / "a.zarr"
     scanned = []
@@ -253,7 +255,7 @@ def test_publish_reads_only_the_written_groups_and_equals_a_full_scan(tmp_path, 
     change every snapshot, a failed write, truncate_after and a reopen."""
     import json
 
-    import spectra.io.store as store
+    import spectra.io.snapshots as store
 
     model = make_tiny()
     path = tmp_path / "s.zarr"

@@ -12,7 +12,8 @@ from conftest import make_tiny, train_steps
 
 from spectra.analysis.subspace import energy_in_subspace, grassmann_distance, principal_angles, subspace_overlap
 from spectra.cli import main
-from spectra.io.store import SnapshotWriter, open_run, read_analysis
+from spectra.io.analysis_store import read_analysis
+from spectra.io.snapshots import SnapshotWriter, open_run
 
 E = torch.eye(4, dtype=torch.float64)
 

@@ -92,7 +92,7 @@ def test_sweep_cli_recovers_and_the_report_shows_it(tmp_path, shared_data):
     from reports.build import build_report, sweep_section
     from reports.inputs import load_run
     from spectra.cli import main
-    from spectra.io.store import read_analysis
+    from spectra.io.analysis_store import read_analysis
 
     docs = wiki_docs(tmp_path / "docs.jsonl", 40)
     assert main(["pretrain", "--model", "micro", "--tokenizer", "bytes", "--data", str(docs), "--seq-len", "32",

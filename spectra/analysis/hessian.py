@@ -271,7 +271,7 @@ def hessian_gap_command(
     from spectra.io.runs import input_path
 
     ckpt = input_path(path, ckpt, "--ckpt")
-    from spectra.io.store import write_analysis
+    from spectra.io.analysis_store import write_analysis
     from spectra.models.loading import load_causal_lm
     from spectra.models.parts import analysis_store_for, find_checkpoint, select_components, set_attention
 

@@ -47,7 +47,7 @@ def is_snapshot_store(path: Path) -> bool:
 
 def run_weights(path: Path, steps: list[int] | None) -> tuple[list[int], Iterator[tuple[int, Weights]]]:
     """The selected steps of a snapshot store and, per step, a lazy stream of ((layer, comp), W)."""
-    from spectra.io.store import open_run
+    from spectra.io.snapshots import open_run
 
     run = open_run(path)
     stored = [int(s) for s in run.steps]
@@ -278,7 +278,7 @@ def spectrum_command(
     """
     import os
 
-    from spectra.io.store import write_analysis
+    from spectra.io.analysis_store import write_analysis
     from spectra.models.parts import run_dir_of
 
     if top_r < 1:

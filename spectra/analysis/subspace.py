@@ -192,7 +192,8 @@ def grad_subspace_command(
     own top-r subspace. Uses stored full gradients or their sketches. Writes group
     `grad_subspace` of analysis.zarr.
     """
-    from spectra.io.store import open_run, write_analysis
+    from spectra.io.analysis_store import write_analysis
+    from spectra.io.snapshots import open_run
 
     if side not in ("left", "right"):
         raise SpectraError(f"--side must be left or right, not {side!r}")

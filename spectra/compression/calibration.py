@@ -162,7 +162,7 @@ def save(store: str | Path, cal: Calibration) -> None:
     """Replace the store's calibration group with `cal` (the new group is complete before the old one goes)."""
     import xarray as xr
 
-    from spectra.io.store import write_analysis_tree
+    from spectra.io.analysis_store import write_analysis_tree
 
     keys = sorted(cal.input_of)
     meta = xr.Dataset(
@@ -180,7 +180,7 @@ def save(store: str | Path, cal: Calibration) -> None:
 
 
 def load(store: str | Path) -> Calibration:
-    from spectra.io.store import read_analysis
+    from spectra.io.analysis_store import read_analysis
 
     meta = read_analysis(store, f"{GROUP}/meta")
     keys = [(int(l), str(c)) for l, c in zip(meta["layer"].values, meta["component"].values)]
@@ -217,7 +217,7 @@ def model_tokenizer(src: Path, tokenizer: str | None) -> str:
 
     run = run_dir_of(src)
     if run is not None and (run / "run_config.json").is_file():
-        from spectra.io.store import read_json
+        from spectra.io.atomic import read_json
 
         tok = read_json(run / "run_config.json").get("tokenizer")
         if tok:

@@ -38,7 +38,7 @@ def load_rank_map(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise SpectraError(f"rank map {p} does not exist")
-    from spectra.io.store import read_json  # noqa: PLC0415 - store imports models; keep this leaf light
+    from spectra.io.atomic import read_json  # noqa: PLC0415 - store imports models; keep this leaf light
 
     rank_map = read_json(p)
     map_entries(rank_map)

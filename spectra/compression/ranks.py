@@ -311,12 +311,12 @@ def diagnostic_scores(analysis: str | Path, keys: list[tuple[int, str]]) -> np.n
     groups = set(zarr.open_group(p, mode="r").group_keys()) if p.exists() else set()
     signals = []
     if "grad_subspace" in groups:
-        from spectra.io.store import read_analysis
+        from spectra.io.analysis_store import read_analysis
 
         ds = read_analysis(p, "grad_subspace")
         signals.append(_percentile(_lookup(ds["overlap_prev"].mean("step", skipna=True), keys)))
     if "hessian_gap" in groups:
-        from spectra.io.store import read_analysis
+        from spectra.io.analysis_store import read_analysis
 
         ds = read_analysis(p, "hessian_gap")
         trusted = ds["residuals"].max("eig") < ds["gap"]  # Davis–Kahan: residual must be below the gap
@@ -537,7 +537,7 @@ def ranks_command(
         f"{n_lrc}/{len(spectra)} LRCs -> {dest}"
     )
     if store.exists() or run is not None:  # a bare checkpoint gets no analysis store just for this
-        from spectra.io.store import write_analysis
+        from spectra.io.analysis_store import write_analysis
 
         write_analysis(
             store, f"ranks/{name}", rank_map_dataset(rank_map), {k: v for k, v in rank_map.items() if k != "components"}

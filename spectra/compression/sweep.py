@@ -336,8 +336,8 @@ def _sweep(o: SweepOptions, path: str | None = None, eval_data: list[str] | None
     from spectra.compression.rankmap import RANK_MAP_FILE
     from spectra.compression.ranks import diagnostic_scores, model_spectra
     from spectra.data import load_tokenizer, text_windows
+    from spectra.io.analysis_store import write_analysis
     from spectra.io.runs import check_own_output, input_path, is_analysis_store
-    from spectra.io.store import write_analysis
     from spectra.lm.evaluate import check_vocab, quiet_transformers
     from spectra.models.loading import load_causal_lm
     from spectra.models.parts import analysis_store_for, find_checkpoint, resolve_device

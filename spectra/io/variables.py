@@ -1,6 +1,6 @@
 """What every stored analysis variable means: long_name, units, description (CF-style attrs).
 
-`spectra.io.store.write_analysis` puts these on each data variable it writes, so `xr.open_zarr` users
+`spectra.io.analysis_store.write_analysis` puts these on each data variable it writes, so `xr.open_zarr` users
 (and the report's hovers) see what a number is without reading the code. One table for all analyses;
 tests/test_store.py checks that every variable a command writes is described here.
 """

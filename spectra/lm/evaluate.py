@@ -99,7 +99,7 @@ def model_label(path: Path) -> tuple[str, float | None]:
 
     rank_map = path / RANK_MAP_FILE
     if rank_map.is_file():
-        from spectra.io.store import read_json
+        from spectra.io.atomic import read_json
 
         meta = read_json(rank_map)
         err = meta.get("target_err", meta.get("achieved_err"))

@@ -1,0 +1,168 @@
+"""Analysis stores (`analysis.zarr`) hold one xarray group per analysis; a group (or a tree of them,
+`write_analysis_tree`, e.g. the calibration) is written under a temporary name and swapped in by
+renames, never deleted before its replacement is complete, and `merge=` updates only the given
+coordinates of a stored group (a partial `hessian-gap` keeps the other layers' results).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from spectra.errors import SpectraError
+from spectra.io.atomic import _jsonable, _to_json, atomic_write_json
+from spectra.io.zarr_meta import _CM_EMPTY, _group_md, _members, _root_metadata
+
+ANALYSIS_KIND = "spectra-analysis"
+
+
+def write_analysis(path: str | Path, name: str, ds: xr.Dataset, attrs: dict | None = None,
+                   merge: tuple[str, ...] = ()) -> Path:
+    """Write one analysis (e.g. "spectrum", "grad_subspace", "hessian_gap") as group `name` of
+    the Zarr store at `path` (created if missing).
+
+    Without `merge`, an older result of the same name is replaced. With `merge=("layer", ...)`,
+    the new values replace the old ones only at their coordinates along those dimensions and every
+    other stored entry is kept (all other coordinates must agree). The group is written under a
+    temporary name and swapped in, so a kill leaves the old result or the new one.
+    """
+    p = _analysis_root(path)
+    return _swap_in(p, name, {"": _prepared(p, name, ds, attrs, merge)})
+
+
+def write_analysis_tree(path: str | Path, name: str, parts: dict[str, tuple[xr.Dataset, dict | None]]) -> Path:
+    """Replace group `name` by a tree of datasets, `parts` = {"meta": (ds, attrs), "xtx/0.q": (ds, None), ...},
+    all written under one temporary name and swapped in together: a kill leaves the whole old tree or
+    the whole new one, never a mix, and the old one is not deleted before the new one is complete."""
+    p = _analysis_root(path)
+    return _swap_in(p, name, {sub: _prepared(p, f"{name}/{sub}", ds, attrs) for sub, (ds, attrs) in parts.items()})
+
+
+def _analysis_root(path: str | Path) -> Path:
+    """The analysis store at `path`, created if missing; anything else there is one error line."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise SpectraError(f"{p} is a file, not an analysis store; choose another --out")
+    if p.is_dir() and any(p.iterdir()) and not (p / "zarr.json").is_file():
+        raise SpectraError(f"{p} is a non-empty folder that is not an analysis store; choose another --out")
+    if not (p / "zarr.json").is_file():
+        p.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(p / "zarr.json", {"zarr_format": 3, "node_type": "group",
+                                             "attributes": {"kind": ANALYSIS_KIND}})
+    elif _root_metadata(p).get("attributes", {}).get("kind") not in (None, ANALYSIS_KIND):
+        raise SpectraError(f"{p} is not a spectra analysis store")
+    return p
+
+
+def _prepared(p: Path, name: str, ds: xr.Dataset, attrs: dict | None, merge: tuple[str, ...] = ()) -> xr.Dataset:
+    """`ds` as it is stored: merged with the stored group (`merge`), variables described, strings and attrs
+    in types Zarr v3 keeps."""
+    ds = ds.copy()
+    new_attrs = {k: _jsonable(v) for k, v in {**ds.attrs, **(attrs or {})}.items()}
+    if merge and _group_dir(p, name).is_dir():
+        old = read_analysis(p, name)
+        for dim in set(ds.dims) | set(old.dims):
+            if dim in merge or dim not in ds.coords or dim not in old.coords:
+                continue
+            if not np.array_equal(ds[dim].values, old[dim].values):
+                raise SpectraError(f"the stored {name!r} in {p} has other {dim} values "
+                                   f"({list(old[dim].values)[:6]}) than this one; write to another --out")
+        ds = ds.combine_first(old)
+        new_attrs = {**old.attrs, **new_attrs}
+    from spectra.io.variables import attrs_for
+
+    for k in ds.data_vars:  # units, long_name, description on every variable (spectra/io/variables.py)
+        ds[k].attrs = {**attrs_for(str(k)), **ds[k].attrs}
+    # fixed-width numpy strings ('<U4') have no Zarr v3 spec (zarr warns on every write); the
+    # variable-length UTF-8 type does, and reads back as the same strings
+    ds = ds.assign({k: v.astype(object) for k, v in ds.data_vars.items() if v.dtype.kind == "U"})
+    ds = ds.assign_coords({k: v.astype(object) for k, v in ds.coords.items() if v.dtype.kind == "U"})
+    ds.attrs = {k: (_to_json(v) if isinstance(v, dict) else v) for k, v in new_attrs.items()}
+    return ds
+
+
+def _swap_in(p: Path, name: str, parts: dict[str, xr.Dataset]) -> Path:
+    """Write `parts` (sub-path -> dataset; "" is the group itself) under a temporary name beside group
+    `name`, then swap it in: old -> .old-<name>, temporary -> name, drop .old-<name>. Between the two
+    renames only .old-<name> exists, and read_analysis reads it."""
+    final = _group_dir(p, name)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    old_dir = final.with_name(f".old-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub, ds in parts.items():
+        group = tmp.relative_to(p).as_posix() + (f"/{sub}" if sub else "")
+        ds.to_zarr(p, group=group, mode="w", consolidated=False)
+    with _store_lock(p):  # two writers of one store: swaps and root-metadata updates take turns
+        if final.is_dir():
+            shutil.rmtree(old_dir, ignore_errors=True)
+            os.replace(final, old_dir)
+        os.replace(tmp, final)
+        shutil.rmtree(old_dir, ignore_errors=True)
+        _reconsolidate(p, name)
+    return p
+
+
+@contextmanager
+def _store_lock(p: Path):
+
+    fd = os.open(p, os.O_RDONLY)  # the store folder itself: no lock file for Zarr to trip over
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock (a killed writer's lock goes with its process)
+
+
+def _reconsolidate(p: Path, name: str) -> None:
+    """Update the root's consolidated metadata for group `name` only (its entries dropped and reread, its
+    parent groups added if missing); the other groups' entries are kept as they are. It is what plain
+    `xr.open_zarr(store, group=...)` and `zarr.open_group` read, so it is replaced atomically; spectra's
+    own reader (read_analysis) reads each group's own metadata and never depends on it. A store whose
+    root has no consolidated metadata yet is scanned whole once."""
+    md = _root_metadata(p)
+    known = (md.get("consolidated_metadata") or {}).get("metadata")
+    if known is None:
+        members = _members(p)
+    else:
+        members = {k: v for k, v in known.items() if k != name and not k.startswith(f"{name}/")}
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent not in members:
+                members[parent] = _group_md(p / parent)
+        final = _group_dir(p, name)
+        members[name] = _group_md(final)
+        members.update(_members(final, f"{name}/"))
+    md["consolidated_metadata"] = {**_CM_EMPTY, "metadata": dict(sorted(members.items()))}
+    atomic_write_json(p / "zarr.json", md)
+
+
+def _group_dir(p: Path, name: str) -> Path:
+    return p.joinpath(*name.split("/"))
+
+
+def read_analysis(path: str | Path, name: str) -> xr.Dataset:
+    p = Path(path)
+    if not p.exists():
+        raise SpectraError(f"no analysis store at {p}")
+    try:
+        return xr.open_zarr(p, group=_live_group(p, name), consolidated=False).load()
+    except Exception:  # noqa: BLE001
+        raise SpectraError(f"{p} has no analysis {name!r} (run `spectra {name.replace('_', '-')}` first)") from None
+
+
+def _live_group(p: Path, name: str) -> str:
+    """The path of group `name`, through `.old-<part>` where a writer was killed mid-swap of that part
+    (`name` itself, or a tree holding it, e.g. the calibration group of calibration/meta)."""
+    cur = p
+    for part in name.split("/"):
+        if not (cur / part / "zarr.json").is_file() and (cur / f".old-{part}" / "zarr.json").is_file():
+            part = f".old-{part}"
+        cur = cur / part
+    return cur.relative_to(p).as_posix()
