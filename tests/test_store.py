@@ -220,12 +220,15 @@ def test_analysis_consolidated_metadata_is_updated_per_group(tmp_path, monkeypat
     import zarr
 
     import spectra.io.analysis_store as store
+    import spectra.io.zarr_meta as zarr_meta
     from spectra.io.analysis_store import write_analysis_tree
 
     p = tmp_path / "a.zarr"
     scanned = []
     real = store._members
-    monkeypatch.setattr(store, "_members", lambda path, prefix="": scanned.append(prefix) or real(path, prefix))
+    spy = lambda path, prefix="": scanned.append(prefix) or real(path, prefix)  # noqa: E731
+    monkeypatch.setattr(store, "_members", spy)
+    monkeypatch.setattr(zarr_meta, "_members", spy)  # its recursion too
     write_analysis(p, "spectrum", xr.Dataset({"x": ("layer", [1.0, 2.0])}, coords={"layer": [0, 1]}), {"a": 1})
     write_analysis(p, "ranks/u20", xr.Dataset({"rank": ("i", [3, 4])}))
     write_analysis(p, "ranks/u30", xr.Dataset({"rank": ("i", [1, 2, 5])}))
@@ -256,12 +259,15 @@ def test_publish_reads_only_the_written_groups_and_equals_a_full_scan(tmp_path, 
     import json
 
     import spectra.io.snapshots as store
+    import spectra.io.zarr_meta as zarr_meta
 
     model = make_tiny()
     path = tmp_path / "s.zarr"
     scans = []
     real = store._members
-    monkeypatch.setattr(store, "_members", lambda p, prefix="": scans.append(prefix) or real(p, prefix))
+    spy = lambda p, prefix="": scans.append(prefix) or real(p, prefix)  # noqa: E731
+    monkeypatch.setattr(store, "_members", spy)
+    monkeypatch.setattr(zarr_meta, "_members", spy)  # its recursion too
 
     def root() -> dict:
         return json.loads((path / "zarr.json").read_text())
