@@ -54,8 +54,8 @@ from spectra.lm.finetune import (
 
 def compressed_model(args) -> torch.nn.Module:
     from spectra.compression.lowrank import compress_model
+    from spectra.io.sources import find_checkpoint
     from spectra.models.loading import load_causal_lm
-    from spectra.models.parts import find_checkpoint
 
     if args.model:
         model = load_causal_lm(find_checkpoint(args.model))

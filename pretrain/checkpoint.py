@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from spectra.errors import SpectraError
-from spectra.io.runs import LATEST, latest_checkpoint  # noqa: F401 - re-exported for the loop
+from spectra.io.runs import LATEST, checkpoint_step_of, latest_checkpoint  # noqa: F401 - latest_checkpoint: for the loop
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -187,9 +187,8 @@ def _unfold_copied_latest(ckpt_root: Path) -> None:
     latest = ckpt_root / LATEST
     if latest.is_symlink() or not latest.is_dir():
         return
-    try:
-        step = int(json.loads((latest / STATE_JSON).read_text())["step"])
-    except Exception:  # noqa: BLE001 - not a checkpoint of ours: keep it, under a name that says so
+    step = checkpoint_step_of(latest)
+    if step is None:  # not a checkpoint of ours: keep it, under a name that says so
         os.replace(latest, ckpt_root / f"latest.unknown.{time.time_ns()}")
         return
     twin = ckpt_root / f"step_{step}"

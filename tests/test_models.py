@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from spectra.errors import SpectraError
-from spectra.models.parts import analysis_store_for, find_checkpoint, run_dir_of, select_components
+from spectra.io.runs import run_dir_of
+from spectra.io.sources import analysis_store_for, find_checkpoint
+from spectra.models.parts import select_components
 
 
 @pytest.fixture()
@@ -15,6 +17,7 @@ def run(tmp_path):
     run = tmp_path / "elsewhere" / "r1"
     (run / "checkpoints" / "step_8").mkdir(parents=True)
     (run / "checkpoints" / "step_8" / "config.json").write_text("{}")
+    (run / "checkpoints" / "step_8" / "model.safetensors").write_bytes(b"")  # a checkpoint has weights
     (run / "checkpoints" / "latest").write_text("step_8")
     (run / "snapshots.zarr").mkdir()
     (run / "compressed" / "welore-err50").mkdir(parents=True)

@@ -67,6 +67,7 @@ def test_resume_of_a_copied_or_damaged_run_continues_it(finished, tmp_path, dama
     assert [h["event"] for h in json.loads((run / "run_config.json").read_text())["history"]] == ["start", "resume"]
     latest = run / "checkpoints/latest"
     assert latest.is_symlink() and latest.resolve().name == "step_9"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_3", "step_6", "step_9"]
 
 
 def test_resume_with_only_broken_checkpoints_is_refused_and_deletes_nothing(finished, tmp_path, capsys):

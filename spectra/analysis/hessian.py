@@ -272,8 +272,9 @@ def hessian_gap_command(
 
     ckpt = input_path(path, ckpt, "--ckpt")
     from spectra.io.analysis_store import write_analysis
+    from spectra.io.sources import analysis_store_for, find_checkpoint
     from spectra.models.loading import load_causal_lm
-    from spectra.models.parts import analysis_store_for, find_checkpoint, select_components, set_attention
+    from spectra.models.parts import select_components, set_attention
 
     path = find_checkpoint(ckpt)
     keep_freed_memory()
@@ -293,9 +294,10 @@ def hessian_gap_command(
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
         raise SpectraError(f"--seq-len {seq_len} exceeds the model's {max_pos} positions")
-    from spectra.lm.evaluate import check_vocab, model_tokenizer
+    from spectra.io.sources import load_source_tokenizer, resolve
+    from spectra.lm.evaluate import check_vocab
 
-    tok = model_tokenizer(path, tokenizer)
+    tok = load_source_tokenizer(resolve(path), tokenizer)
     check_vocab(model, tok)
     weights = select_components(model, layers, components)
     if not weights:

@@ -14,7 +14,6 @@ core in flight; only σ is kept. A 130m checkpoint never has all of its decoder 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Optional
@@ -31,7 +30,15 @@ from spectra.analysis.heavytail import (
     stream_singular_values,
 )
 from spectra.errors import SpectraError
-from spectra.models.parts import COMPONENTS, analysis_store_for, resolve_device
+from spectra.io.sources import (
+    HUB_NAME,
+    analysis_store_for,
+    checkpoint_step,
+    expand_paths,
+    find_checkpoint,
+    is_snapshot_store,
+)
+from spectra.models.parts import COMPONENTS, resolve_device
 from spectra.progress import progress_bar
 
 METRICS = ("full_rank", "stable_rank", "effective_rank", "entropy", "energy_top_r", "alpha",
@@ -41,10 +48,6 @@ Weights = Iterable[tuple[tuple[int, str], torch.Tensor]]  # ((layer, component),
 
 
 # --------------------------------------------------------------------------- sources
-def is_snapshot_store(path: Path) -> bool:
-    return (path / "snapshots.zarr").is_dir() or (path.suffix == ".zarr" and path.is_dir())
-
-
 def run_weights(path: Path, steps: list[int] | None) -> tuple[list[int], Iterator[tuple[int, Weights]]]:
     """The selected steps of a snapshot store and, per step, a lazy stream of ((layer, comp), W)."""
     from spectra.io.snapshots import open_run
@@ -70,37 +73,10 @@ def run_weights(path: Path, steps: list[int] | None) -> tuple[list[int], Iterato
     return sorted(chosen), gen()
 
 
-STEP_RE = re.compile(r"(?:^|[^a-z])step[_-]?(\d+)$", re.IGNORECASE)
-
-
-def checkpoint_step(path: str | Path) -> int | None:
-    """The training step in a checkpoint folder's name (step1000, step_1000, pythia-160m-step1000)
-    or a hub revision (EleutherAI/pythia-160m@step1000)."""
-    m = STEP_RE.search(re.split(r"[/@]", str(path).rstrip("/"))[-1])
-    return int(m.group(1)) if m else None
-
-
-def expand_paths(args: list[str]) -> list[Path]:
-    """Arguments as given, with unexpanded globs (quoted `runs/pythia/step*`) expanded and sorted."""
-    import glob
-
-    out = []
-    for a in args:
-        if not Path(a).exists() and any(ch in a for ch in "*?["):
-            hits = sorted(glob.glob(a))
-            if not hits:
-                raise SpectraError(f"no folder matches {a!r}")
-            out += [Path(h) for h in hits]
-        else:
-            out.append(Path(a))
-    return out
-
-
 def checkpoint_series(paths: list[Path], steps: list[int] | None) -> tuple[list[int], Iterator[tuple[int, Weights]]]:
     """Steps of a series of HF checkpoint folders (from their names, or --steps in the same order)
     and, per checkpoint, a lazy stream of its matrices read straight from its safetensors."""
     from spectra.models.loading import stream_component_weights
-    from spectra.models.parts import find_checkpoint
 
     ckpts = [find_checkpoint(p) for p in paths]
     if steps:
@@ -279,13 +255,11 @@ def spectrum_command(
     import os
 
     from spectra.io.analysis_store import write_analysis
-    from spectra.models.parts import run_dir_of
+    from spectra.io.runs import run_dir_of
 
     if top_r < 1:
         raise SpectraError(f"--top-r must be >= 1, not {top_r}")
-    paths = expand_paths([run] if isinstance(run, (str, Path)) else run)  # pipeline passes one path
-    from spectra.models.parts import HUB_NAME
-
+    paths = [Path(p) for p in expand_paths([run] if isinstance(run, (str, Path)) else run)]  # pipeline passes one path
     for path in paths:
         if not path.exists() and not HUB_NAME.fullmatch(str(path)):
             raise SpectraError(

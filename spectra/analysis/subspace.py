@@ -24,9 +24,9 @@ import torch
 import typer
 import xarray as xr
 
-from spectra.analysis.spectrum import is_snapshot_store
 from spectra.errors import SpectraError
-from spectra.models.parts import COMPONENTS, analysis_store_for, resolve_device
+from spectra.io.sources import analysis_store_for, is_snapshot_store
+from spectra.models.parts import COMPONENTS, resolve_device
 from spectra.progress import progress_bar
 
 

@@ -41,6 +41,7 @@ from spectra.errors import SpectraError
 
 if TYPE_CHECKING:  # whiten imports nothing of calibration, but keep the annotation lazy anyway
     from spectra.compression.whiten import Whitener
+from spectra.io.sources import resolve
 from spectra.models.parts import iter_components
 from spectra.progress import progress_bar
 
@@ -209,24 +210,6 @@ def check_options(data: str | None, seqs: int, seq_len: int, damping: float, wei
         expand_files(data)
 
 
-def model_tokenizer(src: Path, tokenizer: str | None) -> str:
-    """--tokenizer, else the one the run was pretrained with (run_config.json), else one error line."""
-    if tokenizer:
-        return tokenizer
-    from spectra.models.parts import run_dir_of
-
-    run = run_dir_of(src)
-    if run is not None and (run / "run_config.json").is_file():
-        from spectra.io.atomic import read_json
-
-        tok = read_json(run / "run_config.json").get("tokenizer")
-        if tok:
-            return str(tok)
-    if any((src / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "spiece.model", "tokenizer.model")):
-        return str(src)
-    raise SpectraError(f"cannot tell which tokenizer {src} was trained with; pass --tokenizer")
-
-
 def calibration(
     store: str | Path | None,
     src: Path,
@@ -245,7 +228,7 @@ def calibration(
 
     if seqs < 1 or seq_len < 2:
         raise SpectraError(f"need --calib-seqs >= 1 and --calib-seq-len >= 2 (got {seqs}, {seq_len})")
-    tok_name = model_tokenizer(src, tokenizer)
+    tok_name = resolve(src).tokenizer_name(tokenizer)
     files = "|".join(expand_files(data)) if data else "c4-en-train"  # the file list, hashed: stored attrs stay short
     attrs = {
         "data": data or "c4-en-train",
@@ -323,7 +306,8 @@ def whitener_for(
 ) -> Whitener:
     """A `Whitener` from the calibration of `model` (reused from / stored in its analysis store)."""
     from spectra.compression.whiten import Whitener
-    from spectra.models.parts import analysis_store_for, run_dir_of
+    from spectra.io.runs import run_dir_of
+    from spectra.io.sources import analysis_store_for
 
     check_options(data, seqs, seq_len, damping)
     store = analysis_store_for(src) if run_dir_of(src) is not None else None

@@ -46,9 +46,10 @@ from torch import nn
 from spectra.compression.rankmap import RANK_MAP_FILE, by_module, entries_for, plan
 from spectra.compression.stream import compress_module, config_dtype, set_factors
 from spectra.errors import SpectraError
+from spectra.io.sources import find_checkpoint
 from spectra.models.compressed import MODELING_FILE, copy_tokenizer, load_compressed, save_compressed
 from spectra.models.modeling_spectra import FusedLinear, LowRankLinear
-from spectra.models.parts import component_parts, find_checkpoint, resolve_device
+from spectra.models.parts import component_parts, resolve_device
 from spectra.progress import progress_bar
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -64,14 +64,9 @@ from torch import nn
 from spectra.analysis.heavytail import normalized_singular_values, singular_values
 from spectra.compression.rankmap import load_rank_map, map_entries, map_name  # noqa: F401 - re-exported
 from spectra.errors import SpectraError
-from spectra.models.parts import (
-    COMPONENTS,
-    analysis_store_for,
-    component_parts,
-    find_checkpoint,
-    resolve_device,
-    run_dir_of,
-)
+from spectra.io.runs import run_dir_of
+from spectra.io.sources import analysis_store_for, find_checkpoint
+from spectra.models.parts import COMPONENTS, component_parts, resolve_device
 from spectra.progress import progress_bar
 
 METHODS = ("welore", "uniform", "diagnostic", "energy", "loss")

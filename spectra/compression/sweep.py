@@ -332,15 +332,16 @@ def eval_sets(specs: list[str] | None) -> dict[str, str]:
 def _sweep(o: SweepOptions, path: str | None = None, eval_data: list[str] | None = None) -> None:
     from rich.console import Console
 
-    from spectra.compression.calibration import calibration, model_tokenizer
+    from spectra.compression.calibration import calibration
     from spectra.compression.rankmap import RANK_MAP_FILE
     from spectra.compression.ranks import diagnostic_scores, model_spectra
     from spectra.data import load_tokenizer, text_windows
     from spectra.io.analysis_store import write_analysis
     from spectra.io.runs import check_own_output, input_path, is_analysis_store
+    from spectra.io.sources import analysis_store_for, find_checkpoint, resolve
     from spectra.lm.evaluate import check_vocab, quiet_transformers
     from spectra.models.loading import load_causal_lm
-    from spectra.models.parts import analysis_store_for, find_checkpoint, resolve_device
+    from spectra.models.parts import resolve_device
 
     o.check()
     sets = eval_sets(eval_data)
@@ -351,7 +352,7 @@ def _sweep(o: SweepOptions, path: str | None = None, eval_data: list[str] | None
                              what="--analysis")
     quiet_transformers()
     dev = resolve_device(o.device)
-    tok_name = model_tokenizer(src, o.tokenizer)
+    tok_name = resolve(src).tokenizer_name(o.tokenizer)
     tok = load_tokenizer(tok_name)
     model = load_causal_lm(src, device=dev)
     check_vocab(model, tok)

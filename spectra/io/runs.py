@@ -52,7 +52,7 @@ def is_complete_checkpoint(path: Path, resumable: bool = True) -> bool:
     return not resumable or (path / "trainer_state.json").is_file() or (path / "trainer_state.pt").is_file()
 
 
-def _step_of(path: Path) -> int | None:
+def checkpoint_step_of(path: Path) -> int | None:
     """The optimizer step a checkpoint folder holds: its name (step_N), else its trainer_state.json."""
     m = _STEP_DIR.fullmatch(path.name)
     if m:
@@ -60,7 +60,8 @@ def _step_of(path: Path) -> int | None:
     try:
         import json
 
-        return int(json.loads((path / "trainer_state.json").read_text())["step"])
+        doc = json.loads((path / "trainer_state.json").read_text())
+        return int(dict(doc["state"]["__dict__"])["step"])  # pretrain/checkpoint.py's encoding of a dict
     except Exception:  # noqa: BLE001 - unreadable: not a usable checkpoint
         return None
 
@@ -73,7 +74,7 @@ def checkpoint_candidates(ckpt_root: Path, resumable: bool = True) -> list[tuple
     found: dict[int, Path] = {}
     latest = ckpt_root / LATEST
     if latest.is_dir() and not latest.is_symlink() and is_complete_checkpoint(latest, resumable):
-        step = _step_of(latest)
+        step = checkpoint_step_of(latest)
         if step is not None:
             found[step] = latest
     for p in ckpt_root.iterdir():

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import typer
 
 from spectra.errors import SpectraError
-from spectra.models.parts import resolve_device, run_dir_of
+from spectra.io.runs import run_dir_of
+from spectra.models.parts import resolve_device
 
 
 def autocast_for(device: torch.device, enabled: bool = True):
@@ -71,26 +72,6 @@ def check_vocab(model, tokenizer) -> None:
     if len(tokenizer) < 0.9 * n_emb:
         raise SpectraError(f"tokenizer has {len(tokenizer)} ids but the model embeds {n_emb} (not a padded copy "
                            "of this vocabulary); pass the --tokenizer the model was trained with")
-
-
-def model_tokenizer(path: Path, name: str | None):
-    """The tokenizer to use with the model folder `path`: the one saved with it by default, and a
-    `--tokenizer` that differs from that one is refused (it would score the wrong tokens)."""
-    from spectra.data import DEFAULT_TOKENIZER, load_tokenizer, tokenizer_digest
-
-    stored = None
-    if (path / "tokenizer_config.json").is_file():
-        try:
-            stored = load_tokenizer(str(path))
-        except Exception as e:  # noqa: BLE001 - damaged or crafted files: one line
-            raise SpectraError(f"cannot load the tokenizer saved in {path} ({type(e).__name__})") from None
-    if name is None:
-        return stored if stored is not None else load_tokenizer(DEFAULT_TOKENIZER)
-    tok = load_tokenizer(name)
-    if stored is not None and tokenizer_digest(tok) != tokenizer_digest(stored):
-        raise SpectraError(f"--tokenizer {name} is not the tokenizer saved with {path}; "
-                           "leave --tokenizer out to use the saved one")
-    return tok
 
 
 def model_label(path: Path) -> tuple[str, float | None]:
@@ -180,8 +161,8 @@ def eval_command(
 
     model = input_path(path, model, "--model")
     from spectra.data import text_windows
+    from spectra.io.sources import find_checkpoint, load_source_tokenizer, resolve
     from spectra.models.loading import load_causal_lm
-    from spectra.models.parts import find_checkpoint
 
     if seq_len < 2 or tokens < seq_len or batch_size < 1:
         raise SpectraError(
@@ -190,7 +171,7 @@ def eval_command(
     quiet_transformers()
     path = find_checkpoint(model)
     dev = resolve_device(device)
-    tok = model_tokenizer(path, tokenizer)
+    tok = load_source_tokenizer(resolve(path), tokenizer)
     windows = text_windows(data, tok, seq_len, tokens, split="validation", cache_dir=cache_dir)
     lm = load_causal_lm(path, device=dev)
     check_vocab(lm, tok)

@@ -43,9 +43,10 @@ from torch import nn
 from spectra.cli.options import command_from, opt
 from spectra.compression.lowrank import LowRankLinear
 from spectra.errors import SpectraError
-from spectra.lm.evaluate import autocast_for, check_vocab, model_label, model_tokenizer, perplexity, quiet_transformers
+from spectra.io.runs import run_dir_of
+from spectra.lm.evaluate import autocast_for, check_vocab, model_label, perplexity, quiet_transformers
 from spectra.lm.loss import causal_lm_loss
-from spectra.models.parts import iter_components, resolve_device, run_dir_of
+from spectra.models.parts import iter_components, resolve_device
 from spectra.progress import progress_bar
 from spectra.schedule import warmup_cosine
 
@@ -408,8 +409,8 @@ class FinetuneOptions(FinetuneConfig):
 
 def _finetune(o: FinetuneOptions, path: str | None = None) -> None:
     from spectra.io.runs import check_own_output, input_path, is_finetune_dir
+    from spectra.io.sources import find_checkpoint, load_source_tokenizer, resolve
     from spectra.models.loading import load_causal_lm
-    from spectra.models.parts import find_checkpoint
 
     cfg = o.recipe()
     quiet_transformers()
@@ -422,7 +423,7 @@ def _finetune(o: FinetuneOptions, path: str | None = None) -> None:
     max_pos = getattr(lm.config, "max_position_embeddings", None)
     if max_pos is not None and o.seq_len > max_pos:
         raise SpectraError(f"--seq-len {o.seq_len} exceeds the model's {max_pos} positions")
-    tok = model_tokenizer(path, o.tokenizer)
+    tok = load_source_tokenizer(resolve(path), o.tokenizer)
     check_vocab(lm, tok)
     batches, val = data_streams(o.data, o.val_data, tok, o.seq_len, o.micro_batch, o.eval_tokens, o.seed,
                                 Path(o.cache_dir))

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from spectra.errors import SpectraError
-from spectra.io.runs import run_dir_of  # noqa: F401 - re-exported (commands import it from here)
 from spectra.models.components import ATTENTION, COMPONENTS, MLP, Part, is_conv1d, parts  # noqa: F401 - re-exported
 
 
@@ -121,50 +120,3 @@ def model_class(path: Path):
             else transformers.AutoModel
         )
     return cls, cfg
-
-
-def analysis_store_for(path: str | Path) -> Path:
-    """Default analysis store: `<run>/analysis.zarr` for anything inside a run, else next to a
-    snapshot store, else inside the checkpoint folder."""
-    p = Path(path)
-    run = run_dir_of(p)
-    if run is not None:
-        return run / "analysis.zarr"
-    return (p.parent if p.suffix == ".zarr" else p) / "analysis.zarr"
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """Resolve a model folder from a checkpoint folder, a run folder (its latest checkpoint) or
-    a `runs/<id>` path, so `--ckpt runs/abc` works as users expect."""
-    from spectra.io.runs import checkpoint_of_latest
-
-    p = Path(path)
-    cand = checkpoint_of_latest(p / "checkpoints", resumable=False)  # a run folder: its newest checkpoint
-    if cand is not None:
-        return cand
-    if (p / "config.json").is_file():
-        return p
-    if not p.exists() and HUB_NAME.fullmatch(str(path)):
-        return hub_checkpoint(str(path))
-    if not p.exists():
-        raise SpectraError(f"checkpoint {p} does not exist")
-    raise SpectraError(f"{p} holds no model checkpoint (expected config.json or checkpoints/latest)")
-
-
-HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(?:@[\w./-]+)?")
-HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.jinja"]  # no .bin / .h5 duplicates
-
-
-def hub_checkpoint(name: str) -> Path:
-    """A hub model `org/name` or `org/name@revision` (Pythia: `EleutherAI/pythia-160m@step1000`),
-    downloaded (config, safetensors, tokenizer) into the Hugging Face cache; its local folder."""
-    from huggingface_hub import snapshot_download
-
-    repo, _, revision = name.partition("@")
-    try:
-        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES))
-    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated: one line naming the model
-        raise SpectraError(
-            f"{name} is no local folder, and the hub did not provide it "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
