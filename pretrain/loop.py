@@ -43,7 +43,8 @@ from pretrain.run_state import (
     truncate_metrics,
 )
 from spectra import distributed as dist_utils
-from spectra.cli.options import command_from, opt
+from spectra.cli.options import command_from
+from spectra.config import opt
 from spectra.errors import SpectraError
 from spectra.io.runs import run_folder, run_lock
 from spectra.schedule import warmup_cosine

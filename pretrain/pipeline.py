@@ -26,7 +26,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from spectra.cli.options import CONFIG_OPTION
 from spectra.compression.rankmap import err_tag
 from spectra.errors import SpectraError
 
@@ -156,7 +155,6 @@ def pipeline_command(
     steps: Annotated[Optional[int], typer.Option(help="override the preset's pretraining steps", min=1)] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     skip_pretrain: Annotated[bool, typer.Option(help="reuse the run's existing checkpoint and snapshots")] = False,
-    config: Annotated[Optional[Path], CONFIG_OPTION] = None,
 ) -> None:
     """Run the whole WeLore pipeline (pretrain, analyze, rank, compress, eval, finetune, report) from a preset."""
     from pretrain.loop import PretrainConfig, pretrain

@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING, Annotated, Literal, Optional
 import numpy as np
 import typer
 
-from spectra.cli.options import command_from, opt
+from spectra.cli.options import command_from
 from spectra.compression.calibration import DEFAULT_SEQ_LEN, DEFAULT_SEQS
+from spectra.config import opt
 from spectra.errors import SpectraError
 
 if TYPE_CHECKING:

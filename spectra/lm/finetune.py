@@ -40,8 +40,9 @@ import torch
 import typer
 from torch import nn
 
-from spectra.cli.options import command_from, opt
+from spectra.cli.options import command_from
 from spectra.compression.lowrank import LowRankLinear
+from spectra.config import opt
 from spectra.errors import SpectraError
 from spectra.io.runs import run_dir_of
 from spectra.lm.evaluate import autocast_for, check_vocab, model_label, perplexity, quiet_transformers
