@@ -17,9 +17,11 @@ from plotly.offline import get_plotlyjs
 
 from reports import curves as C
 from reports import figures as F
-from reports.build import build_report, report_command
+from reports import spectrum_figure as S
+from reports.build import build_report
 from reports.datasets import dataset_keys, dataset_labels
 from reports.html import unpacked
+from spectra.cli.report import command as report_command
 from spectra.errors import SpectraError
 from spectra.io.analysis_store import write_analysis
 
@@ -146,15 +148,30 @@ def report(full_run) -> str:
 
 # --------------------------------------------------------------------------- figure numbers
 @pytest.mark.unit
-def test_hessian_heatmap_plots_gap_and_flags_unconverged_cells():
+def test_hessian_heatmap_plots_both_gaps_and_flags_unconverged_cells():
     ds = hessian_ds()
-    (hm,) = F.hessian_gap_figure(ds).data
-    assert list(hm.x) == COMPS and list(hm.y) == LAYERS
-    np.testing.assert_allclose(10 ** np.array(hm.z, float), ds["gap"].values)  # log colour scale
-    marks = np.array(hm.text)
-    assert marks[1, COMPS.index("v")] == "†" and (marks == "†").sum() == 1
-    np.testing.assert_allclose(np.array(hm.customdata)[..., 2], ds["rel_gap"].values)
-    np.testing.assert_allclose(np.array(hm.customdata)[..., 0], ds["gap"].values)  # hover shows the gap itself
+    fig = F.hessian_gap_figure(ds)
+    rel, gap = fig.data  # relative first (shown), absolute behind the dropdown
+    for hm in (rel, gap):
+        assert list(hm.x) == COMPS and list(hm.y) == LAYERS
+        marks = np.array(hm.text)
+        assert marks[1, COMPS.index("v")] == "†" and (marks == "†").sum() == 1
+        np.testing.assert_allclose(np.array(hm.customdata)[..., 0], ds["gap"].values)  # hover shows both gaps
+        np.testing.assert_allclose(np.array(hm.customdata)[..., 2], ds["rel_gap"].values)
+    np.testing.assert_allclose(10 ** np.array(gap.z, float), ds["gap"].values)  # log colour scale
+    np.testing.assert_allclose(10 ** np.array(rel.z, float), ds["gap"].values / ds["eigenvalues"].values[..., 0])
+    assert (rel.visible, gap.visible) == (True, False)
+    (menu,) = fig.layout.updatemenus
+    assert [b.label for b in menu.buttons] == ["relative gap", "absolute gap"]
+    assert [b.args[0]["visible"] for b in menu.buttons] == [[True, False], [False, True]]
+    titles = [b.args[1]["title"]["text"] for b in menu.buttons]
+    assert titles[0] == fig.layout.title.text  # the title always names the gap on screen
+    assert "relative gap (λ<sub>k</sub> − λ<sub>k+1</sub>) / |λ<sub>1</sub>|" in titles[0]
+    assert "absolute" not in titles[0]
+    assert "absolute gap λ<sub>k</sub> − λ<sub>k+1</sub>" in titles[1] and "relative" not in titles[1]
+    # the colour bars carry the store's long_name and units, not the variable names
+    assert gap.colorbar.title.text.startswith("eigengap λ_k - λ_{k+1} (loss / weight units²)")
+    assert rel.colorbar.title.text.startswith("relative eigengap<br>")
 
 
 @pytest.mark.unit
@@ -162,14 +179,27 @@ def test_hessian_heatmap_log_colour_bar_and_rendered_title():
     ds = hessian_ds()
     ds["gap"][0, 0] = 0.0  # a zero gap has no log: a blank cell, not -inf
     fig = F.hessian_gap_figure(ds)
-    (hm,) = fig.data
+    hm = fig.data[1]
     assert hm.z[0][0] is None and hm.customdata[0][0][0] == 0.0
     bar = hm.colorbar
     np.testing.assert_allclose([10**v for v in bar.tickvals], [float(t) for t in bar.ticktext], rtol=1e-12)
     lo, hi = np.log10(np.sort(ds["gap"].values[ds["gap"].values > 0])[[0, -1]])
     assert len(bar.tickvals) >= 2 and lo - 1e-9 <= min(bar.tickvals) and max(bar.tickvals) <= hi + 1e-9
-    title = fig.layout.title.text
+    title = fig.layout.updatemenus[0].buttons[1].args[1]["title"]["text"]
     assert "λ<sub>k</sub> − λ<sub>k+1</sub>" in title and "λ_k" not in title and "k = 2" in title
+
+
+@pytest.mark.unit
+def test_hessian_heatmap_of_a_store_with_steps_draws_the_last_step():
+    one = hessian_ds()
+    ds = xr.concat([one.assign(gap=one["gap"] * 10, rel_gap=one["rel_gap"] * 10), one], dim="step")
+    ds = ds.assign_coords(step=[100, 200])
+    fig = F.hessian_gap_figure(ds)
+    np.testing.assert_allclose(10 ** np.array(fig.data[1].z, float), one["gap"].values)
+    np.testing.assert_allclose(10 ** np.array(fig.data[0].z, float), one["rel_gap"].values)
+    assert "at step 200" in fig.layout.title.text
+    only_abs = F.hessian_gap_figure(one.drop_vars("rel_gap"))  # an older store: the one gap it has, said so
+    assert len(only_abs.data) == 1 and not only_abs.layout.updatemenus and "absolute gap" in only_abs.layout.title.text
 
 
 @pytest.mark.unit
@@ -186,7 +216,7 @@ def test_subspace_lines_one_per_layer_and_component():
 @pytest.mark.unit
 def test_spectrum_curves_use_final_step_and_shade_threshold():
     ds = spectrum_ds()
-    fig = F.spectrum_figure(ds, [("k=0.175", 0.175), ("k=0.3", 0.3)])
+    fig = S.spectrum_figure(ds, [("k=0.175", 0.175), ("k=0.3", 0.3)])
     k_curve = next(t for t in fig.data if "layer 0<br>component k<br>step 30" in t.hovertemplate)
     np.testing.assert_allclose(k_curve.y, ds["sigma_norm"].sel(step=30, layer=0, component="k").values[:8])
     assert list(k_curve.x) == list(range(1, 9))  # NaN padding dropped
@@ -206,7 +236,7 @@ def test_long_spectra_are_thinned_keeping_true_indices():
     sig = np.linspace(1.0, 0.0, n)[None, None, None, :]
     ds = xr.Dataset({"sigma_norm": (("step", "layer", "component", "index"), sig)},
                     coords={"step": [5], "layer": [0], "component": ["q"], "index": np.arange(n)})
-    (tr,) = F.spectrum_figure(ds).data
+    (tr,) = S.spectrum_figure(ds).data
     assert len(tr.x) == F.MAX_POINTS and tr.x[0] == 1 and tr.x[-1] == n
     np.testing.assert_allclose(tr.y, sig[0, 0, 0, np.array(tr.x) - 1])  # each point is the true value at its index
     (hm,) = F.emergence_figure(ds).data
@@ -229,6 +259,27 @@ def test_heavy_tail_lines_plot_metric():
     fig = F.heavy_tail_figure(ds, "alpha")
     tr = next(t for t in fig.data if "layer 1<br>component down" in t.hovertemplate)
     np.testing.assert_allclose(tr.y, ds["alpha"].sel(layer=1, component="down").values)
+
+
+@pytest.mark.unit
+def test_heavy_tail_axes_use_the_stores_long_name_and_units(tmp_path):
+    from spectra.io.analysis_store import read_analysis
+
+    write_analysis(tmp_path / "a.zarr", "spectrum", spectrum_ds())
+    ds = read_analysis(tmp_path / "a.zarr", "spectrum")  # attrs as the store holds them
+    want = {"alpha": "power-law exponent", "stable_rank": "stable rank (count)",
+            "effective_rank": "effective rank (count)", "log_norm": "log10 Frobenius norm (log10(weight units))",
+            "alpha_weighted": "weighted alpha"}
+    for metric, label in want.items():
+        assert ds[metric].attrs["long_name"] in label  # the store's own words
+        fig = F.heavy_tail_figure(ds, metric)
+        assert fig.layout.yaxis.title.text == label and metric not in fig.layout.title.text
+        assert all(f"<br>{label} %{{y:.4g}}" in t.hovertemplate for t in fig.data)
+    # whatever the store says is what the axis says (not a table in the report)
+    ds["alpha"].attrs.update(long_name="tail exponent of the ESD", units="per decade")
+    assert F.heavy_tail_figure(ds, "alpha").layout.yaxis.title.text == "tail exponent of the ESD (per decade)"
+    assert F.subspace_figure(subspace_ds(), "overlap_prev").layout.yaxis.title.text == (
+        "overlap with the previous snapshot")
 
 
 @pytest.mark.unit
@@ -320,10 +371,11 @@ def test_finetune_figures_plot_curves_and_costs():
     loss = C.finetune_loss_figure(runs)
     assert [t.name for t in loss.data] == ["uniform-err50", "welore-err50"]
     assert list(loss.data[1].x) == [1, 2, 3] and list(loss.data[1].y) == [3.0, 2.5, 2.25]
-    mem, tps, frac, ppl = C.finetune_cost_figure(runs).data
+    mem, tps, frac, ppl, before = C.finetune_cost_figure(runs).data
     assert list(mem.y) == [3.0, 2.0] and list(frac.y) == [25.0, 25.0] and list(ppl.y) == [9.5, 9.5]
     assert ppl.type == "scatter" and ppl.mode == "markers"  # a dot plot: its axis need not start at 0
-    assert mem.type == "bar" and [c[0] for c in ppl.customdata] == [11.0, 11.0]
+    assert mem.type == "bar" and [c[0] for c in ppl.customdata] == [11.0, 11.0] and list(before.y) == [11.0, 11.0]
+    assert C.WORSE not in ppl.marker.color  # both improved: nothing flagged
 
 
 @pytest.mark.unit
@@ -387,17 +439,21 @@ def test_report_is_deterministic_self_contained_and_escaped(full_run, report):
     figures = unpacked(payload["figures-gz"])
     for page_text in (text, figures):
         assert "<script>alert" not in page_text and "runs/x<b>" not in page_text  # user strings escaped everywhere
-    hm = next(f for f in specs if f["id"] == "fig-hessian-gap")["data"][0]  # the page's numbers are the figure's
+    rel, hm = next(f for f in specs if f["id"] == "fig-hessian-gap")["data"]  # the page's numbers are the figure's
     gap = hessian_ds()["gap"].values  # rounded to 7 significant digits on the page
     np.testing.assert_allclose(np.array(hm["customdata"])[..., 0], gap, rtol=5e-7)
     np.testing.assert_allclose(np.array(hm["z"], float), np.log10(gap), rtol=5e-7)
-    assert "final validation perplexity</td><td>54.6 (step 30)" in text
+    np.testing.assert_allclose(np.array(rel["z"], float), np.log10(hessian_ds()["rel_gap"].values), rtol=5e-7)
+    assert "final validation perplexity</td><td>54.6 (step 30; the training loop on " in text
     assert "model</td><td>tiny · layers 2, hidden 64" in text and "snapshots</td><td>2 (steps 20–30)" in text
     assert "target ERR 50.0%, achieved 49.0%, k=0.175" in text
-    assert "best ppl welore · c4</td><td>12.5 (ERR 10.0%)" in text
+    # no "best ppl" rows (they picked the least-compressed map); these evals name no rank map, so none is ranked
+    assert "best ppl" not in text
+    assert "compressed perplexity</td><td>no two methods were evaluated at matched parameter counts" in text
     assert "<td class=num>12.50</td><td class=num>30.00</td>" in text and "<td class=num>nan</td>" in text
     assert ("<td>welore-err50</td><td>welore</td><td class=num>50.0%</td><td class=num>3</td><td>1,000 / 4,000</td>"
-            "<td class=num>2</td><td class=num>512</td><td class=num>11</td><td class=num>9.5</td>") in text
+            "<td class=num>2</td><td class=num>512</td><td class=num>11</td><td class=num>9.5</td>"
+            "<td class=num>-13.6%</td>") in text
     assert 1.5e6 < len(text.encode()) < 2.5e6  # compressed plotly.js (~2 MB) once, not per figure
 
 
@@ -413,11 +469,11 @@ def test_report_rank_maps_show_parameter_reduction_and_merge_dataset_spellings(r
     assert ("ranks uniform-err10</td><td>uniform: target ERR 10.0%, no LRC, nothing factorized; params 1.000× "
             "(0/14 LRCs); rank ERR 9.0% by dense truncation</td>") in text
     assert "achieved 9.0%" not in text and "achieved 10" not in text
-    assert f"<td class=num>9.5</td>{cell}</tr>" in text  # finetuning: the reduction of the model it started from
+    # finetuning: the reduction of the model it started from
+    assert f"<td class=num>9.5</td><td class=num>-13.6%</td>{cell}</tr>" in text
     # one table per dataset, listing every spelling of it
     assert text.count("<p>perplexity on wikipedia/validation (") == 1
     assert f"(<code>{WIKI_A}</code>, <code>{WIKI_B}</code>)</p>" in text
-    assert "best ppl welore · wikipedia/validation</td><td>7.5 (ERR 10.0%)" in text
 
 
 @pytest.mark.unit
@@ -448,8 +504,7 @@ def test_empty_or_missing_run_folder_is_one_error(tmp_path):
 
 @pytest.mark.unit
 def test_cli_report_is_byte_identical_rebuild(full_run, report, tmp_path):
-    # a one-command app parses exactly like `spectra report` (importing spectra.cli would pull in
-    # every other command's dependencies)
+    # a one-command app parses exactly like `spectra report`
     import typer
     from typer.testing import CliRunner
 
@@ -470,7 +525,7 @@ def test_report_command_default_location(full_run, report, capsys, monkeypatch):
     import reports.build
 
     monkeypatch.setattr(reports.build, "build_report", lambda run, title: report)  # the path logic only
-    report_command(full_run, title=TITLE)
+    report_command(path=str(full_run), title=TITLE)
     assert capsys.readouterr().out.strip() == str(full_run / "report.html")
     assert (full_run / "report.html").read_text() == report
 
@@ -549,5 +604,5 @@ def test_sweep_figure_plots_every_method_variant_and_dense():
 @pytest.mark.unit
 @pytest.mark.parametrize("n", range(1, 12))
 def test_threshold_shades_for_any_number_of_maps(n):
-    shapes, _ = F._threshold_shapes(2, [(f"k{j}", 0.1 * (j + 1)) for j in range(n)])
+    shapes, _ = S._threshold_shapes(2, [(f"k{j}", 0.1 * (j + 1)) for j in range(n)])
     assert len(shapes) >= 2 * n  # a band or line per k in each subplot, whatever n (3 once raised PlotlyError)
