@@ -14,7 +14,7 @@ from reports import figures as F
 from reports.datasets import dataset_keys, dataset_labels
 from reports.density_figure import hessian_density_figure
 from reports.html import Section, page, table
-from reports.inputs import RunInputs, load_run
+from reports.inputs import RunInputs, load_run, report_folder
 from reports.spectrum_figure import spectrum_figure
 from reports.style import esc, fmt, num, pct
 from reports.summary import model_folder_params, ppl_change, summary_rows, worse_finetunes
@@ -264,12 +264,16 @@ def build_report(run: str | Path | RunInputs, title: str | None = None) -> str:
 
 def write_report(run: str | Path | RunInputs, out: str | Path | None = None, title: str | None = None) -> Path:
     """Build the report and write it to `out` (default `<run>/report.html`), replacing only an earlier
-    spectra report there, atomically; returns the path written. Prints nothing."""
-    inp = run if isinstance(run, RunInputs) else load_run(run)
-    dest = check_own_output(Path(out) if out is not None else inp.root / "report.html", is_report)
-    text = build_report(inp, title)
+    spectra report there, atomically; returns the path written. Prints nothing. The output is checked
+    before any input is read."""
+    root = run.root if isinstance(run, RunInputs) else report_folder(run)
+    dest = Path(out) if out is not None else root / "report.html"
+    if dest.is_symlink() and not dest.exists():
+        raise SpectraError(f"--out {dest} is a broken or looping symlink; choose another path")
+    dest = check_own_output(dest, is_report)
     if dest.is_dir():
         raise SpectraError(f"--out {dest} is a folder; name the HTML file to write")
+    text = build_report(run if isinstance(run, RunInputs) else load_run(root), title)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(dest, text.encode("utf-8"))

@@ -56,7 +56,7 @@ def validation_tokens(cfg: dict) -> str:
         source = "the run's held-out text"
     budget = f"up to {int(cfg['val_tokens']):,} tokens" if isinstance(cfg.get("val_tokens"), int) else "its tokens"
     seq = f" at seq {cfg['seq_len']}" if cfg.get("seq_len") else ""
-    return f"{budget} of {source}{seq}"
+    return f"{budget}{seq} of {source}"
 
 
 def _eval_tokens(row: dict) -> str:

@@ -18,9 +18,11 @@ from plotly.offline import get_plotlyjs
 from reports import curves as C
 from reports import figures as F
 from reports import spectrum_figure as S
-from reports.build import build_report
+from reports import summary as R
+from reports.build import build_report, finetune_section, spectrum_section, write_report
 from reports.datasets import dataset_keys, dataset_labels
 from reports.html import unpacked
+from reports.inputs import RunInputs, report_folder
 from spectra.cli.report import command as report_command
 from spectra.errors import SpectraError
 from spectra.io.analysis_store import write_analysis
@@ -606,3 +608,150 @@ def test_sweep_figure_plots_every_method_variant_and_dense():
 def test_threshold_shades_for_any_number_of_maps(n):
     shapes, _ = S._threshold_shapes(2, [(f"k{j}", 0.1 * (j + 1)) for j in range(n)])
     assert len(shapes) >= 2 * n  # a band or line per k in each subplot, whatever n (3 once raised PlotlyError)
+
+
+# --------------------------------------------------------------------------- issue 19 / 17: what the numbers mean
+def map_of(method: str, err: float, n_lrc: int, rank: int, bump: int = 0) -> dict:
+    """A 2-layer 64x64 map: the first `n_lrc` components of each layer factorized at `rank` (the first
+    one at rank + bump), the rest dense."""
+    comps = [{"layer": l, "component": c, "shape": [64, 64], "full_rank": 64,
+              "rank": rank + (bump if (l, i) == (0, 0) else 0) if i < n_lrc else 64, "lrc": i < n_lrc}
+             for l in LAYERS for i, c in enumerate(COMPS)]
+    return {"method": method, "target_err": err, "achieved_err": err, "k": None, "err_by": "rank", "components": comps}
+
+
+@pytest.mark.unit
+def test_compressed_perplexity_is_compared_at_matched_parameters_not_best_per_method():
+    maps = {"welore-err50": map_of("welore", 0.5, 3, 8), "uniform-err50": map_of("uniform", 0.5, 3, 8, bump=2),
+            "welore-err10": map_of("welore", 0.1, 1, 16), "uniform-err10": map_of("uniform", 0.1, 2, 20)}
+    ratio = {n: params_ratio(m) for n, m in maps.items()}
+    # by hand: 6 LRCs at r(m+n) = 8·128, the other 8 matrices 64·64; uniform's one rank-10 matrix adds 2·128
+    assert ratio["welore-err50"] == pytest.approx((6 * 8 * 128 + 8 * 4096) / (14 * 4096), rel=1e-12)
+    assert abs(ratio["welore-err50"] - ratio["uniform-err50"]) < R.MATCH_TOL  # matched
+    assert abs(ratio["welore-err10"] - ratio["uniform-err10"]) > R.MATCH_TOL  # not matched
+    ppl = {"welore-err50": 30.0, "uniform-err50": 25.0, "welore-err10": 12.0, "uniform-err10": 11.0}
+    evals = [{"model": f"runs/r/compressed/{n}", "method": maps[n]["method"], "err": maps[n]["target_err"],
+              "dataset": "c4", "tokens": 4096, "seq_len": 64, "ppl": p} for n, p in ppl.items()]
+    evals.append({"model": "runs/r/checkpoints/step_30", "method": "dense", "err": 0.0, "dataset": "c4", "ppl": 10.0})
+    inp = RunInputs(root=Path("r"), rank_maps=maps, evals=evals)
+    (row,) = R.matched_rows(inp)
+    mean = (ratio["welore-err50"] + ratio["uniform-err50"]) / 2
+    assert row[0] == f"compressed ppl at params {mean:.3f}× · c4"
+    assert row[1].startswith("uniform 25 (ERR 50.0%), welore 30 (ERR 50.0%): lowest first")
+    assert f"({ratio['welore-err50']:.3f}–{ratio['uniform-err50']:.3f}×)" in row[1]
+    # the old rows named the least-compressed map "best" (welore 12 at ERR 10%): nothing unmatched is ranked
+    assert "12" not in row[1] and "11" not in row[1]
+    summary = dict((r[0], r[1]) for r in R.summary_rows(inp))
+    assert not [k for k in summary if k.startswith("best ppl")]
+    alone = RunInputs(root=Path("r"), rank_maps={}, evals=evals)  # no maps: no parameter counts, no ranking
+    assert R.matched_rows(alone) == [("compressed perplexity", R.matched_rows(alone)[0][1])]
+    assert "no two methods were evaluated at matched parameter counts" in R.matched_rows(alone)[0][1]
+
+
+@pytest.mark.unit
+def test_both_perplexities_say_which_tokens_they_count(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"model": "micro", "data": "wiki/train", "val_data": None,
+                                                     "val_fraction": 0.01, "val_tokens": 32768, "seq_len": 128}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 30, "loss": 7.0}) + "\n" +
+                                       json.dumps({"step": 30, "val_loss": 7.3, "val_ppl": 1470.2}) + "\n")
+    dense = {"model": str(run / "checkpoints" / "step_30"), "method": "dense", "err": 0.0, "dataset": "wiki/validation",
+             "seq_len": 128, "tokens": 16256, "loss": 7.36, "ppl": 1572.4}
+    (run / "eval.jsonl").write_text(json.dumps(dense) + "\n")
+    text = build_report(run)
+    assert ("final validation perplexity</td><td>1470 (step 30; the training loop on up to 32,768 tokens at seq 128 "
+            "of 1.0% of the documents of wiki/train, held out; spectra eval scores other tokens (dense eval rows "
+            "below), so the two differ)</td>") in text
+    assert ("dense eval perplexity · wiki/validation</td><td>1572 (spectra eval on 16,256 tokens of wiki/validation "
+            "at seq 128, checkpoint step 30; not the tokens of the validation perplexity above, so the two "
+            "differ)</td>") in text
+    assert "other tokens than pretraining&#x27;s validation perplexity" in text  # and above Table 1
+    (run / "eval.jsonl").unlink()  # one number alone claims no comparison
+    alone = build_report(run)
+    assert "final validation perplexity</td><td>1470 (step 30; the training loop on up to 32,768 tokens" in alone
+    assert "so the two differ" not in alone
+
+
+@pytest.mark.unit
+def test_finetuning_that_ended_worse_is_flagged_in_summary_table_and_figure():
+    runs = {"lora-err50": {**finetune_metrics("lora", 0.5, 2**30), "eval_ppl": 12.1},
+            "welore-err50": finetune_metrics("welore", 0.5, 2**30)}  # 11 -> 9.5: better
+    assert R.ppl_change(runs["lora-err50"]) == pytest.approx(12.1 / 11 - 1, rel=1e-12)
+    inp = RunInputs(root=Path("r"), finetune=runs)
+    assert R.worse_finetunes(inp) == {"lora-err50": pytest.approx(0.1, rel=1e-9)}
+    sec = finetune_section(inp)
+    (tab,) = sec.tables
+    assert '<tr class="worse"><td>lora-err50</td>' in tab and "<tr><td>welore-err50</td>" in tab
+    assert "<td class=num>+10.0% worse</td>" in tab and "<td class=num>-13.6%</td>" in tab
+    assert "1 of 2 runs ended with a higher eval perplexity than they started with" in sec.intro
+    cost = dict(sec.figures)["finetune-cost"]
+    after = next(t for t in cost.data if t.name == "after")
+    assert list(after.x) == ["lora-err50", "welore-err50"] and list(after.y) == [12.1, 9.5]
+    assert after.marker.color[0] == C.WORSE and after.marker.color[1] != C.WORSE
+    assert "1 run(s) ended worse than they started" in cost.layout.title.text
+    (flag,) = [r for r in R.summary_rows(inp) if r[0] == "finetuning that made things worse"]
+    assert flag[2] == "worse" and "lora-err50 (eval ppl 11 → 12.1, +10.0%)" in flag[1]
+    assert "welore" not in flag[1]
+    good = RunInputs(root=Path("r"), finetune={"welore-err50": runs["welore-err50"]})
+    assert not [r for r in R.summary_rows(good) if r[0] == "finetuning that made things worse"]
+
+
+@pytest.mark.unit
+def test_sigma_panel_draws_only_sigma_thresholds_and_other_maps_as_kept_rank_markers():
+    maps = {"welore-err50": rank_map(), "welore-err30": rank_map(err=0.3, k=0.1),
+            "energy-err50": rank_map("energy", 0.5, 0.9), "loss-err50": rank_map("loss", 0.5, 3.2),
+            "loss-err30": rank_map("loss", 0.3, 2.0), "uniform-err50": rank_map("uniform", 0.5, None)}
+    maps["energy-err50"]["components"][0]["rank"] = 5  # layer 0, q
+    ds = spectrum_ds()
+    sec = spectrum_section(RunInputs(root=Path("r"), analysis={"spectrum": ds}, rank_maps=maps))
+    fig = dict(sec.figures)["spectrum-final"]
+    lines = [s for s in fig.layout.shapes if s.type == "line"]
+    assert {l.y0 for l in lines} == {0.175, 0.1}  # WeLore's k only: 0.9, 3.2 and 2.0 are not σ̂ values
+    rects = {(r.y0, r.y1) for r in fig.layout.shapes if r.type == "rect"}
+    assert rects == {(0, 0.175), (0.175, 1)}  # the map closest to ERR 50% is shaded
+    marks = [t for t in fig.data if t.mode == "markers"]
+    assert [t.name for t in marks if t.showlegend] == ["uniform-err50", "energy-err50", "loss-err30", "loss-err50"]
+    shown = {t.name: t.visible for t in marks}
+    assert shown == {"uniform-err50": True, "energy-err50": True, "loss-err30": "legendonly", "loss-err50": True}
+    q = next(t for t in marks if t.name == "energy-err50" and t.xaxis == "x")  # the q subplot
+    assert list(q.x) == [5, 9]  # layer 0 (edited) and layer 1 (8 + 1)
+    final = ds["sigma_norm"].sel(step=STEPS[-1], component="q")
+    np.testing.assert_allclose(q.y, [final.sel(layer=0).values[4], final.sel(layer=1).values[8]])
+    kk = next(t for t in marks if t.name == "uniform-err50" and t.xaxis == "x2")  # k: 8 values, ranks 12, 13
+    assert list(kk.x) == [12, 13] and list(kk.y) == [None, None]  # past the matrix's values: no made-up σ̂
+    assert fig.layout.yaxis.title.text == "min-max normalized singular values"
+
+
+@pytest.mark.unit
+def test_every_axis_title_in_the_report_is_words_not_a_variable_name(report):
+    from spectra.io.variables import VARIABLES
+
+    blob = re.search(r'id="figures-gz">([A-Za-z0-9+/=]+)</script>', report).group(1)
+    titles = []
+    for spec in json.loads(unpacked(blob)):
+        layout = spec["layout"]
+        titles += [v["title"]["text"] for k, v in layout.items() if re.fullmatch(r"[xy]axis\d*", k)
+                   and isinstance(v, dict) and "title" in v]
+        titles += [t["colorbar"]["title"]["text"] for t in spec["data"] if "colorbar" in t and "title" in t["colorbar"]]
+        titles += [v["colorbar"]["title"]["text"] for k, v in layout.items() if k.startswith("coloraxis")]
+    assert len(titles) > 40
+    snake = sorted({t for t in titles if re.search(r"\b[a-z]+_[a-z_]+\b", t)})
+    assert snake == [], snake
+    assert not {t for t in titles if t in VARIABLES and VARIABLES[t][0] != t}  # (layer and component are words)
+    assert "stable rank (count)" in titles and "eigengap λ_k - λ_{k+1} (loss / weight units²)<br>(log scale)" in titles
+
+
+@pytest.mark.unit
+def test_report_of_a_model_inside_a_run_is_the_runs_report(tmp_path, full_run):
+    assert report_folder(full_run / "snapshots.zarr") == full_run.resolve()
+    run = tmp_path / "run"
+    (run / "snapshots.zarr").mkdir(parents=True)
+    (run / "compressed" / "welore-err50").mkdir(parents=True)
+    (run / "compressed" / "welore-err50" / "config.json").write_text("{}")
+    assert report_folder(run / "compressed" / "welore-err50") == run.resolve()
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "config.json").write_text("{}")
+    with pytest.raises(SpectraError, match="lies in no run folder"):
+        write_report(lone)
