@@ -273,6 +273,9 @@ def write_report(run: str | Path | RunInputs, out: str | Path | None = None, tit
     dest = check_own_output(dest, is_report)
     if dest.is_dir():
         raise SpectraError(f"--out {dest} is a folder; name the HTML file to write")
+    blocker = next((q for q in dest.parents if q.exists() and not q.is_dir()), None)
+    if blocker is not None:
+        raise SpectraError(f"--out {dest} lies under {blocker}, which is a file; choose another --out")
     text = build_report(run if isinstance(run, RunInputs) else load_run(root), title)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)

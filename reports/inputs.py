@@ -87,6 +87,8 @@ def report_folder(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise SpectraError(f"no run folder at {path}; pass runs/<id> (or a checkpoint inside it)")
+    if p.is_file():
+        raise SpectraError(f"{path} is a file; pass a run folder (runs/<id>) or a checkpoint inside it")
     if p.is_dir() and any((p / name).exists() for name in OUTPUTS):
         return p
     if (p / "config.json").is_file() or p.suffix == ".zarr":
