@@ -19,6 +19,7 @@ from reports.spectrum_figure import spectrum_figure
 from reports.style import esc, fmt, num, pct
 from reports.summary import model_folder_params, ppl_change, summary_rows, worse_finetunes
 from reports.sweep_figure import sweep_figure
+from spectra.compression.rankmap import err_of_name
 from spectra.errors import SpectraError
 from spectra.io.atomic import atomic_write_bytes
 from spectra.io.runs import check_own_output, is_report
@@ -196,14 +197,6 @@ def _param_reduction(ratio: float) -> str:
     return f"{1 - ratio:.1%} ({ratio:.3f}×)" if ratio == ratio else "–"
 
 
-def _err_of(name: str) -> float | None:
-    """ERR from a `<method>-errNN` folder name (metrics.json need not repeat it)."""
-    # imported here: spectra.compression.rankmap pulls in torch, which nothing else in a report needs
-    from spectra.compression.rankmap import err_of_name
-
-    return err_of_name(name)
-
-
 def _change(metrics: dict) -> str:
     c = ppl_change(metrics)
     return "–" if c != c else f"{c:+.1%} worse" if c > 0 else f"{c:+.1%}"
@@ -219,7 +212,7 @@ def finetune_section(inp: RunInputs) -> Section:
     if not inp.finetune:
         sec.missing = "not computed yet: run `spectra finetune`"
         return sec
-    rows = [[n, m.get("method"), pct(m.get("err", _err_of(n))), m.get("steps"),
+    rows = [[n, m.get("method"), pct(m.get("err", err_of_name(n))), m.get("steps"),
              f"{m.get('trainable_params', 0):,} / {m.get('total_params', 0):,}",
              fmt(num(m.get("peak_memory_bytes")) / 2**30, ".3g"), fmt(m.get("tokens_per_s"), ".4g"),
              fmt(m.get("eval_ppl_before")), fmt(m.get("eval_ppl")), _change(m),
@@ -229,7 +222,7 @@ def finetune_section(inp: RunInputs) -> Section:
                              "tokens/s", "eval ppl before", "eval ppl after", "eval ppl change",
                              "param reduction (linears)"], rows, numeric_cols=(2, 3, 5, 6, 7, 8, 9, 10),
                             row_classes=["worse" if n in worse else "" for n in sorted(inp.finetune)]))
-    errs = {n: m.get("err", _err_of(n)) for n, m in inp.finetune.items()}
+    errs = {n: m.get("err", err_of_name(n)) for n, m in inp.finetune.items()}
     sec.figures += [("finetune-loss", C.finetune_loss_figure(inp.finetune, errs)),
                     ("finetune-cost", C.finetune_cost_figure(inp.finetune))]
     return sec
