@@ -158,7 +158,7 @@ def pipeline_command(
 ) -> None:
     """Run the whole WeLore pipeline (pretrain, analyze, rank, compress, eval, finetune, report) from a preset."""
     from pretrain.loop import PretrainConfig, pretrain
-    from reports.build import report_command
+    from reports.build import write_report
     from spectra.analysis.hessian import hessian_gap_command
     from spectra.analysis.spectrum import spectrum_command
     from spectra.analysis.subspace import grad_subspace_command
@@ -253,7 +253,7 @@ def pipeline_command(
                 out=run / "finetune" / f"{method}-{err_tag(err)}",
                 **p["finetune"],
             )
-    _stage("report", report_command, run=run, title=f"spectra {preset} run {run_id}")
+    _stage("report", write_report, run=run, title=f"spectra {preset} run {run_id}")
     (run / "pipeline.json").write_text(
         json.dumps({"preset": preset, "stages": p, "data": str(data), "tokenizer": tok}, indent=2)
     )
