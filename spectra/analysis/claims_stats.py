@@ -59,6 +59,37 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(zscore(rankdata(x[keep])) * zscore(rankdata(y[keep]))))
 
 
+def weighted_rankdata(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The average rank of each point of a (R, n) when point i appears w[r, i] times (0 = absent): what
+    `rankdata` gives the repeated data, one value per point, for all R rows at once."""
+    R, n = a.shape
+    order = np.argsort(a, axis=1, kind="mergesort")
+    s, ws = np.take_along_axis(a, order, 1), np.take_along_axis(w, order, 1)
+    new = np.ones((R, n), dtype=bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    gid = np.cumsum(new, axis=1) - 1 + (np.arange(R) * n)[:, None]
+    W = np.bincount(gid.ravel(), ws.ravel(), minlength=R * n).reshape(R, n)  # copies per tie group
+    avg = (np.cumsum(W, 1) - W + (W + 1) / 2).ravel()[gid]
+    ranks = np.empty((R, n))
+    np.put_along_axis(ranks, order, avg, 1)
+    return ranks
+
+
+def weighted_spearman(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Spearman ρ of each row of x, y (R, n) with point i repeated w[r, i] times: `spearman` of the repeated
+    data, without building it (a bootstrap resample as counts). NaN pairs are dropped; NaN with < 3 copies."""
+    drop = np.isnan(x) | np.isnan(y)
+    w = np.where(drop, 0.0, w)
+    x, y = np.where(drop, np.inf, x), np.where(drop, np.inf, y)
+    rx, ry = weighted_rankdata(x, w), weighted_rankdata(y, w)
+    sw = w.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dx, dy = rx - (w * rx).sum(1, keepdims=True) / sw, ry - (w * ry).sum(1, keepdims=True) / sw
+        vx, vy = (w * dx * dx).sum(1), (w * dy * dy).sum(1)
+        rho = (w * dx * dy).sum(1) / np.sqrt(vx * vy)
+    return np.where((sw[:, 0] >= 3) & (vx > 0) & (vy > 0), rho, np.nan)
+
+
 def series_spearman(Y: np.ndarray, X: np.ndarray) -> np.ndarray:
     """ρ(X[p], Y[s]) for every arrangement p of X (P, T) and every series s of Y (S, T), NaN = missing: (P, S).
 
@@ -309,9 +340,8 @@ def correlation(V: np.ndarray, Y: np.ndarray, rng: np.random.Generator, n_boot: 
     est = Estimate(n=int(keep.sum()), n_units=int(keep.sum()), n_layers=int(keep.reshape(L, C).any(1).sum()),
                    effect=spearman(x, y))
     wl, wb = _layer_boot(rng, n_boot, L, B)
-    M = cell_means(V, wb)
-    boot = np.array([spearman(np.repeat(M[r], wl[r].astype(int), 0), np.repeat(Y, wl[r].astype(int), 0))
-                     for r in range(n_boot)])
+    M = cell_means(V, wb).reshape(n_boot, -1)
+    boot = weighted_spearman(M, np.broadcast_to(y, M.shape), np.repeat(wl, C, axis=1))
     perms, exact, est.arrangements = arrangements("pairings", rng, est.n, n_perm)
     zx, zy = zscore(rankdata(x[keep])), zscore(rankdata(y[keep]))
     null = zy[perms] @ zx / max(est.n, 1) if est.n >= 3 else np.array([])
