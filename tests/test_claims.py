@@ -376,6 +376,8 @@ def test_fig4_finetune():
     no_windows = {k: v for k, v in same.items() if k != "eval_window_losses"}
     r = row(claims(finetune=[_ft("full", full), no_windows]))
     assert r.verdict.item() == INCONCLUSIVE and "no CI" in r.why.item() and np.isfinite(r.effect)
+    r = row(claims(finetune=[_ft("full", full), _ft("welore", full[:20])]))
+    assert r.verdict.item() == INCONCLUSIVE and "scored 20 and 40 eval windows" in r.why.item()
     r = row(claims(finetune=[_ft("full", full), _ft("welore", full, steps=50)]))
     assert r.verdict.item() == NOT_TESTABLE and "not comparable" in r.why.item()
     r = row(claims(finetune=[_ft("full", full[:3]), _ft("welore", full[:3])]))
@@ -411,3 +413,13 @@ def test_uncertified_gaps_left_out():
     assert np.isnan(g.values[0, 0]).all() and np.isfinite(g.values[1:]).all() and note.startswith("1 uncertified")
     g, _ = gap_values(_gap_store(gap, certified=cert), "abs", certified_only=False)
     assert np.isfinite(g.values).all()
+
+
+def test_four_layers_cannot_reach_alpha_by_sign_flips():
+    """2^4 = 16 sign arrangements: the smallest one-sided p is 1/16 > 0.05, so no verdict, whatever the data."""
+    T, L, C = 4, 4, 7
+    al = _drift_store(np.full((T, L, C, 1), 0.9), "alignment")
+    al["alignment_baseline"] = (("layer", "component"), np.full((L, C), 0.05))
+    row = claims(hessian_alignment=al).sel(claim="thm2.2_alignment_excess")
+    assert row.verdict.item() == NOT_TESTABLE and "allow 16 permutation arrangements" in row.why.item()
+    assert float(row.effect) == pytest.approx(0.85) and np.isnan(row.ci_low)

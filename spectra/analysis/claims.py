@@ -246,6 +246,9 @@ def stabilization_step(overlap_prev: xr.DataArray, tau: float) -> xr.DataArray:
 # --------------------------------------------------------------------------- Theorem 2.1 and 2.2: over steps
 def _trend_row(claim: str, key: str, da: xr.DataArray | None, missing: str, what: str, direction: int,
                s: Settings) -> Row:
+    """`what` (step, layer, component[, batch]) moves in `direction` over training: effect = mean within-series
+    Spearman ρ(step, what), series = one (layer, component, batch); averaged over batches, then components, then
+    layers (cs.trend). Needs ≥ 3 steps with data and ≥ min_n for a verdict; steps are permuted jointly."""
     word = "decreases" if direction < 0 else "increases"
     row = Row(claim, PAPER[key], f"{what} {word} with the training step: mean within-series Spearman rho(step, "
               f"{what}) (series = layer x component x batch; mean over batches, then components, then layers); "
@@ -262,6 +265,8 @@ def _trend_row(claim: str, key: str, da: xr.DataArray | None, missing: str, what
 
 def _last_vs_first_row(claim: str, key: str, da: xr.DataArray | None, missing: str, what: str,
                        s: Settings) -> Row:
+    """The last step-to-step interval against the first: effect = mean over layers (of components, of batches) of
+    log(what_last / what_first), each series' first and last finite positive value; < 0 supports (cs.layer_mean)."""
     row = Row(claim, PAPER[key], f"mean log({what} at the last interval / {what} at the first) per series (exp = "
               "the geometric-mean ratio; < 0: it shrank); mean over batches, components, layers; CI: bootstrap "
               "over layers and batches; p: sign flips of the per-layer means (one-sided)", -1)
@@ -333,6 +338,14 @@ def _alignment_rows(al: xr.Dataset | None, s: Settings) -> list[Row]:
 
 # ------------------------------------------------------------------- Figure 1 and Section 2.4: across components
 def _fig1_rows(gap: xr.Dataset | None, s: Settings) -> list[Row]:
+    """Figure 1 (1) and (2), for the absolute and the relative gap (gap_values) at the last Hessian step.
+
+    (1) effect = mean over {q,k,o,gate} − mean over {v,up,down} of the per-component mean over layers and
+        batches (cs.component_difference; p: component labels permuted).
+    (2) layers split into thirds (floor(L/3) early, floor(L/3) late, the rest middle); each component's gaps
+        divided by its mean over layers; effect = mean over early+late layers − mean over middle layers
+        (cs.depth_difference; p: layer labels permuted). Needs min_per_third layers per third, else not
+        testable (with 6 layers, 2 per third, no permutation p could reach 0.05 anyway: C(6, 2) = 15)."""
     rows = []
     for kind, name in (("abs", "absolute gap lambda_k - lambda_{k+1}"), ("rel", "relative gap (lambda_k - "
                                                                                 "lambda_{k+1}) / |lambda_1|")):
@@ -399,7 +412,10 @@ def _lowrank_values(spectrum: xr.Dataset | None, rank_map: dict | None, like: xr
 
 def _correlation_rows(gap: xr.Dataset | None, spectrum: xr.Dataset | None, rank_map: dict | None,
                       grad: xr.Dataset | None, s: Settings) -> list[Row]:
-    """Figure 1 (gap vs low-rankness) and Section 2.4 (gap vs gradient-subspace stabilization step)."""
+    """Figure 1 (3) and Section 2.4: Spearman ρ over (layer, component) between the relative gap at the last Hessian
+    step (mean over batches) and, one row each, the stable-rank fraction, α and WeLore's kept fraction (lower = more
+    low-rank for all three: ρ < 0 supports), and the gradient-subspace stabilization step (stabilization_step;
+    ρ < 0 supports: a clearer gap, an earlier step). cs.correlation: CI over layers and batches, p over pairings."""
     gname = "relative gap (lambda_k - lambda_{k+1}) / |lambda_1| at the last Hessian step (mean over batches)"
     tail = "; CI: bootstrap over layers (with all their components) and batches; p: pairings permuted (one-sided)"
     g, note = gap_values(gap, "rel", s.certified_only) if gap is not None else (None, "")
@@ -437,7 +453,9 @@ def _correlation_rows(gap: xr.Dataset | None, spectrum: xr.Dataset | None, rank_
 
 # --------------------------------------------------------------------------- Figure 4: finetuning
 def _finetune_rows(results: list[dict] | None, s: Settings) -> list[Row]:
-    """WeLore (LRC-only) finetuning vs full finetuning: final eval perplexity ratio, non-inferiority margin."""
+    """WeLore (LRC-only) finetuning vs full finetuning after the same steps: effect = eval ppl(welore) / ppl(full)
+    = exp(mean over paired eval windows of the loss difference); supported when its CI lies below 1 + tolerance
+    (non-inferiority), contradicted when above; without per-window losses the ratio has no CI: inconclusive."""
     stat = ("eval perplexity of welore / that of full finetuning after the same steps; the paper's side: < 1 + "
             f"tolerance = {1 + s.tolerance:g} (welore at most {s.tolerance:.0%} worse); CI: bootstrap over the "
             "paired eval windows (eval_window_losses); p: sign flips of the per-window log-perplexity "
@@ -466,12 +484,14 @@ def _finetune_rows(results: list[dict] | None, s: Settings) -> list[Row]:
             est.effect, est.ci_low, est.ci_high = (math.exp(v + shift) for v in (est.effect, est.ci_low,
                                                                                     est.ci_high))
             _judge(row, est, s, "eval windows", layers=False)
-        elif w.get("eval_loss") is not None and f.get("eval_loss") is not None:
-            row.effect = math.exp(w["eval_loss"] - f["eval_loss"])
-            row.verdict, row.why = INCONCLUSIVE, ("the results store no per-window eval losses "
-                                                  "(eval_window_losses) for both methods, so the ratio carries no CI")
+        elif all(r.get("eval_ppl") is not None for r in (w, f)):
+            row.effect = w["eval_ppl"] / f["eval_ppl"]
+            row.verdict = INCONCLUSIVE
+            row.why = ("the results store no per-window eval losses (eval_window_losses), so the ratio carries no CI"
+                       if lw is None or lf is None else
+                       f"welore and full scored {len(lw)} and {len(lf)} eval windows: no paired CI")
         else:
-            _untestable(row, "a result has no eval_loss (finetune without validation windows)")
+            _untestable(row, "a result has no eval_ppl (finetune without validation windows)")
     return rows
 
 
