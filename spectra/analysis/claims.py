@@ -259,7 +259,7 @@ def _trend_row(claim: str, key: str, da: xr.DataArray | None, missing: str, what
     da = _steps_with_data(da)
     V = _array(da, claim, _DIMS)
     if V.shape[0] < 3:
-        return _untestable(row, f"{V.shape[0]} steps with {what}: a trend needs at least 3 (min_n = {s.min_n})")
+        return _untestable(row, f"{V.shape[0]} steps with {what}: a trend needs at least 3")
     return _judge(row, s.run(cs.trend, claim, V, da.step.values), s, "steps")
 
 
@@ -443,8 +443,8 @@ def _correlation_rows(gap: xr.Dataset | None, spectrum: xr.Dataset | None, rank_
             st = stabilization_step(op, s.tau).reindex(layer=g.layer.values, component=g.component.values)
             _judge(row, s.run(cs.correlation, row.claim, V, st.transpose("layer", "component").values), s,
                    "(layer, component) pairs")
-            cens = int(np.isinf(st.values).sum())
-            row.notes += [f"{cens} of {int(np.isfinite(st.values).sum() + cens)} censored (never >= tau)"]
+            cens, done = int(np.isinf(st.values).sum()), int(np.isfinite(st.values).sum())
+            row.notes += [f"{cens} of {cens + done} censored (never >= tau)"] if cens + done else []
             rows.append(row)
     for r in rows:
         r.notes += [note] if note else []

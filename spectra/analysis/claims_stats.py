@@ -171,7 +171,7 @@ def arrangements(kind: str, rng: np.random.Generator, n: int, n_perm: int, k: in
     if kind == "pairings":
         total = math.factorial(n)
         if total <= n_perm:
-            return np.array(list(itertools.permutations(range(n))), dtype=np.int64).reshape(-1, n), True, total
+            return np.array(list(itertools.permutations(range(n))), dtype=np.int64).reshape(total, n), True, total
         return rng.permuted(np.tile(np.arange(n), (n_perm, 1)), axis=1), False, total
     if kind == "split":
         total = math.comb(n, k)
@@ -186,7 +186,7 @@ def arrangements(kind: str, rng: np.random.Generator, n: int, n_perm: int, k: in
     if kind == "signs":
         total = 2 ** n
         if total <= n_perm:
-            return np.array(list(itertools.product((1.0, -1.0), repeat=n))).reshape(-1, n), True, total
+            return np.array(list(itertools.product((1.0, -1.0), repeat=n)), dtype=float).reshape(total, n), True, total
         return rng.choice(np.array([1.0, -1.0]), (n_perm, n)), False, total
     raise ValueError(f"unknown arrangement kind {kind!r}")
 
@@ -224,6 +224,11 @@ def _ones(n: int) -> np.ndarray:
     return np.ones((1, n))
 
 
+def _degenerate(est: Estimate) -> bool:
+    """Nothing to resample: an undefined effect, or fewer than 2 units."""
+    return not math.isfinite(est.effect) or est.n_units < 2
+
+
 def _finish(est: Estimate, boot: np.ndarray, null: np.ndarray, exact: bool, level: float) -> Estimate:
     est.ci_low, est.ci_high = percentile_ci(boot, level)
     est.p_greater, est.p_less = p_values(est.effect, null, exact)
@@ -250,6 +255,8 @@ def trend(V: np.ndarray, steps: np.ndarray, rng: np.random.Generator, n_boot: in
     rho = series_spearman(Y, steps[None].astype(float))[0].reshape(L, C, B)
     est = Estimate(n=int(np.isfinite(rho).sum()), n_units=T, n_layers=L)
     est.effect = float(nanmean(nanmean(cell_means(rho, _ones(B)), 2), 1)[0])
+    if _degenerate(est):
+        return est
     wl, wb = _layer_boot(rng, n_boot, L, B)
     boot = weighted_mean(nanmean(cell_means(rho, wb), 2), wl)
     perms, exact, est.arrangements = arrangements("pairings", rng, T, n_perm)
@@ -266,6 +273,8 @@ def layer_mean(V: np.ndarray, rng: np.random.Generator, n_boot: int, n_perm: int
     U = nanmean(cell_means(V, _ones(B)), 2)[0]
     u = U[np.isfinite(U)]
     est = Estimate(n=int(np.isfinite(V).sum()), n_units=u.size, n_layers=u.size, effect=float(nanmean(u, 0)))
+    if _degenerate(est):
+        return est
     wl, wb = _layer_boot(rng, n_boot, L, B)
     boot = weighted_mean(nanmean(cell_means(V, wb), 2), wl)
     signs, exact, est.arrangements = arrangements("signs", rng, u.size, n_perm)
@@ -298,6 +307,8 @@ def component_difference(V: np.ndarray, in_a: np.ndarray, rng: np.random.Generat
     u = comp_means(_ones(L), _ones(B))[0]
     est = Estimate(n=int(np.isfinite(V).sum()), n_units=int(np.isfinite(u).sum()), n_layers=L,
                    effect=float(diff(u)))
+    if _degenerate(est):
+        return est
     wl, wb = _layer_boot(rng, n_boot, L, B)
     null, exact, est.arrangements = _group_null(u, in_a, rng, n_perm)
     return _finish(est, diff(comp_means(wl, wb)), null, exact, level)
@@ -324,6 +335,8 @@ def depth_difference(V: np.ndarray, outer: np.ndarray, strata: list[np.ndarray],
     u = layer_values(_ones(L), _ones(B))
     est = Estimate(n=int(np.isfinite(V).sum()), n_units=int(np.isfinite(u).sum()), n_layers=L,
                    effect=float(diff(u, _ones(L))[0]))
+    if _degenerate(est):
+        return est
     wl, wb = _layer_boot(rng, n_boot, L, B, strata)
     null, exact, est.arrangements = _group_null(u[0], outer, rng, n_perm)
     return _finish(est, diff(layer_values(wl, wb), wl), null, exact, level)
@@ -339,6 +352,8 @@ def correlation(V: np.ndarray, Y: np.ndarray, rng: np.random.Generator, n_boot: 
     keep = ~(np.isnan(x) | np.isnan(y))
     est = Estimate(n=int(keep.sum()), n_units=int(keep.sum()), n_layers=int(keep.reshape(L, C).any(1).sum()),
                    effect=spearman(x, y))
+    if _degenerate(est):
+        return est
     wl, wb = _layer_boot(rng, n_boot, L, B)
     M = cell_means(V, wb).reshape(n_boot, -1)
     boot = weighted_spearman(M, np.broadcast_to(y, M.shape), np.repeat(wl, C, axis=1))
@@ -355,7 +370,7 @@ def paired_difference(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, n_
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     d = d[np.isfinite(d)]
     est = Estimate(n=d.size, n_units=d.size, effect=float(d.mean()) if d.size else math.nan)
-    if d.size < 2:
+    if _degenerate(est):
         return est
     w = resample_counts(rng, n_boot, d.size)
     boot = weighted_mean(np.broadcast_to(d, w.shape), w)
