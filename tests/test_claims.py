@@ -423,3 +423,19 @@ def test_four_layers_cannot_reach_alpha_by_sign_flips():
     row = claims(hessian_alignment=al).sel(claim="thm2.2_alignment_excess")
     assert row.verdict.item() == NOT_TESTABLE and "allow 16 permutation arrangements" in row.why.item()
     assert float(row.effect) == pytest.approx(0.85) and np.isnan(row.ci_low)
+
+
+def test_all_missing_values_are_not_testable_not_errors():
+    L, C, T = 9, 7, 6
+    nan4 = np.full((T, L, C, 2), np.nan)
+    al = _drift_store(nan4, "alignment")
+    al["alignment_baseline"] = (("layer", "component"), np.full((L, C), 0.1))
+    grad = xr.Dataset({"overlap_prev": (("step", "layer", "component"), nan4[..., 0])},
+                      coords={"step": np.arange(T), "layer": np.arange(L), "component": COMPS})
+    sp = _spectrum_store(np.full((L, C), np.nan), "stable_rank")
+    sp["alpha"] = sp.stable_rank
+    out = claims(hessian_gap=_gap_store(np.ones((L, C, 2)), certified=np.zeros((L, C, 3))),
+                 hessian_drift=_drift_store(nan4), hessian_alignment=al, grad_subspace=grad, spectrum=sp,
+                 finetune=[_ft("full", [np.nan] * 5), _ft("welore", [np.nan] * 5)])
+    assert set(out.verdict.values) == {NOT_TESTABLE}
+    assert "63 uncertified component(s) left out" in out.why.sel(claim="fig1a_abs_gap_by_component").item()
