@@ -35,6 +35,7 @@ _API = {
     "grad_subspace": "spectra.analysis.subspace:grad_subspace",
     "hessian_gaps": "spectra.analysis.hessian:hessian_gaps",
     "hessian_density": "spectra.analysis.density:hessian_density",
+    "claims": "spectra.analysis.claims:claims",
     # compression
     "calibrate": "spectra.compression.calibration:calibrate",
     "rank_map": "spectra.compression.ranks:rank_map",
