@@ -57,7 +57,7 @@ def test_perplexity_rejects_bad_windows():
 
 
 def test_window_cache_hit_returns_identical_windows(tokenizer, tmp_path, monkeypatch):
-    import spectra.data as data
+    import spectra.data.windows as data
 
     first = data.text_windows(str(OLMO_C4), tokenizer, 64, 1024, cache_dir=tmp_path)
     assert first.shape == (16, 64) and len(list(tmp_path.glob("windows-*.safetensors"))) == 1
