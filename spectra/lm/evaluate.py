@@ -63,8 +63,9 @@ def perplexity(
 
     `model`: an in-memory causal LM, or a path / hub name (`spectra.resolve`; loaded on `device`).
     `windows_or_texts`: [n, seq_len] token windows; or text, cut into windows of `seq_len` over the
-    first `tokens` tokens: a list of strings, a `datasets.Dataset` with a "text" column, a str/Path of
-    json/jsonl(.gz)/txt/parquet files, globs or folders, or None for the hub's C4 validation split.
+    first `tokens` tokens: a list of documents (strings), a `datasets.Dataset` with a "text" column, one
+    str/Path naming json/jsonl(.gz)/txt/parquet files (comma-separated, globs or folders), or None for the
+    hub's C4 validation split.
     Text needs a `tokenizer` (an object or a name); for a model given by path the default is the one
     saved with it (the tokenizer rule of `spectra.io.sources`).
 
@@ -75,9 +76,8 @@ def perplexity(
     if isinstance(model, (str, Path)):
         source = resolve(model)
         model = load_causal_lm(source.need_model("perplexity"), device=device or "cpu")
-        if not isinstance(windows_or_texts, torch.Tensor):
-            tokenizer = load_source_tokenizer(source, tokenizer if isinstance(tokenizer, str) else None) \
-                if tokenizer is None or isinstance(tokenizer, str) else tokenizer
+        if not isinstance(windows_or_texts, torch.Tensor) and (tokenizer is None or isinstance(tokenizer, str)):
+            tokenizer = load_source_tokenizer(source, tokenizer)  # the tokenizer rule, a given name checked
     windows = as_windows(model, windows_or_texts, tokenizer, seq_len, tokens, cache_dir)
     return score(model, windows, batch_size, device, autocast=autocast, progress=progress)
 
@@ -96,13 +96,11 @@ def as_windows(model: nn.Module, data, tokenizer, seq_len: int, tokens: int, cac
     check_vocab(model, tok)
     if isinstance(data, datasets.Dataset):
         return eval_windows(data, tok, seq_len, tokens)
-    if isinstance(data, (list, tuple)) and all(isinstance(t, str) for t in data) and not _all_paths(data):
+    if isinstance(data, (list, tuple)):  # documents; files are named by one str/Path (commas, globs, folders)
         return eval_windows(docs_from_texts(data), tok, seq_len, tokens)
+    if data is not None and not isinstance(data, (str, Path)):
+        raise SpectraError(f"cannot score a {type(data).__name__}: pass token windows, texts, a Dataset or files")
     return text_windows(data, tok, seq_len, tokens, split="validation", cache_dir=cache_dir)
-
-
-def _all_paths(items) -> bool:
-    return all(os.path.exists(t) or any(ch in t for ch in "*?[") for t in items)
 
 
 @torch.no_grad()
