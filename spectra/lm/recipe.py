@@ -22,24 +22,24 @@ class FinetuneConfig:
     """The training recipe shared by every method (same data, steps, AdamW, warmup + cosine schedule)."""
 
     method: Literal["welore", "lora", "galore", "full"] = opt(
-        "welore", "welore (train LRC factors only), lora, galore or full")
-    steps: int = opt(1000, "optimizer steps (identical for every method)", min=1)
-    lr: Optional[float] = opt(None, "peak learning rate; default 1e-4 (welore, galore, full), 1e-3 (lora)",
+        "welore", "Welore (train LRC factors only), lora, galore or full")
+    steps: int = opt(1000, "Optimizer steps (identical for every method)", min=1)
+    lr: Optional[float] = opt(None, "Peak learning rate; default 1e-4 (welore, galore, full), 1e-3 (lora)",
                               min=0.0, max=10.0)
-    batch_size: int = opt(16, "sequences per optimizer step", min=1)
-    micro_batch: int = opt(16, "sequences per forward pass (gradient accumulation up to the batch size)", min=1)
-    warmup: int = opt(100, "linear warmup steps before the cosine decay (clamped to the steps)", min=0)
-    min_lr_ratio: float = opt(0.1, "the cosine decays to this fraction of the peak lr (GaLore's schedule)",
+    batch_size: int = opt(16, "Sequences per optimizer step", min=1)
+    micro_batch: int = opt(16, "Sequences per forward pass (gradient accumulation up to the batch size)", min=1)
+    warmup: int = opt(100, "Linear warmup steps before the cosine decay (clamped to the steps)", min=0)
+    min_lr_ratio: float = opt(0.1, "The cosine decays to this fraction of the peak lr (GaLore's schedule)",
                               min=0.0, max=1.0)
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
-    grad_clip: float = opt(1.0, "max gradient norm (0: off)", min=0.0)
+    grad_clip: float = opt(1.0, "Max gradient norm (0: off)", min=0.0)
     lora_rank: int = opt(8, "LoRA adapter rank", min=1)
     lora_alpha: Optional[int] = opt(None, "LoRA alpha (default: 2 x the LoRA rank)", min=1)
     galore_rank: int = opt(128, "GaLore projection rank (clamped to each matrix's size)", min=1)
     galore_gap: int = opt(200, "GaLore: steps between projector SVD refreshes", min=1)
     galore_scale: float = opt(0.25, "GaLore: scale of the projected-back update", min=0.0)
     dtype: Literal["auto", "bf16", "fp32"] = opt(
-        "auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 (autocast, CPU too: fast with AVX512-BF16/AMX; "
+        "auto", "Auto (bf16 autocast on GPU, fp32 on CPU), bf16 (autocast, CPU too: fast with AVX512-BF16/AMX; "
                 "fp32 master weights either way) or fp32. Evaluations stay fp32 on CPU")
     chunked_loss: bool = opt(True, "lm_head + CE in token chunks (spectra.lm.loss): no [tokens, vocab] logits kept",
                              cli=False)
