@@ -22,7 +22,7 @@ class FinetuneConfig:
     """The training recipe shared by every method (same data, steps, AdamW, warmup + cosine schedule)."""
 
     method: Literal["welore", "lora", "galore", "full"] = opt(
-        "welore", "Welore (train LRC factors only), lora, galore or full")
+        "welore", "What trains: welore (LRC factors only), lora, galore or full (every parameter).")
     steps: int = opt(1000, "Optimizer steps (identical for every method)", min=1)
     lr: Optional[float] = opt(None, "Peak learning rate; default 1e-4 (welore, galore, full), 1e-3 (lora)",
                               min=0.0, max=10.0)
