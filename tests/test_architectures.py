@@ -566,7 +566,8 @@ def test_finetune_targets_leaves_of_compressed_fused_models(name):
     parts (never a computed product), and the LoRA model merges back (what finetune saves)."""
     from spectra.compression.lowrank import compress_model
     from spectra.compression.ranks import build_rank_map, model_spectra
-    from spectra.lm.finetune import FinetuneConfig, decoder_linears, prepare
+    from spectra.lm.finetune import decoder_linears, prepare
+    from spectra.lm.recipe import FinetuneConfig
     from spectra.models.modeling_spectra import FusedLinear
 
     model = build(name)

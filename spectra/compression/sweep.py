@@ -57,7 +57,7 @@ class Recovery:
     lr: float | None = None  # None: spectra finetune's WeLore default
 
     def config(self):
-        from spectra.lm.finetune import FinetuneConfig
+        from spectra.lm.recipe import FinetuneConfig
 
         # a tenth of the steps as warmup: the default 100 would never reach the peak lr in a short recovery
         return FinetuneConfig(method="welore", steps=self.steps, lr=self.lr, batch_size=self.batch_size,
