@@ -167,6 +167,12 @@ def test_hessian_gaps_ignore_dropout_and_refuse_bad_batches(hessian_case):
     for batches, msg in bad:
         with pytest.raises(SpectraError, match=msg):
             spectra.hessian_gaps(model, batches, k=2, layers=[1], components=["down"], progress=False)
+    from transformers import BertConfig, BertForMaskedLM
+
+    bert = BertForMaskedLM(BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64))
+    with pytest.raises(SpectraError, match="causal LM"):  # a masked LM has no next-token loss
+        spectra.hessian_gaps(bert, ids, k=2, progress=False)
     for kwargs, msg in (({"k": 0}, "k"), ({"iterations": 3}, "iterations"), ({"tol": 0.0}, "tol"),
                         ({"layers": [9]}, "9"), ({"components": ["zz"]}, "zz")):
         with pytest.raises(SpectraError, match=msg):

@@ -36,6 +36,7 @@ from spectra.errors import SpectraError
 from spectra.io.analysis_store import read_analysis
 from spectra.linalg.hvp import BlockHVP, choose_block
 from spectra.models.components import COMPONENTS
+from spectra.models.loading import is_causal_lm
 from spectra.models.parts import select_components, set_attention
 from spectra.progress import is_tty, overall, progress_bar
 
@@ -105,6 +106,9 @@ def hessian_density(model: nn.Module, batches: Sequence[torch.Tensor] | torch.Te
 def check_batches(model: nn.Module, batches) -> list[torch.Tensor]:
     """Token batches as a list of 2-D integer tensors of one shape on the model's device, checked against the
     model's vocabulary and positions."""
+    if not is_causal_lm(model):
+        raise SpectraError(f"Hessian gaps are of the next-token loss: they need a causal LM (a Hugging Face "
+                           f"*ForCausalLM), not a {type(model).__name__}")
     if isinstance(batches, torch.Tensor):
         batches = [batches] if batches.dim() == 2 else list(batches)
     if not isinstance(batches, Sequence) or not batches or not all(isinstance(b, torch.Tensor) for b in batches):

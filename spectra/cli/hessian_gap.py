@@ -82,15 +82,28 @@ def run(args: HessianGapArgs, path: str) -> None:
     if rank != 0:
         return
     dest = write_analysis(store, "hessian_gap", gaps, {"checkpoint": str(folder), "data": data}, merge=merge)
-    try:
+    nodes = stored_nodes(store) if merge else None
+    if nodes is not None and nodes != dens.sizes["node"]:  # the Krylov sizes differ: keep the stored densities
+        print(f"hessian_density not updated: the stored densities have {nodes} quadrature nodes and this run "
+              f"{dens.sizes['node']} (another --iterations/--density-hvps); rerun every component to replace them")
+    else:
         write_analysis(store, "hessian_density", dens, {"checkpoint": str(folder)}, merge=merge)
-    except SpectraError as e:  # another quadrature size than the stored densities: keep those, say so
-        print(f"hessian_density not updated: {e}")
     print_table(gaps, args.k)
     bad = gaps.attrs["uncertified"]
     if bad:
         print(f"NOT certified within --iterations {args.iterations} HVPs per batch: {'; '.join(bad)}")
     print(f"wrote hessian_gap and hessian_density to {dest}")
+
+
+def stored_nodes(store) -> int | None:
+    """The quadrature size of the stored `hessian_density` group, None when there is none."""
+    from spectra.errors import SpectraError
+    from spectra.io.analysis_store import read_analysis
+
+    try:
+        return int(read_analysis(store, "hessian_density").sizes["node"])
+    except SpectraError:
+        return None
 
 
 def print_table(ds, k: int) -> None:
