@@ -90,6 +90,12 @@ def w(tmp_path_factory, shared_data) -> dict:
     save_file(sd, series / "step_3" / "model.safetensors", metadata={"format": "pt"})
     gpt = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64))
     gpt.save_pretrained(root / "gpt" / "step_9")
+    huge = make_tiny(vocab=VOCAB)  # finite weights whose activations overflow float32: the loss is NaN
+    with torch.no_grad():
+        for name, prm in huge.named_parameters():
+            if "mlp" in name:
+                prm.mul_(1e15)
+    huge.save_pretrained(root / "huge")
     (root / "emptydir").mkdir()
     (root / "cfg-topr.json").write_text(json.dumps({"top_r": 2.5}))
     (root / "cfg-steps.json").write_text(json.dumps({"steps": "abc"}))
@@ -169,12 +175,15 @@ def _cases(w) -> list[tuple[list[str], str]]:
         (with_(hg, "--batches", "400", "--batch-size", "100"), "windows"),
         (with_(hg, "--tokenizer", str(T5_DIR)), "tokenizer"),
         (with_(hg, "--out", str(w["docs"])), "docs.jsonl"),
+        (["hessian-gap", str(r / "huge"), "--data", str(w["docs"]), "--tokenizer", "bytes", "--seq-len", "16",
+          "--batches", "1", "--batch-size", "2", "--layers", "1", "--components", "v", "--k", "2", "--device", "cpu"],
+         "huge: the loss on this token batch is nan"),
         (["hessian-gap", str(r / "gpt" / "step_9"), "--data", str(w["docs"]), "--tokenizer", "bytes",
           "--seq-len", "16", "--components", "q", "--device", "cpu"], "fused"),
     ]
 
 
-N_CASES = 48
+N_CASES = 49
 
 
 def test_table_size(w):

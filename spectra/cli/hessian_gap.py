@@ -74,10 +74,13 @@ def run(args: HessianGapArgs, path: str) -> None:
     check_vocab(model, tok)
     with dist_utils.rank0_first():  # rank 0 fills the token-window cache; the others then read it
         ids = token_batches(args.data, tok, args.seq_len, args.batches, args.batch_size, model.config.vocab_size)
-    gaps, dens = hessian_gaps(model, ids, k=args.k, layers=args.layers, components=args.components,
-                              iterations=args.iterations, tol=args.tol, gap_frac=args.gap_frac,
-                              block_size=args.block_size, density_hvps=args.density_hvps, seed=args.seed,
-                              density=True)
+    try:
+        gaps, dens = hessian_gaps(model, ids, k=args.k, layers=args.layers, components=args.components,
+                                  iterations=args.iterations, tol=args.tol, gap_frac=args.gap_frac,
+                                  block_size=args.block_size, density_hvps=args.density_hvps, seed=args.seed,
+                                  density=True)
+    except SpectraError as e:  # the API knows the model, not the folder: name it
+        raise SpectraError(f"{folder}: {e}") from None
     dist_utils.teardown()
     if rank != 0:
         return

@@ -103,7 +103,7 @@ class BlockHVP:
         with only_grad(self.model, self.weight):
             loss = hvp_loss(self.model, self.input_ids)
             if not torch.isfinite(loss):  # its Hessian would be NaN, and Lanczos would fail inside eigh
-                raise SpectraError(f"the loss on this token batch is {float(loss)}: the model's weights or "
+                raise SpectraError(f"the loss on this token batch is {float(loss.detach())}: the model's weights or "
                                    "activations overflow, so its Hessian is undefined")
             (g,) = torch.autograd.grad(loss, self.weight, create_graph=True)
         return g
