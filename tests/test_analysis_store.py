@@ -103,3 +103,24 @@ def test_merge_reads_the_version_it_builds_on(tmp_path):
     write_analysis(p, "g", xr.Dataset({"v": ("layer", [7.0])}, coords={"layer": [1]}), merge=("layer",))
     assert read_analysis(p, "g")["v"].values.tolist() == [1.0, 7.0]
     assert xr.open_zarr(p, group="g").load()["v"].values.tolist() == [1.0, 7.0]
+
+
+def test_a_merge_replaces_whole_cells_and_names_values_plainly(tmp_path):
+    from spectra.errors import SpectraError
+
+    p = tmp_path / "a.zarr"
+    coords = {"layer": [0, 1], "component": ["q", "k"]}
+    write_analysis(p, "g", xr.Dataset({"v": (("layer", "component"), [[1.0, 2.0], [3.0, 4.0]])}, coords=coords))
+    recomputed = xr.Dataset({"v": (("layer", "component"), [[np.nan]])}, coords={"layer": [1], "component": ["k"]})
+    write_analysis(p, "g", recomputed, merge=("layer", "component"))
+    got = read_analysis(p, "g")["v"]
+    assert [float(got.sel(layer=0, component=c)) for c in ("q", "k")] == [1.0, 2.0]
+    assert float(got.sel(layer=1, component="q")) == 3.0
+    assert np.isnan(float(got.sel(layer=1, component="k")))  # the recomputed NaN is the new result, not refilled
+    other = xr.Dataset({"v": (("layer", "component"), [[5.0]])}, coords={"layer": [7], "component": ["zz"]})
+    with pytest.raises(SpectraError, match=r"other component values \(\['k', 'q'\]\)") as e:
+        write_analysis(p, "g", other, merge=("layer",))
+    assert "np." not in str(e.value)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SpectraError, match="which is a file"):
+        write_analysis(tmp_path / "file" / "a.zarr", "g", other)

@@ -62,6 +62,9 @@ def _analysis_root(path: str | Path) -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise SpectraError(f"{p} is a file, not an analysis store; choose another --out")
+    blocked = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
+    if blocked is not None:
+        raise SpectraError(f"{p} lies under {blocked}, which is a file; choose another --out")
     if p.is_dir() and any(p.iterdir()) and not (p / "zarr.json").is_file():
         raise SpectraError(f"{p} is a non-empty folder that is not an analysis store; choose another --out")
     if (p / "zarr.json").is_file() and _root_metadata(p).get("attributes", {}).get("kind") not in (None,
@@ -150,8 +153,8 @@ def _prepared(p: Path, name: str, ds: xr.Dataset, attrs: dict | None, merge: tup
                 continue
             if not np.array_equal(ds[dim].values, old[dim].values):
                 raise SpectraError(f"the stored {name!r} in {p} has other {dim} values "
-                                   f"({list(old[dim].values)[:6]}) than this one; write to another --out")
-        ds = ds.combine_first(old)
+                                   f"({old[dim].values.tolist()[:6]}) than this one; write to another --out")
+        ds = _replace_cells(ds, old, merge)
         new_attrs = {**old.attrs, **new_attrs}
     for k in ds.data_vars:  # units, long_name, description on every variable (spectra/io/variables.py)
         ds[k].attrs = {**attrs_for(str(k)), **ds[k].attrs}
@@ -161,6 +164,25 @@ def _prepared(p: Path, name: str, ds: xr.Dataset, attrs: dict | None, merge: tup
     ds = ds.assign_coords({k: v.astype(object) for k, v in ds.coords.items() if v.dtype.kind == "U"})
     ds.attrs = {k: (_to_json(v) if isinstance(v, dict) else v) for k, v in new_attrs.items()}
     return ds
+
+
+def _replace_cells(new: xr.Dataset, old: xr.Dataset, merge: tuple[str, ...]) -> xr.Dataset:
+    """`old` with every cell that `new` covers along the `merge` dims replaced whole by `new`'s (NaN included:
+    a recomputed component's NaN is its result, not a hole to fill from the old run)."""
+    union = new.combine_first(old)
+    fresh = new.reindex_like(union)
+    out = union.copy()
+    for k in new.data_vars:
+        dims = [d for d in merge if d in new[k].dims]
+        if not dims:
+            continue
+        mask = None
+        for d in dims:
+            m = union[d].isin(new[d].values)
+            mask = m if mask is None else mask & m
+        out[k] = xr.where(mask, fresh[k], union[k]).transpose(*union[k].dims).astype(union[k].dtype)
+        out[k].attrs = union[k].attrs
+    return out
 
 
 def _swap_in(p: Path, name: str, prepare: Callable[[], dict[str, xr.Dataset]]) -> Path:
