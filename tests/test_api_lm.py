@@ -128,3 +128,14 @@ def test_finetuning_that_ends_worse_is_flagged(setup, capsys):
     assert m["ended_worse"] is True and m["eval_loss"] > m["eval_loss_before"] + 1
     assert m["eval_ppl"] > m["eval_ppl_before"]
     assert "WORSE than before finetuning" in capsys.readouterr().out
+
+
+def test_window_losses_average_to_the_perplexity_loss(setup):
+    """score(..., window_losses=[]) fills one mean loss per window (what spectra claims pairs between finetuning
+    methods); over equal-length windows their mean is the token-weighted loss."""
+    from spectra.lm.evaluate import score
+
+    windows = torch.randint(0, 256, (7, 16), generator=torch.Generator().manual_seed(0))
+    out: list = []
+    res = score(setup["dense"], windows, 3, "cpu", window_losses=out)
+    assert len(out) == 7 and abs(sum(out) / 7 - res.loss) < 1e-6

@@ -105,8 +105,9 @@ def as_windows(model: nn.Module, data, tokenizer, seq_len: int, tokens: int, cac
 
 @torch.no_grad()
 def score(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device: str | torch.device | None = None,
-          *, autocast: bool = True, progress: bool = False) -> Perplexity:
-    """`perplexity` of `model` on [n, seq_len] token `windows`."""
+          *, autocast: bool = True, progress: bool = False, window_losses: list | None = None) -> Perplexity:
+    """`perplexity` of `model` on [n, seq_len] token `windows`. `window_losses`: a list that receives each
+    window's mean token loss, in window order (paired comparisons between models on the same windows)."""
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise SpectraError(f"need [n, seq_len>=2] token windows, got shape {tuple(windows.shape)}")
     if batch_size < 1:
@@ -126,6 +127,9 @@ def score(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device: 
             logits = logits[:, :-1].flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
             nll = F.cross_entropy(logits, x[:, 1:].flatten(), reduction="sum")
             total_nll += nll.double().item()
+            if window_losses is not None:
+                per_token = F.cross_entropy(logits, x[:, 1:].flatten(), reduction="none").double()
+                window_losses.extend(per_token.view(len(x), -1).mean(1).tolist())
             total_tok += x[:, 1:].numel()
             bar.update(len(x))
             bar.set_postfix(ppl=math.exp(min(total_nll / total_tok, 700)))

@@ -244,12 +244,15 @@ def finetune(
     model, opt = prepare(model, cfg, device)
     trainable, total = count_params(model)
     metrics: dict = {"method": cfg.method, "steps": cfg.steps, "trainable_params": trainable, "total_params": total}
-    evaluate = lambda: score(model, val, cfg.micro_batch, device, autocast=cfg.dtype != "fp32")  # noqa: E731
+    windows: list[float] = []  # per-window losses after finetuning: paired CIs between methods (spectra claims)
+    evaluate = lambda out=None: score(model, val, cfg.micro_batch, device, autocast=cfg.dtype != "fp32",  # noqa: E731
+                                      window_losses=out)
     if val is not None:
         metrics["eval_loss_before"], metrics["eval_ppl_before"], _ = evaluate()
     metrics.update(train(model, opt, batches, cfg, device, progress))
     if val is not None:
-        metrics["eval_loss"], metrics["eval_ppl"], metrics["eval_tokens"] = evaluate()
+        metrics["eval_loss"], metrics["eval_ppl"], metrics["eval_tokens"] = evaluate(windows)
+        metrics["eval_window_losses"] = windows
         metrics["ended_worse"] = bool(metrics["eval_loss"] > metrics["eval_loss_before"])
     metrics["config"] = dataclasses.asdict(cfg)
     return Finetuned(model, metrics)
