@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-from huggingface_hub import snapshot_download
+import huggingface_hub
 
 from spectra.data import load_tokenizer, tokenizer_digest
 from spectra.errors import SpectraError
@@ -148,7 +148,7 @@ def hub_checkpoint(name: str) -> Path:
     repo, _, revision = name.partition("@")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
-        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES,
+        return Path(huggingface_hub.snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES,
                                       local_files_only=offline))
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated: one line naming the model
         why = "HF_HUB_OFFLINE is set and it is not in the cache" if offline else (

@@ -129,9 +129,10 @@ def stream_component_weights(source: str | Path | Source) -> tuple[int, Iterator
                     key = f"{name}.weight"
                     with safe_open(where[key], "pt") as st:
                         stored = st.get_tensor(key)
-                    check_finite([(key, stored)], where[key])
                     for p, mod in group:
-                        yield p.layer, p.component, p.of_tensor(stored, is_conv1d(mod))
+                        W = p.of_tensor(stored, is_conv1d(mod))
+                        check_finite([(f"{key} (layer {p.layer} {p.component})", W)], where[key])
+                        yield p.layer, p.component, W
                     del stored
 
             return len(found), gen()

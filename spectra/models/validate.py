@@ -17,9 +17,11 @@ safetensors headers only (no tensor data is read, no memory is allocated):
 
 A compressed folder (spectra_rank_map.json) is checked against its own structure: the dense model of
 its base config with the modules its rank map replaces (spectra.compression.rankmap.plan), as
-`load_compressed` builds it. Pickled weights (pytorch_model.bin) have no header to read: their
-names and shapes are checked by `load_model` from transformers' loading info. Finite values need
-the data, so they are checked where weights are read (spectra.models.loading.check_finite).
+`load_compressed` builds it. Pickled weights (pytorch_model.bin, or shards with its index) are read
+the same way with `torch.load(map_location="meta", weights_only=True)`: names, shapes and dtypes,
+no data, no code run. Finite values need the data, so they are checked where weights are read
+(spectra.models.loading.check_finite); `load_model` also refuses whatever transformers' own loading
+info still reports missing or mismatched.
 
 Each refusal is one SpectraError line naming the file and the tensor. `check_series` refuses a
 series whose members differ in architecture or in any tensor shape, naming the odd member.
@@ -52,7 +54,12 @@ except ImportError:  # transformers 4 renames only gamma/beta and the base-model
     get_model_conversion_mapping = None
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+PICKLED, PICKLED_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+# safetensors' dtype names, for tensors read from a pickle
+DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+               torch.bool: "BOOL"}
+Stored = dict[str, tuple[Path, tuple[int, ...], str]]  # stored name -> (file, shape, safetensors dtype name)
 
 
 @dataclass(frozen=True)
@@ -126,41 +133,43 @@ def _validate(folder: Path) -> Signature:
         model = meta_model(folder)
         dense = _shapes(model)
     arch = dense[0]
-    stored = stored_tensors(folder)
-    if not stored:
-        if any((folder / f).is_file() for f in PICKLED):  # no header to read: load_model checks loading info
-            return Signature(arch, dense[1])
-        raise SpectraError(f"{folder}: no model weights (model.safetensors, or shards with {SAFETENSORS_INDEX}); "
-                           "save or download the checkpoint again")
+    stored, safetensors = stored_tensors(folder)
     _check_tensors(folder, model, stored)
-    return Signature(arch, dense[1], {k: f for k, (f, _, _) in stored.items()})
+    return Signature(arch, dense[1], {k: f for k, (f, _, _) in stored.items()} if safetensors else {})
 
 
-def stored_tensors(folder: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
-    """{stored name: (file, shape, safetensors dtype)} from the headers of the folder's weights (the
-    files transformers would load); {} when it has no safetensors weights."""
-    index = folder / SAFETENSORS_INDEX
+def stored_tensors(folder: Path) -> tuple[Stored, bool]:
+    """({stored name: (file, shape, safetensors dtype name)}, whether they are safetensors) of the files
+    transformers would load: model.safetensors or the shards of its index, else pytorch_model.bin or
+    the shards of its index. Headers only; one line naming the file that cannot be read."""
+    for index, single, read in ((folder / SAFETENSORS_INDEX, folder / "model.safetensors", _header),
+                                (folder / PICKLED_INDEX, folder / PICKLED, _pickled_header)):
+        if index.is_file() or single.is_file():
+            return _read_weights(folder, index if index.is_file() else None, single, read), read is _header
+    raise SpectraError(f"{folder}: no model weights (model.safetensors, or shards with {SAFETENSORS_INDEX}); "
+                       "save or download the checkpoint again")
+
+
+def _read_weights(folder: Path, index: Path | None, single: Path, read: Callable[[Path], Stored]) -> Stored:
     weight_map = None
-    if index.is_file():
+    if index is not None:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise ValueError("weight_map is not {tensor: file}")
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-            raise SpectraError(f"{index}: not a safetensors index ({_line(e)}); save or download the checkpoint "
+            raise SpectraError(f"{index}: not a weights index ({_line(e)}); save or download the checkpoint "
                                "again") from None
         files = sorted({folder / f for f in weight_map.values()})
         for f in files:
             if not f.is_file():
                 raise SpectraError(f"{f}: this shard, which {index.name} names, does not exist; download or "
                                    "save the checkpoint again")
-    elif (folder / "model.safetensors").is_file():
-        files = [folder / "model.safetensors"]
     else:
-        return {}
-    stored: dict[str, tuple[Path, tuple[int, ...], str]] = {}
+        files = [single]
+    stored: Stored = {}
     for f in files:
-        stored.update(_header(f))
+        stored.update(read(f))
     for key, name in (weight_map or {}).items():
         if key not in stored or stored[key][0] != folder / name:
             raise SpectraError(f"{folder / name}: has no tensor {key}, which {index.name} places there; the "
@@ -168,7 +177,7 @@ def stored_tensors(folder: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]
     return stored
 
 
-def _header(f: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+def _header(f: Path) -> Stored:
     try:
         with safe_open(f, "pt") as st:
             out = {}
@@ -181,7 +190,21 @@ def _header(f: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
                            "save or download it again") from None
 
 
-def _check_tensors(folder: Path, model: nn.Module, stored: dict[str, tuple[Path, tuple[int, ...], str]]) -> None:
+def _pickled_header(f: Path) -> Stored:
+    """Names, shapes and dtypes of a torch.save file: meta tensors, so no data is read, and
+    weights_only, so no code in the pickle runs."""
+    try:
+        state = torch.load(f, map_location="meta", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"holds a {type(state).__name__}, not a state dict")
+    except Exception as e:  # noqa: BLE001 - truncated zip, crafted pickle, ...: one line naming the file
+        raise SpectraError(f"{f}: not a readable PyTorch weights file ({_line(e)}); it is truncated, corrupt or "
+                           "not a state dict: save or download it again") from None
+    return {k: (f, tuple(v.shape), DTYPE_NAMES.get(v.dtype, "F" if v.is_floating_point() else str(v.dtype)))
+            for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _check_tensors(folder: Path, model: nn.Module, stored: Stored) -> None:
     expected = model.state_dict()  # persistent tensors (tied ones under each of their names), on meta
     rename = _renamer(model, expected)
     present = set()
@@ -200,7 +223,8 @@ def _check_tensors(folder: Path, model: nn.Module, stored: dict[str, tuple[Path,
     for name, p in model.named_parameters(remove_duplicate=False):
         tied.setdefault(id(p), []).append(name)
     optional = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or ()]
-    where = folder / (SAFETENSORS_INDEX if (folder / SAFETENSORS_INDEX).is_file() else "model.safetensors")
+    where = sorted({f for f, _, _ in stored.values()})
+    where = where[0] if len(where) == 1 else folder  # the one weights file, else the folder of the shards
     for names in tied.values():
         if not present.intersection(names) and not any(rx.search(n) for rx in optional for n in names):
             raise SpectraError(f"{where}: {names[0]} is missing, but the config implies it (transformers would "
@@ -289,5 +313,7 @@ def _stamp(folder: Path) -> tuple:
 
 
 def _line(e: BaseException) -> str:
+    """An exception as a short single line for a message."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+    line = f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
