@@ -85,10 +85,9 @@ def refuse_incomplete(path: Path, model: nn.Module, info: dict) -> None:
     for name, p in model.named_parameters(remove_duplicate=False):
         tied.setdefault(id(p), []).append(name)
     missing = set(info.get("missing_keys") or ())
-    params = {n: names for names in tied.values() for n in names}
-    random = sorted(k for k in missing if k in params and all(n in missing for n in params[k]))
+    random = next((names[0] for names in tied.values() if missing.issuperset(names)), None)
     if random:
-        raise SpectraError(f"{path}: {random[0]} is missing from the checkpoint (transformers would initialize it "
+        raise SpectraError(f"{path}: {random} is missing from the checkpoint (transformers would initialize it "
                            "at random); save or download the checkpoint again")
     mismatched = info.get("mismatched_keys") or ()
     if mismatched:
