@@ -128,14 +128,14 @@ def _validate(folder: Path) -> Signature:
         raise SpectraError(f"{cfg_file}: a {how} checkpoint (quantization_config); spectra analyzes and compresses "
                            "floating-point weights: pass the unquantized model")
     if (folder / RANK_MAP_FILE).is_file():
-        model, dense = _compressed_model(folder)
+        model, (arch, shapes) = _compressed_model(folder)
+        implied_by = "the config and rank map imply"
     else:
         model = meta_model(folder)
-        dense = _shapes(model)
-    arch = dense[0]
+        (arch, shapes), implied_by = _shapes(model), "the config implies"
     stored, safetensors = stored_tensors(folder)
-    _check_tensors(folder, model, stored)
-    return Signature(arch, dense[1], {k: f for k, (f, _, _) in stored.items()} if safetensors else {})
+    _check_tensors(folder, model, stored, implied_by)
+    return Signature(arch, shapes, {k: f for k, (f, _, _) in stored.items()} if safetensors else {})
 
 
 def stored_tensors(folder: Path) -> tuple[Stored, bool]:
@@ -204,7 +204,7 @@ def _pickled_header(f: Path) -> Stored:
             for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _check_tensors(folder: Path, model: nn.Module, stored: Stored) -> None:
+def _check_tensors(folder: Path, model: nn.Module, stored: Stored, implied_by: str) -> None:
     expected = model.state_dict()  # persistent tensors (tied ones under each of their names), on meta
     rename = _renamer(model, expected)
     present = set()
@@ -218,7 +218,7 @@ def _check_tensors(folder: Path, model: nn.Module, stored: Stored) -> None:
             raise SpectraError(f"{f}: {key} is stored as {dtype} but the model needs floating-point weights "
                                "(a quantized or damaged checkpoint); pass the floating-point model")
         if exact and shape != tuple(want.shape):
-            raise SpectraError(f"{f}: {key} has shape {shape} but the config implies {tuple(want.shape)}")
+            raise SpectraError(f"{f}: {key} has shape {shape} but {implied_by} {tuple(want.shape)}")
     tied: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         tied.setdefault(id(p), []).append(name)
@@ -227,7 +227,7 @@ def _check_tensors(folder: Path, model: nn.Module, stored: Stored) -> None:
     where = where[0] if len(where) == 1 else folder  # the one weights file, else the folder of the shards
     for names in tied.values():
         if not present.intersection(names) and not any(rx.search(n) for rx in optional for n in names):
-            raise SpectraError(f"{where}: {names[0]} is missing, but the config implies it (transformers would "
+            raise SpectraError(f"{where}: {names[0]} is missing, but {implied_by} it (transformers would "
                                "initialize it at random); save or download the checkpoint again")
 
 
