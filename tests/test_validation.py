@@ -107,7 +107,7 @@ def test_compressed_folder_is_checked_against_its_rank_map_structure(w, tmp_path
     sd = load_file(f)
     sd[key] = sd[key][:-1].contiguous()  # one rank fewer than the map says
     save_file(sd, f, metadata={"format": "pt"})
-    with pytest.raises(SpectraError, match=rf"^{f}: {key} has shape \(\d+, \d+\) but the config implies"):
+    with pytest.raises(SpectraError, match=rf"^{f}: {key} has shape \(\d+, \d+\) but the config and rank map imply"):
         resolve(str(comp))
 
 
@@ -278,3 +278,23 @@ def test_validation_is_cached_until_a_file_changes(w, tmp_path, monkeypatch):
     with pytest.raises(SpectraError, match="has shape"):
         resolve(str(ckpt))
     assert len(calls) == 2
+
+
+def test_a_run_is_validated_when_its_model_is_needed(w, tmp_path, capsys):
+    """A run's snapshot analyses need no model, so resolving it does not refuse a bad checkpoint; asking
+    for the model (need_model, load_model, any command that loads it) does."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(w["missing"], run / "checkpoints" / "step_2")
+    (run / "checkpoints" / "latest").write_text("step_2")
+    (run / "run_config.json").write_text(json.dumps({"tokenizer": "bytes"}))
+    src = resolve(str(run))
+    assert src.kind == "run" and src.model_dir.name == "step_2"
+    with pytest.raises(SpectraError, match=f"step_2/model.safetensors: {Q} is missing"):
+        src.need_model()
+    with pytest.raises(SpectraError, match=f"step_2/model.safetensors: {Q} is missing"):
+        load_model(src)
+    err = _one_error(_argv("eval", run, tmp_path / "out"), capsys)
+    assert f"step_2/model.safetensors: {Q} is missing" in err, err
+    with pytest.raises(SpectraError, match="is a series of 2 checkpoints; load its members one at a time"):
+        load_model(resolve(_series(tmp_path / "s", w["good"], w["good"])))
