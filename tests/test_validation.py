@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import make_tiny
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
 import spectra.models.validate as validate
 from spectra.cli import main
@@ -298,3 +298,35 @@ def test_a_run_is_validated_when_its_model_is_needed(w, tmp_path, capsys):
     assert f"step_2/model.safetensors: {Q} is missing" in err, err
     with pytest.raises(SpectraError, match="is a series of 2 checkpoints; load its members one at a time"):
         load_model(resolve(_series(tmp_path / "s", w["good"], w["good"])))
+
+
+@pytest.mark.parametrize("renamer", ["transformers", "fallback"])
+def test_legacy_tensor_names_are_matched_as_transformers_loads_them(w, tmp_path, monkeypatch, renamer):
+    """Hub checkpoints store names transformers renames on load: GPT-2's without the `transformer.`
+    prefix, old BERTs' LayerNorm gamma/beta. They are valid, and a missing tensor is still found."""
+    if renamer == "fallback":  # what transformers 4 (no conversion mapping) gets
+        monkeypatch.setattr(validate, "get_model_conversion_mapping", None)
+    validate._CACHE.clear()
+    g = gpt2(tmp_path / "gpt2")
+    sd = {k.removeprefix("transformer."): v for k, v in load_file(g / "model.safetensors").items()}
+    save_file(sd, g / "model.safetensors", metadata={"format": "pt"})
+    assert validate_checkpoint(g).architecture == "GPT2LMHeadModel"
+    sd.pop("h.1.mlp.c_fc.weight")
+    save_file(sd, g / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SpectraError, match=r"transformer\.h\.1\.mlp\.c_fc\.weight is missing"):
+        validate_checkpoint(g)
+    torch.manual_seed(0)
+    bert = tmp_path / "bert"
+    BertForMaskedLM(BertConfig(vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=128, max_position_embeddings=64)).save_pretrained(bert)
+    sd = load_file(bert / "model.safetensors")
+    sd = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+          for k, v in sd.items()}
+    save_file(sd, bert / "model.safetensors", metadata={"format": "pt"})
+    assert validate_checkpoint(bert).architecture == "BertForMaskedLM"
+    key = "bert.encoder.layer.1.attention.output.LayerNorm.gamma"
+    sd[key] = sd[key][:32].contiguous()
+    save_file(sd, bert / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SpectraError, match=rf"{key} has shape \(32,\) but the config implies \(64,\)"):
+        validate_checkpoint(bert)
+    validate._CACHE.clear()

@@ -72,17 +72,18 @@ class Signature:
     where: dict[str, Path] = field(default_factory=dict, compare=False, repr=False)  # stored tensor -> file
 
 
-_CACHE: dict[tuple, Signature] = {}
+_CACHE: dict[str, tuple[tuple, Signature]] = {}  # resolved folder -> (its files' stamp, its signature)
 
 
 def validate_checkpoint(model_dir: str | Path) -> Signature:
     """Check a model folder (module docstring) or raise one SpectraError line naming the file and tensor."""
     folder = Path(model_dir)
-    stamp = _stamp(folder)
-    hit = _CACHE.get(stamp)
-    if hit is None:
-        hit = _CACHE[stamp] = _validate(folder)
-    return hit
+    key, stamp = str(folder.resolve()), _stamp(folder)
+    hit = _CACHE.get(key)
+    if hit is None or hit[0] != stamp:
+        _CACHE.pop(key, None)
+        hit = _CACHE[key] = (stamp, _validate(folder))
+    return hit[1]
 
 
 def check_series(members: Sequence[tuple[str, str | Path]]) -> None:
@@ -235,17 +236,21 @@ def _renamer(model: nn.Module, expected: dict) -> Callable[[str], tuple[str, boo
     """stored name -> (model name, whether the stored shape must equal the model's): transformers' own
     renames on load; a tensor its converters reshape (fuse, split) is checked for presence only."""
     prefix = getattr(model, "base_model_prefix", "") or None
-    if get_model_conversion_mapping is not None:
+    if get_model_conversion_mapping is None:
+        return _fallback_renamer(prefix, expected)
+    try:
         transforms = get_model_conversion_mapping(model)
         renames = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        rename_source_key("probe.weight", renames, converters, prefix, expected)  # this version's signature
+    except Exception:  # noqa: BLE001 - transformers internals that moved: the renames every version makes
+        return _fallback_renamer(prefix, expected)
 
-        def rename(key: str) -> tuple[str, bool]:
-            name, converted = rename_source_key(key, renames, converters, prefix, expected)
-            return name, converted is None
+    def rename(key: str) -> tuple[str, bool]:
+        name, converted = rename_source_key(key, renames, converters, prefix, expected)
+        return name, converted is None
 
-        return rename
-    return _fallback_renamer(prefix, expected)
+    return rename
 
 
 def _fallback_renamer(prefix: str | None, expected: dict) -> Callable[[str], tuple[str, bool]]:
@@ -297,7 +302,7 @@ def _floating(dtype: str) -> bool:
 
 
 def _stamp(folder: Path) -> tuple:
-    """The cache key: the folder and the size and mtime of every file the check reads."""
+    """The size and mtime of every file the check reads: a change to any of them checks again."""
     try:
         names = sorted(p.name for p in folder.iterdir() if p.suffix in (".json", ".safetensors", ".bin"))
     except OSError:
@@ -309,7 +314,7 @@ def _stamp(folder: Path) -> tuple:
         except OSError:
             continue
         stats.append((name, st.st_size, st.st_mtime_ns))
-    return str(folder.resolve()), tuple(stats)
+    return tuple(stats)
 
 
 def _line(e: BaseException) -> str:
