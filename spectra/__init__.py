@@ -25,6 +25,7 @@ _API = {
     "resolve": "spectra.io.sources:resolve",
     "Source": "spectra.io.sources:Source",
     "load_model": "spectra.models.loading:load_model",
+    "validate_checkpoint": "spectra.models.validate:validate_checkpoint",
     "load_tokenizer": "spectra.data:load_tokenizer",
     "text_windows": "spectra.data:text_windows",
     "open_run": "spectra.io.snapshots:open_run",

@@ -252,8 +252,6 @@ def test_spectrum_refuses_a_series_with_a_wrong_shape_member_and_keeps_its_store
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.xfail(strict=True, reason="spectrum resolves series members one by one (spectra.analysis.spectrum."
-                                       "checkpoint_series) until its command resolves the series with resolve(paths)")
 def test_spectrum_refuses_a_series_of_two_architectures(w, tmp_path, capsys):
     paths = _series(tmp_path / "mixed", w["good"], gpt2(tmp_path / "g2"))
     err = _one_error(["spectrum", *paths, "--out", str(tmp_path / "a.zarr")], capsys)

@@ -17,14 +17,12 @@ core in flight; only σ is kept. A 130m checkpoint never has all of its decoder 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import xarray as xr
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from spectra.analysis.heavytail import (
@@ -86,8 +84,11 @@ def spectrum_input(source, steps: Sequence[int] | None) -> tuple[list[int], Iter
         src = source
     else:
         src = resolve(source, steps=steps)
-    if src.kind == "series":
-        check_series(src.members)
+    if src.kind == "series":  # resolve() validated each member and that they are one model with one set of shapes
+        odd = next((m for m in src.members if m.compressed), None)
+        if odd is not None:
+            raise SpectraError(f"{odd.text} is a compressed model; a series is dense checkpoints of one model "
+                               "(`spectra compress --merge` it first)")
         return (*checkpoint_weights([(m.step, m.model_dir) for m in src.members]), src.text)
     if src.compressed:
         raise SpectraError(f"{src.text} is a compressed model: its low-rank factors have no training step and their "
@@ -97,7 +98,6 @@ def spectrum_input(source, steps: Sequence[int] | None) -> tuple[list[int], Iter
         return (*run_weights(open_run(src.snapshots), steps), src.text)
     folder = src.need_model("spectrum")
     step = _one_label(steps, src.text) if steps else (src.step if src.step is not None else 0)
-    check_series([src])  # a readable config and safetensors header, named when not
     return (*checkpoint_weights([(step, folder)]), src.text)
 
 
@@ -150,54 +150,6 @@ def checkpoint_weights(members: Sequence[tuple[int, Path]]) -> Steps:
             yield step, (((layer, comp), w) for layer, comp, w in weights)
 
     return [s for s, _ in order], gen()
-
-
-def layout(folder: Path) -> tuple[str, dict[str, tuple[int, ...]]]:
-    """(architecture, {tensor: shape}) of a checkpoint folder, from config.json and the safetensors headers
-    (no tensor data is read); a folder of other weight files has an empty shape map."""
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-        arch = str((cfg.get("architectures") or [None])[0] or cfg.get("model_type"))
-    except (OSError, ValueError, AttributeError) as e:
-        raise SpectraError(f"cannot read {folder / 'config.json'} ({type(e).__name__}); the checkpoint is "
-                           "damaged") from None
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(f, "pt") as st:
-                shapes.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys()})
-        except (SafetensorError, OSError) as e:
-            why = " ".join(str(e).split())[:160]
-            raise SpectraError(f"cannot read {f} ({type(e).__name__}: {why}); the file is truncated or "
-                               "corrupt") from None
-    return arch, shapes
-
-
-def check_series(members: Sequence[Source]) -> None:
-    """A series is one model at several steps: the same architecture and the same tensors with the same shapes
-    in every member, else one line naming the member and the tensor (before anything is computed or written).
-    A compressed member is refused (its factors are no training step of the dense model)."""
-    ref = None
-    for m in members:
-        if m.compressed and len(members) > 1:
-            raise SpectraError(f"{m.text} is a compressed model; a series is dense checkpoints of one model "
-                               "(`spectra compress --merge` it first)")
-        arch, shapes = layout(m.model_dir)
-        if ref is None:
-            ref = (m, arch, shapes)
-            continue
-        r, r_arch, r_shapes = ref
-        if arch != r_arch:
-            raise SpectraError(f"the series mixes architectures: {m.text} is {arch}, {r.text} is {r_arch}; "
-                               "analyze each model on its own")
-        if r_shapes and shapes:
-            for name in sorted(set(r_shapes) | set(shapes)):
-                a, b = shapes.get(name), r_shapes.get(name)
-                if a != b:
-                    has = f"has {name} with shape {list(a)}" if a is not None else f"has no tensor {name}"
-                    there = f"{list(b)}" if b is not None else "absent"
-                    raise SpectraError(f"{m.text} {has} ({r.text}: {there}); a series must be one model with "
-                                       "one set of shapes")
 
 
 # --------------------------------------------------------------------------- analysis
