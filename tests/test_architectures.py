@@ -507,8 +507,9 @@ def test_fused_mixed_plans_gradients_and_merge(name):
     low-rank, k dense truncated, v untouched (a FusedLinear with mixed children). Weights equal the
     truncated SVDs of the forward-split weights, merging restores the original module type (Conv1D
     for GPT-2) with the same outputs, and Part.grad is the forward-split gradient."""
-    from spectra.compression.lowrank import compress_model, merge_model
-    from spectra.compression.ranks import build_rank_map, model_spectra
+    from spectra.compression.allocation import build_rank_map
+    from spectra.compression.lowrank import compress, merge
+    from spectra.compression.ranks import model_spectra
     from spectra.models.modeling_spectra import FusedLinear, LowRankLinear
     from spectra.models.parts import component_weights
 
@@ -543,7 +544,7 @@ def test_fused_mixed_plans_gradients_and_merge(name):
         if r is not None:
             e.update(lrc=lrc, rank=r if lrc else e["full_rank"] + r)
     ranks = {(e["layer"], e["component"]): (e["rank"], e["full_rank"]) for e in rm["components"]}
-    compress_model(model, rm, progress=False)
+    compress(model, rm, progress=False)
     for key, W in component_weights(model).items():
         r, full = ranks[key]
         torch.testing.assert_close(
@@ -554,7 +555,7 @@ def test_fused_mixed_plans_gradients_and_merge(name):
     assert isinstance(fused1, FusedLinear) and isinstance(fused1.q, LowRankLinear) and fused1.q.rank == 3
     assert type(fused1.k) is torch.nn.Linear and type(fused1.v) is torch.nn.Linear
     before = out(model)
-    merge_model(model)
+    merge(model)
     merged = model.get_submodule(fused_mod["q"].replace(".0.", ".1."))  # Conv1D again for GPT-2
     assert not isinstance(merged, FusedLinear) and is_conv1d(merged) == (dense_type.__name__ == "Conv1D")
     torch.testing.assert_close(out(model), before, atol=1e-5, rtol=0)
@@ -564,13 +565,14 @@ def test_fused_mixed_plans_gradients_and_merge(name):
 def test_finetune_targets_leaves_of_compressed_fused_models(name):
     """spectra finetune's LoRA / WeLore-PEFT on a compressed fused model train the factors and dense
     parts (never a computed product), and the LoRA model merges back (what finetune saves)."""
-    from spectra.compression.lowrank import compress_model
-    from spectra.compression.ranks import build_rank_map, model_spectra
+    from spectra.compression.allocation import build_rank_map
+    from spectra.compression.lowrank import compress
+    from spectra.compression.ranks import model_spectra
     from spectra.lm.finetune import FinetuneConfig, decoder_linears, prepare
     from spectra.models.modeling_spectra import FusedLinear
 
     model = build(name)
-    compress_model(model, build_rank_map(model_spectra(model), "welore", ERR), progress=False)
+    compress(model, build_rank_map(model_spectra(model), "welore", ERR), progress=False)
     leaves = decoder_linears(model)
     assert any(".q.A" in n for n in leaves) and not any(isinstance(m, FusedLinear) for m in leaves.values())
     assert all(isinstance(getattr(m, "weight", None), torch.nn.Parameter) for m in leaves.values())
@@ -582,7 +584,7 @@ def test_finetune_targets_leaves_of_compressed_fused_models(name):
         want = out(lora)
         torch.testing.assert_close(out(lora.merge_and_unload()), want, atol=1e-5, rtol=1e-4)
     fresh = build(name)
-    compress_model(fresh, build_rank_map(model_spectra(fresh), "welore", ERR), progress=False)
+    compress(fresh, build_rank_map(model_spectra(fresh), "welore", ERR), progress=False)
     welore, _ = prepare(fresh, FinetuneConfig(method="welore"), torch.device("cpu"))
     trained = {n for n, p in welore.named_parameters() if p.requires_grad}
     assert trained and all(n.endswith((".A.weight", ".B.weight")) for n in trained)

@@ -11,18 +11,13 @@ from safetensors import safe_open
 from torch import nn
 
 from spectra.cli import main
-from spectra.compression.lowrank import (
-    LowRankLinear,
-    compress_model,
-    factorize,
-    load_compressed,
-    merge_model,
-    save_compressed,
-    truncate_,
-)
-from spectra.compression.ranks import build_rank_map, model_spectra
+from spectra.compression.allocation import build_rank_map
+from spectra.compression.lowrank import compress, factorize, merge, truncate_
+from spectra.compression.ranks import model_spectra
 from spectra.errors import SpectraError
+from spectra.models.compressed import load_compressed, save_compressed
 from spectra.models.loading import load_causal_lm
+from spectra.models.modeling_spectra import LowRankLinear
 from spectra.models.parts import iter_components
 
 X = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -72,7 +67,7 @@ def test_factorize_splits_sqrt_sigma_and_truncates_exactly():
 # --------------------------------------------------------------------------- whole model
 def test_full_rank_compress_reproduces_logits(dense):
     ref = logits(dense)
-    compress_model(dense, full_rank_map(dense), progress=False)
+    compress(dense, full_rank_map(dense), progress=False)
     assert all(isinstance(m, LowRankLinear) for *_, m in iter_components(dense))
     torch.testing.assert_close(logits(dense), ref, atol=1e-5, rtol=0)
 
@@ -81,7 +76,7 @@ def test_compress_save_load_identical_and_merge(dense, tmp_path):
     rm = build_rank_map(model_spectra(dense), "welore", 0.4)
     assert 0 < sum(e["lrc"] for e in rm["components"]) < len(rm["components"])  # both kinds present
     ref = logits(dense)
-    compress_model(dense, rm, progress=False)
+    compress(dense, rm, progress=False)
     got = logits(dense)
     assert (got - ref).abs().max() > 1e-3  # really compressed
     save_compressed(dense, rm, tmp_path / "c")
@@ -104,7 +99,7 @@ def test_compress_save_load_identical_and_merge(dense, tmp_path):
             assert torch.linalg.matrix_rank(mod.weight).item() == e["rank"]
     # merge: each dense weight is exactly the product B·A
     products = {n: m.B.weight @ m.A.weight for _, _, n, m in iter_components(loaded) if isinstance(m, LowRankLinear)}
-    merge_model(loaded)
+    merge(loaded)
     mods = dict(loaded.named_modules())
     assert products and all(type(mods[n]) is nn.Linear and torch.equal(mods[n].weight, w) for n, w in products.items())
     torch.testing.assert_close(logits(loaded), got, atol=1e-5, rtol=0)
@@ -127,7 +122,7 @@ def test_qwen_style_bias_and_tied_embeddings(tmp_path):
     model = Qwen2ForCausalLM(cfg).eval()
     assert model.model.layers[0].self_attn.q_proj.bias is not None
     rm = build_rank_map(model_spectra(model), "welore", 0.5, "params")
-    compress_model(model, rm, progress=False)
+    compress(model, rm, progress=False)
     save_compressed(model, rm, tmp_path / "q")
     loaded = load_compressed(tmp_path / "q", attn_implementation="eager")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
@@ -139,10 +134,10 @@ def test_rank_map_must_fit_the_model(dense):
     rm = build_rank_map(model_spectra(dense), "welore", 0.3)
     rm["components"][0]["shape"] = [32, 64]
     with pytest.raises(SpectraError, match="shape"):
-        compress_model(dense, rm, progress=False)
+        compress(dense, rm, progress=False)
     rm["components"] = rm["components"][1:]
     with pytest.raises(SpectraError, match="missing"):
-        compress_model(dense, rm, progress=False)
+        compress(dense, rm, progress=False)
 
 
 # --------------------------------------------------------------------------- CLI
