@@ -20,7 +20,7 @@ distortion ‖h' − h‖² of the model's output representation, so grad_sq mea
 Windows (`calibration_windows`). A causal LM whose tokenizer has an EOS token reads packed text, as it
 was trained: documents joined by EOS and cut into fixed windows (spectra.data.text_windows). Any other
 model (BERT-style encoders: [CLS] ... [SEP], no EOS) reads one document per window, wrapped in the
-tokenizer's own special tokens (`build_inputs_with_special_tokens`), never two documents glued together.
+tokenizer's own special tokens (as its own encoding places them), never two documents glued together.
 
 Linears fed the very same tensor (q/k/v, gate/up in LLaMA) share one xtx, found by comparing the
 hooked inputs of the first batch (not by name, so any architecture the component registry maps
@@ -229,12 +229,25 @@ def _texts(docs, batch: int = 64) -> Iterator[list]:
         yield buf
 
 
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """(prefix, suffix) token ids the tokenizer puts around one sequence ([CLS] / [SEP] for BERT, [BOS] / none
+    for LLaMA), read off its own encoding of a probe text, with and without special tokens."""
+    probe = "spectra calibration"
+    body = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(body) + 1):
+        if full[i:i + len(body)] == body:
+            return full[:i], full[i + len(body):]
+    raise SpectraError(f"cannot tell where tokenizer {type(tokenizer).__name__} puts its special tokens")
+
+
 def document_windows(docs, tokenizer, seq_len: int, n: int) -> torch.Tensor:
     """Up to `n` [seq_len] windows, each from one document: `seq_len − specials` consecutive tokens of it
     wrapped in the tokenizer's special tokens ([CLS] ... [SEP] for BERT). Documents are cut into as many
     whole windows as they hold, in order; a document shorter than one window is skipped (no padding, so
     every position is a real token the model attends to)."""
-    body = seq_len - tokenizer.num_special_tokens_to_add(pair=False)
+    prefix, suffix = special_tokens(tokenizer)
+    body = seq_len - len(prefix) - len(suffix)
     if body < 1:
         raise SpectraError(f"--calib-seq-len {seq_len} leaves no room between the tokenizer's special tokens")
     rows: list[list[int]] = []
@@ -244,10 +257,7 @@ def document_windows(docs, tokenizer, seq_len: int, n: int) -> torch.Tensor:
             raise SpectraError(f"--calib-data has a document whose text is {type(bad).__name__}, not a string")
         for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
             for a in range(0, len(ids) - body + 1, body):
-                row = tokenizer.build_inputs_with_special_tokens(ids[a:a + body])
-                if len(row) != seq_len:  # a tokenizer whose specials depend on the text: not one fixed length
-                    raise SpectraError(f"tokenizer {type(tokenizer).__name__} does not give fixed-length windows")
-                rows.append(row)
+                rows.append(prefix + ids[a:a + body] + suffix)
                 if len(rows) == n:
                     return torch.tensor(rows, dtype=torch.long)
     if not rows:
