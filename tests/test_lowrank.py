@@ -236,3 +236,28 @@ def test_tokenizer_travels_and_legacy_folders_still_load(tiny_ckpt, tmp_path):
     (legacy / "config.json").write_text(json.dumps(cfg))
     (legacy / "modeling_spectra.py").unlink()
     torch.testing.assert_close(logits(load_causal_lm(legacy)), logits(comp), atol=0, rtol=0)
+
+
+def test_peft_all_linear_wraps_each_factor_once_and_merges(dense):
+    """peft's "all-linear" on a compressed model adapts A and B of every low-rank module once each (not the
+    module around them as well), and merge_and_unload folds the adapters into the factors: same outputs."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    compress(dense, build_rank_map(model_spectra(dense), "welore", 0.5, "params"), progress=False)
+    lowrank = {n for n, m in dense.named_modules() if isinstance(m, LowRankLinear)}
+    assert lowrank
+    pm = get_peft_model(copy.deepcopy(dense), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    wrapped = [n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A")]
+    assert len(wrapped) == len(set(wrapped)) and not set(wrapped) & lowrank
+    assert {f"{n}.{f}" for n in lowrank for f in "AB"} <= set(wrapped)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+        y = pm(input_ids=X).logits
+        merged = pm.merge_and_unload()
+        assert not any(hasattr(m, "lora_A") for m in merged.modules())
+        torch.testing.assert_close(merged(input_ids=X).logits, y, atol=1e-5, rtol=1e-4)
+    assert (y - logits(dense)).abs().max() > 1e-3
