@@ -41,15 +41,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spectra.lm.finetune import (
-    METHODS,
-    FinetuneConfig,
-    _malloc_trim,
-    _train_autocast,
-    finetune,
-    lrc_modules,
-    prepare,
-)
+from spectra.lm.finetune import finetune, lrc_modules, prepare, train_bf16
+from spectra.lm.memory import malloc_trim
+from spectra.lm.precision import autocast_for
+from spectra.lm.recipe import METHODS, FinetuneConfig
 
 
 def compressed_model(args) -> torch.nn.Module:
@@ -78,14 +73,14 @@ def compressed_model(args) -> torch.nn.Module:
 def run(base, method: str, batches: list[torch.Tensor], args, steps: int, chunked: bool = True) -> dict:
     cfg = FinetuneConfig(method=method, steps=steps, batch_size=args.batch_size, micro_batch=args.micro_batch,
                          warmup=min(10, steps), galore_rank=args.galore_rank, chunked_loss=chunked,
-                         cpu_bf16=args.dtype == "bf16")
+                         dtype="bf16" if args.dtype == "bf16" else "auto")
     model = copy.deepcopy(base)
     model, metrics = finetune(model, iter(batches), cfg, torch.device(args.device))
     del model
     gc.collect()
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    _malloc_trim()
+    malloc_trim()
     return metrics
 
 
@@ -193,12 +188,12 @@ def phases(base, args) -> None:
     per: dict = {}
     for _ in range(args.repeats):
         for method in ("welore", "full"):
-            cfg = FinetuneConfig(method=method, cpu_bf16=args.dtype == "bf16")
+            cfg = FinetuneConfig(method=method, dtype="bf16" if args.dtype == "bf16" else "auto")
             model, opt = prepare(copy.deepcopy(base), cfg, dev)
             trainable = [p for p in model.parameters() if p.requires_grad]
             for i, x in enumerate(xs):
                 t = [time.thread_time()]
-                with _train_autocast(dev, cfg):
+                with autocast_for(dev, train_bf16(cfg, dev)):
                     loss = causal_lm_loss(model, x)
                 t.append(time.thread_time())
                 loss.backward()

@@ -8,7 +8,7 @@
 Work: the top k+1 eigenvalues of the Hessian block H_W of each selected decoder weight W (all other
 parameters fixed) on one token batch of a model trained --train-steps AdamW steps on Wikipedia bytes.
 
-* spectra: `spectra.analysis.hessian.component_gap` — block Lanczos to its certificate (every residual
+* spectra: `spectra.analysis.hessian_block.component_gap` — block Lanczos to its certificate (every residual
   ≤ tol·|λ1| and ≤ gap/10), block size chosen by timing (`choose_block`, its probe HVPs included).
 * scipy `eigsh(LinearOperator, k+1, which="LA", tol)` on the SAME graph-reusing HVP (float64 on the
   host per matvec, as a researcher would wrap it), same start vector. Its residuals are then measured
@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.configs import build_model
-from spectra.analysis.hessian import component_gap, start_vector
+from spectra.analysis.hessian_block import component_gap, start_vector
 from spectra.linalg.hvp import BlockHVP, choose_block, keep_freed_memory, pyhessian_eigenvalues
 from spectra.linalg.lanczos import certify
 from spectra.models.parts import COMPONENTS, select_components

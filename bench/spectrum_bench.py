@@ -135,7 +135,7 @@ def checkpoint_child(mode: str, path: str) -> None:
     cpu = torch.device("cpu")
     t, c = time.perf_counter(), time.process_time()
     if mode == "streamed":
-        steps, source = checkpoint_weights(Path(path))
+        steps, source = checkpoint_weights([(0, Path(path))])
     else:
         steps, source = [0], iter([(0, {(l, k): w for l, k, w in stream_component_weights(path)[1]})])
     ds = spectrum_dataset(steps, source, top_r=32, device=cpu, progress=False)

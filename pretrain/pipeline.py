@@ -158,15 +158,15 @@ def pipeline_command(
 ) -> None:
     """Run the whole WeLore pipeline (pretrain, analyze, rank, compress, eval, finetune, report) from a preset."""
     from pretrain.loop import PretrainConfig, pretrain
-    from reports.build import report_command
+    from reports.build import write_report
     from spectra.analysis.hessian import hessian_gap_command
     from spectra.analysis.spectrum import spectrum_command
     from spectra.analysis.subspace import grad_subspace_command
     from spectra.cli.compress import command as compress_command
+    from spectra.cli.eval import command as eval_command
+    from spectra.cli.finetune import command as finetune_command
     from spectra.cli.ranks import command as ranks_command
     from spectra.data import shared_data
-    from spectra.lm.evaluate import eval_command
-    from spectra.lm.finetune import finetune_command
 
     if preset not in PRESETS:
         raise SpectraError(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -198,7 +198,7 @@ def pipeline_command(
     if eval_out.exists():
         eval_out.unlink()  # the table is rebuilt from scratch on every pipeline run
     for dataset in (val, c4):
-        _stage(f"eval dense on {Path(dataset).name}", eval_command, model=str(run), data=dataset, out=eval_out, **ev)
+        _stage(f"eval dense on {Path(dataset).name}", eval_command, ckpt=str(run), data=dataset, out=eval_out, **ev)
     analysis = str(run / "analysis.zarr")
     # the preset's training text calibrates the loss map and its whitened truncation (one pass, stored)
     cal = dict(calib_data=train, tokenizer=tok, calib_seqs=p["calib"]["seqs"], calib_seq_len=p["calib"]["seq_len"])
@@ -232,7 +232,7 @@ def pipeline_command(
                 _stage(
                     f"eval {tag} on {Path(dataset).name}",
                     eval_command,
-                    model=str(folder),
+                    ckpt=str(folder),
                     data=dataset,
                     out=eval_out,
                     method=label,
@@ -244,7 +244,7 @@ def pipeline_command(
             _stage(
                 f"finetune {method} @ ERR {err:.0%}",
                 finetune_command,
-                model=str(folder),
+                ckpt=str(folder),
                 method=method,
                 data=train,
                 val_data=val,
@@ -253,7 +253,7 @@ def pipeline_command(
                 out=run / "finetune" / f"{method}-{err_tag(err)}",
                 **p["finetune"],
             )
-    _stage("report", report_command, run=run, title=f"spectra {preset} run {run_id}")
+    _stage("report", write_report, run=run, title=f"spectra {preset} run {run_id}")
     (run / "pipeline.json").write_text(
         json.dumps({"preset": preset, "stages": p, "data": str(data), "tokenizer": tok}, indent=2)
     )

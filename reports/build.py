@@ -1,109 +1,37 @@
-"""`spectra report RUN`: one self-contained HTML report of everything a run has produced so far.
+"""The report of a run: one self-contained HTML page of everything a run has produced so far.
 
-Each section maps one producer's output to the paper's figure; a producer that has not run yet
-leaves its section with a one-line hint instead of failing the report.
+Each section maps one producer's output to the paper's figure; a producer that has not run yet leaves
+its section with a one-line hint instead of failing the report. `build_report` returns the page,
+`write_report` writes it (neither prints); `spectra report` (spectra/cli/report.py) is the command.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Optional
-
-import typer
 
 from reports import curves as C
 from reports import figures as F
 from reports.datasets import dataset_keys, dataset_labels
+from reports.density_figure import hessian_density_figure
 from reports.html import Section, page, table
-from reports.inputs import RunInputs, load_run
-from reports.style import esc, fmt, num
+from reports.inputs import RunInputs, load_run, report_folder
+from reports.spectrum_figure import spectrum_figure
+from reports.style import esc, fmt, num, pct
+from reports.summary import model_folder_params, ppl_change, summary_rows, worse_finetunes
+from reports.sweep_figure import sweep_figure
+from spectra.compression.rankmap import err_of_name
+from spectra.errors import SpectraError
+from spectra.io.atomic import atomic_write_bytes
+from spectra.io.runs import check_own_output, is_report
 
 HEAVY_TAIL = ("alpha", "alpha_weighted", "stable_rank", "effective_rank", "log_norm")
 METHOD_ORDER = ("welore", "uniform", "energy", "loss", "diagnostic")  # the pipeline's maps first
 SUBSPACE = ("overlap_prev", "overlap_final", "energy_in_weight_subspace")
-
-
-def _pct(v) -> str:
-    return f"{100 * v:.1f}%" if isinstance(v, (int, float)) and not isinstance(v, bool) else "–"
-
-
-def _num(v, spec=".4g") -> str:
-    return fmt(v, spec)
+SIGMA_METHODS = ("welore",)  # maps whose k is a σ̂ value (drawn as lines on the normalized-σ axis)
 
 
 def _problems(inp: RunInputs, prefix: str) -> list[str]:
     return [f"`{k}`: {v}" for k, v in sorted(inp.problems.items()) if k.startswith(prefix)]
-
-
-# --------------------------------------------------------------------------- summary
-def _model_summary(attrs: dict) -> str:
-    cfg = attrs.get("model_config") or {}
-    if isinstance(cfg, str):
-        try:
-            cfg = json.loads(cfg)
-        except json.JSONDecodeError:
-            return cfg
-    run_cfg = attrs.get("config") or {}
-    if isinstance(run_cfg, str):
-        try:
-            run_cfg = json.loads(run_cfg)
-        except json.JSONDecodeError:
-            run_cfg = {}
-    name = run_cfg.get("model", "") if isinstance(run_cfg, dict) else ""
-    keys = [("num_hidden_layers", "layers"), ("hidden_size", "hidden"), ("num_attention_heads", "heads"),
-            ("intermediate_size", "intermediate"), ("vocab_size", "vocab")]
-    dims = ", ".join(f"{label} {cfg[k]}" for k, label in keys if isinstance(cfg, dict) and k in cfg)
-    return " · ".join(p for p in (str(name), dims) if p) or "–"
-
-
-def summary_rows(inp: RunInputs) -> list[tuple[str, str]]:
-    """Model, training length, final validation perplexity, what was analysed, ranks, best ppl."""
-    rows = [("run", str(inp.root.resolve().name))]
-    run = inp.snapshots
-    if run is not None:
-        rows.append(("model", _model_summary(run.attrs)))
-    elif inp.evals:
-        rows.append(("model", ", ".join(sorted({str(r.get("model")) for r in inp.evals}))))
-    train = [r for r in inp.metrics or [] if "loss" in r and "step" in r]
-    val = sorted((r for r in inp.metrics or [] if "val_ppl" in r and "step" in r), key=lambda r: r["step"])
-    if train:
-        rows.append(("training steps", str(max(int(r["step"]) for r in train))))
-        toks = [int(r["tokens"]) for r in train if r.get("tokens") is not None]
-        if toks:
-            rows.append(("tokens seen", f"{max(toks):,}"))
-    if val:
-        rows.append(("final validation perplexity", f"{_num(val[-1]['val_ppl'])} (step {val[-1]['step']})"))
-    if run is not None:
-        steps = run.steps
-        span = f"steps {int(steps[0])}–{int(steps[-1])}" if len(steps) else "none committed"
-        rows.append(("snapshots", f"{len(steps)} ({span}), gradients: {run.grad_mode}"))
-    if inp.analysis:
-        rows.append(("analyses", ", ".join(sorted(inp.analysis))))
-    for name, m in sorted(inp.rank_maps.items()):
-        k = m.get("k")
-        achieved, params = F.achieved_parts(m)
-        rows.append((f"ranks {name}", f"{m.get('method')}: target ERR {_pct(m.get('target_err'))}, {achieved}"
-                                      + (f", k={_num(k)}" if k is not None else "") + f"; {params}"))
-    for (method, dataset), r in sorted(_best_ppl(inp.evals or []).items()):
-        rows.append((f"best ppl {method} · {dataset}", f"{_num(r.get('ppl'))} (ERR {_pct(r.get('err') or 0.0)})"))
-    if inp.finetune:
-        rows.append(("finetuning runs", ", ".join(sorted(inp.finetune))))
-    return rows
-
-
-def _best_ppl(evals: list[dict]) -> dict[tuple[str, str], dict]:
-    """Lowest finite perplexity per (method, dataset label): datasets are never mixed, and one dataset
-    under two path spellings is one dataset (reports.datasets)."""
-    keys = dataset_keys({str(r.get("dataset")) for r in evals})
-    labels = dataset_labels(set(keys.values()))
-    best: dict[tuple[str, str], dict] = {}
-    for r in evals:
-        ppl = num(r.get("ppl"))
-        key = (str(r.get("method")), labels[keys[str(r.get("dataset"))]])
-        if ppl == ppl and (key not in best or ppl < num(best[key].get("ppl"))):
-            best[key] = r
-    return best
 
 
 # --------------------------------------------------------------------------- sections
@@ -128,13 +56,13 @@ def _analysis_section(inp: RunInputs, group: str, sid: str, title: str, blurb: s
 def hessian_section(inp: RunInputs) -> Section:
     sec, ds = _analysis_section(
         inp, "hessian_gap", "hessian-gap", "Hessian gap per layer and component (Fig. 1)",
-        "Gap between the k-th and (k+1)-th Hessian eigenvalue of each weight block; a clear gap lets "
-        "the gradient settle into a low-rank subspace.")
+        "Gap between the k-th and (k+1)-th Hessian eigenvalue of each weight block; a clear gap lets the gradient "
+        "settle into a low-rank subspace. The store holds two definitions, and they can rank components in "
+        "opposite orders: relative to |λ1| (shown first: it compares blocks of different weight scale) and "
+        "absolute (the dropdown switches). The paper's Fig. 1 does not say which it plots.")
     if ds is not None:
         sec.figures.append(("hessian-gap", F.hessian_gap_figure(ds)))
     if (dens := inp.analysis.get("hessian_density")) is not None:  # SLQ from the same Lanczos runs
-        from reports.density_figure import hessian_density_figure
-
         sec.figures.append(("hessian-density", hessian_density_figure(dens)))
     return sec
 
@@ -148,31 +76,58 @@ def subspace_section(inp: RunInputs) -> Section:
     return sec
 
 
-def _thresholds(inp: RunInputs) -> list[tuple[str, float]]:
-    """Rank-map thresholds k: WeLore closest to ERR 50% first (that one is shaded in Fig. 3), then
-    the rest by increasing k, so the legend reads in the order the lines sit."""
+def _is_k(k) -> bool:
+    return isinstance(k, (int, float)) and not isinstance(k, bool)
+
+
+def sigma_thresholds(inp: RunInputs) -> list[tuple[str, float]]:
+    """The σ̂ thresholds k (WeLore maps only: the energy and loss maps' k are in other units): the one
+    closest to ERR 50% first (it is shaded in Fig. 3), then the rest by increasing k, so the legend reads
+    in the order the lines sit."""
     out = []
     for name, m in inp.rank_maps.items():
         k = m.get("k")
-        if isinstance(k, (int, float)) and not isinstance(k, bool):
+        if m.get("method") in SIGMA_METHODS and _is_k(k):
             err = num(m.get("target_err"))
-            key = (m.get("method") != "welore", abs(err - 0.5) if err == err else 1.0, name)
-            out.append((key, (f"k={k:.3f} ({m.get('method')}, ERR {_pct(m.get('target_err'))})", float(k))))
+            key = (abs(err - 0.5) if err == err else 1.0, name)
+            out.append((key, (f"k={k:.3f} ({m.get('method')}, ERR {pct(m.get('target_err'))})", float(k))))
     ordered = [t for _, t in sorted(out)]
     return ordered[:1] + sorted(ordered[1:], key=lambda t: t[1])
+
+
+def rank_markers(inp: RunInputs) -> list[tuple[str, dict, bool]]:
+    """Every other map as (name, map, shown): per method, the map closest to the shaded threshold's ERR
+    (else 50%) is drawn, the others wait in the legend. Ordered by method, then ERR."""
+    shaded = [m for m in inp.rank_maps.values() if m.get("method") in SIGMA_METHODS and _is_k(m.get("k"))]
+    ref = min((num(m.get("target_err")) for m in shaded), key=lambda e: abs(e - 0.5), default=0.5)
+    others = {n: m for n, m in inp.rank_maps.items() if not (m.get("method") in SIGMA_METHODS and _is_k(m.get("k")))}
+    shown = {}
+    for n, m in sorted(others.items()):
+        method, dist = str(m.get("method")), abs(num(m.get("target_err")) - ref)
+        if method not in shown or dist < shown[method][0]:
+            shown[method] = (dist if dist == dist else 9.0, n)
+    names = {n for _, n in shown.values()}
+    order = sorted(others, key=lambda n: (_method_rank(str(others[n].get("method"))), num(others[n].get("target_err")),
+                                          n))
+    return [(n, others[n], n in names) for n in order]
+
+
+def _method_rank(method: str) -> tuple:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else 9, method)
 
 
 def spectrum_section(inp: RunInputs) -> Section:
     sec, ds = _analysis_section(
         inp, "spectrum", "spectrum", "Normalized singular values and the WeLore threshold (Fig. 3, Fig. 2 row 2)",
-        "σ̂ = (σ − σmin)/(σmax − σmin) per weight matrix; singular values below k (red) are pruned, "
-        "those above (green) kept.")
+        "σ̂ = (σ − σmin)/(σmax − σmin) per weight matrix; singular values below WeLore's k (red) are pruned, "
+        "those above (green) kept. Only WeLore's k is a σ̂ value: every other rank map (energy, loss, uniform, "
+        "diagnostic) appears as markers at the rank it keeps on each layer's curve, not as a line on this axis.")
     if ds is None:
         return sec
-    ks = _thresholds(inp)
-    if not ks:
+    ks = sigma_thresholds(inp)
+    if not inp.rank_maps:
         sec.missing = "no threshold k yet: run `spectra ranks` to shade it"
-    sec.figures.append(("spectrum-final", F.spectrum_figure(ds, ks)))
+    sec.figures.append(("spectrum-final", spectrum_figure(ds, ks, rank_markers(inp))))
     if ds.sizes.get("step", 0) > 1:
         sec.figures.append(("spectrum-emergence", F.emergence_figure(ds)))
     return sec
@@ -198,13 +153,13 @@ def ranks_section(inp: RunInputs) -> Section:
         comps = m.get("components", [])
         n_lrc, _, ratio = F.map_params(m)
         # a map without LRCs achieves no compression: its rank ERR is truncation of dense matrices
-        achieved = _pct(m.get("achieved_err")) if n_lrc or not comps else "– (no LRC)"
-        rows.append([name, m.get("method"), _pct(m.get("target_err")), achieved, _param_reduction(ratio),
-                     _num(m.get("k")), m.get("err_by", "–"), n_lrc, len(comps)])
+        achieved = pct(m.get("achieved_err")) if n_lrc or not comps else "– (no LRC)"
+        rows.append([name, m.get("method"), pct(m.get("target_err")), achieved, _param_reduction(ratio),
+                     fmt(m.get("k")), m.get("err_by", "–"), n_lrc, len(comps)])
     by_method: dict[str, dict[str, dict]] = {}
     for name, m in inp.rank_maps.items():
         by_method.setdefault(str(m.get("method")), {})[name] = m
-    for method in sorted(by_method, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 9, m)):
+    for method in sorted(by_method, key=_method_rank):
         maps = by_method[method]
         # show the map closest to ERR 50% first (the paper's Fig. 7 setting)
         default = min(maps, key=lambda n: (abs(num(maps[n].get("target_err")) - 0.5), n))
@@ -215,7 +170,11 @@ def ranks_section(inp: RunInputs) -> Section:
 
 
 def eval_section(inp: RunInputs) -> Section:
-    sec = Section("eval", "Perplexity vs effective rank reduction (Table 1)", problems=_problems(inp, "eval.jsonl"))
+    sec = Section("eval", "Perplexity vs effective rank reduction (Table 1)",
+                  "Perplexity measured by `spectra eval` on the text named above each table. These are other tokens "
+                  "than pretraining's validation perplexity (its own held-out windows), so the dense row need not "
+                  "equal it. Methods at the same ERR keep the same rank share, not always the same parameters: the "
+                  "summary compares them at matched parameter counts.", problems=_problems(inp, "eval.jsonl"))
     if not inp.evals:
         sec.missing = "not computed yet: run `spectra eval`"
         return sec
@@ -226,10 +185,10 @@ def eval_section(inp: RunInputs) -> Section:
         errs = sorted({num(r.get("err") or 0.0) for r in rows})
         cells = {(str(r.get("method")), num(r.get("err") or 0.0)): r.get("ppl") for r in rows}
         methods = sorted({m for m, _ in cells}, key=lambda m: (m != "dense", m))
-        body = [[m] + [_num(cells.get((m, e)), ".2f") for e in errs] for m in methods]
+        body = [[m] + [fmt(cells.get((m, e)), ".2f") for e in errs] for m in methods]
         spellings = ", ".join(f"<code>{esc(s)}</code>" for s in sorted({str(r.get("dataset")) for r in rows}))
         sec.tables.append(f"<p>perplexity on {esc(labels[dataset])} ({spellings})</p>" +
-                          table(["method"] + [f"ERR {_pct(e)}" for e in errs], body, tuple(range(1, len(errs) + 1))))
+                          table(["method"] + [f"ERR {pct(e)}" for e in errs], body, tuple(range(1, len(errs) + 1))))
     sec.figures.append(("ppl-vs-err", C.ppl_vs_err_figure(inp.evals)))
     return sec
 
@@ -238,38 +197,35 @@ def _param_reduction(ratio: float) -> str:
     return f"{1 - ratio:.1%} ({ratio:.3f}×)" if ratio == ratio else "–"
 
 
-def _err_of(name: str) -> float | None:
-    """ERR from a `<method>-errNN` folder name (metrics.json need not repeat it)."""
-    from spectra.compression.rankmap import err_of_name
-
-    return err_of_name(name)
+def _change(metrics: dict) -> str:
+    c = ppl_change(metrics)
+    return "–" if c != c else f"{c:+.1%} worse" if c > 0 else f"{c:+.1%}"
 
 
 def finetune_section(inp: RunInputs) -> Section:
+    worse = worse_finetunes(inp)
+    flag = (f" {len(worse)} of {len(inp.finetune)} runs ended with a higher eval perplexity than they started with: "
+            "their rows are red, and their dots in the last panel of the cost figure too.") if worse else ""
     sec = Section("finetune", "Finetuning: loss, memory and throughput (Fig. 4–6)",
+                  "Eval perplexity before and after finetuning, on the same windows." + flag,
                   problems=_problems(inp, "finetune/"))
     if not inp.finetune:
         sec.missing = "not computed yet: run `spectra finetune`"
         return sec
-    rows = [[n, m.get("method"), _pct(m.get("err", _err_of(n))), m.get("steps"),
+    rows = [[n, m.get("method"), pct(m.get("err", err_of_name(n))), m.get("steps"),
              f"{m.get('trainable_params', 0):,} / {m.get('total_params', 0):,}",
-             _num(num(m.get("peak_memory_bytes")) / 2**30, ".3g"), _num(m.get("tokens_per_s"), ".4g"),
-             _num(m.get("eval_ppl_before")), _num(m.get("eval_ppl")), _model_params(inp, m)]
+             fmt(num(m.get("peak_memory_bytes")) / 2**30, ".3g"), fmt(m.get("tokens_per_s"), ".4g"),
+             fmt(m.get("eval_ppl_before")), fmt(m.get("eval_ppl")), _change(m),
+             _param_reduction(model_folder_params(inp, m.get("model")))]
             for n, m in sorted(inp.finetune.items())]
     sec.tables.append(table(["run", "method", "ERR", "steps", "trainable / total params", "peak memory (GiB)",
-                             "tokens/s", "eval ppl before", "eval ppl after", "param reduction (linears)"], rows,
-                            numeric_cols=(2, 3, 5, 6, 7, 8, 9)))
-    errs = {n: m.get("err", _err_of(n)) for n, m in inp.finetune.items()}
+                             "tokens/s", "eval ppl before", "eval ppl after", "eval ppl change",
+                             "param reduction (linears)"], rows, numeric_cols=(2, 3, 5, 6, 7, 8, 9, 10),
+                            row_classes=["worse" if n in worse else "" for n in sorted(inp.finetune)]))
+    errs = {n: m.get("err", err_of_name(n)) for n, m in inp.finetune.items()}
     sec.figures += [("finetune-loss", C.finetune_loss_figure(inp.finetune, errs)),
                     ("finetune-cost", C.finetune_cost_figure(inp.finetune))]
     return sec
-
-
-def _model_params(inp: RunInputs, metrics: dict) -> str:
-    """Parameter reduction of the compressed model a finetuning run started from: its folder
-    (`compressed/<map name>`) is named after the rank map that made it."""
-    rmap = inp.rank_maps.get(Path(str(metrics.get("model") or "")).name)
-    return _param_reduction(F.map_params(rmap)[2]) if rmap else "–"
 
 
 def sweep_section(inp: RunInputs) -> Section:
@@ -278,8 +234,6 @@ def sweep_section(inp: RunInputs) -> Section:
         "Perplexity after compressing with every rank map (WeLore, uniform, energy, loss-aware, diagnostic), "
         "plain SVD or whitened by the layer inputs, at each ERR, by rank and by parameters.")
     if ds is not None:
-        from reports.sweep_figure import sweep_figure
-
         sec.figures.append(("sweep", sweep_figure(ds)))
     return sec
 
@@ -288,9 +242,11 @@ SECTIONS = (pretrain_section, hessian_section, subspace_section, spectrum_sectio
             ranks_section, eval_section, sweep_section, finetune_section)
 
 
-def build_report(run: str | Path, title: str | None = None) -> str:
-    """The report HTML for the run folder `run` (raises SpectraError for a missing/empty folder)."""
-    inp = load_run(run)
+def build_report(run: str | Path | RunInputs, title: str | None = None) -> str:
+    """The report HTML of a run: `run` is its folder (or a checkpoint, compressed model or snapshots.zarr
+    inside it), or its inputs already opened (`reports.inputs.load_run`). Raises SpectraError for a
+    missing or empty folder; unreadable inputs are shown in their sections."""
+    inp = run if isinstance(run, RunInputs) else load_run(run)
     sections = [make(inp) for make in SECTIONS]
     summary = summary_rows(inp)
     for k, v in sorted(inp.problems.items()):
@@ -299,22 +255,24 @@ def build_report(run: str | Path, title: str | None = None) -> str:
     return page(title or f"spectra report: {inp.root.resolve().name}", summary, sections)
 
 
-def report_command(
-    run: Annotated[Path, typer.Argument(help="Run folder (runs/<id>) holding snapshots, analyses, ranks, evals.")],
-    out: Annotated[Optional[Path], typer.Option(help="Output HTML file [default: RUN/report.html].")] = None,
-    title: Annotated[Optional[str], typer.Option(help="Report title [default: the run folder name].")] = None,
-) -> None:
-    """Interactive offline HTML report of a run: the paper figures 1-7 and Table 1.
-
-    Plotly figures of Hessian gaps, gradient-subspace overlap, normalized spectra with the WeLore
-    threshold, heavy-tail metrics, rank maps, perplexity vs ERR and finetuning cost. Sections whose
-    inputs are not computed yet say which command makes them; plotly.js is embedded once
-    (compressed), so the file opens without network. Building twice gives identical bytes.
-    """
-    from spectra.io.runs import check_own_output, is_report
-
-    dest = check_own_output(Path(out) if out is not None else Path(run) / "report.html", is_report)
-    text = build_report(run, title)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(text, encoding="utf-8")
-    print(dest)
+def write_report(run: str | Path | RunInputs, out: str | Path | None = None, title: str | None = None) -> Path:
+    """Build the report and write it to `out` (default `<run>/report.html`), replacing only an earlier
+    spectra report there, atomically; returns the path written. Prints nothing. The output is checked
+    before any input is read."""
+    root = run.root if isinstance(run, RunInputs) else report_folder(run)
+    dest = Path(out) if out is not None else root / "report.html"
+    if dest.is_symlink() and not dest.exists():
+        raise SpectraError(f"--out {dest} is a broken or looping symlink; choose another path")
+    dest = check_own_output(dest, is_report)
+    if dest.is_dir():
+        raise SpectraError(f"--out {dest} is a folder; name the HTML file to write")
+    blocker = next((q for q in dest.parents if q.exists() and not q.is_dir()), None)
+    if blocker is not None:
+        raise SpectraError(f"--out {dest} lies under {blocker}, which is a file; choose another --out")
+    text = build_report(run if isinstance(run, RunInputs) else load_run(root), title)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(dest, text.encode("utf-8"))
+    except OSError as e:
+        raise SpectraError(f"cannot write the report to {dest} ({e.strerror or e}); choose another --out") from None
+    return dest

@@ -14,6 +14,7 @@ from reports.datasets import dataset_keys, dataset_labels
 from reports.style import DASHES, METHOD_COLORS, SPARE_COLORS, esc, finite, fmt, num
 
 PPL_COLS = 2  # dataset panels per row
+WORSE = "#d62728"  # a finetuning run that ended worse than it started
 
 
 # --------------------------------------------------------------------------- Table 1
@@ -130,26 +131,35 @@ def finetune_loss_figure(runs: dict[str, dict], errs: dict[str, float | None] | 
 def finetune_cost_figure(runs: dict[str, dict]) -> go.Figure:
     """Peak memory, throughput, trainable fraction and eval perplexity per finetuning run. Bars start
     at 0 (ratios read off their length); perplexity is a dot plot on a zoomed axis, because
-    7.78 vs 7.87 is invisible on bars from 0."""
+    7.78 vs 7.87 is invisible on bars from 0: an open grey dot before finetuning, a filled one after,
+    red where the run ended worse than it started."""
     names = sorted(runs)
     panels = [("peak memory (GiB)", lambda m: num(m.get("peak_memory_bytes")) / 2**30),
               ("tokens / s", lambda m: num(m.get("tokens_per_s"))),
-              ("trainable params (%)", lambda m: 100 * num(m.get("trainable_params")) / num(m.get("total_params"))),
-              ("eval perplexity after (axis zoomed)", lambda m: num(m.get("eval_ppl")))]
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p for p, _ in panels])
+              ("trainable params (%)", lambda m: 100 * num(m.get("trainable_params")) / num(m.get("total_params")))]
+    fig = make_subplots(rows=1, cols=len(panels) + 1, subplot_titles=[p for p, _ in panels] + [
+        "eval perplexity: ○ before, ● after (red: worse)"])
+    x = [esc(n) for n in names]
     for j, (label, get) in enumerate(panels):
-        color = sample_colorscale("Viridis", [0.2 + 0.6 * j / len(panels)])[0]
-        kw = dict(x=[esc(n) for n in names], y=finite([get(runs[n]) for n in names]), showlegend=False)
-        if j < len(panels) - 1:
-            fig.add_trace(go.Bar(marker_color=color, hovertemplate=f"run %{{x}}<br>{label} %{{y:.4g}}<extra></extra>",
-                                 **kw), row=1, col=j + 1)
-        else:
-            fig.add_trace(go.Scatter(
-                mode="markers", marker=dict(color=color, size=11, line=dict(color="#222", width=1)),
-                customdata=[[num(runs[n].get("eval_ppl_before"))] for n in names],
-                hovertemplate="run %{x}<br>eval ppl %{y:.4g} (before finetuning %{customdata[0]:.4g})<extra></extra>",
-                **kw), row=1, col=j + 1)
-    fig.update_layout(title="Finetuning cost", height=420)
+        color = sample_colorscale("Viridis", [0.2 + 0.6 * j / (len(panels) + 1)])[0]
+        fig.add_trace(go.Bar(x=x, y=finite([get(runs[n]) for n in names]), showlegend=False, marker_color=color,
+                             hovertemplate=f"run %{{x}}<br>{label} %{{y:.4g}}<extra></extra>"), row=1, col=j + 1)
+    before = [num(runs[n].get("eval_ppl_before")) for n in names]
+    after = [num(runs[n].get("eval_ppl")) for n in names]
+    worse = [a > b for a, b in zip(after, before)]  # NaN compares False: not flagged
+    color = sample_colorscale("Viridis", [0.2 + 0.6 * len(panels) / (len(panels) + 1)])[0]
+    fig.add_trace(go.Scatter(
+        x=x, y=finite(after), mode="markers", showlegend=False, name="after",
+        marker=dict(color=[WORSE if w else color for w in worse], size=11, line=dict(color="#222", width=1)),
+        customdata=[[b, "  (worse than before)" if w else ""] for b, w in zip(finite(before), worse)],
+        hovertemplate="run %{x}<br>eval ppl %{y:.4g} (before finetuning %{customdata[0]:.4g})%{customdata[1]}"
+                      "<extra></extra>"), row=1, col=len(panels) + 1)
+    fig.add_trace(go.Scatter(
+        x=x, y=finite(before), mode="markers", showlegend=False, name="before",
+        marker=dict(color="rgba(0,0,0,0)", size=11, line=dict(color="#888", width=1.5)),
+        hovertemplate="run %{x}<br>eval ppl before finetuning %{y:.4g}<extra></extra>"), row=1, col=len(panels) + 1)
+    fig.update_layout(title="Finetuning cost" + (f"; {sum(worse)} run(s) ended worse than they started (red)"
+                                                 if any(worse) else ""), height=420)
     return fig
 
 

@@ -14,6 +14,7 @@ import xarray as xr
 
 from reports.figures import _components, _grid_figure, _layer_colors
 from reports.style import finite as _finite
+from reports.style import long_name
 
 FLOOR = 1e-6  # log axis: densities below FLOOR × the curve's peak are not drawn
 
@@ -42,7 +43,9 @@ def hessian_density_figure(ds: xr.Dataset) -> go.Figure:
     probes = ds.attrs.get("probes")
     title = "Hessian spectral density per component (stochastic Lanczos quadrature"
     title += f", {probes} probes per component)" if probes else ")"
-    fig = _grid_figure(comps, traces, title, "λ / max|λ|", "density")
+    # both axes are rescaled by max|λ|, so the store's units (loss / weight units²) no longer apply
+    fig = _grid_figure(comps, traces, title, "Hessian eigenvalue λ / max|λ|",
+                       f"{long_name(ds['density'], 'density')} of λ / max|λ|")
     for key in fig.layout:
         if key.startswith("yaxis"):
             fig.layout[key].type = "log"

@@ -3,8 +3,9 @@
 are in reports/curves.py).
 
 Paper figures: Hessian gap heatmap (Fig. 1), gradient-subspace overlap across training (Fig. 2,
-row 1), emergence of the low-rank weight spectrum (Fig. 2, row 2), normalized singular values
-with the WeLore threshold k (Fig. 3) and the WeLore rank map (Fig. 7). Strings that come from
+row 1), emergence of the low-rank weight spectrum (Fig. 2, row 2) and the WeLore rank map (Fig. 7);
+normalized singular values with the WeLore threshold k (Fig. 3) are in reports/spectrum_figure.py.
+Axis titles come from the stores' long_name/units attributes (reports.style.label). Strings that come from
 users or files (dataset names, method names, folder names) are HTML-escaped before they reach a
 figure, because Plotly renders a subset of HTML in names and hover text.
 """
@@ -21,7 +22,7 @@ import xarray as xr
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-from reports.style import DASHES, GREEN, RED, esc, finite, fmt
+from reports.style import GREEN, RED, esc, finite, fmt, label, long_name
 from spectra.models.parts import COMPONENTS
 
 COLS = 4  # subplots per row in per-component grids
@@ -82,7 +83,8 @@ def _grid_figure(comps: list[str], traces: list[tuple[int, dict]], title: str, x
 
 
 def _per_component_lines(da: xr.DataArray, title: str, ytitle: str) -> go.Figure:
-    """One subplot per component, one line per layer over training steps (dims step, layer, component)."""
+    """One subplot per component, one line per layer over training steps (dims step, layer, component);
+    `ytitle` is the axis title and the value's name in the hover."""
     comps = _components(da["component"].values)
     layers = [int(l) for l in da["layer"].values]
     colors = _layer_colors(layers)
@@ -100,14 +102,14 @@ def _per_component_lines(da: xr.DataArray, title: str, ytitle: str) -> go.Figure
 
 
 # --------------------------------------------------------------------------- Fig. 1
-def hessian_gap_figure(ds: xr.Dataset) -> go.Figure:
-    """Heatmap of the top-k Hessian eigengap, layer x component; cells whose Ritz residual is not
-    well below the gap (Davis-Kahan: the gap is then not trustworthy) are marked with a dagger."""
-    comps = _components(ds["component"].values)
-    ds = ds.sel(component=comps)
-    gap = ds["gap"].transpose("layer", "component").values
-    se = ds["gap_se"].transpose("layer", "component").values if "gap_se" in ds else np.full_like(gap, np.nan)
-    rel = ds["rel_gap"].transpose("layer", "component").values if "rel_gap" in ds else np.full_like(gap, np.nan)
+# (variable, dropdown label, title): the stored hessian_gap group holds both definitions
+GAPS = (("rel_gap", "relative gap", "relative gap (λ<sub>k</sub> − λ<sub>k+1</sub>) / |λ<sub>1</sub>|"),
+        ("gap", "absolute gap", "absolute gap λ<sub>k</sub> − λ<sub>k+1</sub>"))
+
+
+def _uncertified(ds: xr.Dataset, gap: np.ndarray) -> np.ndarray:
+    """"†" where a cell's gap is not trustworthy: a Ritz residual not below the gap (Davis-Kahan), or
+    hessian-gap's own certificate failed (residual ≤ tol·|λ1| and ≤ gap/10, every batch)."""
     marks = np.full(gap.shape, "", dtype=object)
     if "residuals" in ds and ds.attrs.get("k") is not None:
         k = int(ds.attrs["k"])
@@ -115,27 +117,54 @@ def hessian_gap_figure(ds: xr.Dataset) -> go.Figure:
         with np.errstate(invalid="ignore"):  # unknown residual or gap = not trusted
             worst = np.where(np.isnan(res).all(-1), np.nan, np.nanmax(np.nan_to_num(res, nan=-np.inf), axis=-1))
             marks[~(worst < gap)] = "†"
-    if "certified" in ds:  # hessian-gap's own certificate (residual ≤ tol·|λ1| and ≤ gap/10, every batch)
+    if "certified" in ds:
         marks[(ds["certified"].transpose("layer", "component", "eig").values == 0).any(-1)] = "†"
+    return marks
+
+
+def hessian_gap_figure(ds: xr.Dataset) -> go.Figure:
+    """Heatmap of the top-k Hessian eigengap, layer x component, in both definitions the store holds:
+    relative to |λ1| (shown first: blocks of different weight scale compare on it) and absolute (a
+    dropdown switches; the title always says which is shown). The two can rank components in opposite
+    orders, so neither is shown alone. Cells whose Ritz residual is not well below the gap are marked
+    with a dagger. A store with a `step` dimension is drawn at its last step."""
+    step = None
+    if "step" in ds.dims:
+        step = int(ds["step"].values[-1])
+        ds = ds.isel(step=-1)
+    comps = _components(ds["component"].values)
+    ds = ds.sel(component=comps)
+    gap = ds["gap"].transpose("layer", "component").values
+    se = ds["gap_se"].transpose("layer", "component").values if "gap_se" in ds else np.full_like(gap, np.nan)
+    rel = ds["rel_gap"].transpose("layer", "component").values if "rel_gap" in ds else np.full_like(gap, np.nan)
+    marks = _uncertified(ds, gap).tolist()
     layers = [int(l) for l in ds["layer"].values]
-    # log colour scale: gaps span decades (one large layer-0 cell made every other cell one colour
-    # on a linear scale). Plotly has no log colour axis, so z is log10(gap) and the colour bar is
-    # labelled in gap units; hover shows the gap itself. A gap <= 0 has no log: it is left blank.
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logz = np.where(gap > 0, np.log10(np.where(gap > 0, gap, 1.0)), np.nan)
-    custom = np.stack([np.nan_to_num(gap, nan=-1.0), np.nan_to_num(se, nan=-1.0), np.nan_to_num(rel, nan=-1.0)],
-                      axis=-1)
-    fig = go.Figure(go.Heatmap(
-        z=[finite(row) for row in logz], x=comps, y=layers, colorscale="Viridis",
-        colorbar=dict(title=dict(text="gap (log)"), **_log_ticks(logz)),
-        customdata=custom.tolist(), text=marks.tolist(), texttemplate="%{text}",
-        hovertemplate="layer %{y}<br>component %{x}<br>gap %{customdata[0]:.4g} ± %{customdata[1]:.2g}"
-                      "<br>relative gap %{customdata[2]:.3g}<extra></extra>",
-    ))
+    custom = np.stack([np.nan_to_num(v, nan=-1.0) for v in (gap, se, rel)], axis=-1).tolist()
+    hover = ("layer %{y}<br>component %{x}<br>absolute gap %{customdata[0]:.4g} ± %{customdata[1]:.2g}"
+             "<br>relative gap %{customdata[2]:.3g}<extra></extra>")
     k = ds.attrs.get("k")
-    fig.update_layout(title=f"Hessian eigengap λ<sub>k</sub> − λ<sub>k+1</sub> (k = {esc(k)}, log colour scale); "
-                            "† = not certified (residual not ≪ gap)",
-                      xaxis_title="component", yaxis=dict(title="layer", dtick=1), height=520)
+    at = f" at step {step}" if step is not None else ""
+    kinds = [g for g in GAPS if g[0] in ds]
+    fig, titles = go.Figure(), []
+    for i, (var, _, name) in enumerate(kinds):
+        values = rel if var == "rel_gap" else gap
+        # log colour scale: gaps span decades (one large layer-0 cell made every other cell one colour on
+        # a linear scale). Plotly has no log colour axis, so z is log10(gap) and the colour bar is labelled
+        # in gap units; hover shows the gap itself. A gap <= 0 has no log: it is left blank.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logz = np.where(values > 0, np.log10(np.where(values > 0, values, 1.0)), np.nan)
+        fig.add_trace(go.Heatmap(
+            z=[finite(row) for row in logz], x=comps, y=layers, colorscale="Viridis", visible=i == 0, name=var,
+            colorbar=dict(title=dict(text=f"{label(ds[var])}<br>(log scale)"), **_log_ticks(logz)),
+            customdata=custom, text=marks, texttemplate="%{text}", hovertemplate=hover))
+        titles.append(f"Hessian eigengap{at}: {name} (k = {esc(k)}, log colour scale); "
+                      "† = not certified (residual not ≪ gap)")
+    buttons = [dict(label=short, method="update",
+                    args=[{"visible": [j == i for j in range(len(kinds))]}, {"title": {"text": titles[i]}}])
+               for i, (_, short, _) in enumerate(kinds)]
+    fig.update_layout(title=titles[0], xaxis_title="component", yaxis=dict(title="layer", dtick=1), height=520,
+                      updatemenus=[dict(buttons=buttons, active=0, x=1, xanchor="right", y=1.15, yanchor="top")]
+                      if len(kinds) > 1 else [])
     return fig
 
 
@@ -155,11 +184,8 @@ def _log_ticks(logz: np.ndarray) -> dict:
 # --------------------------------------------------------------------------- Fig. 2
 def subspace_figure(ds: xr.Dataset, var: str = "overlap_prev") -> go.Figure:
     """Gradient-subspace overlap (or another per-step grad_subspace variable) per component."""
-    labels = {"overlap_prev": "overlap with previous snapshot", "overlap_final": "overlap with final subspace",
-              "grassmann_prev": "Grassmann distance to previous",
-              "energy_in_weight_subspace": "gradient energy in weight subspace"}
-    rank = ds.attrs.get("rank")
-    return _per_component_lines(ds[var], f"{labels.get(var, var)} (rank {rank})", var)
+    da = ds[var]
+    return _per_component_lines(da, f"{long_name(da)} (rank {ds.attrs.get('rank')})", label(da))
 
 
 def emergence_figure(ds: xr.Dataset) -> go.Figure:
@@ -177,62 +203,16 @@ def emergence_figure(ds: xr.Dataset) -> go.Figure:
             coloraxis="coloraxis",
             hovertemplate=f"component {comp} (mean over layers)<br>step %{{y}}<br>index %{{x}}"
                           "<br>σ̂ %{z:.3f}<extra></extra>")))
+    bar = label(ds["sigma_norm"]).replace(" ", "<br>", 1)  # "min-max<br>normalized singular values"
     return _grid_figure(comps, traces, "Emergence of the low-rank weight spectrum (σ̂ per step, mean over layers)",
-                        "singular value index", "step", coloraxis=dict(colorscale="Inferno", colorbar=dict(title="σ̂")))
-
-
-# --------------------------------------------------------------------------- Fig. 3
-def spectrum_figure(ds: xr.Dataset, thresholds: list[tuple[str, float]] | None = None) -> go.Figure:
-    """Normalized singular values at the final snapshot, one line per layer; the first threshold
-    is shaded (green = kept, σ̂ ≥ k; red = pruned), further ones are dashed lines."""
-    final = ds["sigma_norm"].isel(step=-1)
-    step = int(ds["step"].values[-1])
-    comps = _components(final["component"].values)
-    layers = [int(l) for l in final["layer"].values]
-    colors = _layer_colors(layers)
-    traces = []
-    for i, comp in enumerate(comps):
-        for layer in layers:
-            y = final.sel(layer=layer, component=comp).values
-            keep = thin(int(np.isfinite(y).sum()))
-            traces.append((i, dict(
-                type="scatter", x=[int(j) + 1 for j in keep], y=finite(y[keep]), mode="lines", name=f"layer {layer}",
-                legendgroup=f"L{layer}", showlegend=i == 0, line=dict(color=colors[layer], width=1.5),
-                hovertemplate=f"layer {layer}<br>component {comp}<br>step {step}<br>index %{{x}}"
-                              "<br>σ̂ %{y:.4f}<extra></extra>")))
-    shapes, notes = _threshold_shapes(len(comps), thresholds or [])
-    return _grid_figure(comps, traces, f"Normalized singular values (σ−σmin)/(σmax−σmin) at step {step}",
-                        "index (sorted)", "σ̂", yrange=[0, 1.02], shapes=shapes, notes=notes)
-
-
-def _threshold_shapes(n: int, thresholds: list[tuple[str, float]]) -> tuple[list[dict], list[dict]]:
-    """Shaded kept/pruned bands for the first k and a line per k in each of n subplots (built as
-    one list: Plotly's add_hrect(row="all") re-copies the layout per call and is slow). The k values
-    are named in the legend, not written next to their lines: at the right end of a subplot, where
-    such a label has to sit, the normalized spectra run along the bottom and hid the labels (and
-    several small k overlapped each other)."""
-    shapes = []
-    # the other k: brown to orange (the layer lines use Viridis, the bands red/green)
-    # positions spread over [0.45, 0.95] whatever the count (3 maps once gave -0.05: PlotlyError)
-    spread = max(len(thresholds) - 1, 1)
-    shades = sample_colorscale("YlOrBr", [min(1.0, max(0.0, 0.95 - 0.5 * j / spread)) for j in range(len(thresholds))])
-    for i in range(n):
-        ax = "" if i == 0 else str(i + 1)
-        span = dict(xref=f"x{ax} domain", yref=f"y{ax}", x0=0, x1=1, layer="below")
-        for j, (label, k) in enumerate(thresholds):
-            if j == 0:
-                shapes.append(dict(type="rect", y0=0, y1=k, fillcolor=RED.format(a=0.12), line_width=0, **span))
-                shapes.append(dict(type="rect", y0=k, y1=1, fillcolor=GREEN.format(a=0.10), line_width=0, **span))
-            line = dict(color="black" if j == 0 else shades[j - 1], width=1.5 if j == 0 else 1.2,
-                        dash=DASHES[j % len(DASHES)])
-            shapes.append(dict(type="line", y0=k, y1=k, line=line, name=esc(label), legendgroup=f"k{j}",
-                               showlegend=i == 0, legendrank=2000 + j, **span))
-    return shapes, []
+                        "singular value index", "step", coloraxis=dict(colorscale="Inferno", colorbar=dict(title=bar)))
 
 
 def heavy_tail_figure(ds: xr.Dataset, metric: str) -> go.Figure:
-    """A weightwatcher-style metric (alpha, stable_rank, ...) across training per component."""
-    return _per_component_lines(ds[metric], f"{metric} across training", metric)
+    """A weightwatcher-style metric (alpha, stable_rank, ...) across training per component, titled by
+    the store's long_name and units, not by the variable's snake_case name."""
+    da = ds[metric]
+    return _per_component_lines(da, f"{long_name(da)} across training", label(da))
 
 
 # --------------------------------------------------------------------------- Fig. 7

@@ -33,6 +33,7 @@ th { background: #f5f5f5; } td.num { text-align: right; font-variant-numeric: ta
 p.missing { color: #888; font-style: italic; } p.problem { color: #b00; }
 nav a { margin-right: 1em; } code { background: #f3f3f3; padding: 0 3px; }
 .figure { margin: 1em 0; }
+tr.worse td { background: #fde0dd; color: #8b0000; font-weight: 600; }
 """
 
 
@@ -54,14 +55,17 @@ def slug(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", str(s).lower()).strip("-") or "x"
 
 
-def table(headers: list[str], rows: list[list], numeric_cols: tuple[int, ...] = ()) -> str:
-    """An escaped HTML table; cells may be any value (str() is taken)."""
+def table(headers: list[str], rows: list[list], numeric_cols: tuple[int, ...] = (),
+          row_classes: list[str] | None = None) -> str:
+    """An escaped HTML table; cells may be any value (str() is taken). `row_classes`: a CSS class per
+    row ("" for none), e.g. "worse" to flag a row in red."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = []
-    for row in rows:
+    for i, row in enumerate(rows):
         cells = "".join(f'<td{" class=num" if j in numeric_cols else ""}>{html.escape(str(c))}</td>'
                         for j, c in enumerate(row))
-        body.append(f"<tr>{cells}</tr>")
+        cls = row_classes[i] if row_classes and i < len(row_classes) else ""
+        body.append(f'<tr class="{slug(cls)}">{cells}</tr>' if cls else f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
@@ -143,11 +147,13 @@ def _section(sec: Section) -> str:
     return "\n".join(parts)
 
 
-def page(title: str, summary: list[tuple[str, str]], sections: list[Section]) -> str:
-    """The whole report: title, summary table, a contents line, then every section in order, and at
-    the end the compressed plotly.js and figure specs with the script that draws them."""
+def page(title: str, summary: list[tuple], sections: list[Section]) -> str:
+    """The whole report: title, summary table (rows (key, value) or (key, value, css class)), a contents
+    line, then every section in order, and at the end the compressed plotly.js and figure specs with the
+    script that draws them."""
     nav = " ".join(f'<a href="#{slug(s.key)}">{html.escape(s.title)}</a>' for s in sections)
-    summary_html = table(["", ""], [[k, v] for k, v in summary])
+    summary_html = table(["", ""], [[r[0], r[1]] for r in summary], row_classes=[r[2] if len(r) > 2 else ""
+                                                                                 for r in summary])
     summary_html = summary_html.replace("<thead><tr><th></th><th></th></tr></thead>", "")
     body = "\n".join(_section(s) for s in sections)
     specs = [figure_spec(name, fig) for s in sections for name, fig in s.figures]

@@ -7,6 +7,9 @@ import html
 import math
 
 import numpy as np
+import xarray as xr
+
+from spectra.io.variables import attrs_for
 
 GREEN, RED = "rgba(44,160,44,{a})", "rgba(214,39,40,{a})"
 # one colour family per method, the same in every figure: (dark, light) -- the light shade is the
@@ -33,8 +36,27 @@ def fmt(v, spec: str = ".4g") -> str:
     return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else "–"
 
 
+def pct(v, spec: str = ".1%") -> str:
+    """A fraction as a percentage ("50.0%"), "–" for a missing one."""
+    return fmt(v, spec)
+
+
 def num(v) -> float:
     try:
         return float(v)
     except (TypeError, ValueError):
         return float("nan")
+
+
+def long_name(da: xr.DataArray, name: str | None = None) -> str:
+    """The variable's `long_name` attribute (else the spectra.io.variables entry of its name)."""
+    return str(da.attrs.get("long_name") or attrs_for(name or str(da.name))["long_name"])
+
+
+def label(da: xr.DataArray, name: str | None = None) -> str:
+    """An axis title from the variable's own `long_name` and `units` (spectra.io.variables puts them on
+    every stored variable; a Dataset built in memory without them falls back to the same table), never
+    its snake_case name: "stable rank (count)", "power-law exponent" (units "1" are left unsaid)."""
+    units = str(da.attrs.get("units", attrs_for(name or str(da.name))["units"]) or "")
+    text = long_name(da, name)
+    return f"{text} ({units})" if units not in ("", "1") else text

@@ -11,6 +11,7 @@ import xarray as xr
 from plotly.subplots import make_subplots
 
 from reports.style import finite
+from reports.style import label as axis_label
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f")
 
@@ -51,7 +52,7 @@ def sweep_figure(ds: xr.Dataset) -> go.Figure:
                                          line=dict(color="black", dash="dash", width=1),
                                          hovertemplate=f"dense ppl {dense:.4f}<extra></extra>"), row=r, col=c)
             fig.update_xaxes(title_text="target ERR (%)", row=r, col=c)
-            fig.update_yaxes(title_text="perplexity (log)", type="log", row=r, col=c)
+            fig.update_yaxes(title_text=f"{axis_label(ds['ppl'])} (log scale)", type="log", row=r, col=c)
     recovered = ""
     if "ppl_recovered" in ds and np.isfinite(ds["ppl_recovered"].values).any():
         recovered = f"; after {ds.attrs.get('recover_steps', '')} WeLore-PEFT steps dashed / dash-dotted"

@@ -34,7 +34,8 @@ _API = {
     "spectrum": "spectra.analysis.spectrum:spectrum",
     "grad_subspace": "spectra.analysis.subspace:grad_subspace",
     "hessian_gaps": "spectra.analysis.hessian:hessian_gaps",
-    "hessian_density": "spectra.analysis.density:hessian_density",
+    "hessian_density": "spectra.analysis.hessian:hessian_density",
+    "claims": "spectra.analysis.claims:claims",
     # compression
     "calibrate": "spectra.compression.calibration:calibrate",
     "rank_map": "spectra.compression.ranks:rank_map",

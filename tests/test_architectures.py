@@ -574,7 +574,8 @@ def test_finetune_targets_leaves_of_compressed_fused_models(name):
     from spectra.compression.allocation import build_rank_map
     from spectra.compression.lowrank import compress
     from spectra.compression.ranks import model_spectra
-    from spectra.lm.finetune import FinetuneConfig, decoder_linears, prepare
+    from spectra.lm.finetune import decoder_linears, prepare
+    from spectra.lm.recipe import FinetuneConfig
     from spectra.models.modeling_spectra import FusedLinear
 
     model = build(name)

@@ -205,3 +205,41 @@ def test_tokenizer_of_a_compressed_folder_loads_without_the_config_type_warning(
         assert seen and "to instantiate" in seen[-1]
     finally:
         log.removeHandler(handler)
+
+
+@pytest.mark.unit
+def test_rows_whose_text_is_not_a_string_are_refused_naming_file_and_row(tmp_path):
+    """`text: null` reached the tokenizer as None (a raw TypeError mid-run); integer rows made an int64
+    column. Both are refused when the files are read, naming the file and the row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from spectra.data import docs_from_texts
+
+    good = tmp_path / "0-good.jsonl"  # first: datasets casts later files to its types
+    good.write_text('{"text": "fine"}\n')
+    cases = {
+        "null.jsonl": ('{"text": "a"}\n{"text": null}\n', 'null.jsonl row 2: "text" is null'),
+        "ints.jsonl": ('{"text": 1}\n{"text": 2}\n', 'ints.jsonl row 1: "text" is int'),
+        "mixed.jsonl.gz": ('{"text": "a"}\n\n{"text": 7}\n', 'mixed.jsonl.gz row 3: "text" is int'),
+        "array.json": ('[{"text": "a"}, {"text": {"nested": 1}}]', 'array.json row 2: "text" is dict'),
+        "missing.jsonl": ('{"text": "a"}\n{"body": "b"}\n', 'missing.jsonl row 2 has no "text" field'),
+    }
+    for name, (body, msg) in cases.items():
+        path = tmp_path / name
+        if name.endswith(".gz"):
+            with gzip.open(path, "wt") as f:
+                f.write(body)
+        else:
+            path.write_text(body)
+        with pytest.raises(SpectraError, match=msg.replace("(", r"\(")):
+            load_local_docs(str(path), "--calib-data")
+        with pytest.raises(SpectraError, match=f"--calib-data {path}"):
+            load_local_docs(f"{good},{path}", "--calib-data")  # among good files, still the bad one is named
+    pq.write_table(pa.table({"text": ["a", None]}), tmp_path / "p.parquet")
+    with pytest.raises(SpectraError, match='p.parquet row 2: "text" is null'):
+        load_local_docs(str(tmp_path / "p.parquet"))
+    assert load_local_docs(str(good))["text"] == ["fine"]
+    with pytest.raises(SpectraError, match="text 1 is null"):
+        docs_from_texts(["a", None])
+    assert docs_from_texts(["a", "b"])["text"] == ["a", "b"]

@@ -9,7 +9,7 @@ import torch
 from test_hessian import dense_hessian, micro  # noqa: F401  (the same float64 micro LLaMA fixture)
 
 from spectra.analysis.density import broaden, density_dataset, quadrature, slq
-from spectra.analysis.hessian import component_gap
+from spectra.analysis.hessian_block import component_gap
 from spectra.errors import SpectraError
 from spectra.linalg.lanczos import block_lanczos
 
@@ -75,7 +75,7 @@ def test_bad_krylov_matrix_is_one_error():
 
 def test_report_figure_draws_one_normalized_curve_per_layer_and_component():
     from reports.density_figure import hessian_density_figure
-    from spectra.analysis.hessian import ComponentGap
+    from spectra.analysis.hessian_block import ComponentGap
 
     g = torch.Generator().manual_seed(4)
     results = []

@@ -57,7 +57,7 @@ def test_perplexity_rejects_bad_windows():
 
 
 def test_window_cache_hit_returns_identical_windows(tokenizer, tmp_path, monkeypatch):
-    import spectra.data as data
+    import spectra.data.windows as data
 
     first = data.text_windows(str(OLMO_C4), tokenizer, 64, 1024, cache_dir=tmp_path)
     assert first.shape == (16, 64) and len(list(tmp_path.glob("windows-*.safetensors"))) == 1
@@ -130,3 +130,20 @@ def test_perplexity_bf16_autocast_matches_fp32(t5_ckpt, tokenizer, tmp_path):
     cpu = perplexity(load_causal_lm(t5_ckpt), windows, batch_size=8, device="cpu")
     gpu = perplexity(load_causal_lm(t5_ckpt, device="cuda"), windows, batch_size=8, device="cuda")
     assert gpu[2] == cpu[2] and gpu[0] == pytest.approx(cpu[0], rel=1e-2)
+
+
+def test_eval_says_what_it_scores_and_shows_progress(t5_ckpt, tmp_path, capsys, monkeypatch):
+    """A long eval (171 s on the C4 folder) was silent: it now names the windows and tokens it scores and
+    reports progress through spectra.progress (plain lines in a log, here: stderr is not a TTY)."""
+    from spectra.cli import main
+
+    monkeypatch.setenv("SPECTRA_PROGRESS_EVERY", "0")  # a line per batch
+    assert main(["eval", str(t5_ckpt), "--data", str(OLMO_C4), "--tokenizer", str(T5_DIR), "--seq-len", "64",
+                 "--tokens", "640", "--batch-size", "4", "--device", "cpu", "--cache-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert f"10 windows of 64 tokens, the first 640 tokens of {OLMO_C4} (630 predicted)" in err[0]
+    bars = [line for line in err if line.startswith("eval: ")]
+    heads = [b.split(",")[0] for b in bars]
+    assert heads[0] == "eval: 0/10 (0%)" and {"eval: 4/10 (40%)", "eval: 8/10 (80%)"} <= set(heads)
+    assert heads[-1] == "eval: 10/10 (100%)" and "done" in bars[-1]
+    assert all(len(b) <= 200 and "\r" not in b for b in bars)

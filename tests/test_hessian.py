@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from spectra.analysis.hessian import component_gap
+from spectra.analysis.hessian_block import component_gap
 from spectra.cli import main
 from spectra.io.analysis_store import read_analysis
 from spectra.linalg.hvp import BlockHVP, only_grad, pyhessian_eigenvalues
@@ -163,9 +163,7 @@ def _args(shared_data, ckpt, *extra):
         "--layers",
         "1",
         "--components",
-        "v",
-        "--components",
-        "down",
+        "v,down",
         "--k",
         "2",
         "--block-size",
@@ -262,7 +260,8 @@ def test_bad_checkpoint_is_one_error_line(tmp_path, capsys):
 
 def test_uncertified_components_reach_the_table_store_and_report():
     from reports.figures import hessian_gap_figure
-    from spectra.analysis.hessian import ComponentGap, gaps_dataset, uncertified
+    from spectra.analysis.hessian import gaps_dataset, uncertified
+    from spectra.analysis.hessian_block import ComponentGap
 
     ev = np.array([[3.0, 2.0, 1.0]])
     res = np.array([[1e-9, 1e-9, 1e-9]])

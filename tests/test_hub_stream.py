@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import C4_SAMPLE, T5_DIR
 
+import spectra.data.hub as hub
 from spectra.data import HUB_C4, PackedStream, load_hub_c4
 
 
@@ -27,6 +28,7 @@ def fake_hub(monkeypatch, shared_data):
         return part.to_iterable_dataset(num_shards=4)
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: None)  # the stand-in needs no network
     return calls
 
 
@@ -62,3 +64,28 @@ def test_pretrain_without_data_streams_c4(fake_hub, tmp_path):
 
     state = load_trainer_state(tmp_path / "hub" / "checkpoints" / "step_3")
     assert state["data"][0].hub_state is not None
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_DATASETS_OFFLINE": "true"},
+                                 {"HF_ENDPOINT": "http://127.0.0.1:9"}], ids=["hub-offline", "datasets-offline",
+                                                                              "refused"])
+def test_offline_is_one_fast_line_and_never_asks_the_hub(monkeypatch, env):
+    """Offline, `datasets` retried for ~25 s (five "Retrying in ..." lines) before failing: spectra now
+    tells at once, naming the option to pass, and `datasets.load_dataset` is never called."""
+    import time
+
+    import datasets
+
+    from spectra.errors import SpectraError
+
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+                "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the hub was asked"))
+    t0 = time.monotonic()
+    with pytest.raises(SpectraError, match="no --calib-data given .* pass --calib-data PATH") as e:
+        load_hub_c4("train", "--calib-data")
+    assert time.monotonic() - t0 < 6 and "\n" not in str(e.value)
+    assert next(iter(env)) in str(e.value) or "refused" in str(e.value).lower()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -12,12 +14,11 @@ from spectra.models.parts import select_components
 
 
 @pytest.fixture()
-def run(tmp_path):
+def run(tmp_path, tiny_ckpt):
     """The layout `spectra pretrain` leaves, under a --runs-dir that is not called runs/."""
     run = tmp_path / "elsewhere" / "r1"
-    (run / "checkpoints" / "step_8").mkdir(parents=True)
-    (run / "checkpoints" / "step_8" / "config.json").write_text("{}")
-    (run / "checkpoints" / "step_8" / "model.safetensors").write_bytes(b"")  # a checkpoint has weights
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tiny_ckpt, run / "checkpoints" / "step_8")  # a real checkpoint: resolve validates it
     (run / "checkpoints" / "latest").write_text("step_8")
     (run / "snapshots.zarr").mkdir()
     (run / "compressed" / "welore-err50").mkdir(parents=True)

@@ -17,9 +17,13 @@ from plotly.offline import get_plotlyjs
 
 from reports import curves as C
 from reports import figures as F
-from reports.build import build_report, report_command
+from reports import spectrum_figure as S
+from reports import summary as R
+from reports.build import build_report, finetune_section, spectrum_section, write_report
 from reports.datasets import dataset_keys, dataset_labels
 from reports.html import unpacked
+from reports.inputs import RunInputs, report_folder
+from spectra.cli.report import command as report_command
 from spectra.errors import SpectraError
 from spectra.io.analysis_store import write_analysis
 
@@ -146,15 +150,30 @@ def report(full_run) -> str:
 
 # --------------------------------------------------------------------------- figure numbers
 @pytest.mark.unit
-def test_hessian_heatmap_plots_gap_and_flags_unconverged_cells():
+def test_hessian_heatmap_plots_both_gaps_and_flags_unconverged_cells():
     ds = hessian_ds()
-    (hm,) = F.hessian_gap_figure(ds).data
-    assert list(hm.x) == COMPS and list(hm.y) == LAYERS
-    np.testing.assert_allclose(10 ** np.array(hm.z, float), ds["gap"].values)  # log colour scale
-    marks = np.array(hm.text)
-    assert marks[1, COMPS.index("v")] == "†" and (marks == "†").sum() == 1
-    np.testing.assert_allclose(np.array(hm.customdata)[..., 2], ds["rel_gap"].values)
-    np.testing.assert_allclose(np.array(hm.customdata)[..., 0], ds["gap"].values)  # hover shows the gap itself
+    fig = F.hessian_gap_figure(ds)
+    rel, gap = fig.data  # relative first (shown), absolute behind the dropdown
+    for hm in (rel, gap):
+        assert list(hm.x) == COMPS and list(hm.y) == LAYERS
+        marks = np.array(hm.text)
+        assert marks[1, COMPS.index("v")] == "†" and (marks == "†").sum() == 1
+        np.testing.assert_allclose(np.array(hm.customdata)[..., 0], ds["gap"].values)  # hover shows both gaps
+        np.testing.assert_allclose(np.array(hm.customdata)[..., 2], ds["rel_gap"].values)
+    np.testing.assert_allclose(10 ** np.array(gap.z, float), ds["gap"].values)  # log colour scale
+    np.testing.assert_allclose(10 ** np.array(rel.z, float), ds["gap"].values / ds["eigenvalues"].values[..., 0])
+    assert (rel.visible, gap.visible) == (True, False)
+    (menu,) = fig.layout.updatemenus
+    assert [b.label for b in menu.buttons] == ["relative gap", "absolute gap"]
+    assert [b.args[0]["visible"] for b in menu.buttons] == [[True, False], [False, True]]
+    titles = [b.args[1]["title"]["text"] for b in menu.buttons]
+    assert titles[0] == fig.layout.title.text  # the title always names the gap on screen
+    assert "relative gap (λ<sub>k</sub> − λ<sub>k+1</sub>) / |λ<sub>1</sub>|" in titles[0]
+    assert "absolute" not in titles[0]
+    assert "absolute gap λ<sub>k</sub> − λ<sub>k+1</sub>" in titles[1] and "relative" not in titles[1]
+    # the colour bars carry the store's long_name and units, not the variable names
+    assert gap.colorbar.title.text.startswith("eigengap λ_k - λ_{k+1} (loss / weight units²)")
+    assert rel.colorbar.title.text.startswith("relative eigengap<br>")
 
 
 @pytest.mark.unit
@@ -162,14 +181,27 @@ def test_hessian_heatmap_log_colour_bar_and_rendered_title():
     ds = hessian_ds()
     ds["gap"][0, 0] = 0.0  # a zero gap has no log: a blank cell, not -inf
     fig = F.hessian_gap_figure(ds)
-    (hm,) = fig.data
+    hm = fig.data[1]
     assert hm.z[0][0] is None and hm.customdata[0][0][0] == 0.0
     bar = hm.colorbar
     np.testing.assert_allclose([10**v for v in bar.tickvals], [float(t) for t in bar.ticktext], rtol=1e-12)
     lo, hi = np.log10(np.sort(ds["gap"].values[ds["gap"].values > 0])[[0, -1]])
     assert len(bar.tickvals) >= 2 and lo - 1e-9 <= min(bar.tickvals) and max(bar.tickvals) <= hi + 1e-9
-    title = fig.layout.title.text
+    title = fig.layout.updatemenus[0].buttons[1].args[1]["title"]["text"]
     assert "λ<sub>k</sub> − λ<sub>k+1</sub>" in title and "λ_k" not in title and "k = 2" in title
+
+
+@pytest.mark.unit
+def test_hessian_heatmap_of_a_store_with_steps_draws_the_last_step():
+    one = hessian_ds()
+    ds = xr.concat([one.assign(gap=one["gap"] * 10, rel_gap=one["rel_gap"] * 10), one], dim="step")
+    ds = ds.assign_coords(step=[100, 200])
+    fig = F.hessian_gap_figure(ds)
+    np.testing.assert_allclose(10 ** np.array(fig.data[1].z, float), one["gap"].values)
+    np.testing.assert_allclose(10 ** np.array(fig.data[0].z, float), one["rel_gap"].values)
+    assert "at step 200" in fig.layout.title.text
+    only_abs = F.hessian_gap_figure(one.drop_vars("rel_gap"))  # an older store: the one gap it has, said so
+    assert len(only_abs.data) == 1 and not only_abs.layout.updatemenus and "absolute gap" in only_abs.layout.title.text
 
 
 @pytest.mark.unit
@@ -186,7 +218,7 @@ def test_subspace_lines_one_per_layer_and_component():
 @pytest.mark.unit
 def test_spectrum_curves_use_final_step_and_shade_threshold():
     ds = spectrum_ds()
-    fig = F.spectrum_figure(ds, [("k=0.175", 0.175), ("k=0.3", 0.3)])
+    fig = S.spectrum_figure(ds, [("k=0.175", 0.175), ("k=0.3", 0.3)])
     k_curve = next(t for t in fig.data if "layer 0<br>component k<br>step 30" in t.hovertemplate)
     np.testing.assert_allclose(k_curve.y, ds["sigma_norm"].sel(step=30, layer=0, component="k").values[:8])
     assert list(k_curve.x) == list(range(1, 9))  # NaN padding dropped
@@ -206,7 +238,7 @@ def test_long_spectra_are_thinned_keeping_true_indices():
     sig = np.linspace(1.0, 0.0, n)[None, None, None, :]
     ds = xr.Dataset({"sigma_norm": (("step", "layer", "component", "index"), sig)},
                     coords={"step": [5], "layer": [0], "component": ["q"], "index": np.arange(n)})
-    (tr,) = F.spectrum_figure(ds).data
+    (tr,) = S.spectrum_figure(ds).data
     assert len(tr.x) == F.MAX_POINTS and tr.x[0] == 1 and tr.x[-1] == n
     np.testing.assert_allclose(tr.y, sig[0, 0, 0, np.array(tr.x) - 1])  # each point is the true value at its index
     (hm,) = F.emergence_figure(ds).data
@@ -229,6 +261,27 @@ def test_heavy_tail_lines_plot_metric():
     fig = F.heavy_tail_figure(ds, "alpha")
     tr = next(t for t in fig.data if "layer 1<br>component down" in t.hovertemplate)
     np.testing.assert_allclose(tr.y, ds["alpha"].sel(layer=1, component="down").values)
+
+
+@pytest.mark.unit
+def test_heavy_tail_axes_use_the_stores_long_name_and_units(tmp_path):
+    from spectra.io.analysis_store import read_analysis
+
+    write_analysis(tmp_path / "a.zarr", "spectrum", spectrum_ds())
+    ds = read_analysis(tmp_path / "a.zarr", "spectrum")  # attrs as the store holds them
+    want = {"alpha": "power-law exponent", "stable_rank": "stable rank (count)",
+            "effective_rank": "effective rank (count)", "log_norm": "log10 Frobenius norm (log10(weight units))",
+            "alpha_weighted": "weighted alpha"}
+    for metric, label in want.items():
+        assert ds[metric].attrs["long_name"] in label  # the store's own words
+        fig = F.heavy_tail_figure(ds, metric)
+        assert fig.layout.yaxis.title.text == label and metric not in fig.layout.title.text
+        assert all(f"<br>{label} %{{y:.4g}}" in t.hovertemplate for t in fig.data)
+    # whatever the store says is what the axis says (not a table in the report)
+    ds["alpha"].attrs.update(long_name="tail exponent of the ESD", units="per decade")
+    assert F.heavy_tail_figure(ds, "alpha").layout.yaxis.title.text == "tail exponent of the ESD (per decade)"
+    assert F.subspace_figure(subspace_ds(), "overlap_prev").layout.yaxis.title.text == (
+        "overlap with the previous snapshot")
 
 
 @pytest.mark.unit
@@ -320,10 +373,11 @@ def test_finetune_figures_plot_curves_and_costs():
     loss = C.finetune_loss_figure(runs)
     assert [t.name for t in loss.data] == ["uniform-err50", "welore-err50"]
     assert list(loss.data[1].x) == [1, 2, 3] and list(loss.data[1].y) == [3.0, 2.5, 2.25]
-    mem, tps, frac, ppl = C.finetune_cost_figure(runs).data
+    mem, tps, frac, ppl, before = C.finetune_cost_figure(runs).data
     assert list(mem.y) == [3.0, 2.0] and list(frac.y) == [25.0, 25.0] and list(ppl.y) == [9.5, 9.5]
     assert ppl.type == "scatter" and ppl.mode == "markers"  # a dot plot: its axis need not start at 0
-    assert mem.type == "bar" and [c[0] for c in ppl.customdata] == [11.0, 11.0]
+    assert mem.type == "bar" and [c[0] for c in ppl.customdata] == [11.0, 11.0] and list(before.y) == [11.0, 11.0]
+    assert C.WORSE not in ppl.marker.color  # both improved: nothing flagged
 
 
 @pytest.mark.unit
@@ -387,17 +441,21 @@ def test_report_is_deterministic_self_contained_and_escaped(full_run, report):
     figures = unpacked(payload["figures-gz"])
     for page_text in (text, figures):
         assert "<script>alert" not in page_text and "runs/x<b>" not in page_text  # user strings escaped everywhere
-    hm = next(f for f in specs if f["id"] == "fig-hessian-gap")["data"][0]  # the page's numbers are the figure's
+    rel, hm = next(f for f in specs if f["id"] == "fig-hessian-gap")["data"]  # the page's numbers are the figure's
     gap = hessian_ds()["gap"].values  # rounded to 7 significant digits on the page
     np.testing.assert_allclose(np.array(hm["customdata"])[..., 0], gap, rtol=5e-7)
     np.testing.assert_allclose(np.array(hm["z"], float), np.log10(gap), rtol=5e-7)
-    assert "final validation perplexity</td><td>54.6 (step 30)" in text
+    np.testing.assert_allclose(np.array(rel["z"], float), np.log10(hessian_ds()["rel_gap"].values), rtol=5e-7)
+    assert "final validation perplexity</td><td>54.6 (step 30; the training loop on " in text
     assert "model</td><td>tiny · layers 2, hidden 64" in text and "snapshots</td><td>2 (steps 20–30)" in text
     assert "target ERR 50.0%, achieved 49.0%, k=0.175" in text
-    assert "best ppl welore · c4</td><td>12.5 (ERR 10.0%)" in text
+    # no "best ppl" rows (they picked the least-compressed map); these evals name no rank map, so none is ranked
+    assert "best ppl" not in text
+    assert "compressed perplexity</td><td>no two methods were evaluated at matched parameter counts" in text
     assert "<td class=num>12.50</td><td class=num>30.00</td>" in text and "<td class=num>nan</td>" in text
     assert ("<td>welore-err50</td><td>welore</td><td class=num>50.0%</td><td class=num>3</td><td>1,000 / 4,000</td>"
-            "<td class=num>2</td><td class=num>512</td><td class=num>11</td><td class=num>9.5</td>") in text
+            "<td class=num>2</td><td class=num>512</td><td class=num>11</td><td class=num>9.5</td>"
+            "<td class=num>-13.6%</td>") in text
     assert 1.5e6 < len(text.encode()) < 2.5e6  # compressed plotly.js (~2 MB) once, not per figure
 
 
@@ -413,11 +471,11 @@ def test_report_rank_maps_show_parameter_reduction_and_merge_dataset_spellings(r
     assert ("ranks uniform-err10</td><td>uniform: target ERR 10.0%, no LRC, nothing factorized; params 1.000× "
             "(0/14 LRCs); rank ERR 9.0% by dense truncation</td>") in text
     assert "achieved 9.0%" not in text and "achieved 10" not in text
-    assert f"<td class=num>9.5</td>{cell}</tr>" in text  # finetuning: the reduction of the model it started from
+    # finetuning: the reduction of the model it started from
+    assert f"<td class=num>9.5</td><td class=num>-13.6%</td>{cell}</tr>" in text
     # one table per dataset, listing every spelling of it
     assert text.count("<p>perplexity on wikipedia/validation (") == 1
     assert f"(<code>{WIKI_A}</code>, <code>{WIKI_B}</code>)</p>" in text
-    assert "best ppl welore · wikipedia/validation</td><td>7.5 (ERR 10.0%)" in text
 
 
 @pytest.mark.unit
@@ -448,8 +506,7 @@ def test_empty_or_missing_run_folder_is_one_error(tmp_path):
 
 @pytest.mark.unit
 def test_cli_report_is_byte_identical_rebuild(full_run, report, tmp_path):
-    # a one-command app parses exactly like `spectra report` (importing spectra.cli would pull in
-    # every other command's dependencies)
+    # a one-command app parses exactly like `spectra report`
     import typer
     from typer.testing import CliRunner
 
@@ -470,7 +527,7 @@ def test_report_command_default_location(full_run, report, capsys, monkeypatch):
     import reports.build
 
     monkeypatch.setattr(reports.build, "build_report", lambda run, title: report)  # the path logic only
-    report_command(full_run, title=TITLE)
+    report_command(path=str(full_run), title=TITLE)
     assert capsys.readouterr().out.strip() == str(full_run / "report.html")
     assert (full_run / "report.html").read_text() == report
 
@@ -549,5 +606,152 @@ def test_sweep_figure_plots_every_method_variant_and_dense():
 @pytest.mark.unit
 @pytest.mark.parametrize("n", range(1, 12))
 def test_threshold_shades_for_any_number_of_maps(n):
-    shapes, _ = F._threshold_shapes(2, [(f"k{j}", 0.1 * (j + 1)) for j in range(n)])
+    shapes, _ = S._threshold_shapes(2, [(f"k{j}", 0.1 * (j + 1)) for j in range(n)])
     assert len(shapes) >= 2 * n  # a band or line per k in each subplot, whatever n (3 once raised PlotlyError)
+
+
+# --------------------------------------------------------------------------- issue 19 / 17: what the numbers mean
+def map_of(method: str, err: float, n_lrc: int, rank: int, bump: int = 0) -> dict:
+    """A 2-layer 64x64 map: the first `n_lrc` components of each layer factorized at `rank` (the first
+    one at rank + bump), the rest dense."""
+    comps = [{"layer": l, "component": c, "shape": [64, 64], "full_rank": 64,
+              "rank": rank + (bump if (l, i) == (0, 0) else 0) if i < n_lrc else 64, "lrc": i < n_lrc}
+             for l in LAYERS for i, c in enumerate(COMPS)]
+    return {"method": method, "target_err": err, "achieved_err": err, "k": None, "err_by": "rank", "components": comps}
+
+
+@pytest.mark.unit
+def test_compressed_perplexity_is_compared_at_matched_parameters_not_best_per_method():
+    maps = {"welore-err50": map_of("welore", 0.5, 3, 8), "uniform-err50": map_of("uniform", 0.5, 3, 8, bump=2),
+            "welore-err10": map_of("welore", 0.1, 1, 16), "uniform-err10": map_of("uniform", 0.1, 2, 20)}
+    ratio = {n: params_ratio(m) for n, m in maps.items()}
+    # by hand: 6 LRCs at r(m+n) = 8·128, the other 8 matrices 64·64; uniform's one rank-10 matrix adds 2·128
+    assert ratio["welore-err50"] == pytest.approx((6 * 8 * 128 + 8 * 4096) / (14 * 4096), rel=1e-12)
+    assert abs(ratio["welore-err50"] - ratio["uniform-err50"]) < R.MATCH_TOL  # matched
+    assert abs(ratio["welore-err10"] - ratio["uniform-err10"]) > R.MATCH_TOL  # not matched
+    ppl = {"welore-err50": 30.0, "uniform-err50": 25.0, "welore-err10": 12.0, "uniform-err10": 11.0}
+    evals = [{"model": f"runs/r/compressed/{n}", "method": maps[n]["method"], "err": maps[n]["target_err"],
+              "dataset": "c4", "tokens": 4096, "seq_len": 64, "ppl": p} for n, p in ppl.items()]
+    evals.append({"model": "runs/r/checkpoints/step_30", "method": "dense", "err": 0.0, "dataset": "c4", "ppl": 10.0})
+    inp = RunInputs(root=Path("r"), rank_maps=maps, evals=evals)
+    (row,) = R.matched_rows(inp)
+    mean = (ratio["welore-err50"] + ratio["uniform-err50"]) / 2
+    assert row[0] == f"compressed ppl at params {mean:.3f}× · c4"
+    assert row[1].startswith("uniform 25 (ERR 50.0%), welore 30 (ERR 50.0%): lowest first")
+    assert f"({ratio['welore-err50']:.3f}–{ratio['uniform-err50']:.3f}×)" in row[1]
+    # the old rows named the least-compressed map "best" (welore 12 at ERR 10%): nothing unmatched is ranked
+    assert "12" not in row[1] and "11" not in row[1]
+    summary = dict((r[0], r[1]) for r in R.summary_rows(inp))
+    assert not [k for k in summary if k.startswith("best ppl")]
+    alone = RunInputs(root=Path("r"), rank_maps={}, evals=evals)  # no maps: no parameter counts, no ranking
+    assert R.matched_rows(alone) == [("compressed perplexity", R.matched_rows(alone)[0][1])]
+    assert "no two methods were evaluated at matched parameter counts" in R.matched_rows(alone)[0][1]
+
+
+@pytest.mark.unit
+def test_both_perplexities_say_which_tokens_they_count(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"model": "micro", "data": "wiki/train", "val_data": None,
+                                                     "val_fraction": 0.01, "val_tokens": 32768, "seq_len": 128}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 30, "loss": 7.0}) + "\n" +
+                                       json.dumps({"step": 30, "val_loss": 7.3, "val_ppl": 1470.2}) + "\n")
+    dense = {"model": str(run / "checkpoints" / "step_30"), "method": "dense", "err": 0.0, "dataset": "wiki/validation",
+             "seq_len": 128, "tokens": 16256, "loss": 7.36, "ppl": 1572.4}
+    (run / "eval.jsonl").write_text(json.dumps(dense) + "\n")
+    text = build_report(run)
+    assert ("final validation perplexity</td><td>1470 (step 30; the training loop on up to 32,768 tokens at seq 128 "
+            "of 1.0% of the documents of wiki/train, held out; spectra eval scores other tokens (dense eval rows "
+            "below), so the two differ)</td>") in text
+    assert ("dense eval perplexity · wiki/validation</td><td>1572 (spectra eval on 16,256 tokens of wiki/validation "
+            "at seq 128, checkpoint step 30; not the tokens of the validation perplexity above, so the two "
+            "differ)</td>") in text
+    assert "other tokens than pretraining&#x27;s validation perplexity" in text  # and above Table 1
+    (run / "eval.jsonl").unlink()  # one number alone claims no comparison
+    alone = build_report(run)
+    assert "final validation perplexity</td><td>1470 (step 30; the training loop on up to 32,768 tokens" in alone
+    assert "so the two differ" not in alone
+
+
+@pytest.mark.unit
+def test_finetuning_that_ended_worse_is_flagged_in_summary_table_and_figure():
+    runs = {"lora-err50": {**finetune_metrics("lora", 0.5, 2**30), "eval_ppl": 12.1},
+            "welore-err50": finetune_metrics("welore", 0.5, 2**30)}  # 11 -> 9.5: better
+    assert R.ppl_change(runs["lora-err50"]) == pytest.approx(12.1 / 11 - 1, rel=1e-12)
+    inp = RunInputs(root=Path("r"), finetune=runs)
+    assert R.worse_finetunes(inp) == {"lora-err50": pytest.approx(0.1, rel=1e-9)}
+    sec = finetune_section(inp)
+    (tab,) = sec.tables
+    assert '<tr class="worse"><td>lora-err50</td>' in tab and "<tr><td>welore-err50</td>" in tab
+    assert "<td class=num>+10.0% worse</td>" in tab and "<td class=num>-13.6%</td>" in tab
+    assert "1 of 2 runs ended with a higher eval perplexity than they started with" in sec.intro
+    cost = dict(sec.figures)["finetune-cost"]
+    after = next(t for t in cost.data if t.name == "after")
+    assert list(after.x) == ["lora-err50", "welore-err50"] and list(after.y) == [12.1, 9.5]
+    assert after.marker.color[0] == C.WORSE and after.marker.color[1] != C.WORSE
+    assert "1 run(s) ended worse than they started" in cost.layout.title.text
+    (flag,) = [r for r in R.summary_rows(inp) if r[0] == "finetuning that made things worse"]
+    assert flag[2] == "worse" and "lora-err50 (eval ppl 11 → 12.1, +10.0%)" in flag[1]
+    assert "welore" not in flag[1]
+    good = RunInputs(root=Path("r"), finetune={"welore-err50": runs["welore-err50"]})
+    assert not [r for r in R.summary_rows(good) if r[0] == "finetuning that made things worse"]
+
+
+@pytest.mark.unit
+def test_sigma_panel_draws_only_sigma_thresholds_and_other_maps_as_kept_rank_markers():
+    maps = {"welore-err50": rank_map(), "welore-err30": rank_map(err=0.3, k=0.1),
+            "energy-err50": rank_map("energy", 0.5, 0.9), "loss-err50": rank_map("loss", 0.5, 3.2),
+            "loss-err30": rank_map("loss", 0.3, 2.0), "uniform-err50": rank_map("uniform", 0.5, None)}
+    maps["energy-err50"]["components"][0]["rank"] = 5  # layer 0, q
+    ds = spectrum_ds()
+    sec = spectrum_section(RunInputs(root=Path("r"), analysis={"spectrum": ds}, rank_maps=maps))
+    fig = dict(sec.figures)["spectrum-final"]
+    lines = [s for s in fig.layout.shapes if s.type == "line"]
+    assert {l.y0 for l in lines} == {0.175, 0.1}  # WeLore's k only: 0.9, 3.2 and 2.0 are not σ̂ values
+    rects = {(r.y0, r.y1) for r in fig.layout.shapes if r.type == "rect"}
+    assert rects == {(0, 0.175), (0.175, 1)}  # the map closest to ERR 50% is shaded
+    marks = [t for t in fig.data if t.mode == "markers"]
+    assert [t.name for t in marks if t.showlegend] == ["uniform-err50", "energy-err50", "loss-err30", "loss-err50"]
+    shown = {t.name: t.visible for t in marks}
+    assert shown == {"uniform-err50": True, "energy-err50": True, "loss-err30": "legendonly", "loss-err50": True}
+    q = next(t for t in marks if t.name == "energy-err50" and t.xaxis == "x")  # the q subplot
+    assert list(q.x) == [5, 9]  # layer 0 (edited) and layer 1 (8 + 1)
+    final = ds["sigma_norm"].sel(step=STEPS[-1], component="q")
+    np.testing.assert_allclose(q.y, [final.sel(layer=0).values[4], final.sel(layer=1).values[8]])
+    kk = next(t for t in marks if t.name == "uniform-err50" and t.xaxis == "x2")  # k: 8 values, ranks 12, 13
+    assert list(kk.x) == [12, 13] and list(kk.y) == [None, None]  # past the matrix's values: no made-up σ̂
+    assert fig.layout.yaxis.title.text == "min-max normalized singular values"
+
+
+@pytest.mark.unit
+def test_every_axis_title_in_the_report_is_words_not_a_variable_name(report):
+    from spectra.io.variables import VARIABLES
+
+    blob = re.search(r'id="figures-gz">([A-Za-z0-9+/=]+)</script>', report).group(1)
+    titles = []
+    for spec in json.loads(unpacked(blob)):
+        layout = spec["layout"]
+        titles += [v["title"]["text"] for k, v in layout.items() if re.fullmatch(r"[xy]axis\d*", k)
+                   and isinstance(v, dict) and "title" in v]
+        titles += [t["colorbar"]["title"]["text"] for t in spec["data"] if "colorbar" in t and "title" in t["colorbar"]]
+        titles += [v["colorbar"]["title"]["text"] for k, v in layout.items() if k.startswith("coloraxis")]
+    assert len(titles) > 40
+    snake = sorted({t for t in titles if re.search(r"\b[a-z]+_[a-z_]+\b", t)})
+    assert snake == [], snake
+    assert not {t for t in titles if t in VARIABLES and VARIABLES[t][0] != t}  # (layer and component are words)
+    assert "stable rank (count)" in titles and "eigengap λ_k - λ_{k+1} (loss / weight units²)<br>(log scale)" in titles
+
+
+@pytest.mark.unit
+def test_report_of_a_model_inside_a_run_is_the_runs_report(tmp_path, full_run):
+    assert report_folder(full_run / "snapshots.zarr") == full_run.resolve()
+    run = tmp_path / "run"
+    (run / "snapshots.zarr").mkdir(parents=True)
+    (run / "compressed" / "welore-err50").mkdir(parents=True)
+    (run / "compressed" / "welore-err50" / "config.json").write_text("{}")
+    assert report_folder(run / "compressed" / "welore-err50") == run.resolve()
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "config.json").write_text("{}")
+    with pytest.raises(SpectraError, match="lies in no run folder"):
+        write_report(lone)

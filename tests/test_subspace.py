@@ -136,8 +136,8 @@ def test_sketches_give_the_full_gradient_answer(twin_stores, tmp_path):
     "args, message",
     [
         (["grad-subspace", "/nonexistent/run"], "does not exist"),
-        (["grad-subspace", "{ckpt}"], "has no snapshots.zarr"),
-        (["grad-subspace", "{store}", "--side", "up"], "--side must be left or right"),
+        (["grad-subspace", "{ckpt}"], "is a checkpoint, not a run"),
+        (["grad-subspace", "{store}", "--side", "up"], "--side must be one of left, right"),
         (["grad-subspace", "{store}", "--rank", "65"], "exceeds min(out, in) = 64"),
     ],
 )

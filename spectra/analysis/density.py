@@ -1,8 +1,8 @@
 """Hessian spectral density per component by stochastic Lanczos quadrature (SLQ), for free.
 
-`spectra hessian-gap` already runs block Lanczos from a random Gaussian start block on every
-component and batch. Before any restart, its projected matrix T = Qᵀ H Q (m × m) with
-eigenpairs (θ_i, s_i) is a Gauss quadrature for each start vector q_j (the first block rows):
+`spectra.analysis.hessian.hessian_gaps` (and `spectra hessian-gap`) already runs block Lanczos from a
+random Gaussian start block on every component and batch. Before any restart, its projected matrix
+T = Qᵀ H Q (m × m) with eigenpairs (θ_i, s_i) is a Gauss quadrature for each start vector q_j (the first block rows):
 
     q_jᵀ f(H) q_j ≈ Σ_i s_i[j]² f(θ_i)
 
@@ -17,15 +17,12 @@ the Gaussian-broadened curve on a grid per component.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import xarray as xr
 
+from spectra.analysis.hessian_block import ComponentGap
 from spectra.errors import SpectraError
-
-if TYPE_CHECKING:
-    from spectra.analysis.hessian import ComponentGap
+from spectra.models.components import COMPONENTS
 
 GRID = 256
 
@@ -38,7 +35,12 @@ def quadrature(krylov: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     T = np.asarray(krylov, dtype=np.float64)
     if T.ndim != 2 or T.shape[0] != T.shape[1] or not 1 <= block <= T.shape[0]:
         raise SpectraError(f"SLQ needs a square Krylov matrix with ≥ block = {block} rows, got shape {T.shape}")
-    theta, S = np.linalg.eigh(0.5 * (T + T.T))
+    if not np.isfinite(T).all():
+        raise SpectraError("the Krylov matrix holds NaN or Inf (non-finite Hessian-vector products): no density")
+    try:
+        theta, S = np.linalg.eigh(0.5 * (T + T.T))
+    except np.linalg.LinAlgError as e:
+        raise SpectraError(f"the eigenvalue solver failed on the Krylov matrix ({e}): no density") from None
     return theta, S[:block] ** 2
 
 
@@ -69,8 +71,6 @@ def default_grid(nodes: np.ndarray, points: int = GRID, rel_sigma: float = 0.01)
 def density_dataset(results: list[ComponentGap], points: int = GRID, rel_sigma: float = 0.01) -> xr.Dataset:
     """The `hessian_density` analysis group: dims (layer, component, node) for the quadrature and
     (layer, component, grid) for the broadened density; NaN where a component was not run."""
-    from spectra.models.parts import COMPONENTS
-
     layers = sorted({r.layer for r in results})
     comps = [c for c in COMPONENTS if any(r.component == c for r in results)]
     quads = {(r.layer, r.component): slq(r.krylov, r.block) for r in results}

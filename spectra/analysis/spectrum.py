@@ -1,11 +1,14 @@
-"""`spectra spectrum`: singular-value spectra and heavy-tail metrics of every decoder linear,
-per snapshot step, from a run's `snapshots.zarr` or from any HF causal-LM checkpoint folder.
+"""Singular-value spectra and heavy-tail metrics of every decoder linear (the `spectrum` analysis), per
+snapshot step, of a model in memory, a run's `snapshots.zarr`, any checkpoint folder or a checkpoint series.
+
+    ds = spectrum(model)                      # one step: the model as it is
+    ds = spectrum("runs/20m")                 # every snapshot step of the run
+    ds = spectrum(["ckpts/step1000", "ckpts/step2000"])   # a series, one step per checkpoint
 
 One exact singular-value computation per matrix, by the fastest path for the device
 (`spectra.analysis.heavytail.stream_singular_values`: float64 Gram eigenvalues over all cores on CPU, one
-batched `svdvals` per shape on GPU). Writes group `spectrum` of
-`analysis.zarr` with dims (step, layer, component, index); see `spectra.analysis.heavytail` for how every
-metric is defined.
+batched `svdvals` per shape on GPU). The Dataset has dims (step, layer, component, index); see
+`spectra.analysis.heavytail` for how every metric is defined.
 
 Streaming: a step's matrices are read one at a time (a checkpoint's straight from its safetensors,
 a snapshot's from its Zarr chunks) and handed to the σ workers as they are read, at most two per
@@ -14,14 +17,15 @@ core in flight; only σ is kept. A 130m checkpoint never has all of its decoder 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Optional
 
 import numpy as np
 import torch
-import typer
 import xarray as xr
+from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from spectra.analysis.heavytail import (
     map_matrices,
@@ -30,33 +34,90 @@ from spectra.analysis.heavytail import (
     stream_singular_values,
 )
 from spectra.errors import SpectraError
-from spectra.io.sources import (
-    HUB_NAME,
-    analysis_store_for,
-    checkpoint_step,
-    expand_paths,
-    find_checkpoint,
-    is_snapshot_store,
-)
-from spectra.models.parts import COMPONENTS, resolve_device
+from spectra.io.snapshots import Run, open_run, param_key, read_values
+from spectra.io.sources import Source, resolve
+from spectra.models.loading import stream_component_weights
+from spectra.models.parts import COMPONENTS, component_weights, resolve_device
 from spectra.progress import progress_bar
 
 METRICS = ("full_rank", "stable_rank", "effective_rank", "entropy", "energy_top_r", "alpha",
            "alpha_weighted", "log_norm", "xmin", "ks_distance")
 
 Weights = Iterable[tuple[tuple[int, str], torch.Tensor]]  # ((layer, component), W), read as iterated
+Steps = tuple[list[int], Iterator[tuple[int, Weights]]]  # the steps, and per step a lazy stream of its matrices
+
+
+# --------------------------------------------------------------------------- the API
+def spectrum(source: nn.Module | Run | Source | str | Path | Sequence[str | Path], *,
+             steps: Sequence[int] | None = None, top_r: int = 32, device: str | torch.device = "auto",
+             progress: bool = True) -> xr.Dataset:
+    """σ, WeLore's min-max normalized σ and the heavy-tail metrics of every decoder linear, per step.
+
+    source: a model in memory (nn.Module / PreTrainedModel: one step, labelled `steps[0]` if given, else 0),
+    an opened snapshot store (`open_run`), or anything `spectra.resolve` takes: a run or snapshots.zarr (every
+    snapshot step, or those in `steps`), a checkpoint folder or hub name (one step: its training step, or
+    `steps[0]`), several checkpoint folders / a quoted glob (a series: one step per member, from their names or
+    `steps` in the same order). A series must be one architecture with one set of tensor shapes, and a
+    compressed folder is refused (its factors have no training step; `spectra compress --merge` it first).
+    top_r: r of `energy_top_r`. Returns dims (step, layer, component, index); attrs `top_r` and `source`.
+    """
+    if isinstance(top_r, bool) or not isinstance(top_r, (int, np.integer)) or top_r < 1:
+        raise SpectraError(f"top_r (--top-r) must be an integer >= 1, not {top_r!r}")
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    chosen, weights, label = spectrum_input(source, steps)
+    ds = spectrum_dataset(chosen, weights, top_r=int(top_r), device=dev, progress=progress, where=label)
+    ds.attrs["source"] = label
+    return ds
+
+
+def spectrum_input(source, steps: Sequence[int] | None) -> tuple[list[int], Iterator[tuple[int, Weights]], str]:
+    """(steps, per-step weight streams, a label naming the input) for `spectrum`; every check that can fail
+    (a missing step, a mixed series, a corrupt safetensors header) runs here, before any σ is computed."""
+    steps = None if steps is None else [_step(s) for s in steps]
+    if isinstance(source, nn.Module):
+        step = _one_label(steps, "an in-memory model")
+        weights = {k: w.detach() for k, w in component_weights(source).items()}
+        return [step], iter([(step, weights)]), f"in-memory {type(source).__name__}"
+    if isinstance(source, Run):
+        return (*run_weights(source, steps), str(source.path))
+    if isinstance(source, Source):
+        if steps and source.kind == "series":
+            raise SpectraError("give a series' steps to spectra.resolve(..., steps=), not to spectrum()")
+        src = source
+    else:
+        src = resolve(source, steps=steps)
+    if src.kind == "series":
+        check_series(src.members)
+        return (*checkpoint_weights([(m.step, m.model_dir) for m in src.members]), src.text)
+    if src.compressed:
+        raise SpectraError(f"{src.text} is a compressed model: its low-rank factors have no training step and their "
+                           "spectrum is not the checkpoint's; `spectra compress --merge` it into a dense folder "
+                           "first and analyze that")
+    if src.kind in ("run", "snapshots") and src.snapshots is not None:
+        return (*run_weights(open_run(src.snapshots), steps), src.text)
+    folder = src.need_model("spectrum")
+    step = _one_label(steps, src.text) if steps else (src.step if src.step is not None else 0)
+    check_series([src])  # a readable config and safetensors header, named when not
+    return (*checkpoint_weights([(step, folder)]), src.text)
+
+
+def _step(s) -> int:
+    if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0:
+        raise SpectraError(f"steps (--steps) are training steps (integers >= 0), not {s!r}")
+    return int(s)
+
+
+def _one_label(steps: list[int] | None, what: str) -> int:
+    if steps and len(steps) != 1:
+        raise SpectraError(f"{what} is one step; --steps gives {len(steps)}")
+    return steps[0] if steps else 0
 
 
 # --------------------------------------------------------------------------- sources
-def run_weights(path: Path, steps: list[int] | None) -> tuple[list[int], Iterator[tuple[int, Weights]]]:
-    """The selected steps of a snapshot store and, per step, a lazy stream of ((layer, comp), W)."""
-    from spectra.io.snapshots import open_run
-
-    run = open_run(path)
+def run_weights(run: Run, steps: Sequence[int] | None) -> Steps:
+    """The selected steps of an opened snapshot store and, per step, a lazy stream of ((layer, comp), W)."""
     stored = [int(s) for s in run.steps]
-    if not stored:
-        raise SpectraError(f"{run.path} holds no committed snapshots")
-    chosen = stored if not steps else steps
+    chosen = sorted(set(stored if not steps else steps))
     missing = sorted(set(chosen) - set(stored))
     if missing:
         raise SpectraError(f"step(s) {missing} not in {run.path}; stored steps: {stored}")
@@ -65,71 +126,107 @@ def run_weights(path: Path, steps: list[int] | None) -> tuple[list[int], Iterato
         raise SpectraError(f"{run.path} stores no decoder linear weights")
     arrays = {k: run.weight(*k) for k in keys}  # lazy; one step is read at a time
 
-    def gen():
-        for step in sorted(chosen):
-            i = stored.index(step)
-            yield step, ((k, torch.from_numpy(a.isel(step=i).values)) for k, a in arrays.items())
-
-    return sorted(chosen), gen()
-
-
-def checkpoint_series(paths: list[Path], steps: list[int] | None) -> tuple[list[int], Iterator[tuple[int, Weights]]]:
-    """Steps of a series of HF checkpoint folders (from their names, or --steps in the same order)
-    and, per checkpoint, a lazy stream of its matrices read straight from its safetensors."""
-    from spectra.models.loading import stream_component_weights
-
-    ckpts = [find_checkpoint(p) for p in paths]
-    if steps:
-        if len(steps) != len(ckpts):
-            raise SpectraError(f"--steps gives {len(steps)} step(s) for {len(ckpts)} checkpoint folder(s)")
-    elif len(ckpts) == 1:
-        steps = [checkpoint_step(paths[0]) or checkpoint_step(ckpts[0]) or 0]
-    else:
-        steps = [
-            checkpoint_step(p) if checkpoint_step(p) is not None else checkpoint_step(c) for p, c in zip(paths, ckpts)
-        ]
-        unnamed = [str(p) for p, s in zip(paths, steps) if s is None]
-        if unnamed:
-            raise SpectraError(
-                f"cannot tell the training step of {unnamed[0]}: name the folders step<N> / step_<N> "
-                "or pass --steps in the same order"
-            )
-    if len(set(steps)) != len(steps):
-        raise SpectraError(f"two checkpoints share a step: {sorted(steps)}")
-    order = sorted(range(len(ckpts)), key=steps.__getitem__)
+    def read(key: tuple[int, str], step: int) -> torch.Tensor:
+        a = arrays[key].isel(step=stored.index(step))
+        return torch.from_numpy(read_values(a, run.path / "params" / param_key(*key) / "weight", f" (step {step})"))
 
     def gen():
-        for i in order:
-            _, weights = stream_component_weights(ckpts[i])
-            yield steps[i], (((layer, comp), w) for layer, comp, w in weights)
+        for step in chosen:
+            yield step, ((k, read(k, step)) for k in arrays)
 
-    return [steps[i] for i in order], gen()
+    return chosen, gen()
 
 
-def checkpoint_weights(path: Path) -> tuple[list[int], Iterator[tuple[int, Weights]]]:
-    """A single checkpoint is one "step": the number in a `step_N` / `stepN` folder name, else 0."""
-    return checkpoint_series([path], None)
+def checkpoint_weights(members: Sequence[tuple[int, Path]]) -> Steps:
+    """(step, checkpoint folder) pairs, ordered by step, each a lazy stream of its matrices read straight
+    from its safetensors (spectra.models.loading.stream_component_weights)."""
+    order = sorted(members, key=lambda m: m[0])
+    if len({s for s, _ in order}) != len(order):
+        raise SpectraError(f"two checkpoints share a step: {[s for s, _ in order]}")
+
+    def gen():
+        for step, folder in order:
+            _, weights = stream_component_weights(folder)
+            yield step, (((layer, comp), w) for layer, comp, w in weights)
+
+    return [s for s, _ in order], gen()
+
+
+def layout(folder: Path) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """(architecture, {tensor: shape}) of a checkpoint folder, from config.json and the safetensors headers
+    (no tensor data is read); a folder of other weight files has an empty shape map."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        arch = str((cfg.get("architectures") or [None])[0] or cfg.get("model_type"))
+    except (OSError, ValueError, AttributeError) as e:
+        raise SpectraError(f"cannot read {folder / 'config.json'} ({type(e).__name__}); the checkpoint is "
+                           "damaged") from None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(f, "pt") as st:
+                shapes.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys()})
+        except (SafetensorError, OSError) as e:
+            why = " ".join(str(e).split())[:160]
+            raise SpectraError(f"cannot read {f} ({type(e).__name__}: {why}); the file is truncated or "
+                               "corrupt") from None
+    return arch, shapes
+
+
+def check_series(members: Sequence[Source]) -> None:
+    """A series is one model at several steps: the same architecture and the same tensors with the same shapes
+    in every member, else one line naming the member and the tensor (before anything is computed or written).
+    A compressed member is refused (its factors are no training step of the dense model)."""
+    ref = None
+    for m in members:
+        if m.compressed and len(members) > 1:
+            raise SpectraError(f"{m.text} is a compressed model; a series is dense checkpoints of one model "
+                               "(`spectra compress --merge` it first)")
+        arch, shapes = layout(m.model_dir)
+        if ref is None:
+            ref = (m, arch, shapes)
+            continue
+        r, r_arch, r_shapes = ref
+        if arch != r_arch:
+            raise SpectraError(f"the series mixes architectures: {m.text} is {arch}, {r.text} is {r_arch}; "
+                               "analyze each model on its own")
+        if r_shapes and shapes:
+            for name in sorted(set(r_shapes) | set(shapes)):
+                a, b = shapes.get(name), r_shapes.get(name)
+                if a != b:
+                    has = f"has {name} with shape {list(a)}" if a is not None else f"has no tensor {name}"
+                    there = f"{list(b)}" if b is not None else "absent"
+                    raise SpectraError(f"{m.text} {has} ({r.text}: {there}); a series must be one model with "
+                                       "one set of shapes")
 
 
 # --------------------------------------------------------------------------- analysis
 def batched_singular_values(
-    weights: Weights | Mapping[tuple[int, str], torch.Tensor], device: torch.device, step: int | None = None
+    weights: Weights | Mapping[tuple[int, str], torch.Tensor], device: torch.device, step: int | None = None,
+    where: str | None = None,
 ) -> dict[tuple[int, str], torch.Tensor]:
     """σ of every matrix by the fastest exact path for `device`, streamed
     (spectra.analysis.heavytail.stream_singular_values): each matrix is checked finite, moved and decomposed
     as it is read, so only a few are in memory at once."""
     items = weights.items() if isinstance(weights, Mapping) else weights
     keys: list[tuple[int, str]] = []
+    at = (f" at step {step}" if step is not None else "") + (f" of {where}" if where else "")
 
     def checked():
         for (layer, comp), w in items:
             if not torch.isfinite(w).all():  # LAPACK would fail with a cryptic message
-                at = f" at step {step}" if step is not None else ""
                 raise SpectraError(f"non-finite weights in layer {layer} {comp}{at}")
             keys.append((layer, comp))
             yield w.to(device)
 
-    svs = list(stream_singular_values(checked()))
+    svs: list[torch.Tensor] = []
+    try:
+        for s in stream_singular_values(checked()):
+            svs.append(s)
+    except (torch.linalg.LinAlgError, np.linalg.LinAlgError) as e:  # results come back in order: the next key failed
+        layer, comp = keys[len(svs)]
+        raise SpectraError(f"the eigenvalue solver failed on layer {layer} {comp}{at} "
+                           f"({' '.join(str(e).split())[:160]})") from None
     return dict(zip(keys, svs))
 
 
@@ -140,6 +237,7 @@ def spectrum_dataset(
     top_r: int,
     device: torch.device,
     progress: bool = True,
+    where: str | None = None,
 ) -> xr.Dataset:
     """Build the `spectrum` dataset: sigma / sigma_norm (NaN-padded along index) and metrics."""
     sig: dict[tuple[int, int, str], np.ndarray] = {}
@@ -147,11 +245,13 @@ def spectrum_dataset(
     for step, weights in progress_bar(
         weights_per_step, total=len(steps), desc="spectrum", unit="step", disable=not progress
     ):
-        svs = batched_singular_values(weights, device, step)
+        svs = batched_singular_values(weights, device, step, where)
         fits = map_matrices(lambda s: spectrum_metrics(s, top_r), [s.cpu() for s in svs.values()])
         for ((layer, comp), s), m in zip(svs.items(), fits):
             sig[(step, layer, comp)] = s.cpu().numpy()
             metrics[(step, layer, comp)] = m
+    if not sig:
+        raise SpectraError(f"{where or 'the input'} has no decoder linear weights to analyze")
     layers = sorted({l for _, l, _ in sig})
     comps = [c for c in COMPONENTS if any(k[2] == c for k in sig)]
     n_index = max(v.size for v in sig.values())
@@ -181,108 +281,3 @@ def spectrum_dataset(
     )
     ds.attrs["top_r"] = top_r
     return ds
-
-
-# --------------------------------------------------------------------------- printing
-def print_spectrum_table(ds: xr.Dataset) -> None:
-    """Per component (mean over layers): first -> final step for the headline metrics."""
-    from rich.console import Console
-    from rich.table import Table
-
-    first, last = ds.isel(step=0), ds.isel(step=-1)
-    span = f"step {int(first.step)}→{int(last.step)}" if ds.sizes["step"] > 1 else f"step {int(last.step)}"
-    t = Table(title=f"spectrum ({span}, mean over {ds.sizes['layer']} layers)")
-    for col in ("component", "full rank", "stable rank", "eff. rank", "alpha", f"energy top-{ds.attrs['top_r']}"):
-        t.add_column(col, justify="right" if col != "component" else "left")
-
-    def cell(name: str, c: str, fmt: str) -> str:
-        a, b = float(first[name].sel(component=c).mean()), float(last[name].sel(component=c).mean())
-        return f"{b:{fmt}}" if ds.sizes["step"] == 1 else f"{a:{fmt}}→{b:{fmt}}"
-
-    for c in ds.component.values:
-        t.add_row(
-            str(c),
-            f"{float(last.full_rank.sel(component=c).mean()):.0f}",
-            cell("stable_rank", c, ".1f"),
-            cell("effective_rank", c, ".1f"),
-            cell("alpha", c, ".2f"),
-            cell("energy_top_r", c, ".3f"),
-        )
-    Console().print(t)
-
-
-# --------------------------------------------------------------------------- command
-def spectrum_command(
-    run: Annotated[
-        list[str],
-        typer.Argument(
-            help="A run folder or its snapshots.zarr (every snapshot step); or one or "
-            "more HF checkpoint folders, a quoted glob or hub names (a "
-            "checkpoint series: 'pythia/step*', EleutherAI/pythia-160m@step1000 "
-            "...), steps from their names (step1000, step_1000) or --steps."
-        ),
-    ],
-    out: Annotated[
-        Optional[Path],
-        typer.Option(
-            help="Analysis store to write. Default: <run>/analysis.zarr (a series: "
-            "<common parent>/analysis.zarr; one checkpoint: "
-            "<checkpoint>/analysis.zarr)."
-        ),
-    ] = None,
-    steps: Annotated[
-        Optional[list[int]],
-        typer.Option(
-            "--snapshot-steps",
-            "--steps",
-            help="Snapshot steps to analyze (default: all); for checkpoint folders, the training step of each "
-            "folder in order (repeat the option). --steps is the older spelling.",
-        ),
-    ] = None,
-    top_r: Annotated[
-        int, typer.Option(help="r for energy_top_r, the share of ||W||_F^2 in the top-r singular directions.")
-    ] = 32,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N for the SVDs and fits.")] = "auto",
-) -> None:
-    """Singular values and heavy-tail metrics (stable/effective rank, energy, power-law alpha) of every decoder linear.
-
-    For each layer x q/k/v/o/gate/up/down and each snapshot step (or checkpoint of a series):
-    sigma, WeLore's min-max normalized sigma, stable rank, effective rank, energy in the top-r
-    directions and the weightwatcher power-law alpha (MLE, x_min by KS distance). Any supported
-    architecture (spectra.models.components). Writes group `spectrum` of analysis.zarr and prints how the
-    metrics moved from the first to the last step. A series is read one checkpoint at a time.
-    """
-    import os
-
-    from spectra.io.analysis_store import write_analysis
-    from spectra.io.runs import run_dir_of
-
-    if top_r < 1:
-        raise SpectraError(f"--top-r must be >= 1, not {top_r}")
-    paths = [Path(p) for p in expand_paths([run] if isinstance(run, (str, Path)) else run)]  # pipeline passes one path
-    for path in paths:
-        if not path.exists() and not HUB_NAME.fullmatch(str(path)):
-            raise SpectraError(
-                f"{path} does not exist (expected a run folder, snapshots.zarr, checkpoint folders or hub model names)"
-            )
-    dev = resolve_device(device)
-    if len(paths) == 1 and is_snapshot_store(paths[0]):
-        chosen, source = run_weights(paths[0], steps)
-        default = analysis_store_for(paths[0])
-    else:
-        if any(is_snapshot_store(p) for p in paths):
-            raise SpectraError("pass one run / snapshots.zarr, or checkpoint folders, not a mix")
-        chosen, source = checkpoint_series(paths, steps)
-        runs = {run_dir_of(p) for p in paths}
-        hub = [str(p).partition("@")[0] for p in paths if not p.exists()]
-        if hub:  # hub names: ./<org>/<name>/analysis.zarr, one store for all revisions of a model
-            default = Path(hub[0]) / "analysis.zarr"
-        elif len(paths) == 1 or (len(runs) == 1 and None not in runs):
-            default = analysis_store_for(paths[0])
-        else:
-            default = Path(os.path.commonpath([p.resolve() for p in paths])) / "analysis.zarr"
-    ds = spectrum_dataset(chosen, source, top_r=top_r, device=dev)
-    source_label = str(paths[0]) if len(paths) == 1 else ", ".join(str(p) for p in paths)
-    dest = write_analysis(out or default, "spectrum", ds, {"source": source_label})
-    print_spectrum_table(ds)
-    print(f"wrote group 'spectrum' to {dest}")

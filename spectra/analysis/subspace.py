@@ -1,6 +1,8 @@
-"""`spectra grad-subspace`: does the gradient's top-r singular subspace stop moving, and does it
-live inside the weight's own top-r subspace? (WeLore's low-rank components are the ones whose
-gradient subspace stabilizes early.)
+"""Gradient-subspace stabilization (`grad_subspace`, the `spectra grad-subspace` analysis): does the
+gradient's top-r singular subspace stop moving, and does it live inside the weight's own top-r subspace?
+(WeLore's low-rank components are the ones whose gradient subspace stabilizes early.)
+
+    ds = grad_subspace("runs/20m", rank=8)      # a run, its snapshots.zarr, or an opened Run
 
 For orthonormal bases P, Q (d × r) of two r-dim subspaces:
 
@@ -17,17 +19,18 @@ one's; the energy term uses P = the weight's own top-r singular vectors (same si
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional
 
 import numpy as np
 import torch
-import typer
 import xarray as xr
 
 from spectra.errors import SpectraError
-from spectra.io.sources import analysis_store_for, is_snapshot_store
+from spectra.io.snapshots import Run, open_run, read_values
+from spectra.io.sources import Source, resolve
 from spectra.models.parts import COMPONENTS, resolve_device
 from spectra.progress import progress_bar
+
+SIDES = ("left", "right")
 
 
 # --------------------------------------------------------------------------- subspace math
@@ -73,22 +76,32 @@ def gradient_factors(ds: xr.Dataset, rank: int, side: str, device: torch.device)
     share is that of the stored top-k part of the gradient (exact when k = min(out, in)).
     """
     if "grad" in ds:
-        G = torch.from_numpy(ds["grad"].values).to(device, torch.float32)
+        G = _tensor(ds, "grad", device)
         return top_basis(G, rank, side), (G if side == "left" else G.transpose(-1, -2))
     if "grad_u" in ds:
         k = ds.sizes["rank"]
         if rank > k:
             raise SpectraError(f"--rank {rank} exceeds the stored gradient sketch rank {k}")
-        V = torch.from_numpy(ds["grad_u" if side == "left" else "grad_v"].values).to(device, torch.float32)
-        S = torch.from_numpy(ds["grad_s"].values).to(device, torch.float32)
+        V = _tensor(ds, "grad_u" if side == "left" else "grad_v", device)
+        S = _tensor(ds, "grad_s", device)
         return V[..., :rank], V * S[:, None, :]
     raise SpectraError("the snapshot store holds no gradients (pretrain with --snapshot-grad full or sketch)")
+
+
+def _tensor(ds: xr.Dataset, name: str, device: torch.device) -> torch.Tensor:
+    """One stored array as float32 on `device`, read through `read_values` (a corrupt chunk is one line naming
+    it) and checked finite (an SVD of NaN fails with LAPACK's message, not the file's name)."""
+    where = Path(ds.encoding.get("source", "snapshots.zarr")) / name
+    t = torch.from_numpy(read_values(ds[name], where)).to(device, torch.float32)
+    if not torch.isfinite(t).all():
+        raise SpectraError(f"{where} holds NaN or Inf values; the store is damaged or the run diverged")
+    return t
 
 
 def component_subspace(ds: xr.Dataset, rank: int, side: str, device: torch.device) -> dict[str, np.ndarray]:
     """All grad-subspace numbers of one parameter across its snapshot steps."""
     basis, X = gradient_factors(ds, rank, side, device)
-    W = torch.from_numpy(ds["weight"].values).to(device, torch.float32)
+    W = _tensor(ds, "weight", device)
     n = basis.shape[0]
     nan_row = torch.full((1,), float("nan"), device=device)
     angles_prev = torch.full((n, rank), float("nan"), device=device)
@@ -106,7 +119,40 @@ def component_subspace(ds: xr.Dataset, rank: int, side: str, device: torch.devic
     return {k: v.cpu().double().numpy() for k, v in out.items()}
 
 
-def grad_subspace_dataset(run, rank: int, side: str, device: torch.device, progress: bool = True) -> xr.Dataset:
+def grad_subspace(run: Run | Source | str | Path, *, rank: int = 8, side: str = "left",
+                  device: str | torch.device = "auto", progress: bool = True) -> xr.Dataset:
+    """Per decoder linear and snapshot step of a run: the overlap ‖P_tᵀP_s‖²/r of the top-`rank` gradient
+    singular subspaces with the previous and the final snapshot's, the principal angles and Grassmann distance
+    to the previous one, and the share of gradient energy inside the weight's own top-`rank` subspace.
+
+    run: a run folder, its snapshots.zarr, a `Source` of one, or an opened `Run` (`open_run`); its snapshots
+    must hold gradients (full or sketch). side: "left" (output space, U) or "right" (input space, V).
+    Returns dims (step, layer, component[, angle]); attrs rank, side, grad_mode, source.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise SpectraError(f"rank (--rank) must be an integer >= 1, not {rank!r}")
+    if side not in SIDES:
+        raise SpectraError(f"side (--side) must be left or right, not {side!r}")
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    opened = run if isinstance(run, Run) else open_run(snapshots_of(run if isinstance(run, Source) else resolve(run)))
+    ds = grad_subspace_dataset(opened, int(rank), side, dev, progress)
+    ds.attrs["source"] = str(run.text if isinstance(run, Source) else run.path if isinstance(run, Run) else run)
+    return ds
+
+
+def snapshots_of(src: Source) -> Path:
+    """The snapshot store of a run or snapshots.zarr input; a checkpoint (even one inside a run) is refused:
+    its run's snapshots span other steps than the checkpoint named."""
+    if src.kind in ("run", "snapshots") and src.snapshots is not None:
+        return src.snapshots
+    if src.snapshots is None or src.kind == "series":
+        raise SpectraError(f"{src.text} has no snapshots.zarr: gradient subspaces need a `spectra pretrain` run "
+                           "with gradient snapshots")
+    raise SpectraError(f"{src.text} is a checkpoint, not a run: gradient subspaces come from the snapshots.zarr "
+                       f"of a run (pass {src.run_dir})")
+
+
+def grad_subspace_dataset(run: Run, rank: int, side: str, device: torch.device, progress: bool = True) -> xr.Dataset:
     """The `grad_subspace` dataset of every decoder linear of an opened snapshot store."""
     keys = run.keys()
     if not keys:
@@ -140,74 +186,3 @@ def grad_subspace_dataset(run, rank: int, side: str, device: torch.device, progr
         principal_angles="to the previous snapshot's gradient subspace (NaN at the first step)",
     )
     return ds
-
-
-# --------------------------------------------------------------------------- printing
-def print_subspace_table(ds: xr.Dataset) -> None:
-    """Per component (mean over layers): how settled the gradient subspace is."""
-    from rich.console import Console
-    from rich.table import Table
-
-    first, last = ds.isel(step=0), ds.isel(step=-1)
-    t = Table(
-        title=f"gradient-subspace overlap, rank {ds.attrs['rank']} ({ds.attrs['side']}), "
-        f"steps {int(first.step)}..{int(last.step)}, mean over {ds.sizes['layer']} layers"
-    )
-    for col in ("component", "prev, last step", "prev, mean", "final, first step", "grad energy in W top-r"):
-        t.add_column(col, justify="left" if col == "component" else "right")
-    for c in ds.component.values:
-        sel = ds.sel(component=c)
-        e0, e1 = (
-            float(sel.energy_in_weight_subspace.isel(step=0).mean()),
-            float(sel.energy_in_weight_subspace.isel(step=-1).mean()),
-        )
-        t.add_row(
-            str(c),
-            f"{float(sel.overlap_prev.isel(step=-1).mean()):.3f}",
-            f"{float(sel.overlap_prev.mean(skipna=True)):.3f}",
-            f"{float(sel.overlap_final.isel(step=0).mean()):.3f}",
-            f"{e0:.3f}→{e1:.3f}",
-        )
-    Console().print(t)
-
-
-# --------------------------------------------------------------------------- command
-def grad_subspace_command(
-    run: Annotated[str, typer.Argument(help="A run folder or its snapshots.zarr with gradients (full or sketch).")],
-    rank: Annotated[
-        int, typer.Option(help="r: dimension of the compared top-r gradient / weight singular subspaces.")
-    ] = 8,
-    out: Annotated[Optional[Path], typer.Option(help="Analysis store to write. Default: <run>/analysis.zarr.")] = None,
-    side: Annotated[
-        Literal["left", "right"],
-        typer.Option(help="left (output-space, U) or right (input-space, V) singular vectors."),
-    ] = "left",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N for the SVDs.")] = "auto",
-) -> None:
-    """Gradient-subspace stabilization across snapshots: overlap with the previous and final top-r subspace.
-
-    Per decoder linear and snapshot step: overlap ||P_t^T P_s||_F^2 / r of the top-r gradient
-    singular subspaces with the previous and with the final snapshot, principal angles and
-    Grassmann distance to the previous one, and the share of gradient energy inside the weight's
-    own top-r subspace. Uses stored full gradients or their sketches. Writes group
-    `grad_subspace` of analysis.zarr.
-    """
-    from spectra.io.analysis_store import write_analysis
-    from spectra.io.snapshots import open_run
-
-    if side not in ("left", "right"):
-        raise SpectraError(f"--side must be left or right, not {side!r}")
-    if rank < 1:
-        raise SpectraError(f"--rank must be >= 1, not {rank}")
-    path = Path(run)
-    if not path.exists():
-        raise SpectraError(f"{path} does not exist (expected a run folder or its snapshots.zarr)")
-    if not is_snapshot_store(path):
-        raise SpectraError(
-            f"{path} has no snapshots.zarr: gradient subspaces need a `spectra pretrain` run with gradient snapshots"
-        )
-    dev = resolve_device(device)
-    ds = grad_subspace_dataset(open_run(path), rank, side, dev)
-    dest = write_analysis(out or analysis_store_for(path), "grad_subspace", ds, {"source": str(path)})
-    print_subspace_table(ds)
-    print(f"wrote group 'grad_subspace' to {dest}")

@@ -44,7 +44,8 @@ from spectra.compression.ranks import model_spectra
 from spectra.compression.whiten import DEFAULT_DAMPING, Whitener
 from spectra.errors import SpectraError
 from spectra.lm.evaluate import perplexity
-from spectra.lm.finetune import FinetuneConfig, finetune
+from spectra.lm.finetune import finetune
+from spectra.lm.recipe import FinetuneConfig
 from spectra.models.parts import resolve_device
 from spectra.progress import progress_bar
 

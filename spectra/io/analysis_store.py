@@ -1,7 +1,15 @@
-"""Analysis stores (`analysis.zarr`) hold one xarray group per analysis; a group (or a tree of them,
-`write_analysis_tree`, e.g. the calibration) is written under a temporary name and swapped in by
-renames, never deleted before its replacement is complete, and `merge=` updates only the given
-coordinates of a stored group (a partial `hessian-gap` keeps the other layers' results).
+"""Analysis stores (`analysis.zarr`) hold one xarray group per analysis, with consolidated metadata in the
+root so a plain `xr.open_zarr(store, group=...)` reads it.
+
+A write never changes what a reader sees except by one atomic act. `analysis.zarr` is a symlink to a version
+folder beside it (`.analysis.zarr.versions/v<N>`). A write makes version N+1: every file of version N is
+hard-linked in (no data copied; metadata files are copied, since they change), the written group's subtree is
+left out and written anew, the root's consolidated metadata is updated, and then the symlink is replaced
+(`os.replace`). spectra's reader and plain zarr/xarray (consolidated or not) therefore see the whole old store
+or the whole new one at every instant, a kill leaves the old one, and the next write removes any version the
+link does not name. `merge=` updates only the given coordinates of a stored group (a partial `hessian-gap`
+keeps the other layers' results). A store from an older spectra (a real folder) becomes version 1 on its first
+write.
 """
 
 from __future__ import annotations
@@ -9,14 +17,17 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import xarray as xr
 
 from spectra.errors import SpectraError
 from spectra.io.atomic import _jsonable, _to_json, atomic_write_json
+from spectra.io.variables import attrs_for
 from spectra.io.zarr_meta import _CM_EMPTY, _group_md, _members, _root_metadata
 
 ANALYSIS_KIND = "spectra-analysis"
@@ -33,7 +44,7 @@ def write_analysis(path: str | Path, name: str, ds: xr.Dataset, attrs: dict | No
     temporary name and swapped in, so a kill leaves the old result or the new one.
     """
     p = _analysis_root(path)
-    return _swap_in(p, name, {"": _prepared(p, name, ds, attrs, merge)})
+    return _swap_in(p, name, lambda: {"": _prepared(p, name, ds, attrs, merge)})
 
 
 def write_analysis_tree(path: str | Path, name: str, parts: dict[str, tuple[xr.Dataset, dict | None]]) -> Path:
@@ -41,23 +52,93 @@ def write_analysis_tree(path: str | Path, name: str, parts: dict[str, tuple[xr.D
     all written under one temporary name and swapped in together: a kill leaves the whole old tree or
     the whole new one, never a mix, and the old one is not deleted before the new one is complete."""
     p = _analysis_root(path)
-    return _swap_in(p, name, {sub: _prepared(p, f"{name}/{sub}", ds, attrs) for sub, (ds, attrs) in parts.items()})
+    return _swap_in(p, name, lambda: {sub: _prepared(p, f"{name}/{sub}", ds, attrs) for sub, (ds, attrs) in
+                                      parts.items()})
 
 
 def _analysis_root(path: str | Path) -> Path:
-    """The analysis store at `path`, created if missing; anything else there is one error line."""
+    """The analysis store at `path` (the user-visible name), created if missing; anything else there is one
+    error line."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise SpectraError(f"{p} is a file, not an analysis store; choose another --out")
+    blocked = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
+    if blocked is not None:
+        raise SpectraError(f"{p} lies under {blocked}, which is a file; choose another --out")
     if p.is_dir() and any(p.iterdir()) and not (p / "zarr.json").is_file():
         raise SpectraError(f"{p} is a non-empty folder that is not an analysis store; choose another --out")
-    if not (p / "zarr.json").is_file():
-        p.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(p / "zarr.json", {"zarr_format": 3, "node_type": "group",
-                                             "attributes": {"kind": ANALYSIS_KIND}})
-    elif _root_metadata(p).get("attributes", {}).get("kind") not in (None, ANALYSIS_KIND):
+    if (p / "zarr.json").is_file() and _root_metadata(p).get("attributes", {}).get("kind") not in (None,
+                                                                                                 ANALYSIS_KIND):
         raise SpectraError(f"{p} is not a spectra analysis store")
     return p
+
+
+def _versions(p: Path) -> Path:
+    return p.parent / f".{p.name}.versions"
+
+
+def _version_number(d: Path) -> int:
+    return int(d.name[1:]) if d.name[:1] == "v" and d.name[1:].isdigit() else 0
+
+
+def _copy_version(src: Path | None, dst: Path, skip: str) -> None:
+    """dst = src without group `skip`: folders made, data files hard-linked (never written in place again:
+    zarr writes new chunk files, and the written group is left out), metadata files copied. A legacy store's
+    `.old-X` (a writer killed mid-swap) stands in for a missing `X`; `.tmp-*` leftovers are dropped."""
+    dst.mkdir(parents=True)
+    if src is None:
+        atomic_write_json(dst / "zarr.json", {"zarr_format": 3, "node_type": "group",
+                                               "attributes": {"kind": ANALYSIS_KIND}})
+        return
+    skip_parts = tuple(skip.split("/"))
+
+    def walk(s: Path, d: Path, rel: tuple[str, ...]) -> None:
+        names = {e.name for e in s.iterdir()}
+        for e in sorted(s.iterdir()):
+            name = e.name
+            if name.startswith(".tmp-"):
+                continue
+            if name.startswith(".old-"):
+                if name[5:] in names:
+                    continue
+                name = name[5:]
+            here = (*rel, name)
+            if here == skip_parts:
+                continue
+            if e.is_dir():
+                (d / name).mkdir()
+                walk(e, d / name, here)
+            elif name == "zarr.json" or name.startswith("."):
+                shutil.copy2(e, d / name)
+            else:
+                os.link(e, d / name)
+
+    walk(src, dst, ())
+
+
+def _publish(p: Path, version: Path) -> None:
+    """Point `p` at `version` in one atomic step (a legacy real folder is first set aside: the one moment
+    `p` is missing, once per store)."""
+    link_tmp = p.parent / f".{p.name}.link-{os.getpid()}"
+    if link_tmp.is_symlink() or link_tmp.exists():
+        link_tmp.unlink()
+    os.symlink(os.path.relpath(version, p.parent), link_tmp)
+    if p.is_dir() and not p.is_symlink():
+        os.replace(p, _versions(p) / f"legacy-{time.time_ns()}")
+    os.replace(link_tmp, p)
+    fd = os.open(p.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _drop_unreferenced(p: Path) -> None:
+    """Every version folder `p` does not name: those a finished write left, and a killed writer's."""
+    live = p.resolve()
+    for d in _versions(p).iterdir():
+        if d.is_dir() and d.resolve() != live:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _prepared(p: Path, name: str, ds: xr.Dataset, attrs: dict | None, merge: tuple[str, ...] = ()) -> xr.Dataset:
@@ -72,11 +153,9 @@ def _prepared(p: Path, name: str, ds: xr.Dataset, attrs: dict | None, merge: tup
                 continue
             if not np.array_equal(ds[dim].values, old[dim].values):
                 raise SpectraError(f"the stored {name!r} in {p} has other {dim} values "
-                                   f"({list(old[dim].values)[:6]}) than this one; write to another --out")
-        ds = ds.combine_first(old)
+                                   f"({old[dim].values.tolist()[:6]}) than this one; write to another --out")
+        ds = _replace_cells(ds, old, merge)
         new_attrs = {**old.attrs, **new_attrs}
-    from spectra.io.variables import attrs_for
-
     for k in ds.data_vars:  # units, long_name, description on every variable (spectra/io/variables.py)
         ds[k].attrs = {**attrs_for(str(k)), **ds[k].attrs}
     # fixed-width numpy strings ('<U4') have no Zarr v3 spec (zarr warns on every write); the
@@ -87,31 +166,52 @@ def _prepared(p: Path, name: str, ds: xr.Dataset, attrs: dict | None, merge: tup
     return ds
 
 
-def _swap_in(p: Path, name: str, parts: dict[str, xr.Dataset]) -> Path:
-    """Write `parts` (sub-path -> dataset; "" is the group itself) under a temporary name beside group
-    `name`, then swap it in: old -> .old-<name>, temporary -> name, drop .old-<name>. Between the two
-    renames only .old-<name> exists, and read_analysis reads it."""
-    final = _group_dir(p, name)
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    old_dir = final.with_name(f".old-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for sub, ds in parts.items():
-        group = tmp.relative_to(p).as_posix() + (f"/{sub}" if sub else "")
-        ds.to_zarr(p, group=group, mode="w", consolidated=False)
-    with _store_lock(p):  # two writers of one store: swaps and root-metadata updates take turns
-        if final.is_dir():
-            shutil.rmtree(old_dir, ignore_errors=True)
-            os.replace(final, old_dir)
-        os.replace(tmp, final)
-        shutil.rmtree(old_dir, ignore_errors=True)
-        _reconsolidate(p, name)
+def _replace_cells(new: xr.Dataset, old: xr.Dataset, merge: tuple[str, ...]) -> xr.Dataset:
+    """`old` with every cell that `new` covers along the `merge` dims replaced whole by `new`'s (NaN included:
+    a recomputed component's NaN is its result, not a hole to fill from the old run)."""
+    union = new.combine_first(old)
+    fresh = new.reindex_like(union)
+    out = union.copy()
+    for k in new.data_vars:
+        dims = [d for d in merge if d in new[k].dims]
+        if not dims:
+            continue
+        mask = None
+        for d in dims:
+            m = union[d].isin(new[d].values)
+            mask = m if mask is None else mask & m
+        out[k] = xr.where(mask, fresh[k], union[k]).transpose(*union[k].dims).astype(union[k].dtype)
+        out[k].attrs = union[k].attrs
+    return out
+
+
+def _swap_in(p: Path, name: str, prepare: Callable[[], dict[str, xr.Dataset]]) -> Path:
+    """Write `prepare()` (sub-path -> dataset; "" is the group itself) as group `name` of a new version of the
+    store and publish it (module docstring). `prepare` runs under the store lock, so a merge reads the version
+    it builds on, never one another writer is replacing."""
+    versions = _versions(p)
+    versions.mkdir(parents=True, exist_ok=True)
+    with _store_lock(versions):  # two writers of one store take turns: each builds on the other's version
+        current = p.resolve() if (p / "zarr.json").is_file() else None
+        number = max([_version_number(d) for d in versions.iterdir()] + [0]) + 1
+        new = versions / f"v{number}"
+        try:
+            parts = prepare()
+            _copy_version(current, new, name)
+            for sub, ds in parts.items():
+                ds.to_zarr(new, group=name + (f"/{sub}" if sub else ""), mode="w", consolidated=False)
+            _reconsolidate(new, name)
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        _publish(p, new)
+        _drop_unreferenced(p)
     return p
 
 
 @contextmanager
 def _store_lock(p: Path):
-
-    fd = os.open(p, os.O_RDONLY)  # the store folder itself: no lock file for Zarr to trip over
+    fd = os.open(p, os.O_RDONLY)  # the versions folder itself: no lock file for Zarr to trip over
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

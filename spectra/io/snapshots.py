@@ -28,6 +28,7 @@ Commit protocol (crash safety under kill -9, Ctrl-C, SIGTERM or an exception at 
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import threading
 import time
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
+import zarr
 
 from spectra.errors import SpectraError
 from spectra.io.atomic import _jsonable, atomic_write_json
@@ -388,13 +390,45 @@ class Run:
 
 
 def _read_committed(path: Path, group: str, n: int, consolidated: bool) -> xr.Dataset:
+    # the consolidated metadata still lists a group whose folder was deleted, and xarray would then read
+    # every chunk as its fill value (all-zero steps, all-NaN weights): the folder itself must be there
+    if not (path / group / "zarr.json").is_file():
+        raise SpectraError(f"{path}/{group} is missing; the store is damaged (restore the folder from a copy "
+                           "of the run)")
     try:
         ds = xr.open_zarr(path, group=group, consolidated=consolidated)
     except Exception:  # noqa: BLE001
         raise SpectraError(f"{path} has no readable group {group!r}") from None
     if ds.sizes.get("step", 0) < n:
         raise SpectraError(f"{path}/{group} holds fewer snapshots than committed; the store is damaged")
-    return ds.isel(step=slice(0, n))
+    ds = ds.isel(step=slice(0, n))
+    ds.encoding["source"] = str(path / group)  # read_values names the chunk in its error
+    return ds
+
+
+def read_values(da: xr.DataArray, array: Path, what: str = "") -> np.ndarray:
+    """The values of a lazily opened store array (its folder `array`; `what` says which part, e.g. " at step
+    4"); a truncated or corrupt chunk (a Zstd error, a short file) is one line naming the chunk file."""
+    try:
+        return da.values
+    except Exception as e:  # noqa: BLE001 - zarr/numcodecs raise RuntimeError, ValueError, OSError, ...
+        why = " ".join(str(e).split())[:160]
+        raise SpectraError(f"cannot read {_bad_chunk(array)}{what} ({type(e).__name__}: {why}); the file is "
+                           "truncated or corrupt: restore the store from a copy of the run") from None
+
+
+def _bad_chunk(array: Path) -> Path:
+    """The first chunk file of `array` that does not decode (the array folder when each one does)."""
+    try:
+        a = zarr.open_array(array, mode="r")
+        for idx in itertools.product(*(range(n) for n in a.cdata_shape)):
+            try:
+                a.blocks[idx]
+            except Exception:  # noqa: BLE001 - this is the one
+                return array.joinpath("c", *map(str, idx))
+    except Exception:  # noqa: BLE001 - the array's own metadata is unreadable: name the array
+        pass
+    return array
 
 
 def open_run(path: str | Path) -> Run:
@@ -412,9 +446,18 @@ def open_run(path: str | Path) -> Run:
     steps = _committed(p)
     if not steps:
         raise SpectraError(f"{p} has no committed snapshots yet")
+    if not (p / "meta" / "zarr.json").is_file():
+        raise SpectraError(f"{p}/meta is missing, so the snapshots' steps are unknown; the store is damaged "
+                           "(restore meta/ from a copy of the run)")
     try:
         meta = _read_committed(p, "meta", len(steps), consolidated).load()
+    except SpectraError:
+        raise
     except Exception as e:  # noqa: BLE001
-        raise SpectraError(f"{p} has unreadable snapshot metadata ({type(e).__name__}); "
-                           "`spectra pretrain --resume` on the run repairs a store from an older spectra") from None
+        raise SpectraError(f"{p} has unreadable snapshot metadata ({type(e).__name__}); a store from an older "
+                           "spectra is repaired by `spectra pretrain --resume` on the run, a damaged one by "
+                           "restoring meta/ from a copy") from None
+    if [int(s) for s in meta["step"].values] != steps:  # chunk files gone: zarr reads fill values (step 0)
+        raise SpectraError(f"{p}/meta/step holds steps {[int(s) for s in meta['step'].values][:6]}, not the "
+                           f"committed {steps[:6]}; the store is damaged (restore meta/ from a copy of the run)")
     return Run(path=p, attrs=attrs, meta=meta, consolidated=consolidated)

@@ -14,6 +14,12 @@ analysis store, and the tokenizer rule (`Source.tokenizer_name`): the `--tokeniz
 when it differs from the one saved with the model; else the one saved with the model; else the one
 the run was pretrained with (run_config.json); else t5-base (GaLore's), checked against the model's
 vocabulary by whoever loads it.
+
+Every model folder is validated (spectra.models.validate.validate_checkpoint: config, every tensor
+present with its shape and a floating dtype, readable files) before anything uses it: at once for a
+checkpoint, compressed or hub input, and for a series, whose members must also be one architecture
+with one set of shapes; for a run or a snapshot store, whose analyses may need no model, when a
+command asks for its model (`Source.need_model`). Validation is cached, so resolving again is free.
 """
 
 from __future__ import annotations
@@ -25,9 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
+import huggingface_hub
+
+from spectra.data import load_tokenizer, tokenizer_digest
 from spectra.errors import SpectraError
 from spectra.io.atomic import read_json
 from spectra.io.runs import checkpoint_of_latest, checkpoint_step_of, run_dir_of
+from spectra.models.validate import check_series, validate_checkpoint
 
 Kind = Literal["run", "checkpoint", "compressed", "snapshots", "hub", "series"]
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(?:@[\w./-]+)?")
@@ -77,9 +87,11 @@ class Source:
         return self.model_dir / "analysis.zarr"
 
     def need_model(self, what: str = "this command") -> Path:
+        """The model folder, validated; one line when there is none."""
         if self.model_dir is None:
             raise SpectraError(f"{self.text} holds no model checkpoint, which {what} needs "
                                "(pass a checkpoint folder, a run with checkpoints or a hub name)")
+        validate_checkpoint(self.model_dir)
         return self.model_dir
 
     def saved_tokenizer(self) -> Path | None:
@@ -133,12 +145,10 @@ def expand_paths(args: Sequence[str | Path]) -> list[str]:
 def hub_checkpoint(name: str) -> Path:
     """A hub model `org/name` or `org/name@revision`, downloaded (config, safetensors, tokenizer) into the
     HF cache; its local folder. Offline (HF_HUB_OFFLINE=1) only the cache is asked: one fast line."""
-    from huggingface_hub import snapshot_download
-
     repo, _, revision = name.partition("@")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
-        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES,
+        return Path(huggingface_hub.snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES,
                                       local_files_only=offline))
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated: one line naming the model
         why = "HF_HUB_OFFLINE is set and it is not in the cache" if offline else (
@@ -147,6 +157,14 @@ def hub_checkpoint(name: str) -> Path:
 
 
 def _one(text: str) -> Source:
+    """The Source one input names; a checkpoint, compressed or hub model folder is validated here."""
+    source = _locate(text)
+    if source.kind in ("checkpoint", "compressed", "hub"):
+        validate_checkpoint(source.model_dir)
+    return source
+
+
+def _locate(text: str) -> Source:
     p = Path(text)
     if not p.exists():
         if HUB_NAME.fullmatch(text):
@@ -209,6 +227,7 @@ def resolve(spec: str | Path | Sequence[str | Path], *, steps: Sequence[int] | N
         raise SpectraError(f"two checkpoints share a step: {sorted(got)}")
     ordered = sorted((Source(m.text, m.kind, m.model_dir, m.run_dir, m.snapshots, s, (), m.hub_name)
                       for m, s in zip(members, got)), key=lambda m: m.step)
+    check_series([(m.text, m.need_model("a series")) for m in ordered])  # one architecture, one set of shapes
     return Source(" ".join(texts), "series", members=tuple(ordered))
 
 
@@ -229,8 +248,6 @@ def analysis_store_for(path: str | Path) -> Path:
 def load_source_tokenizer(source: Source, given: str | None = None):
     """The tokenizer by the one rule; a given `--tokenizer` that differs from the one saved with the model is
     refused (it would score the wrong tokens)."""
-    from spectra.data import load_tokenizer, tokenizer_digest
-
     saved = source.saved_tokenizer()
     stored = None
     if saved is not None:

@@ -20,12 +20,16 @@ and bench/hessian_gap.py.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import time
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from spectra.errors import SpectraError
 
 
 @contextmanager
@@ -98,6 +102,9 @@ class BlockHVP:
     def _first_order(self) -> torch.Tensor:
         with only_grad(self.model, self.weight):
             loss = hvp_loss(self.model, self.input_ids)
+            if not torch.isfinite(loss):  # its Hessian would be NaN, and Lanczos would fail inside eigh
+                raise SpectraError(f"the loss on this token batch is {float(loss.detach())}: the model's weights or "
+                                   "activations overflow, so its Hessian is undefined")
             (g,) = torch.autograd.grad(loss, self.weight, create_graph=True)
         return g
 
@@ -163,9 +170,6 @@ def keep_freed_memory() -> None:
     M_TRIM_THRESHOLD at 1 GiB). Each HVP frees and reallocates the same activation-sized buffers;
     by default they come back as fresh zero-filled pages: ~10k page faults per 20m-model HVP (~7% of
     its CPU time) vs ~15 with this. Peak memory is unchanged. No-op where glibc is absent."""
-    import ctypes
-    import ctypes.util
-
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD

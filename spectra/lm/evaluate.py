@@ -4,62 +4,158 @@ ppl = exp(Σ token NLL / Σ predicted tokens) over a fixed budget of non-overlap
 (`spectra.data.text_windows`, cached on disk by dataset + tokenizer + seq_len + budget). The mean
 is token-weighted over the whole set, never a mean of per-batch means (a short last batch would
 otherwise count as much as a full one) and never divided by n+1 (GaLore's eval bias).
+
+    spectra.perplexity(model, windows)                         # [n, seq_len] token windows
+    spectra.perplexity(model, ["some text", ...], tokenizer=tok, seq_len=128)
+    spectra.perplexity("runs/abc", "data/*.jsonl")             # paths: resolved, tokenizer by the one rule
 """
 
 from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
+import os
+import stat
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import NamedTuple
 
+import datasets
 import torch
 import torch.nn.functional as F
-import typer
+from torch import nn
+from transformers.utils import logging as hf_logging
 
+from spectra.data import docs_from_texts, eval_windows, load_tokenizer, text_windows
 from spectra.errors import SpectraError
-from spectra.io.runs import run_dir_of
-from spectra.models.parts import resolve_device
+from spectra.io.atomic import read_json
+from spectra.io.sources import load_source_tokenizer, resolve
+from spectra.lm.precision import autocast_for, use_bf16
+from spectra.models.compressed import RANK_MAP_FILE
+from spectra.models.loading import load_causal_lm
+from spectra.progress import progress_bar
+
+DEFAULT_SEQ_LEN, DEFAULT_TOKENS = 256, 262144
 
 
-def autocast_for(device: torch.device, enabled: bool = True):
-    """bf16 autocast on GPU (fp32 master weights stay untouched); plain fp32 on CPU."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+class Perplexity(NamedTuple):
+    """Mean token loss (nats), its exp, and how many tokens were predicted."""
+
+    loss: float
+    ppl: float
+    tokens: int
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 8, device: str | torch.device | None = None,
-               autocast: bool = True) -> tuple[float, float, int]:
-    """(mean token loss, perplexity, predicted tokens) of `model` on [n, seq_len] `windows`.
+def perplexity(
+    model: nn.Module | str | Path,
+    windows_or_texts=None,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    *,
+    tokenizer=None,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    tokens: int = DEFAULT_TOKENS,
+    autocast: bool = True,
+    progress: bool = False,
+    cache_dir: str | Path | None = None,
+) -> Perplexity:
+    """(mean token loss, perplexity, predicted tokens) of a causal LM.
+
+    `model`: an in-memory causal LM, or a path / hub name (`spectra.resolve`; loaded on `device`).
+    `windows_or_texts`: [n, seq_len] token windows; or text, cut into windows of `seq_len` over the
+    first `tokens` tokens: a list of documents (strings), a `datasets.Dataset` with a "text" column, one
+    str/Path naming json/jsonl(.gz)/txt/parquet files (comma-separated, globs or folders), or None for the
+    hub's C4 validation split.
+    Text needs a `tokenizer` (an object or a name); for a model given by path the default is the one
+    saved with it (the tokenizer rule of `spectra.io.sources`).
 
     Each window predicts its own tokens 1..L-1 from 0..L-2; sums of NLL and token counts are
-    accumulated in float64 across batches, so the mean is exact regardless of batch sizes.
+    accumulated in float64 across batches, so the mean is exact regardless of `batch_size`. bf16
+    autocast on CUDA (`autocast=False`: fp32), fp32 on CPU.
     """
+    if isinstance(model, (str, Path)):
+        source = resolve(model)
+        model = load_causal_lm(source.need_model("perplexity"), device=device or "cpu")
+        if not isinstance(windows_or_texts, torch.Tensor) and (tokenizer is None or isinstance(tokenizer, str)):
+            tokenizer = load_source_tokenizer(source, tokenizer)  # the tokenizer rule, a given name checked
+    windows = as_windows(model, windows_or_texts, tokenizer, seq_len, tokens, cache_dir)
+    return score(model, windows, batch_size, device, autocast=autocast, progress=progress)
+
+
+def as_windows(model: nn.Module, data, tokenizer, seq_len: int, tokens: int, cache_dir=None) -> torch.Tensor:
+    """`data` (see `perplexity`) as [n, seq_len] token windows for `model`, checked against its positions and
+    (for text) its vocabulary."""
+    if isinstance(data, torch.Tensor):
+        return data
+    if seq_len < 2 or tokens < seq_len:
+        raise SpectraError(f"need seq_len >= 2 and tokens >= seq_len (got {seq_len}, {tokens})")
+    check_positions(model, seq_len)
+    if tokenizer is None:
+        raise SpectraError("scoring text needs a tokenizer (pass tokenizer=...)")
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    check_vocab(model, tok)
+    if isinstance(data, datasets.Dataset):
+        return eval_windows(data, tok, seq_len, tokens)
+    if isinstance(data, (list, tuple)):  # documents; files are named by one str/Path (commas, globs, folders)
+        return eval_windows(docs_from_texts(data), tok, seq_len, tokens)
+    if data is not None and not isinstance(data, (str, Path)):
+        raise SpectraError(f"cannot score a {type(data).__name__}: pass token windows, texts, a Dataset or files")
+    return text_windows(data, tok, seq_len, tokens, split="validation", cache_dir=cache_dir)
+
+
+@torch.no_grad()
+def score(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device: str | torch.device | None = None,
+          *, autocast: bool = True, progress: bool = False, window_losses: list | None = None) -> Perplexity:
+    """`perplexity` of `model` on [n, seq_len] token `windows`. `window_losses`: a list that receives each
+    window's mean token loss, in window order (paired comparisons between models on the same windows)."""
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise SpectraError(f"need [n, seq_len>=2] token windows, got shape {tuple(windows.shape)}")
+    if batch_size < 1:
+        raise SpectraError(f"batch_size must be >= 1, not {batch_size}")
+    check_positions(model, windows.shape[1])
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     total_nll, total_tok = 0.0, 0
+    bar = progress_bar(total=len(windows), desc="eval", unit="window", disable=not progress)
     try:
         for i in range(0, len(windows), batch_size):
             x = windows[i : i + batch_size].to(device)
-            with autocast_for(device, autocast):
+            with autocast_for(device, autocast and use_bf16(device, cpu_bf16=False)):
                 logits = model(input_ids=x).logits
             # at least float32 log-softmax: bf16 logits would lose ~3 digits of the loss
             logits = logits[:, :-1].flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
             nll = F.cross_entropy(logits, x[:, 1:].flatten(), reduction="sum")
             total_nll += nll.double().item()
+            if window_losses is not None:
+                per_token = F.cross_entropy(logits, x[:, 1:].flatten(), reduction="none").double()
+                window_losses.extend(per_token.view(len(x), -1).mean(1).tolist())
             total_tok += x[:, 1:].numel()
+            bar.update(len(x))
+            bar.set_postfix(ppl=math.exp(min(total_nll / total_tok, 700)))
     finally:
+        bar.close()
         model.train(was_training)
     mean = total_nll / total_tok
     if not math.isfinite(mean):
         raise SpectraError(f"evaluation loss is {mean} (model produced NaN/inf logits)")
-    return mean, math.exp(mean), total_tok
+    return Perplexity(mean, math.exp(mean), total_tok)
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings / RoPE config were made for (None: unknown)."""
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_positions(model: nn.Module, seq_len: int, what: str = "--seq-len") -> None:
+    """Refuse windows longer than the model's positions: past them a learned position table has no rows and
+    RoPE extrapolates, and the 'perplexity' measures that, not the model (1521 for a 1024-position model
+    scored at 2048)."""
+    n = max_positions(model)
+    if n is not None and seq_len > n:
+        raise SpectraError(f"{what} {seq_len} exceeds the model's {n} positions; use {what} {n} or less")
 
 
 def check_vocab(model, tokenizer) -> None:
@@ -76,12 +172,8 @@ def check_vocab(model, tokenizer) -> None:
 
 def model_label(path: Path) -> tuple[str, float | None]:
     """(method, err) of a model folder: from its rank map when compressed, ("dense", 0.0) otherwise."""
-    from spectra.compression.rankmap import RANK_MAP_FILE
-
-    rank_map = path / RANK_MAP_FILE
+    rank_map = Path(path) / RANK_MAP_FILE
     if rank_map.is_file():
-        from spectra.io.atomic import read_json
-
         meta = read_json(rank_map)
         err = meta.get("target_err", meta.get("achieved_err"))
         return str(meta.get("method", "compressed")), float(err) if err is not None else None
@@ -90,108 +182,27 @@ def model_label(path: Path) -> tuple[str, float | None]:
 
 def quiet_transformers() -> None:
     """No per-load "Loading weights" bars: a command's output should be its own lines."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()
 
 
-def append_jsonl(path: Path, row: dict) -> None:
+def check_row_target(path: str | Path, what: str = "--out") -> Path:
+    """A file rows are appended to must be a regular file (or not exist yet): appending to /dev/stdout, a
+    FIFO or a device would block or scatter results, and reading it to check ownership would hang."""
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        return p
+    except OSError as e:
+        raise SpectraError(f"{what} {p} cannot be used: {e.strerror}; choose a regular file path") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a pipe, device or socket, not a regular file"
+        raise SpectraError(f"{what} {p} is {kind}; choose a .jsonl file path")
+    return p
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append one JSON row to a jsonl file (created with its folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
-
-
-def eval_command(
-    path: Annotated[
-        Optional[str],
-        typer.Argument(
-            help="Model folder (dense or `spectra compress` output), a run "
-            "folder (its latest checkpoint) or a hub name.",
-            show_default=False,
-        ),
-    ] = None,
-    model: Annotated[
-        Optional[str], typer.Option("--model", help="Same as PATH (the older spelling; scripts keep working).")
-    ] = None,
-    data: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Local text: json/jsonl(.gz)/txt/parquet files, globs or folders "
-            "(e.g. ../shared/data/c4). Default: hub C4 en validation."
-        ),
-    ] = None,
-    tokenizer: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Tokenizer hub name, local folder (e.g. "
-            "../shared/data/tokenizers/t5) or bytes. Default: the one "
-            "saved with the model, else t5-base."
-        ),
-    ] = None,
-    seq_len: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 256,
-    tokens: Annotated[
-        int, typer.Option(help="Token budget: the first TOKENS tokens of the data, cut into non-overlapping windows.")
-    ] = 262144,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass (does not change the result).")] = 8,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (bf16 autocast on GPU).")] = "auto",
-    method: Annotated[
-        Optional[str], typer.Option(help="Label for the eval row. Default: the rank map's method, or 'dense'.")
-    ] = None,
-    err: Annotated[
-        Optional[float], typer.Option(help="ERR label for the eval row. Default: the rank map's target_err, or 0.")
-    ] = None,
-    out: Annotated[
-        Optional[Path],
-        typer.Option(
-            help="Append the result row to this jsonl. Default: "
-            "runs/<id>/eval.jsonl when the model lives in a run folder, else "
-            "print only."
-        ),
-    ] = None,
-    cache_dir: Annotated[Path, typer.Option(help="Where tokenized evaluation windows are cached.")] = Path(
-        ".cache/spectra"
-    ),
-) -> None:
-    """Perplexity of a dense or compressed model on C4 (hub or local) or any local text.
-
-    Token-weighted mean NLL over a fixed token budget of non-overlapping windows; the windows are
-    cached by dataset + tokenizer + seq_len + budget so every model is scored on identical tokens.
-    """
-    from spectra.io.runs import input_path
-
-    model = input_path(path, model, "--model")
-    from spectra.data import text_windows
-    from spectra.io.sources import find_checkpoint, load_source_tokenizer, resolve
-    from spectra.models.loading import load_causal_lm
-
-    if seq_len < 2 or tokens < seq_len or batch_size < 1:
-        raise SpectraError(
-            f"need --seq-len >= 2, --tokens >= --seq-len and --batch-size >= 1 (got {seq_len}, {tokens}, {batch_size})"
-        )
-    quiet_transformers()
-    path = find_checkpoint(model)
-    dev = resolve_device(device)
-    tok = load_source_tokenizer(resolve(path), tokenizer)
-    windows = text_windows(data, tok, seq_len, tokens, split="validation", cache_dir=cache_dir)
-    lm = load_causal_lm(path, device=dev)
-    check_vocab(lm, tok)
-    loss, ppl, n_tok = perplexity(lm, windows, batch_size, dev)
-    auto_method, auto_err = model_label(path)
-    row = {
-        "model": str(path),
-        "method": method or auto_method,
-        "err": auto_err if err is None else err,
-        "dataset": data or "c4-en-validation",
-        "seq_len": seq_len,
-        "tokens": n_tok,
-        "loss": loss,
-        "ppl": ppl,
-    }
-    run = run_dir_of(path)
-    target = out if out is not None else (run / "eval.jsonl" if run is not None else None)
-    if target is not None:
-        from spectra.io.runs import check_own_output, is_jsonl_of
-
-        append_jsonl(check_own_output(target, is_jsonl_of("ppl")), row)
-    where = f" -> {target}" if target is not None else ""
-    print(f"{path}: ppl {ppl:.3f} (loss {loss:.4f}) on {n_tok} tokens of {row['dataset']} @ seq {seq_len}{where}")

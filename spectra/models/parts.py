@@ -15,7 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
+from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from spectra.errors import SpectraError
 from spectra.models.components import ATTENTION, COMPONENTS, MLP, Part, is_conv1d, parts  # noqa: F401 - re-exported
@@ -102,18 +105,14 @@ def set_attention(model: nn.Module, impl: str) -> None:
 def model_class(path: Path):
     """(model class, config) for a dense folder: the architecture its config names (so encoders
     and task heads load as saved), else AutoModelForCausalLM, else AutoModel."""
-    import transformers
-    from transformers import AutoConfig
-
     try:
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - any parse failure is one user-facing line
-        raise SpectraError(f"cannot read model config in {path}: {e}") from None
+        why = str(e).strip().splitlines()
+        raise SpectraError(f"cannot read model config in {path}: {why[0] if why else type(e).__name__}") from None
     arch = (getattr(cfg, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
     if cls is None:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
         cls = (
             transformers.AutoModelForCausalLM
             if cfg.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
