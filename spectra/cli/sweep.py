@@ -98,7 +98,7 @@ def run(a: SweepArgs, path: str, eval_data: list[str] | None = None) -> None:
     from spectra.io.analysis_store import write_analysis
     from spectra.io.runs import check_own_output, is_analysis_store
     from spectra.io.sources import load_source_tokenizer, resolve
-    from spectra.lm.evaluate import check_vocab, quiet_transformers
+    from spectra.lm.evaluate import check_positions, check_vocab, quiet_transformers
     from spectra.models.loading import load_causal_lm
     from spectra.models.parts import resolve_device
 
@@ -126,10 +126,8 @@ def run(a: SweepArgs, path: str, eval_data: list[str] | None = None) -> None:
     tok = load_source_tokenizer(source, a.tokenizer)
     model = load_causal_lm(model_dir, device=dev)
     check_vocab(model, tok)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    longest = max(a.seq_len, a.calib_seq_len)
-    if max_pos is not None and longest > max_pos:
-        raise SpectraError(f"--seq-len/--calib-seq-len {longest} exceeds the model's {max_pos} positions")
+    check_positions(model, a.seq_len)
+    check_positions(model, a.calib_seq_len, "--calib-seq-len")
     windows = {n: text_windows(f, tok, a.seq_len, a.eval_tokens, split="validation") for n, f in sets.items()}
     methods = list(a.methods)
     if "diagnostic" not in methods and signal_groups(store):  # what the store knows joins by itself

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from spectra.compression.whiten import DEFAULT_DAMPING, damped_cholesky, whitene
 from spectra.data import expand_files, load_hub_c4, load_local_docs, text_windows, tokenizer_digest
 from spectra.errors import SpectraError
 from spectra.io.analysis_store import read_analysis, write_analysis_tree
+from spectra.lm.evaluate import check_positions
 from spectra.models.components import is_conv1d
 from spectra.models.parts import component_parts, iter_components
 from spectra.progress import progress_bar
@@ -200,14 +200,6 @@ def calibrate(model: nn.Module, batches, *, batch_size: int = 8, device: str | t
 
 
 # --------------------------------------------------------------------------- windows
-def _calib_flag(fn, *args, **kwargs):
-    """spectra.data names its input --data; here that input is --calib-data."""
-    try:
-        return fn(*args, **kwargs)
-    except SpectraError as e:
-        raise SpectraError(re.sub(r"(?<![\w-])--data\b", "--calib-data", str(e))) from None
-
-
 def packs_documents(model: nn.Module, tokenizer) -> bool:
     """Whether calibration text is packed with EOS (a causal LM whose tokenizer has one) rather than one
     document per window with the tokenizer's own special tokens (encoders; tokenizers without EOS)."""
@@ -251,10 +243,7 @@ def document_windows(docs, tokenizer, seq_len: int, n: int) -> torch.Tensor:
     if body < 1:
         raise SpectraError(f"--calib-seq-len {seq_len} leaves no room between the tokenizer's special tokens")
     rows: list[list[int]] = []
-    for texts in _texts(docs):
-        if not all(isinstance(t, str) for t in texts):
-            bad = next(t for t in texts if not isinstance(t, str))
-            raise SpectraError(f"--calib-data has a document whose text is {type(bad).__name__}, not a string")
+    for texts in _texts(docs):  # local text is checked for non-string rows by spectra.data.load_local_docs
         for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
             for a in range(0, len(ids) - body + 1, body):
                 rows.append(prefix + ids[a:a + body] + suffix)
@@ -273,9 +262,7 @@ def calibration_windows(model: nn.Module, tokenizer, data: str | None, seqs: int
     (module docstring: packed with EOS for a causal LM, one document per window otherwise)."""
     if seqs < 1 or seq_len < 2:
         raise SpectraError(f"need --calib-seqs >= 1 and --calib-seq-len >= 2 (got {seqs}, {seq_len})")
-    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if max_pos is not None and seq_len > max_pos:
-        raise SpectraError(f"--calib-seq-len {seq_len} exceeds the model's {max_pos} positions")
+    check_positions(model, seq_len, "--calib-seq-len")
     n_emb = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > n_emb:
         raise SpectraError(f"tokenizer {tokenizer.name_or_path!r} has {len(tokenizer)} ids but the model embeds "
@@ -283,8 +270,9 @@ def calibration_windows(model: nn.Module, tokenizer, data: str | None, seqs: int
     if data:
         expand_files(data, "--calib-data")
     if packs_documents(model, tokenizer):
-        return _calib_flag(text_windows, data, tokenizer, seq_len, seqs * seq_len, split="train", cache_dir=cache_dir)
-    docs = _calib_flag(load_local_docs, data) if data else _calib_flag(load_hub_c4, "train")
+        return text_windows(data, tokenizer, seq_len, seqs * seq_len, split="train", cache_dir=cache_dir,
+                            flag="--calib-data")
+    docs = load_local_docs(data, "--calib-data") if data else load_hub_c4("train", "--calib-data")
     return document_windows(docs, tokenizer, seq_len, seqs)
 
 
