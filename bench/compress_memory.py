@@ -1,4 +1,4 @@
-"""Peak extra host memory of `compress_model` (streaming, in place) vs a copy-then-compress baseline.
+"""Peak extra host memory of `spectra.compress` (streaming, in place) vs a copy-then-compress baseline.
 
     python bench/compress_memory.py --model 1b --device cuda   # 1.2B decoder-linear params, SVDs on the GPU
     python bench/compress_memory.py --model 9m                 # CPU smoke
@@ -25,8 +25,9 @@ import time
 import torch
 
 from pretrain.configs import build_model
-from spectra.compression.lowrank import compress_model
-from spectra.compression.ranks import build_rank_map, model_spectra
+from spectra.compression.allocation import build_rank_map
+from spectra.compression.lowrank import compress
+from spectra.compression.ranks import model_spectra
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -68,8 +69,8 @@ def main() -> None:
     model = build_model(args.model, vocab_size=1024, seed=0, attn_implementation="eager")
     rank_map = build_rank_map(model_spectra(model, args.device), "welore", args.err)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    naive, t_naive = peak_extra(lambda: compress_model(copy.deepcopy(model), rank_map, args.device, progress=False))
-    stream, t_stream = peak_extra(lambda: compress_model(model, rank_map, args.device, progress=False))
+    naive, t_naive = peak_extra(lambda: compress(copy.deepcopy(model), rank_map, device=args.device, progress=False))
+    stream, t_stream = peak_extra(lambda: compress(model, rank_map, device=args.device, progress=False))
     print(f"model {args.model}: {size / 2**20:.0f} MiB float32, ERR {rank_map['achieved_err']:.3f}")
     print(f"copy-then-compress extra peak: {naive / 2**20:8.1f} MiB = {naive / size:.2f}x model  ({t_naive:.1f} s)")
     print(f"streaming in-place extra peak: {stream / 2**20:8.1f} MiB = {stream / size:.2f}x model  ({t_stream:.1f} s)")

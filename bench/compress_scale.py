@@ -83,7 +83,7 @@ def naive(ckpt: Path, out: Path, err: float, layers: int | None) -> None:
     from safetensors.torch import load_file, save_file
 
     from spectra.analysis.heavytail import normalized_singular_values
-    from spectra.compression.ranks import MatrixSpectrum, build_rank_map
+    from spectra.compression.allocation import MatrixSpectrum, build_rank_map
 
     weights = {}
     for f in sorted(ckpt.glob("*.safetensors")):

@@ -15,7 +15,7 @@ One process, one compressed model (deep-copied per method), the same pre-generat
 the same `spectra.lm.finetune` harness (fused AdamW for every method, warmup+cosine, bf16 autocast on
 GPU; on CPU fp32 or, with --dtype bf16, bf16 autocast).
 Without --model, a freshly initialised --config model is compressed by WeLore-COMP at --err
-(`spectra.compression.ranks.build_rank_map` + `spectra.compression.lowrank.compress_model`); random weights have flat
+(`spectra.compression.allocation.build_rank_map` + `spectra.compression.lowrank.compress`); random weights have flat
 spectra, so that map is close to uniform: square attention matrices stay dense (truncated N-LRCs),
 rectangular MLP matrices become LRCs. Pass a real compressed checkpoint for the paper's setting.
 
@@ -48,7 +48,7 @@ from spectra.lm.recipe import METHODS, FinetuneConfig
 
 
 def compressed_model(args) -> torch.nn.Module:
-    from spectra.compression.lowrank import compress_model
+    from spectra.compression.lowrank import compress
     from spectra.io.sources import find_checkpoint
     from spectra.models.loading import load_causal_lm
 
@@ -58,7 +58,8 @@ def compressed_model(args) -> torch.nn.Module:
             sys.exit(f"error: {args.model} is not a compressed model; run spectra compress first")
         return model
     from pretrain.configs import build_model
-    from spectra.compression.ranks import build_rank_map, model_spectra
+    from spectra.compression.allocation import build_rank_map
+    from spectra.compression.ranks import model_spectra
 
     model = build_model(args.config, vocab_size=args.vocab, seed=0, attn_implementation="sdpa")
     rank_map = build_rank_map(model_spectra(model, device=args.device), method="welore", err=args.err)
@@ -66,7 +67,7 @@ def compressed_model(args) -> torch.nn.Module:
         for e in rank_map["components"]:  # the trained-model pattern: low-rank attention, dense MLP
             attn = e["component"] in ("q", "k", "v", "o") and int(e["layer"]) >= args.lrc_from_layer
             e["lrc"], e["rank"] = attn, max(1, int(e["full_rank"]) // 4) if attn else int(e["full_rank"])
-    return compress_model(model, rank_map, device=args.device, progress=False)
+    return compress(model, rank_map, device=args.device, progress=False)
 
 
 def run(base, method: str, batches: list[torch.Tensor], args, steps: int, chunked: bool = True) -> dict:

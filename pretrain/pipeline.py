@@ -162,10 +162,10 @@ def pipeline_command(
     from spectra.analysis.hessian import hessian_gap_command
     from spectra.analysis.spectrum import spectrum_command
     from spectra.analysis.subspace import grad_subspace_command
+    from spectra.cli.compress import command as compress_command
     from spectra.cli.eval import command as eval_command
     from spectra.cli.finetune import command as finetune_command
-    from spectra.compression.lowrank import compress_command
-    from spectra.compression.ranks import ranks_command
+    from spectra.cli.ranks import command as ranks_command
     from spectra.data import shared_data
 
     if preset not in PRESETS:

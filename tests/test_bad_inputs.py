@@ -153,7 +153,7 @@ def _cases(w) -> list[tuple[list[str], str]]:
         (["compress", "--ckpt", run, "--out", ckpt], "--out"),
         (["compress", "--ckpt", run, "--out", comp], "not empty"),
         (["compress", "--ckpt", run, "--out", str(r / "c4"), "--dtype", "int3"], "int3"),
-        (["compress", "--ckpt", run, "--out", str(r / "c5"), "--err", "2"], "2"),
+        (["compress", "--ckpt", run, "--out", str(r / "c5"), "--err", "2"], "--err"),
         (["compress", "--ckpt", ckpt, "--out", str(r / "c6"), "--merge"], "not a compressed model"),
         # eval
         ([*ev, "--seq-len", "0"], "--seq-len"),

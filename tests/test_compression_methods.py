@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +12,11 @@ import torch
 from conftest import assert_one_error_line, make_tiny, train_steps
 
 from spectra.cli import main
-from spectra.compression.calibration import Calibration, collect, load, loss_direction_scores, save
-from spectra.compression.lowrank import LowRankLinear, compress_model, load_compressed
-from spectra.compression.ranks import _spectrum, build_rank_map, energy_scores, model_spectra
-from spectra.compression.sweep import markdown, run_sweep, verdicts
+from spectra.compression.allocation import build_rank_map, energy_scores, matrix_spectrum
+from spectra.compression.calibration import Calibration, calibrate, load, loss_direction_scores, save
+from spectra.compression.lowrank import compress
+from spectra.compression.ranks import model_spectra
+from spectra.compression.sweep import markdown, sweep, verdicts
 from spectra.compression.whiten import (
     Whitener,
     damped_cholesky,
@@ -24,6 +26,8 @@ from spectra.compression.whiten import (
 )
 from spectra.errors import SpectraError
 from spectra.lm.evaluate import perplexity
+from spectra.models.compressed import load_compressed
+from spectra.models.modeling_spectra import LowRankLinear
 from spectra.models.parts import iter_components
 
 
@@ -37,7 +41,8 @@ def diag(out: int, inp: int, sigma: list[float]) -> torch.Tensor:
 def test_energy_hand_case_differs_from_welore():
     # W1 σ = [10, 8, 6, 4, 2]: ‖W‖² = 220, e = [.455, .291, .164, .0727, .0182]; ŝ = [1, .75, .5, .25, 0]
     # W2 σ = [4, 3.9, 3.8, 3.7]: ‖W‖² = 59.34, e = [.270, .256, .243, .231];   ŝ = [1, .67, .33, 0]
-    sp = [_spectrum(0, "q", diag(5, 5, [10, 8, 6, 4, 2])), _spectrum(0, "up", diag(4, 6, [4, 3.9, 3.8, 3.7]))]
+    sp = [matrix_spectrum(0, "q", diag(5, 5, [10, 8, 6, 4, 2])),
+          matrix_spectrum(0, "up", diag(4, 6, [4, 3.9, 3.8, 3.7]))]
     np.testing.assert_allclose(energy_scores(sp)[0], np.array([100, 64, 36, 16, 4]) / 220)
     np.testing.assert_allclose(energy_scores(sp)[1], np.array([16, 15.21, 14.44, 13.69]) / 59.34)
     # drop 2 of 9 ranks: energy drops W1's two smallest (.0182, .0727); WeLore drops both ŝ = 0
@@ -53,7 +58,7 @@ def test_energy_hand_case_differs_from_welore():
 
 
 def test_energy_by_params_and_reach():
-    sp = [_spectrum(0, "q", diag(8, 8, [8, 7, 6, 5, 4, 3, 2, 1])), _spectrum(0, "k", diag(8, 8, [1] * 8))]
+    sp = [matrix_spectrum(0, "q", diag(8, 8, [8, 7, 6, 5, 4, 3, 2, 1])), matrix_spectrum(0, "k", diag(8, 8, [1] * 8))]
     rm = build_rank_map(sp, "energy", 0.5, "params")
     assert rm["achieved_err"] == pytest.approx(rm["err_params"])
     # e(peaked) = [64, 49, 36, 25, 16, 9, 4, 1]/204; e(flat) = 1/8 each, all tied: a k just above 1/8
@@ -85,7 +90,7 @@ def test_whitened_singular_values_by_hand():
 
 def test_loss_allocation_hand_case():
     Ws, _ = _hand_loss_case()
-    sp = [_spectrum(0, "q", Ws[0]), _spectrum(0, "k", Ws[1])]
+    sp = [matrix_spectrum(0, "q", Ws[0]), matrix_spectrum(0, "k", Ws[1])]
     costs = [np.array([100.0, 9.0]), np.array([16.0, 0.04])]
     rm = build_rank_map(sp, "loss", 0.25, direction_scores=costs)
     assert [e["rank"] for e in rm["components"]] == [2, 1] and rm["estimated_cost"] == pytest.approx(0.04)
@@ -165,7 +170,7 @@ def test_whitened_truncation_error_is_dropped_whitened_sigma(rank):
 
 @pytest.mark.parametrize("lrc", [False, True])
 def test_whitened_compress_model_dense_and_lrc(lrc):
-    """Through compress_model(whiten=Whitener): an N-LRC entry stays dense holding B·A, an LRC entry becomes
+    """Through compress(whitener=Whitener): an N-LRC entry stays dense holding B·A, an LRC entry becomes
     exactly those factors; either way the output error on the calibration tokens is the dropped whitened σ²,
     and the full-rank whitened factors give W back."""
     model = make_tiny(vocab=64).double()
@@ -186,7 +191,7 @@ def test_whitened_compress_model_dense_and_lrc(lrc):
 
     def q_of(rank: int, q_lrc: bool) -> torch.nn.Module:
         wh = Whitener(lambda l, c: C if (l, c) == (0, "q") else pytest.fail(f"asked for {l} {c}"), damping=0.0)
-        m = compress_model(copy.deepcopy(model), q_at(rank, q_lrc), progress=False, whiten=wh)
+        m = compress(copy.deepcopy(model), q_at(rank, q_lrc), progress=False, whitener=wh)
         return m.model.layers[0].self_attn.q_proj
 
     new = q_of(3, lrc)
@@ -219,7 +224,7 @@ def _hidden_inputs(model, ids):
 def test_collect_matches_direct_xtx_and_shares_inputs(tmp_path):
     model = train_steps(make_tiny(vocab=64), 3, vocab=64)
     ids = torch.randint(0, 64, (5, 16), generator=torch.Generator().manual_seed(0))
-    cal = collect(model, ids, batch_size=2, progress=False)
+    cal = calibrate(model, ids, batch_size=2, progress=False)
     x = _hidden_inputs(model, ids)
     torch.testing.assert_close(cal.covariance(0, "q"), x.T @ x, rtol=1e-9, atol=1e-9)
     assert cal.input_of[(0, "k")] == cal.input_of[(0, "v")] == "0.q"  # the same tensor: one xtx
@@ -249,11 +254,11 @@ def test_collect_matches_direct_xtx_and_shares_inputs(tmp_path):
     torch.testing.assert_close(back.covariance(1, "down"), cal.covariance(1, "down"))
     assert back.grad_sq == pytest.approx(cal.grad_sq)
     # the base model without an LM head (encoder-style): Gauss–Newton of the output distortion, same inputs
-    base = collect(model.model, ids, batch_size=5, progress=False)
+    base = calibrate(model.model, ids, batch_size=5, progress=False)
     assert base.has_loss and base.attrs["grad_kind"] == "output-gauss-newton"
     torch.testing.assert_close(base.covariance(0, "q"), x.T @ x, rtol=1e-9, atol=1e-9)
     # forward only: no gradients, the loss method weighs relative output errors
-    fwd = collect(model.model, ids, batch_size=5, progress=False, with_grad=False)
+    fwd = calibrate(model.model, ids, batch_size=5, progress=False, with_grad=False)
     assert not fwd.has_loss
     torch.testing.assert_close(fwd.covariance(0, "q"), x.T @ x, rtol=1e-9, atol=1e-9)
     scores, used = loss_direction_scores(model.model, fwd, [(0, "q")], "auto")
@@ -268,8 +273,8 @@ def _cal(seed: int, keys: list[tuple[int, str]]) -> Calibration:
 
 
 def test_calibration_save_replaces_whole_and_never_deletes_first(tmp_path, monkeypatch):
-    """A second save replaces the whole group (no stale xtx of the first); a save that fails midway leaves
-    the stored calibration exactly as it was, and a kill between the swap's two renames still reads it."""
+    """A second save replaces the whole group (no stale xtx of the first); a save that fails midway wrote only
+    into a new version of the store, never the published one, and leaves the stored calibration as it was."""
     import xarray as xr
 
     store = tmp_path / "a.zarr"
@@ -282,8 +287,10 @@ def test_calibration_save_replaces_whole_and_never_deletes_first(tmp_path, monke
     assert sorted(p.name for p in (store / "calibration" / "xtx").iterdir() if p.is_dir()) == ["0.q"]
     real, calls = xr.Dataset.to_zarr, []
 
+    live = store.resolve()
+
     def fail_third(self, *a, **k):
-        calls.append(k.get("group"))
+        calls.append(Path(a[0] if a else k["store"]).resolve())
         if len(calls) == 3:
             raise OSError("disk full")
         return real(self, *a, **k)
@@ -292,18 +299,16 @@ def test_calibration_save_replaces_whole_and_never_deletes_first(tmp_path, monke
     with pytest.raises(OSError, match="disk full"):
         save(store, first)
     monkeypatch.undo()
-    assert all(g.startswith(".tmp-calibration-") for g in calls)  # only ever written beside the stored one
+    assert len(calls) == 3 and live not in calls and store.resolve() == live  # the published version untouched
     back = load(store)
     assert back.tokens == 12 and back.input_of == {(0, "q"): "0.q"}
     torch.testing.assert_close(back.xtx["0.q"], second.xtx["0.q"], rtol=0, atol=0)
-    (store / "calibration").rename(store / ".old-calibration")  # killed between the two renames
-    assert load(store).tokens == 12
 
 
 def test_whitened_compress_lowers_output_error():
     model = train_steps(make_tiny(vocab=64), 3, vocab=64)
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
-    cal = collect(model, ids, progress=False)
+    cal = calibrate(model, ids, progress=False)
     W = model.model.layers[0].self_attn.q_proj.weight.detach().double().clone()
     x = _hidden_inputs(model, ids)
     keys = [(l, c) for l, c, _, _ in iter_components(model)]
@@ -323,7 +328,7 @@ def test_whitened_compress_lowers_output_error():
     assert len(rmap["components"]) == len(keys)
     errs = {}
     for name, wh in (("plain", None), ("whitened", Whitener(cal.covariance, damping=1e-6))):
-        m2 = compress_model(train_steps(make_tiny(vocab=64), 3, vocab=64), rmap, progress=False, whiten=wh)
+        m2 = compress(train_steps(make_tiny(vocab=64), 3, vocab=64), rmap, progress=False, whitener=wh)
         q = m2.model.layers[0].self_attn.q_proj
         assert isinstance(q, LowRankLinear) and q.rank == 8
         errs[name] = float(((W - q.weight.detach().double()) @ x.T).pow(2).sum())
@@ -362,7 +367,7 @@ def test_cli_loss_map_and_whitened_compress(bytes_run, capsys):
     def no_recompute(*a, **k):
         raise AssertionError("calibration recomputed")
 
-    real, calibration_module.collect = calibration_module.collect, no_recompute
+    real, calibration_module.calibrate = calibration_module.calibrate, no_recompute
     try:
         assert (
             main(
@@ -381,7 +386,7 @@ def test_cli_loss_map_and_whitened_compress(bytes_run, capsys):
             == 0
         )
     finally:
-        calibration_module.collect = real
+        calibration_module.calibrate = real
     saved = json.loads((out / "spectra_rank_map.json").read_text())
     assert saved["whiten"]["damping"] == 0.01 and saved["whiten"]["calibration"]["seqs"] == 4
     model = load_compressed(out)
@@ -417,19 +422,10 @@ def test_cli_bad_inputs_are_one_line(bytes_run, tmp_path, capsys):
 def test_sweep_table_on_tiny_model(tmp_path):
     model = train_steps(make_tiny(vocab=64), 5, vocab=64)
     g = torch.Generator().manual_seed(2)
-    cal = collect(model, torch.randint(0, 64, (4, 32), generator=g), progress=False)
+    cal = calibrate(model, torch.randint(0, 64, (4, 32), generator=g), progress=False)
     windows = {"a": torch.randint(0, 64, (2, 32), generator=g), "b": torch.randint(0, 64, (2, 32), generator=g)}
-    ds = run_sweep(
-        model,
-        model_spectra(model),
-        cal,
-        windows,
-        ["welore", "uniform", "energy", "loss"],
-        [0.3, 0.99],
-        ["rank", "params"],
-        ["plain", "whitened"],
-        log=lambda *_: None,
-    )
+    ds = sweep(model, windows, calibration=cal, methods=["welore", "uniform", "energy", "loss"], errs=[0.3, 0.99],
+               err_by=["rank", "params"], variants=["plain", "whitened"], progress=False)
     assert ds["ppl"].shape == (4, 2, 2, 2, 2) and ds.attrs["loss_weight"] == "fisher"
     ok = ds["ppl"].sel(err=0.3)
     assert np.isfinite(ok.values).all() and np.isnan(ds["ppl"].sel(err_by="params", err=0.99).values).all()
@@ -437,7 +433,7 @@ def test_sweep_table_on_tiny_model(tmp_path):
     # a compressed model never beats its own dense perplexity by much on random tokens, and the row matches
     dense = float(ds["dense_ppl"].sel(dataset="a"))
     rm = build_rank_map(model_spectra(model), "uniform", 0.3)
-    m = compress_model(copy.deepcopy(model), rm, progress=False)
+    m = compress(copy.deepcopy(model), rm, progress=False)
     assert float(
         ds["ppl"].sel({"method": "uniform", "variant": "plain", "err_by": "rank", "err": 0.3, "dataset": "a"})
     ) == pytest.approx(perplexity(m, windows["a"])[1], rel=1e-6)
@@ -471,7 +467,7 @@ def test_families_calibrate_allocate_and_whiten(family):
     """GQA (k/v narrower than q) and Qwen2's q/k/v biases: full-rank whitened factors give the same logits."""
     model = _family(family)
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
-    cal = collect(model, ids, progress=False)
+    cal = calibrate(model, ids, progress=False)
     sp = model_spectra(model)
     scores, used = loss_direction_scores(model, cal, [(s.layer, s.component) for s in sp])
     assert used == "fisher" and all(np.all(np.diff(v) <= 1e-12) for v in scores)
@@ -490,8 +486,8 @@ def test_families_calibrate_allocate_and_whiten(family):
     }
     with torch.no_grad():
         want = model(input_ids=ids).logits
-        got = compress_model(copy.deepcopy(model), full, progress=False, whiten=Whitener(cal.covariance)).eval()
+        got = compress(copy.deepcopy(model), full, progress=False, whitener=Whitener(cal.covariance)).eval()
         torch.testing.assert_close(got(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
     rm = build_rank_map(sp, "loss", 0.5, direction_scores=scores)
-    small = compress_model(copy.deepcopy(model), rm, progress=False, whiten=Whitener(cal.covariance))
+    small = compress(copy.deepcopy(model), rm, progress=False, whitener=Whitener(cal.covariance))
     assert np.isfinite(perplexity(small, ids)[1])

@@ -19,9 +19,9 @@ TEST_LR = {"welore": 3e-3, "lora": 1e-2, "galore": 3e-3, "full": 3e-3}
 
 
 def compress(model, components=LRC, frac=0.25):
-    """WeLore-COMP through `compress_model` with a hand-made rank map: `components` become
+    """WeLore-COMP through `spectra.compress` with a hand-made rank map: `components` become
     rank-(frac * full) `LowRankLinear`s (LRCs), the rest stay dense at full rank (N-LRCs)."""
-    from spectra.compression.lowrank import compress_model
+    from spectra.compression.lowrank import compress as compress_model
     from spectra.models.parts import iter_components
 
     entries = []
@@ -176,7 +176,7 @@ def test_schedule_warmup_then_cosine_to_tenth():
 def t5_run(tmp_path_factory, tokenizer):
     """runs/xyz with a dense tiny checkpoint over the T5 vocab and its compressed copy."""
     from pretrain.configs import vocab_for
-    from spectra.compression.lowrank import save_compressed
+    from spectra.models.compressed import save_compressed
 
     run = tmp_path_factory.mktemp("proj") / "runs" / "xyz"
     make_tiny(vocab=vocab_for(len(tokenizer))).save_pretrained(run / "checkpoints" / "step_3")

@@ -11,18 +11,13 @@ from safetensors import safe_open
 from torch import nn
 
 from spectra.cli import main
-from spectra.compression.lowrank import (
-    LowRankLinear,
-    compress_model,
-    factorize,
-    load_compressed,
-    merge_model,
-    save_compressed,
-    truncate_,
-)
-from spectra.compression.ranks import build_rank_map, model_spectra
+from spectra.compression.allocation import build_rank_map
+from spectra.compression.lowrank import compress, factorize, merge, truncate_
+from spectra.compression.ranks import model_spectra
 from spectra.errors import SpectraError
+from spectra.models.compressed import load_compressed, save_compressed
 from spectra.models.loading import load_causal_lm
+from spectra.models.modeling_spectra import LowRankLinear
 from spectra.models.parts import iter_components
 
 X = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -72,7 +67,7 @@ def test_factorize_splits_sqrt_sigma_and_truncates_exactly():
 # --------------------------------------------------------------------------- whole model
 def test_full_rank_compress_reproduces_logits(dense):
     ref = logits(dense)
-    compress_model(dense, full_rank_map(dense), progress=False)
+    compress(dense, full_rank_map(dense), progress=False)
     assert all(isinstance(m, LowRankLinear) for *_, m in iter_components(dense))
     torch.testing.assert_close(logits(dense), ref, atol=1e-5, rtol=0)
 
@@ -81,7 +76,7 @@ def test_compress_save_load_identical_and_merge(dense, tmp_path):
     rm = build_rank_map(model_spectra(dense), "welore", 0.4)
     assert 0 < sum(e["lrc"] for e in rm["components"]) < len(rm["components"])  # both kinds present
     ref = logits(dense)
-    compress_model(dense, rm, progress=False)
+    compress(dense, rm, progress=False)
     got = logits(dense)
     assert (got - ref).abs().max() > 1e-3  # really compressed
     save_compressed(dense, rm, tmp_path / "c")
@@ -104,7 +99,7 @@ def test_compress_save_load_identical_and_merge(dense, tmp_path):
             assert torch.linalg.matrix_rank(mod.weight).item() == e["rank"]
     # merge: each dense weight is exactly the product B·A
     products = {n: m.B.weight @ m.A.weight for _, _, n, m in iter_components(loaded) if isinstance(m, LowRankLinear)}
-    merge_model(loaded)
+    merge(loaded)
     mods = dict(loaded.named_modules())
     assert products and all(type(mods[n]) is nn.Linear and torch.equal(mods[n].weight, w) for n, w in products.items())
     torch.testing.assert_close(logits(loaded), got, atol=1e-5, rtol=0)
@@ -127,7 +122,7 @@ def test_qwen_style_bias_and_tied_embeddings(tmp_path):
     model = Qwen2ForCausalLM(cfg).eval()
     assert model.model.layers[0].self_attn.q_proj.bias is not None
     rm = build_rank_map(model_spectra(model), "welore", 0.5, "params")
-    compress_model(model, rm, progress=False)
+    compress(model, rm, progress=False)
     save_compressed(model, rm, tmp_path / "q")
     loaded = load_compressed(tmp_path / "q", attn_implementation="eager")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
@@ -139,10 +134,10 @@ def test_rank_map_must_fit_the_model(dense):
     rm = build_rank_map(model_spectra(dense), "welore", 0.3)
     rm["components"][0]["shape"] = [32, 64]
     with pytest.raises(SpectraError, match="shape"):
-        compress_model(dense, rm, progress=False)
+        compress(dense, rm, progress=False)
     rm["components"] = rm["components"][1:]
     with pytest.raises(SpectraError, match="missing"):
-        compress_model(dense, rm, progress=False)
+        compress(dense, rm, progress=False)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -223,14 +218,12 @@ def test_tokenizer_travels_and_legacy_folders_still_load(tiny_ckpt, tmp_path):
     for folder in ("c", "d"):
         assert AutoTokenizer.from_pretrained(tmp_path / folder)("low rank weights")["input_ids"] == [1, 2, 3]
     comp = load_compressed(tmp_path / "c")
-    # spectrum of a compressed folder: an LRC component of rank r has exactly r nonzero singular values
-    assert main(["spectrum", str(tmp_path / "c"), "--out", str(tmp_path / "a.zarr"), "--device", "cpu"]) == 0
-    from spectra.io.analysis_store import read_analysis
-
+    # an LRC component of rank r has exactly r nonzero singular values (spectrum refuses compressed folders)
     e = next(e for e in json.loads((tmp_path / "c" / "spectra_rank_map.json").read_text())["components"] if e["lrc"])
-    sigma = (
-        read_analysis(tmp_path / "a.zarr", "spectrum").sigma.sel(layer=e["layer"], component=e["component"])[0].values
-    )
+    from spectra.models.parts import component_parts
+
+    W = next(p.weight(m) for p, m in component_parts(comp) if (p.layer, p.component) == (e["layer"], e["component"]))
+    sigma = torch.linalg.svdvals(W.detach().double()).numpy()
     assert (sigma[: e["rank"]] > 1e-3).all() and (sigma[e["rank"] : e["full_rank"]] < 1e-5).all()
     legacy = tmp_path / "legacy"
     shutil.copytree(tmp_path / "c", legacy)
@@ -241,3 +234,28 @@ def test_tokenizer_travels_and_legacy_folders_still_load(tiny_ckpt, tmp_path):
     (legacy / "config.json").write_text(json.dumps(cfg))
     (legacy / "modeling_spectra.py").unlink()
     torch.testing.assert_close(logits(load_causal_lm(legacy)), logits(comp), atol=0, rtol=0)
+
+
+def test_peft_all_linear_wraps_each_factor_once_and_merges(dense):
+    """peft's "all-linear" on a compressed model adapts A and B of every low-rank module once each (not the
+    module around them as well), and merge_and_unload folds the adapters into the factors: same outputs."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    compress(dense, build_rank_map(model_spectra(dense), "welore", 0.5, "params"), progress=False)
+    lowrank = {n for n, m in dense.named_modules() if isinstance(m, LowRankLinear)}
+    assert lowrank
+    pm = get_peft_model(copy.deepcopy(dense), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    wrapped = [n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A")]
+    assert len(wrapped) == len(set(wrapped)) and not set(wrapped) & lowrank
+    assert {f"{n}.{f}" for n in lowrank for f in "AB"} <= set(wrapped)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+        y = pm(input_ids=X).logits
+        merged = pm.merge_and_unload()
+        assert not any(hasattr(m, "lora_A") for m in merged.modules())
+        torch.testing.assert_close(merged(input_ids=X).logits, y, atol=1e-5, rtol=1e-4)
+    assert (y - logits(dense)).abs().max() > 1e-3

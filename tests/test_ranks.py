@@ -12,16 +12,16 @@ import xarray as xr
 from conftest import assert_one_error_line
 
 from spectra.cli import main
-from spectra.compression.ranks import (
-    _spectrum,
+from spectra.compression.allocation import (
     bisect,
     build_rank_map,
-    checkpoint_spectra,
-    diagnostic_scores,
     is_lrc,
+    matrix_spectrum,
     reduction,
     threshold_ranks,
 )
+from spectra.compression.diagnostics import diagnostic_scores
+from spectra.compression.ranks import checkpoint_spectra
 from spectra.errors import SpectraError
 from spectra.io.analysis_store import read_analysis, write_analysis
 
@@ -51,7 +51,7 @@ def tiny_spectra(tiny_ckpt):
 # --------------------------------------------------------------------------- hand-computed
 def test_hand_computed_threshold_ranks_and_lrc():
     # ŝ: W1 (5x5) = [1, .75, .5, .25, 0]; W2 (4x6) = (σ-1)/8 = [1, .25, .125, 0]; Σ min(m, n) = 9.
-    sp = [_spectrum(0, "q", diag(5, 5, [10, 8, 6, 4, 2])), _spectrum(0, "up", diag(4, 6, [9, 3, 2, 1]))]
+    sp = [matrix_spectrum(0, "q", diag(5, 5, [10, 8, 6, 4, 2])), matrix_spectrum(0, "up", diag(4, 6, [9, 3, 2, 1]))]
     np.testing.assert_allclose(sp[1].snorm, [1, 0.25, 0.125, 0])
     # ERR 1/3 = 3 of 9 ranks pruned: the two zeros and 0.125, so k in (0.125, 0.25] -> middle 0.1875
     rm = build_rank_map(sp, "welore", 1 / 3)

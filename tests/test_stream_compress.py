@@ -14,9 +14,10 @@ from safetensors import safe_open
 
 from spectra.cli import main
 from spectra.compression import stream as sc
-from spectra.compression.lowrank import compress_model, load_compressed, save_compressed
+from spectra.compression.lowrank import compress
 from spectra.compression.rankmap import RANK_MAP_FILE
 from spectra.errors import SpectraError
+from spectra.models.compressed import load_compressed, save_compressed
 
 X = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
 
@@ -55,7 +56,7 @@ def in_memory(ckpt, rank_map, out):
     from spectra.models.loading import load_model
 
     model = load_model(ckpt)
-    compress_model(model, rank_map, progress=False)
+    compress(model, rank_map, progress=False)
     save_compressed(model, rank_map, out)
     return model
 

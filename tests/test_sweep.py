@@ -11,10 +11,11 @@ import torch
 import xarray as xr
 from conftest import make_tiny, train_steps, wiki_docs
 
-from spectra.compression.calibration import collect
-from spectra.compression.lowrank import compress_model
-from spectra.compression.ranks import build_rank_map, model_spectra
-from spectra.compression.sweep import Recovery, run_sweep
+from spectra.compression.allocation import build_rank_map
+from spectra.compression.calibration import calibrate
+from spectra.compression.lowrank import compress
+from spectra.compression.ranks import model_spectra
+from spectra.compression.sweep import Recovery, sweep
 from spectra.lm.evaluate import perplexity
 from spectra.lm.finetune import finetune
 
@@ -25,7 +26,7 @@ def tiny():
     model = train_steps(make_tiny(vocab=64), 5, vocab=64)
     g = torch.Generator().manual_seed(4)
     text = torch.randint(0, 64, (12, 32), generator=g)  # the recovery's finetuning text
-    return model, text, collect(model, text[:4], progress=False)
+    return model, text, calibrate(model, text[:4], progress=False)
 
 
 @pytest.mark.unit
@@ -33,13 +34,13 @@ def test_recovery_lowers_the_loss_on_its_text_and_matches_the_finetune_harness(t
     model, text, cal = tiny
     windows = {"train": text[:6], "other": torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(5))}
     rec = Recovery(steps=6, windows=text, batch_size=2, lr=1e-2)
-    ds = run_sweep(model, model_spectra(model), cal, windows, ["uniform"], [0.5, 0.99], ["rank", "params"], ["plain"],
-                   log=lambda *_: None, recovery=rec)
+    ds = sweep(model, windows, calibration=cal, methods=["uniform"], errs=[0.5, 0.99], err_by=["rank", "params"],
+               variants=["plain"], recovery=rec, progress=False)
     cell = {"method": "uniform", "variant": "plain", "err_by": "rank", "err": 0.5, "dataset": "train"}
     before, after = float(ds["loss"].sel(cell)), float(ds["loss_recovered"].sel(cell))
     assert after < before - 0.05, (before, after)  # 6 steps at lr 1e-2 on the very windows evaluated
     # the recovered number is what spectra.lm.finetune gives the same compressed model on the same batches
-    m = compress_model(copy.deepcopy(model), build_rank_map(model_spectra(model), "uniform", 0.5), progress=False)
+    m = compress(copy.deepcopy(model), build_rank_map(model_spectra(model), "uniform", 0.5), progress=False)
     before_ref = perplexity(m, text[:6])[0]
     finetune(m, iter(text.split(2)), rec.config(), torch.device("cpu"))
     assert before == pytest.approx(before_ref, rel=1e-6)
@@ -53,8 +54,8 @@ def test_recovery_lowers_the_loss_on_its_text_and_matches_the_finetune_harness(t
 @pytest.mark.unit
 def test_without_recovery_the_variable_is_nan(tiny, one_thread):
     model, text, cal = tiny
-    ds = run_sweep(model, model_spectra(model), cal, {"a": text[:2]}, ["welore"], [0.5], ["rank"], ["plain"],
-                   log=lambda *_: None)
+    ds = sweep(model, {"a": text[:2]}, calibration=cal, methods=["welore"], errs=[0.5], err_by=["rank"],
+               variants=["plain"], progress=False)
     assert np.isfinite(ds["ppl"].values).all() and np.isnan(ds["ppl_recovered"].values).all()
     assert ds.attrs["recover_steps"] == 0 and "recovery" not in ds.attrs
 

@@ -1,3 +1,179 @@
-"""`spectra sweep` (temporary: the command still lives in spectra.compression.sweep; being moved here)."""
+"""`spectra sweep`: every rank map × {plain, whitened} × ERR of one model (`spectra.sweep`), scored by perplexity
+and written to the analysis store as group `sweep`."""
 
-from spectra.compression.sweep import sweep_command as command  # noqa: F401
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Annotated, Optional
+
+import typer
+
+from spectra.cli.args import CalibrationArgs, DeviceArgs, InputArgs, TokenizerArgs
+from spectra.cli.options import command_from
+from spectra.config import opt
+
+# spectra.compression.sweep's own defaults (not imported here: --help must not load torch)
+DEFAULT_ERRS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+BASELINES = ("welore", "uniform", "energy")
+
+
+@dataclass
+class SweepArgs(InputArgs, TokenizerArgs, CalibrationArgs, DeviceArgs):
+    methods: list[str] = opt(["welore", "uniform", "energy", "loss"], "Comma-separated rank maps: welore, uniform, "
+                             "energy, loss, diagnostic (diagnostic joins by itself when the analysis store has its "
+                             "signals).")
+    errs: list[float] = opt(list(DEFAULT_ERRS), "Comma-separated target ERRs, each in (0, 1), each once.")
+    err_by: list[str] = opt(["rank", "params"], "rank, params, or rank,params.")
+    variants: list[str] = opt(["plain", "whitened"], "plain (SVD of W), whitened (SVD of W·S), or plain,whitened.")
+    eval_tokens: int = opt(32768, "Token budget per eval set (at least --seq-len).", min=2)
+    seq_len: int = opt(256, "Tokens per eval window (at most the model's positions).", min=2)
+    batch_size: int = opt(8, "Eval windows per forward pass (does not change the result).", min=1)
+    analysis: Optional[str] = opt(None, "Analysis store (default <run>/analysis.zarr): calibration reused from it "
+                                        "and the table written to its group `sweep`.")
+    recover_steps: int = opt(0, "After each compression, this many WeLore-PEFT steps (LRC factors only, spectra "
+                                "finetune's harness) on --calib-data, then perplexity again (ppl_recovered); 0: off.",
+                             min=0, max=100000)
+    recover_lr: Optional[float] = opt(None, "--recover-steps: peak learning rate (default: spectra finetune's WeLore "
+                                            "default, 1e-4; warmup a tenth of the steps, then cosine).",
+                                      min=0.0, max=10.0)
+    recover_batch_size: int = opt(8, "--recover-steps: sequences of --calib-seq-len tokens per step.", min=1)
+
+
+def eval_sets(specs: list[str] | None) -> dict[str, str]:
+    """{name: files} from NAME=FILES specs; none given: Wikipedia validation and the C4 sample of shared/data."""
+    from spectra.data import expand_files, shared_data
+    from spectra.errors import SpectraError
+
+    sets = {}
+    for spec in specs or []:
+        name, sep, files = spec.partition("=")
+        if not sep or not name or not files:
+            raise SpectraError(f"--eval-data takes NAME=FILES, not {spec!r}")
+        if name in sets:
+            raise SpectraError(f"--eval-data names {name!r} twice")
+        expand_files(files, "--eval-data")  # a path that matches nothing fails here, before the model loads
+        sets[name] = files
+    if not sets:
+        data = shared_data()
+        sets = {
+            "wikipedia": str(data / "wikipedia" / "validation"),
+            "c4": str(data / "c4" / "c4-train.00000-of-01024.first1000.jsonl.gz"),
+        }
+    return sets
+
+
+def print_tables(ds, console, var: str = "ppl") -> None:
+    """One rich table per dataset and ERR measure of `var` (ppl, or ppl_recovered after --recover-steps)."""
+    import numpy as np
+    from rich.table import Table
+
+    what = "perplexity" if var == "ppl" else f"perplexity after {ds.attrs.get('recover_steps')} WeLore-PEFT steps"
+    for d in ds["dataset"].values:
+        for err_by in ds["err_by"].values:
+            t = Table(title=f"{what} on {d}, ERR by {err_by} (dense {float(ds['dense_ppl'].sel(dataset=d)):.4f})")
+            t.add_column("ERR", justify="right")
+            cols = [(m, v) for m in ds["method"].values for v in ds["variant"].values]
+            for m, v in cols:
+                t.add_column(f"{m}\n{v}", justify="right")
+            for err in ds["err"].values:
+                vals = [float(ds[var].sel({"dataset": d, "err_by": err_by, "err": err, "method": m, "variant": v}))
+                        for m, v in cols]
+                best = np.nanmin(vals) if np.isfinite(vals).any() else np.nan
+                t.add_row(f"{err:.0%}", *[("[bold green]%.4f[/]" if x == best else "%.4f") % x if np.isfinite(x)
+                                          else "–" for x in vals])
+            console.print(t)
+
+
+def run(a: SweepArgs, path: str, eval_data: list[str] | None = None) -> None:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from spectra.compression.calibration import stored_calibration
+    from spectra.compression.diagnostics import signal_groups
+    from spectra.compression.sweep import Recovery, check_grid, needs_calibration, sweep, verdicts
+    from spectra.data import expand_files, text_windows
+    from spectra.errors import SpectraError
+    from spectra.io.analysis_store import write_analysis
+    from spectra.io.runs import check_own_output, is_analysis_store
+    from spectra.io.sources import load_source_tokenizer, resolve
+    from spectra.lm.evaluate import check_positions, check_vocab, quiet_transformers
+    from spectra.models.loading import load_causal_lm
+    from spectra.models.parts import resolve_device
+
+    check_grid(a.methods, a.errs, a.err_by, a.variants)
+    if a.eval_tokens < a.seq_len:
+        raise SpectraError(f"--eval-tokens {a.eval_tokens} is less than one --seq-len {a.seq_len} window")
+    if a.recover_lr is not None and not a.recover_lr > 0:
+        raise SpectraError(f"--recover-lr must be > 0, not {a.recover_lr}")
+    need = needs_calibration(a.methods, a.variants) + (["--recover-steps"] if a.recover_steps > 0 else [])
+    if need and not a.calib_data:
+        raise SpectraError(f"{' and '.join(need)} {'need' if len(need) > 1 else 'needs'} --calib-data FILES "
+                           "(calibration text, e.g. the model's training data)")
+    if a.calib_data:
+        expand_files(a.calib_data, "--calib-data")
+    sets = eval_sets(eval_data)
+    source = resolve(path)
+    model_dir = source.need_model("spectra sweep")
+    if source.compressed:
+        raise SpectraError(f"{model_dir} is already compressed; sweep a dense model (spectra compress --merge gives "
+                           "one)")
+    store = check_own_output(Path(a.analysis) if a.analysis else source.analysis_store, is_analysis_store,
+                             what="--analysis")
+    quiet_transformers()
+    dev = resolve_device(a.device)
+    tok = load_source_tokenizer(source, a.tokenizer)
+    model = load_causal_lm(model_dir, device=dev)
+    check_vocab(model, tok)
+    check_positions(model, a.seq_len)
+    check_positions(model, a.calib_seq_len, "--calib-seq-len")
+    windows = {n: text_windows(f, tok, a.seq_len, a.eval_tokens, split="validation") for n, f in sets.items()}
+    methods = list(a.methods)
+    if "diagnostic" not in methods and signal_groups(store):  # what the store knows joins by itself
+        methods.append("diagnostic")
+    recovery = None
+    if a.recover_steps > 0:  # before the calibration: too little text must fail before anything is written
+        n = a.recover_steps * a.recover_batch_size
+        rec = text_windows(a.calib_data, tok, a.calib_seq_len, n * a.calib_seq_len, split="train")
+        if len(rec) < n:
+            raise SpectraError(f"--calib-data holds {len(rec)} windows of {a.calib_seq_len} tokens; --recover-steps "
+                               f"{a.recover_steps} x --recover-batch-size {a.recover_batch_size} need {n}")
+        recovery = Recovery(a.recover_steps, rec, a.recover_batch_size, a.recover_lr)
+    cal = None
+    if needs_calibration(methods, a.variants):
+        cal = stored_calibration(model, tok, a.calib_data, a.calib_seqs, a.calib_seq_len, source=model_dir,
+                                 store=store, write=True, device=dev)
+    console = Console()
+    ds = sweep(model, windows, calibration=cal, methods=methods, errs=a.errs, err_by=a.err_by, variants=a.variants,
+               damping=a.damping, loss_weight=a.loss_weight, analysis=store, step=source.step,
+               batch_size=a.batch_size, device=dev, recovery=recovery, log=console.print)
+    ds.attrs.update({"source": str(model_dir), "eval_data": sets, "seq_len": a.seq_len})
+    write_analysis(store, "sweep", ds)
+    print_tables(ds, console)
+    if recovery is not None:
+        print_tables(ds, console, "ppl_recovered")
+    for r in verdicts(ds):
+        verdict = "WIN " if r["wins"] else "loss"
+        console.print(f"{verdict} {r['err_by']:6s} ERR {r['err']:.0%} {r['dataset']}: loss ({r['variant']}) "
+                      f"{r['candidate']:.4f} vs " + ", ".join(f"{b} {r[b]:.4f}" for b in BASELINES if b in r)
+                      + f"; whitened < plain: {r['whitened_wins']}")
+    console.print(f"table -> {store} (group sweep)")
+
+
+command = command_from(
+    SweepArgs, run,
+    """Every rank map × {plain, whitened} × ERR, by rank and by params: perplexity table in the analysis store.
+
+    One process: spectra, calibration and loss estimates once, then per configuration a compressed
+    copy of the dense model in memory, evaluated on fixed windows of every eval set; optionally a short
+    WeLore-PEFT recovery (--recover-steps) and a second evaluation. Writes group `sweep` of the
+    analysis store; `spectra report` plots it. Every option can also come from --config FILE.""",
+    inputs="one",
+    input_help="Model folder or a run folder (its latest checkpoint).",
+    extra=[
+        inspect.Parameter("eval_data", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Optional[list[str]], typer.Option(help="NAME=FILES eval set (repeatable). Default: Wikipedia validation "
+                                                   "and the C4 sample from shared/data.")]),
+    ],
+)

@@ -1,7 +1,7 @@
 """Calibration statistics: what each decoder linear sees (inputs) and how much its output matters (gradients).
 
-One pass of calibration text (a few hundred sequences of the model's own tokenizer, streamed in
-batches) through the dense model, with a forward hook on every component:
+One pass of calibration token windows (a few hundred sequences of the model's own tokenizer, streamed in
+batches) through the dense model, with a forward hook on every component (`calibrate`):
 
     xtx[l, c]      = Σ_t x_t x_tᵀ   (in × in, float64)  the input second moment C = XᵀX
     grad_sq[l, c]  = Σ_t ‖∂ℓ_t/∂y_t‖²                     output-gradient energy
@@ -17,32 +17,40 @@ distortion ‖h' − h‖² of the model's output representation, so grad_sq mea
 "loss" = output distortion (attrs grad_kind: lm-fisher or output-gauss-newton). With
 `with_grad=False` (forward only) grad_sq is NaN and the loss method falls back to relative errors.
 
+Windows (`calibration_windows`). A causal LM whose tokenizer has an EOS token reads packed text, as it
+was trained: documents joined by EOS and cut into fixed windows (spectra.data.text_windows). Any other
+model (BERT-style encoders: [CLS] ... [SEP], no EOS) reads one document per window, wrapped in the
+tokenizer's own special tokens (as its own encoding places them), never two documents glued together.
+
 Linears fed the very same tensor (q/k/v, gate/up in LLaMA) share one xtx, found by comparing the
 hooked inputs of the first batch (not by name, so any architecture the component registry maps
 works). Stored in the run's analysis store: `calibration/meta` (per component: input group,
 grad_sq; attrs: data, tokenizer, sequences, tokens) and `calibration/xtx/<layer>.<comp>`; ranks,
-compress and sweep reuse them when data, tokenizer, sequence count/length and checkpoint match.
+compress and sweep reuse them when data, tokenizer, sequence count/length and checkpoint match
+(`stored_calibration`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import xarray as xr
 from torch import nn
 
+from spectra.compression.whiten import DEFAULT_DAMPING, damped_cholesky, whitened_svd
+from spectra.data import expand_files, load_hub_c4, load_local_docs, text_windows, tokenizer_digest
 from spectra.errors import SpectraError
-
-if TYPE_CHECKING:  # whiten imports nothing of calibration, but keep the annotation lazy anyway
-    from spectra.compression.whiten import Whitener
-from spectra.io.sources import resolve
-from spectra.models.parts import iter_components
+from spectra.io.analysis_store import read_analysis, write_analysis_tree
+from spectra.lm.evaluate import check_positions
+from spectra.models.components import is_conv1d
+from spectra.models.parts import component_parts, iter_components
 from spectra.progress import progress_bar
 
 GROUP = "calibration"
@@ -70,23 +78,55 @@ class Calibration:
     def has_loss(self) -> bool:
         return bool(self.grad_sq) and all(math.isfinite(v) for v in self.grad_sq.values())
 
+    def metadata(self) -> dict:
+        """Where the statistics came from, as rank maps and compressed folders record it."""
+        return {**self.attrs, "tokens": self.tokens}
+
 
 def has_causal_lm_head(model: nn.Module) -> bool:
     return type(model).__name__.endswith("ForCausalLM") and model.get_output_embeddings() is not None
 
 
-def collect(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device: str | torch.device | None = None,
-            with_grad: bool | None = None, progress: bool = True) -> Calibration:
-    """Stream [n, seq_len] token windows through `model` and accumulate the statistics (model unchanged)."""
-    if windows.ndim != 2 or len(windows) == 0:
-        raise SpectraError(f"need [n, seq_len] calibration windows, got shape {tuple(windows.shape)}")
+def _batches(batches, batch_size: int) -> tuple[Iterable[torch.Tensor], int | None]:
+    """Token-id batches ([b, seq_len] each) from one [n, seq_len] tensor or an iterable of tensors."""
+    if isinstance(batches, torch.Tensor):
+        if batches.ndim != 2 or len(batches) == 0:
+            raise SpectraError(f"calibration needs [n, seq_len] token windows, got shape {tuple(batches.shape)}")
+        return batches.split(batch_size), math.ceil(len(batches) / batch_size)
+    try:
+        n = len(batches)
+    except TypeError:
+        n = None
+    return batches, n
+
+
+def _token_ids(ids, n_emb: int) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise SpectraError(f"calibration batches must be integer token-id tensors, not {type(ids).__name__}"
+                           f"{'' if not isinstance(ids, torch.Tensor) else ' of ' + str(ids.dtype)}")
+    ids = ids.unsqueeze(0) if ids.ndim == 1 else ids
+    if ids.ndim != 2 or ids.numel() == 0:
+        raise SpectraError(f"calibration batches must be [batch, seq_len] token ids, got shape {tuple(ids.shape)}")
+    if int(ids.min()) < 0 or int(ids.max()) >= n_emb:
+        raise SpectraError(f"calibration token ids must lie in [0, {n_emb}) (the model's embeddings), got "
+                           f"{int(ids.min())}..{int(ids.max())}: is it the model's tokenizer?")
+    return ids.long()
+
+
+def calibrate(model: nn.Module, batches, *, batch_size: int = 8, device: str | torch.device | None = None,
+              with_grad: bool | None = None, progress: bool = True) -> Calibration:
+    """The calibration statistics of `model` (module docstring) on token-id `batches`: one [n, seq_len]
+    tensor (cut into `batch_size` rows at a time) or an iterable of [b, seq_len] tensors, for decoders and
+    encoders alike. The model is left as it was (weights, requires_grad, train/eval mode)."""
+    batches, total = _batches(batches, batch_size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     lm = has_causal_lm_head(model)
     with_grad = True if with_grad is None else with_grad
     gen = torch.Generator().manual_seed(0)
-    comps = [(l, c, m) for l, c, _, m in iter_components(model) if isinstance(m, nn.Linear)]
+    comps = [(l, c, m) for l, c, _, m in iter_components(model) if isinstance(m, nn.Linear) or is_conv1d(m)]
     if not comps:
         raise SpectraError(f"{type(model).__name__} has no dense decoder linears to calibrate")
+    n_emb = model.get_input_embeddings().weight.shape[0]
     xtx: dict[str, torch.Tensor] = {}
     input_of: dict[tuple[int, str], str] = {}
     grad_sq = {(l, c): 0.0 for l, c, _ in comps}
@@ -120,10 +160,9 @@ def collect(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device
     try:
         for p, _ in flags:
             p.requires_grad_(False)  # gradients flow through activations only: no weight grads kept
-        for i in progress_bar(
-            range(0, len(windows), batch_size), desc="calibrate", unit="batch", disable=not progress, leave=False
-        ):
-            ids = windows[i : i + batch_size].to(device)
+        for batch in progress_bar(batches, total=total, desc="calibrate", unit="batch", disable=not progress,
+                                  leave=False):
+            ids = _token_ids(batch, n_emb).to(device)
             if with_grad:
                 emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
                 with torch.enable_grad():
@@ -149,6 +188,8 @@ def collect(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
+    if tokens == 0:
+        raise SpectraError("calibration got no token batches")
     missing = [f"{l}.{c}" for l, c, _ in comps if (l, c) not in input_of]
     if missing:
         raise SpectraError(f"calibration forward never reached {missing[:4]} (does the model run these linears?)")
@@ -158,13 +199,86 @@ def collect(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device
     )
 
 
+# --------------------------------------------------------------------------- windows
+def packs_documents(model: nn.Module, tokenizer) -> bool:
+    """Whether calibration text is packed with EOS (a causal LM whose tokenizer has one) rather than one
+    document per window with the tokenizer's own special tokens (encoders; tokenizers without EOS)."""
+    return has_causal_lm_head(model) and getattr(tokenizer, "eos_token_id", None) is not None
+
+
+def _texts(docs, batch: int = 64) -> Iterator[list]:
+    if hasattr(docs, "__len__"):
+        for i in range(0, len(docs), batch):
+            yield docs[i:i + batch]["text"]
+        return
+    buf = []
+    for ex in docs:
+        buf.append(ex["text"])
+        if len(buf) == batch:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """(prefix, suffix) token ids the tokenizer puts around one sequence ([CLS] / [SEP] for BERT, [BOS] / none
+    for LLaMA), read off its own encoding of a probe text, with and without special tokens."""
+    probe = "spectra calibration"
+    body = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(body) + 1):
+        if full[i:i + len(body)] == body:
+            return full[:i], full[i + len(body):]
+    raise SpectraError(f"cannot tell where tokenizer {type(tokenizer).__name__} puts its special tokens")
+
+
+def document_windows(docs, tokenizer, seq_len: int, n: int) -> torch.Tensor:
+    """Up to `n` [seq_len] windows, each from one document: `seq_len − specials` consecutive tokens of it
+    wrapped in the tokenizer's special tokens ([CLS] ... [SEP] for BERT). Documents are cut into as many
+    whole windows as they hold, in order; a document shorter than one window is skipped (no padding, so
+    every position is a real token the model attends to)."""
+    prefix, suffix = special_tokens(tokenizer)
+    body = seq_len - len(prefix) - len(suffix)
+    if body < 1:
+        raise SpectraError(f"--calib-seq-len {seq_len} leaves no room between the tokenizer's special tokens")
+    rows: list[list[int]] = []
+    for texts in _texts(docs):  # local text is checked for non-string rows by spectra.data.load_local_docs
+        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            for a in range(0, len(ids) - body + 1, body):
+                rows.append(prefix + ids[a:a + body] + suffix)
+                if len(rows) == n:
+                    return torch.tensor(rows, dtype=torch.long)
+    if not rows:
+        raise SpectraError(f"no --calib-data document holds {body} tokens (one --calib-seq-len {seq_len} window "
+                           "with its special tokens); lower --calib-seq-len or give longer documents")
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def calibration_windows(model: nn.Module, tokenizer, data: str | None, seqs: int = DEFAULT_SEQS,
+                        seq_len: int = DEFAULT_SEQ_LEN, *, cache_dir: str | Path | None = ".cache/spectra"
+                        ) -> torch.Tensor:
+    """[≤ seqs, seq_len] token windows of `data` (files; None: hub C4 train) the way `model` reads text
+    (module docstring: packed with EOS for a causal LM, one document per window otherwise)."""
+    if seqs < 1 or seq_len < 2:
+        raise SpectraError(f"need --calib-seqs >= 1 and --calib-seq-len >= 2 (got {seqs}, {seq_len})")
+    check_positions(model, seq_len, "--calib-seq-len")
+    n_emb = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > n_emb:
+        raise SpectraError(f"tokenizer {tokenizer.name_or_path!r} has {len(tokenizer)} ids but the model embeds "
+                           f"{n_emb}; pass the model's --tokenizer")
+    if data:
+        expand_files(data, "--calib-data")
+    if packs_documents(model, tokenizer):
+        return text_windows(data, tokenizer, seq_len, seqs * seq_len, split="train", cache_dir=cache_dir,
+                            flag="--calib-data")
+    docs = load_local_docs(data, "--calib-data") if data else load_hub_c4("train", "--calib-data")
+    return document_windows(docs, tokenizer, seq_len, seqs)
+
+
 # --------------------------------------------------------------------------- store
 def save(store: str | Path, cal: Calibration) -> None:
     """Replace the store's calibration group with `cal` (the new group is complete before the old one goes)."""
-    import xarray as xr
-
-    from spectra.io.analysis_store import write_analysis_tree
-
     keys = sorted(cal.input_of)
     meta = xr.Dataset(
         {
@@ -176,13 +290,11 @@ def save(store: str | Path, cal: Calibration) -> None:
     )
     parts = {f"xtx/{key}": (xr.Dataset({"xtx": (("in_row", "in_col"), C.cpu().numpy())}), None)
              for key, C in cal.xtx.items()}
-    parts["meta"] = (meta, {**cal.attrs, "tokens": cal.tokens})
+    parts["meta"] = (meta, cal.metadata())
     write_analysis_tree(store, GROUP, parts)
 
 
 def load(store: str | Path) -> Calibration:
-    from spectra.io.analysis_store import read_analysis
-
     meta = read_analysis(store, f"{GROUP}/meta")
     keys = [(int(l), str(c)) for l, c in zip(meta["layer"].values, meta["component"].values)]
     input_of = {k: str(v) for k, v in zip(keys, meta["input"].values)}
@@ -196,63 +308,36 @@ def load(store: str | Path) -> Calibration:
     )
 
 
-def check_options(data: str | None, seqs: int, seq_len: int, damping: float, weight: str = "auto") -> None:
-    """Fail on a bad calibration option before any model loads or SVD runs."""
-    from spectra.data import expand_files
-
-    if seqs < 1 or seq_len < 2:
-        raise SpectraError(f"need --calib-seqs >= 1 and --calib-seq-len >= 2 (got {seqs}, {seq_len})")
-    if not (damping >= 0 and math.isfinite(damping)):
-        raise SpectraError(f"--damping must be a finite number >= 0, not {damping}")
-    if weight not in LOSS_WEIGHTS:
-        raise SpectraError(f"--loss-weight must be one of {', '.join(LOSS_WEIGHTS)}, not {weight!r}")
-    if data:
-        expand_files(data)
-
-
-def calibration(
-    store: str | Path | None,
-    src: Path,
-    model: nn.Module,
-    data: str | None,
-    tokenizer: str | None,
-    seqs: int = DEFAULT_SEQS,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    batch_size: int = 8,
-    device: str | torch.device | None = None,
-    cache_dir: str | Path = ".cache/spectra",
-) -> Calibration:
-    """The calibration of `model` on `data`: reused from `store` when it was made the same way, else computed
-    (and written there when `store` is given)."""
-    from spectra.data import expand_files, load_tokenizer, text_windows
-
-    if seqs < 1 or seq_len < 2:
-        raise SpectraError(f"need --calib-seqs >= 1 and --calib-seq-len >= 2 (got {seqs}, {seq_len})")
-    tok_name = resolve(src).tokenizer_name(tokenizer)
-    files = "|".join(expand_files(data)) if data else "c4-en-train"  # the file list, hashed: stored attrs stay short
+def stored_calibration(model: nn.Module, tokenizer, data: str | None, seqs: int = DEFAULT_SEQS,
+                       seq_len: int = DEFAULT_SEQ_LEN, *, source: str | Path | None = None,
+                       store: str | Path | None = None, write: bool = False, batch_size: int = 8,
+                       device: str | torch.device | None = None,
+                       cache_dir: str | Path | None = ".cache/spectra") -> Calibration:
+    """The calibration of `model` (loaded from `source`) on `data`: read from the analysis `store` when it was
+    made the same way (data files, tokenizer, windows, checkpoint), else computed, and written to `store`
+    when `write`."""
+    files = "|".join(expand_files(data, "--calib-data")) if data else "c4-en-train"  # hashed: stored attrs stay short
     attrs = {
         "data": data or "c4-en-train",
         "data_files": hashlib.sha1(files.encode()).hexdigest()[:16],
-        "tokenizer": tok_name,
+        "tokenizer": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
+        "tokenizer_digest": tokenizer_digest(tokenizer),
+        "windows": "packed" if packs_documents(model, tokenizer) else "documents",
         "seqs": seqs,
         "seq_len": seq_len,
-        "source": str(Path(src).resolve()),
+        "source": str(Path(source).resolve()) if source is not None else "",
     }
-    if store is not None and Path(store).exists():
+    if store is not None and source is not None and Path(store).exists():
         try:
             cal = load(store)
             if all(str(cal.attrs.get(k)) == str(v) for k, v in attrs.items()):
                 return cal
         except SpectraError:
             pass  # no (or an unreadable) stored calibration: compute it
-    tok = load_tokenizer(tok_name)
-    n_emb = model.get_input_embeddings().weight.shape[0]
-    if len(tok) > n_emb:
-        raise SpectraError(f"tokenizer {tok_name!r} has {len(tok)} ids but the model embeds {n_emb}; pass --tokenizer")
-    windows = text_windows(data, tok, seq_len, seqs * seq_len, split="train", cache_dir=cache_dir)
-    cal = collect(model, windows, batch_size, device)
+    windows = calibration_windows(model, tokenizer, data, seqs, seq_len, cache_dir=cache_dir)
+    cal = calibrate(model, windows, batch_size=batch_size, device=device)
     cal.attrs.update(attrs)
-    if store is not None:
+    if store is not None and write:
         save(store, cal)
     return cal
 
@@ -274,19 +359,17 @@ def loss_direction_scores(
         output    1 / N                      mean squared output error per token
         auto      fisher when the calibration has gradients, else relative
     """
-    from spectra.compression.whiten import DEFAULT_DAMPING, damped_cholesky, whitened_svd
-
     if weight not in LOSS_WEIGHTS:
         raise SpectraError(f"--loss-weight must be one of {', '.join(LOSS_WEIGHTS)}, not {weight!r}")
     if weight == "auto":
         weight = "fisher" if cal.has_loss else "relative"
     if weight == "fisher" and not cal.has_loss:
         raise SpectraError("--loss-weight fisher needs output gradients (this calibration ran forward only)")
-    mods = {(l, c): m for l, c, _, m in iter_components(model)}
+    weights = {(p.layer, p.component): p.weight(m) for p, m in component_parts(model)}  # a fused part: its rows
     n = float(cal.tokens)
     out = []
     for key in keys:
-        W = mods[key].weight
+        W = weights[key].detach()
         S, _ = damped_cholesky(
             cal.covariance(*key).to(device or W.device), DEFAULT_DAMPING if damping is None else damping
         )
@@ -299,19 +382,3 @@ def loss_direction_scores(
             w = 1.0 / n
         out.append(w * sig2)
     return out, weight
-
-
-def whitener_for(
-    src, model: nn.Module, data: str | None, tokenizer: str | None, seqs: int, seq_len: int, damping: float, device=None
-) -> Whitener:
-    """A `Whitener` from the calibration of `model` (reused from / stored in its analysis store)."""
-    from spectra.compression.whiten import Whitener
-    from spectra.io.runs import run_dir_of
-    from spectra.io.sources import analysis_store_for
-
-    check_options(data, seqs, seq_len, damping)
-    store = analysis_store_for(src) if run_dir_of(src) is not None else None
-    cal = calibration(store, src, model, data, tokenizer, seqs, seq_len, device=device)
-    w = Whitener(cal.covariance, damping, device)
-    w.calibration = {**cal.attrs, "tokens": cal.tokens}
-    return w

@@ -10,38 +10,69 @@ maps through here.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from torch import nn
 
 from spectra.errors import SpectraError
-from spectra.models.components import Part, is_conv1d, module_dims
+from spectra.io.atomic import read_json
+from spectra.models.components import COMPONENTS, Part, is_conv1d, module_dims
 from spectra.models.modeling_spectra import FusedLinear, LowRankLinear
 from spectra.models.parts import component_parts
 
 RANK_MAP_FILE = "spectra_rank_map.json"
 
 
-def map_entries(rank_map: dict) -> dict[tuple[int, str], dict]:
-    """{(layer, component): entry}, validating the contract fields."""
-    try:
-        entries = {(int(e["layer"]), str(e["component"])): e for e in rank_map["components"]}
-        for e in entries.values():
-            if not (1 <= int(e["rank"]) <= int(e["full_rank"]) and len(e["shape"]) == 2 and isinstance(e["lrc"], bool)):
-                raise ValueError(f"bad entry {e}")
-    except (KeyError, TypeError, ValueError) as e:
-        raise SpectraError(f"not a spectra rank map ({e})") from None
+def _where(where: str, i: int, e) -> str:
+    if isinstance(e, dict) and "layer" in e and "component" in e:
+        return f"{where}: entry {i} (layer {e['layer']!r} {e['component']!r})"
+    return f"{where}: entry {i}"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def map_entries(rank_map: dict, where: str = "rank map") -> dict[tuple[int, str], dict]:
+    """{(layer, component): entry}, every entry checked against the contract before any work: integer
+    layer >= 0, a known component, shape [out, in] of positive integers, full_rank = min(shape), an integer
+    rank in [1, full_rank] (no `true`, no 2.5, no 1e30), a boolean lrc, and no (layer, component) twice.
+    `where` names the map in the one error line ("rank map runs/x/ranks/m.json")."""
+    comps = rank_map.get("components") if isinstance(rank_map, dict) else None
+    if not isinstance(comps, list) or not comps:
+        raise SpectraError(f"{where} is not a spectra rank map (no list of components); make one with spectra ranks")
+    entries: dict[tuple[int, str], dict] = {}
+    for i, e in enumerate(comps):
+        at = _where(where, i, e)
+        if not isinstance(e, dict) or not {"layer", "component", "shape", "full_rank", "rank", "lrc"} <= set(e):
+            raise SpectraError(f"{at} needs layer, component, shape, full_rank, rank and lrc")
+        layer, comp, shape, full, rank = e["layer"], e["component"], e["shape"], e["full_rank"], e["rank"]
+        if not _is_int(layer) or layer < 0:
+            raise SpectraError(f"{at}: layer must be an integer >= 0, not {layer!r}")
+        if comp not in COMPONENTS:
+            raise SpectraError(f"{at}: unknown component {comp!r}; components are {', '.join(COMPONENTS)}")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and d > 0 for d in shape)):
+            raise SpectraError(f"{at}: shape must be [out, in] of positive integers, not {shape!r}")
+        if not _is_int(full) or full != min(shape):
+            raise SpectraError(f"{at}: full_rank must be min(shape) = {min(shape)}, not {full!r}")
+        if not _is_int(rank) or not 1 <= rank <= full:
+            raise SpectraError(f"{at}: rank must be an integer in [1, {full}] (the full rank), not {rank!r}")
+        if not isinstance(e["lrc"], bool):
+            raise SpectraError(f"{at}: lrc must be true or false, not {e['lrc']!r}")
+        if (layer, comp) in entries:
+            raise SpectraError(f"{at}: layer {layer} {comp} is listed twice; keep one entry per matrix")
+        entries[(layer, comp)] = e
     return entries
 
 
 def load_rank_map(path: str | Path) -> dict:
+    """A rank map file, checked against the contract (`map_entries`); errors name the file and entry."""
     p = Path(path)
     if not p.is_file():
         raise SpectraError(f"rank map {p} does not exist")
-    from spectra.io.atomic import read_json  # noqa: PLC0415 - store imports models; keep this leaf light
-
     rank_map = read_json(p)
-    map_entries(rank_map)
+    map_entries(rank_map, f"rank map {p}")
     return rank_map
 
 
@@ -56,25 +87,27 @@ def err_tag(err: float) -> str:
 
 def err_of_name(name: str) -> float | None:
     """The ERR a `<method>-errNN[-params]` name encodes (the inverse of `err_tag`), None if none."""
-    import re
-
     m = re.search(r"-err(\d+)(?:-params)?$", name)
     return int(m.group(1)) / 100 if m else None
 
 
-def entries_for(model: nn.Module, rank_map: dict) -> dict[tuple[int, str], dict]:
-    """Rank-map entries keyed by (layer, component), checked against the model's components."""
-    entries = map_entries(rank_map)
+def entries_for(model: nn.Module, rank_map: dict, where: str = "rank map") -> dict[tuple[int, str], dict]:
+    """Rank-map entries keyed by (layer, component), checked against the contract and then against the
+    model: every component of the model named once, nothing the model lacks, each shape the model's."""
+    entries = map_entries(rank_map, where)
     found = {(p.layer, p.component): (p, mod) for p, mod in component_parts(model)}
     missing, extra = sorted(set(found) - set(entries)), sorted(set(entries) - set(found))
-    if missing or extra:
-        raise SpectraError(f"rank map does not fit this model: missing {missing[:4]}, unknown {extra[:4]} (layer, "
-                           "component)")
+    if extra:
+        raise SpectraError(f"{where} names {len(extra)} matrices this model does not have, e.g. layer {extra[0][0]} "
+                           f"{extra[0][1]}; it was made for another model")
+    if missing:
+        raise SpectraError(f"{where} does not fit this model: missing {len(missing)} of its matrices, e.g. layer "
+                           f"{missing[0][0]} {missing[0][1]}; it was made for another model")
     for key, (p, mod) in found.items():
         shape = list(p.shape(mod))
         if list(entries[key]["shape"]) != shape:
-            raise SpectraError(f"rank map shape {entries[key]['shape']} != model shape {shape} at layer {key[0]} "
-                               f"{key[1]}")
+            raise SpectraError(f"{where}: layer {key[0]} {key[1]} has shape {entries[key]['shape']}, the model's is "
+                               f"{shape}; it was made for another model")
     return entries
 
 
@@ -87,10 +120,10 @@ def by_module(model: nn.Module) -> dict[str, list[Part]]:
     return out
 
 
-def plan(model: nn.Module, rank_map: dict) -> dict[str, dict]:
+def plan(model: nn.Module, rank_map: dict, where: str = "rank map") -> dict[str, dict]:
     """The structure (spectra.models.modeling_spectra) a rank map gives `model`: every module holding an
     LRC component, with its parts' ranks (None = the part stays dense). Works on meta models."""
-    entries = entries_for(model, rank_map)
+    entries = entries_for(model, rank_map, where)
     structure = {}
     for name, plist in by_module(model).items():
         mod = model.get_submodule(name)

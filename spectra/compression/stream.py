@@ -21,7 +21,7 @@ The "no decomposition twice" contract:
         factors, so the cut matrices are decomposed a second time. Use `compress --err` for one
         pass; the map it used is stored in the output (spectra_rank_map.json) for later tools.
     --whiten, --method diagnostic/loss and checkpoints that are not safetensors under their modules'
-        names stay on the in-memory path (spectra.compression.lowrank.compress_model): they need the loaded model.
+        names stay on the in-memory path (spectra.compression.lowrank.compress): they need the loaded model.
 
 Decomposition (`decompose`; measured against a float64 SVD in bench/compress_scale.py --decompositions):
 the float64 Gram matrix of the smaller side, G = WᵀW (or WWᵀ for a wide W), built from 1024-row
@@ -45,13 +45,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from spectra.analysis.heavytail import map_matrices, normalized_singular_values
+from spectra.compression.allocation import MatrixSpectrum, build_rank_map
 from spectra.compression.rankmap import by_module, entries_for, plan
 from spectra.errors import SpectraError
+from spectra.io.sources import Source, resolve
 from spectra.models.components import COMPONENTS, is_conv1d
 from spectra.models.compressed import write_metadata
 from spectra.models.modeling_spectra import LowRankLinear, build_module
+from spectra.models.parts import model_class
+from spectra.progress import progress_bar
 
 STAGING = ".spectra-staging"
 ROWS = 1024  # rows per float64 block of the Gram product: never a float64 copy of a whole matrix
@@ -127,7 +135,7 @@ def compress_module(mod: nn.Module, plist: list, entries: dict, spec: dict | Non
     dense, N-LRC parts truncated in place) or the planned low-rank / per-part module (spec).
 
     `factors_of(part, W, rank) -> (A, B)` and `truncate(part, W, rank) -> W_r` do the linear algebra,
-    so the in-memory path (spectra.compression.lowrank.compress_model: an SVD per matrix, or whitened) and this
+    so the in-memory path (spectra.compression.lowrank.compress: an SVD per matrix, or whitened) and this
     streaming one (factors from the decomposition kept in pass 1) share one structure."""
     if spec is None:
         for p in plist:
@@ -158,15 +166,24 @@ def config_dtype(cfg) -> torch.dtype:
     return getattr(torch, stored) if isinstance(stored, str) else stored
 
 
+def skeleton(path: str | Path) -> nn.Module:
+    """The model a dense checkpoint folder holds, built on the meta device from its config (no weights read)."""
+    return _meta_model(*model_class(Path(path)))
+
+
+def _meta_model(cls, cfg) -> nn.Module:
+    with init_empty_weights(include_buffers=False):
+        return cls.from_config(cfg) if cls.__name__.startswith("Auto") else cls._from_config(cfg)
+
+
+_FLOATING = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
 class Checkpoint:
     """A dense safetensors checkpoint, read tensor by tensor, and its meta-device skeleton."""
 
-    def __init__(self, path: Path):
-        from accelerate import init_empty_weights
-        from safetensors import safe_open
-
-        from spectra.models.parts import model_class
-
+    def __init__(self, path: str | Path):
+        path = Path(path)
         self.path = path
         index = path / "model.safetensors.index.json"
         if index.is_file():
@@ -181,22 +198,32 @@ class Checkpoint:
         else:
             self.where = {}
             for f in sorted(path.glob("*.safetensors")):
-                with safe_open(f, "pt") as st:
-                    self.where.update(dict.fromkeys(st.keys(), f))
+                self.where.update(dict.fromkeys(self._dtypes(f), f))
         if not self.where:
             raise NotStreamable(f"{path} has no safetensors")
         cls, cfg = model_class(path)
-        with init_empty_weights(include_buffers=False):
-            self.skeleton = cls.from_config(cfg) if cls.__name__.startswith("Auto") else cls._from_config(cfg)
+        self.skeleton = _meta_model(cls, cfg)
         self.modules = by_module(self.skeleton)  # also: one clear error for an unknown architecture
         names = set(self.skeleton.state_dict())
         if set(self.where) - names or any(f"{m}.weight" not in self.where for m in self.modules):
             raise NotStreamable(f"{path}: tensor names differ from the model's module names")
+        for f in sorted(set(self.where[f"{m}.weight"] for m in self.modules)):
+            for key, dt in self._dtypes(f).items():
+                if key.removesuffix(".weight") in self.modules and dt not in _FLOATING:
+                    raise SpectraError(f"{f}: tensor {key} is stored as {dt}; compress needs floating-point weights "
+                                       "(dequantize the checkpoint first)")
         self.dtype = config_dtype(cfg)
 
-    def read(self, keys: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
+    @staticmethod
+    def _dtypes(f: Path) -> dict[str, str]:
+        """{tensor name: safetensors dtype} from a file's header (no tensor read)."""
+        try:
+            with safe_open(f, "pt") as st:
+                return {k: st.get_slice(k).get_dtype() for k in st.keys()}
+        except Exception as e:  # noqa: BLE001 - a truncated or corrupt file is one line naming it
+            raise SpectraError(f"cannot read {f}: {' '.join(str(e).split())[:200]}") from None
 
+    def read(self, keys: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         by_file: dict[Path, list[str]] = {}
         for k in keys:
             by_file.setdefault(self.where[k], []).append(k)
@@ -244,13 +271,7 @@ def _spill_name(layer: int, component: str) -> str:
 
 def spectra_pass(ckpt: Checkpoint, spill: Path, dtype: torch.dtype, device=None, progress: bool = True) -> list:
     """Pass 1: decompose every component once (two modules in flight), spill the eigenvectors,
-    return the spectra (spectra.compression.ranks.MatrixSpectrum) for the rank map."""
-    from safetensors.torch import save_file
-
-    from spectra.analysis.heavytail import map_matrices, normalized_singular_values
-    from spectra.compression.ranks import MatrixSpectrum
-    from spectra.progress import progress_bar
-
+    return the spectra (spectra.compression.allocation.MatrixSpectrum) for the rank map."""
     spill.mkdir(parents=True, exist_ok=True)
     bar = progress_bar(total=len(ckpt.modules), desc="decompose", unit="module", disable=not progress)
 
@@ -277,25 +298,24 @@ def spectra_pass(ckpt: Checkpoint, spill: Path, dtype: torch.dtype, device=None,
 
 
 def load_spilled(spill: Path, layer: int, component: str) -> Eig:
-    from safetensors import safe_open
-
     with safe_open(spill / _spill_name(layer, component), "pt") as st:
         return Eig(st.get_tensor("sigma"), st.get_tensor("vecs"), st.metadata()["wide"] == "1")
 
 
-def stream_compress(src: str | Path, dst: str | Path, *, rank_map: dict | None = None, method: str = "welore",
-                    err: float = 0.5, dtype: torch.dtype | None = None, device=None,
+def stream_compress(src: str | Path | Source | Checkpoint, dst: str | Path, *, rank_map: dict | None = None,
+                    method: str = "welore", err: float = 0.5, dtype: torch.dtype | None = None, device=None,
                     progress: bool = True) -> tuple[dict, dict[str, int]]:
-    """Compress the checkpoint folder `src` into the Hugging Face folder `dst` (see module docstring):
-    with `rank_map`, or deriving a `method` map for `err` in the same pass. Returns (the rank map,
-    parameter counts {linear_before, linear_after, total_before, total_after})."""
-    from safetensors.torch import save_file
-
-    from spectra.compression.ranks import build_rank_map
-    from spectra.progress import progress_bar
-
-    src, dst = Path(src), Path(dst)
-    ckpt = Checkpoint(src)
+    """Compress the checkpoint `src` (a folder, or anything `spectra.resolve` names) into the Hugging Face
+    folder `dst` (see module docstring): with `rank_map`, or deriving a `method` map for `err` in the same
+    pass. Returns (the rank map, parameter counts {linear_before, linear_after, total_before, total_after}).
+    Raises NotStreamable when the checkpoint is not safetensors under its modules' names."""
+    if not isinstance(src, Checkpoint):
+        source = src if isinstance(src, Source) else resolve(src)
+        if source.compressed:
+            raise SpectraError(f"{source.model_dir} is already compressed; merge it first (spectra compress --merge)")
+        src = Checkpoint(source.need_model("compress"))
+    ckpt, dst = src, Path(dst)
+    src = ckpt.path
     dtype = dtype or ckpt.dtype
     if rank_map is not None:
         entries_for(ckpt.skeleton, rank_map)  # a map of another model fails before any work
@@ -351,7 +371,7 @@ def stream_compress(src: str | Path, dst: str | Path, *, rank_map: dict | None =
             json.dumps({"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
         counts["total_before"] = counts["total_after"] - counts["linear_after"] + counts["linear_before"]
         _write_config(ckpt, structure, dtype, staging)
-        write_metadata(staging, ckpt.skeleton, rank_map, tokenizer_from=src)
+        write_metadata(staging, ckpt.skeleton, rank_map, tokenizer=src)
         shutil.rmtree(spill, ignore_errors=True)
         for stale in [*dst.glob("model*.safetensors"), dst / "model.safetensors.index.json"]:
             stale.unlink(missing_ok=True)  # --overwrite: an old single-file model would shadow the index

@@ -72,7 +72,7 @@ def whitened_factors(W: torch.Tensor, C: torch.Tensor, rank: int,
 
 
 class Whitener:
-    """Whitened replacement of decoder linears for `spectra.compression.lowrank.compress_model(..., whiten=...)`.
+    """Whitened replacement of decoder linears for `spectra.compression.lowrank.compress(..., whitener=...)`.
 
     `covariances(layer, component)` returns the input second moment XᵀX of that linear. The
     Cholesky and SVD of each matrix are cached, so a sweep over ranks decomposes each once.

@@ -149,8 +149,18 @@ def run_lock(run_dir: str | Path | None, command: str):
 def check_own_output(path: str | Path, owned=None, overwrite: bool = False, what: str = "--out") -> Path:
     """An output a command creates, or replaces/extends only if it is its own product (`owned(path)`
     says so, e.g. an HTML report or a jsonl of eval rows; `owned=None`: nothing that exists is).
-    A missing path or an empty folder is always fine; anything else needs `--overwrite`."""
+    A missing path or an empty folder is always fine; anything else needs `--overwrite`. The folder it goes
+    in must be one, or creatable: not under a regular file, no symlink loop."""
     p = Path(path)
+    try:
+        p.resolve()
+    except (RuntimeError, OSError) as e:  # a symlink loop
+        raise SpectraError(f"{what} {p} cannot be used ({e}); choose another path") from None
+    above = p.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if above.exists() and not above.is_dir():
+        raise SpectraError(f"{what} {p} lies under {above}, which is a file, not a folder; choose another path")
     if overwrite or not p.exists() or (p.is_dir() and not any(p.iterdir())):
         return p
     if owned is None:

@@ -296,7 +296,7 @@ def save_finetuned(model: nn.Module, src: Path, dest: Path) -> None:
         model = model.merge_and_unload()
     rank_map = Path(src) / RANK_MAP_FILE
     if rank_map.is_file():
-        save_compressed(model, read_json(rank_map), dest, tokenizer_from=src)
+        save_compressed(model, read_json(rank_map), dest, tokenizer=src)
     else:
         model.save_pretrained(dest)
         copy_tokenizer(src, dest)  # the tokenizer travels with every folder spectra writes

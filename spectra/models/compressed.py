@@ -17,12 +17,17 @@ Folders written before compressed folders were HF models (original config.json +
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
 
 import torch
+import transformers
+from accelerate import init_empty_weights
 from torch import nn
+from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 from spectra.compression.rankmap import RANK_MAP_FILE, plan
 from spectra.errors import SpectraError
@@ -44,6 +49,18 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> list[str]:
             shutil.copy2(src / name, dst / name)
             copied.append(name)
     return copied
+
+
+def save_tokenizer(tokenizer, out: str | Path) -> None:
+    """The tokenizer into `out`: a tokenizer object (save_pretrained) or the folder holding its files; None: none."""
+    if tokenizer is None:
+        return
+    if isinstance(tokenizer, (str, Path)):
+        copy_tokenizer(tokenizer, out)
+    elif hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(out)
+    else:
+        raise SpectraError(f"tokenizer must be a tokenizer or its folder, not {type(tokenizer).__name__}")
 
 
 _AUTO_BY_SUFFIX = (("ForCausalLM", "AutoModelForCausalLM"), ("LMHeadModel", "AutoModelForCausalLM"),
@@ -77,39 +94,36 @@ def modeling_source(arch: str, base_arch: str, base_config: str) -> tuple[str, d
 
 def _transformers_class(model: nn.Module) -> str:
     """The transformers class a (possibly spectra-subclassed) model is."""
-    import transformers
-
     return next(c.__name__ for c in type(model).__mro__ if getattr(transformers, c.__name__, None) is c)
 
 
-def save_compressed(model: nn.Module, rank_map: dict, out: str | Path,
-                    tokenizer_from: str | Path | None = None) -> Path:
-    """Write a compressed model as a Hugging Face folder that loads with trust_remote_code (see
-    module docstring), plus the rank map `load_compressed` uses, and the tokenizer of `tokenizer_from`."""
+def save_compressed(model: nn.Module, rank_map: dict, out: str | Path, tokenizer=None) -> Path:
+    """Write a compressed model (`spectra.compress`) as a Hugging Face folder that loads with
+    trust_remote_code (see module docstring), plus the rank map `load_compressed` uses (with what the
+    whitening used, when it was whitened) and `tokenizer` (an object, or the folder holding its files)."""
     out = Path(out)
+    whiten = getattr(model, "spectra_whiten", None)
+    if whiten is not None and "whiten" not in rank_map:
+        rank_map = {**rank_map, "whiten": whiten}
     if getattr(model.config, "spectra_structure", None) is None:
         if any(isinstance(m, (LowRankLinear, FusedLinear)) for m in model.modules()):
             raise SpectraError("this model has low-rank modules but no spectra_structure "
-                               "(compress it with compress_model)")
+                               "(compress it with spectra.compress)")
         model.config.spectra_structure = {}
-    import inspect
-
     # tensors under the names the model has now: transformers >= 5 would otherwise rename some back to
     # a legacy layout (NeoX lm_head -> embed_out) that it maps again on load, but never for remote code
     kw = {"save_original_format": False}
     if "save_original_format" not in inspect.signature(model.save_pretrained).parameters:  # transformers 4
         kw = {}
     model.save_pretrained(out, **kw)
-    return write_metadata(out, model, rank_map, tokenizer_from)
+    return write_metadata(out, model, rank_map, tokenizer)
 
 
-def write_metadata(out: str | Path, model: nn.Module, rank_map: dict, tokenizer_from: str | Path | None = None) -> Path:
+def write_metadata(out: str | Path, model: nn.Module, rank_map: dict, tokenizer=None) -> Path:
     """Everything of a compressed folder but its tensors, beside the config.json that `save_pretrained`
     (or `config.save_pretrained`, spectra.compression.stream) wrote: the rank map, modeling_spectra.py,
     the config turned into a spectra_lowrank one with its auto_map, and the tokenizer. `model` may be
     a meta-device skeleton: only its classes and config are read."""
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-
     out = Path(out)
     (out / RANK_MAP_FILE).write_text(json.dumps(rank_map, indent=1))
     cfg = json.loads((out / "config.json").read_text())
@@ -121,16 +135,26 @@ def write_metadata(out: str | Path, model: nn.Module, rank_map: dict, tokenizer_
     cfg.update(model_type=MODEL_TYPE, architectures=[cls], auto_map=auto_map, spectra_base_model_type=base_type,
                spectra_base_architecture=arch)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    if tokenizer_from is not None:
-        copy_tokenizer(tokenizer_from, out)
+    save_tokenizer(tokenizer, out)
+    return out
+
+
+def save_dense(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
+    """Write a merged (`spectra.merge`) or never-compressed model as a plain Hugging Face folder of its
+    original architecture; files of a compressed folder already in `out` are removed (a stale rank map
+    would make loaders rebuild factors)."""
+    if any(isinstance(m, (LowRankLinear, FusedLinear)) for m in model.modules()):
+        raise SpectraError("this model still has low-rank modules; merge it first (spectra.merge)")
+    out = Path(out)
+    model.save_pretrained(out)
+    for stale in (RANK_MAP_FILE, MODELING_FILE):
+        (out / stale).unlink(missing_ok=True)
+    save_tokenizer(tokenizer, out)
     return out
 
 
 def _base_config(path: Path):
     """(config of the original architecture, its class name) of a compressed folder, without remote code."""
-    import transformers
-    from transformers import AutoConfig
-
     cfg = json.loads((path / "config.json").read_text())
     if cfg.get("model_type") != MODEL_TYPE:  # written before compressed folders were HF models
         conf = AutoConfig.from_pretrained(path, trust_remote_code=False)
@@ -150,8 +174,6 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dty
     replaced as the rank map says, tensors from safetensors by transformers' own loader (key
     renames, tied weights), no SVD. `dtype=None` keeps the stored dtype.
     """
-    import transformers
-
     path = Path(path)
     try:
         cfg, arch = _base_config(path)
@@ -163,9 +185,6 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dty
     base = getattr(transformers, arch, None)
     if base is None:
         raise SpectraError(f"{path}: architecture {arch} is not in this transformers version")
-    from accelerate import init_empty_weights
-
-
     with init_empty_weights(include_buffers=False):  # the structure is planned on the dense skeleton
         structure = plan(base._from_config(cfg), rank_map)
     stored = json.loads((path / "config.json").read_text()).get("spectra_structure")

@@ -20,10 +20,12 @@ up), are LowRankLinear (rank r) or plain nn.Linear (rank None), and whose output
 rows back where the fused weight had them. `conv1d` records that the original was GPT-2's Conv1D
 (weight stored transposed), so merging can give back the original layout.
 
-Both classes subclass nn.Linear (with no weight parameter of their own: `weight` is the dense
-product, computed on demand) so that tools which accept linears — peft's LoRA in particular — can
-target the original module names (q_proj, query_key_value, c_attn) as well as the factors A and B,
-which are ordinary nn.Linear submodules.
+Neither class is an nn.Linear: each is a module OF linears (A and B, or one child per part). So peft's
+`target_modules="all-linear"` wraps each factor (and each dense part) exactly once, never the low-rank
+module around them as well, and `merge_and_unload` merges every adapter into an ordinary factor. To adapt
+particular components, name their factors (`q_proj.A`, `q_proj.B`); peft refuses the low-rank module
+itself (`q_proj`) since it has no dense weight to adapt. Both still have `in_features`, `out_features`
+and a read-only dense `weight`, so code that reads a linear's shape or weight reads them unchanged.
 """
 
 from __future__ import annotations
@@ -50,29 +52,11 @@ class ComputedWeight(torch.Tensor):
                            "first (spectra compress --merge)")
 
 
-class _ChildrenFirst:
-    """`named_modules` lists the factors before the module itself. peft's "all-linear" targets both
-    (both are nn.Linear); visiting the module first, it would wrap it and then fail to find the
-    factors inside its own wrapper. Children first, every listed module is adapted."""
-
-    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
-        if memo is None:
-            memo = set()
-        if self in memo:
-            return
-        if remove_duplicate:
-            memo.add(self)
-        for name, module in self._modules.items():
-            if module is not None:
-                yield from module.named_modules(memo, f"{prefix}.{name}" if prefix else name, remove_duplicate)
-        yield prefix, self
-
-
-class LowRankLinear(_ChildrenFirst, nn.Linear):
+class LowRankLinear(nn.Module):
     """y = B(A(x)): a rank-`rank` stand-in for nn.Linear(in_features, out_features) (bias on B)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, bias: bool = False, dtype=None, device=None):
-        nn.Module.__init__(self)  # not nn.Linear.__init__: no dense weight parameter
+        super().__init__()  # no dense weight parameter: the factors are the parameters
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.A = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
         self.B = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
@@ -89,7 +73,7 @@ class LowRankLinear(_ChildrenFirst, nn.Linear):
     def bias(self) -> torch.Tensor | None:
         return self.B.bias
 
-    def reset_parameters(self) -> None:  # nn.Linear's would touch a weight parameter we do not have
+    def reset_parameters(self) -> None:
         self.A.reset_parameters()
         self.B.reset_parameters()
 
@@ -97,12 +81,12 @@ class LowRankLinear(_ChildrenFirst, nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-class FusedLinear(_ChildrenFirst, nn.Linear):
+class FusedLinear(nn.Module):
     """A fused projection stored per logical part: each child computes its rows, and the output
     scatters them back to the fused layout (interleaved per head for GPT-NeoX and Falcon)."""
 
     def __init__(self, in_features: int, out_features: int, parts: list[tuple[str, list, nn.Module]]):
-        nn.Module.__init__(self)
+        super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.spectra_parts = [(name, [tuple(r) for r in rows]) for name, rows, _ in parts]
         for name, _, module in parts:
