@@ -122,5 +122,5 @@ def test_a_merge_replaces_whole_cells_and_names_values_plainly(tmp_path):
         write_analysis(p, "g", other, merge=("layer",))
     assert "np." not in str(e.value)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(SpectraError, match="which is a file"):
+    with pytest.raises(SpectraError, match="which is a file, not a folder"):
         write_analysis(tmp_path / "file" / "a.zarr", "g", other)

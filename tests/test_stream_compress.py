@@ -217,3 +217,19 @@ def test_a_failure_midway_leaves_no_partial_folder(ckpt, tmp_path, monkeypatch):
     with pytest.raises(SpectraError, match="disk full"):
         sc.stream_compress(ckpt, tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_nan_in_a_copied_through_tensor_is_refused(ckpt, tmp_path):
+    """Embeddings and norms are copied through unchanged, so a NaN there would be published: refused, naming it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan"
+    shutil.copytree(ckpt, bad)
+    sd = load_file(bad / "model.safetensors")
+    sd["model.embed_tokens.weight"][3, 0] = float("nan")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SpectraError, match="embed_tokens"):
+        sc.stream_compress(bad, tmp_path / "out", err=0.5, progress=False)
+    assert not (tmp_path / "out" / "config.json").exists()

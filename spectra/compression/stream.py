@@ -57,6 +57,7 @@ from spectra.errors import SpectraError
 from spectra.io.sources import Source, resolve
 from spectra.models.components import COMPONENTS, is_conv1d
 from spectra.models.compressed import write_metadata
+from spectra.models.loading import check_finite
 from spectra.models.modeling_spectra import LowRankLinear, build_module
 from spectra.models.parts import model_class
 from spectra.progress import progress_bar
@@ -233,7 +234,10 @@ class Checkpoint:
                 with safe_open(f, "pt") as st:
                     for k in ks:
                         t = st.get_tensor(k)
+                        check_finite([(k, t)], f)  # embeddings and norms are copied through: never a NaN
                         out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        except SpectraError:
+            raise
         except Exception as e:  # noqa: BLE001 - a truncated or corrupt shard is one line
             raise SpectraError(f"cannot read {keys[0]} from {self.path}: {e}") from None
         return out

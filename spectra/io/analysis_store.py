@@ -27,6 +27,7 @@ import xarray as xr
 
 from spectra.errors import SpectraError
 from spectra.io.atomic import _jsonable, _to_json, atomic_write_json
+from spectra.io.runs import check_output_place
 from spectra.io.variables import attrs_for
 from spectra.io.zarr_meta import _CM_EMPTY, _group_md, _members, _root_metadata
 
@@ -62,9 +63,7 @@ def _analysis_root(path: str | Path) -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise SpectraError(f"{p} is a file, not an analysis store; choose another --out")
-    blocked = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
-    if blocked is not None:
-        raise SpectraError(f"{p} lies under {blocked}, which is a file; choose another --out")
+    check_output_place(p)
     if p.is_dir() and any(p.iterdir()) and not (p / "zarr.json").is_file():
         raise SpectraError(f"{p} is a non-empty folder that is not an analysis store; choose another --out")
     if (p / "zarr.json").is_file() and _root_metadata(p).get("attributes", {}).get("kind") not in (None,

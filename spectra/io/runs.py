@@ -146,11 +146,8 @@ def run_lock(run_dir: str | Path | None, command: str):
         os.close(fd)  # closing releases the flock
 
 
-def check_own_output(path: str | Path, owned=None, overwrite: bool = False, what: str = "--out") -> Path:
-    """An output a command creates, or replaces/extends only if it is its own product (`owned(path)`
-    says so, e.g. an HTML report or a jsonl of eval rows; `owned=None`: nothing that exists is).
-    A missing path or an empty folder is always fine; anything else needs `--overwrite`. The folder it goes
-    in must be one, or creatable: not under a regular file, no symlink loop."""
+def check_output_place(path: str | Path, what: str = "--out") -> Path:
+    """The folder an output goes in must be one, or creatable: not under a regular file, no symlink loop."""
     p = Path(path)
     try:
         p.resolve()
@@ -161,6 +158,15 @@ def check_own_output(path: str | Path, owned=None, overwrite: bool = False, what
         above = above.parent
     if above.exists() and not above.is_dir():
         raise SpectraError(f"{what} {p} lies under {above}, which is a file, not a folder; choose another path")
+    return p
+
+
+def check_own_output(path: str | Path, owned=None, overwrite: bool = False, what: str = "--out") -> Path:
+    """An output a command creates, or replaces/extends only if it is its own product (`owned(path)`
+    says so, e.g. an HTML report or a jsonl of eval rows; `owned=None`: nothing that exists is).
+    A missing path or an empty folder is always fine; anything else needs `--overwrite`. The folder it goes
+    in must be one, or creatable: not under a regular file, no symlink loop."""
+    p = check_output_place(path, what)
     if overwrite or not p.exists() or (p.is_dir() and not any(p.iterdir())):
         return p
     if owned is None:
