@@ -34,7 +34,7 @@ def run(a: EvalArgs, path: str) -> None:
         as_windows,
         check_positions,
         check_row_target,
-        model_label,
+        eval_row,
         perplexity,
         quiet_transformers,
     )
@@ -57,10 +57,9 @@ def run(a: EvalArgs, path: str) -> None:
     dataset = a.data or "c4-en-validation"
     print(f"eval {model_dir}: {len(windows)} windows of {a.seq_len} tokens, the first {windows.numel()} tokens of "
           f"{dataset} ({len(windows) * (a.seq_len - 1)} predicted)", file=sys.stderr, flush=True)
-    loss, ppl, n_tok = perplexity(lm, windows, a.batch_size, dev, progress=True)
-    auto_method, auto_err = model_label(model_dir)
-    row = {"model": str(model_dir), "method": a.method or auto_method, "err": auto_err if a.err is None else a.err,
-           "dataset": dataset, "seq_len": a.seq_len, "tokens": n_tok, "loss": loss, "ppl": ppl}
+    res = perplexity(lm, windows, a.batch_size, dev, progress=True)
+    loss, ppl, n_tok = res
+    row = eval_row(model_dir, res, dataset, a.seq_len, a.method, a.err)
     if target is not None:
         append_row(target, row)
     where = f" -> {target}" if target is not None else ""

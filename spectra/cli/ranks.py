@@ -59,11 +59,9 @@ def run(a: RanksArgs, path: str) -> None:
     from spectra.compression.allocation import check_options
     from spectra.compression.calibration import stored_calibration
     from spectra.compression.rankmap import map_name
-    from spectra.compression.ranks import rank_map, rank_map_dataset
+    from spectra.compression.ranks import rank_map, save_rank_map
     from spectra.data import expand_files
     from spectra.errors import SpectraError
-    from spectra.io.analysis_store import write_analysis
-    from spectra.io.atomic import atomic_write_json
     from spectra.io.runs import check_own_output, is_rank_map
     from spectra.io.sources import load_source_tokenizer, resolve
     from spectra.models.loading import load_model
@@ -100,8 +98,7 @@ def run(a: RanksArgs, path: str) -> None:
                     lrc_rule=a.lrc_rule, calibration=cal, analysis=store, step=source.step,
                     loss_weight=a.loss_weight, damping=a.damping, device=dev)
     rmap["source"] = str(model_dir)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(dest, rmap)
+    save_rank_map(rmap, dest, store if write_store else None)
     console = Console()
     print_table(rmap, console)
     n_lrc = sum(e["lrc"] for e in rmap["components"])
@@ -110,9 +107,6 @@ def run(a: RanksArgs, path: str) -> None:
         k += f", estimated cost {rmap['estimated_cost']:.4g}"
     console.print(f"ERR by rank {rmap['err_rank']:.4f}, by params {rmap['err_params']:.4f}{k}; "
                   f"{n_lrc}/{len(rmap['components'])} LRCs -> {dest}")
-    if write_store:
-        write_analysis(store, f"ranks/{name}", rank_map_dataset(rmap),
-                       {key: v for key, v in rmap.items() if key != "components"})
 
 
 command = command_from(

@@ -23,8 +23,10 @@ from torch import nn
 from spectra.compression.allocation import MatrixSpectrum, build_rank_map, check_options, matrix_spectrum, ordered
 from spectra.compression.calibration import Calibration, loss_direction_scores
 from spectra.compression.diagnostics import diagnostic_scores
-from spectra.compression.rankmap import map_entries
+from spectra.compression.rankmap import map_entries, map_name
 from spectra.errors import SpectraError
+from spectra.io.analysis_store import write_analysis
+from spectra.io.atomic import atomic_write_json
 from spectra.io.sources import Source, resolve
 from spectra.models.loading import load_model, stream_component_weights
 from spectra.models.parts import COMPONENTS, component_parts, resolve_device
@@ -123,3 +125,16 @@ def rank_map_dataset(rank_map: dict) -> xr.Dataset:
         {"full_rank": (dims, arr["full_rank"]), "rank": (dims, arr["rank"]), "lrc": (dims, lrc)},
         coords={"layer": layers, "component": comps},
     )
+
+
+def save_rank_map(rank_map: dict, dest: str | Path, store: str | Path | None = None) -> Path:
+    """Write a rank map as JSON at `dest` (atomically) and, with `store`, as group `ranks/<map name>` of that
+    analysis store (what the report and `spectra sweep` read)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(dest, rank_map)
+    if store is not None:
+        name = map_name(rank_map["method"], rank_map["target_err"], rank_map["err_by"])
+        write_analysis(store, f"ranks/{name}", rank_map_dataset(rank_map),
+                       {k: v for k, v in rank_map.items() if k != "components"})
+    return dest

@@ -201,6 +201,14 @@ def check_row_target(path: str | Path, what: str = "--out") -> Path:
     return p
 
 
+def eval_row(model_dir: str | Path, result: Perplexity, dataset: str, seq_len: int, method: str | None = None,
+             err: float | None = None) -> dict:
+    """The eval.jsonl row of one perplexity: the model (method and ERR from its rank map unless given), the data."""
+    auto_method, auto_err = model_label(Path(model_dir))
+    return {"model": str(model_dir), "method": method or auto_method, "err": auto_err if err is None else err,
+            "dataset": dataset, "seq_len": seq_len, "tokens": result.tokens, "loss": result.loss, "ppl": result.ppl}
+
+
 def append_row(path: Path, row: dict) -> None:
     """Append one JSON row to a jsonl file (created with its folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)
