@@ -151,7 +151,8 @@ def check_batches(model: nn.Module, batches) -> list[torch.Tensor]:
 
 
 def check_positions(model: nn.Module, seq_len: int, what: str = "--seq-len") -> None:
-    max_pos = getattr(model.config, "max_position_embeddings", None)
+    """seq_len within the positions of `model` (or of a model config, checked before any weights load)."""
+    max_pos = getattr(getattr(model, "config", model), "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
         raise SpectraError(f"{what} {seq_len} exceeds the model's {max_pos} positions")
 

@@ -263,16 +263,20 @@ def hessian_steps(source: Source | str | Path | Sequence[str | Path], batches: S
             todo.append(st)
     if skipped:
         say(f"step(s) {', '.join(map(str, skipped))} already stored in {store} with these settings: skipped")
-    runs: dict[Path, Run] = {}
+    runs: dict[Path, Run | None] = {}
     block, fresh = block_size, replace
     first = first if todo and todo[0] is chosen[0] else None  # a skipped first step: its model is not needed
     for st in todo:
         model = first if st is chosen[0] else load(st.folder)
         first = None
         snaps = None
-        if st.snapshots is not None:
-            if st.snapshots not in runs:
+        if st.snapshots is not None and st.snapshots not in runs:
+            try:
                 runs[st.snapshots] = open_run(st.snapshots)
+            except SpectraError as e:  # a damaged snapshot store costs the snapshot alignment, not the sweep
+                say(f"alignment_snapshot not computed: {e}")
+                runs[st.snapshots] = None
+        if runs.get(st.snapshots) is not None:
             snaps = snapshot_gradients(runs[st.snapshots], st.step, keys)
         try:
             gaps, dens, *vecs = hessian_gaps(model, ids, k=k, layers=layers, components=components,

@@ -51,13 +51,19 @@ def run(args: HessianGapArgs, paths: list[str]) -> None:
 
     from spectra import distributed as dist_utils
     from spectra.analysis.hessian import check_positions, token_batches
-    from spectra.analysis.hessian_dynamics import checkpoint_steps, hessian_steps, stored_gap, sweep_settings
+    from spectra.analysis.hessian_dynamics import (
+        batches_digest,
+        checkpoint_steps,
+        hessian_steps,
+        stored_gap,
+        sweep_settings,
+    )
     from spectra.errors import SpectraError
     from spectra.io.sources import load_source_tokenizer, resolve
     from spectra.linalg.hvp import keep_freed_memory
     from spectra.lm.evaluate import check_vocab
     from spectra.models.loading import load_causal_lm
-    from spectra.models.parts import select_components
+    from spectra.models.parts import model_class, select_components
 
     if args.iterations < args.k + 2:
         raise SpectraError(f"--iterations {args.iterations} is below k+2 = {args.k + 2} HVPs per batch")
@@ -71,20 +77,22 @@ def run(args: HessianGapArgs, paths: list[str]) -> None:
     settings = sweep_settings(data=data, k=args.k, batches=args.batches, batch_size=args.batch_size,
                               seq_len=args.seq_len, seed=args.seed, iterations=args.iterations, tol=args.tol,
                               gap_frac=args.gap_frac)
-    stored_gap(store, settings, args.replace)  # a store it cannot add to is refused before any work
-    keep_freed_memory()
     rank, world, dev = dist_utils.setup(args.device)
+    first = chosen[0].folder
+    cfg = model_class(first)[1]  # the config alone: the checks below come before any weights load
+    check_positions(cfg, args.seq_len)
+    tok = load_source_tokenizer(source.members[0] if source.kind == "series" else source, args.tokenizer)
+    with dist_utils.rank0_first():  # rank 0 fills the token-window cache; the others then read it
+        ids = token_batches(args.data, tok, args.seq_len, args.batches, args.batch_size, cfg.vocab_size)
+    # a store it cannot add to (other settings, other token batches) is refused before the model loads
+    stored_gap(store, {**settings, "batches_sha256": batches_digest(ids)}, args.replace)
+    keep_freed_memory()
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
-    first = chosen[0].folder
     model = load_causal_lm(first, device=dev, attn_implementation="eager")
-    check_positions(model, args.seq_len)
-    select_components(model, args.layers, args.components)  # a bad --layers/--components before the data
-    tok = load_source_tokenizer(source.members[0] if source.kind == "series" else source, args.tokenizer)
     check_vocab(model, tok)
-    with dist_utils.rank0_first():  # rank 0 fills the token-window cache; the others then read it
-        ids = token_batches(args.data, tok, args.seq_len, args.batches, args.batch_size, model.config.vocab_size)
+    select_components(model, args.layers, args.components)
     loaded = {first: model}
     del model
 
