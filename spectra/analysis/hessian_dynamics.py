@@ -295,17 +295,16 @@ def hessian_steps(source: Source | str | Path | Sequence[str | Path], batches: S
                 on_step(st.step, gaps)
     if rank != 0:
         return {}
-    if todo or not _has(store, "hessian_drift"):
+    if todo or _read(store, "hessian_drift") is None:
         write_analysis(store, "hessian_drift", hessian_drift(store))
     return {name: read_analysis(store, name) for name in ("hessian_gap", "hessian_alignment", "hessian_drift")}
 
 
-def _has(store: str | Path, name: str) -> bool:
+def _read(store: str | Path, name: str) -> xr.Dataset | None:
     try:
-        read_analysis(store, name)
+        return read_analysis(store, name)
     except SpectraError:
-        return False
-    return True
+        return None
 
 
 def _vectors_stored(store, step: int, keys, settings_id: str, folder: Path) -> bool:
@@ -338,9 +337,8 @@ def _write_step(store, st: Step, gaps: xr.Dataset, dens: xr.Dataset, vecs: dict 
     if vecs is not None:
         write_analysis_tree(store, f"hessian_vectors/s{step}", _vector_parts(store, st, vecs, settings, fresh))
     dens = dens.expand_dims(step=[step])
-    dmerge = merge
-    if not fresh and _has(store, "hessian_density"):
-        stored = read_analysis(store, "hessian_density")
+    dmerge, stored = merge, None if fresh else _read(store, "hessian_density")
+    if stored is not None:
         if "step" not in stored.dims:
             dmerge = ()  # an older spectra's single-checkpoint density: started over
         elif stored.sizes["node"] > dens.sizes["node"]:  # the Krylov sizes differ from step to step: pad to one

@@ -159,8 +159,9 @@ def print_table(ds, k: int, step: int | None = None) -> None:
 
 command = command_from(
     HessianGapArgs, run,
-    """Top-k Hessian eigenvalues, the k/k+1 eigen-gap and the gradient alignment of every weight matrix, by Lanczos,
-    at every checkpoint of a run.
+    """Top-k Hessian eigenvalues and the k/k+1 eigen-gap of every weight matrix, by Lanczos.
+
+    With the gradient's alignment with the top-k eigenspace, at every checkpoint of a run.
 
     Per decoder linear W (all other parameters fixed): block Lanczos with full reorthogonalization on
     (batched) Hessian-vector products of the LM loss, run until all k+1 Ritz pairs are certified
