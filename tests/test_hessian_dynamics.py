@@ -345,3 +345,23 @@ def test_checkpoint_steps_of_each_input(run, tmp_path):
     with pytest.raises(SpectraError, match="one checkpoint"):
         checkpoint_steps(resolve(plain), [1, 2])
     assert Path(one[0].folder).name == "step_4"
+
+
+def test_consumers_of_the_stored_groups_read_the_last_step(run, swept):
+    """The report's density figure and the diagnostic rank map read a hessian store with a step dimension."""
+    from reports.density_figure import hessian_density_figure
+    from spectra.compression.ranks import diagnostic_scores
+
+    path, _ = run
+    store = path / "analysis.zarr"
+    dens = read_analysis(store, "hessian_density")
+    fig = hessian_density_figure(dens)
+    last = dens.isel(step=-1).sel(layer=0, component="down")
+    trace = next(t for t in fig.data if "component down" in t.hovertemplate)
+    scale = float(np.nanmax(np.abs(last.nodes.values)))
+    np.testing.assert_allclose(np.asarray(trace.x, float), last.t.values / scale, rtol=1e-6)
+    gap = read_analysis(store, "hessian_gap").isel(step=-1)
+    scores = diagnostic_scores(store, [(0, "q"), (0, "down")])
+    assert scores.shape == (2,) and np.isfinite(scores).all()
+    assert (scores[0] > scores[1]) == (float(gap.rel_gap.sel(layer=0, component="q")) > float(
+        gap.rel_gap.sel(layer=0, component="down")))  # the percentile follows the last step's relative gap

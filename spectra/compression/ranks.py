@@ -314,6 +314,8 @@ def diagnostic_scores(analysis: str | Path, keys: list[tuple[int, str]]) -> np.n
         from spectra.io.analysis_store import read_analysis
 
         ds = read_analysis(p, "hessian_gap")
+        if "step" in ds.dims:  # hessian-gap over checkpoints: the last one
+            ds = ds.isel(step=-1)
         trusted = ds["residuals"].max("eig") < ds["gap"]  # Davis–Kahan: residual must be below the gap
         signals.append(_percentile(_lookup(ds["rel_gap"].where(trusted), keys)))
     if not signals:
