@@ -299,6 +299,10 @@ def test_vectors_over_the_limit_are_not_kept_and_other_settings_are_refused(run,
     drift = read_analysis(out, "hessian_drift")
     assert "sin_theta" not in drift and "not computed" in drift.attrs["sin_theta"]
     assert np.isfinite(drift.eig_change.sel(step=4)).all()
+    kept = ["hessian-gap", str(path), "--data", str(docs), "--components", "q", "--out", str(tmp_path / "b.zarr"),
+            "--max-vectors-gib", "0", "--keep-vectors", "--steps", "2", *HG]
+    assert main(kept) == 0 and "not kept" not in capsys.readouterr().out  # --keep-vectors overrides the limit
+    assert read_analysis(tmp_path / "b.zarr", "hessian_vectors/s2/0.q").vectors.shape == (2, 3, 32 * 32)
     assert main([*argv, "--steps", "2,4", "--k", "3"]) == 2  # another k: steps would not compare
     err = capsys.readouterr().err
     assert "k 2 and this run has 3 (--k)" in err and "--replace" in err
