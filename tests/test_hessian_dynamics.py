@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import xarray as xr
 from conftest import wiki_docs
 from test_hessian import dense_hessian, micro  # noqa: F401  (the float64 micro LLaMA fixture)
 from torch import nn
@@ -369,3 +370,24 @@ def test_consumers_of_the_stored_groups_read_the_last_step(run, swept):
     assert scores.shape == (2,) and np.isfinite(scores).all()
     assert (scores[0] > scores[1]) == (float(gap.rel_gap.sel(layer=0, component="q")) > float(
         gap.rel_gap.sel(layer=0, component="down")))  # the percentile follows the last step's relative gap
+
+
+@pytest.mark.unit
+def test_drift_of_a_known_rotation():
+    """In memory: top-2 subspaces span{e1, e2} then span{e1, cos θ e2 + sin θ e3}: sin_theta = sin θ; the
+    eigenvalue change is ‖Δλ‖ / ‖λ‖ over the top 2 (the third eigenvalue only closes the gap)."""
+    from spectra.analysis.hessian_dynamics import hessian_drift
+
+    theta, n = 0.3, 6
+    e = np.eye(n, dtype=np.float32)
+    rot = np.cos(theta) * e[1] + np.sin(theta) * e[2]
+    vecs = {0: np.stack([e[0], e[1], e[3]])[None], 10: np.stack([e[0], rot, e[4]])[None]}
+    ev = np.array([[3.0, 2.0, 1.0], [3.0, 2.5, 9.0]])[:, None, None, None, :]  # (step, layer, comp, batch, eig)
+    gap = xr.Dataset({"eigenvalues_batch": (("step", "layer", "component", "batch", "eig"), ev)},
+                     coords={"step": [0, 10], "layer": [0], "component": ["q"], "batch": [0], "eig": [1, 2, 3]})
+    drift = hessian_drift(gap=gap, vectors=lambda s, l, c: vecs[s])
+    assert np.isnan(drift.sin_theta.sel(step=0)).all() and np.isnan(drift.eig_change.sel(step=0)).all()
+    assert float(drift.sin_theta.sel(step=10).squeeze()) == pytest.approx(math.sin(theta), rel=1e-6)
+    assert float(drift.eig_change.sel(step=10).squeeze()) == pytest.approx(0.5 / math.sqrt(13), rel=1e-12)
+    none = hessian_drift(gap=gap, vectors=lambda s, l, c: None)
+    assert "sin_theta" not in none and "not computed" in none.attrs["sin_theta"]

@@ -45,7 +45,7 @@ from torch import nn
 
 from spectra import distributed as dist_utils
 from spectra.analysis.claims import eigenvalue_change
-from spectra.analysis.hessian import hessian_gaps, uncertified
+from spectra.analysis.hessian import check_batches, hessian_gaps, uncertified
 from spectra.analysis.hessian_block import orthonormal_top
 from spectra.analysis.subspace import principal_angles
 from spectra.errors import SpectraError
@@ -219,24 +219,20 @@ def hessian_steps(source: Source | str | Path | Sequence[str | Path], batches: S
     """
     src = source if isinstance(source, Source) else resolve(source)
     chosen = checkpoint_steps(src, steps)
-    ids = list(batches) if not isinstance(batches, torch.Tensor) else [batches] if batches.dim() == 2 else list(
-        batches)
-    if not ids or not all(isinstance(b, torch.Tensor) and b.dim() == 2 for b in ids):
-        raise SpectraError("batches must be a non-empty list of token-id tensors [batch, seq]")
     if isinstance(max_vectors_gib, bool) or not max_vectors_gib >= 0:
         raise SpectraError(f"max_vectors_gib (--max-vectors-gib) must be >= 0, not {max_vectors_gib!r}")
+    rank = dist.get_rank() if dist_utils.active() else 0
+    say = (on_event or (lambda line: None)) if rank == 0 else (lambda line: None)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    load = loader or (lambda folder: load_causal_lm(folder, device=dev, attn_implementation="eager"))
+    first = load(chosen[0].folder)  # its components say what every step computes (one architecture)
+    ids = check_batches(first, batches)
     settings = sweep_settings(data=data, k=k, batches=len(ids), batch_size=int(ids[0].shape[0]),
                               seq_len=int(ids[0].shape[1]), seed=seed, iterations=iterations, tol=tol,
                               gap_frac=gap_frac)
     settings["batches_sha256"] = batches_digest(ids)
     settings["settings_id"] = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     old = stored_gap(store, settings, replace)
-    rank = dist.get_rank() if dist_utils.active() else 0
-    say = (on_event or (lambda line: None)) if rank == 0 else (lambda line: None)
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    load = loader or (lambda folder: load_causal_lm(folder, device=dev, attn_implementation="eager"))
-
-    first = load(chosen[0].folder)  # its components say what every step computes (one architecture)
     weights = select_components(first, layers, components)
     if not weights:
         raise SpectraError("no component matches --layers/--components (a compressed component has no dense "
