@@ -20,7 +20,10 @@ FLOOR = 1e-6  # log axis: densities below FLOOR × the curve's peak are not draw
 
 
 def hessian_density_figure(ds: xr.Dataset) -> go.Figure:
-    """SLQ Hessian spectral density per component (lines per layer), x in units of max|λ|."""
+    """SLQ Hessian spectral density per component (lines per layer), x in units of max|λ|; a store with a
+    `step` dimension (hessian-gap over checkpoints) is drawn at its last step."""
+    if "step" in ds.dims:
+        ds = ds.isel(step=-1)
     comps = _components(ds["component"].values)
     layers = [int(v) for v in ds["layer"].values]
     colors = _layer_colors(layers)

@@ -36,6 +36,8 @@ _API = {
     "grad_subspace": "spectra.analysis.subspace:grad_subspace",
     "hessian_gaps": "spectra.analysis.hessian:hessian_gaps",
     "hessian_density": "spectra.analysis.hessian:hessian_density",
+    "hessian_steps": "spectra.analysis.hessian_dynamics:hessian_steps",
+    "hessian_drift": "spectra.analysis.hessian_dynamics:hessian_drift",
     "claims": "spectra.analysis.claims:claims",
     # compression
     "calibrate": "spectra.compression.calibration:calibrate",

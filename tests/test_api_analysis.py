@@ -102,13 +102,16 @@ def hessian_case(tmp_path_factory, shared_data):
             "--components", "v,down", "--k", "2", "--block-size", "1", "--batches", "2", "--batch-size", "2",
             "--seq-len", "16", "--density-hvps", "12", "--device", "cpu", "--out", str(out)]
     assert main(argv) == 0
-    return model, docs, read_analysis(out, "hessian_gap"), read_analysis(out, "hessian_density")
+    # a plain folder has no training step: the stored groups label it step 0
+    gap, dens, al = (read_analysis(out, g) for g in ("hessian_gap", "hessian_density", "hessian_alignment"))
+    assert gap.step.values.tolist() == dens.step.values.tolist() == al.step.values.tolist() == [0]
+    return model, docs, gap.sel(step=0), dens.sel(step=0), al.sel(step=0)
 
 
 def test_hessian_gaps_of_a_model_in_memory_equal_the_command(hessian_case):
     from spectra.analysis.hessian import token_batches
 
-    model, docs, stored, stored_dens = hessian_case
+    model, docs, stored, stored_dens, stored_al = hessian_case
     ids = token_batches(str(docs), "bytes", 16, 2, 2, 384)  # what the command ran on
     model.train()  # as a user's model may be: the API evaluates in eval mode and gives the training flag back
     assert model.config._attn_implementation == "sdpa"
@@ -119,8 +122,11 @@ def test_hessian_gaps_of_a_model_in_memory_equal_the_command(hessian_case):
                                        "gap_frac", "density_hvps", "block_size")} == {
         a: stored.attrs[a] for a in ("k", "iterations", "batches", "batch_size", "seq_len", "seed", "tol",
                                      "gap_frac", "density_hvps", "block_size")}
-    assert gaps.attrs["uncertified"] == stored.attrs["uncertified"] and stored.attrs["data"] == str(docs)
+    assert [f"step 0 {u}" for u in gaps.attrs["uncertified"]] == stored.attrs["uncertified"]
+    assert stored.attrs["data"] == str(docs)
     _same(gaps, stored, rtol=1e-9, atol=1e-12)
+    _same(gaps, stored_al, ["alignment", "alignment_baseline"], rtol=1e-9, atol=1e-12)  # stored apart from the gaps
+    assert np.isnan(stored_al.alignment_snapshot.values).all()  # a plain folder has no snapshot store
     _same(dens, stored_dens, rtol=1e-9, atol=1e-12)
     # the density alone comes from the same single Lanczos run
     _same(spectra.hessian_density(model, ids, k=2, layers=[1], components=["v", "down"], block_size=1,
@@ -141,7 +147,7 @@ def test_hessian_gaps_are_the_dense_hessians_eigenvalues(micro):  # noqa: F811
 
 
 def test_hessian_gaps_ignore_dropout_and_refuse_bad_batches(hessian_case):
-    model, docs, stored, _ = hessian_case
+    model, docs, stored, _, _ = hessian_case
     from spectra.analysis.hessian import token_batches
 
     ids = token_batches(str(docs), "bytes", 16, 2, 2, 384)

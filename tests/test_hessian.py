@@ -183,7 +183,9 @@ def _args(shared_data, ckpt, *extra):
 @pytest.fixture(scope="module")
 def single_store(run_dir, shared_data):
     assert main(_args(shared_data, run_dir)) == 0
-    return read_analysis(run_dir / "analysis.zarr", "hessian_gap")  # default: <run>/analysis.zarr
+    ds = read_analysis(run_dir / "analysis.zarr", "hessian_gap")  # default: <run>/analysis.zarr
+    assert ds.eigenvalues.dims[0] == "step" and ds.step.values.tolist() == [1]  # the run's one checkpoint, step_1
+    return ds.sel(step=1)
 
 
 def test_cli_writes_the_contract_group(single_store, run_dir, shared_data):
@@ -206,7 +208,7 @@ def test_cli_writes_the_contract_group(single_store, run_dir, shared_data):
         "tol": 1e-4,
     }
     assert ds.certified.values.all() and ds.attrs["uncertified"] == [] and (ds.hvps.values >= 2 * 4).all()
-    dens = read_analysis(run_dir / "analysis.zarr", "hessian_density")  # SLQ from the same Krylov spaces
+    dens = read_analysis(run_dir / "analysis.zarr", "hessian_density").sel(step=1)  # SLQ, same Krylov spaces
     assert dens.density.dims == ("layer", "component", "grid") and list(dens.component.values) == ["v", "down"]
     assert np.allclose(np.nansum(dens.weights.values, axis=-1), 1.0)
     for comp in ("v", "down"):  # every quadrature node lies inside the Hessian's spectrum: ≤ the certified λ1
@@ -248,8 +250,11 @@ def test_torchrun_two_gloo_ranks_match_one_process(single_store, run_dir, shared
     ]
     proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    ds = read_analysis(out, "hessian_gap")
+    ds = read_analysis(out, "hessian_gap").sel(step=1)
     assert np.allclose(ds.eigenvalues_batch.values, single_store.eigenvalues_batch.values, rtol=1e-5, atol=1e-9)
+    al = read_analysis(out, "hessian_alignment").sel(step=1)  # computed on the rank that ran the component
+    one = read_analysis(run_dir / "analysis.zarr", "hessian_alignment").sel(step=1)
+    assert np.allclose(al.alignment.values, one.alignment.values, rtol=1e-4)
 
 
 def test_bad_checkpoint_is_one_error_line(tmp_path, capsys):

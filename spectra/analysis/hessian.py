@@ -2,6 +2,7 @@
 
     gaps = hessian_gaps(model, batches, k=8)                      # one Lanczos run per component and batch
     gaps, dens = hessian_gaps(model, batches, k=8, density=True)  # + the SLQ density of the same Krylov spaces
+    gaps, vecs = hessian_gaps(model, batches, k=8, vectors=True)  # + the top k+1 Ritz vectors per component
 
 For each decoder linear W (other parameters fixed) we take the Hessian block H_W = ∂²L/∂W² of the
 LM loss on a token batch, find its top k+1 eigenvalues by block Lanczos on (batched)
@@ -18,9 +19,8 @@ every rank gets all results.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,26 +30,25 @@ from torch import nn
 
 from spectra import distributed as dist_utils
 from spectra.analysis.density import density_dataset
-from spectra.analysis.hessian_block import ComponentGap, component_gap
+from spectra.analysis.hessian_block import ComponentGap, alignment_baseline, component_gap
 from spectra.data import load_tokenizer, text_windows
 from spectra.errors import SpectraError
-from spectra.io.analysis_store import read_analysis
 from spectra.linalg.hvp import BlockHVP, choose_block
 from spectra.models.components import COMPONENTS
 from spectra.models.loading import is_causal_lm
 from spectra.models.parts import select_components, set_attention
 from spectra.progress import is_tty, overall, progress_bar
 
-# what a partial run (--layers/--components) must share with the stored group it is merged into
-MERGE_KEYS = ("checkpoint", "data", "k", "batches", "batch_size", "seq_len")
+Vectors = dict[tuple[int, str], np.ndarray]  # (layer, component) -> Ritz vectors (batches, k+1, n) float32
 
 
 # --------------------------------------------------------------------------- the API
 def hessian_gaps(model: nn.Module, batches: Sequence[torch.Tensor] | torch.Tensor, *, k: int = 8,
                  layers: Sequence[int | str] | None = None, components: Sequence[str] | None = None,
                  iterations: int = 400, tol: float = 1e-4, gap_frac: float = 0.1, block_size: int = 0,
-                 density_hvps: int = 0, seed: int = 0, density: bool = False,
-                 progress: bool = True) -> xr.Dataset | tuple[xr.Dataset, xr.Dataset]:
+                 density_hvps: int = 0, seed: int = 0, density: bool = False, vectors: bool = False,
+                 snapshot_grads: Mapping[tuple[int, str], torch.Tensor] | None = None,
+                 progress: bool = True) -> xr.Dataset | tuple:
     """Top k+1 Hessian eigenvalues and the k/k+1 eigen-gap of every decoder linear of a causal LM in memory.
 
     batches: token-id tensors [batch, seq] (a list, or one 2-D tensor), moved to the model's device; each is an
@@ -58,10 +57,18 @@ def hessian_gaps(model: nn.Module, batches: Sequence[torch.Tensor] | torch.Tenso
     certificate residual ≤ tol·|λ1| and ≤ gap_frac × the gap to their neighbours). block_size: vectors per
     batched HVP (0: chosen by timing). density_hvps: at least this many HVPs per batch (a finer density).
     density=True also returns the `hessian_density` Dataset (SLQ over the same Krylov spaces, no extra HVP).
+    vectors=True also returns the top k+1 Ritz vectors, {(layer, component): float32 array (batches, k+1, n)},
+    n = W.numel(), each row W's shape flattened row-major (memory: batches·(k+1)·n·4 bytes per component).
+    snapshot_grads: {(layer, component): a gradient of that W} (e.g. the training gradient a run's snapshot store
+    holds for this checkpoint): its alignment with each batch's top-k Ritz subspace becomes `alignment_snapshot`.
 
     The model is left as it was: attention runs eager for the HVPs (fused SDPA has no double backward), in eval
     mode (no dropout in the loss), and both are restored afterwards. Returns the `hessian_gap` Dataset, dims
-    (layer, component, eig[, batch]), with its settings and certificate in attrs.
+    (layer, component, eig[, batch]), with its settings and certificate in attrs, and the gradient alignment
+    `alignment` (layer, component, batch) = ‖U_kᵀ g‖ / ‖g‖ for g = ∂L/∂W of that batch, U_k its top-k Ritz
+    vectors (orthonormalized), with `alignment_baseline` = √(k/n) (layer, component). Then, in this order,
+    the density (density=True) and the vectors (vectors=True): `gaps`, `(gaps, dens)`, `(gaps, vecs)` or
+    `(gaps, dens, vecs)`.
     """
     ids = check_batches(model, batches)
     for name, v, lo in (("k", k, 1), ("iterations", iterations, 3), ("block_size", block_size, 0),
@@ -78,8 +85,13 @@ def hessian_gaps(model: nn.Module, batches: Sequence[torch.Tensor] | torch.Tenso
         if not weights:
             raise SpectraError("no component matches --layers/--components (a compressed component has no dense "
                                "weight to differentiate)")
+        snaps = dict(snapshot_grads or {})
+        unknown = sorted(set(snaps) - set(weights))
+        if unknown:
+            raise SpectraError(f"snapshot_grads names {unknown[0]}, which is not among the selected components")
         results = component_gaps(model, weights, ids, k=k, max_hvps=iterations, tol=tol, gap_frac=gap_frac,
-                                 block=block_size, min_hvps=density_hvps, seed=seed, show_progress=progress)
+                                 block=block_size, min_hvps=density_hvps, seed=seed, vectors=vectors,
+                                 snapshot_grads=snaps, show_progress=progress)
     ds = gaps_dataset(results, k)
     dev = ids[0].device
     ds.attrs.update({
@@ -93,8 +105,15 @@ def hessian_gaps(model: nn.Module, batches: Sequence[torch.Tensor] | torch.Tenso
         "uncertified": uncertified(ds),
         "hvps_total": int(sum(r.hvps.sum() for r in results)),
         "density_hvps": density_hvps,
+        "alignment": "||U_k^T g|| / ||g||: g = dL/dW of that batch, U_k its top-k Ritz vectors (QR-orthonormalized)",
+        "alignment_baseline": "sqrt(k/n), n = W.numel(): the alignment of a random k-dimensional subspace",
     })
-    return (ds, density_dataset(results)) if density else ds
+    if snapshot_grads is not None:
+        ds.attrs["alignment_snapshot"] = ("||U_k^T g|| / ||g|| for the given snapshot gradient of W, U_k each "
+                                          "batch's top-k Ritz vectors; NaN where none was given")
+    out = (ds,) + ((density_dataset(results),) if density else ()) + (
+        ({(r.layer, r.component): r.vectors for r in results},) if vectors else ())
+    return out if len(out) > 1 else ds
 
 
 def hessian_density(model: nn.Module, batches: Sequence[torch.Tensor] | torch.Tensor, **kwargs) -> xr.Dataset:
@@ -132,7 +151,8 @@ def check_batches(model: nn.Module, batches) -> list[torch.Tensor]:
 
 
 def check_positions(model: nn.Module, seq_len: int, what: str = "--seq-len") -> None:
-    max_pos = getattr(model.config, "max_position_embeddings", None)
+    """seq_len within the positions of `model` (or of a model config, checked before any weights load)."""
+    max_pos = getattr(getattr(model, "config", model), "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
         raise SpectraError(f"{what} {seq_len} exceeds the model's {max_pos} positions")
 
@@ -156,9 +176,13 @@ def hvp_mode(model: nn.Module):
 # --------------------------------------------------------------------------- the components
 def component_gaps(model: nn.Module, weights: dict[tuple[int, str], torch.Tensor], batches: list[torch.Tensor], *,
                    k: int, max_hvps: int = 300, tol: float = 1e-4, gap_frac: float = 0.1, block: int = 0,
-                   min_hvps: int = 0, seed: int = 0, show_progress: bool = True) -> list[ComponentGap]:
+                   min_hvps: int = 0, seed: int = 0, vectors: bool = False,
+                   snapshot_grads: Mapping[tuple[int, str], torch.Tensor] | None = None,
+                   show_progress: bool = True) -> list[ComponentGap]:
     """`component_gap` on every component (under torchrun: this rank's share keys[rank::world], then gathered,
-    so every rank returns all). block = 0 picks the HVP block size by timing on the first component."""
+    so every rank returns all). block = 0 picks the HVP block size by timing on the first component.
+    snapshot_grads: a gradient per (layer, component) to measure against the Ritz subspaces (any subset)."""
+    snaps = snapshot_grads or {}
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist_utils.active() else (0, 1)
     order = list(COMPONENTS)
     keys = sorted(weights, key=lambda lc: (lc[0], order.index(lc[1])))[rank::world]
@@ -175,7 +199,7 @@ def component_gaps(model: nn.Module, weights: dict[tuple[int, str], torch.Tensor
                           disable=not show_progress or not is_tty(), position=1 + rank) as bar:
             out.append(component_gap(model, layer, comp, weights[(layer, comp)], batches, k=k, max_hvps=max_hvps,
                                      tol=tol, gap_frac=gap_frac, block=block, min_hvps=min_hvps, seed=seed,
-                                     progress=bar))
+                                     vectors=vectors, snapshot_grad=snaps.get((layer, comp)), progress=bar))
     return [r for part in dist_utils.gather(out) for r in part]
 
 
@@ -197,7 +221,8 @@ def gaps_dataset(results: list[ComponentGap], k: int) -> xr.Dataset:
     L, C, E = len(layers), len(comps), k + 1
     ev_b = np.full((L, C, n_batch, E), np.nan)
     res, cert = np.full((L, C, E), np.nan), np.full((L, C, E), np.nan)
-    gap, gap_se, rel, hvps = (np.full((L, C), np.nan) for _ in range(4))
+    gap, gap_se, rel, hvps, base = (np.full((L, C), np.nan) for _ in range(5))
+    align, align_snap = np.full((L, C, n_batch), np.nan), np.full((L, C, n_batch), np.nan)
     for r in results:
         i, j = layers.index(r.layer), comps.index(r.component)
         ev_b[i, j] = r.eigenvalues
@@ -207,7 +232,13 @@ def gaps_dataset(results: list[ComponentGap], k: int) -> xr.Dataset:
         g = r.eigenvalues[:, k - 1] - r.eigenvalues[:, k]  # per-batch gap, so its SE is paired
         gap[i, j], gap_se[i, j] = _mean_se(g, 0)
         rel[i, j] = np.mean(g / np.abs(r.eigenvalues[:, 0]))
+        if r.alignment is not None:
+            align[i, j], base[i, j] = r.alignment, alignment_baseline(k, r.n)
+        if r.alignment_snapshot is not None:
+            align_snap[i, j] = r.alignment_snapshot
     ev, ev_se = _mean_se(ev_b, 2)
+    snap = {"alignment_snapshot": (("layer", "component", "batch"), align_snap)} if any(
+        r.alignment_snapshot is not None for r in results) else {}
     dims, dims_e = ("layer", "component"), ("layer", "component", "eig")
     return xr.Dataset(
         {
@@ -220,6 +251,9 @@ def gaps_dataset(results: list[ComponentGap], k: int) -> xr.Dataset:
             "rel_gap": (dims, rel),
             "certified": (dims_e, cert),
             "hvps": (dims, hvps),
+            "alignment": (("layer", "component", "batch"), align),
+            "alignment_baseline": (dims, base),
+            **snap,
         },
         coords={"layer": layers, "component": comps, "eig": np.arange(1, E + 1), "batch": np.arange(n_batch)},
     )
@@ -252,23 +286,3 @@ def token_batches(data: str | None, tokenizer, seq_len: int, batches: int, batch
         raise SpectraError(f"tokenizer {getattr(tok, 'name_or_path', tokenizer)!r} produces ids ≥ the model's vocab "
                            f"({vocab_size}); pass the --tokenizer the model was trained with")
     return list(windows[:need].split(batch_size))
-
-
-def check_gap_merge(store: str | Path, want: dict) -> None:
-    """A partial run (--layers/--components) is merged into the stored `hessian_gap` group: refuse it before
-    any compute when that group was measured on another checkpoint, other data or with another k, batch count,
-    batch size or sequence length (its entries would not be comparable)."""
-    try:
-        old = read_analysis(store, "hessian_gap")
-    except SpectraError:
-        return  # nothing stored yet
-    for key in MERGE_KEYS:
-        if key not in old.attrs or key not in want:
-            continue
-        a, b = old.attrs[key], want[key]
-        same = Path(str(a)).resolve() == Path(str(b)).resolve() if key == "checkpoint" else a == b
-        if not same:
-            flag = {"checkpoint": "the input", "data": "--data"}.get(key, f"--{key.replace('_', '-')}")
-            raise SpectraError(f"{store} holds hessian_gap results with {key} {a} and this run has {b} ({flag}); "
-                               "a partial run (--layers/--components) must match them: rerun with the stored "
-                               "settings, or write to another --out")

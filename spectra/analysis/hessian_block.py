@@ -1,5 +1,12 @@
 """One Hessian block by block Lanczos: the top k+1 eigenvalues of H_W = ∂²L/∂W² for one weight matrix W (all
-other parameters fixed), per token batch, with their certificate and the first Krylov space.
+other parameters fixed), per token batch, with their certificate, the first Krylov space, and how much of the
+gradient lies in the top-k eigenspace (Theorem 2.2 of the WeLore paper).
+
+Alignment of a gradient g with the top-k Ritz subspace: ‖U_kᵀ g‖ / ‖g‖, U_k the top-k Ritz vectors made
+orthonormal (QR, float64), in [0, 1]; a random k-dim subspace of the n = W.numel() parameters gives √(k/n)
+on average (`alignment_baseline`). g is ∂L/∂W of the same token batch, the one the Hessian-vector products
+already hold (no extra pass), and optionally other gradients of W (e.g. the training gradient a run's
+snapshot store kept at that step).
 
 `component_gap` is what `spectra.analysis.hessian` runs per component, and `ComponentGap` what both the gap
 table (spectra.analysis.hessian) and the spectral density (spectra.analysis.density) are built from.
@@ -7,6 +14,7 @@ table (spectra.analysis.hessian) and the spectral density (spectra.analysis.dens
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +39,29 @@ class ComponentGap:
     hvps: np.ndarray  # (batches,) Hessian-vector products spent
     krylov: list[np.ndarray]  # per batch: projected matrix of the first Krylov space (for spectra.analysis.density)
     block: int  # vectors per batched HVP (the Lanczos block size)
+    alignment: np.ndarray | None = None  # (batches,) ‖U_kᵀ g‖ / ‖g‖, g = ∂L/∂W of that batch
+    alignment_snapshot: np.ndarray | None = None  # (batches,) the same for a given gradient (None: none given)
+    vectors: np.ndarray | None = None  # (batches, k+1, n) float32 Ritz vectors, when asked for
+    n: int = 0  # W.numel()
+
+
+def alignment_baseline(k: int, n: int) -> float:
+    """E‖P g‖² = k/n for a uniformly random k-dim subspace: its root, the alignment a random subspace gives."""
+    return math.sqrt(k / n)
+
+
+def orthonormal_top(vectors: torch.Tensor, k: int) -> torch.Tensor:
+    """The first k rows of `vectors` (Ritz vectors, ≈ orthonormal) as an orthonormal float64 basis (n, k) (QR)."""
+    Q, _ = torch.linalg.qr(vectors[:k].double().T)
+    return Q
+
+
+def gradient_alignment(basis: torch.Tensor, g: torch.Tensor) -> float:
+    """‖Qᵀ g‖ / ‖g‖ for an orthonormal basis Q (n, k) and a gradient g (any shape with n entries), in float64;
+    NaN for a zero gradient."""
+    g = g.reshape(-1).to(basis.device, torch.float64)
+    norm = float(g.norm())
+    return float((basis.T @ g).norm()) / norm if norm > 0 else math.nan
 
 
 def start_vector(n: int, seed: int, layer: int, comp_index: int, batch: int, dtype, device, b: int = 1) -> torch.Tensor:
@@ -42,18 +73,26 @@ def start_vector(n: int, seed: int, layer: int, comp_index: int, batch: int, dty
 def component_gap(model: nn.Module, layer: int, comp: str, weight: torch.Tensor, batches: list[torch.Tensor], *,
                   k: int, max_hvps: int = 300, tol: float = 1e-4, gap_frac: float = 0.1, block: int = 1,
                   min_hvps: int = 0, max_basis: int | None = None, seed: int = 0, reuse: bool = True,
-                  progress=None) -> ComponentGap:
+                  vectors: bool = False, snapshot_grad: torch.Tensor | None = None, progress=None) -> ComponentGap:
     """Block Lanczos on H_W for each token batch, run until its top k+1 Ritz pairs are certified
     (spectra.linalg.lanczos.block_lanczos) or `max_hvps` HVPs are spent; `min_hvps` grows the first Krylov
-    space for a finer SLQ density (spectra.analysis.density)."""
+    space for a finer SLQ density (spectra.analysis.density).
+
+    Per batch also the alignment of that batch's gradient ∂L/∂W with the top-k Ritz subspace (module docstring)
+    and, with `snapshot_grad` (a gradient of W from elsewhere, W's shape), that gradient's alignment with the
+    same subspace. vectors=True keeps the top k+1 Ritz vectors, float32 (batches, k+1, n)."""
     n = weight.numel()
     if k + 1 > n or k < 1:
         raise SpectraError(f"k+1 = {k + 1} eigenvalues need a matrix with ≥ {k + 1} entries (and k ≥ 1)")
     if max_hvps < k + 1 + block:
         raise SpectraError(f"--iterations (the HVP budget) must be ≥ k+1+block = {k + 1 + block}")
-    vals, res, cert, hvps, kry = [], [], [], [], []
+    if snapshot_grad is not None and tuple(snapshot_grad.shape) != tuple(weight.shape):
+        raise SpectraError(f"the snapshot gradient of layer {layer} {comp} has shape {list(snapshot_grad.shape)}, "
+                           f"the weight {list(weight.shape)}")
+    vals, res, cert, hvps, kry, align, align_snap, vecs = [], [], [], [], [], [], [], []
     for bi, ids in enumerate(batches):
         hvp = BlockHVP(model, ids, weight, reuse=reuse)
+        grad = (hvp.grad if reuse else BlockHVP(model, ids, weight).grad).detach()  # ∂L/∂W of this batch
         v0 = start_vector(n, seed, layer, list(COMPONENTS).index(comp), bi, weight.dtype, weight.device, block)
         restart = torch.Generator().manual_seed(seed + bi)  # only used after an exact breakdown
         try:
@@ -64,6 +103,13 @@ def component_gap(model: nn.Module, layer: int, comp: str, weight: torch.Tensor,
             raise SpectraError(f"Lanczos on layer {layer} {comp}, batch {bi} failed: "
                                f"{' '.join(str(e).split())[:160]} (are the weights or the loss finite?)") from None
         hvp.release()
+        basis = orthonormal_top(r.vectors, k)
+        align.append(gradient_alignment(basis, grad))
+        if snapshot_grad is not None:
+            align_snap.append(gradient_alignment(basis, snapshot_grad))
+        if vectors:
+            vecs.append(r.vectors.to("cpu", torch.float32).numpy())
+        del grad, basis
         if progress is not None and r.matvecs < max_hvps:  # stopped at the certificate: keep the bar honest
             progress.update(max_hvps - r.matvecs)
         vals.append(r.values.numpy())
@@ -71,4 +117,6 @@ def component_gap(model: nn.Module, layer: int, comp: str, weight: torch.Tensor,
         cert.append(r.certified.numpy())
         hvps.append(r.matvecs)
         kry.append(r.krylov.numpy())
-    return ComponentGap(layer, comp, np.stack(vals), np.stack(res), np.stack(cert), np.array(hvps), kry, block)
+    return ComponentGap(layer, comp, np.stack(vals), np.stack(res), np.stack(cert), np.array(hvps), kry, block,
+                        np.array(align), np.array(align_snap) if snapshot_grad is not None else None,
+                        np.stack(vecs) if vectors else None, n)

@@ -1,7 +1,7 @@
-"""`spectra hessian-gap`: top-k Hessian eigenvalues and the k/k+1 gap of every weight matrix
-(spectra.analysis.hessian.hessian_gaps) and their SLQ density, written as groups `hessian_gap` and
-`hessian_density` of the analysis store. Under `torchrun --nproc_per_node N` the components are split over
-ranks and rank 0 writes."""
+"""`spectra hessian-gap`: top-k Hessian eigenvalues, the k/k+1 gap and the gradient alignment of every weight
+matrix at every checkpoint of a run or series (spectra.analysis.hessian_dynamics.hessian_steps), written step by
+step as groups `hessian_gap`, `hessian_density`, `hessian_alignment`, `hessian_vectors` and `hessian_drift` of
+the analysis store. Under `torchrun --nproc_per_node N` the components are split over ranks and rank 0 writes."""
 
 from __future__ import annotations
 
@@ -15,13 +15,17 @@ from spectra.config import opt
 
 @dataclass
 class HessianGapArgs(InputArgs, DataArgs, TokenizerArgs, DeviceArgs, OutputArgs, SeedArgs):
+    steps: Optional[list[int]] = opt(None, "Checkpoint steps of a run to compute (default: every complete "
+                                           "checkpoint), e.g. 500,1000; for checkpoint folders, the training step "
+                                           "of each folder in order (default: from their names).", min=0)
     layers: Optional[list[int]] = opt(None, "Only these layers, e.g. 0,11 (a partial run updates these entries of "
-                                            "the stored group and keeps the others).", min=0)
+                                            "the stored groups and keeps the others).", min=0)
     components: Optional[list[str]] = opt(None, "Only these components of q k v o gate up down, e.g. q,down.")
     k: int = opt(8, "Gap between the k-th and (k+1)-th Hessian eigenvalue.", min=1, max=100_000)
     iterations: int = opt(400, "HVP budget per batch (at least k+2): Lanczos stops earlier once certified.", min=3,
                           max=10_000_000)
-    batches: int = opt(4, "Independent data batches (mean ± standard error).", min=1, max=100_000)
+    batches: int = opt(4, "Independent data batches (mean ± standard error), the same at every step.", min=1,
+                       max=100_000)
     batch_size: int = opt(32, "Sequences per batch.", min=1, max=1_000_000)
     seq_len: int = opt(256, "Tokens per sequence (at most the model's positions).", min=2, max=1_000_000)
     tol: float = opt(1e-4, "Certificate: every residual ≤ tol·|λ1| (and ≤ gap-frac × its gap).", min=1e-300,
@@ -31,93 +35,111 @@ class HessianGapArgs(InputArgs, DataArgs, TokenizerArgs, DeviceArgs, OutputArgs,
     block_size: int = opt(0, "Vectors per batched HVP (block Lanczos); 0 = pick by timing.", min=0, max=4096)
     density_hvps: int = opt(0, "At least this many HVPs per batch (at most --iterations): more quadrature nodes "
                                "for the spectral density.", min=0, max=10_000_000)
+    keep_vectors: bool = opt(False, "Keep the top k+1 Ritz vectors (for the eigenspace drift) even when one step's "
+                                    "take more than --max-vectors-gib.")
+    max_vectors_gib: float = opt(1.0, "Ritz vectors are kept when one step's (batches × (k+1) × parameters × 4 "
+                                      "bytes) take at most this many GiB.", min=0.0, max=1e9)
+    replace: bool = opt(False, "Start the stored hessian groups over when they were computed with other settings "
+                               "(default: refuse).")
     tf32: bool = opt(False, "Allow TF32 matmuls on CUDA (faster; residuals still certify).")
 
 
-def run(args: HessianGapArgs, path: str) -> None:
+def run(args: HessianGapArgs, paths: list[str]) -> None:
     from pathlib import Path
 
     import torch
 
     from spectra import distributed as dist_utils
-    from spectra.analysis.hessian import check_gap_merge, check_positions, hessian_gaps, token_batches
+    from spectra.analysis.hessian import check_positions, token_batches
+    from spectra.analysis.hessian_dynamics import (
+        batches_digest,
+        checkpoint_steps,
+        hessian_steps,
+        stored_gap,
+        sweep_settings,
+    )
     from spectra.errors import SpectraError
-    from spectra.io.analysis_store import write_analysis
     from spectra.io.sources import load_source_tokenizer, resolve
     from spectra.linalg.hvp import keep_freed_memory
     from spectra.lm.evaluate import check_vocab
     from spectra.models.loading import load_causal_lm
-    from spectra.models.parts import select_components
+    from spectra.models.parts import model_class, select_components
 
     if args.iterations < args.k + 2:
         raise SpectraError(f"--iterations {args.iterations} is below k+2 = {args.k + 2} HVPs per batch")
     if args.density_hvps > args.iterations:
         raise SpectraError(f"--density-hvps {args.density_hvps} exceeds --iterations {args.iterations}")
-    source = resolve(path)
-    folder = source.need_model("hessian-gap")
+    source = resolve(paths, steps=args.steps)
+    steps = None if source.kind == "series" else args.steps
+    chosen = checkpoint_steps(source, steps)
     store = Path(args.out) if args.out else source.analysis_store
     data = args.data or "hub:allenai/c4 validation"
-    # a partial run updates its entries of the stored groups and keeps the others: check it fits, before any work
-    merge = ("layer", "component") if (args.layers or args.components) else ()
-    if merge:
-        check_gap_merge(store, {"checkpoint": str(folder), "data": data, "k": args.k, "batches": args.batches,
-                                "batch_size": args.batch_size, "seq_len": args.seq_len})
-    keep_freed_memory()
+    settings = sweep_settings(data=data, k=args.k, batches=args.batches, batch_size=args.batch_size,
+                              seq_len=args.seq_len, seed=args.seed, iterations=args.iterations, tol=args.tol,
+                              gap_frac=args.gap_frac)
     rank, world, dev = dist_utils.setup(args.device)
+    first = chosen[0].folder
+    cfg = model_class(first)[1]  # the config alone: the checks below come before any weights load
+    check_positions(cfg, args.seq_len)
+    tok = load_source_tokenizer(source.members[0] if source.kind == "series" else source, args.tokenizer)
+    with dist_utils.rank0_first():  # rank 0 fills the token-window cache; the others then read it
+        ids = token_batches(args.data, tok, args.seq_len, args.batches, args.batch_size, cfg.vocab_size)
+    # a store it cannot add to (other settings, other token batches) is refused before the model loads
+    stored_gap(store, {**settings, "batches_sha256": batches_digest(ids)}, args.replace)
+    keep_freed_memory()
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
-    model = load_causal_lm(folder, device=dev, attn_implementation="eager")
-    check_positions(model, args.seq_len)
-    select_components(model, args.layers, args.components)  # a bad --layers/--components before the data
-    tok = load_source_tokenizer(source, args.tokenizer)
+    model = load_causal_lm(first, device=dev, attn_implementation="eager")
     check_vocab(model, tok)
-    with dist_utils.rank0_first():  # rank 0 fills the token-window cache; the others then read it
-        ids = token_batches(args.data, tok, args.seq_len, args.batches, args.batch_size, model.config.vocab_size)
-    try:
-        gaps, dens = hessian_gaps(model, ids, k=args.k, layers=args.layers, components=args.components,
-                                  iterations=args.iterations, tol=args.tol, gap_frac=args.gap_frac,
-                                  block_size=args.block_size, density_hvps=args.density_hvps, seed=args.seed,
-                                  density=True)
-    except SpectraError as e:  # the API knows the model, not the folder: name it
-        raise SpectraError(f"{folder}: {e}") from None
+    select_components(model, args.layers, args.components)
+    loaded = {first: model}
+    del model
+
+    def load(folder):  # the first checkpoint is already loaded (for the checks above)
+        m = loaded.pop(folder, None)
+        return m if m is not None else load_causal_lm(folder, device=dev, attn_implementation="eager")
+
+    computed = []
+
+    def shown(step, gaps):
+        computed.append(step)
+        print_table(gaps, args.k, step)
+        if gaps.attrs["uncertified"]:
+            print(f"step {step}: NOT certified within --iterations {args.iterations} HVPs per batch: "
+                  f"{'; '.join(gaps.attrs['uncertified'])}")
+
+    groups = hessian_steps(source, ids, store, steps=steps, k=args.k, layers=args.layers,
+                           components=args.components, iterations=args.iterations, tol=args.tol,
+                           gap_frac=args.gap_frac, block_size=args.block_size, density_hvps=args.density_hvps,
+                           seed=args.seed, data=data, keep_vectors=True if args.keep_vectors else None,
+                           max_vectors_gib=args.max_vectors_gib, replace=args.replace, device=dev, loader=load,
+                           on_event=print, on_step=shown)
+    loaded.clear()
     dist_utils.teardown()
     if rank != 0:
         return
-    dest = write_analysis(store, "hessian_gap", gaps, {"checkpoint": str(folder), "data": data}, merge=merge)
-    nodes = stored_nodes(store) if merge else None
-    if nodes is not None and nodes != dens.sizes["node"]:  # the Krylov sizes differ: keep the stored densities
-        print(f"hessian_density not updated: the stored densities have {nodes} quadrature nodes and this run "
-              f"{dens.sizes['node']} (another --iterations/--density-hvps); rerun every component to replace them")
-    else:
-        write_analysis(store, "hessian_density", dens, {"checkpoint": str(folder)}, merge=merge)
-    print_table(gaps, args.k)
-    bad = gaps.attrs["uncertified"]
-    if bad:
-        print(f"NOT certified within --iterations {args.iterations} HVPs per batch: {'; '.join(bad)}")
-    print(f"wrote hessian_gap and hessian_density to {dest}")
+    gap = groups["hessian_gap"]
+    have_vectors = "sin_theta" in groups["hessian_drift"]
+    held = ", ".join(str(int(s)) for s in gap.step.values)
+    if not computed:
+        print(f"nothing to compute: {store} holds hessian_gap at steps {held}")
+        return
+    print(f"wrote step(s) {', '.join(map(str, computed))} of hessian_gap, hessian_density, hessian_alignment"
+          f"{', hessian_vectors' if have_vectors else ''} and hessian_drift (over steps {held}) to {store}")
 
 
-def stored_nodes(store) -> int | None:
-    """The quadrature size of the stored `hessian_density` group, None when there is none."""
-    from spectra.errors import SpectraError
-    from spectra.io.analysis_store import read_analysis
-
-    try:
-        return int(read_analysis(store, "hessian_density").sizes["node"])
-    except SpectraError:
-        return None
-
-
-def print_table(ds, k: int) -> None:
-    """One row per component: λ1, λk, λk+1, gap ± se, relative gap, worst residual / gap, HVPs, certificate."""
+def print_table(ds, k: int, step: int | None = None) -> None:
+    """One row per component: λ1, λk, λk+1, gap ± se, relative gap, worst residual / gap, HVPs, certificate,
+    and the gradient alignment ‖U_kᵀg‖/‖g‖ (mean over batches) next to the random-subspace √(k/n)."""
     import numpy as np
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"Hessian top-{k} gap per component (mean over {ds.sizes['batch']} batches)")
+    at = f" at step {step}" if step is not None else ""
+    t = Table(title=f"Hessian top-{k} gap per component{at} (mean over {ds.sizes['batch']} batches)")
     for col in ("layer", "comp", "λ1", f"λ{k}", f"λ{k + 1}", "gap ± se", "rel gap", "max res / gap", "HVPs",
-                "certified"):
+                "certified", "align (random)"):
         t.add_column(col, justify="right", no_wrap=True)
     for layer in ds.layer.values:
         for comp in ds.component.values:
@@ -130,22 +152,31 @@ def print_table(ds, k: int) -> None:
             bad = [f"λ{int(e)}" for e, ok in zip(ds.eig.values, row.certified.values) if ok == 0]
             t.add_row(str(layer), str(comp), f"{ev[0]:.3g}", f"{ev[k - 1]:.3g}", f"{ev[k]:.3g}",
                       f"{gap:.3g} ± {se:.1g}" if np.isfinite(se) else f"{gap:.3g}", f"{float(row.rel_gap):.2g}",
-                      f"{ratio:.1g}", f"{int(row.hvps)}", "yes" if not bad else f"NO {len(bad)}/{k + 1}")
-    Console(width=max(120, Console().width)).print(t)  # a log file gets whole values, not "0.01…"
+                      f"{ratio:.1g}", f"{int(row.hvps)}", "yes" if not bad else f"NO {len(bad)}/{k + 1}",
+                      f"{float(row.alignment.mean()):.3f} ({float(row.alignment_baseline):.2g})")
+    Console(width=max(150, Console().width)).print(t)  # a log file gets whole values, not "0.01…"
 
 
 command = command_from(
     HessianGapArgs, run,
     """Top-k Hessian eigenvalues and the k/k+1 eigen-gap of every weight matrix, by Lanczos.
 
+    With the gradient's alignment with the top-k eigenspace, at every checkpoint of a run.
+
     Per decoder linear W (all other parameters fixed): block Lanczos with full reorthogonalization on
     (batched) Hessian-vector products of the LM loss, run until all k+1 Ritz pairs are certified
     (residual ≤ tol·|λ1| and ≤ gap-frac × gap) or the HVP budget is spent; mean ± standard error over
-    --batches data batches. PATH: a model folder, a run folder (its latest checkpoint) or a hub name.
-    Writes the `hessian_gap` group (with `certified`) and the SLQ spectral density `hessian_density` of
-    the analysis store (default: <run>/analysis.zarr or <checkpoint>/analysis.zarr). Under
-    `torchrun --nproc_per_node N` the components are split over ranks.
+    --batches data batches, the same batches at every step. Per batch also ‖U_kᵀg‖/‖g‖, the share of that
+    batch's gradient in the top-k Ritz subspace, next to a random subspace's √(k/n), and the same for the
+    gradient the run's snapshots.zarr holds at that step (if any).
+
+    PATHS: a run folder (every complete checkpoint, or --steps), one checkpoint folder or hub name (one step),
+    or several / a quoted glob / hub name@revs (a series). Each step is written as soon as it is done, to groups
+    hessian_gap, hessian_density, hessian_alignment (step dim first) and hessian_vectors/s<step> (the Ritz
+    vectors, up to --max-vectors-gib per step unless --keep-vectors) of the analysis store (default:
+    <run>/analysis.zarr or <checkpoint>/analysis.zarr); then hessian_drift, the eigenspace drift sin θ and the
+    eigenvalue change between consecutive stored steps. A rerun skips the steps stored with the same settings.
+    Under `torchrun --nproc_per_node N` the components are split over ranks.
     """,
-    inputs="one",
-    input_help="A model folder, a run folder (its latest checkpoint) or a hub name org/name[@revision].",
+    inputs="many",
 )

@@ -88,11 +88,18 @@ def diagnostic_scores(analysis: str | Path, keys: list[tuple[int, str]], step: i
         signals.append(_percentile(_lookup(overlap.mean("step", skipna=True), keys)))
     if "hessian_gap" in groups:
         ds = read_analysis(p, "hessian_gap")
-        at = hessian_step(dict(ds.attrs))
-        if step is not None and at is not None and at != step:
-            raise SpectraError(f"{p}: hessian_gap was computed at step {at}, not at this checkpoint's step {step}; "
-                               f"rank the step-{at} checkpoint, or run spectra hessian-gap on this one with its own "
-                               "--out and pass that as --analysis")
+        if "step" in ds.dims:  # the Hessian through training: the entry of this checkpoint's step
+            have = [int(s) for s in ds["step"].values]
+            if step is not None and step not in have:
+                raise SpectraError(f"{p}: hessian_gap holds steps {have}, not this checkpoint's step {step}; rank "
+                                   f"one of those checkpoints, or run spectra hessian-gap on this one")
+            ds = ds.sel(step=step) if step is not None else ds.isel(step=-1)
+        else:
+            at = hessian_step(dict(ds.attrs))
+            if step is not None and at is not None and at != step:
+                raise SpectraError(f"{p}: hessian_gap was computed at step {at}, not at this checkpoint's step "
+                                   f"{step}; rank the step-{at} checkpoint, or run spectra hessian-gap on this one "
+                                   "with its own --out and pass that as --analysis")
         trusted = ds["residuals"].max("eig") < ds["gap"]  # Davis–Kahan: residual must be below the gap
         signals.append(_percentile(_lookup(ds["rel_gap"].where(trusted), keys)))
     stacked = np.vstack(signals)

@@ -41,6 +41,20 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
     "residuals": ("Ritz residuals", "loss / weight units²", "max over batches of ‖H y - θ y‖"),
     "certified": ("certified", "bool", "every residual ≤ tol·|λ_1| and ≤ gap_frac × the gap to its neighbours"),
     "hvps": ("Hessian-vector products", "count", "HVPs spent per batch"),
+    # hessian dynamics (spectra/analysis/hessian_block.py, spectra/analysis/hessian_dynamics.py)
+    "alignment": ("gradient alignment with the top-k Hessian eigenspace", "1",
+                  "‖U_kᵀ g‖ / ‖g‖: g = ∂L/∂W of the Hessian's own token batch, U_k its top-k Ritz vectors "
+                  "(QR-orthonormalized); 1 = the gradient lies in the top-k eigenspace"),
+    "alignment_baseline": ("alignment of a random k-dim subspace", "1", "√(k/n), n = W.numel(): E‖P g‖² = k/n"),
+    "alignment_snapshot": ("snapshot gradient's alignment with the top-k Hessian eigenspace", "1",
+                           "‖U_kᵀ g‖ / ‖g‖ for the training gradient the run's snapshot store holds at that step "
+                           "(sketched: its rank-r part), U_k from each batch; NaN where none is stored"),
+    "vectors": ("top Hessian Ritz vectors", "1", "the top k+1 unit Ritz vectors of H_W per batch, W flattened "
+                "row-major (out, in), float32"),
+    "sin_theta": ("top-k eigenspace drift sin θ", "1", "sine of the largest principal angle between the top-k "
+                  "Ritz subspaces of this and the previous stored step (same batch); NaN at the first step"),
+    "eig_change": ("relative top-k eigenvalue change", "1", "‖λ_t − λ_{t−1}‖ / ‖λ_{t−1}‖ over the top-k "
+                   "eigenvalues per batch, consecutive stored steps; NaN at the first step"),
     # hessian density (spectra/analysis/density.py)
     "nodes": ("quadrature nodes", "loss / weight units²", "Gauss nodes of stochastic Lanczos quadrature"),
     "weights": ("quadrature weights", "1", "per start vector; they sum to 1"),
