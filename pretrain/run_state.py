@@ -19,7 +19,8 @@ from pathlib import Path
 
 from spectra.errors import SpectraError, Terminated
 from spectra.io.atomic import atomic_write_bytes, atomic_write_json
-from spectra.io.runs import LOCK
+from spectra.io.runs import LOCK, has_checkpoint_folders
+from spectra.io.snapshots import _committed
 
 METRICS = "metrics.jsonl"
 RUN_CONFIG = "run_config.json"
@@ -89,15 +90,20 @@ def _short(v) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
+def read_run_config(path: Path) -> dict:
+    """run_config.json as a dict; {} when it is missing or unreadable (it is a record, not an input)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def record_run_config(run_dir: Path, cfg: dict, event: str, step: int, changes: dict | None = None) -> None:
     """run_config.json: the settings in force, plus `history` (every start, resume, restart)."""
     path = run_dir / RUN_CONFIG
-    history = []
-    if path.is_file():
-        try:
-            history = list(json.loads(path.read_text()).get("history", []))
-        except (json.JSONDecodeError, AttributeError):
-            history = []
+    history = read_run_config(path).get("history")
+    history = history if isinstance(history, list) else []
     entry = {"event": event, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if changes:
         entry["changed"] = changes
@@ -119,9 +125,6 @@ def refuse_restart(run_dir: Path, save_every: int) -> None:
     """`--resume` found no complete checkpoint. Starting over is only right for a run killed before its
     first checkpoint (all it has is re-made bit for bit); anything else would delete a run's data, so it
     is refused, naming what is there."""
-    from spectra.io.runs import has_checkpoint_folders
-    from spectra.io.snapshots import _committed
-
     ckpts = run_dir / "checkpoints"
     if has_checkpoint_folders(ckpts):
         names = ", ".join(sorted(p.name for p in ckpts.iterdir())[:4])
