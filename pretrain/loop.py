@@ -90,6 +90,8 @@ class Trainer:
                                f"does not split over {self.world} ranks")
         self.accum = per_rank // self.world
         self.run_dir = run_folder(cfg.runs_dir, dist_utils.agree_run_id(cfg))
+        if self.rank == 0:  # an unusable --runs-dir (under a file, read-only, a loop) fails before the slow parts
+            self.run_dir.parent.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg = replace(cfg, tokenizer=run_tokenizer(cfg, self.run_dir))
         self.tok = load_tokenizer(cfg.tokenizer)
         torch.manual_seed(cfg.seed)

@@ -113,7 +113,8 @@ def test_a_non_finite_checkpoint_is_never_published(tmp_path):
 
 
 def test_an_accepted_lr_change_on_resume_is_the_lr_used(finished, tmp_path):
-    from pretrain.loop import PretrainConfig, lr_lambda
+    from pretrain.configs import PretrainConfig
+    from pretrain.loop import lr_lambda
 
     docs, orig = finished
     runs = tmp_path / "runs"

@@ -11,6 +11,7 @@ SPECTRA_DEBUG=1 shows its traceback.
 from __future__ import annotations
 
 import errno
+import os
 
 OUTPUT_FLAGS = ("--out", "--runs-dir")  # where commands write; named when an OSError carries no path
 
@@ -57,6 +58,10 @@ def os_error_line(e: OSError, argv: list[str] | None = None) -> tuple[str, int]:
     if path is not None and isinstance(e.filename2, (str, bytes)):
         path = f"{path!s} -> {e.filename2!s}"
     outputs = flag_values(argv)
+    if e.errno in (errno.EEXIST, errno.ENOENT, errno.ELOOP) and isinstance(e.filename, str) \
+            and os.path.islink(e.filename) and not os.path.exists(e.filename):
+        return (f"{e.filename} is a symbolic link that leads nowhere (a loop, or a missing target); remove it or "
+                "choose another path", 2)
     what, way, code = _OS_ERRORS.get(e.errno, ("{path}: " + (e.strerror or str(e)), "check the path", 2))
     if path is None:
         what = what.replace("{path}: ", "").replace("{path}", "the output" if outputs else "a file")
