@@ -21,7 +21,6 @@ import spectra.threads  # noqa: F401 - OpenMP wait policy and thread count (spec
 from spectra.cli.failures import explain, interrupted_line
 from spectra.errors import SpectraError, Terminated
 from spectra.io.runs import run_dir_of, run_lock
-from spectra.progress import close_open_bars, quiet_third_party_bars
 
 # (command, module, function, one-line summary) -- the order is the order in `spectra --help`.
 # The summary is the first docstring line of the function (tests/test_cli.py keeps them equal);
@@ -122,7 +121,7 @@ def _guarded(name: str, func):
                 src = src[0] if len(src) == 1 else None
             run_dir = run_dir_of(src) if src is not None and Path(str(src)).exists() else None
         try:
-            with run_lock(run_dir, name):
+            with _output_for_logs(), run_lock(run_dir, name):
                 return func(**kwargs)
         except KeyboardInterrupt:
             raise _Interrupted() from None
@@ -211,7 +210,10 @@ LOG_COLUMNS = "1000"  # rich's width when stdout is a file: tables at their natu
 @contextmanager
 def _output_for_logs():
     """Output that reads well in a log file: rich tables at full width when stdout is not a terminal (rich
-    takes its width from COLUMNS, else 80), and the libraries' own tqdm bars off when stderr is not one."""
+    takes its width from COLUMNS, else 80), and the libraries' own tqdm bars off when stderr is not one.
+    Entered when a command runs (so --help imports no tqdm), before it imports the libraries."""
+    from spectra.progress import quiet_third_party_bars
+
     quiet_third_party_bars()
     set_columns = "COLUMNS" not in os.environ and not _isatty(sys.stdout)
     if set_columns:
@@ -230,8 +232,14 @@ def _isatty(f) -> bool:
         return False
 
 
+def _close_open_bars() -> None:
+    """A bar left open by the error would glue itself to the line (no bar was made if no command ran)."""
+    if "spectra.progress" in sys.modules:
+        sys.modules["spectra.progress"].close_open_bars()
+
+
 def _fail(message: str, code: int) -> int:
-    close_open_bars()  # a bar left open by the error would glue itself to the line
+    _close_open_bars()
     print(f"error: {_one_line(message)}", file=sys.stderr)
     return code
 
@@ -240,16 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: every failure becomes one `error: ...` line and an exit code, never a traceback."""
     args = sys.argv[1:] if argv is None else list(argv)
     try:
-        with _output_for_logs():
-            code = app(args=args, prog_name="spectra", standalone_mode=False)  # --help prints and returns
+        code = app(args=args, prog_name="spectra", standalone_mode=False)  # --help prints and returns
     except SpectraError as e:
         return _fail(str(e), 2)
     except (KeyboardInterrupt, _Interrupted):
-        close_open_bars()
+        _close_open_bars()
         print(interrupted_line(args, "Ctrl-C"), file=sys.stderr)
         return 130
     except Terminated:
-        close_open_bars()
+        _close_open_bars()
         print(interrupted_line(args, "SIGTERM"), file=sys.stderr)
         return 143
     except SystemExit as e:

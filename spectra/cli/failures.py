@@ -63,11 +63,10 @@ def os_error_line(e: OSError, argv: list[str] | None = None) -> tuple[str, int]:
         return (f"{e.filename} is a symbolic link that leads nowhere (a loop, or a missing target); remove it or "
                 "choose another path", 2)
     what, way, code = _OS_ERRORS.get(e.errno, ("{path}: " + (e.strerror or str(e)), "check the path", 2))
-    if path is None:
-        what = what.replace("{path}: ", "").replace("{path}", "the output" if outputs else "a file")
+    subject = path or (f"the output ({', '.join(outputs)})" if outputs else "a file")
     at = f" writing {path}" if path else (f" (writing {', '.join(outputs)})" if outputs else "")
-    flags = f" ({'/'.join(f.split()[0] for f in outputs) or '--out'})" if "{flags}" in way else ""
-    return f"{what.format(path=path, at=at)}; {way.format(flags=flags)}", code
+    flags = f" ({'/'.join(f.split()[0] for f in outputs) or '--out'})"
+    return f"{what.format(path=subject, at=at)}; {way.format(flags=flags)}", code
 
 
 def explain(e: BaseException, argv: list[str] | None = None) -> tuple[str, int] | None:
