@@ -143,3 +143,17 @@ def test_run_folders_must_be_real_and_named(finished, tmp_path, capsys):
     assert list(elsewhere.iterdir()) == []
     assert main(argv(docs, runs, "")) == 2
     assert "--run-id ''" in capsys.readouterr().err
+
+
+def test_resume_without_tokenizer_uses_the_runs_own(finished, tmp_path):
+    """--tokenizer is the shared option (default: the run's on --resume, else t5-base): a resume that does not
+    name it continues with the tokenizer the run trained with (bytes here), not t5-base."""
+    docs, orig = finished
+    runs = tmp_path / "runs"
+    shutil.copytree(orig, runs / "copy", symlinks=True)
+    args = argv(docs, runs, "copy", 6, "--resume")
+    at = args.index("--tokenizer")
+    del args[at:at + 2]
+    assert main(args) == 0  # a change of tokenizer would be refused without --allow-config-change
+    saved = json.loads((runs / "copy/run_config.json").read_text())
+    assert saved["tokenizer"] == "bytes" and [h["event"] for h in saved["history"]] == ["start", "resume"]
