@@ -133,13 +133,19 @@ def refuse_restart(run_dir: Path, save_every: int) -> None:
     steps = [r.get("step", 0) for r in read_rows(run_dir / METRICS)] if (run_dir / METRICS).is_file() else []
     store = run_dir / "snapshots.zarr"
     try:
-        snaps = _committed(store) if store.is_dir() else []
+        snaps = _committed(store) if _holds_anything(store) else []
     except Exception:  # noqa: BLE001 - an unreadable store is data too
         snaps = [float("inf")]
     last = max([*steps, *snaps], default=0)
     if last > max(save_every, 0):
         raise SpectraError(f"--resume: {run_dir} has no checkpoint to continue from, but holds training up to step "
                            f"{last} (metrics/snapshots); nothing was deleted; pass --overwrite to start it over")
+
+
+def _holds_anything(store: Path) -> bool:
+    """A store folder with more than temporary files: a kill while it was being created leaves only a hidden
+    `.zarr.json.<pid>.tmp`, which is no snapshot (and no reason to refuse the restart)."""
+    return store.is_dir() and any(not p.name.startswith(".") for p in store.iterdir())
 
 
 def has_run(run_dir: Path) -> bool:

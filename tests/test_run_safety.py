@@ -157,3 +157,15 @@ def test_resume_without_tokenizer_uses_the_runs_own(finished, tmp_path):
     assert main(args) == 0  # a change of tokenizer would be refused without --allow-config-change
     saved = json.loads((runs / "copy/run_config.json").read_text())
     assert saved["tokenizer"] == "bytes" and [h["event"] for h in saved["history"]] == ["start", "resume"]
+
+
+def test_resume_of_a_run_killed_while_creating_its_store_starts_over(finished, tmp_path):
+    """A kill between the store's folder and its first zarr.json leaves only a temporary file: that is no
+    snapshot, so --resume restarts the run (it used to refuse, reading the store as "training up to step inf")."""
+    docs, _ = finished
+    run = tmp_path / "runs" / "new"
+    (run / "snapshots.zarr").mkdir(parents=True)
+    (run / "snapshots.zarr" / ".zarr.json.1.2.tmp").write_text("{")
+    (run / "run_config.json").write_text("{}")
+    assert main(argv(docs, tmp_path / "runs", "new", 3, "--resume")) == 0
+    assert snapshot_steps(run) == [0, 3] and [r["step"] for r in rows(run)] == [1, 2, 3]
