@@ -354,3 +354,30 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     assert lines[-1] == "interrupted (Ctrl-C); rerun it with --resume (and its --run-id) to continue from the latest " \
                         "checkpoint", lines[-3:]
     assert all(line.startswith("pretrain micro: ") for line in lines[:-1]), lines[-3:]
+
+
+@pytest.mark.unit
+def test_other_failures_users_meet_are_named_and_bugs_keep_their_type(capsys, monkeypatch):
+    from spectra.cli.failures import explain
+
+    assert explain(ModuleNotFoundError("No module named 'peft'", name="peft")) == (
+        "No module named 'peft': a package this command needs is missing; install it (pip install peft)", 1)
+    assert explain(RuntimeError("Symlink loop from '/r/a'"))[0].startswith("Symlink loop from '/r/a': its symbolic")
+    assert explain(MemoryError())[0].startswith("out of memory; use smaller batches")
+    assert explain(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"))[0] == \
+        "a file is not UTF-8 text (invalid start byte at byte 0); give text files in UTF-8"
+    assert explain(ZeroDivisionError("division by zero")) is None  # a bug: the CLI names its type
+
+    import pretrain.loop
+
+    def bug(cfg):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(pretrain.loop, "pretrain", bug)
+    monkeypatch.delenv("SPECTRA_DEBUG", raising=False)
+    assert main(["pretrain", "--tokenizer", "bytes"]) == 1
+    assert capsys.readouterr().err == ("error: unexpected ZeroDivisionError: division by zero (a bug, or an input "
+                                       "spectra does not check yet; set SPECTRA_DEBUG=1 for the traceback)\n")
+    monkeypatch.setenv("SPECTRA_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        main(["pretrain", "--tokenizer", "bytes"])

@@ -80,6 +80,8 @@ def explain(e: BaseException, argv: list[str] | None = None) -> tuple[str, int] 
         return "out of GPU memory; use smaller batches (--micro-batch, --batch-size) or --device cpu", 1
     if isinstance(e, MemoryError):
         return "out of memory; use smaller batches or fewer sequences, or a machine with more memory", 1
+    if isinstance(e, ImportError) and e.name:
+        return f"{e}: a package this command needs is missing; install it (pip install {e.name.split('.')[0]})", 1
     if isinstance(e, UnicodeDecodeError):
         return f"a file is not UTF-8 text ({e.reason} at byte {e.start}); give text files in UTF-8", 2
     return None
