@@ -357,7 +357,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
 
 
 @pytest.mark.unit
-def test_other_failures_users_meet_are_named_and_bugs_keep_their_type(capsys, monkeypatch):
+def test_other_failures_users_meet_are_named():
     from spectra.cli.failures import explain
 
     assert explain(ModuleNotFoundError("No module named 'peft'", name="peft")) == (
@@ -368,6 +368,8 @@ def test_other_failures_users_meet_are_named_and_bugs_keep_their_type(capsys, mo
         "a file is not UTF-8 text (invalid start byte at byte 0); give text files in UTF-8"
     assert explain(ZeroDivisionError("division by zero")) is None  # a bug: the CLI names its type
 
+
+def test_a_bug_keeps_its_type_and_debug_shows_the_traceback(capsys, monkeypatch):
     import pretrain.loop
 
     def bug(cfg):
