@@ -39,7 +39,8 @@ import spectra.threads  # noqa: F401, I001 - before torch: passive OpenMP waitin
 
 import torch
 
-from pretrain.loop import PretrainConfig, Trainer
+from pretrain.configs import PretrainConfig
+from pretrain.loop import Trainer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -26,9 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+from transformers.utils import logging as hf_logging
 
+from spectra.data import PackState
 from spectra.errors import SpectraError
-from spectra.io.runs import LATEST, checkpoint_step_of, latest_checkpoint  # noqa: F401 - latest_checkpoint: for the loop
+from spectra.io.runs import LATEST, checkpoint_step_of, latest_checkpoint
+from spectra.models.loading import check_finite
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -95,8 +99,6 @@ def _decode(obj, tensors: dict):
     if "__dict__" in obj:
         return {k: _decode(v, tensors) for k, v in obj["__dict__"]}
     if "__dataclass__" in obj:
-        from spectra.data import PackState
-
         if obj["__dataclass__"] != "PackState":  # an allow-list of one: nothing else is rebuilt
             raise ValueError(f"unknown record type {obj['__dataclass__']!r}")
         return PackState(**{k: _decode(v, tensors) for k, v in obj["fields"].items()})
@@ -104,8 +106,6 @@ def _decode(obj, tensors: dict):
 
 
 def save_trainer_state(folder: Path, state: dict) -> None:
-    from safetensors.torch import save_file
-
     tensors: dict[str, torch.Tensor] = {}
     doc = {"format": STATE_FORMAT, "state": _encode(state, "s", tensors)}
     save_file(tensors, str(folder / STATE_TENSORS))
@@ -114,8 +114,6 @@ def save_trainer_state(folder: Path, state: dict) -> None:
 
 def load_trainer_state(ckpt: Path) -> dict:
     """The trainer state of a checkpoint folder (safetensors + JSON; never unpickles anything)."""
-    from safetensors.torch import load_file
-
     if not (ckpt / STATE_JSON).is_file() and (ckpt / "trainer_state.pt").is_file():
         raise SpectraError(
             f"{ckpt} was written by an older spectra (pickled trainer_state.pt), which is not "
@@ -147,8 +145,6 @@ def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, keep: 
     final = ckpt_root / f"step_{step}"
     tmp = ckpt_root / f".tmp_step_{step}"
     shutil.rmtree(tmp, ignore_errors=True)
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # one bar per checkpoint shard would garble ours
     model.save_pretrained(tmp)
     if tokenizer is not None:
@@ -213,8 +209,6 @@ def _prune(ckpt_root: Path, keep: int, current: Path) -> None:
 
 
 def load_weights(model, ckpt: Path) -> None:
-    from safetensors.torch import load_file
-
     files = sorted(ckpt.glob("*.safetensors"))
     files = [f for f in files if f.name != STATE_TENSORS]
     if not files:
@@ -225,8 +219,6 @@ def load_weights(model, ckpt: Path) -> None:
             state.update(load_file(f))
         except Exception as e:  # noqa: BLE001
             raise SpectraError(f"cannot read {f} ({type(e).__name__}: {e})") from None
-    from spectra.models.loading import check_finite
-
     check_finite(state.items(), ckpt)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]

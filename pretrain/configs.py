@@ -1,13 +1,20 @@
-"""LLaMA model configs matching GaLore's (jiaweizzhao/GaLore configs/llama_*.json), plus `tiny` for tests.
+"""The recipe's settings: LLaMA model configs matching GaLore's (jiaweizzhao/GaLore configs/llama_*.json, plus
+`micro`/`tiny` for tests) and `PretrainConfig`, every setting of a run (also the `spectra pretrain` options).
 
 Every config builds a Hugging Face `LlamaForCausalLM`, so checkpoints are ordinary
 `save_pretrained` folders (safetensors) that any HF tool, and every spectra analyzer, can read.
+No torch at import: `spectra pretrain --help` builds its options from `PretrainConfig`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, Optional
+
+from spectra.cli.args import DataArgs, DeviceArgs, OverwriteArgs, SeedArgs, TokenizerArgs
+from spectra.config import opt, validate
+from spectra.errors import SpectraError
 
 if TYPE_CHECKING:  # transformers takes seconds to import; keep `spectra --help` fast
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -85,3 +92,79 @@ def build_model(
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(llama_config(name, vocab_size, attn_implementation))
+
+
+DEFAULT_TOKENIZER = "t5-base"  # GaLore's
+
+
+@dataclass
+class PretrainConfig(OverwriteArgs, SeedArgs, DeviceArgs, TokenizerArgs, DataArgs):
+    """Every setting of a pretraining run; each field is also a `spectra pretrain` option. The shared groups
+    give --data, --tokenizer (default: the run's on --resume, else t5-base), --device, --seed, --overwrite.
+    A config that exists is valid: the constructor checks every field as the command line does."""
+
+    model: Literal[MODEL_NAMES] = opt("130m", "Model size (GaLore's LLaMA table; micro/tiny for tests).")
+    val_data: Optional[str] = opt(None, "Validation files (default: hold out --val-fraction of --data).")
+    val_fraction: float = opt(0.01, "Fraction of --data documents held out for validation, in (0, 1).",
+                              min=0.0, max=1.0)
+    seq_len: int = opt(256, f"Tokens per sequence (at most the model's {MAX_POSITIONS} positions).", min=1,
+                       max=MAX_POSITIONS)
+    batch_size: int = opt(512, "Sequences per optimizer step, across all ranks.", min=1)
+    micro_batch: int = opt(128, "Sequences per forward/backward on one rank.", min=1)
+    steps: int = opt(20000, "Optimizer steps.", min=1)
+    lr: float = opt(1e-3, "Peak learning rate (AdamW).", min=0.0, max=10.0)
+    warmup: int = opt(2000, "Linear warmup steps (clamped to 10% of --steps for short runs).", min=0)
+    min_lr_ratio: float = opt(0.1, "Cosine decays to this fraction of --lr.", min=0.0, max=1.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (GaLore uses none).", min=0.0)
+    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas, e.g. 0.9,0.95.")
+    grad_clip: float = opt(1.0, "Max gradient norm (0: off).", min=0.0)
+    eval_every: int = opt(1000, "Validate every N steps and at the last (0: never).", min=0)
+    val_tokens: int = opt(1_048_576, "Fixed validation budget in tokens (the same windows every time).", min=1)
+    save_every: int = opt(1000, "Checkpoint every N steps and at the last (0: never).", min=0)
+    keep_checkpoints: int = opt(3, "Newest checkpoints kept (0: all).", min=0)
+    snapshot_every: int = opt(1000, "Snapshot weights+grads every N steps, plus step 0 and the last (0: none).",
+                              min=0)
+    snapshot_steps: list[int] = opt([], "Explicit comma-separated snapshot steps, e.g. 0,100,1000 "
+                                        "(overrides --snapshot-every).")
+    snapshot_grad: Literal["full", "sketch", "none"] = opt("sketch", "Gradient in snapshots: full, top-r SVD "
+                                                                     "sketch, or none.")
+    sketch_rank: int = opt(32, "r of the gradient sketch.", min=1)
+    snapshot_embeddings: bool = opt(False, "Also snapshot embed_tokens and lm_head.")
+    compile: bool = opt(False, "torch.compile the model (faster steps, ~30 s to start; bench/README.md).")
+    cpu_bf16: Optional[bool] = opt(None, "bf16 autocast on CPU (default: on where the CPU has native bf16, "
+                                         "off elsewhere; bench/README.md compares the loss curves).")
+    runs_dir: str = opt("runs", "Parent folder of runs.")
+    run_id: Optional[str] = opt(None, "Run folder name: letters, digits, . _ - (default: <model>-<timestamp>).")
+    resume: bool = opt(False, "Continue runs/<run-id> from its latest checkpoint.")
+    allow_config_change: bool = opt(False, "Let --resume change lr, data, seed, batch, ... (recorded in "
+                                           "run_config.json).")
+    log_to: Literal["none", "tensorboard", "wandb"] = opt("none", "Also mirror the metrics to TensorBoard "
+                                                                  "(<run>/tensorboard) or W&B.")
+
+    def __post_init__(self) -> None:
+        validate(self)  # types, ranges and choices, as from the command line
+        check(self)
+
+    def snapshot_at(self, step: int) -> bool:
+        if self.snapshot_steps:
+            return step in self.snapshot_steps
+        return self.snapshot_every > 0 and (step % self.snapshot_every == 0 or step == self.steps)
+
+
+def check(cfg: PretrainConfig) -> None:
+    """Cross-field checks the per-option ranges cannot express (one error line each)."""
+    if cfg.lr <= 0:
+        raise SpectraError(f"--lr must be > 0, not {cfg.lr}")
+    if not 0 < cfg.val_fraction < 1:
+        raise SpectraError(f"--val-fraction must be in (0, 1), not {cfg.val_fraction}")
+    if any(s < 0 or s > cfg.steps for s in cfg.snapshot_steps):
+        raise SpectraError(f"--snapshot-steps must lie in 0..{cfg.steps}, got {list(cfg.snapshot_steps)}")
+    for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "val_fraction"):
+        if not math.isfinite(getattr(cfg, name)):
+            raise SpectraError(f"--{name.replace('_', '-')} must be a finite number")
+    if cfg.batch_size % cfg.micro_batch:
+        raise SpectraError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch {cfg.micro_batch}")
+    if cfg.resume and not cfg.run_id:
+        raise SpectraError("--resume needs --run-id naming the run to continue")
+    if cfg.resume and cfg.overwrite:
+        raise SpectraError("--resume and --overwrite exclude each other")

@@ -1,4 +1,5 @@
-"""`spectra pretrain`: the LLaMA pretraining loop that writes weight/gradient snapshots.
+"""The LLaMA pretraining loop that writes weight/gradient snapshots: `pretrain(cfg) -> Path` (the command
+`spectra pretrain`, spectra/cli/pretrain.py, and the pipeline call it; its settings are pretrain/configs.py).
 
 GaLore's 130m recipe is the default: AdamW lr 1e-3, 512 x 256-token sequences per step (by
 gradient accumulation), linear warmup then cosine to 0.1 x lr, bf16 autocast on GPU and on CPUs with
@@ -13,29 +14,33 @@ gradient of update s+1, after the DDP all-reduce and before clipping and the opt
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Literal, Optional
 
 import torch
+import transformers
+import xarray
+import zarr
 
 from pretrain.checkpoint import (
-    latest_checkpoint,
     load_trainer_state,
     load_weights,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from pretrain.configs import MAX_POSITIONS, MODEL_NAMES, SIZES, build_model, vocab_for
+from pretrain.configs import DEFAULT_TOKENIZER, PretrainConfig, build_model, vocab_for
 from pretrain.run_state import (
     METRICS,
+    RUN_CONFIG,
     append_metrics,
     check_resume_config,
     has_run,
+    read_run_config,
     record_run_config,
     refuse_restart,
     start_over,
@@ -43,65 +48,25 @@ from pretrain.run_state import (
     truncate_metrics,
 )
 from spectra import distributed as dist_utils
-from spectra.cli.options import command_from
-from spectra.config import opt
+from spectra.data import (
+    PackedStream,
+    Prefetcher,
+    data_fingerprint,
+    eval_windows,
+    expand_files,
+    load_hub_c4,
+    load_local_docs,
+    load_tokenizer,
+    split_docs,
+)
 from spectra.errors import SpectraError
-from spectra.io.runs import run_folder, run_lock
+from spectra.io.runs import latest_checkpoint, run_folder, run_lock
+from spectra.io.snapshots import SnapshotWriter
+from spectra.lm.evaluate import perplexity
+from spectra.lm.loss import causal_lm_loss
+from spectra.progress import note, progress_bar
 from spectra.schedule import warmup_cosine
-
-
-@dataclass
-class PretrainConfig:
-    """Every setting of a pretraining run; each field is also a `spectra pretrain` option."""
-
-    model: Literal[MODEL_NAMES] = opt("130m", "model size (GaLore's LLaMA table; micro/tiny for tests)")
-    data: Optional[str] = opt(None, "local json/jsonl(.gz)/txt/parquet files, globs or folders; "
-                                    "default: hub allenai/c4 en (streamed)")
-    val_data: Optional[str] = opt(None, "validation files (default: hold out --val-fraction of --data)")
-    val_fraction: float = opt(0.01, "fraction of --data documents held out for validation, in (0, 1)",
-                              min=0.0, max=1.0)
-    tokenizer: str = opt("t5-base", "tokenizer hub name, local folder, or bytes (byte-level, no files)")
-    seq_len: int = opt(256, f"tokens per sequence (at most the model's {MAX_POSITIONS} positions)", min=1,
-                       max=MAX_POSITIONS)
-    batch_size: int = opt(512, "sequences per optimizer step, across all ranks", min=1)
-    micro_batch: int = opt(128, "sequences per forward/backward on one rank", min=1)
-    steps: int = opt(20000, "optimizer steps", min=1)
-    lr: float = opt(1e-3, "peak learning rate (AdamW)", min=0.0, max=10.0)
-    warmup: int = opt(2000, "linear warmup steps (clamped to 10% of --steps for short runs)", min=0)
-    min_lr_ratio: float = opt(0.1, "cosine decays to this fraction of --lr", min=0.0, max=1.0)
-    weight_decay: float = opt(0.0, "AdamW weight decay (GaLore uses none)", min=0.0)
-    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas, e.g. 0.9,0.95")
-    grad_clip: float = opt(1.0, "max gradient norm (0: off)", min=0.0)
-    eval_every: int = opt(1000, "validate every N steps and at the last (0: never)", min=0)
-    val_tokens: int = opt(1_048_576, "fixed validation budget in tokens (the same windows every time)", min=1)
-    save_every: int = opt(1000, "checkpoint every N steps and at the last (0: never)", min=0)
-    keep_checkpoints: int = opt(3, "newest checkpoints kept (0: all)", min=0)
-    snapshot_every: int = opt(1000, "snapshot weights+grads every N steps, plus step 0 and the last (0: none)",
-                              min=0)
-    snapshot_steps: list[int] = opt([], "explicit comma-separated snapshot steps, e.g. 0,100,1000 "
-                                        "(overrides --snapshot-every)")
-    snapshot_grad: Literal["full", "sketch", "none"] = opt("sketch", "gradient in snapshots: full, top-r SVD "
-                                                                     "sketch, or none")
-    sketch_rank: int = opt(32, "r of the gradient sketch", min=1)
-    snapshot_embeddings: bool = opt(False, "also snapshot embed_tokens and lm_head")
-    compile: bool = opt(False, "torch.compile the model (faster steps, ~30 s to start; bench/README.md)")
-    cpu_bf16: Optional[bool] = opt(None, "bf16 autocast on CPU (default: on where the CPU has native bf16, "
-                                         "off elsewhere; bench/README.md compares the loss curves)")
-    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
-    seed: int = opt(0, "seed for init and data order", min=0)
-    runs_dir: str = opt("runs", "parent folder of runs")
-    run_id: Optional[str] = opt(None, "run folder name: letters, digits, . _ - (default: <model>-<timestamp>)")
-    resume: bool = opt(False, "continue runs/<run-id> from its latest checkpoint")
-    overwrite: bool = opt(False, "start over in an existing run folder, deleting its content")
-    allow_config_change: bool = opt(False, "let --resume change lr, data, seed, batch, ... (recorded in "
-                                           "run_config.json)")
-    log_to: Literal["none", "tensorboard", "wandb"] = opt("none", "also mirror the metrics to TensorBoard "
-                                                                  "(<run>/tensorboard) or W&B")
-
-    def snapshot_at(self, step: int) -> bool:
-        if self.snapshot_steps:
-            return step in self.snapshot_steps
-        return self.snapshot_every > 0 and (step % self.snapshot_every == 0 or step == self.steps)
+from spectra.tracking import Tracker
 
 
 def lr_lambda(cfg: PretrainConfig):
@@ -113,16 +78,8 @@ class Trainer:
     """Holds model, optimizer, data and stores for one run; `fit()` runs the loop."""
 
     def __init__(self, cfg: PretrainConfig):
-        from spectra.data import data_fingerprint, expand_files, load_tokenizer
-
         if cfg.data:
             expand_files(cfg.data)  # fail on a bad --data before the slow parts
-        if cfg.model not in SIZES:
-            raise SpectraError(f"unknown --model {cfg.model!r}; choose one of {', '.join(SIZES)}")
-        validate(cfg)
-        if cfg.batch_size % cfg.micro_batch:
-            raise SpectraError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch {cfg.micro_batch}")
-        self.cfg = cfg
         self.rank, self.world, self.device = dist_utils.setup(cfg.device)
         if self.device.type == "cuda":  # fp32 parts of the step (optimizer, norms) run on tensor cores
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -133,6 +90,9 @@ class Trainer:
                                f"does not split over {self.world} ranks")
         self.accum = per_rank // self.world
         self.run_dir = run_folder(cfg.runs_dir, dist_utils.agree_run_id(cfg))
+        if self.rank == 0:  # an unusable --runs-dir (under a file, read-only, a loop) fails before the slow parts
+            self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg = replace(cfg, tokenizer=run_tokenizer(cfg, self.run_dir))
         self.tok = load_tokenizer(cfg.tokenizer)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, vocab_for(len(self.tok)), cfg.seed).to(self.device)
@@ -181,15 +141,13 @@ class Trainer:
             if exists and ckpt is None and cfg.resume:
                 refuse_restart(run, cfg.save_every)  # only a run killed before its first checkpoint restarts
             if exists and ckpt is None:  # --overwrite, or a resume of a run killed before its first checkpoint
-                print(f"{run}: {'no checkpoint yet, starting over' if cfg.resume else 'overwriting'}", file=sys.stderr)
+                note(f"{run}: {'no checkpoint yet, starting over' if cfg.resume else 'overwriting'}")
                 start_over(run)
             event = "resume" if ckpt is not None else ("restart" if exists else "start")
             run.mkdir(parents=True, exist_ok=True)
             record_run_config(run, self.config_record(), event, self.step, changes)
             truncate_metrics(run / METRICS, self.step)
             if cfg.snapshot_every > 0 or cfg.snapshot_steps:
-                from spectra.io.snapshots import SnapshotWriter
-
                 self.writer = SnapshotWriter(run / "snapshots.zarr", _store_attrs(cfg, self.model),
                                              grad_mode=cfg.snapshot_grad, sketch_rank=cfg.sketch_rank,
                                              embeddings=cfg.snapshot_embeddings)
@@ -236,8 +194,6 @@ class Trainer:
 
     def validate(self) -> tuple[float, float]:
         """Token-weighted mean loss over the fixed validation windows (sharded across ranks)."""
-        from spectra.lm.evaluate import perplexity
-
         shard = self.val_windows[self.rank :: self.world]
         mean, n = 0.0, 0
         if len(shard):
@@ -273,9 +229,7 @@ class Trainer:
         return self.run_dir
 
     def _finish_writer(self) -> None:
-        import sys as _sys
-
-        failing = _sys.exc_info()[0] is not None
+        failing = sys.exc_info()[0] is not None
         try:
             self.writer.close()
         except SpectraError:
@@ -283,19 +237,13 @@ class Trainer:
                 raise
 
     def _loop(self) -> None:
-        from tqdm.auto import tqdm
-
-        from spectra.data import Prefetcher
-
         cfg = self.cfg
         self.model.train()
         if self.rank == 0 and cfg.log_to != "none":
-            from spectra.tracking import Tracker
-
             self.tracker = Tracker(cfg.log_to, self.run_dir, self.run_dir.name, self.config_record())
         self.batches = batches = Prefetcher(self.train_stream, cfg.micro_batch)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0, desc=f"pretrain {cfg.model}",
-                   unit="step", dynamic_ncols=True, file=sys.stderr)
+        bar = progress_bar(total=cfg.steps, initial=self.step, disable=self.rank != 0, desc=f"pretrain {cfg.model}",
+                           unit="step")
         t0, tok0 = time.perf_counter(), self.tokens
         try:
             while True:
@@ -362,8 +310,6 @@ class _LMLoss(torch.nn.Module):
         self.lm = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        from spectra.lm.loss import causal_lm_loss
-
         return causal_lm_loss(self.lm, input_ids)
 
 
@@ -381,30 +327,15 @@ def last_finite_checkpoint(run_dir: Path, step: int) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
 
 
-def validate(cfg: PretrainConfig) -> None:
-    """Cross-field checks the per-option ranges cannot express (one error line each)."""
-    if cfg.seq_len > MAX_POSITIONS:
-        raise SpectraError(f"--seq-len {cfg.seq_len} exceeds the model's {MAX_POSITIONS} positions")
-    if cfg.lr <= 0:
-        raise SpectraError(f"--lr must be > 0, not {cfg.lr}")
-    if not 0 < cfg.val_fraction < 1:
-        raise SpectraError(f"--val-fraction must be in (0, 1), not {cfg.val_fraction}")
-    if any(s < 0 or s > cfg.steps for s in cfg.snapshot_steps):
-        raise SpectraError(f"--snapshot-steps must lie in 0..{cfg.steps}, got {cfg.snapshot_steps}")
-    if cfg.snapshot_grad not in ("full", "sketch", "none"):
-        raise SpectraError(f"--snapshot-grad must be full, sketch or none, not {cfg.snapshot_grad!r}")
-    for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "val_fraction"):
-        if not math.isfinite(getattr(cfg, name)):
-            raise SpectraError(f"--{name.replace('_', '-')} must be a finite number")
+def run_tokenizer(cfg: PretrainConfig, run_dir: Path) -> str:
+    """--tokenizer, or when not given the run's own (run_config.json) on --resume, else t5-base."""
+    if cfg.tokenizer is not None:
+        return cfg.tokenizer
+    saved = read_run_config(run_dir / RUN_CONFIG) if cfg.resume else {}
+    return saved.get("tokenizer") or DEFAULT_TOKENIZER
 
 
 def _store_attrs(cfg: PretrainConfig, model) -> dict:
-    import subprocess
-
-    import transformers
-    import xarray
-    import zarr
-
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).parent).stdout.strip() or None
@@ -418,8 +349,6 @@ def _store_attrs(cfg: PretrainConfig, model) -> dict:
 
 def _data(cfg: PretrainConfig, tok, rank: int, world: int):
     """(train PackedStream for this rank, fixed validation windows)."""
-    from spectra.data import PackedStream, eval_windows, load_hub_c4, load_local_docs, split_docs
-
     if cfg.data:
         docs = load_local_docs(cfg.data)
         if cfg.val_data:
@@ -436,21 +365,6 @@ def _data(cfg: PretrainConfig, tok, rank: int, world: int):
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
+    """Train (or, with `cfg.resume`, continue) the run `cfg` describes and return its folder. Prints nothing
+    but progress (spectra.progress); bad settings or a run that must not be touched raise SpectraError."""
     return Trainer(cfg).fit()
-
-
-def _pretrain(cfg: PretrainConfig) -> None:
-    if cfg.resume and not cfg.run_id:
-        raise SpectraError("--resume needs --run-id naming the run to continue")
-    if cfg.resume and cfg.overwrite:
-        raise SpectraError("--resume and --overwrite exclude each other")
-    run_dir = pretrain(cfg)
-    print(f"run written to {run_dir}")
-
-
-pretrain_command = command_from(
-    PretrainConfig, _pretrain,
-    """Pretrain a LLaMA (GaLore sizes) and write weight/gradient snapshots to runs/<id>/snapshots.zarr.
-
-    Every option can also come from --config FILE (YAML or JSON, same names); the command line wins.
-    A run folder is locked while it trains; an existing run needs --resume (or --overwrite).""")

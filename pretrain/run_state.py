@@ -19,7 +19,8 @@ from pathlib import Path
 
 from spectra.errors import SpectraError, Terminated
 from spectra.io.atomic import atomic_write_bytes, atomic_write_json
-from spectra.io.runs import LOCK
+from spectra.io.runs import LOCK, has_checkpoint_folders
+from spectra.io.snapshots import _committed
 
 METRICS = "metrics.jsonl"
 RUN_CONFIG = "run_config.json"
@@ -89,15 +90,20 @@ def _short(v) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
+def read_run_config(path: Path) -> dict:
+    """run_config.json as a dict; {} when it is missing or unreadable (it is a record, not an input)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def record_run_config(run_dir: Path, cfg: dict, event: str, step: int, changes: dict | None = None) -> None:
     """run_config.json: the settings in force, plus `history` (every start, resume, restart)."""
     path = run_dir / RUN_CONFIG
-    history = []
-    if path.is_file():
-        try:
-            history = list(json.loads(path.read_text()).get("history", []))
-        except (json.JSONDecodeError, AttributeError):
-            history = []
+    history = read_run_config(path).get("history")
+    history = history if isinstance(history, list) else []
     entry = {"event": event, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if changes:
         entry["changed"] = changes
@@ -119,9 +125,6 @@ def refuse_restart(run_dir: Path, save_every: int) -> None:
     """`--resume` found no complete checkpoint. Starting over is only right for a run killed before its
     first checkpoint (all it has is re-made bit for bit); anything else would delete a run's data, so it
     is refused, naming what is there."""
-    from spectra.io.runs import has_checkpoint_folders
-    from spectra.io.snapshots import _committed
-
     ckpts = run_dir / "checkpoints"
     if has_checkpoint_folders(ckpts):
         names = ", ".join(sorted(p.name for p in ckpts.iterdir())[:4])
@@ -130,13 +133,19 @@ def refuse_restart(run_dir: Path, save_every: int) -> None:
     steps = [r.get("step", 0) for r in read_rows(run_dir / METRICS)] if (run_dir / METRICS).is_file() else []
     store = run_dir / "snapshots.zarr"
     try:
-        snaps = _committed(store) if store.is_dir() else []
+        snaps = _committed(store) if _holds_anything(store) else []
     except Exception:  # noqa: BLE001 - an unreadable store is data too
         snaps = [float("inf")]
     last = max([*steps, *snaps], default=0)
     if last > max(save_every, 0):
         raise SpectraError(f"--resume: {run_dir} has no checkpoint to continue from, but holds training up to step "
                            f"{last} (metrics/snapshots); nothing was deleted; pass --overwrite to start it over")
+
+
+def _holds_anything(store: Path) -> bool:
+    """A store folder with more than temporary files: a kill while it was being created leaves only a hidden
+    `.zarr.json.<pid>.tmp`, which is no snapshot (and no reason to refuse the restart)."""
+    return store.is_dir() and any(not p.name.startswith(".") for p in store.iterdir())
 
 
 def has_run(run_dir: Path) -> bool:

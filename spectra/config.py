@@ -6,8 +6,10 @@ whether a value comes from Python, the command line or a `--config` file.
         steps: int = opt(20000, "optimizer steps", min=1)
         snapshot_grad: Literal["full", "sketch", "none"] = opt("sketch", "gradient in snapshots")
 
-`build(PretrainConfig, {"steps": "2.5"})` raises one line: "--steps takes an integer, not '2.5'". The CLI
-(spectra/cli/options.py) turns the same fields into options, so a flag and a config key obey one rule.
+`build(PretrainConfig, {"steps": 2.5})` raises one line: "--steps takes an integer, not 2.5". The CLI
+(spectra/cli/options.py) turns the same fields into options and hands their text to `build(..., text=names)`,
+which parses it by the same types and ranges, so `--steps 2.5` and `steps: 2.5` in a --config file are the same
+error, and so are `--lr 0.001x` and `lr: '0.001'` (a quoted number in a file is a string, not a number).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,7 @@ def flag_of(name: str) -> str:
 
 def seq_type(t) -> tuple[type, type] | None:
     """(container, element) for list[int] / tuple[float, float] fields, else None."""
-    t = _strip_optional(t)
+    t = strip_optional(t)
     origin = typing.get_origin(t)
     if origin in (list, tuple):
         args = [a for a in typing.get_args(t) if a is not Ellipsis]
@@ -55,12 +58,12 @@ def seq_type(t) -> tuple[type, type] | None:
 
 
 def choices_of(t) -> tuple | None:
-    t = _strip_optional(t)
+    t = strip_optional(t)
     return typing.get_args(t) if typing.get_origin(t) is typing.Literal else None
 
 
-def _strip_optional(t):
-    if typing.get_origin(t) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+def strip_optional(t):
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(t) if a is not type(None)]
         if len(args) == 1:
             return args[0]
@@ -79,8 +82,7 @@ def fields_of(cls) -> list[tuple[dataclasses.Field, Any]]:
 def _scalar(v, t, name: str):
     """`v` as the scalar type `t`, strictly: no bool for numbers, no float with a fraction for ints, no
     string for numbers from a config file (a quoted '0.001' is a typo a user should hear about)."""
-    what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(t)
-    bad = SpectraError(f"{flag_of(name)} takes {what or t.__name__}, not {v!r}")
+    bad = SpectraError(f"{flag_of(name)} takes {_WHAT.get(t) or t.__name__}, not {v!r}")
     if t is bool:
         if isinstance(v, bool):
             return v
@@ -122,12 +124,12 @@ def coerce(name: str, v, t, meta: dict):
         elif not isinstance(v, (list, tuple)):
             raise SpectraError(f"{flag_of(name)} takes a list of {elem.__name__}s, not {v!r}")
         v = container(_scalar(x, elem, name) for x in v)
-        args = typing.get_args(_strip_optional(t))
+        args = typing.get_args(strip_optional(t))
         if container is tuple and Ellipsis not in args and len(v) != len(args):
             raise SpectraError(f"{flag_of(name)} takes {len(args)} comma-separated values, not {len(v)}")
         items = v
     else:
-        base = _strip_optional(t)
+        base = strip_optional(t)
         choices = choices_of(t)
         if choices:
             if v not in choices:
@@ -141,18 +143,50 @@ def coerce(name: str, v, t, meta: dict):
             raise SpectraError(f"{flag_of(name)} must be a finite number, not {x}")
         if isinstance(x, (int, float)) and not isinstance(x, bool):
             if (lo is not None and x < lo) or (hi is not None and x > hi):
-                rng = f"{'' if lo is None else lo}..{'' if hi is None else hi}"
-                raise SpectraError(f"{flag_of(name)} {x} is out of range {rng}")
+                rng = (f"in {lo}..{hi}" if lo is not None and hi is not None
+                       else f">= {lo}" if lo is not None else f"<= {hi}")
+                raise SpectraError(f"{flag_of(name)} must be {rng}, not {x}")
     return v
 
 
-def build(cls, values: dict):
-    """cls(**values), every value checked by `coerce`; an unknown key is one error line."""
+_WHAT = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def parse_text(name: str, text: str, t):
+    """A value typed on the command line, as field type `t` wants it (then checked by `coerce`)."""
+    seq = seq_type(t)
+    if seq:
+        return parse_seq(text, *seq, name)
+    choices = choices_of(t)
+    if choices:  # matched by spelling: Literal[1, 2] takes "1"
+        return next((c for c in choices if str(c) == text), text)
+    base = strip_optional(t)
+    try:
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+    except ValueError:
+        raise SpectraError(f"{flag_of(name)} takes {_WHAT[base]}, not {text!r}") from None
+    if base is bool and text.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return text.lower() in ("true", "1", "yes")
+    return text
+
+
+def build(cls, values: dict, *, text: set[str] | frozenset[str] = frozenset()):
+    """cls(**values), every value checked by `coerce`; an unknown key is one error line. Values named in
+    `text` are command-line text, parsed first by their field's type (`parse_text`)."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise SpectraError(f"unknown option(s) {', '.join(flag_of(u) for u in unknown)}")
-    out = {f.name: coerce(f.name, values[f.name], t, f.metadata) for f, t in fields_of(cls) if f.name in values}
+    out = {}
+    for f, t in fields_of(cls):
+        if f.name in values:
+            v = values[f.name]
+            if f.name in text and isinstance(v, str):
+                v = parse_text(f.name, v, t)
+            out[f.name] = coerce(f.name, v, t, f.metadata)
     return cls(**out)
 
 

@@ -13,13 +13,14 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from spectra.models.parts import resolve_device
 
 
 def setup(device: str = "auto") -> tuple[int, int, torch.device]:
     """(rank, world, device): under torchrun one process group (NCCL on GPUs, gloo on CPU) and
     one GPU per local rank; in a single process (0, 1, the resolved --device)."""
-    from spectra.models.parts import resolve_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     dev = resolve_device(device)
@@ -58,8 +59,6 @@ def broadcast(obj):
 def wrap(model, device: torch.device, world: int):
     if world == 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 

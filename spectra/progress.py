@@ -17,6 +17,11 @@ item being worked on and gives N-of-M and an ETA; per-item bars go under it with
 loop that raised stays open while the traceback holds the loop's frame (its `finally` runs only
 when the generator is collected), so the CLI calls it before printing its one error line: the
 line then starts a line of its own instead of being glued to a half-drawn bar.
+
+`note(text)` is the library's one other way to say something (a status line: "starting over", "downloading
+..."): a line on stderr that does not break a bar. `quiet_third_party_bars()` (the CLI calls it once, at entry)
+turns transformers', huggingface_hub's and datasets' own tqdm bars off when stderr is a log, where each would
+be one line of carriage returns; on a terminal they stay. Every log line is at most `MAX_LINE` characters.
 """
 
 from __future__ import annotations
@@ -28,7 +33,12 @@ import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
+from tqdm.auto import tqdm  # a notebook's widget bar in Jupyter, the text bar elsewhere
+
 DEFAULT_EVERY = 30.0  # seconds between plain lines
+MAX_LINE = 200  # characters in one log line; a longer one is cut (its end is the least useful part)
+# the libraries' own switches for their bars; read when each library is imported (a user's setting wins)
+THIRD_PARTY_BARS = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
 _MADE: weakref.WeakSet = weakref.WeakSet()  # bars progress_bar made (closing twice is a no-op for both kinds)
 
 
@@ -137,7 +147,12 @@ class LineBar:
         if self.disable:
             return
         f = self.file if self.file is not None else sys.stderr
-        print(self.line(final), file=f, flush=True)
+        print(_fit(self.line(final)), file=f, flush=True)
+
+
+def _fit(text: str) -> str:
+    text = " ".join(text.split())  # one line: a desc or postfix may hold a newline or a carriage return
+    return text if len(text) <= MAX_LINE else text[: MAX_LINE - 3] + "..."
 
 
 def is_tty(file: TextIO | None = None) -> bool:
@@ -151,15 +166,46 @@ def is_tty(file: TextIO | None = None) -> bool:
 def progress_bar(iterable: Iterable | None = None, *, tty: bool | None = None, every: float | None = None,
                  file: TextIO | None = None, **kwargs):
     """A tqdm bar on a TTY, a `LineBar` otherwise (`tty` forces one; `every` only affects lines)."""
-    if is_tty(file) if tty is None else tty:
-        from tqdm.auto import tqdm
-
+    if (is_tty(file) or _in_notebook()) if tty is None else tty:
         kwargs.setdefault("dynamic_ncols", True)
         bar = tqdm(iterable, file=file, **kwargs)
     else:
         bar = LineBar(iterable, every=every, file=file, **kwargs)
     _MADE.add(bar)
     return bar
+
+
+def _in_notebook() -> bool:
+    """Jupyter's stderr is no TTY, yet tqdm.auto draws a widget there that a log never sees."""
+    return "ipykernel" in sys.modules
+
+
+def note(text: str, file: TextIO | None = None) -> None:
+    """One status line on stderr (or `file`), written above an open terminal bar rather than through it."""
+    f = file if file is not None else sys.stderr
+    text = " ".join(str(text).split())
+    if is_tty(f):
+        tqdm.write(text, file=f)
+    else:
+        print(text, file=f, flush=True)
+
+
+def quiet_third_party_bars(file: TextIO | None = None) -> None:
+    """When stderr (or `file`) is a log, turn off the bars transformers (loading weights), huggingface_hub
+    (downloads) and datasets (building, mapping) draw with tqdm of their own: in a log each is one line of
+    carriage returns. Their switches are environment variables, read at import, so this runs before they
+    load (and tells them directly when they are loaded already). A terminal keeps them."""
+    if is_tty(file):
+        return
+    for var in THIRD_PARTY_BARS:
+        os.environ.setdefault(var, "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"].lower() not in ("1", "true", "yes", "on"):
+        return  # the user asked for them
+    for module, func in (("huggingface_hub.utils", "disable_progress_bars"),
+                         ("transformers.utils.logging", "disable_progress_bar"),
+                         ("datasets.utils.tqdm", "disable_progress_bars")):
+        if module in sys.modules:
+            getattr(sys.modules[module], func, lambda: None)()
 
 
 def close_open_bars() -> None:

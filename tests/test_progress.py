@@ -129,3 +129,46 @@ def test_close_open_bars_closes_what_an_error_left_open():
     n = (len(log.getvalue()), len(tty.getvalue()))
     close_open_bars()  # nothing left open: nothing more written
     assert (len(log.getvalue()), len(tty.getvalue())) == n
+
+
+def test_a_log_line_is_one_line_of_at_most_200_characters():
+    out, clock = io.StringIO(), Clock()
+    bar = LineBar(total=10, desc="sweep " + "x" * 300, every=0, file=out, clock=clock)
+    bar.set_postfix_str("now a\rb\nc")
+    clock.t += 1
+    bar.update(1)
+    lines = out.getvalue().splitlines()
+    assert [len(line) for line in lines] == [200, 200] and lines[0].endswith("x...")
+    short = LineBar(total=2, desc="d", every=0, file=io.StringIO(), clock=clock)
+    short.set_postfix_str("now a\rb\nc")
+    assert short.line().endswith("now a\rb\nc")  # line() is the raw text; what is written is folded:
+    short.update(1)
+    assert short.file.getvalue().splitlines()[-1].endswith(", now a b c")
+
+
+def test_note_is_a_plain_line_in_a_log_and_goes_above_a_terminal_bar():
+    from spectra.progress import note
+
+    log = io.StringIO()
+    note("runs/x: overwriting\n(old content)", file=log)
+    assert log.getvalue() == "runs/x: overwriting (old content)\n"
+    tty = TTY()
+    with progress_bar(total=3, desc="compress", file=tty) as bar:
+        bar.update(1)
+        note("starting over", file=tty)
+    before, after = tty.getvalue().split("starting over\n")
+    assert "compress" in before and "compress" in after  # the bar is cleared, the note written, the bar redrawn
+
+
+def test_library_bars_off_only_in_a_log(monkeypatch):
+    import os
+
+    from spectra.progress import THIRD_PARTY_BARS, quiet_third_party_bars
+
+    for var in THIRD_PARTY_BARS:
+        monkeypatch.delenv(var, raising=False)
+    quiet_third_party_bars(TTY())
+    assert not any(v in os.environ for v in THIRD_PARTY_BARS)  # a terminal keeps them
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # the user's word wins
+    quiet_third_party_bars(io.StringIO())
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0" and os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"

@@ -113,7 +113,8 @@ def test_a_non_finite_checkpoint_is_never_published(tmp_path):
 
 
 def test_an_accepted_lr_change_on_resume_is_the_lr_used(finished, tmp_path):
-    from pretrain.loop import PretrainConfig, lr_lambda
+    from pretrain.configs import PretrainConfig
+    from pretrain.loop import lr_lambda
 
     docs, orig = finished
     runs = tmp_path / "runs"
@@ -142,3 +143,29 @@ def test_run_folders_must_be_real_and_named(finished, tmp_path, capsys):
     assert list(elsewhere.iterdir()) == []
     assert main(argv(docs, runs, "")) == 2
     assert "--run-id ''" in capsys.readouterr().err
+
+
+def test_resume_without_tokenizer_uses_the_runs_own(finished, tmp_path):
+    """--tokenizer is the shared option (default: the run's on --resume, else t5-base): a resume that does not
+    name it continues with the tokenizer the run trained with (bytes here), not t5-base."""
+    docs, orig = finished
+    runs = tmp_path / "runs"
+    shutil.copytree(orig, runs / "copy", symlinks=True)
+    args = argv(docs, runs, "copy", 6, "--resume")
+    at = args.index("--tokenizer")
+    del args[at:at + 2]
+    assert main(args) == 0  # a change of tokenizer would be refused without --allow-config-change
+    saved = json.loads((runs / "copy/run_config.json").read_text())
+    assert saved["tokenizer"] == "bytes" and [h["event"] for h in saved["history"]] == ["start", "resume"]
+
+
+def test_resume_of_a_run_killed_while_creating_its_store_starts_over(finished, tmp_path):
+    """A kill between the store's folder and its first zarr.json leaves only a temporary file: that is no
+    snapshot, so --resume restarts the run (it used to refuse, reading the store as "training up to step inf")."""
+    docs, _ = finished
+    run = tmp_path / "runs" / "new"
+    (run / "snapshots.zarr").mkdir(parents=True)
+    (run / "snapshots.zarr" / ".zarr.json.1.2.tmp").write_text("{")
+    (run / "run_config.json").write_text("{}")
+    assert main(argv(docs, tmp_path / "runs", "new", 3, "--resume")) == 0
+    assert snapshot_steps(run) == [0, 3] and [r["step"] for r in rows(run)] == [1, 2, 3]

@@ -1,19 +1,26 @@
 """`spectra` command line: one typed function per command; its docstring is the --help text.
 
-Each command lives next to the concept it runs (pretrain/loop.py, spectra/analysis/hessian.py, ...) and is
-registered here by name, so `spectra --help` lists every command with a one-line summary.
+Each command is a thin file spectra/cli/<command>.py exposing `command`, registered here by name, so
+`spectra --help` lists every command with a one-line summary. A command file imports the library (torch,
+transformers) only inside its function: `spectra CMD --help` and a bad flag never load them
+(tests/test_startup.py). `main` turns every failure into one `error: ...` line (spectra/cli/failures.py).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 
 import spectra.threads  # noqa: F401 - OpenMP wait policy and thread count (spectra/threads.py), before torch loads
+from spectra.cli.failures import explain, interrupted_line
 from spectra.errors import SpectraError, Terminated
+from spectra.io.runs import run_dir_of, run_lock
 
 # (command, module, function, one-line summary) -- the order is the order in `spectra --help`.
 # The summary is the first docstring line of the function (tests/test_cli.py keeps them equal);
@@ -96,23 +103,28 @@ LOCKED = {"spectrum", "grad-subspace", "hessian-gap", "ranks", "compress", "eval
 INPUTS = ("path", "paths", "run", "ckpt", "model")  # the keyword that names a command's input
 
 
-def _locked(name: str, func):
-    import functools
+class _Interrupted(BaseException):
+    """Ctrl-C inside a command. Typer turns a KeyboardInterrupt into a silent exit 130; this one passes through
+    it to `main`, which says so."""
+
+
+def _guarded(name: str, func):
+    """The command as the CLI runs it: holding the lock of the run its input lies in (LOCKED commands), with
+    Ctrl-C carried out to `main`."""
 
     @functools.wraps(func)  # typer reads the wrapped signature
     def run(**kwargs):
-        from pathlib import Path
-
-        from spectra.io.runs import run_dir_of, run_lock
-
-        src = next((kwargs[k] for k in INPUTS if kwargs.get(k)), None)
-        if isinstance(src, (list, tuple)):
-            src = src[0] if len(src) == 1 else None
-        run_dir = run_dir_of(src) if src is not None and Path(str(src)).exists() else None
-        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 holds the lock for all ranks
-            run_dir = None
-        with run_lock(run_dir, name):
-            return func(**kwargs)
+        run_dir = None
+        if name in LOCKED and int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 locks for all
+            src = next((kwargs[k] for k in INPUTS if kwargs.get(k)), None)
+            if isinstance(src, (list, tuple)):
+                src = src[0] if len(src) == 1 else None
+            run_dir = run_dir_of(src) if src is not None and Path(str(src)).exists() else None
+        try:
+            with _output_for_logs(), run_lock(run_dir, name):
+                return func(**kwargs)
+        except KeyboardInterrupt:
+            raise _Interrupted() from None
 
     return run
 
@@ -134,7 +146,7 @@ class _LazyGroup(typer.core.TyperGroup):
             return None
         one = typer.Typer(**_SETTINGS)
         func = load_command(name)
-        one.command(name)(_locked(name, func) if name in LOCKED else func)
+        one.command(name)(_guarded(name, func))
         return typer.main.get_command(one)
 
     def format_commands(self, ctx, formatter) -> None:
@@ -186,65 +198,86 @@ def _root(
         set_override(components)
 
 
-def _close_bars() -> None:
-    """Close progress bars still open (an error mid-loop), so the error line starts a line of its own."""
-    if "spectra.progress" in sys.modules:  # no bar can be open if no command made one
-        sys.modules["spectra.progress"].close_open_bars()
-
-
-def _usage_message(text: str) -> str:
-    """click's choice error, said the way spectra's own checks say it: "unknown --method 'dora'; choose ..."."""
-    import re
-
-    text = _one_line(text)
-    m = re.fullmatch(r"Invalid value for '(--[\w-]+)': (?:Value error, )?'(.*)' is not one of (.*?)\.?", text)
-    if not m:
-        return text
-    choices = [c.strip().strip("'") for c in m[3].split(",")]
-    said = ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
-    return f"unknown {m[1]} {m[2]!r}: {m[1]} must be {said}"
-
-
 def _one_line(text: str, limit: int = 1000) -> str:
     """Messages from libraries can span lines; the CLI promises exactly one."""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: bad input becomes one `error: ...` line and exit code 2, never a traceback."""
+LOG_COLUMNS = "1000"  # rich's width when stdout is a file: tables at their natural width, no "0.01…"
+
+
+@contextmanager
+def _output_for_logs():
+    """Output that reads well in a log file: rich tables at full width when stdout is not a terminal (rich
+    takes its width from COLUMNS, else 80), and the libraries' own tqdm bars off when stderr is not one.
+    Entered when a command runs (so --help imports no tqdm), before it imports the libraries."""
+    from spectra.progress import quiet_third_party_bars
+
+    quiet_third_party_bars()
+    set_columns = "COLUMNS" not in os.environ and not _isatty(sys.stdout)
+    if set_columns:
+        os.environ["COLUMNS"] = LOG_COLUMNS
     try:
-        code = app(args=argv, prog_name="spectra", standalone_mode=False)  # --help still prints and returns
+        yield
+    finally:
+        if set_columns and os.environ.get("COLUMNS") == LOG_COLUMNS:
+            del os.environ["COLUMNS"]
+
+
+def _isatty(f) -> bool:
+    try:
+        return bool(f.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _close_open_bars() -> None:
+    """A bar left open by the error would glue itself to the line (no bar was made if no command ran)."""
+    if "spectra.progress" in sys.modules:
+        sys.modules["spectra.progress"].close_open_bars()
+
+
+def _fail(message: str, code: int) -> int:
+    _close_open_bars()
+    print(f"error: {_one_line(message)}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: every failure becomes one `error: ...` line and an exit code, never a traceback."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        code = app(args=args, prog_name="spectra", standalone_mode=False)  # --help prints and returns
     except SpectraError as e:
-        _close_bars()
-        print(f"error: {_one_line(str(e))}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - click's own exceptions (typer may vendor click: match by name)
-        _close_bars()
-        kinds = {c.__name__ for c in type(e).__mro__}
-        if "UsageError" in kinds:  # bad option value, unknown option, missing argument: one line
-            print(f"error: {_usage_message(e.format_message())}", file=sys.stderr)
-            return 2
-        if "Abort" in kinds:
-            print("interrupted", file=sys.stderr)
-            return 130
-        if "Exit" in kinds:
-            return getattr(e, "exit_code", 0)
-        if os.environ.get("SPECTRA_DEBUG"):
-            raise
-        print(
-            f"error: {type(e).__name__}: {_one_line(str(e), 300)} (set SPECTRA_DEBUG=1 for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        return _fail(str(e), 2)
+    except (KeyboardInterrupt, _Interrupted):
+        _close_open_bars()
+        print(interrupted_line(args, "Ctrl-C"), file=sys.stderr)
         return 130
     except Terminated:
-        print("terminated (SIGTERM)", file=sys.stderr)
+        _close_open_bars()
+        print(interrupted_line(args, "SIGTERM"), file=sys.stderr)
         return 143
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception as e:  # noqa: BLE001 - click's own exceptions (typer vendors click: matched by name)
+        kinds = {c.__name__ for c in type(e).__mro__}
+        if "UsageError" in kinds:  # unknown option, missing value or argument: one line, and where help is
+            command = next((a for a in args if a in {n for n, *_ in COMMANDS}), None)
+            where = f"spectra {command}" if command else "spectra"
+            return _fail(f"{_one_line(e.format_message()).rstrip('.')} (see {where} --help)", 2)
+        if "Exit" in kinds:
+            return getattr(e, "exit_code", 0)
+        if "Abort" in kinds:
+            return _fail("aborted", 1)
+        if os.environ.get("SPECTRA_DEBUG"):
+            raise
+        known = explain(e, args)
+        if known is not None:
+            return _fail(*known)
+        return _fail(f"unexpected {type(e).__name__}: {_one_line(str(e), 300)} (a bug, or an input spectra does "
+                     "not check yet; set SPECTRA_DEBUG=1 for the traceback)", 1)
     return code if isinstance(code, int) else 0
 
 

@@ -64,7 +64,8 @@ class OutputArgs:
 
 @dataclass
 class OverwriteArgs:
-    overwrite: bool = opt(False, "Replace an existing output that this command did not write.")
+    overwrite: bool = opt(False, "Replace an existing output that would otherwise be refused (what it held is "
+                                 "deleted).")
 
 
 @dataclass

@@ -1,11 +1,11 @@
 """A command's options are the fields of one dataclass (spectra/config.py), built from shared groups
 (spectra/cli/args.py): `command_from(Args, run, doc)` makes the typer command.
 
-The command gets one option per field (`--steps`, with `[x>=1]` and choices in --help), a `--config FILE`
+The command gets one option per field (`--steps`, with its default, `[x>=1]` and choices in --help), a `--config FILE`
 (YAML or JSON with the same names; the command line overrides it), and optionally the positional input
 PATH (or PATHS). Every option is None until given, which is how "given" is told apart from "default";
-values from the command line and from the file go through the same `spectra.config.build`, so a bad value
-is the same one error line whichever way it came.
+values from the command line (as typed text) and from the file go through the same `spectra.config.build`,
+so a bad value is the same one error line whichever way it came.
 """
 
 from __future__ import annotations
@@ -17,56 +17,58 @@ from typing import Annotated, Any, Callable, Literal, Optional
 
 import typer
 
-from spectra.config import build, choices_of, fields_of, load_config_file, seq_type
+from spectra.config import build, choices_of, fields_of, load_config_file, seq_type, strip_optional
 from spectra.errors import SpectraError
 
 Inputs = Literal["one", "many"] | None
 _MISSING = dataclasses.MISSING
 
 
-def _cli_type(t):
-    """The type typer parses: sequences and closed choices travel as strings and are checked by build()."""
-    if seq_type(t) or choices_of(t):
-        return str
-    return t
+_METAVAR = {int: "INTEGER", float: "NUMBER", str: "TEXT"}
+
+
+def _metavar(t) -> str:
+    seq = seq_type(t)
+    if seq:
+        return f"{_METAVAR.get(seq[1], 'TEXT')},..."
+    choices = choices_of(t)
+    if choices:
+        return "[" + "|".join(map(str, choices)) + "]" if len(choices) <= 4 else "CHOICE"
+    return _METAVAR.get(strip_optional(t), "TEXT")
 
 
 def _help(f: dataclasses.Field, t) -> str:
+    """The field's help, then what click would show: [choices], [default: ...; range]."""
     text = f.metadata.get("help") or ""
     choices = choices_of(t)
-    return f"{text} [{'|'.join(map(str, choices))}]" if choices else text
+    if choices:
+        text += f" [{'|'.join(map(str, choices))}]"
+    default = f.default if f.default is not _MISSING else f.default_factory()
+    if seq_type(t) and default is not None:
+        default = ",".join(map(str, default))
+    notes = [] if default in (None, "") or isinstance(default, bool) else [f"default: {default}"]
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if lo is not None or hi is not None:
+        notes.append(f"{lo}<=x<={hi}" if lo is not None and hi is not None
+                     else f"x>={lo}" if lo is not None else f"x<={hi}")
+    return f"{text}  [{'; '.join(notes)}]" if notes else text
 
 
 def option_params(cls) -> list[inspect.Parameter]:
-    """One keyword parameter per CLI field of `cls`, typed and documented for typer."""
+    """One keyword parameter per CLI field of `cls`, documented for typer. Flags (bool fields) are click
+    flags; every other value reaches `build` as the text typed, so a value from the command line and one from
+    --config are parsed, range-checked and refused by the same code, with the same message."""
     params = []
     for f, t in fields_of(cls):
         if not f.metadata.get("cli", True):
             continue
-        default = f.default if f.default is not _MISSING else f.default_factory()
-        shown = ",".join(map(str, default)) if seq_type(t) and default is not None else default
         flags = f.metadata.get("flag")
         flags = [flags] if isinstance(flags, str) else list(flags or [])
-        info = typer.Option(
-            *flags,
-            help=_help(f, t),
-            min=f.metadata.get("min"),
-            max=f.metadata.get("max"),
-            show_default=str(shown) if shown not in (None, "") else False,
-        )
-        base = typing_args_no_none(t)
+        flag = strip_optional(t) is bool
+        info = typer.Option(*flags, help=_help(f, t), show_default=False, metavar=None if flag else _metavar(t))
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                        annotation=Annotated[Optional[_cli_type(base)], info]))
+                                        annotation=Annotated[Optional[bool if flag else str], info]))
     return params
-
-
-def typing_args_no_none(t):
-    import typing
-
-    args = [a for a in typing.get_args(t) if a is not type(None)]
-    if type(None) in typing.get_args(t) and len(args) == 1:
-        return args[0]
-    return t
 
 
 _INPUT_HELP = {
@@ -99,8 +101,9 @@ def command_from(cls, run: Callable[..., Any], doc: str, *, inputs: Inputs = Non
         cfg_file = kwargs.pop("config", None)
         more = {k: kwargs.pop(k, None) for k in extra_names}  # command-line-only parameters, passed through
         values = load_config_file(cfg_file) if cfg_file else {}
-        values.update({k: v for k, v in kwargs.items() if v is not None})
-        args = build(cls, values)
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        values.update(given)
+        args = build(cls, values, text=set(given))
         if not inputs:
             return run(args, **more)
         alias = getattr(args, "ckpt", None)

@@ -137,8 +137,9 @@ def run_lock(run_dir: str | Path | None, command: str):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise SpectraError(f"{run_dir} is in use by {holder}; wait for it to finish "
-                               "(or use another --run-id)") from None
+            way = "wait for it to finish, or use another --run-id" if command == "pretrain" else \
+                f"wait for it to finish, then run spectra {command} again"
+            raise SpectraError(f"{run_dir} is in use by {holder}; {way}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"spectra {command} (pid {os.getpid()})".encode(), 0)
         yield
