@@ -1,260 +1,150 @@
-"""`spectra pipeline`: the whole data path in one command, from an embedded preset.
+"""`spectra pipeline`: the whole data path from an embedded preset (pretrain/presets.py), through the Python API.
 
-pretrain -> snapshots.zarr -> spectrum / grad-subspace / hessian-gap (analysis.zarr) -> rank maps
-at several ERRs -> compressed models -> perplexity -> finetuning comparison (WeLore-PEFT vs LoRA vs
-GaLore vs full) -> report.html. Every stage is the same command a user would type; this file only
-chooses their arguments.
+pretrain -> snapshots.zarr -> spectrum / grad-subspace / the Hessian at every checkpoint (analysis.zarr) ->
+rank maps at several ERRs -> compressed models -> perplexity -> finetuning (WeLore-PEFT vs LoRA vs GaLore vs
+full) -> the paper's claims -> report.html. Each stage is an API call on objects in memory (the dense model is
+loaded once) plus the save the matching command does, so the files are those the commands write.
 
-The rank maps are the ones that earned their place in `spectra sweep` (reports/README.md): WeLore
-(the paper's), uniform (its baseline), energy (the data-free threshold any new map must beat) and
-loss with whitened truncation (the best map at 10-70% ERR), calibrated on the preset's training
-text (`calib`: sequences x tokens, stored once in the analysis store and reused by ranks and
-compress). `diagnostic` stays available as `spectra ranks --method diagnostic`; it lost every
-cell from 40 to 80% ERR, so the pipeline no longer spends time on it.
+The rank maps are the ones that earned their place in `spectra sweep` (reports/README.md): WeLore (the
+paper's), uniform (its baseline), energy (the data-free threshold any new map must beat) and loss with
+whitened truncation, calibrated on the preset's training text (stored once in the analysis store).
 
-Presets use the offline data in ../shared/data (Wikipedia for pretraining, the real C4 sample
-for C4 perplexity) and the real T5 tokenizer. The model therefore saw Wikipedia, not C4: C4
-perplexities are out-of-domain and not comparable with published C4-pretraining numbers.
+Presets use the offline data in ../shared/data (Wikipedia for pretraining, the real C4 sample for C4
+perplexity) and the real T5 tokenizer (or bytes). The model therefore saw Wikipedia, not C4: C4 perplexities
+are out-of-domain and not comparable with published C4-pretraining numbers.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Callable
 
-import typer
+import torch
 
+import spectra
+from pretrain.configs import PretrainConfig
+from pretrain.loop import pretrain
+from pretrain.presets import MAPS, PRESETS, WHITENED
+from reports.build import write_report
+from spectra.analysis.claims_inputs import run_claims
+from spectra.analysis.hessian import token_batches
+from spectra.analysis.hessian_dynamics import hessian_steps
+from spectra.compression.calibration import stored_calibration
 from spectra.compression.rankmap import err_tag
+from spectra.compression.ranks import save_rank_map
+from spectra.data import shared_data
 from spectra.errors import SpectraError
-
-# (rank map method, label of its eval rows): the maps the pipeline compresses with, in report order
-MAPS = (("welore", "welore"), ("uniform", "uniform"), ("energy", "energy"), ("loss", "loss-whitened"))
-WHITENED = {"loss"}  # maps whose compression truncates in the whitened basis (compress --whiten)
-
-# name -> stage arguments; `tiny` runs in a few CPU minutes, `130m` is the GPU reference run
-PRESETS: dict[str, dict] = {
-    # a few CPU minutes: the README's first command
-    "quickstart": dict(
-        pretrain=dict(
-            model="tiny",
-            steps=150,
-            seq_len=128,
-            batch_size=8,
-            micro_batch=8,
-            lr=3e-3,
-            warmup=15,
-            eval_every=50,
-            save_every=50,
-            snapshot_every=25,
-            snapshot_grad="full",
-            val_tokens=16384,
-        ),
-        grad_rank=8,
-        hessian=dict(k=4, batches=2, batch_size=2, seq_len=64),
-        calib=dict(seqs=64, seq_len=128),  # 8 k tokens: seconds on the tiny model
-        errs=(0.1, 0.3, 0.5),
-        eval_tokens=8192,
-        eval_seq=128,
-        finetune=dict(steps=10, batch_size=4, micro_batch=4, seq_len=128, eval_tokens=4096),
-        finetune_errs=(0.5,),
-    ),
-    # the reference run when no GPU is lent: the largest config 2 CPU cores train in ~10 minutes
-    "cpu-reference": dict(
-        pretrain=dict(
-            model="9m",
-            steps=240,
-            seq_len=128,
-            batch_size=16,
-            micro_batch=16,
-            lr=3e-3,
-            warmup=24,
-            eval_every=40,
-            save_every=60,
-            snapshot_every=30,
-            snapshot_grad="full",
-            val_tokens=32768,
-        ),
-        grad_rank=8,
-        hessian=dict(k=4, batches=2, batch_size=2, seq_len=128),
-        calib=dict(seqs=256, seq_len=128),
-        errs=(0.1, 0.2, 0.3, 0.4, 0.5),
-        eval_tokens=16384,
-        eval_seq=128,
-        finetune=dict(steps=20, batch_size=8, micro_batch=8, seq_len=128, eval_tokens=8192),
-        finetune_errs=(0.3, 0.5),
-    ),
-    # the same 9m on UTF-8 bytes (384 ids): without a 32k embedding the CPU's ~10 minutes go into the
-    # decoder linears WeLore compresses (~3.3 M tokens, 7x the T5 run), so compression shows in ppl
-    "cpu-bytes": dict(
-        tokenizer="bytes",
-        pretrain=dict(
-            model="9m",
-            steps=800,
-            seq_len=256,
-            batch_size=16,
-            micro_batch=16,
-            lr=3e-3,
-            warmup=80,
-            eval_every=100,
-            save_every=200,
-            snapshot_every=100,
-            snapshot_grad="full",
-            val_tokens=65536,
-        ),
-        grad_rank=8,
-        hessian=dict(k=4, batches=2, batch_size=2, seq_len=256),
-        calib=dict(seqs=256, seq_len=256),  # spectra sweep's default, the setting of reports/README.md
-        # 70/90% too: below 50% a model this small loses < 0.2% ppl whatever the map
-        errs=(0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9),
-        eval_tokens=65536,
-        eval_seq=256,
-        finetune=dict(steps=40, batch_size=16, micro_batch=16, seq_len=256, eval_tokens=16384),
-        finetune_errs=(0.3, 0.5),
-    ),
-    # the GPU reference run (one H100: about 20 minutes end to end)
-    "130m": dict(
-        pretrain=dict(
-            model="130m",
-            steps=2000,
-            seq_len=256,
-            batch_size=512,
-            micro_batch=128,
-            lr=1e-3,
-            warmup=200,
-            eval_every=250,
-            save_every=500,
-            snapshot_every=250,
-            snapshot_grad="sketch",
-            val_tokens=1 << 20,
-        ),
-        grad_rank=16,
-        hessian=dict(k=8, batches=2, batch_size=32, seq_len=256),
-        calib=dict(seqs=256, seq_len=256),
-        errs=(0.1, 0.2, 0.3, 0.4, 0.5),
-        eval_tokens=1 << 20,
-        eval_seq=256,
-        finetune=dict(steps=200, batch_size=64, micro_batch=32, seq_len=256, eval_tokens=1 << 18),
-        finetune_errs=(0.3, 0.5),
-    ),
-}
+from spectra.io.analysis_store import write_analysis
+from spectra.io.atomic import atomic_write_json
+from spectra.io.sources import load_source_tokenizer, resolve
+from spectra.lm.evaluate import append_row, as_windows, eval_row
+from spectra.lm.finetune import finetune_batches
+from spectra.lm.recipe import FinetuneConfig
+from spectra.models.compressed import save_compressed
+from spectra.models.loading import load_causal_lm
+from spectra.models.parts import resolve_device
 
 
-def _stage(name: str, fn, **kw) -> None:
-    t0 = time.perf_counter()
-    print(f"\n== {name}", flush=True)
-    fn(**kw)
-    print(f"== {name} done in {time.perf_counter() - t0:.1f}s", flush=True)
-
-
-def pipeline_command(
-    preset: Annotated[str, typer.Option(help=f"embedded configuration: {', '.join(PRESETS)}")] = "quickstart",
-    runs_dir: Annotated[str, typer.Option(help="parent folder of runs")] = "runs",
-    run_id: Annotated[Optional[str], typer.Option(help="run folder name (default: <preset>-<timestamp>)")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="override the preset's pretraining steps", min=1)] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    skip_pretrain: Annotated[bool, typer.Option(help="reuse the run's existing checkpoint and snapshots")] = False,
-) -> None:
-    """Run the whole WeLore pipeline (pretrain, analyze, rank, compress, eval, finetune, report) from a preset."""
-    from pretrain.loop import PretrainConfig, pretrain
-    from reports.build import write_report
-    from spectra.analysis.hessian import hessian_gap_command
-    from spectra.analysis.spectrum import spectrum_command
-    from spectra.analysis.subspace import grad_subspace_command
-    from spectra.cli.compress import command as compress_command
-    from spectra.cli.eval import command as eval_command
-    from spectra.cli.finetune import command as finetune_command
-    from spectra.cli.ranks import command as ranks_command
-    from spectra.data import shared_data
-
+def run_pipeline(preset: str = "quickstart", runs_dir: str = "runs", run_id: str | None = None,
+                 steps: int | None = None, device: str = "auto", skip_pretrain: bool = False,
+                 log: Callable[[str], None] = print) -> Path:
+    """Every stage of the preset into runs/<run_id>; returns the run folder. `log` gets one line per stage."""
     if preset not in PRESETS:
         raise SpectraError(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
     data = shared_data()
     train, val = str(data / "wikipedia" / "train"), str(data / "wikipedia" / "validation")
     c4 = str(data / "c4" / "c4-train.00000-of-01024.first1000.jsonl.gz")
-    tok = p.get("tokenizer") or str(data / "tokenizers" / "t5")
+    tok_name = p.get("tokenizer") or str(data / "tokenizers" / "t5")
     run_id = run_id or f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = Path(runs_dir) / run_id
-    pre = {**p["pretrain"], **({"steps": steps} if steps is not None else {})}
+    stage = _stages(log)
     if not skip_pretrain:
-        _stage(
-            "pretrain",
-            lambda **kw: pretrain(PretrainConfig(**kw)),
-            data=train,
-            val_data=val,
-            tokenizer=tok,
-            device=device,
-            runs_dir=runs_dir,
-            run_id=run_id,
-            **pre,
-        )
-    _stage("spectrum", spectrum_command, run=str(run), device=device)
-    _stage("grad-subspace", grad_subspace_command, run=str(run), rank=p["grad_rank"], device=device)
-    _stage("hessian-gap", hessian_gap_command, ckpt=str(run), data=val, tokenizer=tok, device=device, **p["hessian"])
-    ev = dict(tokenizer=tok, seq_len=p["eval_seq"], tokens=p["eval_tokens"], device=device)
+        pre = {**p["pretrain"], **({"steps": steps} if steps is not None else {})}
+        with stage("pretrain"):
+            pretrain(PretrainConfig(data=train, val_data=val, tokenizer=tok_name, device=device, runs_dir=runs_dir,
+                                    run_id=run_id, **pre))
+    src = resolve(run)
+    store, dev = src.analysis_store, resolve_device(device)
+    with stage("spectrum"):
+        write_analysis(store, "spectrum", spectra.spectrum(src, device=device, progress=False))
+    with stage("grad-subspace"):
+        write_analysis(store, "grad_subspace", spectra.grad_subspace(src, rank=p["grad_rank"], device=device,
+                                                                     progress=False))
+    model_dir = src.need_model("the pipeline")
+    tok = load_source_tokenizer(src, tok_name)
+    model = load_causal_lm(model_dir, device=dev)
+    with stage("hessian-gap at every checkpoint"):
+        h = dict(p["hessian"])
+        ids = token_batches(val, tok, h.pop("seq_len"), h.pop("batches"), h.pop("batch_size"),
+                            model.config.vocab_size)
+        hessian_steps(src, ids, store, data=val, device=device, progress=False, on_event=log, **h)
     eval_out = run / "eval.jsonl"
-    if eval_out.exists():
-        eval_out.unlink()  # the table is rebuilt from scratch on every pipeline run
-    for dataset in (val, c4):
-        _stage(f"eval dense on {Path(dataset).name}", eval_command, ckpt=str(run), data=dataset, out=eval_out, **ev)
-    analysis = str(run / "analysis.zarr")
-    # the preset's training text calibrates the loss map and its whitened truncation (one pass, stored)
-    cal = dict(calib_data=train, tokenizer=tok, calib_seqs=p["calib"]["seqs"], calib_seq_len=p["calib"]["seq_len"])
+    eval_out.unlink(missing_ok=True)  # the table is rebuilt from scratch on every pipeline run
+    windows = {d: as_windows(model, d, tok, p["eval_seq"], p["eval_tokens"]) for d in (val, c4)}
+
+    def evaluate(lm, folder: Path, label: str | None = None) -> None:
+        for d, w in windows.items():
+            res = spectra.perplexity(lm, w, 8, dev)
+            append_row(eval_out, eval_row(folder, res, d, p["eval_seq"], label))
+
+    with stage("eval dense"):
+        evaluate(model, model_dir)
+    with stage("calibration"):  # the preset's training text calibrates the loss map and its whitening, stored once
+        cal = stored_calibration(model, tok, train, p["calib"]["seqs"], p["calib"]["seq_len"], source=model_dir,
+                                 store=store, write=True, device=dev)
     for method, label in MAPS:
-        whiten = method in WHITENED
         for err in p["errs"]:
             tag = f"{method}-{err_tag(err)}"
-            rank_map = run / "ranks" / f"{tag}.json"
-            _stage(
-                f"ranks {tag}",
-                ranks_command,
-                ckpt=str(run),
-                err=err,
-                method=method,
-                analysis=analysis,
-                out=str(rank_map),
-                device=device,
-                **(cal if method == "loss" else {}),
-            )
-            folder = run / "compressed" / tag
-            _stage(
-                f"compress {tag}{' (whitened)' if whiten else ''}",
-                compress_command,
-                ckpt=str(run),
-                out=str(folder),
-                rank_map=str(rank_map),
-                device=device,
-                **(dict(whiten=True, **cal) if whiten else {}),
-            )
-            for dataset in (val, c4):
-                _stage(
-                    f"eval {tag} on {Path(dataset).name}",
-                    eval_command,
-                    ckpt=str(folder),
-                    data=dataset,
-                    out=eval_out,
-                    method=label,
-                    **ev,
-                )
+            with stage(f"rank map, compress and eval {tag}{' (whitened)' if method in WHITENED else ''}"):
+                rmap = spectra.rank_map(model, err, method=method, calibration=cal if method == "loss" else None,
+                                        analysis=store, step=src.step, device=dev)
+                rmap["source"] = str(model_dir)
+                save_rank_map(rmap, run / "ranks" / f"{tag}.json", store)
+                small = spectra.compress(copy.deepcopy(model), rmap, device=dev, progress=False,
+                                         calibration=cal if method in WHITENED else None)
+                folder = run / "compressed" / tag
+                save_compressed(small, rmap, folder, tokenizer=model_dir)
+                evaluate(small, folder, label)
+                del small
     for err in p["finetune_errs"]:
         folder = run / "compressed" / f"welore-{err_tag(err)}"
+        f = p["finetune"]
         for method in ("welore", "lora", "galore", "full"):
-            _stage(
-                f"finetune {method} @ ERR {err:.0%}",
-                finetune_command,
-                ckpt=str(folder),
-                method=method,
-                data=train,
-                val_data=val,
-                tokenizer=tok,
-                device=device,
-                out=run / "finetune" / f"{method}-{err_tag(err)}",
-                **p["finetune"],
-            )
-    _stage("report", write_report, run=run, title=f"spectra {preset} run {run_id}")
-    (run / "pipeline.json").write_text(
-        json.dumps({"preset": preset, "stages": p, "data": str(data), "tokenizer": tok}, indent=2)
-    )
-    print(f"\nreport: {run / 'report.html'}")
+            with stage(f"finetune {method} @ ERR {err:.0%}"):
+                torch.manual_seed(0)
+                lm = load_causal_lm(folder, device=dev)
+                batches, val_windows = finetune_batches(train, val, tok, f["seq_len"], f["micro_batch"],
+                                                        f["eval_tokens"])
+                cfg = FinetuneConfig(method=method, **{k: v for k, v in f.items() if k not in ("seq_len",
+                                                                                            "eval_tokens")})
+                _, metrics = spectra.finetune(lm, batches, cfg, dev, val=val_windows)
+                out = run / "finetune" / f"{method}-{err_tag(err)}"
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(out / "metrics.json", {"method": method, "err": err, **metrics, "model": str(folder),
+                                                         "data": train, "seq_len": f["seq_len"]})
+    with stage("claims"):
+        write_analysis(store, "claims", run_claims(store, run))
+    with stage("report"):
+        write_report(run, title=f"spectra {preset} run {run_id}")
+    (run / "pipeline.json").write_text(json.dumps({"preset": preset, "stages": p, "data": str(data),
+                                                   "tokenizer": tok_name}, indent=2))
+    log(f"\nreport: {run / 'report.html'}")
+    return run
+
+
+def _stages(log: Callable[[str], None]):
+    """`with stage(name):` logs the stage's start and its time."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def stage(name: str):
+        t0 = time.perf_counter()
+        log(f"\n== {name}")
+        yield
+        log(f"== {name} done in {time.perf_counter() - t0:.1f}s")
+
+    return stage

@@ -163,9 +163,24 @@ def is_tty(file: TextIO | None = None) -> bool:
         return False
 
 
+_SHOWN = [False]  # the library's bars are off until a command (or the user) turns them on: the API prints nothing
+
+
+def show(on: bool = True) -> None:
+    """Turn spectra's progress bars on (every command does) or off (the default for the Python API)."""
+    _SHOWN[0] = bool(on)
+
+
+def shown() -> bool:
+    return _SHOWN[0]
+
+
 def progress_bar(iterable: Iterable | None = None, *, tty: bool | None = None, every: float | None = None,
                  file: TextIO | None = None, **kwargs):
-    """A tqdm bar on a TTY, a `LineBar` otherwise (`tty` forces one; `every` only affects lines)."""
+    """A tqdm bar on a TTY, a `LineBar` otherwise (`tty` forces one; `every` only affects lines); disabled
+    unless `show()` turned bars on."""
+    if not _SHOWN[0]:
+        kwargs["disable"] = True
     if (is_tty(file) or _in_notebook()) if tty is None else tty:
         kwargs.setdefault("dynamic_ncols", True)
         bar = tqdm(iterable, file=file, **kwargs)

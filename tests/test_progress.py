@@ -26,6 +26,18 @@ class TTY(io.StringIO):
         return True
 
 
+
+@pytest.fixture(autouse=True)
+def bars_on():
+    """These tests are about the bars themselves: on, as a command turns them on (the API default is off)."""
+    from spectra import progress
+
+    was = progress.shown()
+    progress.show(True)
+    yield
+    progress.show(was)
+
+
 def test_log_lines_every_n_seconds_with_n_of_m_and_eta():
     out, clock = io.StringIO(), Clock()
     bar = progress_bar(total=150, desc="pretrain 9m", every=10, file=out, clock=clock)

@@ -52,6 +52,12 @@ COMMANDS: list[tuple[str, str, str, str]] = [
         "Top-k Hessian eigenvalues and the k/k+1 eigen-gap of every weight matrix, by Lanczos.",
     ),
     (
+        "claims",
+        "spectra.cli.claims",
+        "command",
+        "What the WeLore paper claims, and what this run shows: one row per claim with effect, CI, p, n, verdict.",
+    ),
+    (
         "ranks",
         "spectra.cli.ranks",
         "command",
@@ -91,7 +97,8 @@ COMMANDS: list[tuple[str, str, str, str]] = [
         "pipeline",
         "spectra.cli.pipeline",
         "command",
-        "Run the whole WeLore pipeline (pretrain, analyze, rank, compress, eval, finetune, report) from a preset.",
+        "Run the whole WeLore pipeline (pretrain, analyze, rank, compress, eval, finetune, claims, report) from a "
+        "preset.",
     ),
 ]
 _SETTINGS = dict(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -99,7 +106,8 @@ _SETTINGS = dict(add_completion=False, pretty_exceptions_enable=False, rich_mark
 
 # commands that write into the run folder their input lies in: they hold its lock while they run
 # (pretrain takes its own; pipeline's stages are library calls inside one process)
-LOCKED = {"spectrum", "grad-subspace", "hessian-gap", "ranks", "compress", "eval", "finetune", "report", "sweep"}
+LOCKED = {"spectrum", "grad-subspace", "hessian-gap", "claims", "ranks", "compress", "eval", "finetune", "report",
+          "sweep"}
 INPUTS = ("path", "paths", "run", "ckpt", "model")  # the keyword that names a command's input
 
 
@@ -212,15 +220,18 @@ def _output_for_logs():
     """Output that reads well in a log file: rich tables at full width when stdout is not a terminal (rich
     takes its width from COLUMNS, else 80), and the libraries' own tqdm bars off when stderr is not one.
     Entered when a command runs (so --help imports no tqdm), before it imports the libraries."""
-    from spectra.progress import quiet_third_party_bars
+    from spectra.progress import quiet_third_party_bars, show, shown
 
     quiet_third_party_bars()
+    was_shown = shown()
+    show(True)  # a command shows its progress; the API alone prints nothing
     set_columns = "COLUMNS" not in os.environ and not _isatty(sys.stdout)
     if set_columns:
         os.environ["COLUMNS"] = LOG_COLUMNS
     try:
         yield
     finally:
+        show(was_shown)
         if set_columns and os.environ.get("COLUMNS") == LOG_COLUMNS:
             del os.environ["COLUMNS"]
 

@@ -9,6 +9,7 @@ never leaves a stale lock) for as long as it writes.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 from contextlib import contextmanager
@@ -58,8 +59,6 @@ def checkpoint_step_of(path: Path) -> int | None:
     if m:
         return int(m[1])
     try:
-        import json
-
         doc = json.loads((path / "trainer_state.json").read_text())
         return int(dict(doc["state"]["__dict__"])["step"])  # pretrain/checkpoint.py's encoding of a dict
     except Exception:  # noqa: BLE001 - unreadable: not a usable checkpoint
@@ -207,16 +206,12 @@ def is_analysis_store(p: Path) -> bool:
 
 def is_rank_map(p: Path) -> bool:
     """spectra rank map JSON"""
-    import json
-
     obj = json.loads(p.read_text())
     return isinstance(obj, dict) and "components" in obj and "method" in obj
 
 
 def is_finetune_dir(p: Path) -> bool:
     """spectra finetune output folder"""
-    import json
-
     return p.is_dir() and "method" in json.loads((p / "metrics.json").read_text())
 
 

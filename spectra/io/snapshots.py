@@ -44,6 +44,7 @@ from spectra.errors import SpectraError
 from spectra.io.atomic import _jsonable, atomic_write_json
 from spectra.io.zarr_meta import _CM_EMPTY, COMMIT_KEY, _group_md, _members, _open_group, _root_metadata, _steps_of
 from spectra.linalg.svd import randomized_svd, sketch_error
+from spectra.models.parts import COMPONENTS, iter_components
 
 STORE_KIND = "spectra-snapshots"
 FORMAT_VERSION = 2  # 2: commit record in the root metadata; 1: meta/ written last (read-only support)
@@ -149,8 +150,6 @@ class SnapshotWriter:
             raise SpectraError(f"snapshot write to {self.path} failed: {err}")
 
     def _collect(self, model) -> dict[str, dict]:
-        from spectra.models.parts import iter_components
-
         named = [(l, c, m.weight) for l, c, _, m in iter_components(model) if hasattr(m, "weight")]
         if self.embeddings:
             inner = getattr(model, "model", model)
@@ -364,8 +363,6 @@ class Run:
 
     def keys(self) -> list[tuple[int, str]]:
         """(layer, component) of every stored decoder linear, in layer then q,k,v,o,gate,up,down order."""
-        from spectra.models.parts import COMPONENTS
-
         order = list(COMPONENTS)
         if self.consolidated:
             names = [k.split("/")[1] for k in _root_metadata(self.path)["consolidated_metadata"]["metadata"]
