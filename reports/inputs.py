@@ -17,8 +17,8 @@ import xarray as xr
 from spectra.errors import SpectraError
 from spectra.io.analysis_store import read_analysis
 from spectra.io.atomic import read_json
+from spectra.io.runs import run_dir_of
 from spectra.io.snapshots import open_run
-from spectra.io.sources import resolve
 
 ANALYSES = ("spectrum", "grad_subspace", "hessian_gap", "hessian_density", "sweep")
 # what producers write into a run folder: a folder holding any of these is reported on as it is
@@ -82,7 +82,7 @@ def read_jsonl(path: Path) -> tuple[list[dict], int]:
 def report_folder(path: str | Path) -> Path:
     """The folder a report is about: `path` itself when it holds run outputs (a run, possibly partial, or
     the folder of a checkpoint series' analysis), else the run that a checkpoint, compressed model or
-    snapshots.zarr inside it belongs to (through the input resolver). A missing path is never looked up
+    snapshots.zarr inside it belongs to (io.runs.run_dir_of). A missing path is never looked up
     on the hub: a report reads local files only."""
     p = Path(path)
     if not p.exists():
@@ -91,11 +91,11 @@ def report_folder(path: str | Path) -> Path:
         raise SpectraError(f"{path} is a file; pass a run folder (runs/<id>) or a checkpoint inside it")
     if p.is_dir() and any((p / name).exists() for name in OUTPUTS):
         return p
-    if (p / "config.json").is_file() or p.suffix == ".zarr":
-        src = resolve(p)
-        if src.run_dir is None:
+    if (p / "config.json").is_file() or p.suffix == ".zarr":  # the report reads the run's files, not the model
+        run = run_dir_of(p)
+        if run is None:
             raise SpectraError(f"{path} lies in no run folder, so there is nothing to report; pass runs/<id>")
-        return src.run_dir
+        return run
     return p
 
 

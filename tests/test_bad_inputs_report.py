@@ -25,8 +25,9 @@ def root(tmp_path_factory) -> Path:
     (root / "outdir" / "keep.txt").write_text("mine")
     (root / "emptyout").mkdir()
     (root / "notes.txt").write_text("not a report")
-    (root / "lone").mkdir()
-    (root / "lone" / "config.json").write_text("{}")
+    from conftest import make_tiny
+
+    make_tiny().save_pretrained(root / "lone")  # a real model folder that lies in no run
     os.symlink(root / "loop", root / "loop")  # a symlink to itself
     (root / "cfg-title.json").write_text(json.dumps({"title": 3}))
     (root / "cfg-unknown.json").write_text(json.dumps({"titel": "x"}))

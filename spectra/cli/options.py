@@ -110,8 +110,8 @@ def command_from(cls, run: Callable[..., Any], doc: str, *, inputs: Inputs = Non
         if path and alias:
             raise SpectraError("give the input once: as PATH or as --ckpt/--model, not both")
         if not (path or alias):
-            raise SpectraError("missing the input: pass PATH (a run, a checkpoint folder, a snapshots.zarr or a hub "
-                               "name)")
+            raise SpectraError("missing the input: pass PATH (or --ckpt PATH): a run, a checkpoint folder, a "
+                               "snapshots.zarr or a hub name")
         if inputs == "many":
             return run(args, list(path) if path else [alias], **more)
         return run(args, path or alias, **more)
