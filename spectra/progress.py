@@ -31,9 +31,11 @@ import sys
 import time
 import weakref
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, TextIO
 
 from tqdm.auto import tqdm  # a notebook's widget bar in Jupyter, the text bar elsewhere
+from transformers.utils import logging as hf_logging
 
 DEFAULT_EVERY = 30.0  # seconds between plain lines
 MAX_LINE = 200  # characters in one log line; a longer one is cut (its end is the least useful part)
@@ -251,3 +253,16 @@ def overall(items: Iterable, desc: str, *, unit: str = "item", label=str, **kwar
             bar.update(1)
     finally:
         bar.close()
+
+
+@contextmanager
+def transformers_bars_off():
+    """transformers' own bars ("Loading weights", "Writing model shards") off for the call: the API prints
+    nothing, and a command's log gets its own lines only."""
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()

@@ -119,3 +119,36 @@ def tiny_store(tmp_path_factory) -> Path:
     model.save_pretrained(run / "checkpoints" / "step_12")
     (run / "checkpoints" / "latest").write_text("step_12")
     return run
+
+
+def tree(root: Path) -> dict[str, str]:
+    """{relative path: sha1} of every file below `root` (the run lock and caches aside)."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock" and "cache" not in p.parts}
+
+
+def assert_refused(argv: list[str], root: Path, capsys, *fragments: str) -> str:
+    """`spectra argv` exits non-zero with exactly one `error:` line (no traceback) holding every fragment, and no
+    file below `root` changed or appeared (what a refused command leaves is removed, then reported); returns
+    the line. The harness of every bad-input table."""
+    import shutil
+
+    from spectra.cli import main
+
+    before = tree(root)
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("error: ")]
+    assert code != 0 and len(errors) == 1 and "Traceback" not in err, (argv, code, err[-2000:])
+    assert all(f in errors[0] for f in fragments), (argv, fragments, errors[0])
+    after = tree(root)
+    changed = [k for k in before if after.get(k) != before[k]]
+    assert not changed, (argv, changed[:5])
+    new = sorted(set(after) - set(before))
+    for extra in new:
+        shutil.rmtree(root / extra, ignore_errors=True)
+    assert not new, (argv, new[:5])
+    return errors[0]

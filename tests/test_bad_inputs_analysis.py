@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import T5_DIR, make_tiny, train_steps, wiki_docs
-from test_bad_inputs import _tree
+from conftest import T5_DIR, assert_refused, make_tiny, train_steps, wiki_docs
 
 from spectra.cli import main
 
@@ -194,21 +193,9 @@ def test_table_size(w):
 @pytest.mark.parametrize("i", range(N_CASES))
 def test_bad_analysis_input_is_one_error_line_and_touches_nothing(w, i, capsys):
     argv, fragment = _cases(w)[i]
-    before = _tree(w["root"])
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    errors = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("error: ")]
-    assert code != 0 and len(errors) == 1 and "Traceback" not in err, (argv, code, err[-2000:])
-    assert fragment in errors[0], (argv, errors[0])
-    assert "np.int64" not in errors[0] and "np.float64" not in errors[0], errors[0]
-    after = _tree(w["root"])
-    changed = [k for k in before if after.get(k) != before[k]]
-    assert not changed, (argv, changed)
-    new = sorted(set(after) - set(before))
-    for extra in new:  # a refused command leaves nothing behind either
-        shutil.rmtree(w["root"] / extra, ignore_errors=True)
-    assert not new, (argv, new[:5])
+    line = assert_refused(argv, w["root"], capsys, fragment)
+    assert "np.int64" not in line and "np.float64" not in line, line
+
 
 
 def test_merge_refusal_comes_before_any_compute(w, monkeypatch, capsys):

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from conftest import make_tiny, train_steps
-from test_bad_inputs import _tree
+from conftest import assert_refused, make_tiny, train_steps, tree
 
 from spectra.cli import main
 
@@ -194,21 +193,13 @@ def test_table_size(w):
 @pytest.mark.parametrize("i", range(N_CASES))
 def test_bad_input_is_one_error_line_and_touches_nothing(w, i, capsys):
     argv, fragment = _cases(w)[i]
-    before = _tree(w["root"])
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    errors = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("error: ")]
-    assert code != 0 and len(errors) == 1 and "Traceback" not in err, (argv, code, err[-2000:])
-    assert fragment in errors[0], (argv, errors[0])
-    after = _tree(w["root"])
-    assert not [k for k in before if after.get(k) != before[k]], argv
-    assert not set(after) - set(before), (argv, sorted(set(after) - set(before))[:5])
+    assert_refused(argv, w["root"], capsys, fragment)
+
 
 
 def test_nothing_is_written_outside_out(w, tmp_path):
     """ranks with --out writes that file only: no ranks/ group and no calibration in the run's analysis store."""
-    before = _tree(w["run"])
+    before = tree(w["run"])
     out = tmp_path / "u.json"
     assert main(["ranks", str(w["run"]), "--method", "uniform", "--err", "0.3", "--out", str(out)]) == 0
     assert main(["ranks", str(w["run"]), "--method", "loss", "--err", "0.3", "--calib-data", str(w["docs"]),
@@ -216,7 +207,7 @@ def test_nothing_is_written_outside_out(w, tmp_path):
     assert main(["compress", str(w["run"]), "--whiten", "--calib-data", str(w["docs"]), "--calib-seqs", "4",
                  "--calib-seq-len", "32", "--out", str(tmp_path / "c")]) == 0
     assert json.loads(out.read_text())["method"] == "uniform" and (tmp_path / "c" / "config.json").is_file()
-    assert _tree(w["run"]) == before
+    assert tree(w["run"]) == before
     # without --out, the run's defaults: the map in <run>/ranks and its group in the run's store
     assert main(["ranks", str(w["run"]), "--method", "uniform", "--err", "0.3"]) == 0
     from spectra.io.analysis_store import read_analysis

@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_bad_inputs import _tree, w  # noqa: F401 - `w` is the shared fixture (a tiny run, its compressed copy)
-
-from spectra.cli import main
+from conftest import assert_refused
+from test_bad_inputs import w  # noqa: F401 - `w` is the shared fixture (a tiny run, its compressed copy)
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,16 +83,8 @@ def test_table_size(lm):
 @pytest.mark.parametrize("i", range(N_CASES))
 def test_bad_input_is_one_error_line_and_touches_nothing(lm, i, capsys):
     argv, fragment = _cases(lm)[i]
-    before = _tree(lm["root"])
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    errors = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("error: ")]
-    assert code != 0 and len(errors) == 1 and "Traceback" not in err, (argv, code, err[-2000:])
-    assert fragment in errors[0], (argv, errors[0])
-    after = _tree(lm["root"])
-    assert not [k for k in before if after.get(k) != before[k]], argv
-    assert not (set(after) - set(before)), (argv, sorted(set(after) - set(before))[:5])
+    assert_refused(argv, lm["root"], capsys, fragment)
+
 
 
 def _spectra(args: list[str], timeout: float = 240, **env) -> subprocess.CompletedProcess:

@@ -32,6 +32,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 from spectra.compression.rankmap import RANK_MAP_FILE, plan
 from spectra.errors import SpectraError
 from spectra.models.modeling_spectra import FusedLinear, LowRankLinear, apply_structure
+from spectra.progress import transformers_bars_off
 
 MODELING_FILE = "modeling_spectra.py"
 MODEL_TYPE = "spectra_lowrank"
@@ -115,7 +116,8 @@ def save_compressed(model: nn.Module, rank_map: dict, out: str | Path, tokenizer
     kw = {"save_original_format": False}
     if "save_original_format" not in inspect.signature(model.save_pretrained).parameters:  # transformers 4
         kw = {}
-    model.save_pretrained(out, **kw)
+    with transformers_bars_off():
+        model.save_pretrained(out, **kw)
     return write_metadata(out, model, rank_map, tokenizer)
 
 
@@ -146,7 +148,8 @@ def save_dense(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
     if any(isinstance(m, (LowRankLinear, FusedLinear)) for m in model.modules()):
         raise SpectraError("this model still has low-rank modules; merge it first (spectra.merge)")
     out = Path(out)
-    model.save_pretrained(out)
+    with transformers_bars_off():
+        model.save_pretrained(out)
     for stale in (RANK_MAP_FILE, MODELING_FILE):
         (out / stale).unlink(missing_ok=True)
     save_tokenizer(tokenizer, out)

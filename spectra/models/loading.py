@@ -23,6 +23,7 @@ from spectra.models.components import is_conv1d
 from spectra.models.compressed import RANK_MAP_FILE, load_compressed
 from spectra.models.parts import model_class, parts
 from spectra.models.validate import meta_model, validate_checkpoint
+from spectra.progress import transformers_bars_off
 
 CAUSAL_LMS = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
 
@@ -62,7 +63,8 @@ def load_model(source: str | Path | Source, *, device: str | torch.device = "cpu
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         try:
-            model, info = cls.from_pretrained(path, config=cfg, output_loading_info=True, **kwargs)
+            with transformers_bars_off():
+                model, info = cls.from_pretrained(path, config=cfg, output_loading_info=True, **kwargs)
         except (OSError, ValueError, RuntimeError) as e:
             why = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise SpectraError(f"{path}: not a model spectra can load ({why})") from None
