@@ -31,7 +31,7 @@ from pretrain.presets import MAPS, PRESETS, WHITENED
 from reports.build import write_report
 from spectra.analysis.claims_inputs import run_claims
 from spectra.analysis.hessian import token_batches
-from spectra.analysis.hessian_dynamics import hessian_steps
+from spectra.analysis.hessian_dynamics import checkpoint_steps, hessian_steps
 from spectra.compression.calibration import stored_calibration
 from spectra.compression.rankmap import err_tag
 from spectra.compression.ranks import save_rank_map
@@ -81,7 +81,9 @@ def run_pipeline(preset: str = "quickstart", runs_dir: str = "runs", run_id: str
         h = dict(p["hessian"])
         ids = token_batches(val, tok, h.pop("seq_len"), h.pop("batches"), h.pop("batch_size"),
                             model.config.vocab_size)
-        hessian_steps(src, ids, store, data=val, device=device, progress=False, on_event=log, **h)
+        last = h.pop("last", None)  # only the last N checkpoints (a quickstart's minute), else every one
+        chosen = [c.step for c in checkpoint_steps(src)][-last:] if last else None
+        hessian_steps(src, ids, store, steps=chosen, data=val, device=device, progress=False, on_event=log, **h)
     eval_out = run / "eval.jsonl"
     eval_out.unlink(missing_ok=True)  # the table is rebuilt from scratch on every pipeline run
     windows = {d: as_windows(model, d, tok, p["eval_seq"], p["eval_tokens"]) for d in (val, c4)}

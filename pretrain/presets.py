@@ -33,7 +33,7 @@ PRESETS: dict[str, dict] = {
         grad_rank=8,
         # the last two checkpoints, at most 60 HVPs per batch: about a minute on 2 cores (a trend over steps needs
         # 5 checkpoints, so Theorem 2.1's trend is "not testable here" in the quickstart; cpu-reference has them)
-        hessian=dict(k=4, batches=2, batch_size=2, seq_len=64, iterations=60, steps=(120, 150)),
+        hessian=dict(k=4, batches=2, batch_size=2, seq_len=64, iterations=60, last=2),
         calib=dict(seqs=64, seq_len=128),  # 8 k tokens: seconds on the tiny model
         errs=(0.1, 0.3, 0.5),
         eval_tokens=8192,

@@ -149,10 +149,10 @@ class LineBar:
         if self.disable:
             return
         f = self.file if self.file is not None else sys.stderr
-        print(_fit(self.line(final)), file=f, flush=True)
+        print(fit_line(self.line(final)), file=f, flush=True)
 
 
-def _fit(text: str) -> str:
+def fit_line(text: str) -> str:
     text = " ".join(text.split())  # one line: a desc or postfix may hold a newline or a carriage return
     return text if len(text) <= MAX_LINE else text[: MAX_LINE - 3] + "..."
 

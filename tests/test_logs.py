@@ -94,3 +94,11 @@ def test_library_bars_stay_out_of_a_log(tmp_path, tiny_ckpt):
     assert quiet.returncode == loud.returncode == 0, quiet.stderr[-2000:]
     assert b"\r" in loud.stderr and b"Loading weights" in loud.stderr  # transformers draws a bar of its own ...
     assert b"\r" not in quiet.stderr and b"%|" not in quiet.stderr, quiet.stderr[-500:]  # ... which the CLI turns off
+
+
+def test_quickstart_pipeline_log_has_no_long_line(tmp_path, shared_data):
+    """The README's first command, shortened to 30 pretraining steps: every stage's output (and any library's
+    warning) is plain lines of at most 200 characters."""
+    out, err = check_log(["pipeline", "--preset", "quickstart", "--steps", "30", "--runs-dir", str(tmp_path / "runs"),
+                          "--run-id", "qs", "--device", "cpu"], tmp_path, every=30, timeout=900)
+    assert any(line.startswith("== report done") for line in out) and (tmp_path / "runs/qs/report.html").is_file()

@@ -136,7 +136,7 @@ def test_pipeline_runs_the_four_maps_and_whitens_the_loss_map(tmp_path, shared_d
         finetune_errs=(0.5,),
     )
     monkeypatch.setitem(pipeline.PRESETS, "micro-test", preset)
-    pipeline.pipeline_command(preset="micro-test", runs_dir=str(tmp_path), run_id="p", device="cpu")
+    pipeline.run_pipeline("micro-test", str(tmp_path), "p", device="cpu", log=lambda line: None)
     run = tmp_path / "p"
     rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert sorted({r["method"] for r in rows}) == ["dense", "energy", "loss-whitened", "uniform", "welore"]

@@ -223,6 +223,8 @@ def _output_for_logs():
     from spectra.progress import quiet_third_party_bars, show, shown
 
     quiet_third_party_bars()
+    if not _isatty(sys.stderr):
+        _one_line_log_records()
     was_shown = shown()
     show(True)  # a command shows its progress; the API alone prints nothing
     set_columns = "COLUMNS" not in os.environ and not _isatty(sys.stdout)
@@ -234,6 +236,28 @@ def _output_for_logs():
         show(was_shown)
         if set_columns and os.environ.get("COLUMNS") == LOG_COLUMNS:
             del os.environ["COLUMNS"]
+
+
+def _one_line_log_records() -> None:
+    """In a log file, other libraries' warnings (Python warnings, `logging` records) become one line each of at
+    most 200 characters, like spectra's own: a deprecation notice or a kernel-loading note is no wall of text."""
+    import logging
+    import warnings
+
+    from spectra.progress import fit_line as cut
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(cut(f"{category.__name__}: {message} ({Path(filename).name}:{lineno})"), file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+    class OneLine(logging.Formatter):
+        def format(self, record):
+            return cut(f"{record.levelname.lower()}: {record.name}: {record.getMessage()}")
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLine())
+    logging.lastResort = handler  # what prints a library's record when no handler was configured
 
 
 def _isatty(f) -> bool:
