@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import xarray as xr
+
 from reports import curves as C
+from reports import dynamics_figure as D
 from reports import figures as F
+from reports.claims_box import claims_box
 from reports.datasets import dataset_keys, dataset_labels
 from reports.density_figure import hessian_density_figure
 from reports.html import Section, page, table
@@ -59,11 +63,74 @@ def hessian_section(inp: RunInputs) -> Section:
         "Gap between the k-th and (k+1)-th Hessian eigenvalue of each weight block; a clear gap lets the gradient "
         "settle into a low-rank subspace. The store holds two definitions, and they can rank components in "
         "opposite orders: relative to |λ1| (shown first: it compares blocks of different weight scale) and "
-        "absolute (the dropdown switches). The paper's Fig. 1 does not say which it plots.")
+        "absolute (the dropdown switches). The paper's Section 2.4 defines its Fig. 1 gap as the absolute "
+        "difference λ_k − λ_{k+1}; the claims test both.")
     if ds is not None:
         sec.figures.append(("hessian-gap", F.hessian_gap_figure(ds)))
     if (dens := inp.analysis.get("hessian_density")) is not None:  # SLQ from the same Lanczos runs
         sec.figures.append(("hessian-density", hessian_density_figure(dens)))
+    return sec
+
+
+HESSIAN_STEPS = ("run `spectra hessian-gap RUN` on the run folder (it reads every checkpoint the run keeps, or those "
+                 "--steps names)")
+
+
+def _values(ds: xr.Dataset, var: str) -> bool:
+    return var in ds and bool(ds[var].notnull().any())
+
+
+def drift_section(inp: RunInputs) -> Section:
+    sec = Section("hessian-drift", "Hessian eigenvalues and eigenspace through training (Theorem 2.1)",
+                  "Theorem 2.1: the Hessian's eigenvalues and its top-k eigenspace stabilize during training. Drawn: "
+                  "sin θ of the largest principal angle between the top-k Ritz subspaces of consecutive stored "
+                  "checkpoints (same token batches), and the relative change of the top-k eigenvalues; both should "
+                  "fall towards 0.", problems=_problems(inp, "hessian_drift"))
+    ds = inp.analysis.get("hessian_drift")
+    if ds is None:
+        sec.missing = f"not computed yet: {HESSIAN_STEPS}"
+        return sec
+    sec.figures += [(f"drift-{v.replace('_', '-')}", D.drift_figure(ds, v)) for v in D.DRIFT if _values(ds, v)]
+    if not sec.figures:
+        sec.missing = (f"no drift yet: it needs the Hessian at 2 or more checkpoints ({ds.sizes.get('step', 0)} "
+                       f"stored); {HESSIAN_STEPS}")
+    elif "sin_theta" not in ds:
+        sec.missing = f"eigenspace drift sin θ {ds.attrs.get('sin_theta') or 'not stored'}"
+    return sec
+
+
+def alignment_section(inp: RunInputs) -> Section:
+    sec = Section("hessian-alignment", "Gradient–Hessian alignment through training (Theorem 2.2)",
+                  "Theorem 2.2: the gradient aligns with the dominant Hessian eigenspace. Drawn: the fraction "
+                  "‖U_kᵀ g‖ / ‖g‖ of the gradient's norm inside the top-k Hessian eigenspace, for the gradient of the "
+                  "Hessian's own token batches (solid) and the training gradient the snapshot store holds at that "
+                  "step (dashed, where stored), against √(k/n), what a random k-dimensional subspace captures.",
+                  problems=_problems(inp, "hessian_alignment"))
+    ds = inp.analysis.get("hessian_alignment")
+    if ds is None:
+        sec.missing = f"not computed yet: {HESSIAN_STEPS}"
+    elif _values(ds, "alignment"):
+        sec.figures.append(("hessian-alignment", D.alignment_figure(ds)))
+    else:
+        sec.missing = "the stored hessian_alignment holds no alignment value"
+    return sec
+
+
+def gap_lowrank_section(inp: RunInputs) -> Section:
+    sec = Section("gap-vs-lowrank", "Hessian gap vs low-rankness (Fig. 1)",
+                  "Figure 1: components with a clear Hessian gap become more low-rank. One point per (layer, "
+                  "component): the relative gap at the last Hessian step against the stable-rank fraction at the "
+                  "spectrum's last step; ρ < 0 supports the paper.",
+                  problems=[p for g in ("hessian_gap", "spectrum", "claims") for p in _problems(inp, g)])
+    gap, spectrum = inp.analysis.get("hessian_gap"), inp.analysis.get("spectrum")
+    need = [f"`spectra {c} RUN`" for c, ds in (("hessian-gap", gap), ("spectrum", spectrum)) if ds is None]
+    if need:
+        sec.missing = f"not computed yet: run {' and '.join(need)}"
+        return sec
+    try:
+        sec.figures.append(("gap-vs-lowrank", D.gap_lowrank_figure(gap, spectrum, inp.analysis.get("claims"))))
+    except SpectraError as e:  # a store without the variables the scatter needs: said, not fatal
+        sec.missing = f"cannot draw it: {e}"
     return sec
 
 
@@ -123,6 +190,9 @@ def spectrum_section(inp: RunInputs) -> Section:
         "those above (green) kept. Only WeLore's k is a σ̂ value: every other rank map (energy, loss, uniform, "
         "diagnostic) appears as markers at the rank it keeps on each layer's curve, not as a line on this axis.")
     if ds is None:
+        return sec
+    if "sigma_norm" not in ds:
+        sec.missing = "the stored spectrum holds no normalized singular values (sigma_norm): rerun `spectra spectrum`"
         return sec
     ks = sigma_thresholds(inp)
     if not inp.rank_maps:
@@ -238,8 +308,9 @@ def sweep_section(inp: RunInputs) -> Section:
     return sec
 
 
-SECTIONS = (pretrain_section, hessian_section, subspace_section, spectrum_section, heavy_tail_section,
-            ranks_section, eval_section, sweep_section, finetune_section)
+SECTIONS = (pretrain_section, hessian_section, gap_lowrank_section, drift_section, alignment_section,
+            subspace_section, spectrum_section, heavy_tail_section, ranks_section, eval_section, sweep_section,
+            finetune_section)
 
 
 def build_report(run: str | Path | RunInputs, title: str | None = None) -> str:
@@ -252,7 +323,8 @@ def build_report(run: str | Path | RunInputs, title: str | None = None) -> str:
     for k, v in sorted(inp.problems.items()):
         if k == "snapshots":
             summary.append(("snapshots", f"could not read: {v}"))
-    return page(title or f"spectra report: {inp.root.resolve().name}", summary, sections)
+    lead = claims_box(inp.analysis.get("claims"), inp.problems.get("claims"))  # the claims come first
+    return page(title or f"spectra report: {inp.root.resolve().name}", summary, sections, lead)
 
 
 def write_report(run: str | Path | RunInputs, out: str | Path | None = None, title: str | None = None) -> Path:

@@ -34,6 +34,12 @@ p.missing { color: #888; font-style: italic; } p.problem { color: #b00; }
 nav a { margin-right: 1em; } code { background: #f3f3f3; padding: 0 3px; }
 .figure { margin: 1em 0; }
 tr.worse td { background: #fde0dd; color: #8b0000; font-weight: 600; }
+section.claims { border: 2px solid #555; border-radius: 6px; padding: 0 1em .5em; margin-top: 1em; }
+section.claims h2 { margin-top: .6em; } section.claims table { font-size: 13px; }
+.verdict-supported, tr.verdict-supported td { background: #d9f0d3; }
+.verdict-contradicted, tr.verdict-contradicted td { background: #fddbc7; }
+.verdict-inconclusive, tr.verdict-inconclusive td { background: #fff2b3; }
+.verdict-not-testable-here, tr.verdict-not-testable-here td { background: #eeeeee; color: #555; }
 """
 
 
@@ -147,15 +153,16 @@ def _section(sec: Section) -> str:
     return "\n".join(parts)
 
 
-def page(title: str, summary: list[tuple], sections: list[Section]) -> str:
-    """The whole report: title, summary table (rows (key, value) or (key, value, css class)), a contents
-    line, then every section in order, and at the end the compressed plotly.js and figure specs with the
-    script that draws them."""
+def page(title: str, summary: list[tuple], sections: list[Section], lead: str = "") -> str:
+    """The whole report: title, `lead` (HTML that comes first: the claims box), summary table (rows (key,
+    value) or (key, value, css class)), a contents line, then every section in order, and at the end the
+    compressed plotly.js and figure specs with the script that draws them."""
     nav = " ".join(f'<a href="#{slug(s.key)}">{html.escape(s.title)}</a>' for s in sections)
     summary_html = table(["", ""], [[r[0], r[1]] for r in summary], row_classes=[r[2] if len(r) > 2 else ""
                                                                                  for r in summary])
     summary_html = summary_html.replace("<thead><tr><th></th><th></th></tr></thead>", "")
     body = "\n".join(_section(s) for s in sections)
+    lead = f"{lead}\n" if lead else ""
     specs = [figure_spec(name, fig) for s in sections for name, fig in s.figures]
     figures = json.dumps(specs, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return (
@@ -164,7 +171,7 @@ def page(title: str, summary: list[tuple], sections: list[Section]) -> str:
         f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n"
         "<script type=\"text/javascript\">window.PlotlyConfig = {MathJaxConfig: 'local'};</script>\n</head>\n<body>\n"
         "<noscript><p class=\"problem\">figures need JavaScript; the tables below do not</p></noscript>\n"
-        f"<h1>{html.escape(title)}</h1>\n<section id=\"summary\"><h2>Summary</h2>{summary_html}</section>\n"
+        f"<h1>{html.escape(title)}</h1>\n{lead}<section id=\"summary\"><h2>Summary</h2>{summary_html}</section>\n"
         f"<nav>{nav}</nav>\n{body}\n"
         f"<script type=\"application/gzip;base64\" id=\"plotly-js-gz\">{_packed_plotlyjs()}</script>\n"
         f"<script type=\"application/gzip;base64\" id=\"figures-gz\">{packed(figures)}</script>\n"

@@ -20,7 +20,8 @@ from spectra.io.atomic import read_json
 from spectra.io.runs import run_dir_of
 from spectra.io.snapshots import open_run
 
-ANALYSES = ("spectrum", "grad_subspace", "hessian_gap", "hessian_density", "sweep")
+ANALYSES = ("spectrum", "grad_subspace", "hessian_gap", "hessian_density", "hessian_alignment", "hessian_drift",
+            "sweep", "claims")
 # what producers write into a run folder: a folder holding any of these is reported on as it is
 OUTPUTS = ("snapshots.zarr", "analysis.zarr", "ranks", "eval.jsonl", "finetune", "metrics.jsonl", "run_config.json")
 

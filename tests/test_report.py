@@ -23,6 +23,7 @@ from reports.build import build_report, finetune_section, spectrum_section, writ
 from reports.datasets import dataset_keys, dataset_labels
 from reports.html import unpacked
 from reports.inputs import RunInputs, report_folder
+from spectra.analysis.claims import claims
 from spectra.cli.report import command as report_command
 from spectra.errors import SpectraError
 from spectra.io.analysis_store import write_analysis
@@ -68,6 +69,45 @@ def hessian_ds() -> xr.Dataset:
     return xr.Dataset({"eigenvalues": (dl + ("eig",), eig), "residuals": (dl + ("eig",), res), "gap": (dl, gap),
                        "gap_se": (dl, gap / 10), "rel_gap": (dl, gap / eig[..., 0])},
                       coords={"layer": LAYERS, "component": COMPS}, attrs={"k": 2, "iterations": 50})
+
+
+BATCHES = [0, 1]
+
+
+def alignment_ds(snapshot: bool = True) -> xr.Dataset:
+    """hessian_alignment as hessian-gap writes it over steps: alignment (step, layer, component, batch), the
+    baseline √(k/n) (step, layer, component), the snapshot gradient's alignment (NaN at steps without one)."""
+    rng = np.random.default_rng(3)
+    d4, d3 = ("step", "layer", "component", "batch"), ("step", "layer", "component")
+    al = 0.2 + 0.7 * rng.random((len(STEPS), len(LAYERS), len(COMPS), len(BATCHES)))
+    base = np.broadcast_to(np.sqrt(2 / (64.0 * (1 + np.arange(len(COMPS))))), al.shape[:3]).copy()
+    snap = rng.random(al.shape)
+    snap[0] = np.nan  # no snapshot gradient at the first step
+    ds = xr.Dataset({"alignment": (d4, al), "alignment_baseline": (d3, base)},
+                    coords={"step": STEPS, "layer": LAYERS, "component": COMPS, "batch": BATCHES}, attrs={"k": 2})
+    return ds.assign(alignment_snapshot=(d4, snap)) if snapshot else ds
+
+
+def drift_ds(sin_theta: bool = True) -> xr.Dataset:
+    """hessian_drift (step, layer, component, batch): NaN at the first step, which has no previous one."""
+    rng = np.random.default_rng(4)
+    shape = (len(STEPS), len(LAYERS), len(COMPS), len(BATCHES))
+    dims = ("step", "layer", "component", "batch")
+    change, sin = rng.random(shape), rng.random(shape)
+    change[0] = sin[0] = np.nan
+    ds = xr.Dataset({"eig_change": (dims, change)},
+                    coords={"step": STEPS, "layer": LAYERS, "component": COMPS, "batch": BATCHES}, attrs={"k": 2})
+    if sin_theta:
+        ds["sin_theta"] = (dims, sin)
+    else:
+        ds.attrs["sin_theta"] = "not computed: no Ritz vectors stored (hessian-gap --keep-vectors)"
+    return ds
+
+
+def claims_ds() -> xr.Dataset:
+    """The claims group spectra.analysis.claims computes from this module's stores (quick settings)."""
+    return claims(hessian_gap=hessian_ds(), hessian_drift=drift_ds(), hessian_alignment=alignment_ds(),
+                  grad_subspace=subspace_ds(), spectrum=spectrum_ds(), rank_map=rank_map(), n_boot=200, n_perm=200)
 
 
 def rank_map(method="welore", err=0.5, k=0.175) -> dict:
@@ -120,6 +160,9 @@ def write_run(root: Path, *, snapshots: bool = True) -> Path:
     write_analysis(store, "spectrum", spectrum_ds())
     write_analysis(store, "grad_subspace", subspace_ds())
     write_analysis(store, "hessian_gap", hessian_ds())
+    write_analysis(store, "hessian_alignment", alignment_ds())
+    write_analysis(store, "hessian_drift", drift_ds())
+    write_analysis(store, "claims", claims_ds())
     (root / "ranks").mkdir()
     (root / "ranks" / "welore-err50.json").write_text(json.dumps(rank_map()))
     (root / "ranks" / "uniform-err50.json").write_text(json.dumps(rank_map("uniform", 0.5, None)))
@@ -413,7 +456,8 @@ def test_pretrain_figure_train_and_val():
 
 
 # --------------------------------------------------------------------------- the page
-EXPECTED_DIVS = ["pretrain", "hessian-gap", "subspace-overlap-prev", "subspace-overlap-final", "spectrum-final",
+EXPECTED_DIVS = ["pretrain", "hessian-gap", "gap-vs-lowrank", "drift-sin-theta", "drift-eig-change",
+                 "hessian-alignment", "subspace-overlap-prev", "subspace-overlap-final", "spectrum-final",
                  "spectrum-emergence", "heavy-tail-alpha", "heavy-tail-alpha-weighted", "heavy-tail-stable-rank",
                  "heavy-tail-effective-rank", "heavy-tail-log-norm", "rankmap-welore", "rankmap-uniform",
                  "ppl-vs-err", "finetune-loss", "finetune-cost"]
