@@ -127,6 +127,10 @@ def gap_lowrank_section(inp: RunInputs) -> Section:
     if need:
         sec.missing = f"not computed yet: run {' and '.join(need)}"
         return sec
+    lacking = [v for v in ("stable_rank", "full_rank") if v not in spectrum]
+    if lacking:
+        sec.missing = f"the stored spectrum has no {' or '.join(lacking)}: rerun `spectra spectrum RUN`"
+        return sec
     try:
         sec.figures.append(("gap-vs-lowrank", D.gap_lowrank_figure(gap, spectrum, inp.analysis.get("claims"))))
     except SpectraError as e:  # a store without the variables the scatter needs: said, not fatal

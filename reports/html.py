@@ -36,6 +36,7 @@ nav a { margin-right: 1em; } code { background: #f3f3f3; padding: 0 3px; }
 tr.worse td { background: #fde0dd; color: #8b0000; font-weight: 600; }
 section.claims { border: 2px solid #555; border-radius: 6px; padding: 0 1em .5em; margin-top: 1em; }
 section.claims h2 { margin-top: .6em; } section.claims table { font-size: 13px; }
+section.claims td.num { white-space: nowrap; } section.claims td:nth-child(6) { font-weight: 600; }
 .verdict-supported, tr.verdict-supported td { background: #d9f0d3; }
 .verdict-contradicted, tr.verdict-contradicted td { background: #fddbc7; }
 .verdict-inconclusive, tr.verdict-inconclusive td { background: #fff2b3; }

@@ -257,3 +257,11 @@ def test_scatter_hint_names_each_missing_producer(tmp_path):
     write_analysis(run / "analysis.zarr", "hessian_alignment", alignment_ds())
     text = build_report(run)
     assert "not computed yet: run <code>spectra hessian-gap RUN</code> and <code>spectra spectrum RUN</code>" in text
+    gap = gap_steps_ds()
+    write_analysis(run / "analysis.zarr", "hessian_gap", gap)
+    write_analysis(run / "analysis.zarr", "spectrum", spectrum_steps_ds(gap).drop_vars("stable_rank"))
+    text = build_report(run)  # a store without the variable: said, not a crash
+    assert "the stored spectrum has no stable_rank: rerun <code>spectra spectrum RUN</code>" in text
+    write_analysis(run / "analysis.zarr", "spectrum", spectrum_steps_ds(gap))
+    write_analysis(run / "analysis.zarr", "hessian_gap", gap.drop_vars(["rel_gap", "eigenvalues_batch"]))
+    assert "cannot draw it: hessian_gap has no variable &#x27;rel_gap&#x27;" in build_report(run)  # an older store
