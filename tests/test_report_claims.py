@@ -20,6 +20,7 @@ from reports.build import build_report
 from reports.claims_box import claims_box
 from reports.html import CSS, unpacked
 from spectra.analysis.claims import Row, Settings, claims, claims_dataset
+from spectra.analysis.hessian_dynamics import hessian_drift
 from spectra.io.analysis_store import write_analysis
 
 pytestmark = pytest.mark.unit
@@ -265,3 +266,16 @@ def test_scatter_hint_names_each_missing_producer(tmp_path):
     write_analysis(run / "analysis.zarr", "spectrum", spectrum_steps_ds(gap))
     write_analysis(run / "analysis.zarr", "hessian_gap", gap.drop_vars(["rel_gap", "eigenvalues_batch"]))
     assert "cannot draw it: hessian_gap has no variable &#x27;rel_gap&#x27;" in build_report(run)  # an older store
+
+
+def test_drift_computed_from_stored_eigenvalues_is_titled_as_a_relative_change(tmp_path):
+    gap = gap_steps_ds()
+    gap["eigenvalues_batch"].attrs = {"long_name": "top Hessian eigenvalues per batch", "units": "loss / weight units²"}
+    drift = hessian_drift(gap=gap, vectors=lambda step, layer, comp: None)
+    write_analysis(tmp_path / "a.zarr", "hessian_drift", drift)
+    fig = D.drift_figure(xr.open_zarr(tmp_path / "a.zarr", group="hessian_drift"), "eig_change")
+    assert fig.layout.yaxis.title.text == "relative top-k eigenvalue change"  # not the eigenvalues' name and units
+    ev = gap["eigenvalues_batch"].values[..., :2]  # top k = 2
+    want = (np.linalg.norm(ev[1] - ev[0], axis=-1) / np.linalg.norm(ev[0], axis=-1)).mean(-1)  # mean over batches
+    tr = next(t for t in fig.data if "layer 3<br>component o<" in t.hovertemplate)
+    assert tr.y[0] is None and tr.y[1] == pytest.approx(want[3, COMPS.index("o")], rel=1e-12)

@@ -220,7 +220,9 @@ def eigenvalue_change(eigenvalues: xr.DataArray) -> xr.DataArray:
     closes the gap), between consecutive stored steps; NaN at the first step."""
     top = eigenvalues.isel(eig=slice(0, -1))
     prev = top.shift(step=1)
-    return ((top - prev) ** 2).sum("eig", skipna=False) ** 0.5 / (prev**2).sum("eig", skipna=False) ** 0.5
+    change = ((top - prev) ** 2).sum("eig", skipna=False) ** 0.5 / (prev**2).sum("eig", skipna=False) ** 0.5
+    change.attrs = {}  # arithmetic keeps the eigenvalues' long_name and units; a relative change has neither
+    return change
 
 
 def stabilization_step(overlap_prev: xr.DataArray, tau: float) -> xr.DataArray:
