@@ -102,3 +102,39 @@ def test_quickstart_pipeline_log_has_no_long_line(tmp_path, shared_data):
     out, err = check_log(["pipeline", "--preset", "quickstart", "--steps", "30", "--runs-dir", str(tmp_path / "runs"),
                           "--run-id", "qs", "--device", "cpu"], tmp_path, every=30, timeout=900)
     assert any(line.startswith("== report done") for line in out) and (tmp_path / "runs/qs/report.html").is_file()
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory, shared_data):
+    """A micro run with snapshots (full gradients) and checkpoints at steps 3 and 6."""
+    root = tmp_path_factory.mktemp("logs")
+    docs = wiki_docs(root / "docs.jsonl", 60)
+    argv = ["pretrain", "--model", "micro", "--tokenizer", "bytes", "--data", str(docs), "--seq-len", "32",
+            "--batch-size", "2", "--micro-batch", "2", "--val-tokens", "256", "--warmup", "1", "--steps", "6",
+            "--eval-every", "6", "--save-every", "3", "--keep-checkpoints", "0", "--snapshot-every", "3",
+            "--snapshot-grad", "full", "--runs-dir", str(root / "runs"), "--run-id", "r", "--device", "cpu"]
+    check_log(argv, root)
+    return root / "runs" / "r", docs
+
+
+def test_every_long_command_logs_plain_lines(micro_run, tmp_path):
+    """Each command a user runs for minutes on a real model, with stdout and stderr in files: lines of at most
+    200 characters, no carriage return, no library bar, no cut table value (check_log)."""
+    run, docs = micro_run
+    common = ["--device", "cpu"]
+    for i, argv in enumerate([
+        ["spectrum", str(run), *common],
+        ["grad-subspace", str(run), "--rank", "2", *common],
+        ["hessian-gap", str(run), "--k", "2", "--batches", "1", "--batch-size", "2", "--seq-len", "32",
+         "--iterations", "20", "--data", str(docs), *common],
+        ["ranks", str(run), "--err", "0.5", *common],
+        ["compress", str(run), "--err", "0.5", "--out", str(run / "compressed" / "w50"), *common],
+        ["eval", str(run / "compressed" / "w50"), "--data", str(docs), "--seq-len", "32", "--tokens", "256", *common],
+        ["finetune", str(run / "compressed" / "w50"), "--method", "welore", "--data", str(docs), "--steps", "2",
+         "--batch-size", "2", "--micro-batch", "2", "--seq-len", "32", "--eval-tokens", "128", *common],
+        ["claims", str(run)],
+        ["report", str(run)],
+    ]):
+        (tmp_path / str(i)).mkdir()
+        out, err = check_log(argv, tmp_path / str(i), every=0)
+        assert out or err, argv  # each said something
