@@ -202,6 +202,10 @@ def _cases(w) -> list[tuple[list[str], str]]:
         (sweep("--analysis", str(Path(run) / "metrics.jsonl")), "metrics.jsonl"),  # exists, not an analysis store
         (sweep("--analysis", ckpt), "analysis store"),
         (sweep("--config", str(r / "cfg-unknown.json")), "stepz"),
+        # claims
+        (["claims", str(r / "nope")], "nope"),
+        (["claims", run, "--n-boot", "5"], "--n-boot"),
+        (["claims", run, "--rank-map", str(r / "bad.json")], "bad.json"),
         # report
         (["report", str(r / "nope")], "nope"),
         (["report", run, "--out", str(Path(run) / "metrics.jsonl")], "metrics.jsonl"),
@@ -220,7 +224,7 @@ def _cases(w) -> list[tuple[list[str], str]]:
 
 
 # the table is built from a fixture, so its length is not known at collection time: keep this in step
-N_CASES = 122
+N_CASES = 125
 
 
 def test_table_has_every_command(w):

@@ -227,15 +227,50 @@ def _output_for_logs():
         _one_line_log_records()
     was_shown = shown()
     show(True)  # a command shows its progress; the API alone prints nothing
+    if not _isatty(sys.stdout) and not isinstance(sys.stdout, _FoldingWriter):
+        sys.stdout = _FoldingWriter(sys.stdout)  # restored below
     set_columns = "COLUMNS" not in os.environ and not _isatty(sys.stdout)
     if set_columns:
         os.environ["COLUMNS"] = LOG_COLUMNS
     try:
         yield
     finally:
+        if isinstance(sys.stdout, _FoldingWriter):
+            sys.stdout.flush()
+            sys.stdout = sys.stdout.stream
         show(was_shown)
         if set_columns and os.environ.get("COLUMNS") == LOG_COLUMNS:
             del os.environ["COLUMNS"]
+
+
+class _FoldingWriter:
+    """stdout in a log file: a result line longer than 200 characters (long paths) is folded at spaces into
+    lines of at most 200, continuation lines indented; table rows (box-drawing characters) are left whole."""
+
+    def __init__(self, stream, width: int = 200):
+        self.stream, self.width, self._part = stream, width, ""
+
+    def write(self, text: str) -> int:
+        import textwrap
+
+        lines = (self._part + text).split("\n")
+        self._part = lines.pop()
+        for line in lines:
+            if len(line) <= self.width or any("\u2500" <= ch <= "\u257f" for ch in line):
+                self.stream.write(line + "\n")
+            else:
+                self.stream.write("\n".join(textwrap.wrap(line, self.width, subsequent_indent="    ",
+                                                         break_long_words=False, break_on_hyphens=False)) + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._part:
+            self.stream.write(self._part)
+            self._part = ""
+        self.stream.flush()
+
+    def __getattr__(self, name):  # encoding, fileno, isatty, ...: the stream's
+        return getattr(self.stream, name)
 
 
 def _one_line_log_records() -> None:
