@@ -152,3 +152,14 @@ def assert_refused(argv: list[str], root: Path, capsys, *fragments: str) -> str:
         shutil.rmtree(root / extra, ignore_errors=True)
     assert not new, (argv, new[:5])
     return errors[0]
+
+
+def argv_with(base: list[str], *kv: str) -> list[str]:
+    """`base` with each option of the (flag, value) pairs set: replaced where present, appended otherwise."""
+    out = list(base)
+    for k, v in zip(kv[::2], kv[1::2]):
+        if k in out:
+            out[out.index(k) + 1] = v
+        else:
+            out += [k, v]
+    return out

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import T5_DIR, assert_refused, wiki_docs
+from conftest import T5_DIR, argv_with, assert_refused, wiki_docs
 
 from spectra.cli import main
 
@@ -52,13 +52,7 @@ def _cases(w) -> list[tuple[list[str], str]]:
     new = [*pre, "--run-id", "new"]
 
     def with_(*kv):
-        out = list(new)
-        for k, v in zip(kv[::2], kv[1::2]):
-            if k in out:
-                out[out.index(k) + 1] = v
-            else:
-                out += [k, v]
-        return out
+        return argv_with(new, *kv)
 
     ev = ["eval", "--model", run, "--data", docs, "--seq-len", "32", "--tokens", "256", "--cache-dir", str(r / "cache")]
     hg = ["hessian-gap", "--ckpt", run, "--data", docs, "--seq-len", "32", "--batch-size", "2", "--batches", "1",

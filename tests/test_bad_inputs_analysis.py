@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import T5_DIR, assert_refused, make_tiny, train_steps, wiki_docs
+from conftest import T5_DIR, argv_with, assert_refused, make_tiny, train_steps, wiki_docs
 
 from spectra.cli import main
 
@@ -110,14 +110,7 @@ def _cases(w) -> list[tuple[list[str], str]]:
     r, run, series, hg = w["root"], str(w["run"]), w["series"], w["hg"]
     part = [*hg, "--layers", "1", "--components", "down"]  # merges into the stored group
 
-    def with_(base, *kv):
-        out = list(base)
-        for k, v in zip(kv[::2], kv[1::2]):
-            if k in out:
-                out[out.index(k) + 1] = v
-            else:
-                out += [k, v]
-        return out
+    with_ = argv_with
 
     return [
         # spectrum: damaged stores
