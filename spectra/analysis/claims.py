@@ -261,7 +261,8 @@ def _trend_row(claim: str, key: str, da: xr.DataArray | None, missing: str, what
     da = _steps_with_data(da)
     V = _array(da, claim, _DIMS)
     if V.shape[0] < 3:
-        return _untestable(row, f"{V.shape[0]} steps with {what}: a trend needs at least 3")
+        n = V.shape[0]
+        return _untestable(row, f"{n} step{'' if n == 1 else 's'} with {what}: a trend needs at least 3")
     return _judge(row, s.run(cs.trend, claim, V, da.step.values), s, "steps")
 
 
