@@ -277,7 +277,8 @@ def _last_vs_first_row(claim: str, key: str, da: xr.DataArray | None, missing: s
         return _untestable(row, missing)
     V = _array(_steps_with_data(da), claim, _DIMS)
     if V.shape[0] < 2:
-        return _untestable(row, f"{V.shape[0]} step(s) with {what}: a first and a last interval need 2")
+        n = V.shape[0]
+        return _untestable(row, f"{n} step{'' if n == 1 else 's'} with {what}: a first and a last interval need 2")
     fin = np.isfinite(V) & (V > 0)
     first = np.argmax(fin, axis=0)
     last = V.shape[0] - 1 - np.argmax(fin[::-1], axis=0)
