@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -140,7 +141,6 @@ def run_pipeline(preset: str = "quickstart", runs_dir: str = "runs", run_id: str
 
 def _stages(log: Callable[[str], None]):
     """`with stage(name):` logs the stage's start and its time."""
-    from contextlib import contextmanager
 
     @contextmanager
     def stage(name: str):

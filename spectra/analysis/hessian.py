@@ -34,6 +34,7 @@ from spectra.analysis.hessian_block import ComponentGap, alignment_baseline, com
 from spectra.data import load_tokenizer, text_windows
 from spectra.errors import SpectraError
 from spectra.linalg.hvp import BlockHVP, choose_block
+from spectra.lm.evaluate import check_positions
 from spectra.models.components import COMPONENTS
 from spectra.models.loading import is_causal_lm
 from spectra.models.parts import select_components, set_attention
@@ -148,13 +149,6 @@ def check_batches(model: nn.Module, batches) -> list[torch.Tensor]:
         raise SpectraError(f"token ids span {lo}..{hi} but the model embeds {n_vocab}; use the model's tokenizer")
     dev = next(model.parameters()).device
     return [b.to(dev) for b in batches]
-
-
-def check_positions(model: nn.Module, seq_len: int, what: str = "--seq-len") -> None:
-    """seq_len within the positions of `model` (or of a model config, checked before any weights load)."""
-    max_pos = getattr(getattr(model, "config", model), "max_position_embeddings", None)
-    if max_pos is not None and seq_len > max_pos:
-        raise SpectraError(f"{what} {seq_len} exceeds the model's {max_pos} positions")
 
 
 @contextmanager

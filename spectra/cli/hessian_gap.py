@@ -50,7 +50,7 @@ def run(args: HessianGapArgs, paths: list[str]) -> None:
     import torch
 
     from spectra import distributed as dist_utils
-    from spectra.analysis.hessian import check_positions, token_batches
+    from spectra.analysis.hessian import token_batches
     from spectra.analysis.hessian_dynamics import (
         batches_digest,
         checkpoint_steps,
@@ -61,7 +61,7 @@ def run(args: HessianGapArgs, paths: list[str]) -> None:
     from spectra.errors import SpectraError
     from spectra.io.sources import load_source_tokenizer, resolve
     from spectra.linalg.hvp import keep_freed_memory
-    from spectra.lm.evaluate import check_vocab
+    from spectra.lm.evaluate import check_positions, check_vocab
     from spectra.models.loading import load_causal_lm
     from spectra.models.parts import model_class, select_components
 

@@ -195,7 +195,8 @@ def _locate(text: str) -> Source:
 def _step_of_checkpoint(folder: Path) -> int | None:
     """A checkpoint's training step (step_N, trainer_state.json, a step in its name); None for a model with
     no training step (a compressed folder, a plain save_pretrained folder)."""
-    return checkpoint_step_of(folder) if checkpoint_step_of(folder) is not None else checkpoint_step(folder.resolve())
+    step = checkpoint_step_of(folder)
+    return step if step is not None else checkpoint_step(folder.resolve())
 
 
 def resolve(spec: str | Path | Sequence[str | Path], *, steps: Sequence[int] | None = None) -> Source:

@@ -143,16 +143,17 @@ def score(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device: 
 
 
 def max_positions(model: nn.Module) -> int | None:
-    """The longest sequence the model's position embeddings / RoPE config were made for (None: unknown)."""
-    cfg = getattr(model, "config", None)
+    """The longest sequence the model's (or a model config's) position embeddings / RoPE were made for (None:
+    unknown)."""
+    cfg = getattr(model, "config", model)
     n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
-def check_positions(model: nn.Module, seq_len: int, what: str = "--seq-len") -> None:
-    """Refuse windows longer than the model's positions: past them a learned position table has no rows and
-    RoPE extrapolates, and the 'perplexity' measures that, not the model (1521 for a 1024-position model
-    scored at 2048)."""
+def check_positions(model, seq_len: int, what: str = "--seq-len") -> None:
+    """Refuse (for a model, or its config before any weights load) windows longer than the model's positions:
+    past them a learned position table has no rows and RoPE extrapolates, and the 'perplexity' measures that,
+    not the model (1521 for a 1024-position model scored at 2048)."""
     n = max_positions(model)
     if n is not None and seq_len > n:
         raise SpectraError(f"{what} {seq_len} exceeds the model's {n} positions; use {what} {n} or less")
