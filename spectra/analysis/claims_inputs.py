@@ -12,6 +12,7 @@ from pathlib import Path
 import xarray as xr
 
 from spectra.analysis.claims import claims
+from spectra.compression.rankmap import err_of_name
 from spectra.errors import SpectraError
 from spectra.io.analysis_store import read_analysis
 from spectra.io.atomic import read_json
@@ -34,11 +35,10 @@ def welore_rank_map(run_dir: Path | None, path: str | Path | None = None) -> dic
         return read_json(path)
     if run_dir is None or not (run_dir / "ranks").is_dir():
         return None
-    maps = sorted((run_dir / "ranks").glob("welore-err*.json"))
+    maps = [p for p in sorted((run_dir / "ranks").glob("welore-err*.json")) if err_of_name(p.stem) is not None]
     if not maps:
         return None
-    best = min(maps, key=lambda p: abs(int("".join(ch for ch in p.stem.split("err")[-1] if ch.isdigit()) or 0) - 50))
-    return read_json(best)
+    return read_json(min(maps, key=lambda p: abs(err_of_name(p.stem) - 0.5)))
 
 
 def finetune_results(run_dir: Path | None) -> list[dict]:
