@@ -14,6 +14,10 @@ the spectral density of each block (spectra.analysis.density), at no extra HVP.
 
 Under torchrun (a process group is initialized) the components are split over the ranks round-robin and
 every rank gets all results.
+
+HVPs are exact (hvp="exact": double backward, eager attention) or finite differences of gradients (hvp="fd":
+no double backward, so the model keeps its fused SDPA attention and less memory; each product's error
+estimate enters the certificate, spectra.linalg.fd_hvp and spectra.linalg.lanczos).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from torch import nn
 
 from spectra import distributed as dist_utils
 from spectra.analysis.density import density_dataset
-from spectra.analysis.hessian_block import ComponentGap, alignment_baseline, component_gap
+from spectra.analysis.hessian_block import HVPS, ComponentGap, alignment_baseline, component_gap
 from spectra.data import load_tokenizer, text_windows
 from spectra.errors import SpectraError
 from spectra.linalg.hvp import BlockHVP, choose_block
@@ -49,7 +53,7 @@ def hessian_gaps(model: nn.Module, batches: Sequence[torch.Tensor] | torch.Tenso
                  iterations: int = 400, tol: float = 1e-4, gap_frac: float = 0.1, block_size: int = 0,
                  density_hvps: int = 0, seed: int = 0, density: bool = False, vectors: bool = False,
                  snapshot_grads: Mapping[tuple[int, str], torch.Tensor] | None = None,
-                 progress: bool = True) -> xr.Dataset | tuple:
+                 progress: bool = True, hvp: str = "exact", richardson: bool = False) -> xr.Dataset | tuple:
     """Top k+1 Hessian eigenvalues and the k/k+1 eigen-gap of every decoder linear of a causal LM in memory.
 
     batches: token-id tensors [batch, seq] (a list, or one 2-D tensor), moved to the model's device; each is an
@@ -62,9 +66,16 @@ def hessian_gaps(model: nn.Module, batches: Sequence[torch.Tensor] | torch.Tenso
     n = W.numel(), each row W's shape flattened row-major (memory: batches·(k+1)·n·4 bytes per component).
     snapshot_grads: {(layer, component): a gradient of that W} (e.g. the training gradient a run's snapshot store
     holds for this checkpoint): its alignment with each batch's top-k Ritz subspace becomes `alignment_snapshot`.
+    hvp: "exact" (double backward in eager attention: the reference, and the faster one on small models) or
+    "fd" (central differences of two ordinary gradients, four with the error estimate: fused SDPA attention and
+    no double-backward graph, for models whose exact HVPs do not fit; each product's error estimate enters the
+    certificate, and a pair the fd noise keeps from certifying is reported as "not certified: fd error").
+    richardson: fd's Richardson extrapolation (4D(ε) − D(2ε))/3 (no extra cost; better where truncation,
+    not rounding, dominates). block_size 0 with fd is 1 (fd products go one vector at a time).
 
-    The model is left as it was: attention runs eager for the HVPs (fused SDPA has no double backward), in eval
-    mode (no dropout in the loss), and both are restored afterwards. Returns the `hessian_gap` Dataset, dims
+    The model is left as it was: attention runs eager for exact HVPs (fused SDPA has no double backward) and
+    SDPA for fd ones (unless the model already runs a fused kernel), in eval mode (no dropout in the loss), and
+    both are restored afterwards. Returns the `hessian_gap` Dataset, dims
     (layer, component, eig[, batch]), with its settings and certificate in attrs, and the gradient alignment
     `alignment` (layer, component, batch) = ‖U_kᵀ g‖ / ‖g‖ for g = ∂L/∂W of that batch, U_k its top-k Ritz
     vectors (orthonormalized), with `alignment_baseline` = √(k/n) (layer, component). Then, in this order,
@@ -76,12 +87,17 @@ def hessian_gaps(model: nn.Module, batches: Sequence[torch.Tensor] | torch.Tenso
                         ("density_hvps", density_hvps, 0), ("seed", seed, 0)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
             raise SpectraError(f"{name} (--{name.replace('_', '-')}) must be an integer >= {lo}, not {v!r}")
+    if hvp not in HVPS or not isinstance(richardson, bool):
+        raise SpectraError(f"hvp (--hvp) must be one of {', '.join(HVPS)} and richardson a bool, not {hvp!r}, "
+                           f"{richardson!r}")
+    if richardson and hvp != "fd":
+        raise SpectraError("richardson (--richardson) is fd's extrapolation: it needs hvp='fd' (--hvp fd)")
     if iterations < k + 2:
         raise SpectraError(f"iterations (--iterations, the HVP budget) must be >= k+2 = {k + 2}, not {iterations}")
     if not (tol > 0 and 0 < gap_frac <= 1) or density_hvps > iterations:
         raise SpectraError("need tol > 0, 0 < gap_frac <= 1 and density_hvps <= iterations "
                            "(--tol, --gap-frac, --density-hvps, --iterations)")
-    with hvp_mode(model):
+    with hvp_mode(model, hvp):
         weights = select_components(model, layers, components)
         if not weights:
             raise SpectraError("no component matches --layers/--components (a compressed component has no dense "
@@ -92,14 +108,15 @@ def hessian_gaps(model: nn.Module, batches: Sequence[torch.Tensor] | torch.Tenso
             raise SpectraError(f"snapshot_grads names {unknown[0]}, which is not among the selected components")
         results = component_gaps(model, weights, ids, k=k, max_hvps=iterations, tol=tol, gap_frac=gap_frac,
                                  block=block_size, min_hvps=density_hvps, seed=seed, vectors=vectors,
-                                 snapshot_grads=snaps, show_progress=progress)
-    ds = gaps_dataset(results, k)
+                                 snapshot_grads=snaps, show_progress=progress, hvp=hvp, richardson=richardson)
+    ds = gaps_dataset(results, k, fd=hvp == "fd")
     dev = ids[0].device
     ds.attrs.update({
         "k": k, "iterations": iterations, "batches": len(ids), "batch_size": int(ids[0].shape[0]),
         "seq_len": int(ids[0].shape[1]), "seed": seed, "tol": tol, "gap_frac": gap_frac,
         "block_size": sorted({r.block for r in results}),
         "tf32": bool(dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32),
+        "hvp": hvp, "richardson": richardson if hvp == "fd" else False,
         "rel_gap": "(λ_k − λ_{k+1}) / |λ_1|, mean over batches",
         "residuals": "max over batches of ‖H y − θ y‖",
         "certified": "1 = residual ≤ tol·|λ1| and ≤ gap_frac·(gap to the neighbouring Ritz values) on every batch",
@@ -109,6 +126,14 @@ def hessian_gaps(model: nn.Module, batches: Sequence[torch.Tensor] | torch.Tenso
         "alignment": "||U_k^T g|| / ||g||: g = dL/dW of that batch, U_k its top-k Ritz vectors (QR-orthonormalized)",
         "alignment_baseline": "sqrt(k/n), n = W.numel(): the alignment of a random k-dimensional subspace",
     })
+    if hvp == "fd":
+        ds.attrs.update({
+            "certified": "1 = explicit residual ‖Hy − θy‖ + 2·hvp_error ≤ tol·|λ1| and ≤ gap_frac·(gap to the "
+                         "neighbouring Ritz values) on every batch (one more fd HVP per Ritz pair)",
+            "hvp_error": "||D(2eps) - D(eps)|| of that HVP, D(eps) = (g(W + eps v) - g(W - eps v)) / 2eps; eps from "
+                         "u^(1/3)(1 + ||W||) refined once per component and batch (spectra.linalg.fd_hvp)",
+            "attention": fd_attention(model),
+        })
     if snapshot_grads is not None:
         ds.attrs["alignment_snapshot"] = ("||U_k^T g|| / ||g|| for the given snapshot gradient of W, U_k each "
                                           "batch's top-k Ritz vectors; NaN where none was given")
@@ -151,13 +176,25 @@ def check_batches(model: nn.Module, batches) -> list[torch.Tensor]:
     return [b.to(dev) for b in batches]
 
 
+FUSED = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def fd_attention(model: nn.Module) -> str:
+    """The attention an fd run uses: the model's own fused kernel, else SDPA where the model supports it."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl in FUSED:
+        return impl
+    return "sdpa" if getattr(model, "_supports_sdpa", False) else (impl or "eager")
+
+
 @contextmanager
-def hvp_mode(model: nn.Module):
-    """Eager attention (fused SDPA kernels have no double backward) and eval mode (dropout would make the loss,
-    and so its Hessian, random) while HVPs run; the model's own settings are restored afterwards."""
+def hvp_mode(model: nn.Module, hvp: str = "exact"):
+    """The attention kernel HVPs need and eval mode (dropout would make the loss, and so its Hessian, random)
+    while they run; the model's own settings are restored afterwards. Exact HVPs need eager attention (fused
+    SDPA kernels have no double backward); fd HVPs are plain gradients and run the fastest kernel (`fd_attention`)."""
     impl = getattr(model.config, "_attn_implementation", None)
     training = model.training
-    set_attention(model, "eager")
+    set_attention(model, fd_attention(model) if hvp == "fd" else "eager")
     model.eval()
     try:
         yield
@@ -172,14 +209,16 @@ def component_gaps(model: nn.Module, weights: dict[tuple[int, str], torch.Tensor
                    k: int, max_hvps: int = 300, tol: float = 1e-4, gap_frac: float = 0.1, block: int = 0,
                    min_hvps: int = 0, seed: int = 0, vectors: bool = False,
                    snapshot_grads: Mapping[tuple[int, str], torch.Tensor] | None = None,
-                   show_progress: bool = True) -> list[ComponentGap]:
+                   show_progress: bool = True, hvp: str = "exact", richardson: bool = False) -> list[ComponentGap]:
     """`component_gap` on every component (under torchrun: this rank's share keys[rank::world], then gathered,
-    so every rank returns all). block = 0 picks the HVP block size by timing on the first component.
+    so every rank returns all). block = 0 picks the HVP block size by timing on the first component (fd: 1).
     snapshot_grads: a gradient per (layer, component) to measure against the Ritz subspaces (any subset)."""
     snaps = snapshot_grads or {}
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist_utils.active() else (0, 1)
     order = list(COMPONENTS)
     keys = sorted(weights, key=lambda lc: (lc[0], order.index(lc[1])))[rank::world]
+    if hvp == "fd" and block <= 0:  # fd products loop over vectors: a block does not pay
+        block = 1
     if keys and block <= 0:
         w = weights[keys[0]]
         probe = BlockHVP(model, batches[0], w)
@@ -193,7 +232,8 @@ def component_gaps(model: nn.Module, weights: dict[tuple[int, str], torch.Tensor
                           disable=not show_progress or not is_tty(), position=1 + rank) as bar:
             out.append(component_gap(model, layer, comp, weights[(layer, comp)], batches, k=k, max_hvps=max_hvps,
                                      tol=tol, gap_frac=gap_frac, block=block, min_hvps=min_hvps, seed=seed,
-                                     vectors=vectors, snapshot_grad=snaps.get((layer, comp)), progress=bar))
+                                     vectors=vectors, snapshot_grad=snaps.get((layer, comp)), progress=bar,
+                                     hvp=hvp, richardson=richardson))
     return [r for part in dist_utils.gather(out) for r in part]
 
 
@@ -204,11 +244,13 @@ def _mean_se(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=axis), se
 
 
-def gaps_dataset(results: list[ComponentGap], k: int) -> xr.Dataset:
+def gaps_dataset(results: list[ComponentGap], k: int, fd: bool = False) -> xr.Dataset:
     """The `hessian_gap` analysis group: dims (layer, component, eig[, batch]); NaN where not run.
 
     `certified` is 1 where that eigenvalue passed the certificate on every batch, 0 where it did not
-    within the HVP budget (its value and the gaps next to it are then not trustworthy), NaN where not run."""
+    within the HVP budget (its value and the gaps next to it are then not trustworthy), NaN where not run.
+    fd (finite-difference HVPs): also `hvp_error` (max over batches of each pair's HVP error estimate) and
+    `fd_limited` (1: not certified only because of that error, on some batch)."""
     layers = sorted({r.layer for r in results})
     comps = [c for c in COMPONENTS if any(r.component == c for r in results)]
     n_batch = results[0].eigenvalues.shape[0]
@@ -217,12 +259,15 @@ def gaps_dataset(results: list[ComponentGap], k: int) -> xr.Dataset:
     res, cert = np.full((L, C, E), np.nan), np.full((L, C, E), np.nan)
     gap, gap_se, rel, hvps, base = (np.full((L, C), np.nan) for _ in range(5))
     align, align_snap = np.full((L, C, n_batch), np.nan), np.full((L, C, n_batch), np.nan)
+    herr, limited = np.full((L, C, E), np.nan), np.full((L, C, E), np.nan)
     for r in results:
         i, j = layers.index(r.layer), comps.index(r.component)
         ev_b[i, j] = r.eigenvalues
         res[i, j] = r.residuals.max(axis=0)  # worst batch: a certificate must be conservative
         cert[i, j] = r.certified.all(axis=0)  # certified only if certified on every batch
         hvps[i, j] = r.hvps.sum()
+        if r.hvp_error is not None:
+            herr[i, j], limited[i, j] = r.hvp_error.max(axis=0), r.error_limited.any(axis=0)
         g = r.eigenvalues[:, k - 1] - r.eigenvalues[:, k]  # per-batch gap, so its SE is paired
         gap[i, j], gap_se[i, j] = _mean_se(g, 0)
         rel[i, j] = np.mean(g / np.abs(r.eigenvalues[:, 0]))
@@ -233,6 +278,9 @@ def gaps_dataset(results: list[ComponentGap], k: int) -> xr.Dataset:
     ev, ev_se = _mean_se(ev_b, 2)
     snap = {"alignment_snapshot": (("layer", "component", "batch"), align_snap)} if any(
         r.alignment_snapshot is not None for r in results) else {}
+    if fd:
+        snap.update(hvp_error=(("layer", "component", "eig"), herr),
+                    fd_limited=(("layer", "component", "eig"), limited))
     dims, dims_e = ("layer", "component"), ("layer", "component", "eig")
     return xr.Dataset(
         {
@@ -259,7 +307,13 @@ def uncertified(ds: xr.Dataset) -> list[str]:
     for layer in ds.layer.values:
         for comp in ds.component.values:
             c = ds.certified.sel(layer=layer, component=comp).values
-            bad = [f"λ{int(e)}" for e, ok in zip(ds.eig.values, c) if ok == 0]
+            fd = ds.fd_limited.sel(layer=layer, component=comp).values if "fd_limited" in ds else np.zeros_like(c)
+            bad = [f"λ{int(e)}" for e, ok, f in zip(ds.eig.values, c, fd) if ok == 0 and f != 1]
+            noisy = [f"λ{int(e)}" for e, ok, f in zip(ds.eig.values, c, fd) if ok == 0 and f == 1]
+            if noisy:
+                err = float(np.nanmax(ds.hvp_error.sel(layer=layer, component=comp).values))
+                bad.append(f"{','.join(noisy)} not certified: fd error (HVP error up to {err:.2g} leaves the residual "
+                           "no margin)")
             if bad:
                 out.append(f"L{layer}.{comp}: {','.join(bad)}")
     return out

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from spectra.errors import SpectraError
+from spectra.linalg.fd_hvp import FDBlockHVP
 from spectra.linalg.hvp import BlockHVP
 from spectra.linalg.lanczos import block_lanczos
 from spectra.models.components import COMPONENTS
@@ -43,6 +44,8 @@ class ComponentGap:
     alignment_snapshot: np.ndarray | None = None  # (batches,) the same for a given gradient (None: none given)
     vectors: np.ndarray | None = None  # (batches, k+1, n) float32 Ritz vectors, when asked for
     n: int = 0  # W.numel()
+    hvp_error: np.ndarray | None = None  # (batches, k+1) HVP error estimate of each pair's check (fd; 0: exact)
+    error_limited: np.ndarray | None = None  # (batches, k+1) bool: not certified only because of the HVP error
 
 
 def alignment_baseline(k: int, n: int) -> float:
@@ -70,17 +73,34 @@ def start_vector(n: int, seed: int, layer: int, comp_index: int, batch: int, dty
     return torch.randn(b, n, generator=g, dtype=dtype).to(device)
 
 
+HVPS = ("exact", "fd")
+
+
+def make_hvp(hvp: str, model: nn.Module, input_ids: torch.Tensor, weight: torch.Tensor, *, reuse: bool = True,
+             richardson: bool = False, seed: int = 0) -> BlockHVP | FDBlockHVP:
+    """The HVP operator of one (weight, token batch): "exact" (double backward, spectra.linalg.hvp) or "fd"
+    (central differences of gradients, spectra.linalg.fd_hvp)."""
+    if hvp == "fd":
+        return FDBlockHVP(model, input_ids, weight, richardson=richardson, seed=seed)
+    if hvp != "exact":
+        raise SpectraError(f"hvp (--hvp) must be one of {', '.join(HVPS)}, not {hvp!r}")
+    return BlockHVP(model, input_ids, weight, reuse=reuse)
+
+
 def component_gap(model: nn.Module, layer: int, comp: str, weight: torch.Tensor, batches: list[torch.Tensor], *,
                   k: int, max_hvps: int = 300, tol: float = 1e-4, gap_frac: float = 0.1, block: int = 1,
                   min_hvps: int = 0, max_basis: int | None = None, seed: int = 0, reuse: bool = True,
-                  vectors: bool = False, snapshot_grad: torch.Tensor | None = None, progress=None) -> ComponentGap:
+                  vectors: bool = False, snapshot_grad: torch.Tensor | None = None, progress=None,
+                  hvp: str = "exact", richardson: bool = False) -> ComponentGap:
     """Block Lanczos on H_W for each token batch, run until its top k+1 Ritz pairs are certified
     (spectra.linalg.lanczos.block_lanczos) or `max_hvps` HVPs are spent; `min_hvps` grows the first Krylov
     space for a finer SLQ density (spectra.analysis.density).
 
     Per batch also the alignment of that batch's gradient ∂L/∂W with the top-k Ritz subspace (module docstring)
     and, with `snapshot_grad` (a gradient of W from elsewhere, W's shape), that gradient's alignment with the
-    same subspace. vectors=True keeps the top k+1 Ritz vectors, float32 (batches, k+1, n)."""
+    same subspace. vectors=True keeps the top k+1 Ritz vectors, float32 (batches, k+1, n).
+    hvp: "exact" or "fd" (`make_hvp`; fd: its per-product error enters the certificate, block_lanczos(error=),
+    and k+1 more products per batch check the Ritz pairs); richardson: fd's Richardson extrapolation."""
     n = weight.numel()
     if k + 1 > n or k < 1:
         raise SpectraError(f"k+1 = {k + 1} eigenvalues need a matrix with ≥ {k + 1} entries (and k ≥ 1)")
@@ -89,20 +109,23 @@ def component_gap(model: nn.Module, layer: int, comp: str, weight: torch.Tensor,
     if snapshot_grad is not None and tuple(snapshot_grad.shape) != tuple(weight.shape):
         raise SpectraError(f"the snapshot gradient of layer {layer} {comp} has shape {list(snapshot_grad.shape)}, "
                            f"the weight {list(weight.shape)}")
-    vals, res, cert, hvps, kry, align, align_snap, vecs = [], [], [], [], [], [], [], []
+    vals, res, cert, hvps, kry, align, align_snap, vecs, errs, limited = ([] for _ in range(10))
+    ci = list(COMPONENTS).index(comp)
     for bi, ids in enumerate(batches):
-        hvp = BlockHVP(model, ids, weight, reuse=reuse)
-        grad = (hvp.grad if reuse else BlockHVP(model, ids, weight).grad).detach()  # ∂L/∂W of this batch
-        v0 = start_vector(n, seed, layer, list(COMPONENTS).index(comp), bi, weight.dtype, weight.device, block)
+        op = make_hvp(hvp, model, ids, weight, reuse=reuse, richardson=richardson,
+                      seed=seed * 1_000_003 + layer * 1009 + ci * 101 + bi)
+        grad = (op.grad if hvp == "fd" or reuse else BlockHVP(model, ids, weight).grad).detach()  # ∂L/∂W, this batch
+        v0 = start_vector(n, seed, layer, ci, bi, weight.dtype, weight.device, block)
         restart = torch.Generator().manual_seed(seed + bi)  # only used after an exact breakdown
         try:
-            r = block_lanczos(hvp, v0, k + 1, tol=tol, gap_frac=gap_frac, max_matvecs=max_hvps,
+            r = block_lanczos(op, v0, k + 1, tol=tol, gap_frac=gap_frac, max_matvecs=max_hvps,
                               min_matvecs=min_hvps, max_basis=max_basis, generator=restart,
-                              on_matvec=progress.update if progress is not None else None)
+                              on_matvec=progress.update if progress is not None else None,
+                              error=(lambda op=op: op.last_error) if hvp == "fd" else None)
         except torch.linalg.LinAlgError as e:  # non-finite HVPs (an overflowing loss) reach eigh as NaN
             raise SpectraError(f"Lanczos on layer {layer} {comp}, batch {bi} failed: "
                                f"{' '.join(str(e).split())[:160]} (are the weights or the loss finite?)") from None
-        hvp.release()
+        op.release()
         basis = orthonormal_top(r.vectors, k)
         align.append(gradient_alignment(basis, grad))
         if snapshot_grad is not None:
@@ -117,6 +140,8 @@ def component_gap(model: nn.Module, layer: int, comp: str, weight: torch.Tensor,
         cert.append(r.certified.numpy())
         hvps.append(r.matvecs)
         kry.append(r.krylov.numpy())
+        errs.append(r.errors.numpy())
+        limited.append(r.error_limited.numpy())
     return ComponentGap(layer, comp, np.stack(vals), np.stack(res), np.stack(cert), np.array(hvps), kry, block,
                         np.array(align), np.array(align_snap) if snapshot_grad is not None else None,
-                        np.stack(vecs) if vectors else None, n)
+                        np.stack(vecs) if vectors else None, n, np.stack(errs), np.stack(limited))

@@ -57,7 +57,7 @@ from spectra.models.loading import load_causal_lm
 from spectra.models.parts import resolve_device, select_components
 
 # what a stored step must share with this sweep to be skipped (and the stored group to be added to)
-SETTINGS = ("data", "k", "batches", "batch_size", "seq_len", "seed", "iterations", "tol", "gap_frac")
+SETTINGS = ("data", "k", "batches", "batch_size", "seq_len", "seed", "iterations", "tol", "gap_frac", "hvp")
 ALIGNMENT = ("alignment", "alignment_baseline", "alignment_snapshot")
 GIB = 1 << 30
 KEYS = ("step", "layer", "component")  # every per-step write merges along these
@@ -111,10 +111,12 @@ def batches_digest(batches: Sequence[torch.Tensor]) -> str:
 
 
 def sweep_settings(*, data: str | None, k: int, batches: int, batch_size: int, seq_len: int, seed: int,
-                   iterations: int, tol: float, gap_frac: float) -> dict:
+                   iterations: int, tol: float, gap_frac: float, hvp: str = "exact") -> dict:
+    """What a stored step must share with this sweep (SETTINGS). hvp ("exact" | "fd"): fd eigenvalues differ
+    from exact ones by the fd error, so a store holds one kind (a store from before the option is exact)."""
     return {"data": str(data) if data is not None else "token batches given in memory", "k": k, "batches": batches,
             "batch_size": batch_size, "seq_len": seq_len, "seed": seed, "iterations": iterations, "tol": tol,
-            "gap_frac": gap_frac}
+            "gap_frac": gap_frac, "hvp": hvp}
 
 
 def _attr_dict(value) -> dict:
@@ -203,7 +205,8 @@ def hessian_steps(source: Source | str | Path | Sequence[str | Path], batches: S
                   max_vectors_gib: float = 1.0, replace: bool = False, device: str | torch.device = "auto",
                   loader: Callable[[Path], nn.Module] | None = None, progress: bool = True,
                   on_event: Callable[[str], None] | None = None,
-                  on_step: Callable[[int, xr.Dataset], None] | None = None) -> dict[str, xr.Dataset]:
+                  on_step: Callable[[int, xr.Dataset], None] | None = None, hvp: str = "exact",
+                  richardson: bool = False) -> dict[str, xr.Dataset]:
     """`hessian_gaps` at every checkpoint of `source`, each step written to the analysis store `store` as soon as
     it is done, then the drift over every stored step (module docstring for the groups).
 
@@ -212,8 +215,10 @@ def hessian_steps(source: Source | str | Path | Sequence[str | Path], batches: S
     step; data: a label of where they came from (stored, and compared on a rerun). keep_vectors: keep the
     Ritz vectors (True), never (False), or when one step's take at most max_vectors_gib (None). replace: start
     the stored groups over when they hold other settings (default: refuse). loader: folder -> model (default:
-    load_causal_lm on `device`, eager attention). on_event(line): what a command prints (steps skipped, vectors
-    not kept); on_step(step, gaps): each step's `hessian_gaps` Dataset once it is stored.
+    load_causal_lm on `device`, in the attention `hvp` runs: eager for exact, SDPA for fd). hvp, richardson:
+    exact or finite-difference HVPs (`hessian_gaps`), stored in the groups' attrs (`hvp`; fd: `hvp_error` too).
+    on_event(line): what a command prints (steps skipped, vectors not kept); on_step(step, gaps): each step's
+    `hessian_gaps` Dataset once it is stored.
     Under torchrun every rank computes its share of the components and rank 0 writes. Returns the stored
     groups hessian_gap, hessian_alignment and hessian_drift (on rank 0; {} on the others).
     """
@@ -224,12 +229,13 @@ def hessian_steps(source: Source | str | Path | Sequence[str | Path], batches: S
     rank = dist.get_rank() if dist_utils.active() else 0
     say = (on_event or (lambda line: None)) if rank == 0 else (lambda line: None)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    load = loader or (lambda folder: load_causal_lm(folder, device=dev, attn_implementation="eager"))
+    attn = "sdpa" if hvp == "fd" else "eager"
+    load = loader or (lambda folder: load_causal_lm(folder, device=dev, attn_implementation=attn))
     first = load(chosen[0].folder)  # its components say what every step computes (one architecture)
     ids = check_batches(first, batches)
     settings = sweep_settings(data=data, k=k, batches=len(ids), batch_size=int(ids[0].shape[0]),
                               seq_len=int(ids[0].shape[1]), seed=seed, iterations=iterations, tol=tol,
-                              gap_frac=gap_frac)
+                              gap_frac=gap_frac, hvp=hvp)
     settings["batches_sha256"] = batches_digest(ids)
     settings["settings_id"] = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     old = stored_gap(store, settings, replace)
@@ -278,7 +284,8 @@ def hessian_steps(source: Source | str | Path | Sequence[str | Path], batches: S
             gaps, dens, *vecs = hessian_gaps(model, ids, k=k, layers=layers, components=components,
                                              iterations=iterations, tol=tol, gap_frac=gap_frac, block_size=block,
                                              density_hvps=density_hvps, seed=seed, density=True, vectors=keep,
-                                             snapshot_grads=snaps, progress=progress)
+                                             snapshot_grads=snaps, progress=progress, hvp=hvp,
+                                             richardson=richardson)
         except SpectraError as e:  # the API knows the model, not the folder: name it
             raise SpectraError(f"{st.folder}: {e}") from None
         del model
@@ -363,6 +370,8 @@ def _write_step(store, st: Step, gaps: xr.Dataset, dens: xr.Dataset, vecs: dict 
              "uncertified": [f"step {int(s)} {u}" for s in preview.step.values
                              for u in uncertified(preview.sel(step=s))],
              "hvps_total": int(np.nansum(preview["hvps"].values))}
+    if settings.get("hvp") == "fd":  # how fd products were made and certified (hessian_gaps' attrs)
+        attrs.update({a: gaps.attrs[a] for a in ("richardson", "attention", "hvp_error", "certified")})
     write_analysis(store, "hessian_gap", g, attrs, merge=merge)
     return read_analysis(store, "hessian_gap").sortby("step")
 

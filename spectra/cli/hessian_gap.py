@@ -6,7 +6,7 @@ the analysis store. Under `torchrun --nproc_per_node N` the components are split
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from spectra.cli.args import DataArgs, DeviceArgs, InputArgs, OutputArgs, SeedArgs, TokenizerArgs
 from spectra.cli.options import command_from
@@ -42,6 +42,13 @@ class HessianGapArgs(InputArgs, DataArgs, TokenizerArgs, DeviceArgs, OutputArgs,
     replace: bool = opt(False, "Start the stored hessian groups over when they were computed with other settings "
                                "(default: refuse).")
     tf32: bool = opt(False, "Allow TF32 matmuls on CUDA (faster; residuals still certify).")
+    hvp: Literal["exact", "fd"] = opt("exact", "Hessian-vector products: exact (double backward in eager attention: "
+                                               "the reference, and the faster one while it fits in memory) or fd "
+                                               "(finite differences of ordinary gradients, fused SDPA attention, no "
+                                               "double-backward graph: for models whose exact HVPs do not fit; its "
+                                               "error estimate enters the certificate, which a loose --tol may need).")
+    richardson: bool = opt(False, "With --hvp fd: Richardson extrapolation (6 instead of 4 gradients per HVP; more "
+                                  "accurate where truncation, not rounding, limits fd).")
 
 
 def run(args: HessianGapArgs, paths: list[str]) -> None:
@@ -76,7 +83,7 @@ def run(args: HessianGapArgs, paths: list[str]) -> None:
     data = args.data or "hub:allenai/c4 validation"
     settings = sweep_settings(data=data, k=args.k, batches=args.batches, batch_size=args.batch_size,
                               seq_len=args.seq_len, seed=args.seed, iterations=args.iterations, tol=args.tol,
-                              gap_frac=args.gap_frac)
+                              gap_frac=args.gap_frac, hvp=args.hvp)
     rank, world, dev = dist_utils.setup(args.device)
     first = chosen[0].folder
     cfg = model_class(first)[1]  # the config alone: the checks below come before any weights load
@@ -90,7 +97,8 @@ def run(args: HessianGapArgs, paths: list[str]) -> None:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
-    model = load_causal_lm(first, device=dev, attn_implementation="eager")
+    attn = "sdpa" if args.hvp == "fd" else "eager"  # fused SDPA has no double backward; fd needs none
+    model = load_causal_lm(first, device=dev, attn_implementation=attn)
     check_vocab(model, tok)
     select_components(model, args.layers, args.components)
     loaded = {first: model}
@@ -98,7 +106,7 @@ def run(args: HessianGapArgs, paths: list[str]) -> None:
 
     def load(folder):  # the first checkpoint is already loaded (for the checks above)
         m = loaded.pop(folder, None)
-        return m if m is not None else load_causal_lm(folder, device=dev, attn_implementation="eager")
+        return m if m is not None else load_causal_lm(folder, device=dev, attn_implementation=attn)
 
     computed = []
 
@@ -106,7 +114,8 @@ def run(args: HessianGapArgs, paths: list[str]) -> None:
         computed.append(step)
         print_table(gaps, args.k, step)
         if gaps.attrs["uncertified"]:
-            print(f"step {step}: NOT certified within --iterations {args.iterations} HVPs per batch: "
+            print(f"step {step}: NOT certified within --iterations {args.iterations} HVPs per batch"
+                  f"{' (or within the fd HVP error)' if args.hvp == 'fd' else ''}: "
                   f"{'; '.join(gaps.attrs['uncertified'])}")
 
     groups = hessian_steps(source, ids, store, steps=steps, k=args.k, layers=args.layers,
@@ -114,7 +123,7 @@ def run(args: HessianGapArgs, paths: list[str]) -> None:
                            gap_frac=args.gap_frac, block_size=args.block_size, density_hvps=args.density_hvps,
                            seed=args.seed, data=data, keep_vectors=True if args.keep_vectors else None,
                            max_vectors_gib=args.max_vectors_gib, replace=args.replace, device=dev, loader=load,
-                           on_event=print, on_step=shown)
+                           on_event=print, on_step=shown, hvp=args.hvp, richardson=args.richardson)
     loaded.clear()
     dist_utils.teardown()
     if rank != 0:
@@ -177,6 +186,10 @@ command = command_from(
     <run>/analysis.zarr or <checkpoint>/analysis.zarr); then hessian_drift, the eigenspace drift sin θ and the
     eigenvalue change between consecutive stored steps. A rerun skips the steps stored with the same settings.
     Under `torchrun --nproc_per_node N` the components are split over ranks.
+
+    --hvp fd replaces each exact HVP (one double backward) by central differences of gradients: the model runs
+    its fused SDPA attention and keeps no double-backward graph (less memory), at 4 gradients per HVP; each HVP's
+    error estimate enters the certificate, and the table says "not certified: fd error" where it prevents one.
     """,
     inputs="many",
 )

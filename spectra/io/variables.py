@@ -41,6 +41,10 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
     "residuals": ("Ritz residuals", "loss / weight units²", "max over batches of ‖H y - θ y‖"),
     "certified": ("certified", "bool", "every residual ≤ tol·|λ_1| and ≤ gap_frac × the gap to its neighbours"),
     "hvps": ("Hessian-vector products", "count", "HVPs spent per batch"),
+    "hvp_error": ("finite-difference HVP error estimate", "loss / weight units²",
+                  "max over batches of ‖D(2ε) − D(ε)‖ for the HVP that checks each Ritz pair (hvp = fd only)"),
+    "fd_limited": ("not certified because of the fd error", "bool",
+                   "1 = the pair passes without the HVP error but not with twice it added (hvp = fd only)"),
     # hessian dynamics (spectra/analysis/hessian_block.py, spectra/analysis/hessian_dynamics.py)
     "alignment": ("gradient alignment with the top-k Hessian eigenspace", "1",
                   "‖U_kᵀ g‖ / ‖g‖: g = ∂L/∂W of the Hessian's own token batch, U_k its top-k Ritz vectors "

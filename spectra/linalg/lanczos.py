@@ -133,6 +133,12 @@ class BlockLanczosResult:
     exact to that accuracy. `krylov` is the projected matrix of the first Krylov space (before any
     restart) and `block` its block size: the first `block` rows of its eigenvectors are the Gauss
     quadrature weights of the random start block (stochastic Lanczos quadrature, spectra.analysis.density).
+
+    With an inexact operator (`block_lanczos(error=...)`, e.g. finite-difference HVPs) `residuals` are the
+    explicit ‖Ã y − θ y‖ of one more product per Ritz vector, `errors` that product's error estimate δ, and a
+    pair is certified only when residual + margin·δ passes (then ‖A y − θ y‖ ≤ residual + δ passes too, with
+    room for δ to be underestimated by the margin); `error_limited` marks the pairs that pass without the
+    error term but not with it ("not certified: HVP error"). For an exact operator δ = 0 and both stay empty.
     """
 
     values: torch.Tensor  # (k,) float64
@@ -143,6 +149,15 @@ class BlockLanczosResult:
     restarts: int
     krylov: torch.Tensor  # (m0, m0) float64
     block: int
+    errors: torch.Tensor | None = None  # (k,) float64 HVP error estimate of each Ritz pair's check (0: exact)
+    error_limited: torch.Tensor | None = None  # (k,) bool: uncertified only because of the HVP error
+
+    def __post_init__(self):
+        k = self.values.shape[0]
+        if self.errors is None:
+            self.errors = torch.zeros(k, dtype=torch.float64)
+        if self.error_limited is None:
+            self.error_limited = torch.zeros(k, dtype=torch.bool)
 
 
 def _cgs2(W: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +201,8 @@ def certify(theta: torch.Tensor, res: torch.Tensor, k: int, tol: float, gap_frac
 def block_lanczos(matvec: Matvec, V0: torch.Tensor, k: int, *, tol: float = 1e-4, gap_frac: float = 0.1,
                   max_matvecs: int = 400, min_matvecs: int = 0, max_basis: int | None = None,
                   generator: torch.Generator | None = None,
-                  on_matvec: Callable[[int], None] | None = None) -> BlockLanczosResult:
+                  on_matvec: Callable[[int], None] | None = None,
+                  error: Callable[[], torch.Tensor] | None = None, error_margin: float = 2.0) -> BlockLanczosResult:
     """Top-`k` (largest algebraic) eigenpairs of a symmetric operator, iterated until certified.
 
     Block Lanczos with full reorthogonalization (CGS2) and thick restarts. matvec maps a block of
@@ -198,6 +214,11 @@ def block_lanczos(matvec: Matvec, V0: torch.Tensor, k: int, *, tol: float = 1e-4
     finer spectral density for spectra.analysis.density; the basis then holds at least that many vectors).
     max_basis: vectors held (memory b·n·max_basis); when full, restart from the top Ritz vectors.
     on_matvec: called with the number of vectors applied (progress bars).
+    error: for an inexact operator, returns the error estimate (b,) of each row of the last matvec (e.g.
+    `spectra.linalg.fd_hvp.FDBlockHVP.last_error`). The iteration then stops as before (its residuals cannot
+    go below the operator's noise anyway), and the k Ritz vectors get one more product each: their explicit
+    residual r and its error δ certify a pair only if r + error_margin·δ passes `certify` (BlockLanczosResult).
+    Those k products count in `matvecs`. error=None (exact HVPs): unchanged, no extra product.
     """
     b, n = V0.shape
     if not 1 <= k <= n:
@@ -228,9 +249,13 @@ def block_lanczos(matvec: Matvec, V0: torch.Tensor, k: int, *, tol: float = 1e-4
         if restarts == 0 and (done or m + b > cap):
             krylov = Hs.clone()
         if done:
+            Y = S[:, :k].T.to(Q.dtype).to(Q.device) @ Q[:m]
+            if error is not None:
+                res_k, err, ok, limited = _explicit_check(matvec, error, Y, theta, k, b, tol, gap_frac, error_margin,
+                                                          ok if m > k else None)
+                return BlockLanczosResult(theta[:k], Y, res_k, ok, matvecs + k, restarts, krylov, b, err, limited)
             if exact:
                 res, ok = torch.zeros_like(res), torch.ones(k, dtype=torch.bool)
-            Y = S[:, :k].T.to(Q.dtype).to(Q.device) @ Q[:m]
             return BlockLanczosResult(theta[:k], Y, res[:k], ok, matvecs, restarts, krylov, b)
         if m + b > cap:  # thick restart: keep the best Ritz vectors, continue from the residual block
             keep = min(m - b, max(k + b, (cap - b) // 2))
@@ -244,3 +269,21 @@ def block_lanczos(matvec: Matvec, V0: torch.Tensor, k: int, *, tol: float = 1e-4
             H[m:m + b, m - b:m] = Bd
         Q[m:m + b] = N
         m += b
+
+
+def _explicit_check(matvec: Matvec, error: Callable[[], torch.Tensor], Y: torch.Tensor, theta: torch.Tensor, k: int,
+                    b: int, tol: float, gap_frac: float, margin: float, converged: torch.Tensor | None):
+    """The certificate of an inexact operator (block_lanczos's `error`): one more product per Ritz vector, its
+    explicit residual r = ‖Ã y − θ y‖ and error δ; certified where r + margin·δ passes `certify`. Returns
+    (r, δ, certified, error_limited): error_limited = not certified, though the recurrence's own residuals
+    (`converged`) passed or r is within the noise (r ≤ margin·δ): the HVP error, not the budget, is the cause."""
+    res, err = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+    for i in range(0, k, b):
+        rows = Y[i:i + b]
+        AY = matvec(rows)
+        res[i:i + len(rows)] = (AY - theta[i:i + len(rows)].to(AY.dtype).to(AY.device)[:, None] * rows).norm(
+            dim=1).double().cpu()
+        err[i:i + len(rows)] = torch.as_tensor(error(), dtype=torch.float64)[:len(rows)]
+    ok = certify(theta, res + margin * err, k, tol, gap_frac)
+    passed = converged if converged is not None else torch.zeros(k, dtype=torch.bool)
+    return res, err, ok, ~ok & (passed | certify(theta, res, k, tol, gap_frac) | (res <= margin * err))
