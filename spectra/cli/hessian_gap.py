@@ -72,6 +72,8 @@ def run(args: HessianGapArgs, paths: list[str]) -> None:
     from spectra.models.loading import load_causal_lm
     from spectra.models.parts import model_class, select_components
 
+    if args.richardson and args.hvp != "fd":
+        raise SpectraError("--richardson is the fd HVPs' extrapolation: pass --hvp fd with it")
     if args.iterations < args.k + 2:
         raise SpectraError(f"--iterations {args.iterations} is below k+2 = {args.k + 2} HVPs per batch")
     if args.density_hvps > args.iterations:
