@@ -59,7 +59,7 @@ def main() -> None:
     model.eval()
     dense = perplexity(model, val)[1]
     print(f"trained {args.steps} steps ({time.perf_counter() - t0:.0f}s); dense val ppl {dense:.2f}; "
-          f"calibration {calib.numel()} tokens, eval {val[:, 1:].numel()} tokens")
+          f"calibration {calib.numel()} tokens, eval {val[:, 1:].numel()} tokens", flush=True)
     cal = calibrate(model, calib, progress=False)
     print(f"{'map':8s} {'ERR':>4s} {'params kept':>11s} {'plain':>9s} {'whitened':>9s} {'sequential':>10s} "
           f"{'refit':>9s}   ratios to whitened (plain, sequential, refit)")
@@ -76,7 +76,8 @@ def main() -> None:
                 kept = param_count(m)[0] / lin
             w = ppl["whitened"]
             print(f"{method:8s} {err:4.0%} {kept:11.3f} {ppl['plain']:9.2f} {w:9.2f} {ppl['sequential']:10.2f} "
-                  f"{ppl['refit']:9.2f}   {ppl['plain'] / w:.3f} {ppl['sequential'] / w:.3f} {ppl['refit'] / w:.3f}")
+                  f"{ppl['refit']:9.2f}   {ppl['plain'] / w:.3f} {ppl['sequential'] / w:.3f} {ppl['refit'] / w:.3f}",
+                  flush=True)
     print(f"total {time.perf_counter() - t0:.0f}s")
 
 
