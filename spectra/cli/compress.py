@@ -25,6 +25,11 @@ class CompressArgs(InputArgs, TokenizerArgs, CalibrationArgs, DeviceArgs, Output
         "auto", "Weights dtype of the output: auto (as stored), float32, bfloat16 or float16.")
     whiten: bool = opt(False, "Activation-aware truncation (SVD of W·S, C = XᵀX = S·Sᵀ from --calib-data; "
                               "compression/whiten.py). Loads the whole model (not streamed).")
+    compensate: Literal["none", "sequential", "refit"] = opt(
+        "none", "Compensated calibration on --calib-data (compression/sequential.py; whitened, so it implies "
+                "--whiten): layer by layer, each linear is fit on the compressed model's own inputs to give the dense "
+                "layer's outputs. sequential: the whitened truncation of the compensated map; refit: the dense "
+                "whitened input factor, the output factor refit by least squares. Loads the whole model.")
 
 
 def run(a: CompressArgs, path: str) -> None:
@@ -34,7 +39,7 @@ def run(a: CompressArgs, path: str) -> None:
     from rich.console import Console
 
     from spectra.compression.allocation import check_options
-    from spectra.compression.calibration import stored_calibration
+    from spectra.compression.calibration import calibration_windows, stored_calibration
     from spectra.compression.lowrank import compress, merge, param_count
     from spectra.compression.rankmap import entries_for, load_rank_map
     from spectra.compression.ranks import rank_map
@@ -50,7 +55,8 @@ def run(a: CompressArgs, path: str) -> None:
     if a.out is None:
         raise SpectraError("missing --out FOLDER: where the compressed (or, with --merge, dense) model goes")
     check_options(a.method, a.err, "rank", "params")
-    if a.whiten and a.calib_data:
+    whiten = a.whiten or a.compensate != "none"
+    if whiten and a.calib_data:
         expand_files(a.calib_data, "--calib-data")
     source = resolve(path)
     model_dir, dst = source.need_model("spectra compress"), Path(a.out)
@@ -75,7 +81,7 @@ def run(a: CompressArgs, path: str) -> None:
     if rmap is not None:  # a map of another model fails before any work, naming the file
         entries_for(ckpt.skeleton if ckpt is not None else skeleton(model_dir), rmap, f"rank map {a.rank_map}")
     dev = resolve_device(a.device)
-    if ckpt is not None and not a.whiten:  # the whitener needs the loaded model's activations
+    if ckpt is not None and not whiten:  # the whitener and the compensation need the loaded model's activations
         rmap, counts = stream_compress(ckpt, dst, rank_map=rmap, method=a.method, err=a.err, dtype=want, device=dev)
         before = (counts["linear_before"], counts["total_before"])
         after = (counts["linear_after"], counts["total_after"])
@@ -84,18 +90,23 @@ def run(a: CompressArgs, path: str) -> None:
         if rmap is None:  # the global threshold needs every spectrum before any matrix is cut
             rmap = rank_map(model, a.err, method=a.method, device=dev)
         before = param_count(model)
-        cal = None
-        if a.whiten:  # reused from the run's analysis store when ranks stored the same calibration; never written
+        cal, windows = None, None
+        if a.compensate != "none":  # its own statistics, layer by layer on the model being compressed
+            windows = calibration_windows(model, load_source_tokenizer(source, a.tokenizer), a.calib_data,
+                                          a.calib_seqs, a.calib_seq_len)
+        elif a.whiten:  # reused from the run's analysis store when ranks stored the same calibration; never written
             store = source.analysis_store
             cal = stored_calibration(model, load_source_tokenizer(source, a.tokenizer), a.calib_data, a.calib_seqs,
                                      a.calib_seq_len, source=model_dir, store=store if store.exists() else None,
                                      device=dev)
-        compress(model, rmap, calibration=cal, damping=a.damping, device=dev)
+        compress(model, rmap, calibration=cal, damping=a.damping, device=dev,
+                 compensation=None if windows is None else a.compensate, batches=windows)
         after = param_count(model)
         save_compressed(model, rmap, dst, tokenizer=model_dir)
+    comp = (", whitened" if whiten else "") + (f", {a.compensate}" if a.compensate != "none" else "")
     n_lrc = sum(bool(e["lrc"]) for e in rmap["components"])
     console.print(
-        f"{rmap['method']} map, ERR {rmap['achieved_err']:.4f} ({rmap['err_by']}){', whitened' if a.whiten else ''}: "
+        f"{rmap['method']} map, ERR {rmap['achieved_err']:.4f} ({rmap['err_by']}){comp}: "
         f"{n_lrc}/{len(rmap['components'])} linears low-rank; decoder-linear params {before[0]:,} -> {after[0]:,} "
         f"({after[0] / before[0]:.3f}x), model {before[1]:,} -> {after[1]:,}; saved {dst}"
     )
@@ -107,7 +118,7 @@ command = command_from(
 
     A safetensors checkpoint (sharded or not) is streamed: one decoder layer at a time is read and
     written, and without --rank-map the map is derived in the same pass, one decomposition per
-    matrix (spectra/compression/stream.py). --whiten, and checkpoints in other formats, load the model.
+    matrix (spectra/compression/stream.py). --whiten, --compensate, and checkpoints in other formats, load the model.
     --out (required) is a Hugging Face folder (load with trust_remote_code=True) + spectra_rank_map.json;
     nothing is written anywhere else.""",
     inputs="one",

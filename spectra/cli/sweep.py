@@ -25,7 +25,9 @@ class SweepArgs(InputArgs, TokenizerArgs, CalibrationArgs, DeviceArgs):
                              "signals).")
     errs: list[float] = opt(list(DEFAULT_ERRS), "Comma-separated target ERRs, each in (0, 1), each once.")
     err_by: list[str] = opt(["rank", "params"], "rank, params, or rank,params.")
-    variants: list[str] = opt(["plain", "whitened"], "plain (SVD of W), whitened (SVD of W·S), or plain,whitened.")
+    variants: list[str] = opt(["plain", "whitened"], "plain (SVD of W), whitened (SVD of W·S), sequential / refit "
+                                                     "(compensated on the compressed model's own activations, "
+                                                     "`spectra compress --compensate`), comma-separated.")
     eval_tokens: int = opt(32768, "Token budget per eval set (at least --seq-len).", min=2)
     seq_len: int = opt(256, "Tokens per eval window (at most the model's positions).", min=2)
     batch_size: int = opt(8, "Eval windows per forward pass (does not change the result).", min=1)
@@ -90,8 +92,9 @@ def run(a: SweepArgs, path: str, eval_data: list[str] | None = None) -> None:
 
     from rich.console import Console
 
-    from spectra.compression.calibration import stored_calibration
+    from spectra.compression.calibration import calibration_windows, stored_calibration
     from spectra.compression.diagnostics import signal_groups
+    from spectra.compression.sequential import COMPENSATIONS
     from spectra.compression.sweep import Recovery, check_grid, needs_calibration, sweep, verdicts
     from spectra.data import expand_files, text_windows
     from spectra.errors import SpectraError
@@ -141,11 +144,15 @@ def run(a: SweepArgs, path: str, eval_data: list[str] | None = None) -> None:
                                f"{a.recover_steps} x --recover-batch-size {a.recover_batch_size} need {n}")
         recovery = Recovery(a.recover_steps, rec, a.recover_batch_size, a.recover_lr)
     cal = None
-    if needs_calibration(methods, a.variants):
+    if needs_calibration(methods, [v for v in a.variants if v not in COMPENSATIONS]):
         cal = stored_calibration(model, tok, a.calib_data, a.calib_seqs, a.calib_seq_len, source=model_dir,
                                  store=store, write=True, device=dev)
+    calib_windows = None
+    if set(a.variants) & set(COMPENSATIONS):  # the compensated variants run the calibration text themselves
+        calib_windows = calibration_windows(model, tok, a.calib_data, a.calib_seqs, a.calib_seq_len)
     console = Console()
-    ds = sweep(model, windows, calibration=cal, methods=methods, errs=a.errs, err_by=a.err_by, variants=a.variants,
+    ds = sweep(model, windows, calibration=cal, calib_windows=calib_windows, methods=methods, errs=a.errs,
+               err_by=a.err_by, variants=a.variants,
                damping=a.damping, loss_weight=a.loss_weight, analysis=store, step=source.step,
                batch_size=a.batch_size, device=dev, recovery=recovery, log=console.print)
     ds.attrs.update({"source": str(model_dir), "eval_data": sets, "seq_len": a.seq_len})

@@ -6,6 +6,7 @@
     ranks        `rank_map`: spectra of a model in memory or a checkpoint on disk -> a rank map; its Dataset view
     calibration  `calibrate`: layer-input moments and output-gradient energy; windows; stored statistics; loss costs
     whiten       whitened (activation-aware) truncation
+    sequential   compensated calibration: factors fit layer by layer on the compressed model's own activations
     lowrank      `compress` / `merge`: a rank map applied to a model in memory, and undone
     stream       compression of a safetensors checkpoint one layer at a time, never loading the model
     sweep        `sweep`: every map × truncation × ERR scored by perplexity

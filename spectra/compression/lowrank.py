@@ -42,7 +42,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from spectra.compression.calibration import Calibration
-from spectra.compression.rankmap import by_module, entries_for, plan
+from spectra.compression.rankmap import by_module, entries_for, plan, replace_module
+from spectra.compression.sequential import compensate
 from spectra.compression.stream import compress_module, set_factors
 from spectra.compression.whiten import DEFAULT_DAMPING, Whitener
 from spectra.errors import SpectraError
@@ -120,14 +121,10 @@ def merge_linear(lr: nn.Linear, conv1d: bool = False) -> nn.Module:
     return dense
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 # --------------------------------------------------------------------------- whole model
 def compress(model: nn.Module, rank_map: dict, *, calibration: Calibration | None = None,
              damping: float = DEFAULT_DAMPING, whitener: Whitener | None = None,
+             compensation: str | None = None, batches=None, batch_size: int = 8,
              device: str | torch.device | None = None, progress: bool = True) -> nn.Module:
     """`model` with the rank map applied, in place, one module at a time (SVDs on `device`, default the
     weight's); the map is checked against the model before anything changes.
@@ -136,6 +133,11 @@ def compress(model: nn.Module, rank_map: dict, *, calibration: Calibration | Non
     (SVD of W·S, C + damping·mean(diag C)·I = S·Sᵀ) instead of a plain SVD of W, for factors and dense
     truncation alike; `whitener`: a prepared `Whitener` instead (a sweep reuses its cached decompositions).
     What the whitening used is kept as `model.spectra_whiten`, which `save_compressed` records.
+
+    `compensation` ("sequential" or "refit", spectra.compression.sequential) with calibration token `batches`
+    ([n, seq_len] ids, run `batch_size` rows at a time): factors fit layer by layer on the compressed model's
+    own activations against the dense outputs, instead of each linear on its dense inputs (`calibration` and
+    `whitener` are then not used: the pass makes its own statistics).
 
     The structure of what was replaced is kept as `model.config.spectra_structure` (it is what
     config.json needs for the folder to load as a Hugging Face model)."""
@@ -150,6 +152,11 @@ def compress(model: nn.Module, rank_map: dict, *, calibration: Calibration | Non
         if not p.weight(mod).is_floating_point():
             raise SpectraError(f"{p.module_name} is stored as {str(p.weight(mod).dtype).removeprefix('torch.')}; "
                                "compress needs floating-point weights (dequantize the model first)")
+    if compensation is not None:
+        if batches is None:
+            raise SpectraError(f"compensation {compensation!r} needs calibration token batches (batches=...)")
+        return compensate(model, rank_map, batches, how=compensation, damping=damping, batch_size=batch_size,
+                          device=device, progress=progress)
     whiten = whitener
 
     def factors(p, W, rank):
@@ -166,7 +173,7 @@ def compress(model: nn.Module, rank_map: dict, *, calibration: Calibration | Non
         mod = model.get_submodule(name)
         new = compress_module(mod, plist, entries, structure.get(name), factors, truncate)
         if new is not mod:
-            _replace(model, name, new)
+            replace_module(model, name, new)
         del mod, new  # the dense weight goes as soon as nothing references it
     model.config.spectra_structure = structure
     if whiten is not None:
@@ -179,10 +186,10 @@ def merge(model: nn.Module) -> nn.Module:
     B·A, the product in float32), in place."""
     structure = getattr(model.config, "spectra_structure", None) or {}
     for name, spec in structure.items():
-        _replace(model, name, merge_linear(model.get_submodule(name), conv1d=bool(spec.get("conv1d"))))
+        replace_module(model, name, merge_linear(model.get_submodule(name), conv1d=bool(spec.get("conv1d"))))
     for name, mod in list(model.named_modules()):  # anything compressed without a recorded structure
         if isinstance(mod, (LowRankLinear, FusedLinear)) and name not in structure:
-            _replace(model, name, merge_linear(mod))
+            replace_module(model, name, merge_linear(mod))
     if hasattr(model.config, "spectra_structure"):
         del model.config.spectra_structure
     model.__dict__.pop("spectra_whiten", None)

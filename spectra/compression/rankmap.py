@@ -120,6 +120,31 @@ def by_module(model: nn.Module) -> dict[str, list[Part]]:
     return out
 
 
+def layer_prefixes(modules: dict[str, list[Part]]) -> dict[int, tuple[str, list[str]]]:
+    """{layer: (its module-name prefix, its component modules)} of `by_module`'s output: the prefix is the
+    modules' longest common dotted path (model.layers.3: the decoder layer, norms included)."""
+    out: dict[int, list[str]] = {}
+    for name, plist in modules.items():
+        out.setdefault(plist[0].layer, []).append(name)
+    result = {}
+    for layer, names in sorted(out.items()):
+        common: list[str] = []
+        for level in zip(*(n.split(".") for n in names)):
+            if len(set(level)) > 1:
+                break
+            common.append(level[0])
+        if ".".join(common) in names:  # a layer of one module: its parent holds the rest
+            common = common[:-1]
+        result[layer] = (".".join(common), names)
+    return result
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where `root`'s submodule `name` was."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
 def plan(model: nn.Module, rank_map: dict, where: str = "rank map") -> dict[str, dict]:
     """The structure (spectra.models.modeling_spectra) a rank map gives `model`: every module holding an
     LRC component, with its parts' ranks (None = the part stays dense). Works on meta models."""

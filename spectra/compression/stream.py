@@ -52,7 +52,7 @@ from torch import nn
 
 from spectra.analysis.heavytail import map_matrices, normalized_singular_values
 from spectra.compression.allocation import MatrixSpectrum, build_rank_map
-from spectra.compression.rankmap import by_module, entries_for, plan
+from spectra.compression.rankmap import by_module, entries_for, layer_prefixes, plan
 from spectra.errors import SpectraError
 from spectra.io.sources import Source, resolve
 from spectra.models.components import COMPONENTS, is_conv1d
@@ -252,20 +252,7 @@ class Checkpoint:
     def layers(self) -> dict[int, tuple[str, list[str]]]:
         """{layer: (its tensor-name prefix, its component modules)}: the prefix is the modules'
         longest common dotted path (model.layers.3), so the layer's norms travel with it."""
-        out: dict[int, list[str]] = {}
-        for name, plist in self.modules.items():
-            out.setdefault(plist[0].layer, []).append(name)
-        result = {}
-        for layer, names in sorted(out.items()):
-            common: list[str] = []
-            for level in zip(*(n.split(".") for n in names)):
-                if len(set(level)) > 1:
-                    break
-                common.append(level[0])
-            if ".".join(common) in names:  # a layer of one module: its parent holds the rest
-                common = common[:-1]
-            result[layer] = (".".join(common), names)
-        return result
+        return layer_prefixes(self.modules)
 
 
 # --------------------------------------------------------------------------- the two passes

@@ -5,7 +5,9 @@
 One dense model in memory: the spectra (one svdvals per matrix), the calibration statistics
 (spectra.compression.calibration; `spectra sweep` reuses them from the analysis store) and the per-direction loss
 estimates are computed once; each configuration compresses a fresh copy of the dense model in
-memory (plain SVD or spectra.compression.whiten, whose per-matrix decompositions are cached across ERRs) and
+memory (plain SVD or spectra.compression.whiten, whose per-matrix decompositions are cached across ERRs, or the
+compensated variants "sequential" / "refit" of spectra.compression.sequential, which run `calib_windows` through
+the model being compressed, layer by layer, for every configuration) and
 evaluates it on the same fixed windows of every eval set (spectra.lm.evaluate.perplexity). With
 `--recover-steps N`, each compressed configuration then gets N steps of WeLore-PEFT (the
 spectra.lm.finetune harness: LRC factors train, everything else frozen) on the same fixed windows of
@@ -41,6 +43,7 @@ from spectra.compression.calibration import Calibration, loss_direction_scores
 from spectra.compression.diagnostics import diagnostic_scores
 from spectra.compression.lowrank import compress, param_count
 from spectra.compression.ranks import model_spectra
+from spectra.compression.sequential import COMPENSATIONS
 from spectra.compression.whiten import DEFAULT_DAMPING, Whitener
 from spectra.errors import SpectraError
 from spectra.lm.evaluate import perplexity
@@ -51,7 +54,7 @@ from spectra.progress import progress_bar
 
 DEFAULT_ERRS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 BASELINES = ("welore", "uniform", "energy")
-VARIANTS = ("plain", "whitened")
+VARIANTS = ("plain", "whitened", *COMPENSATIONS)  # compensated: spectra.compression.sequential
 ERR_BYS = ("rank", "params")
 
 
@@ -96,9 +99,9 @@ def check_grid(methods, errs, err_by, variants) -> None:
 
 
 def needs_calibration(methods, variants) -> list[str]:
-    """What in a sweep needs calibration statistics (the loss map, whitened truncation)."""
-    return [why for why, on in (("--methods loss", "loss" in methods), ("--variants whitened", "whitened" in variants))
-            if on]
+    """What in a sweep needs calibration text (the loss map, whitened truncation, compensated variants)."""
+    return [why for why, on in (("--methods loss", "loss" in methods), ("--variants whitened", "whitened" in variants),
+                                *((f"--variants {c}", c in variants) for c in COMPENSATIONS)) if on]
 
 
 def sweep(
@@ -118,20 +121,26 @@ def sweep(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     recovery: Recovery | None = None,
+    calib_windows: torch.Tensor | None = None,
     log: Callable[[str], None] | None = None,
     progress: bool = True,
 ) -> xr.Dataset:
     """The sweep table (module docstring) of the dense causal LM `model` (left unchanged) on the token
     windows of every eval set (`{name: [n, seq_len] ids}`, or one tensor). `calibration` (spectra.calibrate)
-    is needed by the loss map and whitened truncation; `analysis` (a store) by the diagnostic map;
+    is needed by the loss map and whitened truncation, `calib_windows` (the [n, seq_len] token windows it was
+    made from) by the compensated variants; `analysis` (a store) by the diagnostic map;
     `recovery`: also the perplexity after a short WeLore-PEFT run on each compressed configuration.
     `log`, if given, gets one line per configuration; nothing is printed."""
     methods, errs, err_by, variants = list(methods), [float(e) for e in errs], list(err_by), list(variants)
     check_grid(methods, errs, err_by, variants)
-    need = needs_calibration(methods, variants)
+    need = needs_calibration(methods, [v for v in variants if v not in COMPENSATIONS])
     if need and calibration is None:
         raise SpectraError(f"{' and '.join(need)} need calibration statistics (calibration=spectra.calibrate(...); "
                            "spectra sweep: --calib-data FILES)")
+    comp = [v for v in variants if v in COMPENSATIONS]
+    if comp and calib_windows is None:
+        raise SpectraError(f"--variants {', '.join(comp)} need calibration token windows (calib_windows=[n, seq_len] "
+                           "ids; spectra sweep: --calib-data FILES)")
     if "diagnostic" in methods and analysis is None:
         raise SpectraError("--methods diagnostic needs an analysis store with grad_subspace / hessian_gap results")
     windows = eval_windows if isinstance(eval_windows, dict) else {"eval": eval_windows}
@@ -174,7 +183,9 @@ def sweep(
                     for v, variant in enumerate(variants):
                         t0 = time.perf_counter()
                         m = compress(copy.deepcopy(model), rmap, progress=False,
-                                     whitener=whitener if variant == "whitened" else None)
+                                     whitener=whitener if variant == "whitened" else None,
+                                     compensation=variant if variant in COMPENSATIONS else None,
+                                     batches=calib_windows, damping=damping, batch_size=batch_size, device=dev)
                         achieved["linear_params"][i, b, e] = param_count(m)[0]
                         for d, n in enumerate(names):
                             loss[i, v, b, e, d], ppl[i, v, b, e, d], _ = perplexity(m, windows[n], batch_size, dev)
