@@ -7,6 +7,7 @@ its section with a one-line hint instead of failing the report. `build_report` r
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import xarray as xr
@@ -24,6 +25,7 @@ from reports.style import esc, fmt, num, pct
 from reports.summary import model_folder_params, ppl_change, summary_rows, worse_finetunes
 from reports.sweep_figure import sweep_figure
 from spectra.compression.rankmap import err_of_name
+from spectra.compression.sweep import cell_text, params_kept_text
 from spectra.errors import SpectraError
 from spectra.io.atomic import atomic_write_bytes
 from spectra.io.runs import check_own_output, is_report
@@ -306,10 +308,30 @@ def sweep_section(inp: RunInputs) -> Section:
     sec, ds = _analysis_section(
         inp, "sweep", "sweep", "Compression methods compared (spectra sweep)",
         "Perplexity after compressing with every rank map (WeLore, uniform, energy, loss-aware, diagnostic), "
-        "plain SVD or whitened by the layer inputs, at each ERR, by rank and by parameters.")
+        "plain SVD or whitened by the layer inputs, at each fraction of the compressed linears' parameters removed "
+        "(and by rank where asked). Every row states the parameters kept; each perplexity carries a bootstrap CI "
+        "over the eval windows, and Δ is the paired difference from the best baseline configuration (WeLore, "
+        "uniform, energy): WIN where its CI lies below 0.")
     if ds is not None:
+        for d in ds["dataset"].values:
+            for err_by in ds["err_by"].values:
+                sec.tables.append(sweep_table(ds, str(d), str(err_by)))
         sec.figures.append(("sweep", sweep_figure(ds)))
     return sec
+
+
+def sweep_table(ds, dataset: str, err_by: str) -> str:
+    """One eval set's sweep rows (ERR, parameters kept by the compressed linears and by the whole model) by
+    configuration: perplexity [CI] and the difference from the best baseline [paired CI], WIN where it excludes
+    0 (the table `spectra sweep` prints)."""
+    cols = [(str(m), str(v)) for m in ds["method"].values for v in ds["variant"].values]
+    what = "params removed" if err_by == "params" else "ERR by rank"
+    rows = [[f"{float(err):.0%}", *params_kept_text(ds, err_by, err),
+             *[cell_text(ds, {"method": m, "variant": v, "err_by": err_by, "err": err, "dataset": dataset}, " · ")
+               for m, v in cols]] for err in ds["err"].values]
+    title = f"<p>{html.escape(dataset)}: dense perplexity {float(ds['dense_ppl'].sel(dataset=dataset)):.4f}</p>"
+    return title + table([what, "linear params kept", "model params kept", *[f"{m} {v}" for m, v in cols]], rows,
+                         numeric_cols=tuple(range(len(cols) + 3)))
 
 
 SECTIONS = (pretrain_section, hessian_section, gap_lowrank_section, drift_section, alignment_section,

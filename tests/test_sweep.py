@@ -256,3 +256,30 @@ def test_sweep_figure_puts_parameters_kept_on_x_with_bootstrap_error_bars(cis):
     assert t.error_y.array[0] == pytest.approx(float(ds["ppl_ci_high"].sel({**cell, "err": 0.3})) - t.y[0])
     assert t.error_y.arrayminus[0] == pytest.approx(t.y[0] - float(ds["ppl_ci_low"].sel({**cell, "err": 0.3})))
     assert fig.layout.xaxis.title.text == "decoder-linear parameters kept (%)"
+
+
+@pytest.mark.unit
+def test_report_tables_and_summary_state_params_kept_and_the_paired_ci(cis, tmp_path):
+    """The report's sweep section tabulates every row with its parameters and CIs, and the summary names the best
+    non-baseline configuration per parameter budget with its paired difference (here 'welore' renamed to 'loss',
+    so that it is not a baseline)."""
+    from pathlib import Path
+
+    from reports.build import sweep_section
+    from reports.inputs import RunInputs
+    from reports.summary import sweep_rows
+
+    _, _, ds = cis
+    ds = ds.assign_coords(method=["loss", "uniform", "energy"])
+    sec = sweep_section(RunInputs(Path(tmp_path), analysis={"sweep": ds}))
+    (html,) = sec.tables
+    cell = {"method": "loss", "variant": "plain", "err_by": "params", "err": 0.3, "dataset": "w"}
+    kept = ds["params_kept"].sel({"err_by": "params", "err": 0.3}).values
+    assert f"{kept.min():.3f}" in html and "linear params kept" in html and "model params kept" in html
+    assert f"{float(ds['ppl_ci_low'].sel(cell)):.4f}" in html and str(ds["baseline"].sel(cell).values) in html
+    ((key, text),) = sweep_rows(RunInputs(Path(tmp_path), analysis={"sweep": ds}))
+    assert key == "sweep · w · 30% of linear params removed"
+    assert f"Δ {float(ds['ppl_diff'].sel(cell)):+.4f} [{float(ds['ppl_diff_ci_low'].sel(cell)):+.4f}, " in text
+    win = bool(ds["win"].sel(cell))
+    loss_kept = float(ds["params_kept"].sel({"method": "loss", "variant": "plain", "err_by": "params", "err": 0.3}))
+    assert ("WIN" in text) == win and f"params kept {loss_kept:.3f}× of the linears" in text

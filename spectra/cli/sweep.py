@@ -85,9 +85,9 @@ def print_tables(ds, console, var: str = "ppl") -> None:
         for err_by in ds["err_by"].values:
             dense = float(ds["dense_ppl"].sel(dataset=d))
             unit = "% of linear params removed" if err_by == "params" else "ERR by rank"
-            t = Table(title=f"{what} on {d} by {unit} (dense {dense:.4f}, {int(ds['dense_linear_params']):,} linear "
-                            f"/ {int(ds['dense_total_params']):,} model params){ci}" if "dense_linear_params" in ds
-                      else f"{what} on {d}, ERR by {err_by} (dense {dense:.4f})")
+            params = (f", {int(ds['dense_linear_params']):,} linear / {int(ds['dense_total_params']):,} model params"
+                      if "dense_linear_params" in ds else "")
+            t = Table(title=f"{what} on {d}, rows by {unit} (dense {dense:.4f}{params}){ci}")
             t.add_column("params removed" if err_by == "params" else "ERR", justify="right")
             t.add_column("linear params kept", justify="right")
             t.add_column("model params kept", justify="right")
