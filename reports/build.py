@@ -8,6 +8,7 @@ its section with a one-line hint instead of failing the report. `build_report` r
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 
 import xarray as xr
@@ -249,8 +250,10 @@ def eval_section(inp: RunInputs) -> Section:
     sec = Section("eval", "Perplexity vs effective rank reduction (Table 1)",
                   "Perplexity measured by `spectra eval` on the text named above each table. These are other tokens "
                   "than pretraining's validation perplexity (its own held-out windows), so the dense row need not "
-                  "equal it. Methods at the same ERR keep the same rank share, not always the same parameters: the "
-                  "summary compares them at matched parameter counts.", problems=_problems(inp, "eval.jsonl"))
+                  "equal it. Methods at the same ERR keep the same rank share, not always the same parameters: each "
+                  "cell states the decoder-linear parameters its model kept, the figure plots perplexity against "
+                  "them, and the summary compares methods at matched parameter counts.",
+                  problems=_problems(inp, "eval.jsonl"))
     if not inp.evals:
         sec.missing = "not computed yet: run `spectra eval`"
         return sec
@@ -259,14 +262,23 @@ def eval_section(inp: RunInputs) -> Section:
     for dataset in sorted(labels, key=lambda k: labels[k]):
         rows = [r for r in inp.evals if keys[str(r.get("dataset"))] == dataset]
         errs = sorted({num(r.get("err") or 0.0) for r in rows})
-        cells = {(str(r.get("method")), num(r.get("err") or 0.0)): r.get("ppl") for r in rows}
+        cells = {(str(r.get("method")), num(r.get("err") or 0.0)): r for r in rows}
         methods = sorted({m for m, _ in cells}, key=lambda m: (m != "dense", m))
-        body = [[m] + [fmt(cells.get((m, e)), ".2f") for e in errs] for m in methods]
+        body = [[m] + [_ppl_params(inp, cells.get((m, e))) for e in errs] for m in methods]
         spellings = ", ".join(f"<code>{esc(s)}</code>" for s in sorted({str(r.get("dataset")) for r in rows}))
         sec.tables.append(f"<p>perplexity on {esc(labels[dataset])} ({spellings})</p>" +
                           table(["method"] + [f"ERR {pct(e)}" for e in errs], body, tuple(range(1, len(errs) + 1))))
-    sec.figures.append(("ppl-vs-err", C.ppl_vs_err_figure(inp.evals)))
+    kept = lambda r: 1.0 if str(r.get("method")) == "dense" else model_folder_params(inp, r.get("model"))  # noqa: E731
+    sec.figures.append(("ppl-vs-err", C.ppl_vs_err_figure(inp.evals, params=kept)))
     return sec
+
+
+def _ppl_params(inp: RunInputs, row: dict | None) -> str:
+    """"12.34 (params 0.700×)": an eval row's perplexity and its model's decoder-linear parameters kept."""
+    if row is None:
+        return "–"
+    ratio = 1.0 if str(row.get("method")) == "dense" else model_folder_params(inp, row.get("model"))
+    return fmt(row.get("ppl"), ".2f") + (f" (params {ratio:.3f}×)" if math.isfinite(ratio) else "")
 
 
 def _param_reduction(ratio: float) -> str:
