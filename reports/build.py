@@ -26,7 +26,7 @@ from reports.style import esc, fmt, num, pct
 from reports.summary import model_folder_params, ppl_change, summary_rows, worse_finetunes
 from reports.sweep_figure import sweep_figure
 from spectra.compression.rankmap import err_of_name
-from spectra.compression.sweep import cell_text, params_kept_text
+from spectra.compression.sweep_tables import cell_text, params_kept_text
 from spectra.errors import SpectraError
 from spectra.io.atomic import atomic_write_bytes
 from spectra.io.runs import check_own_output, is_report

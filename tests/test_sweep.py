@@ -17,7 +17,8 @@ from spectra.compression.allocation import build_rank_map
 from spectra.compression.calibration import calibrate
 from spectra.compression.lowrank import compress
 from spectra.compression.ranks import model_spectra
-from spectra.compression.sweep import VARIANTS, Recovery, Variant, markdown, sweep
+from spectra.compression.sweep import VARIANTS, Recovery, Variant, sweep
+from spectra.compression.sweep_tables import markdown
 from spectra.lm.evaluate import perplexity, score
 from spectra.lm.finetune import finetune
 

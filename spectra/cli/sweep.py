@@ -76,7 +76,7 @@ def print_tables(ds, console, var: str = "ppl") -> None:
     import numpy as np
     from rich.table import Table
 
-    from spectra.compression.sweep import cell_text, params_kept_text
+    from spectra.compression.sweep_tables import cell_text, params_kept_text
 
     what = "perplexity" if var == "ppl" else f"perplexity after {ds.attrs.get('recover_steps')} WeLore-PEFT steps"
     level = ds.attrs.get("ci_level")
@@ -112,7 +112,8 @@ def run(a: SweepArgs, path: str, eval_data: list[str] | None = None) -> None:
 
     from spectra.compression.calibration import stored_calibration
     from spectra.compression.diagnostics import signal_groups
-    from spectra.compression.sweep import Recovery, check_grid, needs_calibration, sweep, verdicts
+    from spectra.compression.sweep import Recovery, check_grid, needs_calibration, sweep
+    from spectra.compression.sweep_tables import verdicts
     from spectra.data import expand_files, text_windows
     from spectra.errors import SpectraError
     from spectra.io.analysis_store import write_analysis
