@@ -7,6 +7,8 @@ its section with a one-line hint instead of failing the report. `build_report` r
 
 from __future__ import annotations
 
+import html
+import math
 from pathlib import Path
 
 import xarray as xr
@@ -24,6 +26,7 @@ from reports.style import esc, fmt, num, pct
 from reports.summary import model_folder_params, ppl_change, summary_rows, worse_finetunes
 from reports.sweep_figure import sweep_figure
 from spectra.compression.rankmap import err_of_name
+from spectra.compression.sweep_tables import cell_text, params_kept_text
 from spectra.errors import SpectraError
 from spectra.io.atomic import atomic_write_bytes
 from spectra.io.runs import check_own_output, is_report
@@ -247,8 +250,10 @@ def eval_section(inp: RunInputs) -> Section:
     sec = Section("eval", "Perplexity vs effective rank reduction (Table 1)",
                   "Perplexity measured by `spectra eval` on the text named above each table. These are other tokens "
                   "than pretraining's validation perplexity (its own held-out windows), so the dense row need not "
-                  "equal it. Methods at the same ERR keep the same rank share, not always the same parameters: the "
-                  "summary compares them at matched parameter counts.", problems=_problems(inp, "eval.jsonl"))
+                  "equal it. Methods at the same ERR keep the same rank share, not always the same parameters: each "
+                  "cell states the decoder-linear parameters its model kept, the figure plots perplexity against "
+                  "them, and the summary compares methods at matched parameter counts.",
+                  problems=_problems(inp, "eval.jsonl"))
     if not inp.evals:
         sec.missing = "not computed yet: run `spectra eval`"
         return sec
@@ -257,14 +262,23 @@ def eval_section(inp: RunInputs) -> Section:
     for dataset in sorted(labels, key=lambda k: labels[k]):
         rows = [r for r in inp.evals if keys[str(r.get("dataset"))] == dataset]
         errs = sorted({num(r.get("err") or 0.0) for r in rows})
-        cells = {(str(r.get("method")), num(r.get("err") or 0.0)): r.get("ppl") for r in rows}
+        cells = {(str(r.get("method")), num(r.get("err") or 0.0)): r for r in rows}
         methods = sorted({m for m, _ in cells}, key=lambda m: (m != "dense", m))
-        body = [[m] + [fmt(cells.get((m, e)), ".2f") for e in errs] for m in methods]
+        body = [[m] + [_ppl_params(inp, cells.get((m, e))) for e in errs] for m in methods]
         spellings = ", ".join(f"<code>{esc(s)}</code>" for s in sorted({str(r.get("dataset")) for r in rows}))
         sec.tables.append(f"<p>perplexity on {esc(labels[dataset])} ({spellings})</p>" +
                           table(["method"] + [f"ERR {pct(e)}" for e in errs], body, tuple(range(1, len(errs) + 1))))
-    sec.figures.append(("ppl-vs-err", C.ppl_vs_err_figure(inp.evals)))
+    kept = lambda r: 1.0 if str(r.get("method")) == "dense" else model_folder_params(inp, r.get("model"))  # noqa: E731
+    sec.figures.append(("ppl-vs-err", C.ppl_vs_err_figure(inp.evals, params=kept)))
     return sec
+
+
+def _ppl_params(inp: RunInputs, row: dict | None) -> str:
+    """"12.34 (params 0.700×)": an eval row's perplexity and its model's decoder-linear parameters kept."""
+    if row is None:
+        return "–"
+    ratio = 1.0 if str(row.get("method")) == "dense" else model_folder_params(inp, row.get("model"))
+    return fmt(row.get("ppl"), ".2f") + (f" (params {ratio:.3f}×)" if math.isfinite(ratio) else "")
 
 
 def _param_reduction(ratio: float) -> str:
@@ -306,10 +320,30 @@ def sweep_section(inp: RunInputs) -> Section:
     sec, ds = _analysis_section(
         inp, "sweep", "sweep", "Compression methods compared (spectra sweep)",
         "Perplexity after compressing with every rank map (WeLore, uniform, energy, loss-aware, diagnostic), "
-        "plain SVD or whitened by the layer inputs, at each ERR, by rank and by parameters.")
+        "plain SVD or whitened by the layer inputs, at each fraction of the compressed linears' parameters removed "
+        "(and by rank where asked). Every row states the parameters kept; each perplexity carries a bootstrap CI "
+        "over the eval windows, and Δ is the paired difference from the best baseline configuration (WeLore, "
+        "uniform, energy): WIN where its CI lies below 0.")
     if ds is not None:
+        for d in ds["dataset"].values:
+            for err_by in ds["err_by"].values:
+                sec.tables.append(sweep_table(ds, str(d), str(err_by)))
         sec.figures.append(("sweep", sweep_figure(ds)))
     return sec
+
+
+def sweep_table(ds, dataset: str, err_by: str) -> str:
+    """One eval set's sweep rows (ERR, parameters kept by the compressed linears and by the whole model) by
+    configuration: perplexity [CI] and the difference from the best baseline [paired CI], WIN where it excludes
+    0 (the table `spectra sweep` prints)."""
+    cols = [(str(m), str(v)) for m in ds["method"].values for v in ds["variant"].values]
+    what = "params removed" if err_by == "params" else "ERR by rank"
+    rows = [[f"{float(err):.0%}", *params_kept_text(ds, err_by, err),
+             *[cell_text(ds, {"method": m, "variant": v, "err_by": err_by, "err": err, "dataset": dataset}, " · ")
+               for m, v in cols]] for err in ds["err"].values]
+    title = f"<p>{html.escape(dataset)}: dense perplexity {float(ds['dense_ppl'].sel(dataset=dataset)):.4f}</p>"
+    return title + table([what, "linear params kept", "model params kept", *[f"{m} {v}" for m, v in cols]], rows,
+                         numeric_cols=tuple(range(len(cols) + 3)))
 
 
 SECTIONS = (pretrain_section, hessian_section, gap_lowrank_section, drift_section, alignment_section,

@@ -5,6 +5,8 @@ every string from a file is HTML-escaped before it reaches one (Plotly renders H
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative, sample_colorscale
@@ -31,8 +33,10 @@ def line_colors(methods: list[str], n_datasets: int) -> dict[tuple[str, int], st
     return {key: seq[i % len(seq)] for i, key in enumerate(keys)}
 
 
-def ppl_vs_err_figure(rows: list[dict]) -> go.Figure:
-    """Perplexity vs effective rank reduction, one line per (method, dataset) and one panel per
+def ppl_vs_err_figure(rows: list[dict], params: Callable[[dict], float] | None = None) -> go.Figure:
+    """Perplexity vs the fraction of decoder-linear parameters removed (the field's unit) when `params` (row ->
+    parameters kept, a fraction of dense) knows every row's model, else vs effective rank reduction (ERR, the
+    paper's Table 1: rows whose rank map is unknown); one line per (method, dataset) and one panel per
     dataset, each with its own log y axis (uniform compression blows up by orders of magnitude,
     while methods differ by 0.1% at low ERR: one shared axis for two datasets hid both). Datasets
     are grouped by identity, not by how their path was spelled (reports.datasets); colour = method
@@ -45,29 +49,38 @@ def ppl_vs_err_figure(rows: list[dict]) -> go.Figure:
         groups.setdefault((str(r.get("method")), keys[str(r.get("dataset"))]), []).append(r)
     methods = sorted({m for m, _ in groups}, key=lambda m: (m != "dense", m))
     colors = line_colors(methods, len(datasets))
+    kept = {id(r): params(r) if params is not None else float("nan") for r in rows}
+    by_params = params is not None and all(np.isfinite(v) for v in kept.values())
+
+    def x_of(r: dict) -> float:
+        return 1.0 - kept[id(r)] if by_params else float(r.get("err") or 0.0)
+
+    xname = "decoder-linear parameters removed" if by_params else "effective rank reduction (ERR)"
+
     cols = min(len(datasets), PPL_COLS) or 1
     nrows = -(-len(datasets) // cols) or 1
     fig = make_subplots(rows=nrows, cols=cols, subplot_titles=[esc(labels[d]) for d in datasets],
                         horizontal_spacing=0.08)
     for method in methods:
         for d, dataset in enumerate(datasets):
-            rs = sorted(groups.get((method, dataset), []), key=lambda r: float(r.get("err") or 0.0))
+            rs = sorted(groups.get((method, dataset), []), key=x_of)
             if not rs:
                 continue
             spellings = ", ".join(sorted({esc(r.get("dataset")) for r in rs}))
             fig.add_trace(go.Scatter(
-                x=[float(r.get("err") or 0.0) for r in rs], y=finite([num(r.get("ppl")) for r in rs]),
+                x=[x_of(r) for r in rs], y=finite([num(r.get("ppl")) for r in rs]),
                 mode="lines+markers", name=f"{esc(method)} · {esc(labels[dataset])}",
                 line=dict(color=colors[(method, d)], dash=DASHES[d % len(DASHES)], width=2),
                 marker=dict(size=7, symbol=("circle", "square", "diamond", "triangle-up")[d % 4]),
-                customdata=[[num(r.get("loss")), int(r.get("tokens") or 0)] for r in rs],
-                hovertemplate=f"method {esc(method)}<br>dataset {spellings}<br>ERR %{{x:.0%}}<br>ppl %{{y:.4g}}"
+                customdata=[[num(r.get("loss")), int(r.get("tokens") or 0), float(r.get("err") or 0.0)] for r in rs],
+                hovertemplate=f"method {esc(method)}<br>dataset {spellings}<br>{xname} %{{x:.1%}}"
+                              "<br>ERR %{customdata[2]:.0%}<br>ppl %{y:.4g}"
                               "<br>loss %{customdata[0]:.4f}<br>tokens %{customdata[1]}<extra></extra>",
             ), row=d // cols + 1, col=d % cols + 1)
-    fig.update_xaxes(title_text="ERR", tickformat=".0%")
+    fig.update_xaxes(title_text=xname, tickformat=".0%")
     fig.update_yaxes(type="log")
     fig.update_yaxes(title_text="perplexity (log scale)", col=1)
-    fig.update_layout(title="Perplexity vs effective rank reduction (ERR)", height=420 * nrows + 60,
+    fig.update_layout(title=f"Perplexity vs {xname}", height=420 * nrows + 60,
                       legend=dict(orientation="h", yanchor="top", y=-0.15 if nrows == 1 else -0.06))
     return fig
 

@@ -124,6 +124,42 @@ def matched_rows(inp: RunInputs) -> list[Row]:
     return rows
 
 
+def sweep_rows(inp: RunInputs) -> list[Row]:
+    """From the sweep table, per eval set and parameter budget (maps built by params; by rank only where the
+    sweep has nothing else): the lowest-perplexity configuration of a method that is not a baseline, its
+    perplexity [CI] and its paired difference from the best baseline configuration [CI], WIN where that CI lies
+    below 0, with the parameters kept (compressed linears and whole model)."""
+    ds = inp.analysis.get("sweep")
+    if ds is None or "ppl_diff" not in ds:
+        return []
+    err_by = "params" if "params" in ds["err_by"].values else str(ds["err_by"].values[0])
+    base = set(ds.attrs.get("baselines") or ())
+    cands = [str(m) for m in ds["method"].values if str(m) not in base]
+    rows: list[Row] = []
+    for d in ds["dataset"].values:
+        for err in ds["err"].values:
+            at = {"err_by": err_by, "err": err, "dataset": d}
+            best = min(((float(ds["ppl"].sel({**at, "method": m, "variant": v})), m, str(v)) for m in cands
+                        for v in ds["variant"].values), default=None)
+            if best is None or not math.isfinite(best[0]):
+                continue
+            cell = {**at, "method": best[1], "variant": best[2]}
+            diff, lo, hi = (float(ds[k].sel(cell)) for k in ("ppl_diff", "ppl_diff_ci_low", "ppl_diff_ci_high"))
+            kept = {k: float(ds[k].sel({k2: v for k2, v in cell.items() if k2 != "dataset"}))
+                    for k in ("params_kept", "linear_params", "total_params_kept")}
+            verdict = "WIN" if hi < 0 else ("worse" if lo > 0 else "no difference beyond the noise")
+            what = (f"{float(err):.0%} of linear params removed" if err_by == "params"
+                    else f"ERR {float(err):.0%} by rank")
+            rows.append((f"sweep · {d} · {what}",
+                         f"{best[1]} ({best[2]}) {fmt(best[0])} [{fmt(float(ds['ppl_ci_low'].sel(cell)))}, "
+                         f"{fmt(float(ds['ppl_ci_high'].sel(cell)))}] vs {ds['baseline'].sel(cell).values}: "
+                         f"Δ {diff:+.4f} [{lo:+.4f}, {hi:+.4f}], {verdict} "
+                         f"({ds.attrs.get('ci_level', 0.95):.0%} paired bootstrap over the eval windows); params kept "
+                         f"{kept['params_kept']:.3f}× of the linears ({int(kept['linear_params']):,}), "
+                         f"{kept['total_params_kept']:.3f}× of the model"))
+    return rows
+
+
 def _clusters(pts: list[tuple]) -> list[list[tuple]]:
     """Points sorted by parameter ratio, grouped so each group spans at most MATCH_TOL."""
     groups: list[list[tuple]] = []
@@ -175,6 +211,7 @@ def summary_rows(inp: RunInputs) -> list[Row]:
         rows.append((f"ranks {name}", f"{m.get('method')}: target ERR {pct(m.get('target_err'))}, {achieved}"
                                       + (f", k={fmt(k)}" if k is not None else "") + f"; {params}"))
     rows += matched_rows(inp)
+    rows += sweep_rows(inp)
     if inp.finetune:
         rows.append(("finetuning runs", ", ".join(sorted(inp.finetune))))
         worse = worse_finetunes(inp)

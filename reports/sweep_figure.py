@@ -1,7 +1,10 @@
-"""The `spectra sweep` figure: perplexity vs ERR for every rank method, plain and whitened, by rank and
-by parameters, one panel per dataset, with the parameters kept on a second x axis (hover) and the
-dense model as a dashed line. A sweep run with --recover-steps adds the perplexity after the short
-WeLore-PEFT recovery, same colour, dashed (plain) or dash-dotted (whitened), where it was measured."""
+"""The `spectra sweep` figure: perplexity vs the fraction of decoder-linear parameters kept (the field's unit:
+what each configuration actually kept, not its target) for every rank method and variant, one row per ERR
+measure the maps were built by (params, rank), one panel per dataset, each point with its bootstrap CI over the
+eval windows as an error bar, and the dense model as a dashed line. Tables stored before parameters were counted
+per configuration fall back to the target ERR on the x axis. A sweep run with --recover-steps adds the
+perplexity after the short WeLore-PEFT recovery, same colour, dashed (plain) or dash-dotted (whitened), where it
+was measured."""
 
 from __future__ import annotations
 
@@ -24,39 +27,53 @@ def sweep_figure(ds: xr.Dataset) -> go.Figure:
     methods = [str(m) for m in ds["method"].values]
     variants = [str(v) for v in ds["variant"].values]
     fig = make_subplots(rows=len(err_bys), cols=len(datasets), shared_xaxes=False,
-                        subplot_titles=[f"{d} — ERR by {e}" for e in err_bys for d in datasets],
+                        subplot_titles=[f"{d} — maps built by {e}" for e in err_bys for d in datasets],
                         vertical_spacing=0.12, horizontal_spacing=0.08)
     errs = [float(e) for e in ds["err"].values]
+    by_params = "params_kept" in ds
     for r, err_by in enumerate(err_bys, start=1):
         for c, dname in enumerate(datasets, start=1):
             for i, m in enumerate(methods):
-                params = (ds["linear_params"].sel({"method": m, "err_by": err_by}).values
-                          if "linear_params" in ds else [float("nan")] * len(errs))
                 for v in variants:
                     cell = {"method": m, "variant": v, "err_by": err_by, "dataset": dname}
+                    at = {k: x for k, x in cell.items() if k != "dataset"}
+                    x = 100 * ds["params_kept"].sel(at).values if by_params else np.array([100 * e for e in errs])
+                    params = (ds["linear_params"].sel(at).values if by_params else [float("nan")] * len(errs))
                     curves = [("ppl", v, "solid" if v == "plain" else "dot")]
                     if "ppl_recovered" in ds and np.isfinite(ds["ppl_recovered"].sel(cell).values).any():
                         curves.append(("ppl_recovered", f"{v}, recovered", "dash" if v == "plain" else "dashdot"))
                     for var, label, dash in curves:
+                        y = ds[var].sel(cell).values
+                        err_y = None
+                        if var == "ppl" and "ppl_ci_low" in ds:
+                            hi, lo = ds["ppl_ci_high"].sel(cell).values, ds["ppl_ci_low"].sel(cell).values
+                            err_y = dict(type="data", symmetric=False, array=finite(hi - y),
+                                         arrayminus=finite(y - lo), thickness=1)
                         fig.add_trace(go.Scatter(
-                            x=[100 * e for e in errs], y=finite(ds[var].sel(cell).values), mode="lines+markers",
+                            x=finite(x), y=finite(y), mode="lines+markers", error_y=err_y,
                             name=f"{m} ({label})", legendgroup=f"{m}-{label}", showlegend=(r == 1 and c == 1),
                             line=dict(color=PALETTE[i % len(PALETTE)], dash=dash),
-                            customdata=finite(params),
-                            hovertemplate=f"{m} ({label})<br>ERR %{{x:.0f}}%<br>ppl %{{y:.4f}}"
-                                          "<br>decoder-linear params %{customdata:,.0f}<extra></extra>"), row=r, col=c)
+                            customdata=[[e, p] for e, p in zip(errs, finite(params))],
+                            hovertemplate=f"{m} ({label})<br>target ERR by {err_by} %{{customdata[0]:.0%}}"
+                                          "<br>decoder-linear params kept %{x:.1f}% (%{customdata[1]:,.0f})"
+                                          "<br>ppl %{y:.4f}<extra></extra>"), row=r, col=c)
             if "dense_ppl" in ds:
                 dense = float(ds["dense_ppl"].sel(dataset=dname))
-                fig.add_trace(go.Scatter(x=[100 * errs[0], 100 * errs[-1]], y=[dense, dense], mode="lines",
+                span = ([float(np.nanmin(100 * ds["params_kept"].values)), 100.0] if by_params
+                        else [100 * errs[0], 100 * errs[-1]])
+                fig.add_trace(go.Scatter(x=span, y=[dense, dense], mode="lines",
                                          name="dense", legendgroup="dense", showlegend=(r == 1 and c == 1),
                                          line=dict(color="black", dash="dash", width=1),
                                          hovertemplate=f"dense ppl {dense:.4f}<extra></extra>"), row=r, col=c)
-            fig.update_xaxes(title_text="target ERR (%)", row=r, col=c)
+            fig.update_xaxes(title_text="decoder-linear parameters kept (%)" if by_params else "target ERR (%)",
+                             autorange="reversed" if by_params else True, row=r, col=c)
             fig.update_yaxes(title_text=f"{axis_label(ds['ppl'])} (log scale)", type="log", row=r, col=c)
     recovered = ""
     if "ppl_recovered" in ds and np.isfinite(ds["ppl_recovered"].values).any():
         recovered = f"; after {ds.attrs.get('recover_steps', '')} WeLore-PEFT steps dashed / dash-dotted"
-    fig.update_layout(title="Perplexity vs ERR, every method (colour) plain (solid) or whitened (dotted)"
-                            f"{recovered}; hover shows the decoder-linear parameters kept",
+    ci = f", {ds.attrs.get('ci_level', 0.95):.0%} bootstrap CIs" if "ppl_ci_low" in ds else ""
+    x = "decoder-linear parameters kept" if by_params else "ERR"
+    fig.update_layout(title=f"Perplexity vs {x}, every method (colour) plain (solid) or whitened (dotted)"
+                            f"{recovered}{ci}; hover shows the target ERR and the parameters kept",
                       height=420 * len(err_bys), legend=dict(orientation="h", y=-0.08))
     return fig

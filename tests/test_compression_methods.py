@@ -16,7 +16,8 @@ from spectra.compression.allocation import build_rank_map, energy_scores, matrix
 from spectra.compression.calibration import Calibration, calibrate, load, loss_direction_scores, save
 from spectra.compression.lowrank import compress
 from spectra.compression.ranks import model_spectra
-from spectra.compression.sweep import markdown, sweep, verdicts
+from spectra.compression.sweep import sweep
+from spectra.compression.sweep_tables import markdown, verdicts
 from spectra.compression.whiten import (
     Whitener,
     damped_cholesky,

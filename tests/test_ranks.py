@@ -67,6 +67,23 @@ def test_hand_computed_threshold_ranks_and_lrc():
     assert [e["rank"] for e in build_rank_map(sp, "welore", 2 / 9)["components"]] == [4, 3]
 
 
+def test_lrc_rule_speed_factorizes_only_below_alpha_of_the_dense_flops():
+    from spectra.compression.allocation import SPEED_ALPHA
+
+    assert SPEED_ALPHA == 0.7
+    # 176x64: break-even r < 46.93 (params); speed: r(m+n) <= 0.7·11264 = 7884.8  <=>  r <= 32.85
+    for shape in ([176, 64], [64, 176]):
+        shapes = np.array([shape] * 4)
+        ranks = np.array([32, 33, 46, 47])
+        assert is_lrc(ranks, shapes, "speed").tolist() == [True, False, False, False]
+        assert is_lrc(ranks, shapes, "params").tolist() == [True, True, True, False]
+    # 128x128: 0.7·16384 / 256 = 44.8 -> rank 44 factorized, 45 not; 10 x 10: 0.7·100/20 = 3.5
+    assert is_lrc(np.array([44, 45]), np.array([[128, 128]] * 2), "speed").tolist() == [True, False]
+    assert is_lrc(np.array([3, 4]), np.array([[10, 10]] * 2), "speed").tolist() == [True, False]
+    with pytest.raises(SpectraError, match="speed"):
+        is_lrc(np.array([1]), np.array([[2, 2]]), "fast")
+
+
 def test_lrc_rule_non_square_break_even():
     # 176x64: r(m+n) < m·n  <=>  r < 176*64/240 = 46.93; the paper's r < 0.5*64 = 32
     for shape in ([176, 64], [64, 176]):

@@ -376,6 +376,18 @@ def test_ppl_vs_err_one_line_per_method_and_dataset_escaped():
 
 
 @pytest.mark.unit
+def test_ppl_vs_err_is_by_parameters_removed_when_every_model_is_known():
+    kept = {0.1: 0.95, 0.5: 0.62}  # parameters kept by each ERR's model (a rank map's, in the report)
+    fig = C.ppl_vs_err_figure(EVALS, params=lambda r: kept.get(float(r.get("err") or 0.0), 1.0))
+    welore = next(t for t in fig.data if t.name == "welore · c4")
+    assert list(welore.x) == pytest.approx([0.05, 0.38]) and list(welore.y) == [12.5, 30.0]
+    assert fig.layout.xaxis.title.text == "decoder-linear parameters removed"
+    # one model whose parameters are unknown: the whole figure stays by ERR (no mixed axis)
+    fig = C.ppl_vs_err_figure(EVALS, params=lambda r: kept[r["err"]] if r["method"] == "welore" else float("nan"))
+    assert fig.layout.xaxis.title.text == "effective rank reduction (ERR)"
+
+
+@pytest.mark.unit
 def test_dataset_identity_ignores_path_spelling():
     keys = dataset_keys([C4A, C4B, WIKI_A, WIKI_B, "c4", "other/wikipedia/validation", "/x/a/b", "/y/a/b", "a/b"])
     assert keys[C4A] == keys[C4B] == C4B and keys[WIKI_A] == keys[WIKI_B] == WIKI_B  # the longest spelling

@@ -1,4 +1,5 @@
-"""`spectra sweep`'s optional WeLore-PEFT recovery and its figure; the pipeline's rank maps end to end."""
+"""`spectra sweep`: parameters kept, bootstrap CIs over the eval windows, the variant registry, the optional
+WeLore-PEFT recovery and its figure; the pipeline's rank maps end to end."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import pytest
 import torch
 import xarray as xr
 from conftest import make_tiny, train_steps, wiki_docs
+from scipy import stats
 
 from spectra.compression.allocation import build_rank_map
 from spectra.compression.calibration import calibrate
 from spectra.compression.lowrank import compress
 from spectra.compression.ranks import model_spectra
-from spectra.compression.sweep import Recovery, sweep
-from spectra.lm.evaluate import perplexity
+from spectra.compression.sweep import VARIANTS, Recovery, Variant, sweep
+from spectra.compression.sweep_tables import markdown
+from spectra.lm.evaluate import perplexity, score
 from spectra.lm.finetune import finetune
 
 
@@ -58,6 +61,97 @@ def test_without_recovery_the_variable_is_nan(tiny, one_thread):
                variants=["plain"], progress=False)
     assert np.isfinite(ds["ppl"].values).all() and np.isnan(ds["ppl_recovered"].values).all()
     assert ds.attrs["recover_steps"] == 0 and "recovery" not in ds.attrs
+
+
+@pytest.fixture(scope="module")
+def cis(tiny):
+    model, text, _ = tiny
+    windows = {"w": torch.randint(0, 64, (10, 32), generator=torch.Generator().manual_seed(9))}
+    ds = sweep(model, windows, methods=["welore", "uniform", "energy"], errs=[0.3], variants=["plain"], n_boot=300,
+               level=0.9, seed=5, progress=False)
+    return model, windows["w"], ds
+
+
+@pytest.mark.unit
+def test_sweep_is_by_params_and_counts_what_each_configuration_kept(cis, one_thread):
+    from spectra.compression.lowrank import param_count
+    from spectra.io.variables import VARIABLES
+
+    model, w, ds = cis
+    assert list(ds["err_by"].values) == ["params"]  # the default: matched parameter counts
+    cell = {"method": "energy", "variant": "plain", "err_by": "params", "err": 0.3}
+    m = compress(copy.deepcopy(model), build_rank_map(model_spectra(model), "energy", 0.3, "params"), progress=False)
+    (lin, total), (dense_lin, dense_total) = param_count(m), param_count(model)
+    assert int(ds["dense_linear_params"]) == dense_lin and int(ds["dense_total_params"]) == dense_total
+    assert int(ds["linear_params"].sel(cell)) == lin and int(ds["total_params"].sel(cell)) == total
+    assert float(ds["params_kept"].sel(cell)) == pytest.approx(lin / dense_lin, rel=1e-12)
+    assert float(ds["total_params_kept"].sel(cell)) == pytest.approx(total / dense_total, rel=1e-12)
+    assert dense_total - total == dense_lin - lin  # only the compressed linears changed
+    # the map hit 30% of the linears' parameters removed within one rank step of one matrix (m + n parameters)
+    step = max(sum(s.shape) for s in model_spectra(model))
+    assert abs(1 - lin / dense_lin - 0.3) <= step / dense_lin
+    # the window losses are the model's own, window by window, and their mean is the table's loss
+    own: list = []
+    score(m, w, window_losses=own)
+    np.testing.assert_allclose(ds["window_loss"].sel({**cell, "dataset": "w"}).values, own, rtol=1e-6)
+    assert float(ds["loss"].sel({**cell, "dataset": "w"})) == pytest.approx(np.mean(own), rel=1e-6)
+    assert set(ds.data_vars) <= set(VARIABLES), sorted(set(ds.data_vars) - set(VARIABLES))
+
+
+@pytest.mark.unit
+def test_sweep_cis_are_scipys_bootstrap_of_the_window_losses(cis):
+    _, _, ds = cis
+    rng = lambda: np.random.default_rng(5)  # noqa: E731  the sweep's seed, one draw per eval set
+    at = {"err_by": "params", "err": 0.3, "dataset": "w"}
+    a = ds["window_loss"].sel({**at, "method": "welore", "variant": "plain"}).values
+    ref = stats.bootstrap((a,), lambda x, axis: np.exp(x.mean(axis)), n_resamples=300, method="percentile",
+                          confidence_level=0.9, rng=rng(), vectorized=True).confidence_interval
+    cell = {**at, "method": "welore", "variant": "plain"}
+    assert (float(ds["ppl_ci_low"].sel(cell)), float(ds["ppl_ci_high"].sel(cell))) == pytest.approx(
+        (ref.low, ref.high), rel=1e-9)
+    # the difference is against the best OTHER baseline configuration, paired over the same windows
+    ppl = {m: float(ds["ppl"].sel({**at, "method": m, "variant": "plain"})) for m in ("uniform", "energy")}
+    best = min(ppl, key=ppl.get)
+    assert str(ds["baseline"].sel(cell).values) == f"{best}/plain"
+    b = ds["window_loss"].sel({**at, "method": best, "variant": "plain"}).values
+    ref = stats.bootstrap((a, b), lambda x, y, axis: np.exp(x.mean(axis)) - np.exp(y.mean(axis)), paired=True,
+                          n_resamples=300, method="percentile", confidence_level=0.9, rng=rng(),
+                          vectorized=True).confidence_interval
+    assert float(ds["ppl_diff"].sel(cell)) == pytest.approx(np.exp(a.mean()) - np.exp(b.mean()), rel=1e-12)
+    # the same as the table's perplexities (summed in another order in float32: ~1e-6 relative apart)
+    assert float(ds["ppl_diff"].sel(cell)) == pytest.approx(float(ds["ppl"].sel(cell)) - ppl[best], abs=1e-3)
+    assert (float(ds["ppl_diff_ci_low"].sel(cell)), float(ds["ppl_diff_ci_high"].sel(cell))) == pytest.approx(
+        (ref.low, ref.high), rel=1e-9)
+    assert (ds["win"].values == (ds["ppl_diff_ci_high"].values < 0)).all()
+    d = ds["dense_window_loss"].sel(dataset="w").values
+    ref = stats.bootstrap((d,), lambda x, axis: np.exp(x.mean(axis)), n_resamples=300, method="percentile",
+                          confidence_level=0.9, rng=rng(), vectorized=True).confidence_interval
+    assert float(ds["dense_ppl_ci_low"][0]) == pytest.approx(ref.low, rel=1e-9)
+    table = markdown(ds, "w", "params")
+    kept = ds["linear_params"].sel({"err_by": "params", "err": 0.3}).values
+    assert "linear params kept" in table and f"{int(kept.min()):,}" in table and f"{int(kept.max()):,}" in table
+    assert f"vs {best}/plain" in table
+
+
+@pytest.mark.unit
+def test_a_variant_is_one_registry_entry(tiny, monkeypatch, one_thread):
+    """A new truncation variant joins the sweep by one VARIANTS entry: here plain SVD followed by zeroing
+    the LM head (a deliberately broken model: zero logits, perplexity = the vocabulary size exactly)."""
+    model, text, _ = tiny
+
+    def broken(m, rmap, ctx):
+        out = VARIANTS["plain"].make(m, rmap, ctx)
+        torch.nn.init.zeros_(out.get_output_embeddings().weight)
+        return out
+
+    monkeypatch.setitem(VARIANTS, "broken", Variant(broken))
+    ds = sweep(model, text[:4], methods=["uniform"], errs=[0.3], variants=["plain", "broken"], n_boot=50,
+               progress=False)
+    ppl = ds["ppl"].sel({"method": "uniform", "err": 0.3, "err_by": "params", "dataset": "eval"})
+    assert float(ppl.sel(variant="broken")) == pytest.approx(64.0, rel=1e-6)  # zero logits: uniform over 64 ids
+    assert abs(float(ppl.sel(variant="plain")) - 64.0) > 0.5  # plain is the trained model's own
+    kept = ds["linear_params"].sel({"method": "uniform", "err": 0.3, "err_by": "params"}).values
+    assert kept[0] == kept[1]  # same map, same factorization
 
 
 def _table(recovered: bool) -> xr.Dataset:
@@ -148,3 +242,45 @@ def test_pipeline_runs_the_four_maps_and_whitens_the_loss_map(tmp_path, shared_d
     assert "whiten" not in json.loads((run / "compressed" / "energy-err50" / "spectra_rank_map.json").read_text())
     html = (run / "report.html").read_text()
     assert "loss-whitened" in html and "energy" in html
+
+
+@pytest.mark.unit
+def test_sweep_figure_puts_parameters_kept_on_x_with_bootstrap_error_bars(cis):
+    from reports.sweep_figure import sweep_figure
+
+    _, _, ds = cis
+    fig = sweep_figure(ds)
+    t = next(t for t in fig.data if t.name == "welore (plain)")
+    cell = {"method": "welore", "variant": "plain", "err_by": "params", "dataset": "w"}
+    kept = ds["params_kept"].sel({k: v for k, v in cell.items() if k != "dataset"}).values
+    assert list(t.x) == pytest.approx(list(100 * kept)) and 65 < t.x[0] < 75  # 30% removed, within a rank step
+    assert t.error_y.array[0] == pytest.approx(float(ds["ppl_ci_high"].sel({**cell, "err": 0.3})) - t.y[0])
+    assert t.error_y.arrayminus[0] == pytest.approx(t.y[0] - float(ds["ppl_ci_low"].sel({**cell, "err": 0.3})))
+    assert fig.layout.xaxis.title.text == "decoder-linear parameters kept (%)"
+
+
+@pytest.mark.unit
+def test_report_tables_and_summary_state_params_kept_and_the_paired_ci(cis, tmp_path):
+    """The report's sweep section tabulates every row with its parameters and CIs, and the summary names the best
+    non-baseline configuration per parameter budget with its paired difference (here 'welore' renamed to 'loss',
+    so that it is not a baseline)."""
+    from pathlib import Path
+
+    from reports.build import sweep_section
+    from reports.inputs import RunInputs
+    from reports.summary import sweep_rows
+
+    _, _, ds = cis
+    ds = ds.assign_coords(method=["loss", "uniform", "energy"])
+    sec = sweep_section(RunInputs(Path(tmp_path), analysis={"sweep": ds}))
+    (html,) = sec.tables
+    cell = {"method": "loss", "variant": "plain", "err_by": "params", "err": 0.3, "dataset": "w"}
+    kept = ds["params_kept"].sel({"err_by": "params", "err": 0.3}).values
+    assert f"{kept.min():.3f}" in html and "linear params kept" in html and "model params kept" in html
+    assert f"{float(ds['ppl_ci_low'].sel(cell)):.4f}" in html and str(ds["baseline"].sel(cell).values) in html
+    ((key, text),) = sweep_rows(RunInputs(Path(tmp_path), analysis={"sweep": ds}))
+    assert key == "sweep · w · 30% of linear params removed"
+    assert f"Δ {float(ds['ppl_diff'].sel(cell)):+.4f} [{float(ds['ppl_diff_ci_low'].sel(cell)):+.4f}, " in text
+    win = bool(ds["win"].sel(cell))
+    loss_kept = float(ds["params_kept"].sel({"method": "loss", "variant": "plain", "err_by": "params", "err": 0.3}))
+    assert ("WIN" in text) == win and f"params kept {loss_kept:.3f}× of the linears" in text

@@ -73,7 +73,7 @@ COMMANDS: list[tuple[str, str, str, str]] = [
         "sweep",
         "spectra.cli.sweep",
         "command",
-        "Every rank map × {plain, whitened} × ERR, by rank and by params: perplexity table in the analysis store.",
+        "Every rank map × variant × ERR (by params, or by rank): perplexity with bootstrap CIs, in the analysis store.",
     ),
     (
         "eval",

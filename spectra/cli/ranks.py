@@ -18,8 +18,9 @@ class RanksArgs(InputArgs, TokenizerArgs, CalibrationArgs, DeviceArgs, OutputArg
         "gradient-subspace stability of --analysis), energy (global σ²/‖W‖_F² threshold) or loss (estimated loss "
         "per unit saved, from --calib-data).")
     err_by: Literal["rank", "params"] = opt("rank", "Measure ERR by rank (paper) or by parameter count.")
-    lrc_rule: Literal["params", "paper"] = opt(
-        "params", "LRC = r(m+n) < m·n (params, per-shape break-even) or r < 0.5·rank (paper).")
+    lrc_rule: Literal["params", "paper", "speed"] = opt(
+        "params", "LRC = r(m+n) < m·n (params, per-shape break-even), r < 0.5·rank (paper), or r(m+n) ≤ 0.7·m·n "
+                  "(speed: smaller and not slower, bench/inference.py).")
     analysis: Optional[str] = opt(
         None, "Analysis store for --method diagnostic and the calibration of --method loss (default: the run's "
               "analysis.zarr). Given, the map is also written there as group ranks/<name>.")

@@ -1,5 +1,5 @@
-"""`spectra sweep`: every rank map × {plain, whitened} × ERR of one model (`spectra.sweep`), scored by perplexity
-and written to the analysis store as group `sweep`."""
+"""`spectra sweep`: every rank map × variant × ERR of one model (`spectra.sweep`), scored by perplexity with
+bootstrap CIs and written to the analysis store as group `sweep`. The tables print the parameters each row kept."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from spectra.cli.args import CalibrationArgs, DeviceArgs, InputArgs, TokenizerArgs
+from spectra.cli.args import CalibrationArgs, DeviceArgs, InputArgs, SeedArgs, TokenizerArgs
 from spectra.cli.options import command_from
 from spectra.config import opt
 
@@ -19,15 +19,17 @@ BASELINES = ("welore", "uniform", "energy")
 
 
 @dataclass
-class SweepArgs(InputArgs, TokenizerArgs, CalibrationArgs, DeviceArgs):
+class SweepArgs(InputArgs, TokenizerArgs, CalibrationArgs, DeviceArgs, SeedArgs):
     methods: list[str] = opt(["welore", "uniform", "energy", "loss"], "Comma-separated rank maps: welore, uniform, "
                              "energy, loss, diagnostic (diagnostic joins by itself when the analysis store has its "
                              "signals).")
     errs: list[float] = opt(list(DEFAULT_ERRS), "Comma-separated target ERRs, each in (0, 1), each once.")
-    err_by: list[str] = opt(["rank", "params"], "rank, params, or rank,params.")
-    variants: list[str] = opt(["plain", "whitened"], "plain (SVD of W), whitened (SVD of W·S), sequential / refit "
-                                                     "(compensated on the compressed model's own activations, "
-                                                     "`spectra compress --compensate`), comma-separated.")
+    err_by: list[str] = opt(["params"], "What an ERR removes: params (fraction of the compressed linears' "
+                            "parameters, the field's matched-parameter unit), rank (the WeLore paper's), or "
+                            "params,rank.")
+    variants: list[str] = opt(["plain", "whitened"], "Truncation variants (spectra.compression.sweep.VARIANTS): "
+                              "plain (SVD of W), whitened (SVD of W·S), sequential / refit (compensated: fit on the "
+                              "compressed model's own activations, `spectra compress --compensate`).")
     eval_tokens: int = opt(32768, "Token budget per eval set (at least --seq-len).", min=2)
     seq_len: int = opt(256, "Tokens per eval window (at most the model's positions).", min=2)
     batch_size: int = opt(8, "Eval windows per forward pass (does not change the result).", min=1)
@@ -40,6 +42,9 @@ class SweepArgs(InputArgs, TokenizerArgs, CalibrationArgs, DeviceArgs):
                                             "default, 1e-4; warmup a tenth of the steps, then cosine).",
                                       min=0.0, max=10.0)
     recover_batch_size: int = opt(8, "--recover-steps: sequences of --calib-seq-len tokens per step.", min=1)
+    bootstrap: int = opt(1000, "Bootstrap resamples of the eval windows for every CI (seeded by --seed).", min=2,
+                         max=1000000)
+    ci_level: float = opt(0.95, "Confidence level of every CI.", min=0.5, max=0.999)
 
 
 def eval_sets(specs: list[str] | None) -> dict[str, str]:
@@ -66,24 +71,38 @@ def eval_sets(specs: list[str] | None) -> dict[str, str]:
 
 
 def print_tables(ds, console, var: str = "ppl") -> None:
-    """One rich table per dataset and ERR measure of `var` (ppl, or ppl_recovered after --recover-steps)."""
+    """One rich table per dataset and ERR measure of `var` (ppl, or ppl_recovered after --recover-steps): a row
+    per ERR with the parameters it kept (compressed linears and whole model: ratio and count); per configuration
+    the perplexity [CI] and its difference from the best baseline [paired CI] (WIN: the CI lies below 0)."""
     import numpy as np
     from rich.table import Table
 
+    from spectra.compression.sweep_tables import cell_text, params_kept_text
+
     what = "perplexity" if var == "ppl" else f"perplexity after {ds.attrs.get('recover_steps')} WeLore-PEFT steps"
+    level = ds.attrs.get("ci_level")
+    ci = f", {level:.0%} bootstrap CIs over {ds.attrs.get('bootstrap')} resamples of the windows" if level else ""
     for d in ds["dataset"].values:
         for err_by in ds["err_by"].values:
-            t = Table(title=f"{what} on {d}, ERR by {err_by} (dense {float(ds['dense_ppl'].sel(dataset=d)):.4f})")
-            t.add_column("ERR", justify="right")
+            dense = float(ds["dense_ppl"].sel(dataset=d))
+            unit = "% of linear params removed" if err_by == "params" else "ERR by rank"
+            params = (f", {int(ds['dense_linear_params']):,} linear / {int(ds['dense_total_params']):,} model params"
+                      if "dense_linear_params" in ds else "")
+            t = Table(title=f"{what} on {d}, rows by {unit} (dense {dense:.4f}{params}){ci}")
+            t.add_column("params removed" if err_by == "params" else "ERR", justify="right")
+            t.add_column("linear params kept", justify="right")
+            t.add_column("model params kept", justify="right")
             cols = [(m, v) for m in ds["method"].values for v in ds["variant"].values]
             for m, v in cols:
                 t.add_column(f"{m}\n{v}", justify="right")
             for err in ds["err"].values:
-                vals = [float(ds[var].sel({"dataset": d, "err_by": err_by, "err": err, "method": m, "variant": v}))
-                        for m, v in cols]
+                cells = [{"dataset": d, "err_by": err_by, "err": err, "method": m, "variant": v} for m, v in cols]
+                vals = [float(ds[var].sel(c)) for c in cells]
                 best = np.nanmin(vals) if np.isfinite(vals).any() else np.nan
-                t.add_row(f"{err:.0%}", *[("[bold green]%.4f[/]" if x == best else "%.4f") % x if np.isfinite(x)
-                                          else "–" for x in vals])
+                texts = [cell_text(ds, c, "\n") if var == "ppl" else (f"{x:.4f}" if np.isfinite(x) else "–")
+                         for c, x in zip(cells, vals)]
+                t.add_row(f"{err:.0%}", *params_kept_text(ds, err_by, err),
+                          *[f"[bold green]{s}[/]" if x == best else s for s, x in zip(texts, vals)])
             console.print(t)
 
 
@@ -95,7 +114,8 @@ def run(a: SweepArgs, path: str, eval_data: list[str] | None = None) -> None:
     from spectra.compression.calibration import calibration_windows, stored_calibration
     from spectra.compression.diagnostics import signal_groups
     from spectra.compression.sequential import COMPENSATIONS
-    from spectra.compression.sweep import Recovery, check_grid, needs_calibration, sweep, verdicts
+    from spectra.compression.sweep import Recovery, check_grid, needs_calibration, sweep
+    from spectra.compression.sweep_tables import verdicts
     from spectra.data import expand_files, text_windows
     from spectra.errors import SpectraError
     from spectra.io.analysis_store import write_analysis
@@ -110,7 +130,8 @@ def run(a: SweepArgs, path: str, eval_data: list[str] | None = None) -> None:
         raise SpectraError(f"--eval-tokens {a.eval_tokens} is less than one --seq-len {a.seq_len} window")
     if a.recover_lr is not None and not a.recover_lr > 0:
         raise SpectraError(f"--recover-lr must be > 0, not {a.recover_lr}")
-    need = needs_calibration(a.methods, a.variants) + (["--recover-steps"] if a.recover_steps > 0 else [])
+    need = (needs_calibration(a.methods, a.variants) + [f"--variants {v}" for v in a.variants if v in COMPENSATIONS]
+            + (["--recover-steps"] if a.recover_steps > 0 else []))
     if need and not a.calib_data:
         raise SpectraError(f"{' and '.join(need)} {'need' if len(need) > 1 else 'needs'} --calib-data FILES "
                            "(calibration text, e.g. the model's training data)")
@@ -144,7 +165,7 @@ def run(a: SweepArgs, path: str, eval_data: list[str] | None = None) -> None:
                                f"{a.recover_steps} x --recover-batch-size {a.recover_batch_size} need {n}")
         recovery = Recovery(a.recover_steps, rec, a.recover_batch_size, a.recover_lr)
     cal = None
-    if needs_calibration(methods, [v for v in a.variants if v not in COMPENSATIONS]):
+    if needs_calibration(methods, a.variants):
         cal = stored_calibration(model, tok, a.calib_data, a.calib_seqs, a.calib_seq_len, source=model_dir,
                                  store=store, write=True, device=dev)
     calib_windows = None
@@ -154,26 +175,31 @@ def run(a: SweepArgs, path: str, eval_data: list[str] | None = None) -> None:
     ds = sweep(model, windows, calibration=cal, calib_windows=calib_windows, methods=methods, errs=a.errs,
                err_by=a.err_by, variants=a.variants,
                damping=a.damping, loss_weight=a.loss_weight, analysis=store, step=source.step,
-               batch_size=a.batch_size, device=dev, recovery=recovery, log=console.print)
+               batch_size=a.batch_size, device=dev, recovery=recovery, n_boot=a.bootstrap, level=a.ci_level,
+               seed=a.seed, log=console.print)
     ds.attrs.update({"source": str(model_dir), "eval_data": sets, "seq_len": a.seq_len})
     write_analysis(store, "sweep", ds)
     print_tables(ds, console)
     if recovery is not None:
         print_tables(ds, console, "ppl_recovered")
     for r in verdicts(ds):
-        verdict = "WIN " if r["wins"] else "loss"
-        console.print(f"{verdict} {r['err_by']:6s} ERR {r['err']:.0%} {r['dataset']}: loss ({r['variant']}) "
-                      f"{r['candidate']:.4f} vs " + ", ".join(f"{b} {r[b]:.4f}" for b in BASELINES if b in r)
+        verdict = "WIN " if r["wins"] else "no win"
+        diff = (f" (Δ {r['diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] vs {r['baseline']})"
+                if "diff" in r else "")
+        kept = f", linear params kept {r['params_kept']:.3f}" if "params_kept" in r else ""
+        console.print(f"{verdict} {r['err_by']:6s} ERR {r['err']:.0%}{kept} {r['dataset']}: loss ({r['variant']}) "
+                      f"{r['candidate']:.4f}{diff} vs " + ", ".join(f"{b} {r[b]:.4f}" for b in BASELINES if b in r)
                       + f"; whitened < plain: {r['whitened_wins']}")
     console.print(f"table -> {store} (group sweep)")
 
 
 command = command_from(
     SweepArgs, run,
-    """Every rank map × {plain, whitened} × ERR, by rank and by params: perplexity table in the analysis store.
+    """Every rank map × variant × ERR (by params, or by rank): perplexity with bootstrap CIs, in the analysis store.
 
     One process: spectra, calibration and loss estimates once, then per configuration a compressed
-    copy of the dense model in memory, evaluated on fixed windows of every eval set; optionally a short
+    copy of the dense model in memory, evaluated on fixed windows of every eval set (each perplexity and its
+    difference from the best baseline get bootstrap CIs over the windows); optionally a short
     WeLore-PEFT recovery (--recover-steps) and a second evaluation. Writes group `sweep` of the
     analysis store; `spectra report` plots it. Every option can also come from --config FILE.""",
     inputs="one",

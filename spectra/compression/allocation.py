@@ -12,6 +12,14 @@ parameters iff r(m+n) < m·n, i.e. r < mn/(m+n) -- the per-shape break-even (`--
 default). For a square matrix that is r < 0.5·n, the paper's "r < 0.5 × rank(W)" rule
 (`--lrc-rule paper`); for 11008×4096 the break-even is r < 2985 = 0.73·rank, so the paper's rule
 leaves savings on the table for MLP matrices (it always saves when it fires: r < n/2 ⇒ r(m+n) < mn).
+Smaller is not always faster: y = (x Aᵀ) Bᵀ is two matmuls, and on small matrices or few tokens the second
+call's fixed cost outweighs the FLOPs it saves (bench/inference.py, bench/README.md). `--lrc-rule speed`
+factorizes only where that is smaller AND not slower: r(m+n) ≤ SPEED_ALPHA·m·n, i.e. the factorized FLOPs
+(= parameters) at most α of the dense ones; α = 0.7 is the largest FLOP ratio at which the factorized matmul was
+not slower than the dense one for a prefill batch (2048 tokens) at the 9m model's shapes on CPU. At decode
+(4 tokens) the factorized pair was slower at every ratio on that CPU (a fixed per-call cost at 128-wide
+matrices); `params` stays the default because ERR by params must stay reachable at 10-20% (a uniform map at
+10% removed has f = 0.9 everywhere, which `speed` would not factorize at all).
 What `rank` means for an N-LRC: by rank ERR every matrix is truncated to r (dense N-LRCs hold
 U_r S_r V_rᵀ, as in the paper); by parameter ERR an N-LRC saves nothing when truncated, so it keeps
 full rank.
@@ -63,6 +71,8 @@ from spectra.models.parts import COMPONENTS
 METHODS = ("welore", "uniform", "diagnostic", "energy", "loss")
 THRESHOLD_METHODS = ("welore", "energy", "loss")  # one global threshold k on a per-direction score
 SPREAD = 1.0  # diagnostic: the least compressible component keeps 3x the rank fraction of the most
+SPEED_ALPHA = 0.7  # --lrc-rule speed: factorize where r(m+n) <= α·m·n (bench/inference.py's per-matrix table)
+LRC_RULES = ("params", "paper", "speed")
 
 
 @dataclass
@@ -124,13 +134,16 @@ def scaled_ranks(full: np.ndarray, weights: np.ndarray, s: float) -> np.ndarray:
 
 
 def is_lrc(ranks: np.ndarray, shapes: np.ndarray, rule: str = "params") -> np.ndarray:
-    """Which matrices to factorize: r(m+n) < m·n ("params"), or r < 0.5·min(m, n) ("paper")."""
+    """Which matrices to factorize: r(m+n) < m·n ("params": smaller), r < 0.5·min(m, n) ("paper"), or
+    r(m+n) ≤ SPEED_ALPHA·m·n ("speed": smaller and not slower, module docstring)."""
     m, n = shapes[:, 0], shapes[:, 1]
     if rule == "params":
         return ranks * (m + n) < m * n
     if rule == "paper":
         return ranks < 0.5 * np.minimum(m, n)
-    raise SpectraError(f"--lrc-rule must be params or paper, not {rule!r}")
+    if rule == "speed":
+        return ranks * (m + n) <= SPEED_ALPHA * (m * n)
+    raise SpectraError(f"--lrc-rule must be one of {', '.join(LRC_RULES)}, not {rule!r}")
 
 
 def reduction(ranks: np.ndarray, shapes: np.ndarray, err_by: str = "rank", rule: str = "params") -> float:

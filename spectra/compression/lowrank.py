@@ -4,6 +4,12 @@
 SVD W = U S Vh, A.weight = sqrt(S) Vh[:r] and B.weight = U[:, :r] sqrt(S), so the two factors carry
 equal scale (better conditioned for finetuning than putting all of S on one side).
 
+Which components become two factors is the rank map's `lrc` flag, set by the allocation's LRC rule
+(spectra.compression.allocation.is_lrc): by default where that is smaller, r(m+n) < m·n; with `--lrc-rule
+speed` only where it is smaller AND not slower, r(m+n) ≤ α·m·n with α = SPEED_ALPHA = 0.7, the largest FLOP
+ratio at which bench/inference.py measured the factorized matmul no slower than the dense one (prefill, CPU).
+`compress` obeys the flags and never decides on its own, so a map means the same model on every path.
+
 What `compress` does with each component (spectra.models.components), following the rank map:
     LRC                      -> LowRankLinear of rank r (r(m+n) parameters instead of m·n)
     N-LRC, rank < full rank  -> stays dense, holding the rank-r truncation U_r S_r Vh_r

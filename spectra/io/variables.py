@@ -75,7 +75,31 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
     "loss": ("mean next-token loss", "nats / token", "token-weighted mean cross-entropy"),
     "dense_ppl": ("perplexity of the dense model", "1", "the uncompressed reference"),
     "dense_loss": ("loss of the dense model", "nats / token", "the uncompressed reference"),
-    "linear_params": ("decoder-linear parameters", "count", "parameters of the component linears after compression"),
+    "linear_params": ("decoder-linear parameters", "count", "parameters of the compressed linears (attention and "
+                      "MLP matrices) after compression; embeddings, norms and the LM head not included"),
+    "params_kept": ("decoder-linear parameters kept", "1", "linear_params / the dense model's (1 − the fraction of "
+                    "parameters removed, the field's unit)"),
+    "total_params": ("model parameters", "count", "every parameter of the compressed model, embeddings included"),
+    "total_params_kept": ("model parameters kept", "1", "total_params / the dense model's"),
+    "ppl_recovered": ("perplexity after recovery", "1", "ppl after --recover-steps of WeLore-PEFT (NaN: not run)"),
+    "loss_recovered": ("loss after recovery", "nats / token", "loss after --recover-steps of WeLore-PEFT"),
+    "dense_linear_params": ("dense decoder-linear parameters", "count", "the compressed linears' parameters before"),
+    "dense_total_params": ("dense model parameters", "count", "every parameter of the dense model"),
+    "windows": ("eval windows", "count", "fixed token windows of the eval set (the bootstrap's units)"),
+    "window_loss": ("mean next-token loss per window", "nats / token", "each eval window's mean cross-entropy "
+                    "(NaN past the eval set's windows); what the bootstrap resamples"),
+    "dense_window_loss": ("dense loss per window", "nats / token", "the dense model's mean loss per eval window"),
+    "ppl_ci_low": ("perplexity CI low", "1", "percentile bootstrap over eval windows (attrs bootstrap, ci_level)"),
+    "ppl_ci_high": ("perplexity CI high", "1", "percentile bootstrap over eval windows (attrs bootstrap, ci_level)"),
+    "dense_ppl_ci_low": ("dense perplexity CI low", "1", "percentile bootstrap over eval windows"),
+    "dense_ppl_ci_high": ("dense perplexity CI high", "1", "percentile bootstrap over eval windows"),
+    "ppl_diff": ("perplexity minus the best baseline's", "1", "ppl − ppl of the lowest-perplexity baseline "
+                 "configuration (WeLore, uniform, energy; any variant; itself excluded) at the same err_by, ERR, "
+                 "eval set; < 0: better"),
+    "ppl_diff_ci_low": ("difference CI low", "1", "paired percentile bootstrap over the same eval windows"),
+    "ppl_diff_ci_high": ("difference CI high", "1", "paired percentile bootstrap over the same eval windows"),
+    "baseline": ("compared baseline", "method/variant", "the baseline configuration ppl_diff is taken against"),
+    "win": ("win over the best baseline", "bool", "ppl_diff's CI lies entirely below 0"),
     "err_rank": ("achieved ERR by rank", "1", "1 - Σ kept ranks / Σ full ranks"),
     "err_params": ("achieved ERR by parameters", "1", "1 - compressed / dense decoder-linear parameters"),
     "estimated_cost": ("estimated loss increase", "nats / token", "the loss map's estimate of what the dropped "
