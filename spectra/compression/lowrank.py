@@ -48,9 +48,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from spectra.compression.calibration import Calibration
-from spectra.compression.rankmap import by_module, entries_for, plan, replace_module
+from spectra.compression.rankmap import by_module, compress_module, entries_for, plan, replace_module, set_factors
 from spectra.compression.sequential import compensate
-from spectra.compression.stream import compress_module, set_factors
 from spectra.compression.whiten import DEFAULT_DAMPING, Whitener
 from spectra.errors import SpectraError
 from spectra.models.modeling_spectra import FusedLinear, LowRankLinear

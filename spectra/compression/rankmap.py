@@ -13,12 +13,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from spectra.errors import SpectraError
 from spectra.io.atomic import read_json
 from spectra.models.components import COMPONENTS, Part, is_conv1d, module_dims
-from spectra.models.modeling_spectra import FusedLinear, LowRankLinear
+from spectra.models.modeling_spectra import FusedLinear, LowRankLinear, build_module
 from spectra.models.parts import component_parts
 
 RANK_MAP_FILE = "spectra_rank_map.json"
@@ -163,3 +164,43 @@ def plan(model: nn.Module, rank_map: dict, where: str = "rank map") -> dict[str,
                   "rank": int(e["rank"]) if e["lrc"] else None, "bias": has_bias} for p, e in zip(plist, es)]
         structure[name] = {"in": n_in, "out": out, "conv1d": is_conv1d(mod), "parts": parts}
     return structure
+
+
+# --------------------------------------------------------------------------- one module
+def set_factors(lr: LowRankLinear, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> LowRankLinear:
+    with torch.no_grad():
+        lr.A.weight.copy_(A.to(lr.A.weight.dtype))
+        lr.B.weight.copy_(B.to(lr.B.weight.dtype))
+        if bias is not None:
+            lr.B.bias.copy_(bias)
+    return lr
+
+
+def compress_module(mod: nn.Module, plist: list, entries: dict, spec: dict | None, factors_of, truncate) -> nn.Module:
+    """What replaces one component module under a rank map: `mod` itself (spec None: every part
+    dense, N-LRC parts truncated in place) or the planned low-rank / per-part module (spec).
+
+    `factors_of(part, W, rank) -> (A, B)` and `truncate(part, W, rank) -> W_r` do the linear algebra,
+    so the in-memory path (spectra.compression.lowrank.compress: an SVD per matrix, or whitened), the
+    streaming one (spectra.compression.stream: factors from the decomposition kept in pass 1) and the
+    compensated one (spectra.compression.sequential) share one structure."""
+    if spec is None:
+        for p in plist:
+            e = entries[(p.layer, p.component)]
+            if int(e["rank"]) < int(e["full_rank"]):
+                p.set_weight(mod, truncate(p, p.weight(mod), int(e["rank"])))
+        return mod
+    new = build_module(spec, dtype=mod.weight.dtype, device=mod.weight.device)
+    for p in plist:  # each part: factors from its own decomposition, or its dense (truncated) rows
+        e = entries[(p.layer, p.component)]
+        W, bias = p.weight(mod), p.bias(mod)
+        target = new.get_submodule(p.component) if p.fused else new
+        if e["lrc"]:
+            set_factors(target, *factors_of(p, W, target.rank), bias)
+            continue
+        rank = int(e["rank"])
+        with torch.no_grad():
+            target.weight.copy_(truncate(p, W, rank) if rank < int(e["full_rank"]) else W)
+            if bias is not None:
+                target.bias.copy_(bias)
+    return new

@@ -32,25 +32,41 @@ Driver (`compensate`): the calibration batches run once to the first decoder lay
 arguments are kept, GPT-Q style), then layer by layer: a dense copy of the layer gives the targets' inputs
 X, the layer being compressed gives X̂; after the layer, both streams move one layer on. Resident: one
 layer's dense copy, two hidden-state streams of the calibration batches and one input group's three
-in × in float64 moments. `layer_step` is the per-layer body, shared with the streamed path
-(spectra.compression.stream), which materializes one layer at a time from disk.
+in × in float64 moments. `layer_step` is the per-layer body, shared with the streamed path.
+
+Streamed (`streamed_layers`, driven by spectra.compression.stream.stream_compress(compensation=...)): the model
+is never built. The input side (every tensor outside the decoder layers but the output head, e.g. the token
+embeddings, plus the skeleton's computed buffers such as the rotary inv_freq) is materialized from the
+checkpoint, runs the calibration batches up to the first layer and is freed; then each decoder layer in
+order is built alone (the model's own decoder-layer class, from the meta skeleton of its transformers
+config, with that layer's tensors read from the shards), goes through `layer_step`, is written and freed.
+Same layers, same captured call arguments, same arithmetic: the output equals the in-memory `compensate`.
+Resident: the two hidden-state streams X and X̂, 2 · n · seq · d values in the model's dtype (n calibration
+windows of seq tokens; 128 × 2048 windows of a d = 4096 model in bfloat16: 4 GiB), the call arguments
+(RoPE cos/sin, n · seq · head_dim · 2 values), one layer twice (it and its dense copy) and one input group's
+three float64 moments (3 · in² · 8 bytes; down_proj's in = intermediate size: 2.9 GB for LLaMA-7B's 11008).
+Only decoders whose layers run alone on the first layer's captured arguments, with nothing but embeddings
+and computed buffers before them, are streamed (STREAMED_ARCHITECTURES: the LLaMA family); for another the
+streamed path refuses with one line and the in-memory `compensate` works.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from spectra.compression.rankmap import by_module, entries_for, layer_prefixes, plan, replace_module
-from spectra.compression.stream import compress_module
+from spectra.compression.rankmap import by_module, compress_module, entries_for, layer_prefixes, plan, replace_module
 from spectra.compression.whiten import DEFAULT_DAMPING, damped_cholesky, factors_from_svd, whitened_factors
 from spectra.errors import SpectraError
 from spectra.progress import progress_bar
 
 COMPENSATIONS = ("sequential", "refit")
+# model types whose decoder layers the streamed path builds alone (same layer call for every layer, RoPE
+# from the first layer's arguments, only embeddings before the first layer); the in-memory path runs any
+STREAMED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
 # --------------------------------------------------------------------------- one matrix
@@ -277,10 +293,70 @@ def compensate(model: nn.Module, rank_map: dict, batches, *, how: str = "sequent
     finally:
         model.train(was_training)
     model.config.spectra_structure = structure
-    model.spectra_whiten = {
+    model.spectra_whiten = compensation_metadata(how, damping, batches)
+    return model
+
+
+def compensation_metadata(how: str, damping: float, batches: list[torch.Tensor]) -> dict:
+    """What a compensated compression used, as the rank map of its folder records it (key "whiten")."""
+    return {
         "whitened": True, "compensation": how, "damping": damping,
         "damping_rule": "X̂ᵀX̂ + damping * mean(diag X̂ᵀX̂) * I, pulled toward W",
         "calibration": {"sequences": int(sum(b.shape[0] for b in batches)),
                         "tokens": int(sum(b.numel() for b in batches))},
     }
-    return model
+
+
+# --------------------------------------------------------------------------- streamed from a checkpoint
+def check_streamed(skeleton: nn.Module, how: str) -> None:
+    """One line unless `how` is a compensation and the streamed path can compensate this architecture."""
+    if how not in COMPENSATIONS:
+        raise SpectraError(f"compensation must be one of {', '.join(COMPENSATIONS)}, not {how!r}")
+    kind = getattr(skeleton.config, "model_type", None)
+    if kind not in STREAMED_ARCHITECTURES:
+        raise SpectraError(f"streamed compensation supports {', '.join(STREAMED_ARCHITECTURES)} decoders, not "
+                           f"{kind!r}; compress the loaded model instead (spectra.compress(model, ..., "
+                           "compensation=...))")
+
+
+def _materialize(ckpt, root: nn.Module, keys: list[str], prefix: str, dtype: torch.dtype, device) -> nn.Module:
+    """`root` (a meta copy of part of the skeleton, at `prefix`) holding the checkpoint tensors `keys`, on
+    `device`; its computed buffers (RoPE inv_freq: real in the skeleton) move along."""
+    missing = [k for k in keys if k not in ckpt.where]
+    if missing:
+        raise SpectraError(f"{ckpt.path}: the checkpoint has no tensor {missing[0]}")
+    cut = len(prefix) + 1 if prefix else 0
+    state = {k[cut:]: v.to(device) for k, v in ckpt.read(keys, dtype).items()}
+    root.load_state_dict(state, strict=False, assign=True)
+    for mod in root.modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None and not buf.is_meta:
+                mod._buffers[name] = buf.to(device)
+    return root.eval()
+
+
+def streamed_layers(ckpt, layers: dict, batches, *, how: str, entries: dict, structure: dict, dtype: torch.dtype,
+                    damping: float = DEFAULT_DAMPING, batch_size: int = 8, device=None
+                    ) -> Iterator[nn.Module]:
+    """Each decoder layer of the checkpoint `ckpt` (spectra.compression.stream.Checkpoint), in the order of
+    `layers` ({layer: (prefix, component names)}), compressed with compensated factors, built alone from
+    the checkpoint (module docstring: what stays resident); the caller writes it and drops it."""
+    check_streamed(ckpt.skeleton, how)
+    device = torch.device(device or "cpu")
+    batches = token_batches(batches, batch_size)
+    inside = tuple(prefix + "." for prefix, _ in layers.values())
+    head = ckpt.skeleton.get_output_embeddings()
+    head_names = {n + "." for n, m in ckpt.skeleton.named_modules() if head is not None and m is head}
+    front = [k for k in ckpt.where if not k.startswith(inside) and not k.startswith(tuple(head_names))]
+    model = _materialize(ckpt, copy.deepcopy(ckpt.skeleton), front, "", dtype, device)
+    first = model.get_submodule(layers[min(layers)][0])  # still on meta: the forward stops before it
+    dense_h, calls = first_layer_inputs(model, first, batches, device)
+    del model, first
+    comp_h = list(dense_h)
+    for prefix, names in layers.values():
+        skel = ckpt.skeleton.get_submodule(prefix)
+        layer = _materialize(ckpt, copy.deepcopy(skel), [f"{prefix}.{k}" for k in skel.state_dict()], prefix,
+                             dtype, device)
+        layer_step(layer, prefix, names, ckpt.modules, entries, structure, dense_h, comp_h, calls, how, damping)
+        yield layer
+        del layer

@@ -52,13 +52,14 @@ from torch import nn
 
 from spectra.analysis.heavytail import map_matrices, normalized_singular_values
 from spectra.compression.allocation import MatrixSpectrum, build_rank_map
-from spectra.compression.rankmap import by_module, entries_for, layer_prefixes, plan
+from spectra.compression.rankmap import by_module, compress_module, entries_for, layer_prefixes, plan
+from spectra.compression.sequential import check_streamed, compensation_metadata, streamed_layers, token_batches
+from spectra.compression.whiten import DEFAULT_DAMPING
 from spectra.errors import SpectraError
 from spectra.io.sources import Source, resolve
 from spectra.models.components import COMPONENTS, is_conv1d
 from spectra.models.compressed import write_metadata
 from spectra.models.loading import check_finite
-from spectra.models.modeling_spectra import LowRankLinear, build_module
 from spectra.models.parts import model_class
 from spectra.progress import progress_bar
 
@@ -119,45 +120,6 @@ def truncated(W: torch.Tensor, e: Eig, rank: int, device=None) -> torch.Tensor:
     Q = (e.vecs[:, :rank] if keep else e.vecs[:, rank:]).to(dev)
     part = Q @ (Q.mT @ W32) if e.wide else (W32 @ Q) @ Q.mT
     return (part if keep else W32 - part).cpu()
-
-
-# --------------------------------------------------------------------------- one module
-def set_factors(lr: LowRankLinear, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> LowRankLinear:
-    with torch.no_grad():
-        lr.A.weight.copy_(A.to(lr.A.weight.dtype))
-        lr.B.weight.copy_(B.to(lr.B.weight.dtype))
-        if bias is not None:
-            lr.B.bias.copy_(bias)
-    return lr
-
-
-def compress_module(mod: nn.Module, plist: list, entries: dict, spec: dict | None, factors_of, truncate) -> nn.Module:
-    """What replaces one component module under a rank map: `mod` itself (spec None: every part
-    dense, N-LRC parts truncated in place) or the planned low-rank / per-part module (spec).
-
-    `factors_of(part, W, rank) -> (A, B)` and `truncate(part, W, rank) -> W_r` do the linear algebra,
-    so the in-memory path (spectra.compression.lowrank.compress: an SVD per matrix, or whitened) and this
-    streaming one (factors from the decomposition kept in pass 1) share one structure."""
-    if spec is None:
-        for p in plist:
-            e = entries[(p.layer, p.component)]
-            if int(e["rank"]) < int(e["full_rank"]):
-                p.set_weight(mod, truncate(p, p.weight(mod), int(e["rank"])))
-        return mod
-    new = build_module(spec, dtype=mod.weight.dtype, device=mod.weight.device)
-    for p in plist:  # each part: factors from its own decomposition, or its dense (truncated) rows
-        e = entries[(p.layer, p.component)]
-        W, bias = p.weight(mod), p.bias(mod)
-        target = new.get_submodule(p.component) if p.fused else new
-        if e["lrc"]:
-            set_factors(target, *factors_of(p, W, target.rank), bias)
-            continue
-        rank = int(e["rank"])
-        with torch.no_grad():
-            target.weight.copy_(truncate(p, W, rank) if rank < int(e["full_rank"]) else W)
-            if bias is not None:
-                target.bias.copy_(bias)
-    return new
 
 
 # --------------------------------------------------------------------------- the checkpoint
@@ -260,10 +222,12 @@ def _spill_name(layer: int, component: str) -> str:
     return f"{layer}.{component}.safetensors"
 
 
-def spectra_pass(ckpt: Checkpoint, spill: Path, dtype: torch.dtype, device=None, progress: bool = True) -> list:
-    """Pass 1: decompose every component once (two modules in flight), spill the eigenvectors,
-    return the spectra (spectra.compression.allocation.MatrixSpectrum) for the rank map."""
-    spill.mkdir(parents=True, exist_ok=True)
+def spectra_pass(ckpt: Checkpoint, spill: Path | None, dtype: torch.dtype, device=None, progress: bool = True) -> list:
+    """Pass 1: decompose every component once (two modules in flight), spill the eigenvectors (unless `spill`
+    is None: the compensated factors do not use them), return the spectra
+    (spectra.compression.allocation.MatrixSpectrum) for the rank map."""
+    if spill is not None:
+        spill.mkdir(parents=True, exist_ok=True)
     bar = progress_bar(total=len(ckpt.modules), desc="decompose", unit="module", disable=not progress)
 
     def one(name: str) -> list:
@@ -274,8 +238,9 @@ def spectra_pass(ckpt: Checkpoint, spill: Path, dtype: torch.dtype, device=None,
             if not bool(torch.isfinite(W).all()):
                 raise SpectraError(f"non-finite weights (NaN/Inf) in layer {p.layer} {p.component} ({name})")
             e = decompose(W, device)
-            save_file({"sigma": e.sigma, "vecs": e.vecs}, spill / _spill_name(p.layer, p.component),
-                      metadata={"wide": str(int(e.wide))})
+            if spill is not None:
+                save_file({"sigma": e.sigma, "vecs": e.vecs}, spill / _spill_name(p.layer, p.component),
+                          metadata={"wide": str(int(e.wide))})
             out.append(MatrixSpectrum(p.layer, p.component, tuple(W.shape),
                                       normalized_singular_values(e.sigma).numpy(), e.sigma.numpy()))
         bar.update(1)
@@ -295,10 +260,15 @@ def load_spilled(spill: Path, layer: int, component: str) -> Eig:
 
 def stream_compress(src: str | Path | Source | Checkpoint, dst: str | Path, *, rank_map: dict | None = None,
                     method: str = "welore", err: float = 0.5, dtype: torch.dtype | None = None, device=None,
-                    progress: bool = True) -> tuple[dict, dict[str, int]]:
+                    progress: bool = True, compensation: str | None = None, batches=None,
+                    damping: float = DEFAULT_DAMPING, batch_size: int = 8) -> tuple[dict, dict[str, int]]:
     """Compress the checkpoint `src` (a folder, or anything `spectra.resolve` names) into the Hugging Face
     folder `dst` (see module docstring): with `rank_map`, or deriving a `method` map for `err` in the same
     pass. Returns (the rank map, parameter counts {linear_before, linear_after, total_before, total_after}).
+    `compensation` ("sequential" or "refit") with calibration token `batches` ([n, seq_len] ids, run
+    `batch_size` rows at a time): compensated factors, layer by layer on the compressed layers' own
+    activations (spectra.compression.sequential.streamed_layers: what it holds in memory, which
+    architectures it streams), equal to `spectra.compress(model, rank_map, compensation=..., batches=...)`.
     Raises NotStreamable when the checkpoint is not safetensors under its modules' names."""
     if not isinstance(src, Checkpoint):
         source = src if isinstance(src, Source) else resolve(src)
@@ -310,6 +280,11 @@ def stream_compress(src: str | Path | Source | Checkpoint, dst: str | Path, *, r
     dtype = dtype or ckpt.dtype
     if rank_map is not None:
         entries_for(ckpt.skeleton, rank_map)  # a map of another model fails before any work
+    if compensation is not None:  # a bad name, architecture or batches fail before any work
+        check_streamed(ckpt.skeleton, compensation)
+        if batches is None:
+            raise SpectraError(f"compensation {compensation!r} needs calibration token batches (batches=...)")
+        batches = token_batches(batches, batch_size)
     staging, created = dst / STAGING, not dst.exists()
     shutil.rmtree(staging, ignore_errors=True)  # ours by name: a crashed run's leftovers
     staging.mkdir(parents=True)
@@ -317,7 +292,8 @@ def stream_compress(src: str | Path | Source | Checkpoint, dst: str | Path, *, r
     try:
         spill = staging / "spill"
         if rank_map is None:
-            rank_map = build_rank_map(spectra_pass(ckpt, spill, dtype, device, progress), method, err)
+            spectra = spectra_pass(ckpt, spill if compensation is None else None, dtype, device, progress)
+            rank_map = build_rank_map(spectra, method, err)
 
             def eig_of(p, W):
                 return load_spilled(spill, p.layer, p.component)
@@ -331,10 +307,15 @@ def stream_compress(src: str | Path | Source | Checkpoint, dst: str | Path, *, r
         weight_map: dict[str, str] = {}
         counts = dict.fromkeys(("linear_before", "linear_after", "total_before", "total_after"), 0)
         placed: set[str] = set()
-        for i, (layer, (prefix, names)) in enumerate(progress_bar(layers.items(), desc="compress", unit="layer",
-                                                                  disable=not progress)):
-            out: dict[str, torch.Tensor] = {}
-            for name in names:
+        compensated = None if compensation is None else streamed_layers(
+            ckpt, layers, batches, how=compensation, entries=entries, structure=structure, dtype=dtype,
+            damping=damping, device=device)
+        for i, (layer, (prefix, names)) in enumerate(progress_bar(
+                layers.items(), desc="compress" + (f" ({compensation})" if compensation else ""), unit="layer",
+                disable=not progress)):
+            # compensated: the whole layer, built from the shards; plain: module by module, from pass 1's eigenvectors
+            out = {} if compensated is None else _layer_tensors(ckpt, prefix, names, next(compensated), counts, placed)
+            for name in names if compensated is None else ():
                 mod = ckpt.module(name, dtype)
                 new = compress_module(mod, ckpt.modules[name], entries, structure.get(name),
                                       lambda p, W, r: factors(W, eig_of(p, W), r, device),
@@ -362,7 +343,9 @@ def stream_compress(src: str | Path | Source | Checkpoint, dst: str | Path, *, r
             json.dumps({"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
         counts["total_before"] = counts["total_after"] - counts["linear_after"] + counts["linear_before"]
         _write_config(ckpt, structure, dtype, staging)
-        write_metadata(staging, ckpt.skeleton, rank_map, tokenizer=src)
+        saved = rank_map if compensation is None else {
+            **rank_map, "whiten": compensation_metadata(compensation, damping, batches)}
+        write_metadata(staging, ckpt.skeleton, saved, tokenizer=src)
         shutil.rmtree(spill, ignore_errors=True)
         for stale in [*dst.glob("model*.safetensors"), dst / "model.safetensors.index.json"]:
             stale.unlink(missing_ok=True)  # --overwrite: an old single-file model would shadow the index
@@ -374,6 +357,19 @@ def stream_compress(src: str | Path | Source | Checkpoint, dst: str | Path, *, r
         if not done and created and not any(dst.iterdir()):
             dst.rmdir()  # a failed run leaves no folder it made
     return rank_map, counts
+
+
+def _layer_tensors(ckpt: Checkpoint, prefix: str, names: list[str], layer: nn.Module, counts: dict,
+                   placed: set[str]) -> dict[str, torch.Tensor]:
+    """The tensors of a compressed decoder `layer` (at `prefix`) under their full names, on the CPU; its
+    dense tensors' names go to `placed` and its linears' parameter counts to `counts`."""
+    state = layer.state_dict()
+    placed.update(f"{prefix}.{k}" for k in ckpt.skeleton.get_submodule(prefix).state_dict())
+    for name in names:
+        rel = name[len(prefix) + 1:] + "."
+        counts["linear_before"] += sum(p.numel() for p in ckpt.skeleton.get_submodule(name).parameters())
+        counts["linear_after"] += sum(v.numel() for k, v in state.items() if k.startswith(rel))
+    return {f"{prefix}.{k}": v.contiguous().cpu() for k, v in state.items()}
 
 
 def _write_config(ckpt: Checkpoint, structure: dict, dtype: torch.dtype, out: Path) -> None:
