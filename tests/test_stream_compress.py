@@ -233,3 +233,80 @@ def test_a_nan_in_a_copied_through_tensor_is_refused(ckpt, tmp_path):
     with pytest.raises(SpectraError, match="embed_tokens"):
         sc.stream_compress(bad, tmp_path / "out", err=0.5, progress=False)
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+# --------------------------------------------------------------------------- compensated, streamed
+CAL = torch.randint(0, 128, (12, 24), generator=torch.Generator().manual_seed(2))
+
+
+def tiny_decoder(kind: str, path):
+    """A seeded 3-layer decoder of the LLaMA family (GQA, untied head), saved in several shards."""
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    if kind == "llama":
+        model = llama()
+    else:
+        torch.manual_seed(0)
+        cls = {"mistral": MistralConfig, "qwen2": Qwen2Config}[kind]
+        model = AutoModelForCausalLM.from_config(cls(
+            vocab_size=128, hidden_size=32, intermediate_size=88, num_attention_heads=2, num_key_value_heads=1,
+            num_hidden_layers=3, tie_word_embeddings=False)).eval()
+    model.save_pretrained(path, max_shard_size="40KB")
+    assert (path / "model.safetensors.index.json").is_file()
+    return path
+
+
+@pytest.mark.parametrize("how,kind", [("sequential", "tiny"), ("refit", "tiny"), ("sequential", "llama"),
+                                      ("refit", "mistral"), ("sequential", "qwen2")])
+def test_streamed_compensation_equals_in_memory(tiny_ckpt, tmp_path, how, kind, one_thread):
+    from spectra.models.loading import load_model
+
+    src = tiny_ckpt if kind == "tiny" else tiny_decoder(kind, tmp_path / "dense")
+    rm, counts = sc.stream_compress(src, tmp_path / "s", err=0.5, compensation=how, batches=CAL, batch_size=4,
+                                    progress=False)
+    dense = load_model(src).eval()
+    ref = compress(load_model(src), rm, compensation=how, batches=CAL, batch_size=4, progress=False).eval()
+    got = load_compressed(tmp_path / "s")
+    with torch.no_grad():
+        want, have, base = (m(input_ids=CAL).logits for m in (ref, got, dense))
+    assert float((have - want).norm() / want.norm()) < 1e-5
+    assert float((want - base).norm() / base.norm()) > 1e-3  # it did compress: the check above can fail
+    saved = json.loads((tmp_path / "s" / RANK_MAP_FILE).read_text())
+    assert saved["whiten"] == ref.spectra_whiten and saved["whiten"]["calibration"]["tokens"] == CAL.numel()
+    assert {k: v for k, v in saved.items() if k != "whiten"} == rm
+    assert counts["linear_after"] == sum(v.numel() for k, v in ref.state_dict().items()
+                                         if "layers." in k and "_proj" in k)
+    assert counts["total_after"] == sum(v.numel() for v in tensors(tmp_path / "s").values())
+    # not the plain (uncompensated) factors of the same map
+    plain = compress(load_model(src), rm, progress=False).eval()
+    with torch.no_grad():
+        assert float((plain(input_ids=CAL).logits - want).norm() / want.norm()) > 1e-4
+    assert not (tmp_path / "s" / sc.STAGING).exists()
+
+
+def test_streamed_compensation_refusals(tmp_path, capsys, one_thread):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from spectra.compression.sequential import STREAMED_ARCHITECTURES
+
+    torch.manual_seed(0)
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=384, n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(gpt2)
+    line = ", ".join(STREAMED_ARCHITECTURES)
+    with pytest.raises(SpectraError, match=f"streamed compensation supports {line} decoders, not 'gpt2'"):
+        sc.stream_compress(gpt2, tmp_path / "o1", compensation="sequential", batches=CAL, progress=False)
+    llama_dir = tiny_decoder("llama", tmp_path / "dense")
+    with pytest.raises(SpectraError, match="one of sequential, refit"):
+        sc.stream_compress(llama_dir, tmp_path / "o2", compensation="magic", batches=CAL, progress=False)
+    with pytest.raises(SpectraError, match="needs calibration token batches"):
+        sc.stream_compress(llama_dir, tmp_path / "o3", compensation="refit", progress=False)
+    with pytest.raises(SpectraError, match="token ids"):
+        sc.stream_compress(llama_dir, tmp_path / "o4", compensation="refit", batches=CAL.float(), progress=False)
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+    # the command compresses the loaded model instead (the in-memory compensation runs any architecture)
+    text = tmp_path / "calib.jsonl"
+    text.write_text("\n".join(json.dumps({"text": f"The {i}th sentence of calibration text."}) for i in range(20)))
+    out = tmp_path / "o5"
+    assert main(["compress", str(gpt2), "--compensate", "refit", "--calib-data", str(text), "--calib-seqs", "4",
+                 "--calib-seq-len", "32", "--tokenizer", "bytes", "--err", "0.5", "--out", str(out)]) == 0
+    assert json.loads((out / RANK_MAP_FILE).read_text())["whiten"]["compensation"] == "refit"

@@ -29,7 +29,8 @@ class CompressArgs(InputArgs, TokenizerArgs, CalibrationArgs, DeviceArgs, Output
         "none", "Compensated calibration on --calib-data (compression/sequential.py; whitened, so it implies "
                 "--whiten): layer by layer, each linear is fit on the compressed model's own inputs to give the dense "
                 "layer's outputs. sequential: the whitened truncation of the compensated map; refit: the dense "
-                "whitened input factor, the output factor refit by least squares. Loads the whole model.")
+                "whitened input factor, the output factor refit by least squares. Streamed for a safetensors "
+                "LLaMA-family checkpoint (one decoder layer at a time); other architectures load the whole model.")
 
 
 def run(a: CompressArgs, path: str) -> None:
@@ -43,6 +44,7 @@ def run(a: CompressArgs, path: str) -> None:
     from spectra.compression.lowrank import compress, merge, param_count
     from spectra.compression.rankmap import entries_for, load_rank_map
     from spectra.compression.ranks import rank_map
+    from spectra.compression.sequential import STREAMED_ARCHITECTURES
     from spectra.compression.stream import Checkpoint, NotStreamable, config_dtype, skeleton, stream_compress
     from spectra.data import expand_files
     from spectra.errors import SpectraError
@@ -81,8 +83,19 @@ def run(a: CompressArgs, path: str) -> None:
     if rmap is not None:  # a map of another model fails before any work, naming the file
         entries_for(ckpt.skeleton if ckpt is not None else skeleton(model_dir), rmap, f"rank map {a.rank_map}")
     dev = resolve_device(a.device)
-    if ckpt is not None and not whiten:  # the whitener and the compensation need the loaded model's activations
-        rmap, counts = stream_compress(ckpt, dst, rank_map=rmap, method=a.method, err=a.err, dtype=want, device=dev)
+    # the compensation streams one decoder layer at a time where the architecture allows; the whitener needs
+    # the loaded model's activations
+    compensated = a.compensate != "none"
+    streamed = ckpt is not None and (
+        not whiten or (compensated and ckpt.skeleton.config.model_type in STREAMED_ARCHITECTURES))
+    if streamed:
+        windows = None
+        if compensated:
+            windows = calibration_windows(ckpt.skeleton, load_source_tokenizer(source, a.tokenizer), a.calib_data,
+                                          a.calib_seqs, a.calib_seq_len)
+        rmap, counts = stream_compress(ckpt, dst, rank_map=rmap, method=a.method, err=a.err, dtype=want, device=dev,
+                                       compensation=a.compensate if compensated else None, batches=windows,
+                                       damping=a.damping)
         before = (counts["linear_before"], counts["total_before"])
         after = (counts["linear_after"], counts["total_after"])
     else:
@@ -118,7 +131,9 @@ command = command_from(
 
     A safetensors checkpoint (sharded or not) is streamed: one decoder layer at a time is read and
     written, and without --rank-map the map is derived in the same pass, one decomposition per
-    matrix (spectra/compression/stream.py). --whiten, --compensate, and checkpoints in other formats, load the model.
+    matrix (spectra/compression/stream.py). --compensate streams too on LLaMA-family checkpoints, one layer
+    built and calibrated at a time. --whiten, --compensate on other architectures, and checkpoints in other
+    formats, load the model.
     --out (required) is a Hugging Face folder (load with trust_remote_code=True) + spectra_rank_map.json;
     nothing is written anywhere else.""",
     inputs="one",

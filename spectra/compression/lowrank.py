@@ -34,7 +34,8 @@ In memory (`compress`): one matrix at a time is copied to float32, decomposed (o
 replaced and freed, so peak extra memory is one matrix's factors, never a second model. `spectra
 compress` on a safetensors checkpoint does not load the model at all: spectra.compression.stream reads
 and writes one decoder layer at a time and derives the rank map in the same pass (one decomposition
-per matrix); --whiten and other formats take the in-memory path. With a `calibration`
+per matrix), and with a compensation it builds one decoder layer at a time (LLaMA family); --whiten and other
+formats take the in-memory path. With a `calibration`
 (spectra.compression.calibration.calibrate), truncation is whitened (spectra.compression.whiten): it keeps
 what the layer's real inputs see. What replaced what is `plan(model, rank_map)`, the structure both
 loaders rebuild (spectra.models.modeling_spectra); a compressed folder is a first-class Hugging Face model

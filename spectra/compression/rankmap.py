@@ -4,8 +4,8 @@ A rank map is a JSON object: `method`, `target_err`, `achieved_err`, `err_by`, `
 `components`, one entry per (layer, component) with `shape` [out, in], `full_rank`, `rank`
 (1..full_rank) and `lrc` (factorized into two linears, or kept dense). A compressed folder keeps
 its map as `spectra_rank_map.json`; `plan` turns a map into the module structure
-(spectra.models.modeling_spectra) it gives a model. A leaf of the import graph: everything above reads
-maps through here.
+(spectra.models.modeling_spectra) it gives a model, and `compress_module` what replaces one module under
+it, on every compress path. A leaf of the import graph: everything above reads maps through here.
 """
 
 from __future__ import annotations

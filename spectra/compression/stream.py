@@ -20,8 +20,12 @@ The "no decomposition twice" contract:
     ranks, then compress --rank-map   `spectra ranks` computes σ only (svdvals), which cannot give
         factors, so the cut matrices are decomposed a second time. Use `compress --err` for one
         pass; the map it used is stored in the output (spectra_rank_map.json) for later tools.
-    --whiten, --method diagnostic/loss and checkpoints that are not safetensors under their modules'
-        names stay on the in-memory path (spectra.compression.lowrank.compress): they need the loaded model.
+    compress --compensate sequential|refit   streamed too, for LLaMA-family decoders: each decoder layer is
+        built alone from its shards and calibrated on the calibration windows' dense and compressed hidden
+        states (spectra.compression.sequential.streamed_layers); no eigenvectors are spilled.
+    --whiten, --method diagnostic/loss, compensation of other architectures and checkpoints that are not
+        safetensors under their modules' names stay on the in-memory path (spectra.compression.lowrank.compress):
+        they need the loaded model.
 
 Decomposition (`decompose`; measured against a float64 SVD in bench/compress_scale.py --decompositions):
 the float64 Gram matrix of the smaller side, G = WᵀW (or WWᵀ for a wide W), built from 1024-row
