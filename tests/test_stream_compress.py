@@ -310,3 +310,36 @@ def test_streamed_compensation_refusals(tmp_path, capsys, one_thread):
     assert main(["compress", str(gpt2), "--compensate", "refit", "--calib-data", str(text), "--calib-seqs", "4",
                  "--calib-seq-len", "32", "--tokenizer", "bytes", "--err", "0.5", "--out", str(out)]) == 0
     assert json.loads((out / RANK_MAP_FILE).read_text())["whiten"]["compensation"] == "refit"
+
+
+def test_streamed_compensation_holds_one_layer_of_weights(tmp_path, monkeypatch, one_thread):
+    """The checkpoint tensors alive at once (tracked until freed, as above) never exceed one decoder layer's,
+    of a 6-layer model: the embeddings are freed once the windows reached the first layer, each layer once
+    written; the output head is read only to be copied through at the end."""
+    import threading
+
+    llama(layers=6, hidden=48).save_pretrained(tmp_path / "d")
+    layer = sum(t.numel() * 4 for t in llama(layers=1, hidden=48).model.layers[0].parameters())
+    live, peak, lock, heads = [0], [0], threading.Lock(), []
+    real = sc.Checkpoint.read
+
+    def freed(n):
+        with lock:
+            live[0] -= n
+
+    def read(self, keys, dtype=None):
+        out = real(self, keys, dtype)
+        with lock:
+            heads.append("lm_head.weight" in out)
+            for t in out.values():
+                n = t.untyped_storage().nbytes()
+                live[0] += n
+                weakref.finalize(t, freed, n)
+            peak[0] = max(peak[0], live[0])
+        return out
+
+    monkeypatch.setattr(sc.Checkpoint, "read", read)
+    sc.stream_compress(tmp_path / "d", tmp_path / "o", err=0.5, compensation="sequential", batches=CAL[:4],
+                       progress=False)
+    assert 0.9 * layer < peak[0] <= layer, peak[0] / layer
+    assert heads[-1] and not any(heads[:-1])  # copied through at the end, never materialized for the forward
