@@ -75,6 +75,9 @@ def hessian_gaps(model: nn.Module, batches: Sequence[torch.Tensor] | torch.Tenso
     certificate, and a pair the fd noise keeps from certifying is reported as "not certified: fd error").
     richardson: fd's Richardson extrapolation (4D(ε) − D(2ε))/3 (no extra cost; better where truncation,
     not rounding, dominates). block_size 0 with fd is 1 (fd products go one vector at a time).
+    A model sharded by FSDP2 under torchrun (`spectra.models.sharding.shard_model`) is computed by all ranks
+    together, each holding its shards and scoring its share of each batch's sequences (hvp="fd" only; every
+    rank passes the same batches and returns the same Dataset).
 
     The model is left as it was: attention runs eager for exact HVPs (fused SDPA has no double backward) and
     SDPA for fd ones (unless the model already runs a fused kernel), in eval mode (no dropout in the loss), and
