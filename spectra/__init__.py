@@ -38,6 +38,7 @@ _API = {
     "hessian_density": "spectra.analysis.hessian:hessian_density",
     "hessian_steps": "spectra.analysis.hessian_dynamics:hessian_steps",
     "hessian_drift": "spectra.analysis.hessian_dynamics:hessian_drift",
+    "shard_model": "spectra.models.sharding:shard_model",
     "claims": "spectra.analysis.claims:claims",
     # compression
     "calibrate": "spectra.compression.calibration:calibrate",

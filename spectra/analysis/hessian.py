@@ -13,7 +13,9 @@ Mean and standard error are over several independent data batches. The same Kryl
 the spectral density of each block (spectra.analysis.density), at no extra HVP.
 
 Under torchrun (a process group is initialized) the components are split over the ranks round-robin and
-every rank gets all results.
+every rank gets all results; every rank holds the whole model. A model sharded by FSDP2
+(spectra.models.sharding.shard_model) is computed by all ranks together instead, one component after the other,
+each rank holding its shards (fd HVPs only: spectra.linalg.fd_hvp.ShardedFDBlockHVP says why).
 
 HVPs are exact (hvp="exact": double backward, eager attention) or finite differences of gradients (hvp="fd":
 no double backward, so the model keeps its fused SDPA attention and less memory; each product's error
@@ -42,6 +44,7 @@ from spectra.lm.evaluate import check_positions
 from spectra.models.components import COMPONENTS
 from spectra.models.loading import is_causal_lm
 from spectra.models.parts import select_components, set_attention
+from spectra.models.sharding import is_sharded
 from spectra.progress import is_tty, overall, progress_bar
 
 Vectors = dict[tuple[int, str], np.ndarray]  # (layer, component) -> Ritz vectors (batches, k+1, n) float32
@@ -72,6 +75,9 @@ def hessian_gaps(model: nn.Module, batches: Sequence[torch.Tensor] | torch.Tenso
     certificate, and a pair the fd noise keeps from certifying is reported as "not certified: fd error").
     richardson: fd's Richardson extrapolation (4D(ε) − D(2ε))/3 (no extra cost; better where truncation,
     not rounding, dominates). block_size 0 with fd is 1 (fd products go one vector at a time).
+    A model sharded by FSDP2 under torchrun (`spectra.models.sharding.shard_model`) is computed by all ranks
+    together, each holding its shards and scoring its share of each batch's sequences (hvp="fd" only; every
+    rank passes the same batches and returns the same Dataset).
 
     The model is left as it was: attention runs eager for exact HVPs (fused SDPA has no double backward) and
     SDPA for fd ones (unless the model already runs a fused kernel), in eval mode (no dropout in the loss), and
@@ -92,6 +98,9 @@ def hessian_gaps(model: nn.Module, batches: Sequence[torch.Tensor] | torch.Tenso
                            f"{richardson!r}")
     if richardson and hvp != "fd":
         raise SpectraError("richardson (--richardson) is fd's extrapolation: it needs hvp='fd' (--hvp fd)")
+    if is_sharded(model) and hvp != "fd":
+        raise SpectraError("a model sharded by FSDP2 (--strategy fsdp) has no double backward: its resharding frees "
+                           "what one needs (pytorch issue 172543); use hvp='fd' (--hvp fd)")
     if iterations < k + 2:
         raise SpectraError(f"iterations (--iterations, the HVP budget) must be >= k+2 = {k + 2}, not {iterations}")
     if not (tol > 0 and 0 < gap_frac <= 1) or density_hvps > iterations:
@@ -211,12 +220,15 @@ def component_gaps(model: nn.Module, weights: dict[tuple[int, str], torch.Tensor
                    snapshot_grads: Mapping[tuple[int, str], torch.Tensor] | None = None,
                    show_progress: bool = True, hvp: str = "exact", richardson: bool = False) -> list[ComponentGap]:
     """`component_gap` on every component (under torchrun: this rank's share keys[rank::world], then gathered,
-    so every rank returns all). block = 0 picks the HVP block size by timing on the first component (fd: 1).
+    so every rank returns all; a model sharded by FSDP2: every component on all ranks together, each rank
+    returning the same results). block = 0 picks the HVP block size by timing on the first component (fd: 1).
     snapshot_grads: a gradient per (layer, component) to measure against the Ritz subspaces (any subset)."""
     snaps = snapshot_grads or {}
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist_utils.active() else (0, 1)
+    together = is_sharded(model)  # each HVP needs every rank's shards in its forward and backward
     order = list(COMPONENTS)
-    keys = sorted(weights, key=lambda lc: (lc[0], order.index(lc[1])))[rank::world]
+    keys = sorted(weights, key=lambda lc: (lc[0], order.index(lc[1])))[slice(None) if together else
+                                                                         slice(rank, None, world)]
     if hvp == "fd" and block <= 0:  # fd products loop over vectors: a block does not pay
         block = 1
     if keys and block <= 0:
@@ -226,15 +238,16 @@ def component_gaps(model: nn.Module, weights: dict[tuple[int, str], torch.Tensor
         probe.release()
     out = []
     # one overall bar (N of M components, ETA); per-component HVP bars only on a terminal
-    for layer, comp in overall(keys, f"hessian-gap{f' [rank {rank}]' if world > 1 else ''}", unit="component",
-                               label=lambda lc: f"L{lc[0]}.{lc[1]}", disable=not show_progress):
+    show_progress = show_progress and not (together and rank != 0)  # one bar for the ranks that run together
+    for layer, comp in overall(keys, f"hessian-gap{f' [rank {rank}]' if world > 1 and not together else ''}",
+                               unit="component", label=lambda lc: f"L{lc[0]}.{lc[1]}", disable=not show_progress):
         with progress_bar(total=max_hvps * len(batches), desc=f"L{layer}.{comp}", unit="hvp", leave=False,
-                          disable=not show_progress or not is_tty(), position=1 + rank) as bar:
+                          disable=not show_progress or not is_tty(), position=1 + (0 if together else rank)) as bar:
             out.append(component_gap(model, layer, comp, weights[(layer, comp)], batches, k=k, max_hvps=max_hvps,
                                      tol=tol, gap_frac=gap_frac, block=block, min_hvps=min_hvps, seed=seed,
                                      vectors=vectors, snapshot_grad=snaps.get((layer, comp)), progress=bar,
                                      hvp=hvp, richardson=richardson))
-    return [r for part in dist_utils.gather(out) for r in part]
+    return out if together else [r for part in dist_utils.gather(out) for r in part]
 
 
 def _mean_se(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from spectra.errors import SpectraError
-from spectra.linalg.fd_hvp import FDBlockHVP
+from spectra.linalg.fd_hvp import FDBlockHVP, ShardedFDBlockHVP
 from spectra.linalg.hvp import BlockHVP
 from spectra.linalg.lanczos import block_lanczos
 from spectra.models.components import COMPONENTS
@@ -79,9 +80,14 @@ HVPS = ("exact", "fd")
 def make_hvp(hvp: str, model: nn.Module, input_ids: torch.Tensor, weight: torch.Tensor, *, reuse: bool = True,
              richardson: bool = False, seed: int = 0) -> BlockHVP | FDBlockHVP:
     """The HVP operator of one (weight, token batch): "exact" (double backward, spectra.linalg.hvp) or "fd"
-    (central differences of gradients, spectra.linalg.fd_hvp)."""
+    (central differences of gradients, spectra.linalg.fd_hvp; `ShardedFDBlockHVP` for a weight FSDP2 shards)."""
+    sharded = isinstance(weight, DTensor)
+    if sharded and hvp != "fd":
+        raise SpectraError("a model sharded by FSDP2 has no double backward (its resharding frees what one needs, "
+                           "pytorch issue 172543): use hvp='fd' (--hvp fd)")
     if hvp == "fd":
-        return FDBlockHVP(model, input_ids, weight, richardson=richardson, seed=seed)
+        return (ShardedFDBlockHVP if sharded else FDBlockHVP)(model, input_ids, weight, richardson=richardson,
+                                                              seed=seed)
     if hvp != "exact":
         raise SpectraError(f"hvp (--hvp) must be one of {', '.join(HVPS)}, not {hvp!r}")
     return BlockHVP(model, input_ids, weight, reuse=reuse)

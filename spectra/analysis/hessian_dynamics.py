@@ -219,7 +219,8 @@ def hessian_steps(source: Source | str | Path | Sequence[str | Path], batches: S
     exact or finite-difference HVPs (`hessian_gaps`), stored in the groups' attrs (`hvp`; fd: `hvp_error` too).
     on_event(line): what a command prints (steps skipped, vectors not kept); on_step(step, gaps): each step's
     `hessian_gaps` Dataset once it is stored.
-    Under torchrun every rank computes its share of the components and rank 0 writes. Returns the stored
+    Under torchrun every rank computes its share of the components (or, when `loader` returns models sharded by
+    FSDP2, all ranks compute every component together) and rank 0 writes. Returns the stored
     groups hessian_gap, hessian_alignment and hessian_drift (on rank 0; {} on the others).
     """
     src = source if isinstance(source, Source) else resolve(source)

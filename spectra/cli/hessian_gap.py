@@ -1,7 +1,8 @@
 """`spectra hessian-gap`: top-k Hessian eigenvalues, the k/k+1 gap and the gradient alignment of every weight
 matrix at every checkpoint of a run or series (spectra.analysis.hessian_dynamics.hessian_steps), written step by
 step as groups `hessian_gap`, `hessian_density`, `hessian_alignment`, `hessian_vectors` and `hessian_drift` of
-the analysis store. Under `torchrun --nproc_per_node N` the components are split over ranks and rank 0 writes."""
+the analysis store. Under `torchrun --nproc_per_node N` the components are split over ranks (--strategy ddp) or
+the model is sharded with FSDP2 (--strategy fsdp), and rank 0 writes."""
 
 from __future__ import annotations
 
@@ -49,6 +50,11 @@ class HessianGapArgs(InputArgs, DataArgs, TokenizerArgs, DeviceArgs, OutputArgs,
                                                "error estimate enters the certificate, which a loose --tol may need).")
     richardson: bool = opt(False, "With --hvp fd: Richardson extrapolation (6 instead of 4 gradients per HVP; more "
                                   "accurate where truncation, not rounding, limits fd).")
+    strategy: Literal["ddp", "fsdp"] = opt("ddp", "Under torchrun: ddp (every rank holds the whole model and "
+                                                  "computes its share of the components) or fsdp (FSDP2: every "
+                                                  "rank holds 1/N of the model and all ranks compute each "
+                                                  "component together; needs --hvp fd, for models one device "
+                                                  "cannot hold). One process: the same, unsharded.")
 
 
 def run(args: HessianGapArgs, paths: list[str]) -> None:
@@ -71,9 +77,13 @@ def run(args: HessianGapArgs, paths: list[str]) -> None:
     from spectra.lm.evaluate import check_positions, check_vocab
     from spectra.models.loading import load_causal_lm
     from spectra.models.parts import model_class, select_components
+    from spectra.models.sharding import held_bytes, model_bytes, shard_model
 
     if args.richardson and args.hvp != "fd":
         raise SpectraError("--richardson is the fd HVPs' extrapolation: pass --hvp fd with it")
+    if args.strategy == "fsdp" and args.hvp != "fd":
+        raise SpectraError("--strategy fsdp needs --hvp fd: FSDP2's resharding frees what a double backward needs "
+                           "(pytorch issue 172543)")
     if args.iterations < args.k + 2:
         raise SpectraError(f"--iterations {args.iterations} is below k+2 = {args.k + 2} HVPs per batch")
     if args.density_hvps > args.iterations:
@@ -87,6 +97,10 @@ def run(args: HessianGapArgs, paths: list[str]) -> None:
                               seq_len=args.seq_len, seed=args.seed, iterations=args.iterations, tol=args.tol,
                               gap_frac=args.gap_frac, hvp=args.hvp)
     rank, world, dev = dist_utils.setup(args.device)
+    sharded = args.strategy == "fsdp" and world > 1  # one process: nothing to shard, the same run unsharded
+    if sharded and args.batch_size < world:
+        raise SpectraError(f"--strategy fsdp: each of the {world} ranks scores its own sequences of a batch; use "
+                           f"--batch-size >= {world}")
     first = chosen[0].folder
     cfg = model_class(first)[1]  # the config alone: the checks below come before any weights load
     check_positions(cfg, args.seq_len)
@@ -100,7 +114,17 @@ def run(args: HessianGapArgs, paths: list[str]) -> None:
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
     attn = "sdpa" if args.hvp == "fd" else "eager"  # fused SDPA has no double backward; fd needs none
-    model = load_causal_lm(first, device=dev, attn_implementation=attn)
+    held = {}
+
+    def load_one(folder):  # fsdp: read on the CPU, then sharded onto the device (which never holds it whole)
+        m = load_causal_lm(folder, device="cpu" if sharded else dev, attn_implementation=attn)
+        if sharded:
+            held.update(whole=model_bytes(m))
+            m = shard_model(m, dev)
+            held.update(params=held_bytes(m))
+        return m
+
+    model = load_one(first)
     check_vocab(model, tok)
     select_components(model, args.layers, args.components)
     loaded = {first: model}
@@ -108,7 +132,7 @@ def run(args: HessianGapArgs, paths: list[str]) -> None:
 
     def load(folder):  # the first checkpoint is already loaded (for the checks above)
         m = loaded.pop(folder, None)
-        return m if m is not None else load_causal_lm(folder, device=dev, attn_implementation=attn)
+        return m if m is not None else load_one(folder)
 
     computed = []
 
@@ -127,6 +151,7 @@ def run(args: HessianGapArgs, paths: list[str]) -> None:
                            max_vectors_gib=args.max_vectors_gib, replace=args.replace, device=dev, loader=load,
                            on_event=print, on_step=shown, hvp=args.hvp, richardson=args.richardson)
     loaded.clear()
+    per_rank = dist_utils.gather(memory_held(held, dev)) if sharded else None
     dist_utils.teardown()
     if rank != 0:
         return
@@ -136,8 +161,25 @@ def run(args: HessianGapArgs, paths: list[str]) -> None:
     if not computed:
         print(f"nothing to compute: {store} holds hessian_gap at steps {held}")
         return
+    if per_rank:
+        mib = [(f"{m['params'] / 2**20:.3g}", f"{m['peak'] / 2**20:.4g}") for m in per_rank]
+        print(f"fsdp over {world} ranks: parameters held per rank {', '.join(p for p, _ in mib)} MiB of "
+              f"{per_rank[0]['whole'] / 2**20:.3g} MiB; peak memory per rank {', '.join(q for _, q in mib)} MiB "
+              f"({'CUDA allocated' if dev.type == 'cuda' else 'resident'})")
     print(f"wrote step(s) {', '.join(map(str, computed))} of hessian_gap, hessian_density, hessian_alignment"
           f"{', hessian_vectors' if have_vectors else ''} and hessian_drift (over steps {held}) to {store}")
+
+
+def memory_held(held: dict, dev) -> dict:
+    """This rank's parameter bytes (its shards), the whole model's, and its peak memory (CUDA allocation on a
+    GPU, else resident set)."""
+    import resource
+
+    import torch
+
+    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {**held, "peak": peak}
 
 
 def print_table(ds, k: int, step: int | None = None) -> None:
@@ -187,7 +229,9 @@ command = command_from(
     vectors, up to --max-vectors-gib per step unless --keep-vectors) of the analysis store (default:
     <run>/analysis.zarr or <checkpoint>/analysis.zarr); then hessian_drift, the eigenspace drift sin θ and the
     eigenvalue change between consecutive stored steps. A rerun skips the steps stored with the same settings.
-    Under `torchrun --nproc_per_node N` the components are split over ranks.
+    Under `torchrun --nproc_per_node N` the components are split over ranks (--strategy ddp: each rank holds the
+    whole model), or the model is sharded with FSDP2 and all ranks compute each component together
+    (--strategy fsdp, with --hvp fd: each rank holds 1/N of the model; it prints the memory each rank held).
 
     --hvp fd replaces each exact HVP (one double backward) by central differences of gradients: the model runs
     its fused SDPA attention and keeps no double-backward graph (less memory), at 4 gradients per HVP; each HVP's

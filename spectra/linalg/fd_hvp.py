@@ -35,12 +35,17 @@ Each call also estimates its own error, per vector:
 
 W is perturbed in place (no copy of the model) and restored bitwise from a saved copy after every gradient: a
 perturbation θ + εv − εv would not round back to θ.
+
+`ShardedFDBlockHVP` is the same for a weight that FSDP2 shards over torchrun ranks (hessian-gap --strategy fsdp):
+each rank perturbs only its own shard of W, and FSDP2's ordinary backward brings the gradient back.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from spectra.errors import SpectraError
 from spectra.linalg.hvp import hvp_loss, only_grad
@@ -67,11 +72,15 @@ class FDBlockHVP:
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, weight: torch.Tensor, *, richardson: bool = False,
                  step: float | None = None, seed: int = 0):
         self.model, self.input_ids, self.weight, self.richardson = model, input_ids, weight, richardson
-        self.theta = weight.detach().clone()  # the bitwise original, restored after every perturbed gradient
+        self.theta = self._original()  # the bitwise original, restored after every perturbed gradient
         self.gradients = 0
         self.grad = self._grad(None)
         self.last_error = torch.zeros(0, dtype=torch.float64)
         self.step = step if step is not None else self._refine(seed)
+
+    def _original(self) -> torch.Tensor:
+        """θ, a copy of W (W's shape: every product, step and error is computed on whole tensors)."""
+        return self.weight.detach().clone()
 
     def _grad(self, delta: torch.Tensor | None) -> torch.Tensor:
         """∂L/∂W at θ + delta (delta None: at θ); W is θ again afterwards, bit for bit."""
@@ -139,3 +148,83 @@ class FDBlockHVP:
 
     def release(self) -> None:
         """Nothing is retained between calls (no graph); kept for BlockHVP's interface."""
+
+
+class ShardedFDBlockHVP(FDBlockHVP):
+    """`FDBlockHVP` of a weight W that FSDP2 shards (a DTensor parameter of a `fully_shard`-ed model, under
+    torchrun): every rank calls it together, with the same whole vectors, and gets the same whole products.
+
+    Why fd: FSDP2 reduce-scatters W's gradient in a post-backward hook, outside autograd, and its resharding frees
+    the unsharded parameters a double backward would differentiate through (pytorch issue 172543). Even with
+    reshard_after_forward and reshard_after_backward off, W's sharded gradient has no grad_fn and W itself is not
+    in the graph (torch 2.13, measured on 2 gloo ranks), so an exact HVP would have to bypass FSDP2. fd needs only
+    ordinary backward passes, which FSDP2 shards, with fused attention as well.
+
+    * Each rank scores its own sequences of the token batch (rows `tensor_split` over the ranks), its loss scaled
+      by world · rows / all rows, so FSDP2's mean over the ranks is the whole batch's mean loss.
+    * A perturbation θ + δ is written in place into this rank's local shard of W only: W is the only parameter
+      that changes or requires grad, and only W's gradient is reduce-scattered; it comes back as W's DTensor
+      .grad and is all-gathered into a whole tensor, bitwise the same on every rank.
+    * Memory per rank beyond the sharded model: whole θ and a few whole gradients (W.numel() values each); the
+      Lanczos vectors are whole tensors replicated on every rank ((basis vectors) × W.numel() × itemsize, the
+      same as in one process: one component is small next to the sharded model, and whole vectors keep
+      spectra.linalg.lanczos unchanged, without a collective in every inner product).
+    The ranks stay in lock step because they run the same Lanczos on bitwise-equal products (the same thread
+    count on every rank, as torchrun's default OMP_NUM_THREADS=1 gives); each call checks that the ranks'
+    vectors agree and raises on every rank if they do not.
+    """
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, weight: torch.Tensor, **kwargs):
+        if not isinstance(weight, DTensor):
+            raise SpectraError("ShardedFDBlockHVP needs a weight sharded by FSDP2 (a DTensor); use FDBlockHVP")
+        self.group = weight.device_mesh.get_group()
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        rows = input_ids.shape[0]
+        if rows < world:
+            raise SpectraError(f"a token batch of {rows} sequences cannot be split over {world} ranks (each rank "
+                               f"scores its own sequences): use --batch-size >= {world}")
+        self.rows = input_ids.tensor_split(world)[rank]
+        self.scale = world * self.rows.shape[0] / rows
+        super().__init__(model, input_ids, weight, **kwargs)
+
+    def _original(self) -> torch.Tensor:
+        self.local = self.weight.to_local()  # this rank's shard: FSDP2 all-gathers W from it in every forward
+        self.theta_local = self.local.detach().clone()
+        return self.weight.detach().full_tensor()
+
+    def _shard(self, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a whole tensor of W's shape (sliced as W is: no communication)."""
+        W = self.weight
+        return distribute_tensor(whole, W.device_mesh, W.placements, src_data_rank=None).to_local()
+
+    def _grad(self, delta: torch.Tensor | None) -> torch.Tensor:
+        """∂L/∂W (whole) at θ + delta over the whole token batch; W is θ again afterwards, bit for bit."""
+        W = self.weight
+        self.gradients += 1
+        try:
+            if delta is not None:
+                with torch.no_grad():
+                    self.local.copy_(self.theta_local + self._shard(delta))
+            with only_grad(self.model, W):
+                loss = hvp_loss(self.model, self.rows)
+                (loss * self.scale).backward()  # every rank joins the backward before any may raise
+            total = (loss.detach().double() * self.scale).reshape(1)
+            dist.all_reduce(total, group=self.group)
+            if not torch.isfinite(total).all():
+                raise SpectraError(f"the loss on this token batch is {float(total) / dist.get_world_size(self.group)}"
+                                   ": the model's weights or activations overflow, so its Hessian is undefined")
+            g = W.grad.full_tensor()
+        finally:
+            W.grad = None
+            with torch.no_grad():
+                self.local.copy_(self.theta_local)
+        return g
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        check = v.double().sum().reshape(1).repeat(2)
+        check[1] = -check[1]
+        dist.all_reduce(check, op=dist.ReduceOp.MAX, group=self.group)
+        if torch.isfinite(check).all() and float(check[0]) != -float(check[1]):
+            raise SpectraError("the ranks' Lanczos vectors differ (their arithmetic is not bitwise alike): run every "
+                               "rank with the same OMP_NUM_THREADS and hardware")
+        return super().__call__(v)

@@ -29,7 +29,8 @@ CAUSAL_LMS = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    return type(model).__name__ in CAUSAL_LMS
+    """A Hugging Face *ForCausalLM (or a subclass: FSDP2's fully_shard makes the model an FSDP<class>)."""
+    return any(c.__name__ in CAUSAL_LMS for c in type(model).__mro__)
 
 
 def model_folder(source: str | Path | Source) -> Path:
