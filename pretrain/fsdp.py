@@ -38,8 +38,8 @@ from spectra import distributed as dist_utils
 from spectra.errors import SpectraError
 from spectra.io.runs import latest_checkpoint
 from spectra.lm.precision import autocast_for, use_bf16
+from spectra.models.dcp import DCP_DIR
 
-DCP_DIR = "dcp"
 EXPORT_SHARD_BYTES = 2 << 30  # rank 0's host holds at most this much of the exported weights at once
 
 

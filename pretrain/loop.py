@@ -253,18 +253,23 @@ class Trainer:
         """Run (or resume) the loop. Rank 0 holds the run lock throughout; on an error, Ctrl-C or
         SIGTERM the snapshot in flight is finished (committed) before the process exits."""
         lock = run_lock(self.run_dir, "pretrain") if self.rank == 0 else nullcontext()
-        with lock, terminate_as_exception():
-            self.prepare_run()
-            try:
-                self._loop()
-            finally:
-                if self.writer is not None:
-                    self._finish_writer()
-            if self.fsdp:  # what sharding saved: every rank's bytes held and peak memory, in memory.json
-                ranks = dist_utils.gather(fsdp.memory_report(self.net, self.opt, self.device))
-                if self.rank == 0:
-                    atomic_write_json(self.run_dir / "memory.json", {"strategy": "fsdp", "world": self.world,
-                                                                     "ranks": ranks})
+        try:
+            with lock, terminate_as_exception():
+                self.prepare_run()
+                try:
+                    self._loop()
+                finally:
+                    if self.writer is not None:
+                        self._finish_writer()
+                if self.fsdp:  # what sharding saved: every rank's bytes held and peak memory, in memory.json
+                    ranks = dist_utils.gather(fsdp.memory_report(self.net, self.opt, self.device))
+                    if self.rank == 0:
+                        atomic_write_json(self.run_dir / "memory.json", {"strategy": "fsdp", "world": self.world,
+                                                                         "ranks": ranks})
+        except BaseException:
+            if self.world == 1:  # a one-rank group (FSDP2 in one process) must not outlive a failed run
+                dist_utils.teardown()
+            raise
         dist_utils.teardown()
         return self.run_dir
 

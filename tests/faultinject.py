@@ -320,6 +320,9 @@ def main() -> None:
         help="instead of the sweep: run once, SIGKILL before the --nth event containing TEXT",
     )
     ap.add_argument("--nth", type=int, default=1)
+    ap.add_argument("--in-process", action="store_true",
+                    help="with --kill-on: install the hooks in this process and run there (a torchrun worker: "
+                         "rank 0 kills itself, torchrun stops the others)")
     ap.add_argument("--runs-dir", type=Path, default=None, help="with --kill-on: where the run goes")
     ap.add_argument("argv", nargs=argparse.REMAINDER)
     a = ap.parse_args()
@@ -333,7 +336,13 @@ def main() -> None:
             seen[0] += a.kill_on in event
             return a.kill_on in event and seen[0] == a.nth
 
-        print(json.dumps({"code": run_cli([x for x in a.argv if x != "--"], a.runs_dir, fault_at=hit)}))
+        argv = [x for x in a.argv if x != "--"]
+        if a.in_process:
+            install(str(a.runs_dir.resolve()), hit, None)
+            from spectra.cli import main as cli_main
+
+            sys.exit(cli_main([*argv, "--runs-dir", str(a.runs_dir)]))
+        print(json.dumps({"code": run_cli(argv, a.runs_dir, fault_at=hit)}))
         return
 
     t0 = time.time()
