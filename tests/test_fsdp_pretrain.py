@@ -188,8 +188,8 @@ def test_kill_and_resume_on_the_sharded_path(runs, tmp_path):
 
     args = argv(runs["docs"], tmp_path, "fsdp", "--strategy", "fsdp")
     killed = torchrun(_without_runs_dir(args),
-                      ["tests/faultinject.py", "--work", str(tmp_path / "fi"), "--in-process", "--kill-on", "metrics.jsonl", "--nth", "3",
-                       "--runs-dir", str(tmp_path), "--"])
+                      ["tests/faultinject.py", "--work", str(tmp_path / "fi"), "--in-process", "--kill-on",
+                       "metrics.jsonl", "--nth", "3", "--runs-dir", str(tmp_path), "--"])
     assert killed.returncode != 0
     run = tmp_path / "fsdp"
     assert [r["step"] for r in rows(run)] == [1, 2] and (run / "checkpoints" / "latest").resolve().name == "step_2"

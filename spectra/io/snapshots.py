@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import xarray as xr
 import zarr
+from torch.distributed.tensor import DTensor
 
 from spectra.distributed import full
 from spectra.errors import SpectraError
@@ -148,7 +149,11 @@ class SnapshotWriter:
         if self.steps and step <= self.steps[-1]:
             raise SpectraError(f"snapshot step {step} is not after the last stored step {self.steps[-1]} in "
                                f"{self.path}")
-        params = self._collect(model)
+        # host copies of everything at once (training may go on), or for an FSDP2-sharded model written without a
+        # background thread, lazily: one component gathered and written at a time, so no rank ever holds every
+        # weight, rank 0's host included
+        lazy = not self.background and any(isinstance(p, DTensor) for p in model.parameters())
+        params = component_records(model, self.embeddings, self.grad_mode != "none") if lazy else self._collect(model)
         meta = dict(step=step, tokens=tokens, lr=lr, loss=loss, grad_norm=grad_norm, wall_time=time.time())
         self.steps.append(step)
         if self.background:
@@ -182,12 +187,8 @@ class SnapshotWriter:
             self.steps = list(self.committed)
             raise SpectraError(f"snapshot write to {self.path} failed: {err}")
 
-    def _collect(self, model):
-        """(key, record) per component: the host copies `write` hands to `_write`. Eagerly (a dict, so
-        training may go on) when writing in the background; else lazily, one component gathered and
-        written at a time (an FSDP2-sharded model: no rank ever holds every weight, rank 0's host included)."""
-        recs = component_records(model, self.embeddings, self.grad_mode != "none", host=True)
-        return dict(recs) if self.background else recs
+    def _collect(self, model) -> dict[str, dict]:
+        return dict(component_records(model, self.embeddings, self.grad_mode != "none"))
 
     # The sketch is a randomized SVD (Halko, Martinsson & Tropp 2011, alg. 4.4): rank r + SKETCH_OVERSAMPLE
     # Gaussian probes, SKETCH_POWER_ITERS re-orthonormalised power iterations. Gradient spectra of these
