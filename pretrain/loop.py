@@ -9,7 +9,8 @@ Single process or `torchrun --nproc_per_node N -m spectra.cli pretrain ...` (DDP
 
 Snapshot convention: snapshot `s` holds the weights after `s` optimizer updates (so it equals
 checkpoint step_s bit for bit) and the gradient computed at exactly those weights, i.e. the
-gradient of update s+1, after the DDP all-reduce and before clipping and the optimizer step.
+gradient of update s+1, after the DDP all-reduce (FSDP2: reduce-scatter, then gathered) and before
+clipping and the optimizer step.
 """
 
 from __future__ import annotations
