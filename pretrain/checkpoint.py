@@ -130,7 +130,7 @@ def load_trainer_state(ckpt: Path) -> dict:
 
 # --------------------------------------------------------------------------- folders
 def _fsync_tree(folder: Path) -> None:
-    for f in folder.iterdir():
+    for f in folder.rglob("*"):  # the sharded checkpoint's dcp/ folder included
         if f.is_file():
             fd = os.open(f, os.O_RDONLY)
             try:
@@ -142,11 +142,24 @@ def _fsync_tree(folder: Path) -> None:
 def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, keep: int = 3, tokenizer=None) -> Path:
     ckpt_root = run_dir / "checkpoints"
     check_publishable(model, step, ckpt_root)
-    final = ckpt_root / f"step_{step}"
-    tmp = ckpt_root / f".tmp_step_{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_tmp(ckpt_root, step)
     hf_logging.disable_progress_bar()  # one bar per checkpoint shard would garble ours
     model.save_pretrained(tmp)
+    return publish(ckpt_root, tmp, step, trainer_state, keep, tokenizer)
+
+
+def fresh_tmp(ckpt_root: Path, step: int) -> Path:
+    """The empty temporary folder checkpoint `step` is written into (a killed attempt's leftovers removed)."""
+    tmp = ckpt_root / f".tmp_step_{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(ckpt_root: Path, tmp: Path, step: int, trainer_state: dict, keep: int = 3, tokenizer=None) -> Path:
+    """Complete the checkpoint in `tmp` (tokenizer, trainer state), fsync it, rename it to step_<step> and point
+    `latest` at it; a kill at any moment leaves the previous checkpoint intact and `latest` whole."""
+    final = ckpt_root / f"step_{step}"
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     save_trainer_state(tmp, trainer_state)

@@ -130,6 +130,12 @@ class PretrainConfig(OverwriteArgs, SeedArgs, DeviceArgs, TokenizerArgs, DataArg
                                                                      "sketch, or none.")
     sketch_rank: int = opt(32, "r of the gradient sketch.", min=1)
     snapshot_embeddings: bool = opt(False, "Also snapshot embed_tokens and lm_head.")
+    strategy: Literal["ddp", "fsdp"] = opt("ddp", "Multi-process engine: ddp (every rank holds the whole model "
+                                                  "and optimizer; fastest while they fit one device) or fsdp "
+                                                  "(FSDP2: parameters, gradients and AdamW state sharded over "
+                                                  "ranks; pick it when they do not fit, from ~1B parameters on "
+                                                  "80 GB). fsdp checkpoints are sharded (torch.distributed."
+                                                  "checkpoint) plus a save_pretrained copy.")
     compile: bool = opt(False, "torch.compile the model (faster steps, ~30 s to start; bench/README.md).")
     cpu_bf16: Optional[bool] = opt(None, "bf16 autocast on CPU (default: on where the CPU has native bf16, "
                                          "off elsewhere; bench/README.md compares the loss curves).")

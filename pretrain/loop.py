@@ -4,11 +4,13 @@
 GaLore's 130m recipe is the default: AdamW lr 1e-3, 512 x 256-token sequences per step (by
 gradient accumulation), linear warmup then cosine to 0.1 x lr, bf16 autocast on GPU and on CPUs with
 native bf16 (AVX512-BF16, AMX), clipping 1.0. The loss goes through spectra.lm.loss (chunked lm_head + CE).
-Single process or `torchrun --nproc_per_node N -m spectra.cli pretrain ...` (DDP; nodes alike).
+Single process or `torchrun --nproc_per_node N -m spectra.cli pretrain ...` (DDP; nodes alike); with
+`--strategy fsdp` FSDP2 shards parameters, gradients and optimizer state over the ranks (pretrain/fsdp.py).
 
 Snapshot convention: snapshot `s` holds the weights after `s` optimizer updates (so it equals
 checkpoint step_s bit for bit) and the gradient computed at exactly those weights, i.e. the
-gradient of update s+1, after the DDP all-reduce and before clipping and the optimizer step.
+gradient of update s+1, after the DDP all-reduce (FSDP2: reduce-scatter, then gathered) and before
+clipping and the optimizer step.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import transformers
 import xarray
 import zarr
 
+from pretrain import fsdp
 from pretrain.checkpoint import (
     load_trainer_state,
     load_weights,
@@ -60,8 +63,9 @@ from spectra.data import (
     split_docs,
 )
 from spectra.errors import SpectraError
+from spectra.io.atomic import atomic_write_json
 from spectra.io.runs import latest_checkpoint, run_folder, run_lock
-from spectra.io.snapshots import SnapshotWriter
+from spectra.io.snapshots import SnapshotWriter, component_records
 from spectra.lm.evaluate import perplexity
 from spectra.lm.loss import causal_lm_loss
 from spectra.progress import note, progress_bar
@@ -80,7 +84,8 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig):
         if cfg.data:
             expand_files(cfg.data)  # fail on a bad --data before the slow parts
-        self.rank, self.world, self.device = dist_utils.setup(cfg.device)
+        self.fsdp = cfg.strategy == "fsdp"
+        self.rank, self.world, self.device = dist_utils.setup(cfg.device, group=self.fsdp)
         if self.device.type == "cuda":  # fp32 parts of the step (optimizer, norms) run on tensor cores
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -95,7 +100,14 @@ class Trainer:
         self.cfg = cfg = replace(cfg, tokenizer=run_tokenizer(cfg, self.run_dir))
         self.tok = load_tokenizer(cfg.tokenizer)
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model, vocab_for(len(self.tok)), cfg.seed).to(self.device)
+        self.model = build_model(cfg.model, vocab_for(len(self.tok)), cfg.seed)
+        # the loss goes through the chunked lm_head + cross-entropy (no [tokens, vocab] logits kept for
+        # backward); the wrapper is what DDP, FSDP2 and compile see, so they all work on the whole step
+        if self.fsdp:  # sharded layer by layer from the host copy: the device never holds the whole model
+            self.net = fsdp.shard(_LMLoss(self.model), self.device)
+        else:
+            self.model = self.model.to(self.device)
+            self.net = dist_utils.wrap(_LMLoss(self.model), self.device, self.world)
         self.train_stream, self.val_windows = _data(cfg, self.tok, self.rank, self.world)
         self.data_files = data_fingerprint(cfg.data) if cfg.data else None
         # fused AdamW: one kernel per parameter group instead of a dozen per tensor (CPU too since torch 2.4)
@@ -105,11 +117,10 @@ class Trainer:
         self.step, self.tokens = 0, 0
         self.bf16 = bf16 = self.device.type == "cuda" or (native_cpu_bf16() if cfg.cpu_bf16 is None else cfg.cpu_bf16)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-        # the loss goes through the chunked lm_head + cross-entropy (no [tokens, vocab] logits kept for
-        # backward); the wrapper is what DDP and compile see, so both keep working on the whole step
-        self.net = dist_utils.wrap(_LMLoss(self.model), self.device, self.world)
         self.forward = torch.compile(self.net) if cfg.compile else self.net
         self.writer = None
+        # FSDP2: whether rank 0 writes snapshots and what (every rank gathers it); set by prepare_run
+        self.snapshot_follow = self.snapshot_grads = self.snapshot_embeddings = False
         self.tracker = None
 
     # ------------------------------------------------------------------ setup/resume
@@ -128,9 +139,15 @@ class Trainer:
             state = load_trainer_state(ckpt)
             if state["world"] != self.world:
                 raise SpectraError(f"checkpoint was written by {state['world']} ranks, resuming with {self.world}")
+            if state.get("strategy", "ddp") != cfg.strategy:
+                raise SpectraError(f"{ckpt} was written by --strategy {state.get('strategy', 'ddp')}; resume with "
+                                   "that strategy")
             changes = check_resume_config(state["config"], self.config_record(), cfg.allow_config_change)
-            load_weights(self.model, ckpt)
-            self.opt.load_state_dict(state["optimizer"])
+            if self.fsdp:
+                fsdp.load(ckpt, self.net, self.opt)
+            else:
+                load_weights(self.model, ckpt)
+                self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
             if {"lr", "warmup", "steps", "min_lr_ratio"} & set(changes):  # accepted: it applies from this step on
                 self.apply_schedule()
@@ -148,12 +165,17 @@ class Trainer:
             record_run_config(run, self.config_record(), event, self.step, changes)
             truncate_metrics(run / METRICS, self.step)
             if cfg.snapshot_every > 0 or cfg.snapshot_steps:
+                # FSDP2: written as gathered, one component at a time (no background copy of the whole model)
                 self.writer = SnapshotWriter(run / "snapshots.zarr", _store_attrs(cfg, self.model),
                                              grad_mode=cfg.snapshot_grad, sketch_rank=cfg.sketch_rank,
-                                             embeddings=cfg.snapshot_embeddings)
+                                             embeddings=cfg.snapshot_embeddings, background=not self.fsdp)
                 # snapshots from the checkpoint's step on are retaken (the gradient at step N is computed
                 # after the checkpoint), so the store goes back to what precedes it
                 self.writer.truncate_after(self.step - 1 if self.step else -1)
+        if self.fsdp:  # a reopened store keeps its own modes; every rank gathers what rank 0 writes
+            w = self.writer
+            self.snapshot_follow, self.snapshot_grads, self.snapshot_embeddings = dist_utils.broadcast(
+                (True, w.grad_mode != "none", w.embeddings) if w is not None else (False, False, False))
         dist_utils.barrier()
 
     def apply_schedule(self) -> None:
@@ -179,7 +201,7 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i in range(self.accum):
             x = next(batches).to(self.device, non_blocking=True)
-            sync = dist_utils.no_sync(self.net) if i < self.accum - 1 else nullcontext()
+            sync = dist_utils.grad_sync(self.net, i == self.accum - 1)
             with sync, self.autocast:
                 loss = self.forward(x) / self.accum
             loss.backward()
@@ -194,16 +216,30 @@ class Trainer:
 
     def validate(self) -> tuple[float, float]:
         """Token-weighted mean loss over the fixed validation windows (sharded across ranks)."""
-        shard = self.val_windows[self.rank :: self.world]
-        mean, n = 0.0, 0
-        if len(shard):
-            mean, _, n = perplexity(self.model, shard, batch_size=self.cfg.micro_batch, device=self.device)
-        total_loss, total_n = dist_utils.sum_pair(mean * n, n, self.device)
+        if self.fsdp:  # every rank runs as many forwards (the layers are gathered from all of them)
+            nll, n = fsdp.validate(self.net, self.val_windows, self.cfg.micro_batch, self.rank, self.world,
+                                   self.device)
+        else:
+            shard = self.val_windows[self.rank :: self.world]
+            mean, n = 0.0, 0
+            if len(shard):
+                mean, _, n = perplexity(self.model, shard, batch_size=self.cfg.micro_batch, device=self.device)
+            nll = mean * n
+        total_loss, total_n = dist_utils.sum_pair(nll, n, self.device)
         val = total_loss / max(total_n, 1)
         return val, math.exp(min(val, 50))
 
     def checkpoint(self) -> None:
         data_states = dist_utils.gather(self.batches.state)  # position after the last consumed batch
+        if self.fsdp:
+            if self.writer is not None:
+                self.writer.wait()
+            state = {"scheduler": self.sched.state_dict(), "rng": rng_state(), "data": data_states,
+                     "step": self.step, "tokens": self.tokens, "world": self.world, "strategy": "fsdp",
+                     "config": self.config_record()}  # model and optimizer: dcp/, sharded
+            fsdp.save(self.run_dir, self.step, self.net, self.opt, state, self.cfg.keep_checkpoints, self.tok,
+                      self.rank)
+            return
         if self.rank == 0:
             if self.writer is not None:  # never publish a checkpoint past a snapshot still in flight
                 self.writer.wait()
@@ -218,13 +254,23 @@ class Trainer:
         """Run (or resume) the loop. Rank 0 holds the run lock throughout; on an error, Ctrl-C or
         SIGTERM the snapshot in flight is finished (committed) before the process exits."""
         lock = run_lock(self.run_dir, "pretrain") if self.rank == 0 else nullcontext()
-        with lock, terminate_as_exception():
-            self.prepare_run()
-            try:
-                self._loop()
-            finally:
-                if self.writer is not None:
-                    self._finish_writer()
+        try:
+            with lock, terminate_as_exception():
+                self.prepare_run()
+                try:
+                    self._loop()
+                finally:
+                    if self.writer is not None:
+                        self._finish_writer()
+                if self.fsdp:  # what sharding saved: every rank's bytes held and peak memory, in memory.json
+                    ranks = dist_utils.gather(fsdp.memory_report(self.net, self.opt, self.device))
+                    if self.rank == 0:
+                        atomic_write_json(self.run_dir / "memory.json", {"strategy": "fsdp", "world": self.world,
+                                                                         "ranks": ranks})
+        except BaseException:
+            if self.world == 1:  # a one-rank group (FSDP2 in one process) must not outlive a failed run
+                dist_utils.teardown()
+            raise
         dist_utils.teardown()
         return self.run_dir
 
@@ -249,9 +295,8 @@ class Trainer:
             while True:
                 tokens_before = self.tokens
                 loss = self.accumulate(batches)
-                if self.writer is not None and cfg.snapshot_at(self.step):
-                    self.writer.write(self.model, step=self.step, tokens=tokens_before, lr=self.sched.get_last_lr()[0],
-                                      loss=loss, grad_norm=_grad_norm(self.model))
+                if cfg.snapshot_at(self.step):
+                    self.snapshot(tokens_before, loss)
                 if self.step >= cfg.steps:  # the extra pass only served the final snapshot's gradient
                     self.opt.zero_grad(set_to_none=True)
                     break
@@ -283,6 +328,17 @@ class Trainer:
             if self.tracker is not None:
                 self.tracker.close()
 
+    def snapshot(self, tokens: int, loss: float) -> None:
+        if self.fsdp and self.rank != 0:  # the gathers are collectives: follow rank 0's writer, keep nothing
+            if self.snapshot_follow:
+                _grad_norm(self.model)
+                for _ in component_records(self.model, self.snapshot_embeddings, self.snapshot_grads, host=False):
+                    pass
+            return
+        if self.writer is not None:
+            self.writer.write(self.model, step=self.step, tokens=tokens, lr=self.sched.get_last_lr()[0],
+                              loss=loss, grad_norm=_grad_norm(self.model))
+
     def log(self, row: dict) -> None:
         if self.rank == 0:
             append_metrics(self.run_dir / METRICS, row)
@@ -312,9 +368,15 @@ class _LMLoss(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return causal_lm_loss(self.lm, input_ids)
 
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The full logits (validation under FSDP2, where this method carries the root's gather hooks)."""
+        return self.lm(input_ids=input_ids).logits
+
 
 def _grad_norm(model) -> float:
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    """The global gradient norm (under FSDP2 each parameter's norm is reduced over the shards: every rank
+    must call this)."""
+    norms = [dist_utils.full(p.grad.detach().float().norm()) for p in model.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else float("nan")
 
 

@@ -26,6 +26,7 @@ _API = {
     "Source": "spectra.io.sources:Source",
     "load_model": "spectra.models.loading:load_model",
     "validate_checkpoint": "spectra.models.validate:validate_checkpoint",
+    "dcp_to_pretrained": "spectra.models.dcp:dcp_to_pretrained",
     "load_tokenizer": "spectra.data:load_tokenizer",
     "text_windows": "spectra.data:text_windows",
     "open_run": "spectra.io.snapshots:open_run",

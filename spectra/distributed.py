@@ -13,14 +13,17 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from spectra.models.parts import resolve_device
 
 
-def setup(device: str = "auto") -> tuple[int, int, torch.device]:
+def setup(device: str = "auto", group: bool = False) -> tuple[int, int, torch.device]:
     """(rank, world, device): under torchrun one process group (NCCL on GPUs, gloo on CPU) and
-    one GPU per local rank; in a single process (0, 1, the resolved --device)."""
+    one GPU per local rank; in a single process (0, 1, the resolved --device), with a one-rank group
+    when `group` (FSDP2 shards over a device mesh, which needs one even for a single process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     dev = resolve_device(device)
@@ -32,6 +35,9 @@ def setup(device: str = "auto") -> tuple[int, int, torch.device]:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    elif group and not dist.is_initialized():  # an in-process store: no port, no rendezvous
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     return rank, world, dev
 
 
@@ -62,9 +68,20 @@ def wrap(model, device: torch.device, world: int):
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def no_sync(net):
-    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
-    return net.no_sync() if hasattr(net, "no_sync") else nullcontext()
+def grad_sync(net, sync: bool):
+    """Context for one micro-batch's forward and backward: with `sync` False the gradient all-reduce (DDP)
+    or reduce-scatter (FSDP2) is skipped and the micro-batch gradients are summed locally, to be reduced
+    once with the last micro-batch of the accumulation (`sync` True)."""
+    if isinstance(net, FSDPModule):  # FSDP2 reads the flag after backward, so it is set, not scoped
+        net.set_requires_gradient_sync(sync)
+        return nullcontext()
+    return net.no_sync() if not sync and hasattr(net, "no_sync") else nullcontext()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor (an FSDP2 shard) is all-gathered, a collective every rank must join;
+    any other tensor is returned as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def mean(value: float, device: torch.device) -> float:

@@ -251,8 +251,9 @@ def signal_trial(argv: list[str], base: Path, ref_run: Path, k: int, sig: int) -
     return out
 
 
-def sweep(argv, base: Path, ref: Path, n_events: int, workers: int, resume_from: Path | None) -> list[dict]:
-    results, running, todo = [], {}, list(range(n_events))
+def sweep(argv, base: Path, ref: Path, n_events: int, workers: int, resume_from: Path | None,
+          only: list[int] | None = None) -> list[dict]:
+    results, running, todo = [], {}, list(range(n_events)) if only is None else list(only)
     while todo or running:
         while todo and len(running) < workers:
             k = todo.pop(0)
@@ -276,6 +277,13 @@ def sweep(argv, base: Path, ref: Path, n_events: int, workers: int, resume_from:
 
 
 RUN_ID = "fi"
+
+
+def _only(events: list[str], texts: str | None) -> list[int] | None:
+    """The indices of the events naming one of the comma-separated `texts` (None: every event)."""
+    if texts is None:
+        return None
+    return [i for i, e in enumerate(events) if any(t in e for t in texts.split(","))]
 
 
 def warm_imports() -> None:
@@ -320,6 +328,12 @@ def main() -> None:
         help="instead of the sweep: run once, SIGKILL before the --nth event containing TEXT",
     )
     ap.add_argument("--nth", type=int, default=1)
+    ap.add_argument("--only", default=None, metavar="TEXT",
+                    help="sweep only the events containing one of these comma-separated TEXTs (e.g. checkpoints: every "
+                         "step of a publish)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="with --kill-on: install the hooks in this process and run there (a torchrun worker: "
+                         "rank 0 kills itself, torchrun stops the others)")
     ap.add_argument("--runs-dir", type=Path, default=None, help="with --kill-on: where the run goes")
     ap.add_argument("argv", nargs=argparse.REMAINDER)
     a = ap.parse_args()
@@ -333,7 +347,13 @@ def main() -> None:
             seen[0] += a.kill_on in event
             return a.kill_on in event and seen[0] == a.nth
 
-        print(json.dumps({"code": run_cli([x for x in a.argv if x != "--"], a.runs_dir, fault_at=hit)}))
+        argv = [x for x in a.argv if x != "--"]
+        if a.in_process:
+            install(str(a.runs_dir.resolve()), hit, None)
+            from spectra.cli import main as cli_main
+
+            sys.exit(cli_main([*argv, "--runs-dir", str(a.runs_dir)]))
+        print(json.dumps({"code": run_cli(argv, a.runs_dir, fault_at=hit)}))
         return
 
     t0 = time.time()
@@ -351,7 +371,7 @@ def main() -> None:
         print(json.dumps(signal_trial(argv, base, ref, k, getattr(signal, f"SIG{a.signal}"))))
         return
     report = {"events": len(events), "kinds": sorted({e.split()[0] for e in events}), "event_log": events}
-    res = sweep(argv, base, ref, len(events), a.workers, None)
+    res = sweep(argv, base, ref, len(events), a.workers, None, _only(events, a.only))
     report["training"] = res
     if a.resume_kill_at is not None:
         first_ckpt = next(i for i, e in enumerate(events) if e.endswith("checkpoints/latest"))  # published
@@ -365,9 +385,10 @@ def main() -> None:
         shutil.rmtree(probe, ignore_errors=True)
         shutil.copytree(killed, probe, symlinks=True)
         assert run_cli([*argv, "--resume"], probe, log_file=rlog) == 0
-        n = len(rlog.read_text().splitlines())
+        revents = rlog.read_text().splitlines()
+        n = len(revents)
         report["resume_events"] = n
-        report["resume"] = sweep(argv, base, ref, n, a.workers, killed)
+        report["resume"] = sweep(argv, base, ref, n, a.workers, killed, _only(revents, a.only))
     report["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(report))
 

@@ -39,7 +39,9 @@ import numpy as np
 import torch
 import xarray as xr
 import zarr
+from torch.distributed.tensor import DTensor
 
+from spectra.distributed import full
 from spectra.errors import SpectraError
 from spectra.io.atomic import _jsonable, atomic_write_json
 from spectra.io.zarr_meta import _CM_EMPTY, COMMIT_KEY, _group_md, _members, _open_group, _root_metadata, _steps_of
@@ -52,6 +54,38 @@ FORMAT_VERSION = 2  # 2: commit record in the root metadata; 1: meta/ written la
 
 def param_key(layer: int, component: str) -> str:
     return f"{layer}.{component}"
+
+
+def component_records(model: torch.nn.Module, embeddings: bool = False, grads: bool = True, host: bool = True):
+    """(key, record) for every decoder linear (and with `embeddings` embed_tokens, lm_head) of `model`, in model
+    order, each weight and gradient gathered on its own (`DTensor.full_tensor`) when the model is FSDP2-sharded:
+    at most one component is ever whole on a rank. Every rank of a sharded model must run this generator to the
+    end, in step (the gathers are collectives); ranks other than the writing one pass `host=False` (nothing is
+    copied to host memory, each gathered tensor is dropped at once). A non-finite gradient raises on every
+    rank alike."""
+    named = [(l, c, m.weight) for l, c, _, m in iter_components(model) if hasattr(m, "weight")]
+    if embeddings:
+        inner = getattr(model, "model", model)
+        named.append((-1, "embed", inner.embed_tokens.weight))
+        if getattr(model, "lm_head", None) is not None:
+            named.append((-1, "lm_head", model.lm_head.weight))
+    for layer, comp, p in named:
+        key = comp if layer < 0 else param_key(layer, comp)
+        w = full(p.detach())
+        rec = {"attrs": {"layer": layer, "component": comp, "dtype": str(p.dtype).replace("torch.", ""),
+                         "shape": list(p.shape)}}
+        if host:
+            rec["weight"] = w.float().cpu().numpy().copy()
+        del w
+        g = p.grad
+        if grads and g is not None:
+            g = full(g.detach())
+            if not torch.isfinite(g).all():
+                raise SpectraError(f"non-finite gradient in {key} at this step; snapshot not written "
+                                   "(earlier snapshots are intact)")
+            if host:  # host copy now; the sketch's SVD runs on the writer thread, off the training step
+                rec["grad"] = g.float().cpu().clone()
+        yield key, rec
 
 
 class SnapshotWriter:
@@ -115,7 +149,11 @@ class SnapshotWriter:
         if self.steps and step <= self.steps[-1]:
             raise SpectraError(f"snapshot step {step} is not after the last stored step {self.steps[-1]} in "
                                f"{self.path}")
-        params = self._collect(model)
+        # host copies of everything at once (training may go on), or for an FSDP2-sharded model written without a
+        # background thread, lazily: one component gathered and written at a time, so no rank ever holds every
+        # weight, rank 0's host included
+        lazy = not self.background and any(isinstance(p, DTensor) for p in model.parameters())
+        params = component_records(model, self.embeddings, self.grad_mode != "none") if lazy else self._collect(model)
         meta = dict(step=step, tokens=tokens, lr=lr, loss=loss, grad_norm=grad_norm, wall_time=time.time())
         self.steps.append(step)
         if self.background:
@@ -150,27 +188,7 @@ class SnapshotWriter:
             raise SpectraError(f"snapshot write to {self.path} failed: {err}")
 
     def _collect(self, model) -> dict[str, dict]:
-        named = [(l, c, m.weight) for l, c, _, m in iter_components(model) if hasattr(m, "weight")]
-        if self.embeddings:
-            inner = getattr(model, "model", model)
-            named.append((-1, "embed", inner.embed_tokens.weight))
-            if getattr(model, "lm_head", None) is not None:
-                named.append((-1, "lm_head", model.lm_head.weight))
-        out = {}
-        for layer, comp, p in named:
-            key = comp if layer < 0 else param_key(layer, comp)
-            rec = {"attrs": {"layer": layer, "component": comp, "dtype": str(p.dtype).replace("torch.", ""),
-                             "shape": list(p.shape)},
-                   "weight": p.detach().float().cpu().numpy().copy()}
-            g = p.grad
-            if self.grad_mode != "none" and g is not None:
-                if not torch.isfinite(g).all():
-                    raise SpectraError(f"non-finite gradient in {key} at this step; snapshot not written "
-                                       "(earlier snapshots are intact)")
-                # host copy now; the sketch's SVD runs on the writer thread, off the training step
-                rec["grad"] = g.detach().float().cpu().clone()
-            out[key] = rec
-        return out
+        return dict(component_records(model, self.embeddings, self.grad_mode != "none"))
 
     # The sketch is a randomized SVD (Halko, Martinsson & Tropp 2011, alg. 4.4): rank r + SKETCH_OVERSAMPLE
     # Gaussian probes, SKETCH_POWER_ITERS re-orthonormalised power iterations. Gradient spectra of these
@@ -233,28 +251,37 @@ class SnapshotWriter:
             if done is not None:
                 done.set()
 
-    def _write(self, params: dict, meta: dict) -> None:
+    def _write(self, params, meta: dict) -> None:
         if self._dirty:
             self._repair()
             self._dirty = False
         step, append = meta["step"], bool(self.committed)
         n = len(self.committed) + 1
-        dims = {"weight": ("step", "out", "in"), "grad": ("step", "out", "in"),
-                "grad_u": ("step", "out", "rank"), "grad_s": ("step", "rank"), "grad_v": ("step", "in", "rank")}
-        for key, rec in params.items():
-            if "grad" in rec:
-                self._sketch(rec)
-            ds = xr.Dataset({k: (dims[k], v[None]) for k, v in rec.items() if k != "attrs"}, coords={"step": [step]})
-            ds.attrs.update(rec["attrs"])
-            ds.to_zarr(self.path, group=f"params/{key}", mode="a" if append else "w",
-                       append_dim="step" if append else None, consolidated=False)
-            self._noted(f"params/{key}", ds, n)
+        try:
+            for key, rec in params.items() if isinstance(params, dict) else params:
+                self._append(key, rec, step, append, n)
+        finally:  # a failed lazy write still takes part in every remaining gather (the other ranks wait there)
+            for _ in () if isinstance(params, dict) else params:
+                pass
         m = xr.Dataset({k: ("step", [v]) for k, v in meta.items() if k != "step"}, coords={"step": [step]})
         m.to_zarr(self.path, group="meta", mode="a" if append else "w", append_dim="step" if append else None,
                   consolidated=False)
         self._noted("meta", m, n)
         self._publish(self.committed + [step])  # the one atomic act that makes this snapshot exist
         self.committed = self.committed + [step]
+
+    _DIMS = {"weight": ("step", "out", "in"), "grad": ("step", "out", "in"), "grad_u": ("step", "out", "rank"),
+             "grad_s": ("step", "rank"), "grad_v": ("step", "in", "rank")}
+
+    def _append(self, key: str, rec: dict, step: int, append: bool, n: int) -> None:
+        if "grad" in rec:
+            self._sketch(rec)
+        ds = xr.Dataset({k: (self._DIMS[k], v[None]) for k, v in rec.items() if k != "attrs"},
+                        coords={"step": [step]})
+        ds.attrs.update(rec["attrs"])
+        ds.to_zarr(self.path, group=f"params/{key}", mode="a" if append else "w",
+                   append_dim="step" if append else None, consolidated=False)
+        self._noted(f"params/{key}", ds, n)
 
     def _noted(self, group: str, ds: xr.Dataset, n: int) -> None:
         """Bring the cached metadata of `group` up to date after `ds` was appended to it (now n snapshots).

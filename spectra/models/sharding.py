@@ -25,13 +25,14 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=len)
 
 
-def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
+def shard_model(model: nn.Module, device: torch.device, blocks=None) -> nn.Module:
     """`model` sharded in place by FSDP2 over the initialized process group, its shards moved to `device` (load
-    the model on the CPU first: a GPU then only ever holds its shards). Returns the model (now an FSDPModule)."""
+    the model on the CPU first: a GPU then only ever holds its shards): each of `blocks` (default: its decoder
+    layers) is one FSDP unit, then the root, as torchtitan does. Returns the model (now an FSDPModule)."""
     if not (dist.is_available() and dist.is_initialized()):
         raise SpectraError("FSDP2 sharding needs a process group: launch with torchrun --nproc_per_node N")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for block in decoder_blocks(model):
+    for block in decoder_blocks(model) if blocks is None else blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
