@@ -83,7 +83,7 @@ def perplexity(
         if tokenizer is None or isinstance(tokenizer, str):
             if not isinstance(windows_or_texts, torch.Tensor) or is_masked_lm(model):
                 tokenizer = load_source_tokenizer(source, tokenizer)  # the tokenizer rule, a given name checked
-    if tokenizer is not None and is_masked_lm(model):
+    if is_masked_lm(model) and tokenizer is not None:  # its [MASK] id, where the config names none
         use_tokenizer(model, load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer)
     windows = as_windows(model, windows_or_texts, tokenizer, seq_len, tokens, cache_dir)
     return score(model, windows, batch_size, device, autocast=autocast, progress=progress)

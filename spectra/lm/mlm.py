@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spectra.errors import SpectraError
+from spectra.models.loading import is_masked_lm
 
 MLM_RATE = 0.15
 MASK_SEED = 0
@@ -30,8 +31,11 @@ SPECIAL_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", 
 
 
 def use_tokenizer(model: nn.Module, tokenizer, overwrite: bool = False) -> None:
-    """Record the tokenizer's [MASK] and other special-token ids in the model's config where it names none
-    (`overwrite`: every one the tokenizer has, as pretraining does for the model it builds)."""
+    """Record the tokenizer's [MASK] and other special-token ids in the config of a masked LM where it names none
+    (`overwrite`: every one the tokenizer has, as pretraining does for the model it builds). Any other model is
+    left as it is (a causal LM's pad/eos ids steer generation)."""
+    if not is_masked_lm(model):
+        return
     cfg = model.config
     for key in SPECIAL_KEYS:
         tid = getattr(tokenizer, key, None)
