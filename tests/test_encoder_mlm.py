@@ -128,11 +128,32 @@ def test_wordpiece_tokenizer_is_a_real_bert_tokenizer(tmp_path):
     assert any(t.startswith("##") for t in loaded.get_vocab())  # WordPiece continuation pieces
 
 
+def test_mlm_calibration_by_hand():
+    """C from the clean text; grad_sq the gradient energy of the summed MLM loss on the fixed-masked copy."""
+    model, w = tiny_encoder(), windows(16, 24)
+    cal = spectra.calibrate(model, w, batch_size=16, progress=False)
+    assert cal.attrs["grad_kind"] == "mlm-fisher" and cal.attrs["predicted_tokens"] == 16 * round(0.15 * 23)
+    query = model.bert.encoder.layer[0].attention.self.query
+    kept = {}
+    h = query.register_forward_hook(lambda mod, i, o: kept.update(x=i[0].detach(), y=o))
+    with torch.no_grad():
+        model(input_ids=w)
+    x = kept["x"].reshape(-1, 32).double()
+    torch.testing.assert_close(cal.covariance(0, "q"), x.T @ x, rtol=1e-9, atol=1e-9)
+    masks = fixed_masks(w, seed=0, exclude=special_ids(model))  # the first batch's mask
+    logits = model(input_ids=w.masked_fill(masks, MASK)).logits
+    h.remove()
+    kept["y"].retain_grad()
+    F.cross_entropy(logits[masks], w[masks], reduction="sum").backward()
+    model.zero_grad(set_to_none=True)
+    assert cal.grad_sq[(0, "q")] == pytest.approx(float(kept["y"].grad.double().pow(2).sum()), rel=1e-5)
+    del model.config.mask_token_id  # no [MASK] id: the encoder fallback, said so
+    assert spectra.calibrate(model, w, progress=False).attrs["grad_kind"] == "output-gauss-newton"
+
+
 def test_calibration_and_sweep_on_an_encoder():
     model, w = tiny_encoder(), windows(16, 24)
     cal = spectra.calibrate(model, w, batch_size=8, progress=False)
-    assert cal.attrs["grad_kind"] == "mlm-fisher"
-    assert cal.attrs["predicted_tokens"] == 16 * round(0.15 * 23)
     assert cal.has_loss and all(v > 0 for v in cal.grad_sq.values())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ds = spectra.sweep(model, w, calibration=cal, methods=("uniform", "loss"), errs=(0.3,), err_by=("rank",),
