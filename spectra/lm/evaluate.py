@@ -143,9 +143,9 @@ def score(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device: 
                     row = torch.arange(len(x), device=device).repeat_interleave(x.shape[1] - 1)
             # at least float32 log-softmax: bf16 logits would lose ~3 digits of the loss
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            per_token = F.cross_entropy(logits, targets, reduction="none").double()
-            total_nll += per_token.sum().item()
+            total_nll += F.cross_entropy(logits, targets, reduction="sum").double().item()
             if window_losses is not None:
+                per_token = F.cross_entropy(logits, targets, reduction="none").double()
                 sums = torch.zeros(len(x), dtype=torch.float64, device=device).index_add_(0, row, per_token)
                 counts = torch.bincount(row, minlength=len(x)).double()
                 window_losses.extend((sums / counts).tolist())
