@@ -172,7 +172,8 @@ def test_pretrain_mlm_writes_a_loadable_encoder_run(tmp_path, monkeypatch, share
 
     monkeypatch.chdir(tmp_path)  # the WordPiece cache (.cache/spectra) lands here
     docs = wiki_docs(tmp_path / "docs.jsonl", 40)
-    cfg = PretrainConfig(model="tiny", objective="mlm", wordpiece_vocab=512, data=str(docs), seq_len=32,
+    cfg = PretrainConfig(model="tiny", objective="mlm", wordpiece_vocab=512, data=str(docs), val_data=str(docs),
+                         seq_len=32,
                          batch_size=4, micro_batch=4, steps=3, warmup=1, eval_every=3, save_every=3,
                          snapshot_every=0, val_tokens=256, runs_dir=str(tmp_path / "runs"), run_id="enc", lr=1e-3)
     run = pretrain(cfg)
@@ -184,7 +185,8 @@ def test_pretrain_mlm_writes_a_loadable_encoder_run(tmp_path, monkeypatch, share
     assert type(model).__name__ == "BertForMaskedLM" and model.config.max_position_embeddings == 32
     tok = load_source_tokenizer(src)
     assert len(tok) == 512 and model.config.mask_token_id == tok.mask_token_id
-    res = spectra.perplexity(str(run), str(docs), seq_len=32, tokens=512, cache_dir=None)
-    assert 1 < res.ppl < 2 * 512 and 16 * 4 <= res.tokens <= 16 * 5  # 15% of 31 maskable tokens (fewer by a [SEP])
-    assert main(["eval", str(run), "--data", str(docs), "--seq-len", "32", "--tokens", "512"]) == 0
+    res = spectra.perplexity(str(run), str(docs), seq_len=32, tokens=256, cache_dir=None)
+    assert 1 < res.ppl < 2 * 512 and 8 * 4 <= res.tokens <= 8 * 5  # 15% of 31 maskable tokens (fewer by a [SEP])
+    assert res.loss == pytest.approx(rows[-1]["val_loss"], rel=1e-6)  # validation scored the same masked tokens
+    assert main(["eval", str(run), "--data", str(docs), "--seq-len", "32", "--tokens", "256"]) == 0
     assert f"ppl {res.ppl:.3f}" in capsys.readouterr().out
