@@ -166,7 +166,8 @@ def test_calibration_and_sweep_on_an_encoder():
 
 @pytest.mark.slow
 def test_pretrain_mlm_writes_a_loadable_encoder_run(tmp_path, monkeypatch, shared_data, capsys):
-    from pretrain.configs import PretrainConfig
+    from pretrain.checkpoint import load_weights
+    from pretrain.configs import PretrainConfig, build_model
     from pretrain.loop import pretrain
     from spectra.cli import main
 
@@ -190,3 +191,8 @@ def test_pretrain_mlm_writes_a_loadable_encoder_run(tmp_path, monkeypatch, share
     assert res.loss == pytest.approx(rows[-1]["val_loss"], rel=1e-6)  # validation scored the same masked tokens
     assert main(["eval", str(run), "--data", str(docs), "--seq-len", "32", "--tokens", "256"]) == 0
     assert f"ppl {res.ppl:.3f}" in capsys.readouterr().out
+    # --resume reloads the weights: the tied MLM decoder (saved once, as the word embeddings) is no "missing" tensor
+    fresh = build_model("tiny", 512, seed=1, objective="mlm", max_positions=32)
+    load_weights(fresh, src.model_dir)
+    assert all(torch.equal(p, q) for p, q in zip(fresh.state_dict().values(), model.state_dict().values()))
+    assert fresh.cls.predictions.decoder.weight is fresh.bert.embeddings.word_embeddings.weight
