@@ -164,7 +164,6 @@ def test_calibration_and_sweep_on_an_encoder():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the dense model is unchanged
 
 
-@pytest.mark.slow
 def test_pretrain_mlm_writes_a_loadable_encoder_run(tmp_path, monkeypatch, shared_data, capsys):
     from pretrain.checkpoint import load_weights
     from pretrain.configs import PretrainConfig, build_model
