@@ -234,7 +234,13 @@ def load_weights(model, ckpt: Path) -> None:
             raise SpectraError(f"cannot read {f} ({type(e).__name__}: {e})") from None
     check_finite(state.items(), ckpt)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
+    # a tied weight (BERT's MLM decoder = its word embeddings) is saved once, under its other name
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    saved_as = {name: group for group in names.values() for name in group}
+    missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")
+               and not any(n in state for n in saved_as.get(m, ()))]
     if missing or unexpected:
         raise SpectraError(
             f"checkpoint {ckpt} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"

@@ -1,8 +1,12 @@
 """The recipe's settings: LLaMA model configs matching GaLore's (jiaweizzhao/GaLore configs/llama_*.json, plus
 `micro`/`tiny` for tests) and `PretrainConfig`, every setting of a run (also the `spectra pretrain` options).
 
-Every config builds a Hugging Face `LlamaForCausalLM`, so checkpoints are ordinary
-`save_pretrained` folders (safetensors) that any HF tool, and every spectra analyzer, can read.
+Every config builds a Hugging Face `LlamaForCausalLM` (`--objective clm`) or, with `--objective mlm`, a
+`BertForMaskedLM` encoder of the same hidden size, heads and layers (BERT's 4 x hidden MLP, GELU, learned
+positions for exactly --seq-len tokens), so checkpoints are ordinary `save_pretrained` folders
+(safetensors) that any HF tool, and every spectra analyzer, can read. BERT rather than RoBERTa: the
+WordPiece tokenizer it is defined with is the one the issue's downstream encoder uses, and its position ids
+start at 0 (RoBERTa's are offset by the pad id, a trap for a positions check).
 No torch at import: `spectra pretrain --help` builds its options from `PretrainConfig`.
 """
 
@@ -17,7 +21,7 @@ from spectra.config import opt, validate
 from spectra.errors import SpectraError
 
 if TYPE_CHECKING:  # transformers takes seconds to import; keep `spectra --help` fast
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import BertConfig, LlamaConfig, PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -83,14 +87,35 @@ def llama_config(name: str, vocab_size: int = 32000, attn_implementation: str = 
     return cfg
 
 
+def bert_config(name: str, vocab_size: int, max_positions: int, attn_implementation: str = "sdpa") -> BertConfig:
+    """The `BertConfig` of an encoder with the hidden size, heads and layers of `SIZES[name]` (BERT's 4 x hidden
+    GELU MLP) and learned positions for `max_positions` tokens (longer windows are refused, not extrapolated)."""
+    from transformers import BertConfig
+
+    if name not in SIZES:
+        raise KeyError(f"unknown model config {name!r}; choose one of {', '.join(SIZES)}")
+    s = SIZES[name]
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=s.hidden, num_hidden_layers=s.layers,
+                     num_attention_heads=s.heads, intermediate_size=4 * s.hidden, hidden_act="gelu",
+                     max_position_embeddings=max_positions, type_vocab_size=2, initializer_range=0.02,
+                     tie_word_embeddings=True)
+    cfg._attn_implementation = attn_implementation
+    cfg.spectra_size = name
+    return cfg
+
+
 def build_model(
-    name: str, vocab_size: int = 32000, seed: int = 0, attn_implementation: str = "sdpa"
-) -> LlamaForCausalLM:
-    """A freshly initialised, seeded LLaMA of size `name` (float32 parameters)."""
+    name: str, vocab_size: int = 32000, seed: int = 0, attn_implementation: str = "sdpa", *,
+    objective: str = "clm", max_positions: int = MAX_POSITIONS,
+) -> PreTrainedModel:
+    """A freshly initialised, seeded LLaMA (`objective` clm) or BERT MLM encoder (mlm, positions for
+    `max_positions` tokens) of size `name` (float32 parameters)."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import BertForMaskedLM, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    if objective == "mlm":
+        return BertForMaskedLM(bert_config(name, vocab_size, max_positions, attn_implementation))
     return LlamaForCausalLM(llama_config(name, vocab_size, attn_implementation))
 
 
@@ -104,6 +129,10 @@ class PretrainConfig(OverwriteArgs, SeedArgs, DeviceArgs, TokenizerArgs, DataArg
     A config that exists is valid: the constructor checks every field as the command line does."""
 
     model: Literal[MODEL_NAMES] = opt("130m", "Model size (GaLore's LLaMA table; micro/tiny for tests).")
+    objective: Literal["clm", "mlm"] = opt("clm", "clm: a LLaMA trained on next tokens; mlm: a BERT encoder of the "
+                                                  "same size trained by masked-language modelling (15% masked).")
+    wordpiece_vocab: int = opt(8192, "--objective mlm without --tokenizer: the size of the WordPiece vocabulary "
+                                     "trained on --data (cached in .cache/spectra).", min=6)
     val_data: Optional[str] = opt(None, "Validation files (default: hold out --val-fraction of --data).")
     val_fraction: float = opt(0.01, "Fraction of --data documents held out for validation, in (0, 1).",
                               min=0.0, max=1.0)
@@ -172,5 +201,8 @@ def check(cfg: PretrainConfig) -> None:
         raise SpectraError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch {cfg.micro_batch}")
     if cfg.resume and not cfg.run_id:
         raise SpectraError("--resume needs --run-id naming the run to continue")
+    if cfg.objective == "mlm" and not cfg.tokenizer and not cfg.data and not cfg.resume:
+        raise SpectraError("--objective mlm trains its WordPiece vocabulary on --data; pass --data FILES or "
+                           "--tokenizer (a folder with a [MASK] token)")
     if cfg.resume and cfg.overwrite:
         raise SpectraError("--resume and --overwrite exclude each other")

@@ -4,6 +4,11 @@
 GaLore's 130m recipe is the default: AdamW lr 1e-3, 512 x 256-token sequences per step (by
 gradient accumulation), linear warmup then cosine to 0.1 x lr, bf16 autocast on GPU and on CPUs with
 native bf16 (AVX512-BF16, AMX), clipping 1.0. The loss goes through spectra.lm.loss (chunked lm_head + CE).
+`--objective mlm` trains a BERT encoder of the same size instead (pretrain/configs.py): the same packed
+windows (documents joined by the tokenizer's EOS, [SEP] for WordPiece), masked by transformers'
+DataCollatorForLanguageModeling (15%; 80/10/10) from the seeded global RNG (checkpointed, so a resume
+masks alike), the loss over the masked tokens only (spectra.lm.mlm.masked_lm_loss), validated on the fixed
+masks of spectra.lm.mlm. Without --tokenizer it trains a WordPiece vocabulary on --data (cached).
 Single process or `torchrun --nproc_per_node N -m spectra.cli pretrain ...` (DDP; nodes alike); with
 `--strategy fsdp` FSDP2 shards parameters, gradients and optimizer state over the ranks (pretrain/fsdp.py).
 
@@ -27,6 +32,7 @@ import torch
 import transformers
 import xarray
 import zarr
+from transformers import DataCollatorForLanguageModeling
 
 from pretrain import fsdp
 from pretrain.checkpoint import (
@@ -36,7 +42,7 @@ from pretrain.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from pretrain.configs import DEFAULT_TOKENIZER, PretrainConfig, build_model, vocab_for
+from pretrain.configs import DEFAULT_TOKENIZER, MAX_POSITIONS, PretrainConfig, build_model, vocab_for
 from pretrain.run_state import (
     METRICS,
     RUN_CONFIG,
@@ -62,12 +68,14 @@ from spectra.data import (
     load_tokenizer,
     split_docs,
 )
+from spectra.data.wordpiece import cached_wordpiece
 from spectra.errors import SpectraError
 from spectra.io.atomic import atomic_write_json
 from spectra.io.runs import latest_checkpoint, run_folder, run_lock
 from spectra.io.snapshots import SnapshotWriter, component_records
 from spectra.lm.evaluate import perplexity
 from spectra.lm.loss import causal_lm_loss
+from spectra.lm.mlm import MLM_RATE, masked_lm_loss, use_tokenizer
 from spectra.progress import note, progress_bar
 from spectra.schedule import warmup_cosine
 from spectra.tracking import Tracker
@@ -99,15 +107,26 @@ class Trainer:
             self.run_dir.parent.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg = replace(cfg, tokenizer=run_tokenizer(cfg, self.run_dir))
         self.tok = load_tokenizer(cfg.tokenizer)
+        self.mlm = cfg.objective == "mlm"
+        if self.mlm and self.tok.mask_token_id is None:
+            raise SpectraError(f"--objective mlm needs a tokenizer with a mask token; {cfg.tokenizer} has none "
+                               "(leave --tokenizer out to train a WordPiece vocabulary on --data)")
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model, vocab_for(len(self.tok)), cfg.seed)
+        if self.fsdp and self.mlm:
+            raise SpectraError("--strategy fsdp trains decoders (--objective clm); use --strategy ddp for an encoder")
+        self.model = build_model(cfg.model, vocab_for(len(self.tok)), cfg.seed, objective=cfg.objective,
+                                 max_positions=cfg.seq_len if self.mlm else MAX_POSITIONS)
+        if self.mlm:  # its [MASK] / special ids go into config.json: evaluation needs them, the tokenizer aside
+            use_tokenizer(self.model, self.tok, overwrite=True)
+            self.collator = DataCollatorForLanguageModeling(self.tok, mlm_probability=MLM_RATE)
         # the loss goes through the chunked lm_head + cross-entropy (no [tokens, vocab] logits kept for
         # backward); the wrapper is what DDP, FSDP2 and compile see, so they all work on the whole step
+        loss = (_MLMLoss if self.mlm else _LMLoss)(self.model)
         if self.fsdp:  # sharded layer by layer from the host copy: the device never holds the whole model
-            self.net = fsdp.shard(_LMLoss(self.model), self.device)
+            self.net = fsdp.shard(loss, self.device)
         else:
             self.model = self.model.to(self.device)
-            self.net = dist_utils.wrap(_LMLoss(self.model), self.device, self.world)
+            self.net = dist_utils.wrap(loss, self.device, self.world)
         self.train_stream, self.val_windows = _data(cfg, self.tok, self.rank, self.world)
         self.data_files = data_fingerprint(cfg.data) if cfg.data else None
         # fused AdamW: one kernel per parameter group instead of a dozen per tensor (CPU too since torch 2.4)
@@ -200,10 +219,14 @@ class Trainer:
         # and read once per step: a .item() per micro-batch is a host sync that stalls a GPU queue
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i in range(self.accum):
-            x = next(batches).to(self.device, non_blocking=True)
+            x = next(batches)
+            inputs = (x.to(self.device, non_blocking=True),)
+            if self.mlm:  # masked on the CPU from the global RNG (rng_state in checkpoints)
+                masked = self.collator(list(x))
+                inputs = (masked["input_ids"].to(self.device), masked["labels"].to(self.device))
             sync = dist_utils.grad_sync(self.net, i == self.accum - 1)
             with sync, self.autocast:
-                loss = self.forward(x) / self.accum
+                loss = self.forward(*inputs) / self.accum
             loss.backward()
             total += loss.detach()
             self.tokens += x.numel() * self.world
@@ -373,6 +396,18 @@ class _LMLoss(torch.nn.Module):
         return self.lm(input_ids=input_ids).logits
 
 
+class _MLMLoss(torch.nn.Module):
+    """(masked ids, labels) -> mean CE over the masked tokens of the wrapped masked LM, equal to
+    `model(input_ids=x, labels=labels).loss` (tests/test_encoder_mlm.py), vocabulary logits only where masked."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.lm = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return masked_lm_loss(self.lm, input_ids, labels)
+
+
 def _grad_norm(model) -> float:
     """The global gradient norm (under FSDP2 each parameter's norm is reduced over the shards: every rank
     must call this)."""
@@ -390,11 +425,16 @@ def last_finite_checkpoint(run_dir: Path, step: int) -> Path | None:
 
 
 def run_tokenizer(cfg: PretrainConfig, run_dir: Path) -> str:
-    """--tokenizer, or when not given the run's own (run_config.json) on --resume, else t5-base."""
+    """--tokenizer, or when not given the run's own (run_config.json) on --resume, else t5-base (mlm: a WordPiece
+    vocabulary of --wordpiece-vocab trained on --data, spectra.data.wordpiece)."""
     if cfg.tokenizer is not None:
         return cfg.tokenizer
     saved = read_run_config(run_dir / RUN_CONFIG) if cfg.resume else {}
-    return saved.get("tokenizer") or DEFAULT_TOKENIZER
+    if saved.get("tokenizer"):
+        return saved["tokenizer"]
+    if cfg.objective == "mlm":
+        return str(cached_wordpiece(cfg.data, cfg.wordpiece_vocab).resolve())
+    return DEFAULT_TOKENIZER
 
 
 def _store_attrs(cfg: PretrainConfig, model) -> dict:

@@ -28,6 +28,7 @@ _API = {
     "validate_checkpoint": "spectra.models.validate:validate_checkpoint",
     "dcp_to_pretrained": "spectra.models.dcp:dcp_to_pretrained",
     "load_tokenizer": "spectra.data:load_tokenizer",
+    "train_wordpiece": "spectra.data.wordpiece:train_wordpiece",
     "text_windows": "spectra.data:text_windows",
     "open_run": "spectra.io.snapshots:open_run",
     "read_analysis": "spectra.io.analysis_store:read_analysis",
@@ -51,6 +52,7 @@ _API = {
     "sweep": "spectra.compression.sweep:sweep",
     # language-model objectives
     "perplexity": "spectra.lm.evaluate:perplexity",
+    "mlm_masks": "spectra.lm.mlm:fixed_masks",
     "finetune": "spectra.lm.finetune:finetune",
 }
 __all__ = sorted(_API)

@@ -1,6 +1,6 @@
 """A BERT-style encoder with a real tokenizer ([CLS] ... [SEP], no EOS) through `spectra ranks --method loss` and
 `spectra compress --whiten`: calibration windows are single documents wrapped in the tokenizer's own special
-tokens, the loss is the output-distortion Gauss–Newton of the encoder's last hidden state, and the whitened
+tokens, the loss is the MLM loss on fixed masks (the tokenizer's [MASK] id), and the whitened
 truncation the CLI writes beats the plain SVD's on the calibration activations, at equal rank."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_ranks_loss_and_compress_whiten_on_an_encoder(encoder, tmp_path, capsys)
     assert main(["ranks", str(folder), "--method", "loss", "--err", "0.5", "--out", str(rmap_path), *calib]) == 0
     rmap = json.loads(rmap_path.read_text())
     assert rmap["method"] == "loss" and rmap["loss_weight"] == "fisher"
-    assert rmap["calibration"]["grad_kind"] == "output-gauss-newton" and rmap["calibration"]["windows"] == "documents"
+    assert rmap["calibration"]["grad_kind"] == "mlm-fisher" and rmap["calibration"]["windows"] == "documents"
     assert rmap["calibration"]["tokens"] == SEQS * SEQ_LEN and abs(rmap["achieved_err"] - 0.5) < 0.02
     assert len(rmap["components"]) == 2 * 6  # BERT: q, k, v, o, up, down per layer
     assert not (folder / "analysis.zarr").exists()  # --out given: nothing written beside the model

@@ -38,7 +38,7 @@ def run(a: EvalArgs, path: str) -> None:
         perplexity,
         quiet_transformers,
     )
-    from spectra.models.loading import load_causal_lm
+    from spectra.models.loading import is_masked_lm, load_lm
     from spectra.models.parts import resolve_device
 
     if a.tokens < a.seq_len:
@@ -51,13 +51,14 @@ def run(a: EvalArgs, path: str) -> None:
     quiet_transformers()
     dev = resolve_device(a.device)
     tok = load_source_tokenizer(source, a.tokenizer)
-    lm = load_causal_lm(model_dir, device=dev)
+    lm = load_lm(model_dir, device=dev)
     check_positions(lm, a.seq_len)
     windows = as_windows(lm, a.data, tok, a.seq_len, a.tokens, cache_dir=a.cache_dir)
     dataset = a.data or "c4-en-validation"
+    predicted = "15% masked, fixed" if is_masked_lm(lm) else f"{len(windows) * (a.seq_len - 1)}"
     print(f"eval {model_dir}: {len(windows)} windows of {a.seq_len} tokens, the first {windows.numel()} tokens of "
-          f"{dataset} ({len(windows) * (a.seq_len - 1)} predicted)", file=sys.stderr, flush=True)
-    res = perplexity(lm, windows, a.batch_size, dev, progress=True)
+          f"{dataset} ({predicted} predicted)", file=sys.stderr, flush=True)
+    res = perplexity(lm, windows, a.batch_size, dev, tokenizer=tok, progress=True)
     loss, ppl, n_tok = res
     row = eval_row(model_dir, res, dataset, a.seq_len, a.method, a.err)
     if target is not None:

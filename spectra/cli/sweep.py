@@ -122,7 +122,8 @@ def run(a: SweepArgs, path: str, eval_data: list[str] | None = None) -> None:
     from spectra.io.runs import check_own_output, is_analysis_store
     from spectra.io.sources import load_source_tokenizer, resolve
     from spectra.lm.evaluate import check_positions, check_vocab, quiet_transformers
-    from spectra.models.loading import load_causal_lm
+    from spectra.lm.mlm import use_tokenizer
+    from spectra.models.loading import load_lm
     from spectra.models.parts import resolve_device
 
     check_grid(a.methods, a.errs, a.err_by, a.variants)
@@ -148,7 +149,8 @@ def run(a: SweepArgs, path: str, eval_data: list[str] | None = None) -> None:
     quiet_transformers()
     dev = resolve_device(a.device)
     tok = load_source_tokenizer(source, a.tokenizer)
-    model = load_causal_lm(model_dir, device=dev)
+    model = load_lm(model_dir, device=dev)
+    use_tokenizer(model, tok)  # a masked LM's [MASK] id, where its config names none (a no-op otherwise)
     check_vocab(model, tok)
     check_positions(model, a.seq_len)
     check_positions(model, a.calib_seq_len, "--calib-seq-len")

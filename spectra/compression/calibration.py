@@ -10,16 +10,21 @@ C is all that whitened truncation (spectra.compression.whiten) and the loss allo
 direction i of W costs σ_i(W S)² summed squared output error, C = S Sᵀ. grad_sq is the trace of
 the empirical Fisher of the layer's output (the per-token loss ℓ_t, summed, not averaged): with
 it, a squared output error e turns into an estimated loss increase ½ · grad_sq/(N·m) · e/N per
-token (N tokens, m outputs; the isotropic per-matrix Fisher). Encoders and other models without a
-causal-LM head run the base model and take ℓ_t = z_t · h_t with h the final hidden state and
-z_t ~ N(0, I) (seeded): E‖∂ℓ/∂y‖² = tr(JᵀJ), the Gauss–Newton curvature of the squared
-distortion ‖h' − h‖² of the model's output representation, so grad_sq means the same there with
-"loss" = output distortion (attrs grad_kind: lm-fisher or output-gauss-newton). With
+token (N tokens, m outputs; the isotropic per-matrix Fisher). An encoder with an MLM head takes ℓ = its MLM
+loss: a seeded 15% of each window's tokens read [MASK] (spectra.lm.mlm, as evaluation masks them) and ℓ is
+the cross-entropy at those positions (grad_kind mlm-fisher; the estimate is then per predicted token),
+while C comes from a forward pass over the unmasked text, what an encoder reads downstream. Its config
+must name the [MASK] id (`stored_calibration` copies it from the tokenizer; spectra.lm.mlm.use_tokenizer);
+without one it is calibrated as an encoder without an LM head. Those run the base model and take
+ℓ_t = z_t · h_t with h the final hidden state and z_t ~ N(0, I) (seeded): E‖∂ℓ/∂y‖² = tr(JᵀJ), the
+Gauss–Newton curvature of the squared distortion ‖h' − h‖² of the model's output representation, so grad_sq
+means the same there with "loss" = output distortion (attrs grad_kind: lm-fisher, mlm-fisher or
+output-gauss-newton). With
 `with_grad=False` (forward only) grad_sq is NaN and the loss method falls back to relative errors.
 
-Windows (`calibration_windows`). A causal LM whose tokenizer has an EOS token reads packed text, as it
-was trained: documents joined by EOS and cut into fixed windows (spectra.data.text_windows). Any other
-model (BERT-style encoders: [CLS] ... [SEP], no EOS) reads one document per window, wrapped in the
+Windows (`calibration_windows`). A causal or masked LM whose tokenizer has an EOS token reads packed text, as
+`spectra pretrain` trains it: documents joined by EOS and cut into fixed windows (spectra.data.text_windows).
+Any other model (BERT-style encoders: [CLS] ... [SEP], no EOS) reads one document per window, wrapped in the
 tokenizer's own special tokens (as its own encoding places them), never two documents glued together.
 
 Linears fed the very same tensor (q/k/v, gate/up in LLaMA) share one xtx, found by comparing the
@@ -49,7 +54,9 @@ from spectra.data import expand_files, load_hub_c4, load_local_docs, text_window
 from spectra.errors import SpectraError
 from spectra.io.analysis_store import read_analysis, write_analysis_tree
 from spectra.lm.evaluate import check_positions
+from spectra.lm.mlm import MASK_SEED, fixed_masks, mask_token_id, masked_inputs, special_ids, use_tokenizer
 from spectra.models.components import is_conv1d
+from spectra.models.loading import is_masked_lm
 from spectra.models.parts import component_parts, iter_components
 from spectra.progress import progress_bar
 
@@ -121,6 +128,8 @@ def calibrate(model: nn.Module, batches, *, batch_size: int = 8, device: str | t
     batches, total = _batches(batches, batch_size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     lm = has_causal_lm_head(model)
+    mlm = is_masked_lm(model) and getattr(model.config, "mask_token_id", None) is not None
+    mask_id = mask_token_id(model) if mlm else None
     with_grad = True if with_grad is None else with_grad
     gen = torch.Generator().manual_seed(0)
     comps = [(l, c, m) for l, c, _, m in iter_components(model) if isinstance(m, nn.Linear) or is_conv1d(m)]
@@ -130,7 +139,8 @@ def calibrate(model: nn.Module, batches, *, batch_size: int = 8, device: str | t
     xtx: dict[str, torch.Tensor] = {}
     input_of: dict[tuple[int, str], str] = {}
     grad_sq = {(l, c): 0.0 for l, c, _ in comps}
-    state = {"first": True, "last": None}  # last: (layer, input tensor, its group key) of the previous hook call
+    # last: (layer, input tensor, its group key) of the previous hook call; xtx: whether this pass adds to C
+    state = {"first": True, "last": None, "xtx": True}
 
     def hook(layer, comp):
         def fn(mod, inp, out):
@@ -143,7 +153,7 @@ def calibrate(model: nn.Module, batches, *, batch_size: int = 8, device: str | t
                     input_of[(layer, comp)] = f"{layer}.{comp}"
                 state["last"] = (layer, x, input_of[(layer, comp)])
             key = input_of[(layer, comp)]
-            if key == f"{layer}.{comp}":  # the group's first user accumulates for all of them
+            if state["xtx"] and key == f"{layer}.{comp}":  # the group's first user accumulates for all of them
                 x2 = x.reshape(-1, x.shape[-1]).to(torch.float64)
                 acc = xtx.get(key)
                 xtx[key] = x2.T @ x2 if acc is None else acc.addmm_(x2.T, x2)
@@ -156,17 +166,27 @@ def calibrate(model: nn.Module, batches, *, batch_size: int = 8, device: str | t
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     model.eval()
-    tokens = 0
+    tokens = predicted = 0
     try:
         for p, _ in flags:
             p.requires_grad_(False)  # gradients flow through activations only: no weight grads kept
         for batch in progress_bar(batches, total=total, desc="calibrate", unit="batch", disable=not progress,
                                   leave=False):
             ids = _token_ids(batch, n_emb).to(device)
+            if mlm:  # C from the unmasked text; then the loss on a fresh seeded mask per batch (seed alone fixes it)
+                with torch.no_grad():
+                    model(input_ids=ids)
+                state["first"], state["last"], state["xtx"] = False, None, False
+                masks = fixed_masks(ids.cpu(), seed=MASK_SEED + tokens, exclude=special_ids(model)).to(device)
+                targets, ids = ids[masks], masked_inputs(ids, masks, mask_id)
+                predicted += len(targets)
             if with_grad:
                 emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
                 with torch.enable_grad():
-                    if lm:
+                    if mlm:
+                        logits = model(inputs_embeds=emb).logits[masks]
+                        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+                    elif lm:
                         logits = model(inputs_embeds=emb, use_cache=False).logits
                         loss = F.cross_entropy(
                             logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"
@@ -177,10 +197,10 @@ def calibrate(model: nn.Module, batches, *, batch_size: int = 8, device: str | t
                         h = out.hidden_states[-1] if h is None else h
                         loss = (h * torch.randn(h.shape, generator=gen, dtype=h.dtype).to(h.device)).sum()
                     loss.backward()  # summed over tokens: each hook sees ∂ℓ_t/∂y_t
-            else:
+            elif not mlm:
                 with torch.no_grad():
                     model(input_ids=ids)
-            state["first"], state["last"] = False, None
+            state["first"], state["last"], state["xtx"] = False, None, True
             tokens += ids.numel()
     finally:
         for h in handles:
@@ -193,17 +213,18 @@ def calibrate(model: nn.Module, batches, *, batch_size: int = 8, device: str | t
     missing = [f"{l}.{c}" for l, c, _ in comps if (l, c) not in input_of]
     if missing:
         raise SpectraError(f"calibration forward never reached {missing[:4]} (does the model run these linears?)")
-    kind = ("lm-fisher" if lm else "output-gauss-newton") if with_grad else "none"
-    return Calibration(
-        tokens, xtx, input_of, {k: (v if with_grad else float("nan")) for k, v in grad_sq.items()}, {"grad_kind": kind}
-    )
+    kind = ("mlm-fisher" if mlm else "lm-fisher" if lm else "output-gauss-newton") if with_grad else "none"
+    attrs = {"grad_kind": kind, **({"predicted_tokens": predicted} if mlm else {})}
+    return Calibration(tokens, xtx, input_of, {k: (v if with_grad else float("nan")) for k, v in grad_sq.items()},
+                       attrs)
 
 
 # --------------------------------------------------------------------------- windows
 def packs_documents(model: nn.Module, tokenizer) -> bool:
-    """Whether calibration text is packed with EOS (a causal LM whose tokenizer has one) rather than one
-    document per window with the tokenizer's own special tokens (encoders; tokenizers without EOS)."""
-    return has_causal_lm_head(model) and getattr(tokenizer, "eos_token_id", None) is not None
+    """Whether calibration text is packed with EOS (a causal or masked LM whose tokenizer has one, as
+    `spectra pretrain` trains both) rather than one document per window with the tokenizer's own special
+    tokens (other encoders; tokenizers without EOS, such as BERT's)."""
+    return (has_causal_lm_head(model) or is_masked_lm(model)) and getattr(tokenizer, "eos_token_id", None) is not None
 
 
 def _texts(docs, batch: int = 64) -> Iterator[list]:
@@ -315,7 +336,8 @@ def stored_calibration(model: nn.Module, tokenizer, data: str | None, seqs: int 
                        cache_dir: str | Path | None = ".cache/spectra") -> Calibration:
     """The calibration of `model` (loaded from `source`) on `data`: read from the analysis `store` when it was
     made the same way (data files, tokenizer, windows, checkpoint), else computed, and written to `store`
-    when `write`."""
+    when `write`. A masked LM gets the tokenizer's [MASK] id in its config where it names none (its MLM loss)."""
+    use_tokenizer(model, tokenizer)
     files = "|".join(expand_files(data, "--calib-data")) if data else "c4-en-train"  # hashed: stored attrs stay short
     attrs = {
         "data": data or "c4-en-train",
@@ -354,7 +376,8 @@ def loss_direction_scores(
     """Per matrix (in `keys` order), the estimated cost of dropping each whitened direction, descending.
 
     cost_i = w · σ_i(W S)² with w per matrix (`weight`):
-        fisher    ½ · grad_sq / (N · m) / N   estimated mean per-token loss (or output distortion) increase
+        fisher    ½ · grad_sq / (N · m) / P   estimated mean loss (or output distortion) increase per predicted
+                                             token (P = N, or the masked tokens of an MLM calibration)
         relative  1 / ‖W S‖_F²               share of the matrix's output energy (no loss needed)
         output    1 / N                      mean squared output error per token
         auto      fisher when the calibration has gradients, else relative
@@ -367,6 +390,7 @@ def loss_direction_scores(
         raise SpectraError("--loss-weight fisher needs output gradients (this calibration ran forward only)")
     weights = {(p.layer, p.component): p.weight(m) for p, m in component_parts(model)}  # a fused part: its rows
     n = float(cal.tokens)
+    predicted = float(cal.attrs.get("predicted_tokens") or n)
     out = []
     for key in keys:
         W = weights[key].detach()
@@ -375,7 +399,7 @@ def loss_direction_scores(
         )
         sig2 = whitened_svd(W.to(S.device), S)[1].pow(2).cpu().numpy()
         if weight == "fisher":
-            w = 0.5 * cal.grad_sq[key] / (n * W.shape[0]) / n
+            w = 0.5 * cal.grad_sq[key] / (n * W.shape[0]) / predicted
         elif weight == "relative":
             w = 1.0 / sig2.sum() if sig2.sum() > 0 else 1.0
         else:

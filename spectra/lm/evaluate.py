@@ -8,6 +8,9 @@ otherwise count as much as a full one) and never divided by n+1 (GaLore's eval b
     spectra.perplexity(model, windows)                         # [n, seq_len] token windows
     spectra.perplexity(model, ["some text", ...], tokenizer=tok, seq_len=128)
     spectra.perplexity("runs/abc", "data/*.jsonl")             # paths: resolved, tokenizer by the one rule
+
+An encoder with an MLM head (BertForMaskedLM, ...) is scored on masked tokens instead: the same fixed, seeded
+15% of every window's tokens for every model (spectra.lm.mlm), so `tokens` counts the masked positions.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from spectra.data import docs_from_texts, eval_windows, load_tokenizer, text_win
 from spectra.errors import SpectraError
 from spectra.io.atomic import read_json
 from spectra.io.sources import load_source_tokenizer, resolve
+from spectra.lm.mlm import fixed_masks, mask_token_id, masked_inputs, mlm_logits, special_ids, use_tokenizer
 from spectra.lm.precision import autocast_for, use_bf16
 from spectra.models.compressed import RANK_MAP_FILE
-from spectra.models.loading import load_causal_lm
+from spectra.models.loading import is_masked_lm, load_lm
 from spectra.progress import progress_bar
 
 DEFAULT_SEQ_LEN, DEFAULT_TOKENS = 256, 262144
@@ -59,9 +63,9 @@ def perplexity(
     progress: bool = False,
     cache_dir: str | Path | None = None,
 ) -> Perplexity:
-    """(mean token loss, perplexity, predicted tokens) of a causal LM.
+    """(mean token loss, perplexity, predicted tokens) of a causal LM, or of a masked LM on fixed masks.
 
-    `model`: an in-memory causal LM, or a path / hub name (`spectra.resolve`; loaded on `device`).
+    `model`: an in-memory causal or masked LM, or a path / hub name (`spectra.resolve`; loaded on `device`).
     `windows_or_texts`: [n, seq_len] token windows; or text, cut into windows of `seq_len` over the
     first `tokens` tokens: a list of documents (strings), a `datasets.Dataset` with a "text" column, one
     str/Path naming json/jsonl(.gz)/txt/parquet files (comma-separated, globs or folders), or None for the
@@ -75,9 +79,12 @@ def perplexity(
     """
     if isinstance(model, (str, Path)):
         source = resolve(model)
-        model = load_causal_lm(source.need_model("perplexity"), device=device or "cpu")
-        if not isinstance(windows_or_texts, torch.Tensor) and (tokenizer is None or isinstance(tokenizer, str)):
-            tokenizer = load_source_tokenizer(source, tokenizer)  # the tokenizer rule, a given name checked
+        model = load_lm(source.need_model("perplexity"), device=device or "cpu")
+        if tokenizer is None or isinstance(tokenizer, str):
+            if not isinstance(windows_or_texts, torch.Tensor) or is_masked_lm(model):
+                tokenizer = load_source_tokenizer(source, tokenizer)  # the tokenizer rule, a given name checked
+    if is_masked_lm(model) and tokenizer is not None:  # its [MASK] id, where the config names none
+        use_tokenizer(model, load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer)
     windows = as_windows(model, windows_or_texts, tokenizer, seq_len, tokens, cache_dir)
     return score(model, windows, batch_size, device, autocast=autocast, progress=progress)
 
@@ -107,13 +114,18 @@ def as_windows(model: nn.Module, data, tokenizer, seq_len: int, tokens: int, cac
 def score(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device: str | torch.device | None = None,
           *, autocast: bool = True, progress: bool = False, window_losses: list | None = None) -> Perplexity:
     """`perplexity` of `model` on [n, seq_len] token `windows`. `window_losses`: a list that receives each
-    window's mean token loss, in window order (paired comparisons between models on the same windows)."""
+    window's mean token loss, in window order (paired comparisons between models on the same windows).
+    A masked LM predicts the fixed masked tokens of each window (spectra.lm.mlm.fixed_masks; the [MASK] and
+    special ids from its config)."""
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise SpectraError(f"need [n, seq_len>=2] token windows, got shape {tuple(windows.shape)}")
     if batch_size < 1:
         raise SpectraError(f"batch_size must be >= 1, not {batch_size}")
     check_positions(model, windows.shape[1])
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    mlm = is_masked_lm(model)
+    if mlm:
+        masks, mask_id = fixed_masks(windows, exclude=special_ids(model)), mask_token_id(model)
     was_training = model.training
     model.eval()
     total_nll, total_tok = 0.0, 0
@@ -122,15 +134,22 @@ def score(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device: 
         for i in range(0, len(windows), batch_size):
             x = windows[i : i + batch_size].to(device)
             with autocast_for(device, autocast and use_bf16(device, cpu_bf16=False)):
-                logits = model(input_ids=x).logits
+                if mlm:
+                    m = masks[i : i + batch_size].to(device)
+                    logits, targets = mlm_logits(model, masked_inputs(x, m, mask_id), m), x[m]
+                    row = m.nonzero()[:, 0]  # the window of each predicted token
+                else:
+                    logits, targets = model(input_ids=x).logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()
+                    row = torch.arange(len(x), device=device).repeat_interleave(x.shape[1] - 1)
             # at least float32 log-softmax: bf16 logits would lose ~3 digits of the loss
-            logits = logits[:, :-1].flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
-            nll = F.cross_entropy(logits, x[:, 1:].flatten(), reduction="sum")
-            total_nll += nll.double().item()
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            total_nll += F.cross_entropy(logits, targets, reduction="sum").double().item()
             if window_losses is not None:
-                per_token = F.cross_entropy(logits, x[:, 1:].flatten(), reduction="none").double()
-                window_losses.extend(per_token.view(len(x), -1).mean(1).tolist())
-            total_tok += x[:, 1:].numel()
+                per_token = F.cross_entropy(logits, targets, reduction="none").double()
+                sums = torch.zeros(len(x), dtype=torch.float64, device=device).index_add_(0, row, per_token)
+                counts = torch.bincount(row, minlength=len(x)).double()
+                window_losses.extend((sums / counts).tolist())
+            total_tok += len(targets)
             bar.update(len(x))
             bar.set_postfix(ppl=math.exp(min(total_nll / total_tok, 700)))
     finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from spectra.errors import SpectraError
 from spectra.io.sources import Source, resolve
@@ -26,11 +26,17 @@ from spectra.models.validate import meta_model, validate_checkpoint
 from spectra.progress import transformers_bars_off
 
 CAUSAL_LMS = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+MASKED_LMS = {n for v in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
 
 
 def is_causal_lm(model: nn.Module) -> bool:
     """A Hugging Face *ForCausalLM (or a subclass: FSDP2's fully_shard makes the model an FSDP<class>)."""
     return any(c.__name__ in CAUSAL_LMS for c in type(model).__mro__)
+
+
+def is_masked_lm(model: nn.Module) -> bool:
+    """An encoder with an MLM head (BertForMaskedLM, ...): scored on fixed masked tokens (spectra.lm.mlm)."""
+    return type(model).__name__ in MASKED_LMS and type(model).__name__ not in CAUSAL_LMS
 
 
 def model_folder(source: str | Path | Source) -> Path:
@@ -46,10 +52,10 @@ def model_folder(source: str | Path | Source) -> Path:
 
 
 def load_model(source: str | Path | Source, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               attn_implementation: str | None = None, causal: bool = False) -> nn.Module:
+               attn_implementation: str | None = None, causal: bool = False, lm: bool = False) -> nn.Module:
     """Load a `save_pretrained` folder (dense, or compressed by `spectra compress`) of any supported
     architecture (decoders and encoders), given as a path (anything `resolve` takes) or a `Source`;
-    `causal=True` insists on a causal LM.
+    `causal=True` insists on a causal LM, `lm=True` on a causal or a masked LM (what perplexity scores).
 
     One clear `SpectraError` for a missing folder, a checkpoint that fails validation (a missing,
     misshapen or non-float tensor, a corrupt file), a weight transformers would have to initialize at
@@ -75,6 +81,9 @@ def load_model(source: str | Path | Source, *, device: str | torch.device = "cpu
     if causal and not is_causal_lm(model):
         raise SpectraError(f"{path} holds a {type(model).__name__}, not a causal LM (this command needs next-token "
                            "logits)")
+    if lm and not (is_causal_lm(model) or is_masked_lm(model)):
+        raise SpectraError(f"{path} holds a {type(model).__name__}, neither a causal LM nor a masked LM (an encoder "
+                           "with an MLM head): there is no token loss to score")
     check_finite(model.named_parameters(), path)
     model.eval()
     return model
@@ -111,6 +120,12 @@ def load_causal_lm(source: str | Path | Source, *, device: str | torch.device = 
                    dtype: torch.dtype = torch.float32, attn_implementation: str | None = None) -> nn.Module:
     """`load_model` for commands that need a causal LM (eval, finetune, hessian-gap)."""
     return load_model(source, device=device, dtype=dtype, attn_implementation=attn_implementation, causal=True)
+
+
+def load_lm(source: str | Path | Source, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+            attn_implementation: str | None = None) -> nn.Module:
+    """`load_model` for commands that score a token loss (eval, sweep): a causal LM or a masked LM."""
+    return load_model(source, device=device, dtype=dtype, attn_implementation=attn_implementation, lm=True)
 
 
 def stream_component_weights(source: str | Path | Source) -> tuple[int, Iterator[tuple[int, str, torch.Tensor]]]:
