@@ -162,6 +162,13 @@ def test_calibration_and_sweep_on_an_encoder():
     assert bool(torch.isfinite(torch.tensor(ds["ppl"].values)).all())
     assert float(ds["dense_loss"].sel(dataset="eval")) == pytest.approx(score(model, w).loss, rel=1e-9)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the dense model is unchanged
+    # the sweep's token count is the masked positions it predicted, not every token of the windows
+    assert ds.attrs["tokens"]["eval"] == score(model, w).tokens < w[:, 1:].numel()
+    # recovery trains with the next-token loss: refused for an encoder, before anything is compressed
+    from spectra.compression.sweep import Recovery
+    with pytest.raises(SpectraError, match="needs a causal LM"):
+        spectra.sweep(model, w, calibration=cal, methods=("uniform",), errs=(0.3,), recovery=Recovery(1, w),
+                      progress=False)
 
 
 def test_pretrain_mlm_writes_a_loadable_encoder_run(tmp_path, monkeypatch, shared_data, capsys):

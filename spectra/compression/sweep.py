@@ -70,6 +70,7 @@ from spectra.errors import SpectraError
 from spectra.lm.evaluate import score
 from spectra.lm.finetune import finetune
 from spectra.lm.recipe import FinetuneConfig
+from spectra.models.loading import is_causal_lm
 from spectra.models.parts import resolve_device
 from spectra.progress import progress_bar
 
@@ -167,11 +168,11 @@ def needs_calibration(methods, variants) -> list[str]:
         f"--variants {v}" for v in variants if v in VARIANTS and VARIANTS[v].calibrated]
 
 
-def _scored(model, windows, batch_size, device) -> tuple[float, float, list[float]]:
-    """(mean token loss, perplexity, per-window mean losses) on fixed windows."""
+def _scored(model, windows, batch_size, device) -> tuple[float, float, list[float], int]:
+    """(mean token loss, perplexity, per-window mean losses, predicted tokens) on fixed windows."""
     per_window: list[float] = []
-    loss, ppl, _ = score(model, windows, batch_size, device, window_losses=per_window)
-    return loss, ppl, per_window
+    loss, ppl, tokens = score(model, windows, batch_size, device, window_losses=per_window)
+    return loss, ppl, per_window, tokens
 
 
 def sweep(
@@ -218,6 +219,9 @@ def sweep(
     if comp and calib_windows is None:
         raise SpectraError(f"--variants {', '.join(comp)} need calibration token windows (calib_windows=[n, seq_len] "
                            "ids; spectra sweep: --calib-data FILES)")
+    if recovery is not None and not is_causal_lm(model):  # the WeLore-PEFT harness trains on next-token loss
+        raise SpectraError("--recover-steps trains with the next-token loss; it needs a causal LM, not "
+                           f"{type(model).__name__}")
     if "diagnostic" in methods and analysis is None:
         raise SpectraError("--methods diagnostic needs an analysis store with grad_subspace / hessian_gap results")
     windows = eval_windows if isinstance(eval_windows, dict) else {"eval": eval_windows}
@@ -245,7 +249,7 @@ def sweep(
     dense_lin, dense_total = param_count(model)
     dense = [_scored(model, windows[n], batch_size, dev) for n in names]
     dense_win = np.full((len(names), n_win), np.nan)
-    for d, (_, _, w) in enumerate(dense):
+    for d, (_, _, w, _) in enumerate(dense):
         dense_win[d, : len(w)] = w
     log("dense: " + ", ".join(f"{n} ppl {d[1]:.4f}" for n, d in zip(names, dense)))
     bar = progress_bar(total=len(methods) * len(err_by) * len(errs) * len(variants), desc="sweep", unit="model",
@@ -268,7 +272,7 @@ def sweep(
                         m = VARIANTS[variant].make(copy.deepcopy(model), rmap, ctx)
                         counts["linear_params"][i, v, b, e], counts["total_params"][i, v, b, e] = param_count(m)
                         for d, n in enumerate(names):
-                            loss[i, v, b, e, d], ppl[i, v, b, e, d], w = _scored(m, windows[n], batch_size, dev)
+                            loss[i, v, b, e, d], ppl[i, v, b, e, d], w, _ = _scored(m, windows[n], batch_size, dev)
                             win_loss[i, v, b, e, d, : len(w)] = w
                         log(f"{method:10s} {variant:8s} by {by:6s} ERR {err:.0%} "
                             f"(params kept {counts['linear_params'][i, v, b, e] / dense_lin:.1%}): "
@@ -284,7 +288,7 @@ def sweep(
                             log(f"{method} {variant} {by} {err:.0%}: no recovery ({ex})")
                             continue
                         for d, n in enumerate(names):
-                            loss_rec[i, v, b, e, d], ppl_rec[i, v, b, e, d], _ = _scored(m, windows[n], batch_size,
+                            loss_rec[i, v, b, e, d], ppl_rec[i, v, b, e, d], _, _ = _scored(m, windows[n], batch_size,
                                                                                          dev)
                         log(f"{'':10s} {'':8s}    recovered ({recovery.steps} steps, train loss {curve[0][1]:.4f} "
                             f"-> {curve[-1][1]:.4f}): "
@@ -322,7 +326,7 @@ def sweep(
             "damping": damping,
             "loss_weight": loss_weight if directions is not None else None,
             "lrc_rule": lrc_rule,
-            "tokens": {n: int(windows[n][:, 1:].numel()) for n in names},
+            "tokens": {n: int(d[3]) for n, d in zip(names, dense)},  # predicted tokens (a masked LM: the masked)
             "calibration": cal.metadata() if cal is not None else None,
             "recover_steps": recovery.steps if recovery is not None else 0,
         }
