@@ -284,3 +284,32 @@ def test_report_tables_and_summary_state_params_kept_and_the_paired_ci(cis, tmp_
     win = bool(ds["win"].sel(cell))
     loss_kept = float(ds["params_kept"].sel({"method": "loss", "variant": "plain", "err_by": "params", "err": 0.3}))
     assert ("WIN" in text) == win and f"params kept {loss_kept:.3f}× of the linears" in text
+
+
+@pytest.mark.unit
+def test_target_rows_compare_the_best_of_ours_with_the_best_baseline_and_the_gap_to_dense(cis):
+    from spectra.compression.sweep_tables import target_markdown, target_rows
+
+    _, _, ds = cis
+    at = {"err_by": "params", "err": 0.3, "dataset": "w"}
+    (row,) = target_rows(ds, "w", baselines=("welore", "uniform"))  # energy plays "ours"
+    ppl = {m: float(ds["ppl"].sel({**at, "method": m, "variant": "plain"})) for m in ("welore", "uniform")}
+    best = min(ppl, key=ppl.get)
+    assert row["baseline"] == f"{best}/plain" and row["best"] == "energy/plain"
+    loss = {m: ds["window_loss"].sel({**at, "method": m, "variant": "plain"}).values for m in ("energy", best)}
+    dense = ds["dense_window_loss"].sel(dataset="w").values
+
+    def ref(a, b):
+        return stats.bootstrap((a, b), lambda x, y, axis: np.exp(x.mean(axis)) - np.exp(y.mean(axis)), paired=True,
+                               n_resamples=300, method="percentile", confidence_level=0.9,
+                               rng=np.random.default_rng(5), vectorized=True).confidence_interval
+
+    ci = ref(loss["energy"], loss[best])
+    assert row["diff"] == pytest.approx(np.exp(loss["energy"].mean()) - np.exp(loss[best].mean()), rel=1e-12)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
+    gap = ref(loss[best], dense)
+    assert (row["gap_low"], row["gap_high"]) == pytest.approx((gap.low, gap.high), rel=1e-9)
+    expect = ("within noise" if gap.low <= 0 <= gap.high else "win" if ci.high < 0 else "worse" if ci.low > 0
+              else "no difference")
+    assert row["verdict"] == expect
+    assert target_markdown(ds, "w").count("\n| 30% |") == 0  # ours must be given: energy is a baseline here

@@ -4,7 +4,11 @@ verdicts. Shared by `spectra sweep`'s printed tables and the report."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from spectra.analysis.bootstrap import DEFAULT_BOOT, DEFAULT_LEVEL, paired_ppl_difference, resamples
 
 BASELINES = ("welore", "uniform", "energy")
 
@@ -100,4 +104,56 @@ def markdown(ds, dataset: str, err_by: str) -> str:
             cells.append(f"**{text}**" if x == best else text)
         lin, total = params_kept_text(ds, err_by, err)
         lines.append(f"| {err:.0%} | {lin} | {total} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def target_rows(ds, dataset: str, err_by: str = "params", baselines=BASELINES) -> list[dict]:
+    """Per ERR: does spectra's best configuration beat the best baseline? The best non-baseline configuration
+    (lowest perplexity, any method and variant) against the best baseline configuration (any variant), their
+    paired bootstrap difference over the eval windows, and the dense-to-best-baseline gap with its own paired CI
+    ("within noise" where that CI contains 0: there is nothing for a method to win back)."""
+    at = {"dataset": dataset, "err_by": err_by}
+    methods = [str(m) for m in ds["method"].values]
+    ours = [m for m in methods if m not in baselines]
+    base = [m for m in methods if m in baselines]
+    if not ours or not base or "window_loss" not in ds:
+        return []
+    n = int(ds["windows"].sel(dataset=dataset)) if "windows" in ds else ds.sizes["window"]
+    counts = resamples(n, int(ds.attrs.get("bootstrap", DEFAULT_BOOT)), int(ds.attrs.get("bootstrap_seed", 0)))
+    level = float(ds.attrs.get("ci_level", DEFAULT_LEVEL))
+    dense = ds["dense_window_loss"].sel(dataset=dataset).values[:n]
+    rows = []
+    for err in ds["err"].values:
+        p = ds["ppl"].sel(at).sel(err=err)
+
+        def best(ms):
+            sub = p.sel({"method": ms})  # a dict: sel(method=...) is xarray's fill method
+            i = np.unravel_index(int(np.nanargmin(sub.values)), sub.shape)
+            return str(sub["method"].values[i[0]]), str(sub["variant"].values[i[1]]), float(sub.values[i])
+
+        (bm, bv, bp), (om, ov, op) = best(base), best(ours)
+        wl = ds["window_loss"].sel(at).sel(err=err)
+        b_loss, o_loss = (wl.sel({"method": m, "variant": v}).values[:n] for m, v in ((bm, bv), (om, ov)))
+        diff, lo, hi = paired_ppl_difference(o_loss, b_loss, counts, level)
+        gap, glo, ghi = paired_ppl_difference(b_loss, dense, counts, level)
+        verdict = ("within noise" if glo <= 0 <= ghi else "win" if hi < 0 else "worse" if lo > 0
+                   else "no difference")
+        cell = {"method": om, "variant": ov, "err_by": err_by, "err": err}
+        kept = float(ds["params_kept"].sel(cell)) if "params_kept" in ds else math.nan
+        rows.append({"err": float(err), "params_kept": kept, "baseline": f"{bm}/{bv}", "baseline_ppl": bp,
+                     "best": f"{om}/{ov}", "best_ppl": op, "diff": diff, "ci_low": lo, "ci_high": hi,
+                     "gap": gap, "gap_low": glo, "gap_high": ghi, "verdict": verdict})
+    return rows
+
+
+def target_markdown(ds, dataset: str, err_by: str = "params") -> str:
+    """`target_rows` as the markdown table of reports/README.md."""
+    what = "params removed" if err_by == "params" else "ERR by rank"
+    lines = [f"| {what} | params kept | best baseline | its gap to dense [CI] | spectra's best | Δ ppl [CI] | verdict"
+             " |",
+             "|---|---|---|---|---|---|---|"]
+    for r in target_rows(ds, dataset, err_by):
+        lines.append(f"| {r['err']:.0%} | {r['params_kept']:.3f} | {r['baseline']} {r['baseline_ppl']:.4f} | "
+                     f"{r['gap']:+.4f} [{r['gap_low']:+.4f}, {r['gap_high']:+.4f}] | {r['best']} {r['best_ppl']:.4f} | "
+                     f"{r['diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['verdict']} |")
     return "\n".join(lines)
