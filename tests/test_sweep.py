@@ -296,7 +296,10 @@ def test_target_rows_compare_the_best_of_ours_with_the_best_baseline_and_the_gap
     ppl = {m: float(ds["ppl"].sel({**at, "method": m, "variant": "plain"})) for m in ("welore", "uniform")}
     best = min(ppl, key=ppl.get)
     assert row["baseline"] == f"{best}/plain" and row["best"] == "energy/plain"
-    loss = {m: ds["window_loss"].sel({**at, "method": m, "variant": "plain"}).values for m in ("energy", best)}
+    def loss_of(m):
+        return ds["window_loss"].sel({**at, "method": m, "variant": "plain"}).values
+
+    loss = {m: loss_of(m) for m in ("energy", best)}
     dense = ds["dense_window_loss"].sel(dataset="w").values
 
     def ref(a, b):
@@ -313,3 +316,10 @@ def test_target_rows_compare_the_best_of_ours_with_the_best_baseline_and_the_gap
               else "no difference")
     assert row["verdict"] == expect
     assert target_markdown(ds, "w").count("\n| 30% |") == 0  # ours must be given: energy is a baseline here
+    # a pre-declared configuration is compared as it is, even where it is not the best-looking one
+    worst = max(ppl, key=ppl.get)
+    (fixed,) = target_rows(ds, "w", baselines=(best,), fixed=(worst, "plain"))
+    assert fixed["best"] == f"{worst}/plain" and fixed["baseline"] == f"{best}/plain"
+    expect_diff = np.exp(loss_of(worst).mean()) - np.exp(loss[best].mean())
+    assert fixed["diff"] == pytest.approx(expect_diff, rel=1e-12) and fixed["diff"] > 0
+    assert (fixed["ci_low"], fixed["ci_high"]) == pytest.approx(tuple(ref(loss_of(worst), loss[best])), rel=1e-9)
