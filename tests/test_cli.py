@@ -343,13 +343,19 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
             "--eval-every", "0", "--save-every", "0", "--snapshot-every", "0", "--runs-dir", str(tmp_path),
             "--run-id", "r", "--device", "cpu"]
     with open(err_file, "w") as err:
+        # SIGINT back to its default in the child: a shell's background job (nohup ... &) inherits it ignored,
+        # and then Python installs no KeyboardInterrupt handler at all
         proc = subprocess.Popen([sys.executable, "-m", "spectra.cli", *argv], stdout=subprocess.DEVNULL, stderr=err,
-                                env={**os.environ, "SPECTRA_PROGRESS_EVERY": "0"})
-        deadline = time.time() + 300
-        while time.time() < deadline and "pretrain micro: 2/" not in err_file.read_text():
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=300) == 130
+                                env={**os.environ, "SPECTRA_PROGRESS_EVERY": "0"},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and "pretrain micro: 2/" not in err_file.read_text():
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=300) == 130
+        finally:
+            proc.kill()  # never leave a million-step run behind a failed assertion
     lines = err_file.read_text().splitlines()
     assert lines[-1] == "interrupted (Ctrl-C); rerun it with --resume (and its --run-id) to continue from the latest " \
                         "checkpoint", lines[-3:]
