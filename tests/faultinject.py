@@ -122,6 +122,9 @@ def run_cli(
     pid = os.fork()
     if pid == 0:  # child
         code = 1
+        # a Ctrl-C (sig SIGINT) must raise KeyboardInterrupt even where this process was started with SIGINT
+        # ignored (a shell's background job, nohup ... &), as it does at an interactive terminal
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             log: list | None = [] if log_file else None
             install(str(runs.resolve()), fault_at, log, sig)
