@@ -134,10 +134,13 @@ def target_rows(ds, dataset: str, err_by: str = "params", baselines=BASELINES,
             i = np.unravel_index(int(np.nanargmin(sub.values)), sub.shape)
             return str(sub["method"].values[i[0]]), str(sub["variant"].values[i[1]]), float(sub.values[i])
 
-        (bm, bv, bp), (om, ov, op) = best(base), best(ours) if fixed is None else (*fixed, float(p.sel(
-            {"method": fixed[0], "variant": fixed[1]})))
-        if not math.isfinite(op):
-            continue
+        bm, bv, bp = best(base)
+        if fixed is None:
+            om, ov, op = best(ours)
+        else:
+            (om, ov), op = fixed, float(p.sel({"method": fixed[0], "variant": fixed[1]}))
+            if not math.isfinite(op):
+                continue  # the pre-declared configuration was not run at this ratio
         wl = ds["window_loss"].sel(at).sel(err=err)
         b_loss, o_loss = (wl.sel({"method": m, "variant": v}).values[:n] for m, v in ((bm, bv), (om, ov)))
         diff, lo, hi = paired_ppl_difference(o_loss, b_loss, counts, level)
