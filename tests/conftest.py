@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,13 @@ WIKI_VAL = SHARED / "wikipedia" / "validation"
 C4_SAMPLE = SHARED / "c4" / "c4-train.00000-of-01024.first1000.jsonl.gz"
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def pytest_configure(config):
+    # Ctrl-C raises KeyboardInterrupt here and in every child (exec resets a handled signal to its default) even
+    # when the suite was started as a shell's background job (nohup ... &), which inherits SIGINT ignored: then
+    # Python installs no handler, and the Ctrl-C tests' signals would do nothing
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -122,8 +122,8 @@ def run_cli(
     pid = os.fork()
     if pid == 0:  # child
         code = 1
-        # a Ctrl-C (sig SIGINT) must raise KeyboardInterrupt even where this process was started with SIGINT
-        # ignored (a shell's background job, nohup ... &), as it does at an interactive terminal
+        # a Ctrl-C (sig SIGINT) must raise KeyboardInterrupt even where this script was started with SIGINT
+        # ignored (a shell's background job, nohup ... &; under pytest, conftest already restores it)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             log: list | None = [] if log_file else None
